@@ -1,0 +1,214 @@
+"""The `feedloop` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+import structlog
+
+from app.logs import configure_logging
+from app.settings import Settings
+
+log = structlog.get_logger("feedloop")
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj
+
+
+@click.group()
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """feedloop: keep a served LLM improving from its own users.
+
+    Configuration comes from FEEDLOOP_* environment variables (see docs/configuration.md).
+    """
+    try:
+        settings = Settings()
+    except Exception as exc:  # pydantic's message names the bad variable
+        raise click.ClickException(f"invalid configuration: {exc}") from exc
+    configure_logging(settings.log_level, settings.log_format)
+    ctx.obj = settings
+
+
+def _run_until_signal(coro_factory) -> None:
+    """Run an async service; SIGINT/SIGTERM ask it to stop cleanly."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await coro_factory(stop)
+
+    asyncio.run(runner())
+
+
+# --- broker -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="Default: FEEDLOOP_EMBEDDED_BROKER_PORT.")
+@click.pass_context
+def broker(ctx: click.Context, port: int | None) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu) on 127.0.0.1 until Ctrl-C."""
+    from app.broker import EmbeddedBroker, ensure_topics
+
+    settings = _settings(ctx)
+    if port is not None:
+        settings = settings.model_copy(update={"embedded_broker_port": port})
+    embedded = EmbeddedBroker(settings.embedded_broker_port)
+    embedded.start()
+    asyncio.run(ensure_topics(settings))
+    click.echo(f"broker ready on {embedded.bootstrap_servers} (cluster {embedded.cluster_id}); Ctrl-C stops it")
+    click.echo("it keeps everything in memory: run `feedloop archive run` to keep the events")
+    try:
+        while embedded.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        embedded.stop()
+
+
+# --- store --------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Create or migrate the store (SQLite by default, PostgreSQL in production)."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    import migrations
+
+    url = _settings(ctx.parent).store_url
+    migrations.upgrade(url, revision)
+    click.echo(f"store at revision {migrations.current(url)}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@click.pass_context
+def db_downgrade(ctx: click.Context, revision: str) -> None:
+    """Revert migrations down to REVISION ('base' removes every table)."""
+    import migrations
+
+    url = _settings(ctx.parent).store_url
+    migrations.downgrade(url, revision)
+    click.echo(f"store at revision {migrations.current(url) or 'base'}")
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the store's migration revision."""
+    import migrations
+
+    click.echo(migrations.current(_settings(ctx.parent).store_url) or "base (empty)")
+
+
+# --- gateway and archive -------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+@click.pass_context
+def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve the HTTP gateway (POST /v1/events) until Ctrl-C."""
+    from app.runtime import gateway_server
+
+    settings = _settings(ctx)
+    updates = {k: v for k, v in (("gateway_host", host), ("gateway_port", port)) if v is not None}
+    asyncio.run(gateway_server(settings.model_copy(update=updates)).serve())
+
+
+@main.group()
+def archive() -> None:
+    """Keep every topic on disk (the log of record), and check it."""
+
+
+@archive.command("run")
+@click.pass_context
+def archive_run(ctx: click.Context) -> None:
+    """Consume all feedloop topics into archive segments until Ctrl-C."""
+    import migrations
+    from app.runtime import build_archiver
+
+    settings = _settings(ctx.parent)
+    migrations.upgrade(settings.store_url)
+
+    async def serve(stop: asyncio.Event) -> None:
+        archiver = await build_archiver(settings)
+        task = asyncio.create_task(archiver.run())
+        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        archiver.stop()
+        await task
+
+    _run_until_signal(serve)
+
+
+@archive.command("verify")
+@click.pass_context
+def archive_verify(ctx: click.Context) -> None:
+    """Check every archived segment's file, checksum and record count against the store."""
+    from app.store import make_engine, make_sessionmaker
+    from streams.archive import verify_archive
+
+    settings = _settings(ctx.parent)
+    with make_sessionmaker(make_engine(settings.store_url))() as session:
+        report = verify_archive(session, settings.archive_dir)
+    click.echo(f"{report.segments} segments, {report.records} records")
+    for problem in report.problems:
+        click.echo(f"PROBLEM {problem}", err=True)
+    if not report.ok:
+        raise SystemExit(1)
+
+
+# --- contract -----------------------------------------------------------------------------
+
+
+@main.group()
+def schema() -> None:
+    """The event contract's JSON Schemas."""
+
+
+@schema.command("export")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=Path("schemas/v1"))
+def schema_export(directory: Path) -> None:
+    """Write one JSON Schema file per record kind into DIRECTORY."""
+    from streams.contract import SCHEMAS, json_schema
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in sorted(SCHEMAS):
+        (directory / f"{name}.json").write_text(json.dumps(json_schema(name), indent=2) + "\n")
+    click.echo(f"wrote {len(SCHEMAS)} schemas to {directory}")
+
+
+# --- demo ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--events", type=int, default=2000, show_default=True, help="Interactions to simulate.")
+@click.option("--keep-running", is_flag=True, help="Keep the gateway up after the simulation.")
+@click.pass_context
+def demo(ctx: click.Context, events: int, keep_running: bool) -> None:
+    """Run feedloop on the embedded defaults with a simulated chat app, then report."""
+    from app.demo import run_demo
+
+    sys.exit(run_demo(_settings(ctx), interactions=events, keep_running=keep_running))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

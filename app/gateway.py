@@ -1,0 +1,249 @@
+"""The HTTP gateway: chat apps post events here; feedloop validates and publishes them.
+
+``POST /v1/events`` takes a JSON array (or JSON lines) of events with an app's API key and
+answers 202 with how many were accepted and why each rejected one was rejected. Rejected input
+is never dropped: it is published to the dead-letter topic with its reason and raw bytes.
+Errors: 401 no or unknown API key, 413 body too large, 422 body unreadable, 503 broker down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from app.broker import ensure_topics
+from app.publisher import Publisher, PublishError
+from app.settings import Settings
+from streams.contract import SCHEMAS, USER_EVENT_ADAPTER, DeadLetter, json_schema, utcnow
+from streams.intake import (
+    Accepted,
+    BodyRejected,
+    Limits,
+    Rejected,
+    check_events,
+    dead_letter,
+    split_body,
+)
+
+log = structlog.get_logger(__name__)
+
+# An unauthenticated request is dead-lettered too, but only its first bytes: anyone can send one.
+UNAUTHENTICATED_RAW_BYTES = 4096
+
+
+class RejectedEvent(BaseModel):
+    index: int
+    event_id: str | None
+    reason: str
+    detail: str
+
+
+class IngestResult(BaseModel):
+    accepted: int
+    rejected: int
+    errors: list[RejectedEvent]
+
+
+class ErrorBody(BaseModel):
+    reason: str
+    detail: str
+
+
+_REF = "#/components/schemas/{model}"
+
+
+def _events_request_body() -> dict[str, Any]:
+    """OpenAPI request body of /v1/events; the body is read raw, so FastAPI cannot infer it."""
+    schema = USER_EVENT_ADAPTER.json_schema(ref_template=_REF)
+    schema.pop("$defs", None)
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "array", "items": schema}},
+                "application/x-ndjson": {"schema": {"type": "string", "description": "JSON lines"}},
+            },
+        }
+    }
+
+
+def _with_event_schemas(app: FastAPI) -> None:
+    """Add the event models the raw request body refers to to the OpenAPI components."""
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = base_openapi()
+            defs = USER_EVENT_ADAPTER.json_schema(ref_template=_REF).get("$defs", {})
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(defs)
+        return app.openapi_schema or spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAPI:
+    """The gateway's ASGI app. Pass a publisher to share one; else it makes its own."""
+    limits = Limits(
+        max_event_bytes=settings.max_event_bytes,
+        max_events=settings.max_events_per_request,
+        dead_letter_max_raw_bytes=settings.dead_letter_max_raw_bytes,
+    )
+    owns_publisher = publisher is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.api_keys:
+            log.warning("gateway.no_api_keys", hint="set FEEDLOOP_API_KEYS='{\"app\": \"key\"}'")
+        pub = publisher
+        if pub is None:
+            await ensure_topics(settings)
+            pub = Publisher(settings.bootstrap_servers, max_request_bytes=settings.max_body_bytes)
+            await pub.start()
+        app.state.publisher = pub
+        try:
+            yield
+        finally:
+            if owns_publisher:
+                await pub.stop()
+
+    app = FastAPI(
+        title="feedloop gateway",
+        version="1",
+        lifespan=lifespan,
+        description="Ingest chat interactions and feedback. Event contract: /v1/schemas.",
+    )
+
+    async def _dead_letter_only(request: Request, record: DeadLetter) -> None:
+        try:
+            await request.app.state.publisher.publish([], [record], app_id=record.app_id, received_at=record.received_at)
+        except PublishError:
+            log.error("gateway.dead_letter_failed", reason=record.reason)
+
+    def _error(status: int, reason: str, detail: str) -> JSONResponse:
+        return JSONResponse({"reason": reason, "detail": detail}, status_code=status)
+
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        response_model=IngestResult,
+        responses={
+            401: {"model": ErrorBody}, 413: {"model": ErrorBody},
+            422: {"model": ErrorBody}, 503: {"model": ErrorBody},
+        },  # fmt: skip
+        openapi_extra=_events_request_body(),
+        summary="Post interaction, feedback and annotation events",
+    )
+    async def post_events(request: Request) -> Any:
+        received_at = utcnow()
+        stage = "gateway"
+        app_id = _authenticate(request, settings)
+        body, too_large = await _read_limited(request, settings.max_body_bytes)
+        if app_id is None:
+            await _dead_letter_only(
+                request,
+                dead_letter(
+                    reason="unauthenticated",
+                    detail="no or unknown API key",
+                    raw=body, received_at=received_at, stage=stage,
+                    max_raw_bytes=UNAUTHENTICATED_RAW_BYTES,
+                ),  # fmt: skip
+            )
+            return _error(
+                401, "unauthenticated",
+                "send your app's API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            )  # fmt: skip
+        if too_large:
+            detail = f"request body exceeds {settings.max_body_bytes} bytes; send smaller batches"
+            await _dead_letter_only(
+                request,
+                dead_letter(
+                    reason="body_too_large", detail=detail, raw=body, received_at=received_at,
+                    stage=stage, max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
+                ),  # fmt: skip
+            )
+            return _error(413, "body_too_large", detail)
+        content_type = request.headers.get("content-type", "application/json")
+        try:
+            results = check_events(split_body(body, content_type), app_id, limits)
+        except BodyRejected as exc:
+            await _dead_letter_only(
+                request,
+                dead_letter(
+                    reason=exc.reason, detail=exc.detail, raw=body, received_at=received_at,
+                    stage=stage, max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
+                ),  # fmt: skip
+            )
+            return _error(422, exc.reason, exc.detail)
+        accepted = [r for r in results if isinstance(r, Accepted)]
+        rejected = [r for r in results if isinstance(r, Rejected)]
+        dead = [
+            dead_letter(
+                reason=r.reason, detail=r.detail, raw=r.raw, received_at=received_at, stage=stage,
+                max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
+                event_id=r.event_id, issues=r.issues,
+            )  # fmt: skip
+            for r in rejected
+        ]
+        try:
+            await request.app.state.publisher.publish(accepted, dead, app_id=app_id, received_at=received_at)
+        except PublishError as exc:
+            return _error(503, "broker_unavailable", str(exc))
+        log.debug("gateway.ingested", app_id=app_id, accepted=len(accepted), rejected=len(rejected))
+        return IngestResult(
+            accepted=len(accepted),
+            rejected=len(rejected),
+            errors=[RejectedEvent(index=r.index, event_id=r.event_id, reason=r.reason, detail=r.detail) for r in rejected],
+        )
+
+    @app.get("/v1/schemas", summary="Names of the event contract's JSON Schemas")
+    async def list_schemas() -> dict[str, list[str]]:
+        return {"schemas": sorted(SCHEMAS)}
+
+    @app.get("/v1/schemas/{name}.json", summary="One JSON Schema of the event contract")
+    async def get_schema(name: str) -> dict[str, Any]:
+        if name not in SCHEMAS:
+            raise HTTPException(404, f"no schema '{name}'; see /v1/schemas")
+        return json_schema(name)
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    _with_event_schemas(app)
+    return app
+
+
+def _authenticate(request: Request, settings: Settings) -> str | None:
+    key = request.headers.get("x-api-key")
+    authorization = request.headers.get("authorization", "")
+    if key is None and authorization.lower().startswith("bearer "):
+        key = authorization[7:].strip()
+    return settings.app_for_key(key) if key else None
+
+
+async def _read_limited(request: Request, limit: int) -> tuple[bytes, bool]:
+    """The body, or its first ``limit`` bytes and True when it is longer (read no further)."""
+    declared = request.headers.get("content-length")
+    chunks: list[bytes] = []
+    size = 0
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        # Keep a prefix for the dead-letter record without reading a huge body.
+        async for chunk in request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+        return b"".join(chunks)[:limit], True
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit], True
+    return b"".join(chunks), False
+

@@ -1,0 +1,78 @@
+"""Publishes accepted events and dead-letter records, and returns only once the broker has them.
+
+The gateway acknowledges a request (202) only after every record of it is acknowledged by the
+broker with acks=all; if the broker is unreachable the request fails (503) and the client
+retries with the same event ids. Idempotent producers are off because Tansu does not answer
+the InitProducerId version aiokafka sends; duplicates from retries are removed downstream by
+event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from streams.contract import DeadLetter
+from streams.intake import Accepted
+from streams.topics import DEAD_LETTER, EVENTS, dead_letter_key, event_key
+
+log = structlog.get_logger(__name__)
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+class Publisher:
+    def __init__(self, bootstrap_servers: str, *, max_request_bytes: int, timeout_s: float = 15.0) -> None:
+        self.timeout_s = timeout_s
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            linger_ms=2,
+            max_request_size=max_request_bytes,
+            request_timeout_ms=int(timeout_s * 1000),
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def publish(
+        self,
+        accepted: list[Accepted],
+        dead_letters: list[DeadLetter],
+        *,
+        app_id: str | None,
+        received_at: datetime,
+    ) -> None:
+        """Send everything, then wait for every acknowledgement (or raise PublishError)."""
+        headers = [("received_at", received_at.isoformat().encode())]
+        if app_id is not None:
+            headers.append(("app_id", app_id.encode()))
+        try:
+            pending = [
+                await self._producer.send(
+                    EVENTS.name, a.payload, key=event_key(a.event), headers=headers
+                )
+                for a in accepted
+            ]
+            pending += [
+                await self._producer.send(
+                    DEAD_LETTER.name, d.model_dump_json().encode(), key=dead_letter_key(d), headers=headers
+                )
+                for d in dead_letters
+            ]
+            await asyncio.wait_for(asyncio.gather(*pending), self.timeout_s)
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            log.error("publish.failed", error=repr(exc), events=len(accepted), dead=len(dead_letters))
+            raise PublishError(
+                f"the broker did not acknowledge the events ({exc!r}); nothing was accepted, "
+                "retry with the same event ids"
+            ) from exc

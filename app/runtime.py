@@ -1,0 +1,60 @@
+"""Process wiring: build the long-running parts from settings and run them until stopped.
+
+The CLI runs each part as its own process (`feedloop gateway`, `feedloop archive run`); the
+demo and the tests run several in one event loop with the same functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+import uvicorn
+
+from app.broker import cluster_id, ensure_topics
+from app.gateway import create_app
+from app.settings import Settings
+from app.store import make_engine, make_sessionmaker
+from streams.archive import Archiver
+from streams.topics import ARCHIVED_TOPICS
+
+log = structlog.get_logger(__name__)
+
+
+async def build_archiver(settings: Settings) -> Archiver:
+    await ensure_topics(settings)
+    return Archiver(
+        bootstrap_servers=settings.bootstrap_servers,
+        cluster_id=await cluster_id(settings.bootstrap_servers),
+        topics=ARCHIVED_TOPICS,
+        archive_dir=settings.archive_dir,
+        sessions=make_sessionmaker(make_engine(settings.store_url)),
+        flush_events=settings.archive_flush_events,
+        flush_seconds=settings.archive_flush_seconds,
+        session_timeout_s=settings.broker_session_timeout_s,
+    )
+
+
+def gateway_server(settings: Settings) -> uvicorn.Server:
+    """The gateway as a uvicorn server; ``await server.serve()`` runs it, ``should_exit`` stops it."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_config=None,  # our structlog set-up renders uvicorn's records too
+        access_log=False,
+        lifespan="on",
+    )
+    return uvicorn.Server(config)
+
+
+async def wait_started(server: uvicorn.Server, task: asyncio.Task, timeout_s: float = 30.0) -> None:
+    """Wait until uvicorn listens, failing fast if it died while starting."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not server.started:
+        if task.done():
+            task.result()  # re-raises the start-up error
+            raise RuntimeError(f"gateway exited at start; is port {server.config.port} free?")
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"gateway did not start within {timeout_s}s")
+        await asyncio.sleep(0.05)

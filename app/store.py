@@ -1,0 +1,125 @@
+"""The relational store: what feedloop records outside the event log.
+
+Archive segments (where each stretch of the log is kept on disk), the adapter registry,
+curated batches and A/B experiments. Each row is derived from events and can be rebuilt by
+replaying the log. The schema is created and changed only by the Alembic migrations in
+``migrations/`` (``feedloop db upgrade``); SQLite by default, PostgreSQL in production.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ArchiveSegment(Base):
+    """One sealed, compressed file of consecutive records of one topic partition."""
+
+    __tablename__ = "archive_segments"
+    __table_args__ = (UniqueConstraint("cluster_id", "topic", "partition", "first_offset"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cluster_id: Mapped[str] = mapped_column(String(128), index=True)
+    topic: Mapped[str] = mapped_column(String(255))
+    partition: Mapped[int] = mapped_column(Integer)
+    first_offset: Mapped[int] = mapped_column(BigInteger)
+    last_offset: Mapped[int] = mapped_column(BigInteger)
+    event_count: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(1024), doc="Relative to the archive directory.")
+    sha256: Mapped[str] = mapped_column(String(64), doc="Of the compressed file's bytes.")
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    first_timestamp_ms: Mapped[int] = mapped_column(BigInteger)
+    last_timestamp_ms: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Adapter(Base):
+    """The adapter registry: every LoRA adapter ever built, under its immutable name."""
+
+    __tablename__ = "adapters"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    state: Mapped[str] = mapped_column(
+        String(32), doc="ready, loaded, challenger, champion, retired, failed or rolled_back"
+    )
+    path: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    base_model_sha256: Mapped[str] = mapped_column(String(64))
+    parent: Mapped[str | None] = mapped_column(ForeignKey("adapters.name"), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True, doc="Why it failed or rolled back.")
+    lineage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class Batch(Base):
+    """A curated training batch and its manifest."""
+
+    __tablename__ = "batches"
+
+    batch_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    example_count: Mapped[int] = mapped_column(Integer)
+    trigger: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), doc="emitted, training, trained or failed")
+    adapter: Mapped[str | None] = mapped_column(ForeignKey("adapters.name"), nullable=True)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Experiment(Base):
+    """A rolling A/B test of a challenger adapter against the champion."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    challenger: Mapped[str] = mapped_column(ForeignKey("adapters.name"))
+    champion: Mapped[str | None] = mapped_column(ForeignKey("adapters.name"), nullable=True)
+    decision: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+def make_engine(url: str) -> Engine:
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        # Several processes (gateway, archive, worker) share the file: WAL lets readers run
+        # beside the one writer, and foreign keys are off in SQLite unless asked for.
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.close()
+
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

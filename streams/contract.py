@@ -1,0 +1,284 @@
+"""The event contract, version 1: the one source of truth for every record on feedloop's topics.
+
+Chat apps send three kinds of *user events*: ``interaction`` (a prompt and the response an
+adapter gave), ``feedback`` (explicit or implicit signals about an interaction) and
+``annotation`` (a human or model label). feedloop itself emits *control events* (batch emitted,
+adapter ready/loaded/promoted/rolled back, drift alarm) and *dead-letter records* for input it
+could not accept. ``feedloop schema export`` writes the JSON Schema of each for apps written in
+other languages; docs/events.md explains the fields and the topic layout.
+
+Every record carries ``schema_version``. Unknown fields are rejected rather than dropped so a
+typo never silently loses data; app-specific extras go in ``metadata``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+
+Id = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$"),
+]
+EventId = Annotated[
+    str,
+    StringConstraints(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
+]
+Scalar = Union[str, int, float, bool]
+Metadata = Annotated[dict[str, Scalar], Field(max_length=64)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    schema_version: Literal[1] = Field(
+        SCHEMA_VERSION, description="Contract version; v1 is the only one so far."
+    )
+
+
+class _Event(_Record):
+    event_id: EventId = Field(
+        description="Unique per event and stable across retries: the de-duplication key. "
+        "Generate a UUID when the event is created, not when it is sent."
+    )
+    occurred_at: AwareDatetime = Field(description="When it happened, with a timezone.")
+    metadata: Metadata = Field(default_factory=dict, description="App-specific scalars.")
+
+
+# --- user events ---------------------------------------------------------------------------
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class Context(BaseModel):
+    """Features the router and the curator use: who asked, about what, from where."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    domain: str | None = Field(None, max_length=64, description="Topic of the request, e.g. 'code'.")
+    locale: str | None = Field(None, max_length=35, description="BCP 47 tag, e.g. 'en-GB'.")
+    client: str | None = Field(None, max_length=64, description="e.g. 'web', 'ios'.")
+    cohort: str | None = Field(None, max_length=64, description="Experiment or user cohort.")
+    features: Metadata = Field(default_factory=dict, description="More routing features.")
+
+
+class Interaction(_Event):
+    """One prompt and the response an adapter served."""
+
+    type: Literal["interaction"] = "interaction"
+    app_id: Id
+    user_id: Id = Field(description="The app's user id; feedloop pseudonymizes it.")
+    session_id: Id
+    interaction_id: Id = Field(description="Feedback refers to this; it is the partition key.")
+    adapter: Id = Field(description="Name of the adapter (router arm) that served the response.")
+    propensity: float | None = Field(
+        None, gt=0, le=1, description="Probability with which the router chose that adapter."
+    )
+    prompt: list[Message] = Field(min_length=1, description="The messages sent to the model.")
+    response: str
+    context: Context = Field(default_factory=Context)
+    prompt_tokens: int | None = Field(None, ge=0)
+    completion_tokens: int | None = Field(None, ge=0)
+    latency_ms: float | None = Field(None, ge=0)
+    training_consent: bool = Field(
+        True, description="False: the user opted out; kept for metrics, never trained on."
+    )
+
+
+FeedbackKind = Literal[
+    "thumbs", "rating", "edit", "report", "regenerate", "copy", "abandon", "dwell", "rephrase"
+]
+
+# What `value` and `text` must hold for each kind: (value rule, text rule).
+_FEEDBACK_RULES: dict[str, tuple[str, str]] = {
+    "thumbs": ("required: 1 (up) or -1 (down)", "forbidden"),
+    "rating": ("required: 1 to 5", "forbidden"),
+    "edit": ("forbidden", "required: the corrected response"),
+    "report": ("forbidden", "optional: the reason"),
+    "regenerate": ("forbidden", "forbidden"),
+    "copy": ("forbidden", "forbidden"),
+    "abandon": ("forbidden", "forbidden"),
+    "dwell": ("required: seconds >= 0", "forbidden"),
+    "rephrase": ("forbidden", "optional: the rephrased prompt"),
+}
+
+
+class Feedback(_Event):
+    """An explicit (thumbs, rating, edit, report) or implicit signal about one interaction."""
+
+    type: Literal["feedback"] = "feedback"
+    app_id: Id
+    interaction_id: Id
+    user_id: Id | None = Field(None, description="Who gave it, if not the interaction's user.")
+    kind: FeedbackKind
+    value: float | None = Field(None, description="thumbs: 1/-1; rating: 1-5; dwell: seconds.")
+    text: str | None = Field(None, description="edit: corrected text; rephrase/report: optional.")
+
+    @model_validator(mode="after")
+    def _value_fits_kind(self) -> Feedback:
+        value_rule, text_rule = _FEEDBACK_RULES[self.kind]
+        if value_rule.startswith("required") and self.value is None:
+            raise ValueError(f"feedback kind '{self.kind}' needs value ({value_rule})")
+        if value_rule == "forbidden" and self.value is not None:
+            raise ValueError(f"feedback kind '{self.kind}' takes no value")
+        if text_rule.startswith("required") and not self.text:
+            raise ValueError(f"feedback kind '{self.kind}' needs text ({text_rule})")
+        if text_rule == "forbidden" and self.text is not None:
+            raise ValueError(f"feedback kind '{self.kind}' takes no text")
+        bad_value = (
+            (self.kind == "thumbs" and self.value not in (1, -1))
+            or (self.kind == "rating" and not 1 <= self.value <= 5)
+            or (self.kind == "dwell" and self.value < 0)
+        )
+        if bad_value:
+            raise ValueError(f"feedback kind '{self.kind}': value {self.value} ({value_rule})")
+        return self
+
+
+class Annotation(_Event):
+    """A label on an interaction from a human reviewer or a model judge."""
+
+    type: Literal["annotation"] = "annotation"
+    app_id: Id
+    interaction_id: Id
+    annotator: Id = Field(description="Reviewer id or judge model name.")
+    source: Literal["human", "model"]
+    label: str = Field(max_length=128, description="e.g. 'good', 'harmful', 'off_topic'.")
+    score: float | None = Field(None, ge=0, le=1, description="Quality score, 1 is best.")
+    confidence: float | None = Field(None, ge=0, le=1)
+    notes: str | None = None
+
+
+UserEvent = Annotated[Union[Interaction, Feedback, Annotation], Field(discriminator="type")]
+
+
+# --- control events ----------------------------------------------------------------------
+
+
+class _ControlEvent(_Event):
+    source: str = Field(description="The component that emitted it, e.g. 'curator'.")
+
+
+class BatchEmitted(_ControlEvent):
+    type: Literal["batch_emitted"] = "batch_emitted"
+    batch_id: Id
+    path: str = Field(description="Batch directory, relative to the data directory.")
+    manifest_sha256: str
+    example_count: int = Field(ge=0)
+    trigger: Literal["size", "time", "drift", "manual"]
+    loss_weights: dict[str, float] = Field(default_factory=dict)
+
+
+class AdapterReady(_ControlEvent):
+    type: Literal["adapter_ready"] = "adapter_ready"
+    adapter: Id = Field(description="Immutable versioned name, never reused.")
+    path: str
+    sha256: str
+    base_model_sha256: str
+    parent: Id | None = None
+    batch_ids: list[Id] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class AdapterLoaded(_ControlEvent):
+    type: Literal["adapter_loaded"] = "adapter_loaded"
+    adapter: Id
+    replicas: list[str]
+
+
+class AdapterPromoted(_ControlEvent):
+    type: Literal["adapter_promoted"] = "adapter_promoted"
+    adapter: Id
+    previous_champion: Id | None = None
+    evidence: dict[str, float] = Field(default_factory=dict)
+
+
+class AdapterRolledBack(_ControlEvent):
+    type: Literal["adapter_rolled_back"] = "adapter_rolled_back"
+    adapter: Id
+    reason: str
+    evidence: dict[str, float] = Field(default_factory=dict)
+
+
+class DriftAlarm(_ControlEvent):
+    type: Literal["drift_alarm"] = "drift_alarm"
+    signal: str = Field(description="What drifted, e.g. 'reward:adapter-3' or 'feature:domain'.")
+    detector: str
+    detected_at: AwareDatetime
+    details: dict[str, float] = Field(default_factory=dict)
+
+
+ControlEvent = Annotated[
+    Union[BatchEmitted, AdapterReady, AdapterLoaded, AdapterPromoted, AdapterRolledBack, DriftAlarm],
+    Field(discriminator="type"),
+]
+
+
+# --- dead letters ------------------------------------------------------------------------
+
+
+class ValidationIssue(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    loc: str
+    msg: str
+
+
+class DeadLetter(_Record):
+    """Input feedloop could not accept, kept with the reason and the raw bytes."""
+
+    type: Literal["dead_letter"] = "dead_letter"
+    dead_letter_id: str
+    received_at: AwareDatetime
+    stage: str = Field(description="Where it was rejected, e.g. 'gateway'.")
+    app_id: str | None = None
+    event_id: str | None = Field(None, description="The event's id if one could be read.")
+    reason: str = Field(description="Short code, e.g. 'invalid_json', 'schema_violation'.")
+    detail: str = Field(description="What was wrong and what to do about it.")
+    issues: list[ValidationIssue] = Field(default_factory=list)
+    raw_b64: str = Field(description="The input bytes, base64 (truncated if raw_truncated).")
+    raw_size: int = Field(ge=0, description="Size of the whole input in bytes.")
+    raw_truncated: bool = False
+
+
+USER_EVENT_ADAPTER: TypeAdapter[Interaction | Feedback | Annotation] = TypeAdapter(UserEvent)
+CONTROL_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ControlEvent)
+
+# Name -> model, for schema export and for the gateway's /v1/schemas endpoint.
+SCHEMAS: dict[str, Any] = {
+    "user_event": UserEvent,
+    "interaction": Interaction,
+    "feedback": Feedback,
+    "annotation": Annotation,
+    "control_event": ControlEvent,
+    "dead_letter": DeadLetter,
+}
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of one record kind, as apps should validate it."""
+    schema = TypeAdapter(SCHEMAS[name]).json_schema(mode="validation")
+    schema["$id"] = f"https://feedloop.dev/schemas/v{SCHEMA_VERSION}/{name}.json"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,39 @@
+"""Topic names, keys and partitioning: where each record goes.
+
+User events (interaction, feedback, annotation) share ONE topic keyed by ``interaction_id``.
+Kafka's default partitioner hashes the key, so an interaction and all its feedback land on the
+same partition in arrival order, whatever client produced them; the join in the pipeline then
+needs only partition-local table state. Control events go to a single-partition topic so every
+consumer sees adapter lifecycle changes in one global order. docs/events.md has the rationale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streams.contract import Annotation, DeadLetter, Feedback, Interaction
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int | None  # None: the deployment's `topic_partitions`
+    purpose: str
+
+
+EVENTS = TopicSpec("feedloop.events.v1", None, "interaction, feedback, annotation; key interaction_id")
+CONTROL = TopicSpec("feedloop.control.v1", 1, "batch, adapter and drift control events; key subject")
+DEAD_LETTER = TopicSpec("feedloop.deadletter.v1", None, "rejected input with reason; key app_id")
+
+ALL_TOPICS = (EVENTS, CONTROL, DEAD_LETTER)
+# The archive keeps every topic: the log is the source of truth and the broker may forget.
+ARCHIVED_TOPICS = tuple(t.name for t in ALL_TOPICS)
+
+
+def event_key(event: Interaction | Feedback | Annotation) -> bytes:
+    """Partition key of a user event: its interaction id."""
+    return event.interaction_id.encode()
+
+
+def dead_letter_key(record: DeadLetter) -> bytes:
+    return (record.app_id or "unknown").encode()
