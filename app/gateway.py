@@ -103,7 +103,11 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         pub = publisher
         if pub is None:
             await ensure_topics(settings)
-            pub = Publisher(settings.bootstrap_servers, max_request_bytes=settings.max_body_bytes)
+            pub = Publisher(
+                settings.bootstrap_servers,
+                max_request_bytes=settings.max_body_bytes,
+                timeout_s=settings.publish_timeout_s,
+            )
             await pub.start()
         app.state.publisher = pub
         try:

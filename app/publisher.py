@@ -56,23 +56,22 @@ class Publisher:
         headers = [("received_at", received_at.isoformat().encode())]
         if app_id is not None:
             headers.append(("app_id", app_id.encode()))
+        records = [(EVENTS.name, a.payload, event_key(a.event)) for a in accepted] + [
+            (DEAD_LETTER.name, d.model_dump_json().encode(), dead_letter_key(d)) for d in dead_letters
+        ]
         try:
-            pending = [
-                await self._producer.send(
-                    EVENTS.name, a.payload, key=event_key(a.event), headers=headers
-                )
-                for a in accepted
-            ]
-            pending += [
-                await self._producer.send(
-                    DEAD_LETTER.name, d.model_dump_json().encode(), key=dead_letter_key(d), headers=headers
-                )
-                for d in dead_letters
-            ]
-            await asyncio.wait_for(asyncio.gather(*pending), self.timeout_s)
+            await asyncio.wait_for(self._send_all(records, headers), self.timeout_s)
         except (KafkaError, asyncio.TimeoutError) as exc:
             log.error("publish.failed", error=repr(exc), events=len(accepted), dead=len(dead_letters))
             raise PublishError(
-                f"the broker did not acknowledge the events ({exc!r}); nothing was accepted, "
-                "retry with the same event ids"
+                f"the broker did not acknowledge the events within {self.timeout_s}s ({exc!r}); "
+                "nothing was accepted, retry with the same event ids"
             ) from exc
+
+    async def _send_all(self, records: list[tuple[str, bytes, bytes]], headers: list) -> None:
+        # send() only enqueues; gathering the returned futures waits for the acknowledgements.
+        pending = [
+            await self._producer.send(topic, value, key=key, headers=headers)
+            for topic, value, key in records
+        ]
+        await asyncio.gather(*pending)

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * MIB, description="Largest request body accepted (413 above).")
     max_event_bytes: int = Field(256 * KIB, description="Largest single event accepted.")
     max_events_per_request: int = Field(10_000, description="Most events in one request.")
+    publish_timeout_s: float = Field(
+        10.0, gt=0, description="How long the gateway waits for the broker before answering 503."
+    )
     dead_letter_max_raw_bytes: int = Field(
         512 * KIB, description="Raw bytes kept with a dead-letter record; longer input is truncated."
     )

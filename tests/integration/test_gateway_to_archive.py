@@ -1,0 +1,185 @@
+"""Events posted to the gateway reach the topics and the archive; bad input is dead-lettered.
+
+Real parts: the Tansu broker, uvicorn serving the gateway on loopback, the archiver, SQLite.
+"""
+
+import asyncio
+import base64
+import json
+import uuid
+
+import httpx
+from aiokafka import AIOKafkaConsumer
+
+from app.client import FeedloopClient, FeedloopError
+from streams.topics import DEAD_LETTER, EVENTS
+from tests.conftest import API_KEYS, wait_until_archived
+from tests.factories import annotation, feedback, interaction
+
+AUTH = {"Authorization": f"Bearer {API_KEYS['app-a']}"}
+
+
+async def post(stack, body, content_type="application/json", headers=AUTH):
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as http:
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        return await http.post("/v1/events", content=body, headers={**headers, "Content-Type": content_type})
+
+
+def mine(records, ids):
+    """Archive records whose value mentions one of this test's ids (topics are shared)."""
+    return [r for r in records if r.value and any(i.encode() in r.value for i in ids)]
+
+
+async def test_events_reach_topic_and_archive_with_feedback_beside_its_interaction(stack):
+    turns = [interaction() for _ in range(20)]
+    events = turns + [feedback(t["interaction_id"], kind) for t in turns for kind in ("thumbs", "copy")]
+    events.append(annotation(turns[0]["interaction_id"]))
+    response = await post(stack, events)
+    assert response.status_code == 202, response.text
+    assert response.json() == {"accepted": 61, "rejected": 0, "errors": []}
+
+    ids = [e["event_id"] for e in events]
+    records = mine(await wait_until_archived(stack, EVENTS.name, 61), ids)
+    assert sorted(json.loads(r.value)["event_id"] for r in records) == sorted(ids)
+    partition_of = {}
+    for r in records:
+        value = json.loads(r.value)
+        assert r.key == value["interaction_id"].encode()
+        assert r.headers["app_id"] == b"app-a"
+        partition_of.setdefault(value["interaction_id"], set()).add(r.partition)
+    assert all(len(parts) == 1 for parts in partition_of.values()), "feedback left its interaction's partition"
+    assert len({p for parts in partition_of.values() for p in parts}) > 1  # keys do spread
+
+    # The topic itself holds them too (the archive is a copy, not the only path).
+    consumer = AIOKafkaConsumer(EVENTS.name, bootstrap_servers=stack.settings.bootstrap_servers,
+                                auto_offset_reset="earliest", group_id=f"check-{uuid.uuid4().hex}")
+    await consumer.start()
+    try:
+        seen = set()
+        for _ in range(50):
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                seen.update(json.loads(m.value)["event_id"] for m in batch)
+            if set(ids) <= seen:
+                break
+        assert set(ids) <= seen
+    finally:
+        await consumer.stop()
+
+
+async def test_malformed_events_are_rejected_with_reasons_and_dead_lettered(stack):
+    good = interaction()
+    marker = uuid.uuid4().hex
+    body = [
+        good,
+        {"type": "sparkle", "event_id": f"unknown-{marker}"},
+        {**feedback(good["interaction_id"], "sparkle"), "event_id": f"kind-{marker}"},
+        {**interaction(response="x" * 300_000), "event_id": f"big-{marker}"},
+        {**{k: v for k, v in interaction().items() if k != "session_id"}, "event_id": f"missing-{marker}"},
+        {**interaction(prompt_tokens="many"), "event_id": f"type-{marker}"},
+    ]
+    response = await post(stack, body)
+    assert response.status_code == 202
+    result = response.json()
+    assert result["accepted"] == 1 and result["rejected"] == 5
+    reasons = {e["event_id"]: (e["index"], e["reason"]) for e in result["errors"]}
+    assert reasons == {
+        f"unknown-{marker}": (1, "unknown_type"),
+        f"kind-{marker}": (2, "schema_violation"),
+        f"big-{marker}": (3, "event_too_large"),
+        f"missing-{marker}": (4, "schema_violation"),
+        f"type-{marker}": (5, "schema_violation"),
+    }
+    details = {e["event_id"]: e["detail"] for e in result["errors"]}
+    assert "session_id: Field required" in details[f"missing-{marker}"]
+    assert "prompt_tokens" in details[f"type-{marker}"]
+
+    bad_json = f'{{"type": "interaction", "event_id": "json-{marker}", '.encode()
+    response = await post(stack, bad_json)
+    assert response.status_code == 422
+    assert response.json()["reason"] == "invalid_json"
+
+    dead = await wait_until_archived(stack, DEAD_LETTER.name, 6)
+    letters = [json.loads(r.value) for r in dead if marker.encode() in base64.b64decode(json.loads(r.value)["raw_b64"])]
+    by_reason = sorted(letter["reason"] for letter in letters)
+    assert by_reason == sorted(["unknown_type", "schema_violation", "event_too_large", "schema_violation",
+                                "schema_violation", "invalid_json"])
+    for letter in letters:
+        assert letter["app_id"] == "app-a" and letter["stage"] == "gateway" and letter["detail"]
+    whole_body = next(letter for letter in letters if letter["reason"] == "invalid_json")
+    assert base64.b64decode(whole_body["raw_b64"]) == bad_json  # the exact bytes are kept
+    assert good["event_id"] in {json.loads(r.value)["event_id"] for r in await wait_until_archived(stack, EVENTS.name, 1)}
+
+
+async def test_jsonl_bodies(stack):
+    events = [interaction(), interaction()]
+    body = "\n".join(json.dumps(e) for e in events) + "\n{broken\n"
+    response = await post(stack, body, "application/x-ndjson")
+    assert response.status_code == 202
+    assert (response.json()["accepted"], response.json()["rejected"]) == (2, 1)
+    assert response.json()["errors"][0]["reason"] == "invalid_json"
+
+
+async def test_auth_and_size_limits(stack):
+    marker = uuid.uuid4().hex
+    response = await post(stack, [interaction(event_id=f"nokey-{marker}")], headers={})
+    assert response.status_code == 401
+    assert "Authorization: Bearer" in response.json()["detail"]
+    response = await post(stack, [interaction()], headers={"X-API-Key": "wrong"})
+    assert response.status_code == 401
+    response = await post(stack, [interaction()], headers={"X-API-Key": API_KEYS["app-a"]})
+    assert response.status_code == 202
+
+    huge = json.dumps([interaction(response="y" * 100_000, event_id=f"huge-{marker}-{i}") for i in range(90)])
+    assert len(huge) > stack.settings.max_body_bytes
+    response = await post(stack, huge)
+    assert response.status_code == 413
+    assert "send smaller batches" in response.json()["detail"]
+
+    dead = await wait_until_archived(stack, DEAD_LETTER.name, 2)
+    reasons = {}
+    for r in dead:
+        letter = json.loads(r.value)
+        if marker.encode() in base64.b64decode(letter["raw_b64"]):
+            reasons[letter["reason"]] = letter
+    assert set(reasons) == {"unauthenticated", "body_too_large"}
+    assert reasons["body_too_large"]["raw_truncated"] and reasons["body_too_large"]["raw_size"] > 0
+
+
+async def test_same_event_twice_is_archived_per_arrival_with_one_event_id(stack):
+    event = interaction()
+    with FeedloopClient(stack.base_url, api_key=API_KEYS["app-a"], app_id="app-a") as client:
+        for _ in range(2):
+            result = await asyncio.to_thread(client.send_raw, json.dumps([event]).encode())
+            assert result.accepted == 1
+    records = await wait_until_archived(stack, EVENTS.name, 2)
+    copies = mine(records, [event["event_id"]])
+    assert len(copies) == 2
+    assert copies[0].offset != copies[1].offset
+    assert json.loads(copies[0].value) == json.loads(copies[1].value)
+
+
+async def test_python_client_builds_valid_events_and_raises_clear_errors(stack):
+    with FeedloopClient(stack.base_url, api_key=API_KEYS["app-b"], app_id="app-b") as client:
+        turn = client.interaction(user_id="u", session_id="s", adapter="base",
+                                  prompt=[{"role": "user", "content": "hi"}], response="hello")
+        result = await asyncio.to_thread(client.send, [turn, client.feedback(turn.interaction_id, "rating", value=5)])
+        assert (result.accepted, result.rejected) == (2, 0)
+    with FeedloopClient(stack.base_url, api_key="nope", app_id="app-b") as client:
+        try:
+            await asyncio.to_thread(client.send, [])
+        except FeedloopError as error:
+            assert error.status == 401 and error.reason == "unauthenticated"
+        else:
+            raise AssertionError("a bad key must raise")
+
+
+async def test_openapi_and_schemas_are_served(stack):
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        spec = (await http.get("/openapi.json")).json()
+        body = spec["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["type"] == "array"
+        assert {"Interaction", "Feedback", "Annotation"} <= set(spec["components"]["schemas"])
+        schema = (await http.get("/v1/schemas/feedback.json")).json()
+        assert "kind" in schema["properties"]
+        assert (await http.get("/v1/schemas/nope.json")).status_code == 404
