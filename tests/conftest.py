@@ -117,7 +117,11 @@ async def start_stack(settings: Settings) -> tuple[Stack, callable]:
     async def stop() -> None:
         server.should_exit = True
         archiver.stop()
-        await asyncio.gather(gateway_task, archive_task)
+        # Wait for both to end (the port must be free again) before raising either's error.
+        results = await asyncio.gather(gateway_task, archive_task, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     return stack, stop
 
