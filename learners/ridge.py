@@ -1,0 +1,56 @@
+"""Online ridge regression that keeps the inverse Gram matrix up to date."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class OnlineRidge:
+    """Ridge regression of a scalar target, updated one example at a time.
+
+    Keeps ``A^-1`` with ``A = l2 * I + sum x x^T`` and updates it with the Sherman-Morrison
+    formula, O(d^2) per example instead of an O(d^3) re-inversion. With a ``prior_mean``
+    the penalty is ``l2 * ||w - prior_mean||^2``, so the weights start at the prior and move
+    away from it as data arrives (a warm start that keeps the full uncertainty).
+
+    Parameters
+    ----------
+    dim
+        Number of features.
+    l2
+        Ridge penalty; also the prior precision of the weights.
+    prior_mean
+        Weights to shrink towards; zeros when omitted.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> model = OnlineRidge(dim=2, l2=0.01)
+    >>> for _ in range(100):
+    ...     model.learn_one(np.array([1.0, 2.0]), 5.0)
+    ...     model.learn_one(np.array([1.0, -1.0]), -1.0)
+    >>> round(model.predict(np.array([1.0, 0.0])), 2)
+    1.0
+    """
+
+    def __init__(self, dim: int, l2: float = 1.0, prior_mean: np.ndarray | None = None):
+        if l2 <= 0:
+            raise ValueError("l2 must be positive")
+        self._a_inv = np.eye(dim) / l2
+        self._b = np.zeros(dim) if prior_mean is None else l2 * np.asarray(prior_mean, float)
+        self.weights = self._a_inv @ self._b
+        self.n = 0
+
+    def predict(self, x: np.ndarray) -> float:
+        return float(self.weights @ x)
+
+    def uncertainty(self, x: np.ndarray) -> float:
+        """``sqrt(x^T A^-1 x)``: the width of the prediction's confidence, up to a scale."""
+        return float(np.sqrt(x @ self._a_inv @ x))
+
+    def learn_one(self, x: np.ndarray, y: float) -> None:
+        a_inv_x = self._a_inv @ x
+        self._a_inv -= np.outer(a_inv_x, a_inv_x) / (1.0 + x @ a_inv_x)
+        self._b += y * x
+        self.weights = self._a_inv @ self._b
+        self.n += 1

@@ -1,0 +1,140 @@
+"""Contextual bandit router: which adapter serves a request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from learners.features import Context, HashingFeaturizer
+from learners.ridge import OnlineRidge
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The arm that serves a request, the probability it had, and the whole distribution."""
+
+    arm: str
+    propensity: float
+    probabilities: dict[str, float]
+
+
+class LinUCBRouter:
+    """Disjoint LinUCB over hashed context features, with an exploration floor.
+
+    Each arm has its own ridge regression of reward on the features ``x`` of the context.
+    The arm with the highest upper confidence bound ``w_a . x + alpha * sqrt(x^T A_a^-1 x)``
+    is the greedy choice; the decision is then the distribution
+
+        p(a | x) = floor / K + (1 - floor) * [a is greedy] / (number of greedy arms)
+
+    over the K live arms, sampled with the router's own seeded RNG. The floor keeps every arm
+    observable, so the logged propensities support off-policy evaluation of any candidate.
+
+    River's ``LinUCBDisjoint`` is not used: it returns a single arm without propensities, has
+    no way to retire an arm or warm-start one, and updates through dict-based Bayesian
+    regressions (~15k decisions/s); here numpy with Sherman-Morrison updates keeps a decision
+    at tens of microseconds.
+
+    Parameters
+    ----------
+    arms
+        Initial live arms (adapter names), in a fixed order that sampling follows.
+    alpha
+        Width of the confidence bonus; 0 makes the greedy choice purely exploitative.
+    floor
+        Total probability spread evenly over live arms, in [0, 1].
+    dim
+        Length of the feature vector (see ``HashingFeaturizer``).
+    l2
+        Ridge penalty of each arm's regression.
+    seed
+        Seed of the sampling RNG.
+
+    Examples
+    --------
+    >>> router = LinUCBRouter(["base", "code-v1"], floor=0.2, seed=42)
+    >>> context = {"domain": "code", "cohort": "b", "prompt_tokens": 120}
+    >>> for _ in range(50):
+    ...     router.learn_one("code-v1", context, 1.0)
+    ...     router.learn_one("base", context, 0.0)
+    >>> router.probabilities(context)
+    {'base': 0.1, 'code-v1': 0.9}
+    >>> decision = router.decide(context)
+    >>> decision.propensity == decision.probabilities[decision.arm]
+    True
+    >>> router.add_arm("code-v2", warm_start_from="code-v1")
+    >>> router.remove_arm("base")
+    >>> router.arms
+    ('code-v1', 'code-v2')
+    """
+
+    def __init__(
+        self,
+        arms: Iterable[str] = (),
+        *,
+        alpha: float = 1.0,
+        floor: float = 0.1,
+        dim: int = 32,
+        l2: float = 1.0,
+        seed: int = 0,
+    ):
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError("floor must be in [0, 1]")
+        self.alpha = alpha
+        self.floor = floor
+        self.l2 = l2
+        self.featurizer = HashingFeaturizer(dim)
+        self._models: dict[str, OnlineRidge] = {}
+        self._rng = np.random.default_rng(seed)
+        for arm in arms:
+            self.add_arm(arm)
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    def add_arm(self, arm: str, warm_start_from: str | None = None) -> None:
+        """Make ``arm`` live; optionally start its weights at another arm's (e.g. its parent)."""
+        if arm in self._models:
+            raise ValueError(f"arm {arm!r} is already live")
+        prior = None if warm_start_from is None else self._models[warm_start_from].weights
+        self._models[arm] = OnlineRidge(self.featurizer.dim, self.l2, prior_mean=prior)
+
+    def remove_arm(self, arm: str) -> None:
+        del self._models[arm]
+
+    def probabilities(self, context: Context) -> dict[str, float]:
+        """The distribution ``decide`` samples from; does not touch the RNG."""
+        if not self._models:
+            raise ValueError("no live arms")
+        x = self.featurizer.transform(context)
+        ucb = {
+            arm: model.predict(x) + self.alpha * model.uncertainty(x)
+            for arm, model in self._models.items()
+        }
+        best = max(ucb.values())
+        greedy = [arm for arm, bound in ucb.items() if bound == best]
+        base = self.floor / len(ucb)
+        bonus = (1.0 - self.floor) / len(greedy)
+        return {arm: base + bonus if arm in greedy else base for arm in ucb}
+
+    def decide(self, context: Context) -> RoutingDecision:
+        probabilities = self.probabilities(context)
+        arms = list(probabilities)
+        cumulative = np.cumsum(list(probabilities.values()))
+        # min(): if rounding leaves the total just under the draw, take the last arm.
+        index = min(
+            int(np.searchsorted(cumulative, self._rng.random(), side="right")), len(arms) - 1
+        )
+        return RoutingDecision(arms[index], probabilities[arms[index]], probabilities)
+
+    def learn_one(self, arm: str, context: Context, reward: float) -> None:
+        """Update ``arm`` with a reward in [0, 1]. Rewards for removed arms are dropped:
+        late feedback for a retired adapter is normal in a stream."""
+        if not 0.0 <= reward <= 1.0:
+            raise ValueError(f"reward {reward} is outside [0, 1]")
+        model = self._models.get(arm)
+        if model is not None:
+            model.learn_one(self.featurizer.transform(context), reward)

@@ -1,0 +1,136 @@
+import pickle
+import time
+
+import numpy as np
+import pytest
+from river import bandit
+
+from learners.router import LinUCBRouter
+
+FLOOR = 0.1
+
+
+def run_router(environment, router, contexts, probabilities, rng):
+    """Route every context, learn from a simulated reward; return regret and the decisions."""
+    index = {arm: i for i, arm in enumerate(environment.arms)}
+    regret, decisions = 0.0, []
+    for context, p in zip(contexts, probabilities):
+        decision = router.decide(context)
+        reward = float(rng.random() < p[index[decision.arm]])
+        router.learn_one(decision.arm, context, reward)
+        regret += p.max() - p[index[decision.arm]]
+        decisions.append(decision)
+    return regret, decisions
+
+
+def test_regret_beats_uniform_and_epsilon_greedy(environment):
+    rng = np.random.default_rng(1)
+    contexts, probabilities = environment.sample(rng, 20_000)
+    router = LinUCBRouter(environment.arms, floor=FLOOR, seed=11)
+    regret, decisions = run_router(environment, router, contexts, probabilities, rng)
+
+    uniform_regret = float((probabilities.max(axis=1) - probabilities.mean(axis=1)).sum())
+
+    greedy = bandit.EpsilonGreedy(epsilon=0.1, seed=21)
+    greedy_regret = 0.0
+    arms = list(environment.arms)
+    for p in probabilities:
+        arm = greedy.pull(arms)
+        i = arms.index(arm)
+        greedy.update(arm, float(rng.random() < p[i]))
+        greedy_regret += p.max() - p[i]
+
+    print(
+        f"\nregret over 20k: LinUCB {regret:.0f}, EpsilonGreedy {greedy_regret:.0f}, "
+        f"uniform {uniform_regret:.0f}"
+    )
+    assert regret < 0.3 * uniform_regret
+    assert regret < 0.5 * greedy_regret
+    # Every decision was a distribution with the floor, and propensity = p(chosen arm).
+    totals = np.array([sum(d.probabilities.values()) for d in decisions])
+    assert np.allclose(totals, 1.0)
+    assert min(min(d.probabilities.values()) for d in decisions) >= FLOOR / 3 - 1e-12
+    assert all(d.propensity == d.probabilities[d.arm] for d in decisions)
+
+
+def test_sampled_arms_follow_the_propensities(environment):
+    rng = np.random.default_rng(2)
+    contexts, probabilities = environment.sample(rng, 2_000)
+    router = LinUCBRouter(environment.arms, floor=0.3, seed=12)
+    run_router(environment, router, contexts, probabilities, rng)
+
+    context = {"domain": "code", "cohort": "a", "locale": "en", "client": "web"}
+    expected = router.probabilities(context)
+    assert max(expected.values()) == pytest.approx(1 - 0.3 + 0.3 / 3)  # not uniform
+    n = 20_000
+    counts = {arm: 0 for arm in environment.arms}
+    for _ in range(n):
+        counts[router.decide(context).arm] += 1
+    chi_square = sum((counts[a] - n * p) ** 2 / (n * p) for a, p in expected.items())
+    assert chi_square < 13.82  # 99.9% quantile of chi-square with 2 degrees of freedom
+    assert router.probabilities(context) == expected  # deciding does not learn
+
+
+def test_pickle_mid_stream_gives_identical_next_decisions(environment):
+    rng = np.random.default_rng(3)
+    contexts, probabilities = environment.sample(rng, 700)
+    router = LinUCBRouter(environment.arms, seed=13)
+    run_router(environment, router, contexts[:500], probabilities[:500], rng)
+
+    restored = pickle.loads(pickle.dumps(router))
+    state = rng.bit_generator.state
+    _, original = run_router(environment, router, contexts[500:], probabilities[500:], rng)
+    rng.bit_generator.state = state
+    _, replayed = run_router(environment, restored, contexts[500:], probabilities[500:], rng)
+    assert original == replayed
+    assert len({d.arm for d in original}) > 1  # the RNG was exercised, not a constant choice
+
+
+def test_add_and_remove_arms():
+    router = LinUCBRouter(["base", "code-v1"], floor=0.2, seed=0)
+    context = {"domain": "code", "cohort": "a"}
+    for _ in range(100):
+        router.learn_one("code-v1", context, 0.9)
+        router.learn_one("base", context, 0.2)
+
+    router.add_arm("code-v2", warm_start_from="code-v1")
+    router.add_arm("cold")
+    x = router.featurizer.transform(context)
+    models = router._models
+    assert models["code-v2"].predict(x) == pytest.approx(models["code-v1"].predict(x))
+    assert models["code-v2"].uncertainty(x) > models["code-v1"].uncertainty(x)
+    assert models["cold"].predict(x) == 0.0
+    assert set(router.probabilities(context)) == {"base", "code-v1", "code-v2", "cold"}
+
+    router.remove_arm("code-v1")
+    assert router.arms == ("base", "code-v2", "cold")
+    probabilities = router.probabilities(context)
+    assert min(probabilities.values()) == pytest.approx(0.2 / 3)
+    assert "code-v1" not in {router.decide(context).arm for _ in range(300)}
+    router.learn_one("code-v1", context, 1.0)  # late feedback for a retired arm is dropped
+    assert router.probabilities(context) == probabilities
+
+    with pytest.raises(ValueError):
+        router.add_arm("base")
+    with pytest.raises(KeyError):
+        router.remove_arm("code-v1")
+    for arm in router.arms:
+        router.remove_arm(arm)
+    with pytest.raises(ValueError):
+        router.decide(context)
+
+
+def test_decision_latency_p99_under_2ms(environment):
+    rng = np.random.default_rng(4)
+    contexts, _ = environment.sample(rng, 3_000)
+    router = LinUCBRouter([f"adapter-{i}" for i in range(5)], seed=14)
+    for context in contexts[:1_000]:
+        router.learn_one(router.decide(context).arm, context, float(rng.random() < 0.5))
+    latencies = []
+    for context in contexts[1_000:]:
+        start = time.perf_counter_ns()
+        router.decide(context)
+        latencies.append(time.perf_counter_ns() - start)
+    p99_ms = np.percentile(latencies, 99) / 1e6
+    print(f"\ndecision p50 {np.median(latencies) / 1e3:.0f} us, p99 {p99_ms * 1e3:.0f} us")
+    assert p99_ms < 2.0
