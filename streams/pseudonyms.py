@@ -1,0 +1,173 @@
+"""Pseudonymous user ids with one random key per user, so a user can be crypto-shredded.
+
+pseudonym(user_id) = HMAC-SHA256(key_of(user_id), user_id). The keys live in a KeyStore that is
+never written to the event log or Kafka. Deleting a user's key makes every pseudonym already in
+the log unlinkable to that user; a key is random (not derived from a master secret), so nothing
+can regenerate it. Keys are persisted and reused, which keeps pseudonyms stable across restarts
+and log replays for every user who has not been erased. See docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+KEY_BYTES = 32
+_PSEUDONYM_CONTEXT = b"feedloop-pseudonym-v1:"  # versioned so the derivation can change safely
+_PSEUDONYM_HEX_CHARS = 32  # 128 bits: collisions between independent random keys are negligible
+
+
+class KeyStore(ABC):
+    """Holds one secret key per user id, plus a record of erasures."""
+
+    @abstractmethod
+    def get_or_create_key(self, user_id: str) -> bytes:
+        """The user's key; a new random one if the user has none (never had one, or erased)."""
+
+    @abstractmethod
+    def has_key(self, user_id: str) -> bool: ...
+
+    @abstractmethod
+    def delete_key(self, user_id: str) -> None:
+        """Drop the user's key for good and record when. Idempotent."""
+
+    @abstractmethod
+    def erased_at(self, user_id: str) -> datetime | None:
+        """When the user's key was last deleted, kept after a new key is issued."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class FileKeyStore(KeyStore):
+    """A directory of per-user key files, owner-only (dirs 0700, files 0600).
+
+    Layout: keys/<ab>/<sha256(user_id)>.key holds 32 raw bytes; erased/<ab>/<sha256(user_id)>
+    holds the erasure time. File names are hashes, so a directory listing shows no user ids.
+    Safe for several processes: a key is published with link(), which fails if another process
+    created it first, and the loser then reads the winner's key.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        """`random_bytes` and `clock` are injectable for deterministic tests; production keeps
+        os.urandom, since a predictable key generator would make shredding reversible."""
+        self.root = Path(root)
+        self._random_bytes = random_bytes
+        self._clock = clock
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        for directory in (self.root, self.root / "keys", self.root / "erased"):
+            directory.mkdir(mode=0o700, exist_ok=True)
+
+    def _path(self, kind: str, user_id: str, suffix: str = "") -> Path:
+        digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+        return self.root / kind / digest[:2] / f"{digest}{suffix}"
+
+    def _write_new_file(self, directory: Path, content: bytes) -> str:
+        """Write `content` to a fresh 0600 temp file in `directory`, durably; return its path."""
+        directory.mkdir(mode=0o700, exist_ok=True)
+        descriptor, temp_path = tempfile.mkstemp(dir=directory, suffix=".tmp")  # mode 0600
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(content)
+                file.flush()
+                os.fsync(file.fileno())
+        except BaseException:
+            os.unlink(temp_path)
+            raise
+        return temp_path
+
+    def get_or_create_key(self, user_id: str) -> bytes:
+        path = self._path("keys", user_id, ".key")
+        try:
+            return self._read_key(path)
+        except FileNotFoundError:
+            pass
+        new_key = self._random_bytes(KEY_BYTES)
+        if len(new_key) != KEY_BYTES:
+            raise ValueError(f"random_bytes returned {len(new_key)} bytes, expected {KEY_BYTES}")
+        temp_path = self._write_new_file(path.parent, new_key)
+        try:
+            os.link(temp_path, path)
+        except FileExistsError:
+            pass  # another process issued this user's key first; use theirs
+        else:
+            _fsync_directory(path.parent)
+        finally:
+            os.unlink(temp_path)
+        return self._read_key(path)
+
+    @staticmethod
+    def _read_key(path: Path) -> bytes:
+        key = path.read_bytes()
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"corrupt key file {path}: {len(key)} bytes")
+        return key
+
+    def has_key(self, user_id: str) -> bool:
+        return self._path("keys", user_id, ".key").exists()
+
+    def delete_key(self, user_id: str) -> None:
+        # Record the erasure before deleting: a crash in between leaves the key in place and
+        # is_erased() false, so the caller retries rather than believing it is done.
+        tombstone = self._path("erased", user_id)
+        temp_path = self._write_new_file(tombstone.parent, self._clock().isoformat().encode())
+        os.replace(temp_path, tombstone)
+        key_path = self._path("keys", user_id, ".key")
+        key_path.unlink(missing_ok=True)
+        _fsync_directory(tombstone.parent)
+        if key_path.parent.exists():
+            _fsync_directory(key_path.parent)
+
+    def erased_at(self, user_id: str) -> datetime | None:
+        try:
+            return datetime.fromisoformat(self._path("erased", user_id).read_text())
+        except FileNotFoundError:
+            return None
+
+
+class Pseudonymizer:
+    """Stable per-user pseudonyms that stop linking to the user once they are erased."""
+
+    def __init__(self, key_store: KeyStore) -> None:
+        self.key_store = key_store
+
+    def pseudonym(self, user_id: str) -> str:
+        """Same value for the same user while their key exists; a new one after erase()."""
+        if not user_id:
+            raise ValueError("user_id must be a non-empty string")
+        key = self.key_store.get_or_create_key(user_id)
+        digest = hmac.new(key, _PSEUDONYM_CONTEXT + user_id.encode("utf-8"), hashlib.sha256)
+        return "u_" + digest.hexdigest()[:_PSEUDONYM_HEX_CHARS]
+
+    def erase(self, user_id: str) -> None:
+        """Crypto-shred the user: their existing pseudonym can never be recomputed."""
+        self.key_store.delete_key(user_id)
+
+    def is_erased(self, user_id: str) -> bool:
+        """True from erase() until the user is given a new key by a later pseudonym() call."""
+        return self.key_store.erased_at(user_id) is not None and not self.key_store.has_key(user_id)
+
+    def erased_at(self, user_id: str) -> datetime | None:
+        """Last erasure time; replays drop the user's events from before it (docs/privacy.md)."""
+        return self.key_store.erased_at(user_id)

@@ -1,0 +1,155 @@
+import os
+import random
+import re
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from streams.pseudonyms import KEY_BYTES, FileKeyStore, Pseudonymizer
+
+ERASED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def _pseudonymizer(root: Path, seed: int | None = None) -> Pseudonymizer:
+    random_bytes = random.Random(seed).randbytes if seed is not None else os.urandom
+    return Pseudonymizer(FileKeyStore(root, random_bytes=random_bytes, clock=lambda: ERASED_AT))
+
+
+def _files(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file()]
+
+
+def test_pseudonym_is_stable_and_well_formed(tmp_path):
+    pseudonyms = _pseudonymizer(tmp_path / "keys")
+    first = pseudonyms.pseudonym("alice@example.com")
+    assert re.fullmatch(r"u_[0-9a-f]{32}", first)
+    assert pseudonyms.pseudonym("alice@example.com") == first
+
+
+def test_pseudonyms_differ_per_user(tmp_path):
+    pseudonyms = _pseudonymizer(tmp_path / "keys")
+    values = {pseudonyms.pseudonym(f"user-{i}") for i in range(50)}
+    assert len(values) == 50
+
+
+def test_keys_persist_across_key_store_instances(tmp_path):
+    before = _pseudonymizer(tmp_path / "keys").pseudonym("bob")
+    assert _pseudonymizer(tmp_path / "keys").pseudonym("bob") == before
+
+
+def test_erase_gives_a_new_pseudonym_and_never_the_old_one(tmp_path):
+    pseudonyms = _pseudonymizer(tmp_path / "keys")
+    old = pseudonyms.pseudonym("carol")
+    assert not pseudonyms.is_erased("carol")
+
+    pseudonyms.erase("carol")
+
+    assert pseudonyms.is_erased("carol")
+    assert pseudonyms.erased_at("carol") == ERASED_AT
+    new = pseudonyms.pseudonym("carol")
+    assert new != old
+    assert _pseudonymizer(tmp_path / "keys").pseudonym("carol") == new  # the new key persists
+    assert not pseudonyms.is_erased("carol")  # a returning user has a live key again
+    assert pseudonyms.erased_at("carol") == ERASED_AT  # kept, so replays can drop old events
+
+
+def test_erase_removes_every_copy_of_the_key_from_the_store(tmp_path):
+    root = tmp_path / "keys"
+    store = FileKeyStore(root)
+    key = store.get_or_create_key("dave")
+    store.get_or_create_key("erin")
+
+    store.delete_key("dave")
+
+    assert not store.has_key("dave")
+    assert store.has_key("erin")
+    assert all(key not in path.read_bytes() for path in _files(root))
+
+
+def test_erase_is_idempotent_and_works_for_unknown_users(tmp_path):
+    pseudonyms = _pseudonymizer(tmp_path / "keys")
+    pseudonyms.erase("never-seen")
+    pseudonyms.erase("never-seen")
+    assert pseudonyms.is_erased("never-seen")
+    assert not pseudonyms.is_erased("someone-else")
+    assert pseudonyms.erased_at("someone-else") is None
+
+
+def test_key_and_erasure_files_are_owner_only_even_with_a_permissive_umask(tmp_path):
+    root = tmp_path / "keys"
+    previous_umask = os.umask(0)
+    try:
+        pseudonyms = _pseudonymizer(root)
+        pseudonyms.pseudonym("frank")
+        pseudonyms.pseudonym("grace")
+        pseudonyms.erase("grace")
+    finally:
+        os.umask(previous_umask)
+    paths = [root, *root.rglob("*")]
+    files = [path for path in paths if path.is_file()]
+    assert len(files) == 2  # frank's key, grace's erasure record
+    for path in paths:
+        expected = 0o600 if path.is_file() else 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_store_does_not_reveal_user_ids_or_leave_temp_files(tmp_path):
+    root = tmp_path / "keys"
+    pseudonyms = _pseudonymizer(root)
+    pseudonyms.pseudonym("heidi@example.com")
+    pseudonyms.erase("heidi@example.com")
+    pseudonyms.pseudonym("heidi@example.com")
+    names = [str(path.relative_to(root)) for path in root.rglob("*")]
+    assert not any("heidi" in name for name in names)
+    assert not any(name.endswith(".tmp") for name in names)
+    assert all(b"heidi" not in path.read_bytes() for path in _files(root))
+
+
+def test_injected_rng_makes_keys_reproducible(tmp_path):
+    assert (
+        _pseudonymizer(tmp_path / "a", seed=7).pseudonym("ivan")
+        == _pseudonymizer(tmp_path / "b", seed=7).pseudonym("ivan")
+    )
+    # With the default os.urandom two stores never agree: the key is not derived from the id.
+    assert _pseudonymizer(tmp_path / "c").pseudonym("ivan") != _pseudonymizer(
+        tmp_path / "d"
+    ).pseudonym("ivan")
+
+
+def test_concurrent_first_use_yields_one_key_per_user(tmp_path):
+    def slow_random_bytes(n: int) -> bytes:
+        time.sleep(0.005)  # widen the check-then-create window so racing creators overlap
+        return os.urandom(n)
+
+    root = tmp_path / "keys"
+    stores = [FileKeyStore(root, random_bytes=slow_random_bytes) for _ in range(4)]
+    users = [f"user-{i}" for i in range(20)]
+    jobs = [(stores[i % 4], user) for i in range(8) for user in users]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda job: (job[1], job[0].get_or_create_key(job[1])), jobs))
+    keys_by_user: dict[str, set[bytes]] = {}
+    for user, key in results:
+        keys_by_user.setdefault(user, set()).add(key)
+    assert all(len(keys) == 1 for keys in keys_by_user.values())
+    assert len(_files(root)) == len(users)
+
+
+def test_corrupt_key_file_is_an_error_not_a_new_identity(tmp_path):
+    store = FileKeyStore(tmp_path / "keys")
+    store.get_or_create_key("judy")
+    (key_file,) = (tmp_path / "keys" / "keys").rglob("*.key")
+    key_file.write_bytes(b"short")
+    with pytest.raises(ValueError, match="corrupt key file"):
+        store.get_or_create_key("judy")
+
+
+def test_bad_inputs_are_rejected(tmp_path):
+    with pytest.raises(ValueError):
+        _pseudonymizer(tmp_path / "keys").pseudonym("")
+    short_rng = FileKeyStore(tmp_path / "other", random_bytes=lambda n: b"\x00" * (n - 1))
+    with pytest.raises(ValueError, match=f"expected {KEY_BYTES}"):
+        short_rng.get_or_create_key("mallory")
