@@ -26,9 +26,8 @@ from streams.intake import (
     BodyRejected,
     Limits,
     Rejected,
-    check_events,
+    check_body,
     dead_letter,
-    split_body,
 )
 
 log = structlog.get_logger(__name__)
@@ -174,7 +173,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
             return _error(413, "body_too_large", detail)
         content_type = request.headers.get("content-type", "application/json")
         try:
-            results = check_events(split_body(body, content_type), app_id, limits)
+            results = check_body(body, content_type, app_id, limits)
         except BodyRejected as exc:
             await _dead_letter_only(
                 request,

@@ -16,10 +16,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from streams.contract import (
     USER_EVENT_ADAPTER,
+    UserEvent,
     Annotation,
     DeadLetter,
     Feedback,
@@ -28,6 +29,7 @@ from streams.contract import (
 )
 
 UserEventModel = Interaction | Feedback | Annotation
+USER_EVENT_LIST_ADAPTER: TypeAdapter[list[UserEventModel]] = TypeAdapter(list[UserEvent])
 
 _TYPES = "'interaction', 'feedback', 'annotation'"
 JSONL_CONTENT_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
@@ -121,25 +123,52 @@ def _event_id_of(item: object) -> str | None:
     return None
 
 
-def check_events(items: list[bytes | object], app_id: str, limits: Limits) -> list[Accepted | Rejected]:
-    """Validate each event: schema, size, and that it belongs to the authenticated app."""
-    if len(items) > limits.max_events:
+def _check_count(count: int, limits: Limits) -> None:
+    if count > limits.max_events:
         raise BodyRejected(
             "too_many_events",
-            f"{len(items)} events in one request; the limit is {limits.max_events}: split it",
+            f"{count} events in one request; the limit is {limits.max_events}: split it",
         )
+
+
+def _admit(index: int, event: UserEventModel, raw: bytes, app_id: str, limits: Limits) -> Accepted | Rejected:
+    """Checks after the schema: size of the canonical form, and the owning app."""
+    payload = event.model_dump_json().encode("utf-8")
+    if len(payload) > limits.max_event_bytes:
+        detail = f"event is {len(payload)} bytes; the limit is {limits.max_event_bytes}"
+        return Rejected(index, "event_too_large", detail, raw, event.event_id)
+    if event.app_id != app_id:
+        detail = f"event app_id '{event.app_id}' does not match the API key's app '{app_id}'"
+        return Rejected(index, "app_id_mismatch", detail, raw, event.event_id)
+    return Accepted(index, event, payload)
+
+
+def check_body(body: bytes, content_type: str, app_id: str, limits: Limits) -> list[Accepted | Rejected]:
+    """Every event of a request body, accepted or rejected with its reason."""
+    if content_type.split(";")[0].strip().lower() not in JSONL_CONTENT_TYPES:
+        # Fast path: a clean JSON array is parsed and validated in one pass of pydantic-core.
+        try:
+            events = USER_EVENT_LIST_ADAPTER.validate_json(body)
+        except ValidationError:
+            events = None
+        if events is not None:
+            _check_count(len(events), limits)
+            results = [_admit(i, e, b"", app_id, limits) for i, e in enumerate(events)]
+            if all(isinstance(r, Accepted) for r in results):
+                return results
+    # Some event is bad: judge each on its own, keeping the raw bytes of the rejected ones.
+    return check_events(split_body(body, content_type), app_id, limits)
+
+
+def check_events(items: list[bytes | object], app_id: str, limits: Limits) -> list[Accepted | Rejected]:
+    """Validate each event: schema, size, and that it belongs to the authenticated app."""
+    _check_count(len(items), limits)
     results: list[Accepted | Rejected] = []
     for index, item in enumerate(items):
         is_line = isinstance(item, bytes)
-        raw = item if is_line else json.dumps(item, ensure_ascii=False).encode("utf-8")
-        if len(raw) > limits.max_event_bytes:
-            results.append(
-                Rejected(
-                    index, "event_too_large",
-                    f"event is {len(raw)} bytes; the limit is {limits.max_event_bytes}",
-                    raw, None if is_line else _event_id_of(item),
-                )
-            )  # fmt: skip
+        if is_line and len(item) > limits.max_event_bytes:
+            detail = f"event is {len(item)} bytes; the limit is {limits.max_event_bytes}"
+            results.append(Rejected(index, "event_too_large", detail, item))
             continue
         try:
             event = (
@@ -149,20 +178,16 @@ def check_events(items: list[bytes | object], app_id: str, limits: Limits) -> li
             )
         except ValidationError as error:
             reason, detail = _classify(error)
-            event_id = _event_id_of(json.loads(item) if is_line and reason != "invalid_json" else item)
-            results.append(Rejected(index, reason, detail, raw, event_id, _issues(error)))
+            raw = item if is_line else _raw(item)
+            parsed = json.loads(item) if is_line and reason != "invalid_json" else item
+            results.append(Rejected(index, reason, detail, raw, _event_id_of(parsed), _issues(error)))
             continue
-        if event.app_id != app_id:
-            results.append(
-                Rejected(
-                    index, "app_id_mismatch",
-                    f"event app_id '{event.app_id}' does not match the API key's app '{app_id}'",
-                    raw, event.event_id,
-                )
-            )  # fmt: skip
-            continue
-        results.append(Accepted(index, event, event.model_dump_json().encode("utf-8")))
+        results.append(_admit(index, event, item if is_line else _raw(item), app_id, limits))
     return results
+
+
+def _raw(item: object) -> bytes:
+    return json.dumps(item, ensure_ascii=False).encode("utf-8")
 
 
 def dead_letter(

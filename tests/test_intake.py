@@ -6,14 +6,14 @@ import json
 import pytest
 
 from streams.contract import utcnow
-from streams.intake import Accepted, BodyRejected, Limits, Rejected, check_events, dead_letter, split_body
+from streams.intake import Accepted, BodyRejected, Limits, Rejected, check_body, dead_letter, split_body
 from tests.factories import feedback, interaction
 
 LIMITS = Limits(max_event_bytes=4096, max_events=50, dead_letter_max_raw_bytes=64)
 
 
 def run(body: bytes, content_type: str = "application/json", app_id: str = "app-a"):
-    return check_events(split_body(body, content_type), app_id, LIMITS)
+    return check_body(body, content_type, app_id, LIMITS)
 
 
 def test_valid_array_is_accepted_in_canonical_form():
