@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     adapter_dir: Path | None = Field(None, description="Where adapters live. Default: data_dir/adapters.")
 
     # --- logging ----------------------------------------------------------------------------
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="'auto' is pretty on a terminal and JSON otherwise."
     )
