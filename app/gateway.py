@@ -8,6 +8,7 @@ Errors: 401 no or unknown API key, 413 body too large, 422 body unreadable, 503 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -122,6 +123,15 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         description="Ingest chat interactions and feedback. Event contract: /v1/schemas.",
     )
 
+    @app.middleware("http")
+    async def bind_request_id(request: Request, call_next: Any) -> Any:
+        # Every log line of one request carries its id; clients can quote it from the header.
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            response = await call_next(request)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
     async def _dead_letter_only(request: Request, record: DeadLetter) -> None:
         try:
             await request.app.state.publisher.publish([], [record], app_id=record.app_id, received_at=record.received_at)
@@ -197,6 +207,8 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
             await request.app.state.publisher.publish(accepted, dead, app_id=app_id, received_at=received_at)
         except PublishError as exc:
             return _error(503, "broker_unavailable", str(exc))
+        for r in rejected:
+            log.info("gateway.rejected", app_id=app_id, event_id=r.event_id, index=r.index, reason=r.reason)
         log.debug("gateway.ingested", app_id=app_id, accepted=len(accepted), rejected=len(rejected))
         return IngestResult(
             accepted=len(accepted),

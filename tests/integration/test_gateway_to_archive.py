@@ -95,8 +95,9 @@ async def test_malformed_events_are_rejected_with_reasons_and_dead_lettered(stac
     assert "prompt_tokens" in details[f"type-{marker}"]
 
     bad_json = f'{{"type": "interaction", "event_id": "json-{marker}", '.encode()
-    response = await post(stack, bad_json)
+    response = await post(stack, bad_json, headers={**AUTH, "X-Request-Id": f"req-{marker}"})
     assert response.status_code == 422
+    assert response.headers["x-request-id"] == f"req-{marker}"
     assert response.json()["reason"] == "invalid_json"
 
     dead = await wait_until_archived(stack, DEAD_LETTER.name, 6)
