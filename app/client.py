@@ -3,7 +3,7 @@
 >>> client = FeedloopClient("http://127.0.0.1:8080", api_key="s3cret", app_id="chat-web")  # doctest: +SKIP
 >>> turn = client.interaction(user_id="u1", session_id="s1", adapter="base",
 ...                           prompt=[{"role": "user", "content": "hi"}], response="hello")  # doctest: +SKIP
->>> client.send([turn, client.feedback(turn.interaction_id, "thumbs", value=1)])  # doctest: +SKIP
+>>> client.send([turn, client.feedback(turn, "thumbs", value=1)])  # doctest: +SKIP
 IngestResult(accepted=2, rejected=0, errors=[])
 
 Events get their ``event_id`` when they are built, so a retry after a timeout re-sends the
@@ -36,6 +36,10 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _ids(turn: Interaction) -> dict[str, str]:
+    return {"interaction_id": turn.interaction_id, "session_id": turn.session_id}
+
+
 class FeedloopClient:
     def __init__(
         self,
@@ -61,11 +65,12 @@ class FeedloopClient:
         fields.setdefault("interaction_id", new_id())
         return Interaction(**self._defaults(fields))
 
-    def feedback(self, interaction_id: str, kind: str, **fields: Any) -> Feedback:
-        return Feedback(interaction_id=interaction_id, kind=kind, **self._defaults(fields))
+    def feedback(self, turn: Interaction, kind: str, **fields: Any) -> Feedback:
+        """Feedback of ``kind`` on the interaction ``turn``."""
+        return Feedback(kind=kind, **self._defaults({**_ids(turn), **fields}))
 
-    def annotation(self, interaction_id: str, **fields: Any) -> Annotation:
-        return Annotation(interaction_id=interaction_id, **self._defaults(fields))
+    def annotation(self, turn: Interaction, **fields: Any) -> Annotation:
+        return Annotation(**self._defaults({**_ids(turn), **fields}))
 
     def _defaults(self, fields: dict[str, Any]) -> dict[str, Any]:
         return {"event_id": new_id(), "occurred_at": utcnow(), "app_id": self.app_id, **fields}

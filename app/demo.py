@@ -52,7 +52,7 @@ def malformed_bodies(app_id: str) -> list[tuple[bytes, str]]:
         (json.dumps({"type": "sparkle", "event_id": "bad-type-0001"}).encode(), "application/x-ndjson"),
         (
             json.dumps({
-                "type": "feedback", "event_id": "bad-kind-0001", "app_id": app_id,
+                "type": "feedback", "event_id": "bad-kind-0001", "app_id": app_id, "session_id": "s",
                 "occurred_at": "2026-11-21T10:00:00Z", "interaction_id": "x", "kind": "sparkle",
             }).encode(),
             "application/x-ndjson",
@@ -89,7 +89,7 @@ def simulate_app(client: FeedloopClient, interactions: int, seed: int, on_progre
                 "edit": {"text": f"a better answer about {domain}"},
                 "dwell": {"value": round(rng.uniform(1, 60), 1)},
             }.get(kind, {})
-            batch.append(client.feedback(turn.interaction_id, kind, **extra))
+            batch.append(client.feedback(turn, kind, **extra))
         if len(batch) >= 200 or i == interactions - 1:
             result = client.send(batch)
             if i == interactions - 1:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/gateway_ingest.py [--events 20000] [--batch 500] [--concurrency 4]
 
-Both sides publish the same canonical event payloads, keyed by interaction id, with acks=all,
+Both sides publish the same canonical event payloads, keyed by session id, with acks=all,
 to a fresh embedded broker. The gateway runs as its own process (`feedloop gateway`), as in
 production, and is driven over loopback HTTP by concurrent posts of `--batch` events. The
 ratio gateway / bare producer is the figure to watch; absolute numbers depend on the machine.
@@ -39,14 +39,14 @@ def make_events(count: int) -> list[dict]:
     events = []
     while len(events) < count:
         turn = interaction(app_id="bench")
-        events += [turn, feedback(turn["interaction_id"], "thumbs", app_id="bench")]
+        events += [turn, feedback(turn, "thumbs", app_id="bench")]
     return events[:count]
 
 
 async def bare_producer(bootstrap: str, events: list[dict], batch: int) -> float:
     """events/s of aiokafka alone: validate nothing, send the canonical payloads."""
     payloads = [
-        (e["interaction_id"].encode(), USER_EVENT_ADAPTER.validate_python(e).model_dump_json().encode())
+        (e["session_id"].encode(), USER_EVENT_ADAPTER.validate_python(e).model_dump_json().encode())
         for e in events
     ]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)

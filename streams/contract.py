@@ -85,8 +85,8 @@ class Interaction(_Event):
     type: Literal["interaction"] = "interaction"
     app_id: Id
     user_id: Id = Field(description="The app's user id; feedloop pseudonymizes it.")
-    session_id: Id
-    interaction_id: Id = Field(description="Feedback refers to this; it is the partition key.")
+    session_id: Id = Field(description="The conversation; the partition key of all its events.")
+    interaction_id: Id = Field(description="Unique per interaction; feedback refers to it.")
     adapter: Id = Field(description="Name of the adapter (router arm) that served the response.")
     propensity: float | None = Field(
         None, gt=0, le=1, description="Probability with which the router chose that adapter."
@@ -99,6 +99,9 @@ class Interaction(_Event):
     latency_ms: float | None = Field(None, ge=0)
     training_consent: bool = Field(
         True, description="False: the user opted out; kept for metrics, never trained on."
+    )
+    regenerates: Id | None = Field(
+        None, description="interaction_id of the response this one replaced (user pressed regenerate)."
     )
 
 
@@ -125,6 +128,7 @@ class Feedback(_Event):
 
     type: Literal["feedback"] = "feedback"
     app_id: Id
+    session_id: Id = Field(description="The interaction's session: routes feedback beside it.")
     interaction_id: Id
     user_id: Id | None = Field(None, description="Who gave it, if not the interaction's user.")
     kind: FeedbackKind
@@ -157,6 +161,7 @@ class Annotation(_Event):
 
     type: Literal["annotation"] = "annotation"
     app_id: Id
+    session_id: Id
     interaction_id: Id
     annotator: Id = Field(description="Reviewer id or judge model name.")
     source: Literal["human", "model"]

@@ -1,9 +1,10 @@
 """Topic names, keys and partitioning: where each record goes.
 
-User events (interaction, feedback, annotation) share ONE topic keyed by ``interaction_id``.
-Kafka's default partitioner hashes the key, so an interaction and all its feedback land on the
-same partition in arrival order, whatever client produced them; the join in the pipeline then
-needs only partition-local table state. Control events go to a single-partition topic so every
+User events (interaction, feedback, annotation) share ONE topic keyed by ``session_id``.
+Kafka's default partitioner hashes the key, so a conversation's interactions and all their
+feedback land on the same partition in arrival order, whatever client produced them; the
+pipeline's joins (feedback to interaction, a regenerated response to the one it replaced) then
+need only partition-local table state. Control events go to a single-partition topic so every
 consumer sees adapter lifecycle changes in one global order. docs/events.md has the rationale.
 """
 
@@ -21,7 +22,7 @@ class TopicSpec:
     purpose: str
 
 
-EVENTS = TopicSpec("feedloop.events.v1", None, "interaction, feedback, annotation; key interaction_id")
+EVENTS = TopicSpec("feedloop.events.v1", None, "interaction, feedback, annotation; key session_id")
 CONTROL = TopicSpec("feedloop.control.v1", 1, "batch, adapter and drift control events; key subject")
 DEAD_LETTER = TopicSpec("feedloop.deadletter.v1", None, "rejected input with reason; key app_id")
 
@@ -31,8 +32,8 @@ ARCHIVED_TOPICS = tuple(t.name for t in ALL_TOPICS)
 
 
 def event_key(event: Interaction | Feedback | Annotation) -> bytes:
-    """Partition key of a user event: its interaction id."""
-    return event.interaction_id.encode()
+    """Partition key of a user event: its session id."""
+    return event.session_id.encode()
 
 
 def dead_letter_key(record: DeadLetter) -> bytes:

@@ -13,7 +13,7 @@ def interaction(app_id: str = "app-a", **overrides: Any) -> dict[str, Any]:
         "occurred_at": "2026-11-21T10:00:00+00:00",
         "app_id": app_id,
         "user_id": "user-1",
-        "session_id": "session-1",
+        "session_id": uuid.uuid4().hex,
         "interaction_id": uuid.uuid4().hex,
         "adapter": "base",
         "propensity": 0.5,
@@ -28,13 +28,18 @@ def interaction(app_id: str = "app-a", **overrides: Any) -> dict[str, Any]:
     return event
 
 
-def feedback(interaction_id: str, kind: str = "thumbs", app_id: str = "app-a", **overrides: Any) -> dict[str, Any]:
+ANY_TURN = {"interaction_id": "i-1", "session_id": "s-1"}
+
+
+def feedback(turn: dict[str, Any], kind: str = "thumbs", app_id: str = "app-a", **overrides: Any) -> dict[str, Any]:
+    """Feedback on ``turn`` (an interaction, or any dict with its two ids)."""
     event = {
         "type": "feedback",
         "event_id": uuid.uuid4().hex,
         "occurred_at": "2026-11-21T10:00:05+00:00",
         "app_id": app_id,
-        "interaction_id": interaction_id,
+        "session_id": turn["session_id"],
+        "interaction_id": turn["interaction_id"],
         "kind": kind,
     }
     event.update({"thumbs": {"value": 1}, "rating": {"value": 4}, "dwell": {"value": 12.5},
@@ -43,13 +48,14 @@ def feedback(interaction_id: str, kind: str = "thumbs", app_id: str = "app-a", *
     return event
 
 
-def annotation(interaction_id: str, app_id: str = "app-a") -> dict[str, Any]:
+def annotation(turn: dict[str, Any], app_id: str = "app-a") -> dict[str, Any]:
     return {
         "type": "annotation",
         "event_id": uuid.uuid4().hex,
         "occurred_at": "2026-11-21T11:00:00+00:00",
         "app_id": app_id,
-        "interaction_id": interaction_id,
+        "session_id": turn["session_id"],
+        "interaction_id": turn["interaction_id"],
         "annotator": "reviewer-7",
         "source": "human",
         "label": "good",

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from streams.contract import SCHEMAS, USER_EVENT_ADAPTER, Feedback, Interaction, json_schema
-from tests.factories import annotation, feedback, interaction
+from tests.factories import ANY_TURN, annotation, feedback, interaction
 
 SCHEMA_DIR = Path(__file__).parents[1] / "schemas" / "v1"
 
@@ -29,7 +29,7 @@ SCHEMA_DIR = Path(__file__).parents[1] / "schemas" / "v1"
     ],
 )
 def test_every_feedback_kind_accepts_its_valid_form(kind, fields):
-    event = USER_EVENT_ADAPTER.validate_python({**feedback("i-1", kind), **fields})
+    event = USER_EVENT_ADAPTER.validate_python({**feedback(ANY_TURN, kind), **fields})
     assert isinstance(event, Feedback) and event.kind == kind
 
 
@@ -49,7 +49,7 @@ def test_every_feedback_kind_accepts_its_valid_form(kind, fields):
 )
 def test_feedback_value_must_fit_its_kind(kind, fields, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        USER_EVENT_ADAPTER.validate_python({**feedback("i-1", kind), **fields})
+        USER_EVENT_ADAPTER.validate_python({**feedback(ANY_TURN, kind), **fields})
 
 
 def test_unknown_fields_are_rejected_not_dropped():
@@ -85,11 +85,11 @@ def test_committed_schema_files_match_the_models():
 def test_exported_schema_validates_like_the_models():
     schema = json_schema("user_event")
     validator = jsonschema.Draft202012Validator(schema)
-    for good in (interaction(), feedback("i-1", "edit"), annotation("i-1")):
+    for good in (interaction(), feedback(ANY_TURN, "edit"), annotation(ANY_TURN)):
         assert not list(validator.iter_errors(good))
     for bad in (
         {**interaction(), "type": "sparkle"},
-        {**feedback("i-1", "thumbs"), "kind": "sparkle"},
+        {**feedback(ANY_TURN, "thumbs"), "kind": "sparkle"},
         {**interaction(), "prompt": []},
         {k: v for k, v in interaction().items() if k != "response"},
     ):

@@ -7,7 +7,7 @@ import pytest
 
 from streams.contract import utcnow
 from streams.intake import Accepted, BodyRejected, Limits, Rejected, check_body, dead_letter, split_body
-from tests.factories import feedback, interaction
+from tests.factories import ANY_TURN, feedback, interaction
 
 LIMITS = Limits(max_event_bytes=4096, max_events=50, dead_letter_max_raw_bytes=64)
 
@@ -18,7 +18,7 @@ def run(body: bytes, content_type: str = "application/json", app_id: str = "app-
 
 def test_valid_array_is_accepted_in_canonical_form():
     first = interaction()
-    results = run(json.dumps([first, feedback(first["interaction_id"])]).encode())
+    results = run(json.dumps([first, feedback(first)]).encode())
     assert [type(r) for r in results] == [Accepted, Accepted]
     payload = json.loads(results[0].payload)
     assert payload["event_id"] == first["event_id"] and payload["schema_version"] == 1
@@ -43,7 +43,7 @@ def test_jsonl_lines_are_judged_one_by_one():
     [
         ({"type": "sparkle", "event_id": "e-00000001"}, "unknown_type", "'interaction', 'feedback'"),
         ({"event_id": "e-00000001"}, "missing_type", "has no 'type'"),
-        (feedback("i-1", "sparkle"), "schema_violation", "kind: Input should be 'thumbs'"),
+        (feedback(ANY_TURN, "sparkle"), "schema_violation", "kind: Input should be 'thumbs'"),
         ({**interaction(), "propensity": "high"}, "schema_violation", "propensity"),
         ({k: v for k, v in interaction().items() if k != "user_id"}, "schema_violation", "user_id: Field required"),
         (interaction(app_id="app-b"), "app_id_mismatch", "does not match the API key's app 'app-a'"),

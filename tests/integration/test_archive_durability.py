@@ -20,7 +20,7 @@ AUTH = {"Authorization": f"Bearer {API_KEYS['app-a']}", "Content-Type": "applica
 
 async def post_events(base_url: str, count: int) -> list[str]:
     turns = [interaction() for _ in range(count // 2)]
-    events = turns + [feedback(t["interaction_id"]) for t in turns]
+    events = turns + [feedback(t) for t in turns]
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
         response = await http.post("/v1/events", content=json.dumps(events), headers=AUTH)
     assert response.status_code == 202 and response.json()["accepted"] == len(events)

@@ -33,8 +33,8 @@ def mine(records, ids):
 
 async def test_events_reach_topic_and_archive_with_feedback_beside_its_interaction(stack):
     turns = [interaction() for _ in range(20)]
-    events = turns + [feedback(t["interaction_id"], kind) for t in turns for kind in ("thumbs", "copy")]
-    events.append(annotation(turns[0]["interaction_id"]))
+    events = turns + [feedback(t, kind) for t in turns for kind in ("thumbs", "copy")]
+    events.append(annotation(turns[0]))
     response = await post(stack, events)
     assert response.status_code == 202, response.text
     assert response.json() == {"accepted": 61, "rejected": 0, "errors": []}
@@ -45,7 +45,7 @@ async def test_events_reach_topic_and_archive_with_feedback_beside_its_interacti
     partition_of = {}
     for r in records:
         value = json.loads(r.value)
-        assert r.key == value["interaction_id"].encode()
+        assert r.key == value["session_id"].encode()
         assert r.headers["app_id"] == b"app-a"
         partition_of.setdefault(value["interaction_id"], set()).add(r.partition)
     assert all(len(parts) == 1 for parts in partition_of.values()), "feedback left its interaction's partition"
@@ -73,7 +73,7 @@ async def test_malformed_events_are_rejected_with_reasons_and_dead_lettered(stac
     body = [
         good,
         {"type": "sparkle", "event_id": f"unknown-{marker}"},
-        {**feedback(good["interaction_id"], "sparkle"), "event_id": f"kind-{marker}"},
+        {**feedback(good, "sparkle"), "event_id": f"kind-{marker}"},
         {**interaction(response="x" * 300_000), "event_id": f"big-{marker}"},
         {**{k: v for k, v in interaction().items() if k != "session_id"}, "event_id": f"missing-{marker}"},
         {**interaction(prompt_tokens="many"), "event_id": f"type-{marker}"},
@@ -164,7 +164,7 @@ async def test_python_client_builds_valid_events_and_raises_clear_errors(stack):
     with FeedloopClient(stack.base_url, api_key=API_KEYS["app-b"], app_id="app-b") as client:
         turn = client.interaction(user_id="u", session_id="s", adapter="base",
                                   prompt=[{"role": "user", "content": "hi"}], response="hello")
-        result = await asyncio.to_thread(client.send, [turn, client.feedback(turn.interaction_id, "rating", value=5)])
+        result = await asyncio.to_thread(client.send, [turn, client.feedback(turn, "rating", value=5)])
         assert (result.accepted, result.rejected) == (2, 0)
     with FeedloopClient(stack.base_url, api_key="nope", app_id="app-b") as client:
         try:
