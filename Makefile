@@ -24,7 +24,8 @@ schemas: $(STAMP)  ## re-export the event contract's JSON Schemas after changing
 $(STAMP): setup.cfg constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[train,dev]'
 	touch $(STAMP)
 
 clean:

@@ -196,6 +196,35 @@ def schema_export(directory: Path) -> None:
     click.echo(f"wrote {len(SCHEMAS)} schemas to {directory}")
 
 
+# --- models -------------------------------------------------------------------------------
+
+
+@main.group()
+def model() -> None:
+    """The base model (built offline; nothing is ever downloaded)."""
+
+
+@model.command("init")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even if the model directory exists.")
+@click.pass_context
+def model_init(ctx: click.Context, seed: int, force: bool) -> None:
+    """Build feedloop's own tiny chat model at FEEDLOOP_BASE_MODEL_PATH."""
+    from rich.progress import Progress
+
+    from trainer.base_model import METADATA_FILE, BaseModelConfig, build_base_model
+
+    target = _settings(ctx.parent).model_path
+    if (target / METADATA_FILE).exists() and not force:
+        click.echo(f"{target} already holds a model; --force rebuilds it")
+        return
+    config = BaseModelConfig(seed=seed)
+    with Progress() as progress:
+        task = progress.add_task("pretraining", total=config.train_steps)
+        build_base_model(target, config, on_step=lambda step, loss: progress.update(task, completed=step))
+    click.echo(f"base model ready at {target}")
+
+
 # --- demo ---------------------------------------------------------------------------------
 
 

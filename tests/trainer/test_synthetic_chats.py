@@ -1,0 +1,42 @@
+from collections import Counter
+
+from trainer.synthetic_chats import (
+    CONCISE,
+    DETAILED,
+    DOMAINS,
+    RARE_DOMAIN,
+    STYLES,
+    answer_style,
+    generate_chats,
+)
+
+
+def test_same_seed_same_chats_different_seed_different_chats():
+    assert generate_chats(200, seed=3) == generate_chats(200, seed=3)
+    assert generate_chats(200, seed=3) != generate_chats(200, seed=4)
+
+
+def test_every_domain_and_style_appears_and_the_rare_skill_is_rare():
+    chats = generate_chats(2000, seed=0)
+    domains = Counter(chat.domain for chat in chats)
+    styles = Counter(chat.style for chat in chats)
+
+    assert set(domains) == set(DOMAINS)
+    assert set(styles) == set(STYLES)
+    assert domains[RARE_DOMAIN] < 0.1 * len(chats)
+    assert all(domains[RARE_DOMAIN] < count for domain, count in domains.items() if domain != RARE_DOMAIN)
+    # Both styles about equally likely, so preference training starts from ~50%.
+    assert abs(styles[CONCISE] - styles[DETAILED]) < 0.1 * len(chats)
+
+
+def test_answer_style_recognises_the_style_each_answer_was_written_in():
+    chats = generate_chats(500, seed=1)
+    assert [answer_style(chat.answer) for chat in chats] == [chat.style for chat in chats]
+
+
+def test_messages_are_a_user_turn_then_an_assistant_turn():
+    chat = generate_chats(1, seed=0)[0]
+    assert chat.messages == [
+        {"role": "user", "content": chat.prompt},
+        {"role": "assistant", "content": chat.answer},
+    ]
