@@ -1,0 +1,144 @@
+"""The training batch format: what the curator writes and the trainer reads.
+
+A batch is a directory ``<data_dir>/batches/<batch_id>/`` holding up to three JSON-lines
+files, one per training signal, and a ``manifest.json``:
+
+- ``sft.jsonl``: :class:`SftRecord`, a conversation whose last assistant turn is the target
+  (an accepted response, or a user's correction of a bad one);
+- ``pairs.jsonl``: :class:`PreferenceRecord`, a prompt with a chosen and a rejected response
+  (edited over original, accepted regeneration over the replaced response), for DPO;
+- ``labels.jsonl``: :class:`LabelRecord`, a prompt and one response labelled desirable or
+  not (thumbs, ratings), for KTO.
+
+Every record carries its stratum (cohort, domain), the per-example loss weight, the event
+ids it came from, and whether it is a replayed older example (against forgetting). Text is
+already anonymized. Records are sorted by ``example_id`` and serialized canonically, so the
+same examples always give the same bytes and checksums (replay determinism).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from streams.contract import Message
+
+SIGNAL_FILES = {"sft": "sft.jsonl", "pairs": "pairs.jsonl", "labels": "labels.jsonl"}
+MANIFEST = "manifest.json"
+Channel = Literal["explicit", "implicit", "self_eval"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    example_id: str = Field(description="Stable id: the interaction id plus the signal.")
+    cohort: str
+    domain: str
+    weight: float = Field(1.0, ge=0, description="Per-example loss weight.")
+    source: str = Field(description="Which rule made it, e.g. 'edit', 'regenerate', 'thumbs'.")
+    event_ids: list[str] = Field(description="The events it was derived from.")
+    replay: bool = Field(False, description="Replayed from the reservoir, not new in this batch.")
+
+
+class SftRecord(_Record):
+    messages: list[Message] = Field(description="Prompt turns, then the assistant target last.")
+
+
+class PreferenceRecord(_Record):
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+
+
+class LabelRecord(_Record):
+    prompt: list[Message]
+    completion: str
+    desirable: bool
+
+
+class BatchManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_id: str
+    trigger: Literal["size", "time", "drift", "manual"]
+    event_time: str = Field(description="Event time (ISO 8601) of the newest example: not wall time.")
+    counts: dict[str, int] = Field(description="Records per signal file.")
+    strata: dict[str, int] = Field(description="Records per 'cohort/domain'.")
+    replayed: int = Field(description="Records drawn from the replay reservoir.")
+    loss_weights: dict[str, float] = Field(description="Per-channel weights for the trainer's loss.")
+    files: dict[str, str] = Field(description="sha256 of each signal file.")
+    source_event_ids: list[str] = Field(description="Every event id the batch was derived from.")
+
+
+RECORD_TYPES: dict[str, type[_Record]] = {"sft": SftRecord, "pairs": PreferenceRecord, "labels": LabelRecord}
+
+
+def _canonical(record: BaseModel) -> str:
+    return json.dumps(record.model_dump(mode="json"), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def write_batch(
+    directory: Path,
+    *,
+    batch_id: str,
+    trigger: str,
+    event_time: str,
+    records: Iterable[SftRecord | PreferenceRecord | LabelRecord],
+    loss_weights: dict[str, float],
+) -> tuple[BatchManifest, str]:
+    """Write a batch atomically; returns its manifest and the manifest's sha256."""
+    by_signal: dict[str, list[_Record]] = {signal: [] for signal in SIGNAL_FILES}
+    kinds = {cls: signal for signal, cls in RECORD_TYPES.items()}
+    for record in records:
+        by_signal[kinds[type(record)]].append(record)
+    staging = directory.with_name(directory.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    files, counts, strata, event_ids = {}, {}, {}, set()
+    replayed = 0
+    for signal, items in by_signal.items():
+        items.sort(key=lambda r: r.example_id)
+        payload = "".join(_canonical(r) + "\n" for r in items).encode("utf-8")
+        (staging / SIGNAL_FILES[signal]).write_bytes(payload)
+        files[signal] = hashlib.sha256(payload).hexdigest()
+        counts[signal] = len(items)
+        for r in items:
+            stratum = f"{r.cohort}/{r.domain}"
+            strata[stratum] = strata.get(stratum, 0) + 1
+            replayed += r.replay
+            event_ids.update(r.event_ids)
+    manifest = BatchManifest(
+        batch_id=batch_id,
+        trigger=trigger,
+        event_time=event_time,
+        counts=counts,
+        strata=dict(sorted(strata.items())),
+        replayed=replayed,
+        loss_weights=dict(sorted(loss_weights.items())),
+        files=files,
+        source_event_ids=sorted(event_ids),
+    )
+    manifest_bytes = (_canonical(manifest) + "\n").encode("utf-8")
+    (staging / MANIFEST).write_bytes(manifest_bytes)
+    for path in staging.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    os.replace(staging, directory)  # readers never see a half-written batch
+    return manifest, hashlib.sha256(manifest_bytes).hexdigest()
+
+
+def read_batch(directory: Path) -> tuple[BatchManifest, dict[str, list]]:
+    """The manifest and the records of each signal, checksums verified."""
+    manifest = BatchManifest.model_validate_json((directory / MANIFEST).read_bytes())
+    records: dict[str, list] = {}
+    for signal, filename in SIGNAL_FILES.items():
+        payload = (directory / filename).read_bytes()
+        if hashlib.sha256(payload).hexdigest() != manifest.files[signal]:
+            raise ValueError(f"{directory / filename}: checksum does not match the manifest")
+        records[signal] = [RECORD_TYPES[signal].model_validate_json(line) for line in payload.splitlines() if line]
+    return manifest, records

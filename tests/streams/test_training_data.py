@@ -1,0 +1,49 @@
+"""Batch files: canonical bytes, checksums checked on read, atomic publication."""
+
+import pytest
+
+from streams.training_data import LabelRecord, PreferenceRecord, SftRecord, read_batch, write_batch
+
+PROMPT = [{"role": "user", "content": "Convert 3 km to miles"}]
+
+
+def records(order=1):
+    items = [
+        SftRecord(example_id="i2:edit", cohort="a", domain="units", source="edit", event_ids=["e2", "e3"],
+                  messages=[*PROMPT, {"role": "assistant", "content": "About 1.86 miles."}]),
+        PreferenceRecord(example_id="i2:edit-pair", cohort="a", domain="units", source="edit", event_ids=["e3"],
+                         prompt=PROMPT, chosen="About 1.86 miles.", rejected="3 miles.", weight=0.7),
+        LabelRecord(example_id="i1:thumbs", cohort="minority", domain="code", source="thumbs", event_ids=["e1"],
+                    prompt=PROMPT, completion="No idea.", desirable=False, replay=True),
+    ]
+    return items[::order]
+
+
+def test_same_records_in_any_order_give_identical_bytes(tmp_path):
+    one = write_batch(tmp_path / "b1", batch_id="b", trigger="size", event_time="2026-11-21T10:00:00+00:00",
+                      records=records(1), loss_weights={"explicit": 0.6, "implicit": 0.4})
+    two = write_batch(tmp_path / "b2", batch_id="b", trigger="size", event_time="2026-11-21T10:00:00+00:00",
+                      records=records(-1), loss_weights={"implicit": 0.4, "explicit": 0.6})
+    assert one[1] == two[1]
+    for name in ("sft.jsonl", "pairs.jsonl", "labels.jsonl", "manifest.json"):
+        assert (tmp_path / "b1" / name).read_bytes() == (tmp_path / "b2" / name).read_bytes()
+
+
+def test_manifest_counts_strata_and_sources(tmp_path):
+    manifest, _ = write_batch(tmp_path / "b", batch_id="b", trigger="drift", event_time="t",
+                              records=records(), loss_weights={})
+    assert manifest.counts == {"sft": 1, "pairs": 1, "labels": 1}
+    assert manifest.strata == {"a/units": 2, "minority/code": 1}
+    assert manifest.replayed == 1
+    assert manifest.source_event_ids == ["e1", "e2", "e3"]
+    assert not (tmp_path / "b.partial").exists()
+
+
+def test_read_round_trips_and_catches_tampering(tmp_path):
+    write_batch(tmp_path / "b", batch_id="b", trigger="size", event_time="t", records=records(), loss_weights={})
+    manifest, read = read_batch(tmp_path / "b")
+    assert read["pairs"][0].chosen == "About 1.86 miles." and read["labels"][0].desirable is False
+    path = tmp_path / "b" / "pairs.jsonl"
+    path.write_bytes(path.read_bytes().replace(b"1.86", b"9.99"))
+    with pytest.raises(ValueError, match="checksum"):
+        read_batch(tmp_path / "b")
