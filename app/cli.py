@@ -134,6 +134,28 @@ def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
     asyncio.run(gateway_server(settings.model_copy(update=updates)).serve())
 
 
+@main.command()
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run the stream pipeline (a Faust worker) until Ctrl-C; start several to scale out."""
+    import faust
+
+    import migrations
+    from app.broker import cluster_id, ensure_topics
+    from app.runtime import build_pipeline_app
+
+    settings = _settings(ctx)
+    migrations.upgrade(settings.store_url)
+    asyncio.run(ensure_topics(settings))
+    app = build_pipeline_app(settings, asyncio.run(cluster_id(settings.bootstrap_servers)))
+
+    class Worker(faust.Worker):
+        def _setup_logging(self) -> None:  # keep feedloop's structlog set-up
+            configure_logging(settings.log_level, settings.log_format)
+
+    Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
 @main.group()
 def archive() -> None:
     """Keep every topic on disk (the log of record), and check it."""
@@ -174,6 +196,24 @@ def archive_verify(ctx: click.Context) -> None:
         click.echo(f"PROBLEM {problem}", err=True)
     if not report.ok:
         raise SystemExit(1)
+
+
+@main.command()
+@click.option("--offline", "mode", flag_value="offline", default=True, help="Run the pipeline here (default).")
+@click.option("--republish", "mode", flag_value="republish", help="Put the records back onto the events topic.")
+@click.option("--source", default="archive", show_default=True,
+              help="'archive', or a JSON-lines file (.jsonl/.jsonl.gz) of archive lines or bare events.")
+@click.option("--since", default=None, help="ISO time: records received at or after it.")
+@click.option("--until", default=None, help="ISO time: records received before it.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Write batches (and a store) here instead: what-if runs never touch live batches.")
+@click.pass_context
+def replay(ctx: click.Context, mode: str, source: str, since: str | None, until: str | None,
+           data_dir: Path | None) -> None:
+    """Replay the event log: rebuild state and batches offline, or republish it."""
+    from app.replay import run_replay
+
+    sys.exit(run_replay(_settings(ctx), mode=mode, source=source, since=since, until=until, data_dir=data_dir))
 
 
 # --- contract -----------------------------------------------------------------------------

@@ -49,6 +49,6 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # These log every connection retry or request at INFO; keep them to warnings.
-    for noisy in ("aiokafka", "httpx", "httpcore"):
+    # These log every connection retry, request or service start at INFO; keep them to warnings.
+    for noisy in ("aiokafka", "httpx", "httpcore", "faust", "mode"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

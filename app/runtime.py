@@ -58,3 +58,23 @@ async def wait_started(server: uvicorn.Server, task: asyncio.Task, timeout_s: fl
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"gateway did not start within {timeout_s}s")
         await asyncio.sleep(0.05)
+
+
+def build_pipeline_app(settings: Settings, cluster: str):
+    """The Faust app running the stream pipeline, with its state in the store."""
+    from app.faust_app import make_faust_app
+    from streams.agents import register_pipeline
+    from streams.live import LivePipeline
+    from streams.pii import Scrubber
+    from streams.pipeline import PipelineSet
+    from streams.pseudonyms import FileKeyStore, Pseudonymizer
+
+    sessions = make_sessionmaker(make_engine(settings.store_url))
+    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)))
+    live = LivePipeline(pipelines, sessions, consumer="feedloop-pipeline", cluster_id=cluster)
+    app = make_faust_app(settings)
+    register_pipeline(
+        app, live, data_dir=settings.data_dir, batches_dir=settings.batches_dir, sessions=sessions,
+        idle_tick_s=settings.pipeline.idle_tick_s,
+    )  # fmt: skip
+    return app

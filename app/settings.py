@@ -10,15 +10,38 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KIB = 1024
 MIB = 1024 * KIB
 
 
+class PipelineSettings(BaseModel):
+    """The stream pipeline's windows, filters and batch curation (docs/pipeline.md).
+
+    Set as ``FEEDLOOP_PIPELINE__<FIELD>``, e.g. ``FEEDLOOP_PIPELINE__BATCH_SIZE=256``.
+    """
+
+    implicit_window_s: float = Field(300, gt=0, description="Implicit signals count this long after the interaction.")
+    explicit_window_s: float = Field(1800, gt=0, description="Explicit feedback counts this long; then the example is emitted.")
+    allowed_lateness_s: float = Field(60, ge=0, description="Out-of-order slack before event time moves on.")
+    idle_tick_s: float = Field(5, gt=0, description="An idle partition gets a watermark tick after this much wall time.")
+    batch_size: int = Field(256, ge=1, description="Cut a batch when this many new training records are buffered.")
+    batch_max_wait_s: float = Field(3600, gt=0, description="... or when the oldest has waited this long (event time).")
+    max_group_share: float = Field(0.5, gt=0, le=1, description="Largest share of one cohort/domain in a batch.")
+    replay_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each batch replayed from older examples.")
+    reservoir_per_stratum: int = Field(200, ge=0, description="Older records kept per cohort/domain for replay.")
+    max_prompt_chars: int = Field(16_000, ge=1, description="Longer prompt+response pairs are not trained on.")
+    blocked_terms: list[str] = Field(default_factory=list, description="Case-insensitive terms that keep an example out.")
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1, description="MinHash Jaccard above which a prompt is a repeat.")
+    seed: int = Field(0, description="Seed of the curator's sampling.")
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FEEDLOOP_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="FEEDLOOP_", env_file=".env", extra="ignore", env_nested_delimiter="__"
+    )
 
     # --- broker -----------------------------------------------------------------------------
     broker: str = Field(
@@ -66,6 +89,13 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Seal a segment this long after its first event at the latest."
     )
 
+    # --- pipeline -----------------------------------------------------------------------------
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings, description="See docs/pipeline.md.")
+    key_dir: Path | None = Field(
+        None, description="Per-user pseudonym keys (erasure shreds them). Default: data_dir/keys. "
+        "Back it up apart from the event log; never publish it."
+    )
+
     # --- serving and models (used by the trainer and hot-swap issues) -----------------------
     vllm_urls: list[str] = Field(
         default_factory=lambda: ["http://127.0.0.1:8000"],
@@ -107,6 +137,14 @@ class Settings(BaseSettings):
     @property
     def archive_dir(self) -> Path:
         return self.data_dir / "archive"
+
+    @property
+    def keys_path(self) -> Path:
+        return self.key_dir or self.data_dir / "keys"
+
+    @property
+    def batches_dir(self) -> Path:
+        return self.data_dir / "batches"
 
     @property
     def model_path(self) -> Path:

@@ -236,6 +236,48 @@ ControlEvent = Annotated[
 ]
 
 
+# --- records the pipeline writes -----------------------------------------------------------
+
+
+class WatermarkTick(_Record):
+    """Moves a partition's event time forward when it is idle, so open windows still close.
+
+    The pipeline worker writes one into each idle partition of the events topic; because it
+    is in the log, replay closes the same windows at the same place.
+    """
+
+    type: Literal["tick"] = "tick"
+    event_id: EventId
+    occurred_at: AwareDatetime
+    partition: int = Field(ge=0)
+
+
+class AnnotatedExample(_Record):
+    """One interaction after its feedback window closed: anonymized, with rewards per channel."""
+
+    type: Literal["annotated_example"] = "annotated_example"
+    example_id: str = Field(description="The interaction id.")
+    app_id: str
+    session_id: str
+    user: str = Field(description="Pseudonym of the user (keyed HMAC), never the app's user id.")
+    adapter: str
+    propensity: float | None
+    cohort: str
+    domain: str
+    context: Context
+    prompt: list[Message] = Field(description="PII scrubbed.")
+    response: str = Field(description="PII scrubbed.")
+    edit: str | None = Field(None, description="The user's correction, PII scrubbed.")
+    regenerates: str | None = None
+    rewards: dict[str, float | None] = Field(description="explicit, implicit, self_eval in [0, 1].")
+    feedback_kinds: list[str]
+    training_consent: bool
+    filtered: str | None = Field(None, description="Quality filter that kept it out of training.")
+    occurred_at: AwareDatetime
+    closed_at: AwareDatetime = Field(description="Event time at which its window closed.")
+    event_ids: list[str]
+
+
 # --- dead letters ------------------------------------------------------------------------
 
 
@@ -264,6 +306,10 @@ class DeadLetter(_Record):
 
 
 USER_EVENT_ADAPTER: TypeAdapter[Interaction | Feedback | Annotation] = TypeAdapter(UserEvent)
+# What the pipeline reads from the events topic: user events and the worker's own ticks.
+EVENTS_TOPIC_ADAPTER: TypeAdapter[Any] = TypeAdapter(
+    Annotated[Union[Interaction, Feedback, Annotation, WatermarkTick], Field(discriminator="type")]
+)
 CONTROL_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ControlEvent)
 
 # Name -> model, for schema export and for the gateway's /v1/schemas endpoint.
@@ -274,6 +320,7 @@ SCHEMAS: dict[str, Any] = {
     "annotation": Annotation,
     "control_event": ControlEvent,
     "dead_letter": DeadLetter,
+    "annotated_example": AnnotatedExample,
 }
 
 

@@ -97,7 +97,7 @@ def _issues(error: ValidationError) -> tuple[ValidationIssue, ...]:
     )
 
 
-def _classify(error: ValidationError) -> tuple[str, str]:
+def classify_error(error: ValidationError) -> tuple[str, str]:
     """Reason code and a one-line, actionable message for a validation error."""
     errors = error.errors(include_url=False)
     first = errors[0]
@@ -177,7 +177,7 @@ def check_events(items: list[bytes | object], app_id: str, limits: Limits) -> li
                 else USER_EVENT_ADAPTER.validate_python(item)
             )
         except ValidationError as error:
-            reason, detail = _classify(error)
+            reason, detail = classify_error(error)
             raw = item if is_line else _raw(item)
             parsed = json.loads(item) if is_line and reason != "invalid_json" else item
             results.append(Rejected(index, reason, detail, raw, _event_id_of(parsed), _issues(error)))

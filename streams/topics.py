@@ -25,8 +25,9 @@ class TopicSpec:
 EVENTS = TopicSpec("feedloop.events.v1", None, "interaction, feedback, annotation; key session_id")
 CONTROL = TopicSpec("feedloop.control.v1", 1, "batch, adapter and drift control events; key subject")
 DEAD_LETTER = TopicSpec("feedloop.deadletter.v1", None, "rejected input with reason; key app_id")
+EXAMPLES = TopicSpec("feedloop.examples.v1", None, "annotated examples for the learners; key session_id")
 
-ALL_TOPICS = (EVENTS, CONTROL, DEAD_LETTER)
+ALL_TOPICS = (EVENTS, CONTROL, DEAD_LETTER, EXAMPLES)
 # The archive keeps every topic: the log is the source of truth and the broker may forget.
 ARCHIVED_TOPICS = tuple(t.name for t in ALL_TOPICS)
 

@@ -1,0 +1,33 @@
+"""The Faust application: broker settings tuned for Kafka and for the embedded Tansu broker.
+
+Tansu holds every consumer-group join for half the session timeout, so the session timeout
+is short (6 s by default) from the first run; exactly-once is off because Tansu cannot
+serve idempotent producers (at-least-once plus de-duplication by event id instead); topics
+are created by feedloop (``ensure_topics``), not declared by Faust; the web server is off.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from app.settings import Settings
+
+
+def make_faust_app(settings: Settings, name: str = "feedloop-pipeline") -> faust.App:
+    return faust.App(
+        name,
+        broker=[f"kafka://{host}" for host in settings.bootstrap_servers.split(",")],
+        store="memory://",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.broker_session_timeout_s / 6),
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        processing_guarantee="at_least_once",
+        web_enabled=False,
+        datadir=str(settings.data_dir / "faust"),
+    )

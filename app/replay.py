@@ -1,0 +1,99 @@
+"""`feedloop replay`: progress, output locations and the summary around streams.replay."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+import migrations
+from app.broker import ensure_topics
+from app.settings import Settings
+from app.store import make_engine, make_sessionmaker
+from streams.archive import ArchivedRecord
+from streams.pii import Scrubber
+from streams.pipeline import PipelineSet
+from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.replay import TimeRange, archive_records, file_records, replay_offline
+from streams.topics import EVENTS
+
+
+def _source(settings: Settings, source: str, window: TimeRange) -> tuple[Iterator[ArchivedRecord], int | None]:
+    if source == "archive":
+        return archive_records(make_sessionmaker(make_engine(settings.store_url)), settings.archive_dir, window)
+    path = Path(source)
+    if not path.exists():
+        raise SystemExit(f"no such file: {path}; --source takes 'archive' or a .jsonl/.jsonl.gz file")
+    records = list(file_records(path, settings.topic_partitions, window))
+    return iter(records), len(records)
+
+
+async def _republish(settings: Settings, records: Iterator[ArchivedRecord], on_record) -> int:
+    await ensure_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5)
+    await producer.start()
+    sent = 0
+    try:
+        pending = []
+        for record in records:
+            pending.append(await producer.send(
+                EVENTS.name, record.value, key=record.key, headers=list(record.headers.items())
+            ))
+            sent += 1
+            on_record(sent)
+            if len(pending) >= 1000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return sent
+
+
+def run_replay(settings: Settings, *, mode: str, source: str, since: str | None, until: str | None,
+               data_dir: Path | None) -> int:
+    console = Console(stderr=True)
+    records, total = _source(settings, source, TimeRange.parse(since, until))
+    started = time.monotonic()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task(f"replay ({mode})", total=total, rate="")
+
+        def on_record(done: int) -> None:
+            if done % 500 == 0 or done == total:
+                rate = done / max(time.monotonic() - started, 1e-9)
+                progress.update(task, completed=done, rate=f"{rate:,.0f} records/s")
+
+        if mode == "republish":
+            sent = asyncio.run(_republish(settings, records, on_record))
+            progress.update(task, completed=sent)
+            console.print(f"republished {sent} records to {EVENTS.name}")
+            return 0
+
+        output = settings if data_dir is None else settings.model_copy(
+            update={"data_dir": data_dir, "database_url": None, "key_dir": settings.keys_path}
+        )
+        migrations.upgrade(output.store_url)
+        pipelines = PipelineSet(output.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(output.keys_path)))
+        summary = replay_offline(records, pipelines, data_dir=output.data_dir, batches_dir=output.batches_dir,
+                                 sessions=make_sessionmaker(make_engine(output.store_url)), on_record=on_record)
+        progress.update(task, completed=summary.records)
+    seconds = time.monotonic() - started
+    table = Table(title=f"replay --offline: {summary.records} records in {seconds:.1f} s "
+                        f"({summary.records / max(seconds, 1e-9):,.0f}/s)")
+    table.add_column("batch")
+    table.add_column("records", justify="right")
+    table.add_column("trigger")
+    table.add_column("manifest sha256")
+    for batch in summary.batches:
+        table.add_row(batch.batch_id, str(batch.example_count), batch.trigger, batch.manifest_sha256[:16])
+    console.print(table)
+    console.print(f"examples: {summary.examples}; dead letters: {dict(sorted(summary.dead_letters.items()))}")
+    console.print(f"batches written under {output.batches_dir}")
+    return 0

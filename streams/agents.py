@@ -1,0 +1,78 @@
+"""Faust agents of the stream pipeline: decode, call the pipeline, emit. No logic lives here.
+
+- ``pipeline``: events topic -> :class:`~streams.live.LivePipeline` -> dead letters, annotated
+  examples, published batches and their ``batch_emitted`` control events. Records are taken
+  in batches (``noack_take``) and acknowledged only after their partitions are checkpointed.
+- ``tick``: a timer that writes a :class:`~streams.contract.WatermarkTick` into each idle
+  partition, so windows close when traffic stops; ticks are in the log, so replay agrees.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faust
+import structlog
+from sqlalchemy.orm import sessionmaker
+
+from streams.batches import publish_batch
+from streams.contract import WatermarkTick
+from streams.live import LivePipeline
+from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
+
+log = structlog.get_logger(__name__)
+
+TAKE_MAX = 1000
+TAKE_WITHIN_S = 0.2
+
+
+def register_pipeline(
+    app: faust.App,
+    live: LivePipeline,
+    *,
+    data_dir: Path,
+    batches_dir: Path,
+    sessions: sessionmaker,
+    idle_tick_s: float,
+) -> None:
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    events = app.topic(EVENTS.name, **raw)
+    dead_letters = app.topic(DEAD_LETTER.name, **raw)
+    examples = app.topic(EXAMPLES.name, **raw)
+    control = app.topic(CONTROL.name, **raw)
+
+    @app.agent(events, name="pipeline")
+    async def pipeline(stream: faust.Stream) -> None:
+        async for batch in stream.noack_take(TAKE_MAX, within=TAKE_WITHIN_S):
+            touched = set()
+            for event in batch:
+                message = event.message
+                outputs = live.handle(message.partition, message.offset, message.value)
+                if outputs is None:
+                    continue
+                touched.add(message.partition)
+                for letter in outputs.dead_letters:
+                    await dead_letters.send(key=(letter.app_id or "unknown").encode(), value=letter.model_dump_json().encode())
+                for example in outputs.examples:
+                    await examples.send(key=example.session_id.encode(), value=example.model_dump_json().encode())
+                for cut in outputs.batches:
+                    emitted = publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
+                    await control.send(key=cut.batch_id.encode(), value=emitted.model_dump_json().encode())
+            if touched:
+                live.checkpoint(touched)
+            for event in batch:
+                await stream.ack(event)
+
+    @app.timer(interval=idle_tick_s)
+    async def tick() -> None:
+        assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS.name}
+        for partition in live.idle_partitions(assigned, idle_tick_s):
+            record = WatermarkTick(event_id=f"tick-{uuid.uuid4().hex}", occurred_at=datetime.now(timezone.utc),
+                                   partition=partition)
+            await events.send(key=b"__tick__", value=record.model_dump_json().encode(), partition=partition)
+
+    @app.on_partitions_revoked.connect
+    async def forget(sender: object, revoked: set, **kwargs: object) -> None:
+        live.revoke({tp.partition for tp in revoked if tp.topic == EVENTS.name})

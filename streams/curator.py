@@ -1,0 +1,162 @@
+"""The curator: buffers training records and cuts balanced batches.
+
+A batch is cut when ``batch_size`` new records are buffered (trigger ``size``), when the
+oldest buffered record has waited ``max_wait`` of event time (``time``), or when a drift
+alarm asks for one early (``drift``). Cutting a batch:
+
+1. **Stratify with a cap.** Records are grouped by ``cohort/domain``. No group may hold more
+   than ``max_group_share`` of the batch: the cap is the largest per-group count ``c`` with
+   ``c <= share * sum(min(n_g, c))`` (water-filling), unless there are too few groups for any
+   cap to hold. Records over the cap are not dropped: they join the replay reservoir.
+2. **Mix in replay.** ``replay_fraction`` of the batch is drawn from a reservoir of older
+   records kept per stratum (reservoir sampling, ``reservoir_per_stratum`` each), strata
+   drawn round-robin so rare skills and minority cohorts get an equal voice against
+   forgetting. Replayed records are marked ``replay=True``.
+3. **Forget the erased.** Records of users erased since they were buffered are removed.
+
+Everything is driven by the curator's own seeded RNG and event time, so the same records in
+the same order give the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from streams.signals import TrainingRecord
+
+
+@dataclass(frozen=True)
+class Buffered:
+    record: TrainingRecord
+    user_id: str  # the app's id, kept in state only, to honour erasure; never in batch files
+    occurred_at: datetime
+
+
+@dataclass(frozen=True)
+class CutBatch:
+    batch_id: str
+    trigger: str
+    event_time: datetime
+    records: list[TrainingRecord]
+    capped: int  # records moved to the reservoir by the cap
+    erased: int  # records dropped because their user was erased
+    loss_weights: dict[str, float]  # per-channel weights for the trainer, as of the cut
+
+
+def _stable_order(seed: int, example_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{example_id}".encode()).hexdigest()
+
+
+def group_cap(sizes: list[int], share: float) -> int:
+    """Largest per-group count that keeps every group within ``share`` of the total."""
+    if not sizes or len(sizes) * share < 1:
+        return max(sizes, default=0)  # too few groups for the cap to be satisfiable
+    for cap in range(max(sizes), 0, -1):
+        if cap <= share * sum(min(n, cap) for n in sizes):
+            return cap
+    return 1
+
+
+@dataclass
+class Curator:
+    partition: int
+    batch_size: int
+    max_wait: timedelta
+    max_group_share: float
+    replay_fraction: float
+    reservoir_per_stratum: int
+    seed: int = 0
+    buffer: list[Buffered] = field(default_factory=list)
+    reservoir: dict[str, list[Buffered]] = field(default_factory=dict)
+    reservoir_seen: dict[str, int] = field(default_factory=dict)
+    batches_cut: int = 0
+    early_trigger: str | None = None
+    _rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed * 1_000_003 + self.partition)
+
+    def add(self, entries: list[Buffered]) -> None:
+        self.buffer.extend(entries)
+
+    def request_early(self, trigger: str) -> None:
+        """A drift alarm (or an operator) asks for a batch from what is buffered."""
+        self.early_trigger = trigger
+
+    def due(self, watermark: datetime | None) -> str | None:
+        if not self.buffer:
+            return None
+        if self.early_trigger:
+            return self.early_trigger
+        if len(self.buffer) >= self.batch_size:
+            return "size"
+        if watermark is not None and self.buffer[0].occurred_at + self.max_wait <= watermark:
+            return "time"
+        return None
+
+    def cut(
+        self,
+        trigger: str,
+        event_time: datetime,
+        is_erased: Callable[[str, datetime], bool],
+        loss_weights: dict[str, float],
+    ) -> CutBatch:
+        taken, self.buffer = self.buffer[: self.batch_size], self.buffer[self.batch_size :]
+        self.early_trigger = None
+        kept = [b for b in taken if not is_erased(b.user_id, b.occurred_at)]
+        erased = len(taken) - len(kept)
+        for stratum in self.reservoir:
+            self.reservoir[stratum] = [b for b in self.reservoir[stratum] if not is_erased(b.user_id, b.occurred_at)]
+
+        groups: dict[str, list[Buffered]] = defaultdict(list)
+        for b in kept:
+            groups[f"{b.record.cohort}/{b.record.domain}"].append(b)
+        cap = group_cap([len(g) for g in groups.values()], self.max_group_share)
+        chosen, overflow = [], []
+        for stratum in sorted(groups):
+            members = sorted(groups[stratum], key=lambda b: _stable_order(self.seed, b.record.example_id))
+            chosen += members[:cap]
+            overflow += members[cap:]
+
+        replayed = self._draw_replay(math.floor(len(chosen) * self.replay_fraction / (1 - self.replay_fraction)))
+        for b in chosen + overflow:
+            self._remember(b)
+        self.batches_cut += 1
+        return CutBatch(
+            batch_id=f"batch-p{self.partition}-{self.batches_cut:06d}",
+            trigger=trigger,
+            event_time=event_time,
+            records=[b.record for b in chosen] + [b.record.model_copy(update={"replay": True}) for b in replayed],
+            capped=len(overflow),
+            erased=erased,
+            loss_weights=loss_weights,
+        )
+
+    def _draw_replay(self, count: int) -> list[Buffered]:
+        strata = sorted(s for s, members in self.reservoir.items() if members)
+        drawn: list[Buffered] = []
+        pools = {s: list(self.reservoir[s]) for s in strata}
+        while len(drawn) < count and any(pools.values()):
+            for stratum in strata:
+                if pools[stratum] and len(drawn) < count:
+                    drawn.append(pools[stratum].pop(self._rng.randrange(len(pools[stratum]))))
+        return drawn
+
+    def _remember(self, entry: Buffered) -> None:
+        """Reservoir sampling (Algorithm R) per stratum."""
+        stratum = f"{entry.record.cohort}/{entry.record.domain}"
+        members = self.reservoir.setdefault(stratum, [])
+        seen = self.reservoir_seen.get(stratum, 0) + 1
+        self.reservoir_seen[stratum] = seen
+        if len(members) < self.reservoir_per_stratum:
+            members.append(entry)
+        else:
+            slot = self._rng.randrange(seen)
+            if slot < self.reservoir_per_stratum:
+                members[slot] = entry

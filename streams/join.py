@@ -1,0 +1,124 @@
+"""Joins feedback and annotations to their interaction, in event time, within one partition.
+
+An interaction stays *open* until its window closes: explicit feedback and annotations count
+for ``explicit_window`` after the interaction occurred, implicit signals only for the shorter
+``implicit_window`` (a copy an hour later says little about this answer). Time is event time:
+the partition's watermark is the latest ``occurred_at`` seen minus ``allowed_lateness``, so
+the same records in the same order always close the same windows, live or in replay.
+
+Feedback that arrives before its interaction waits as an *orphan* until the interaction comes
+or the window passes. Feedback for an interaction already closed is *late*. Neither is
+dropped silently: both come back as :class:`Unjoined` with a reason.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from streams.contract import Annotation, Feedback, Interaction
+from streams.rewards import EXPLICIT_KINDS
+
+
+@dataclass
+class OpenInteraction:
+    interaction: Interaction  # text already scrubbed
+    pseudonym: str
+    feedback: list[Feedback] = field(default_factory=list)
+    annotations: list[Annotation] = field(default_factory=list)
+
+    @property
+    def event_ids(self) -> list[str]:
+        return [self.interaction.event_id, *(f.event_id for f in self.feedback), *(a.event_id for a in self.annotations)]
+
+
+@dataclass(frozen=True)
+class Unjoined:
+    """Feedback or an annotation that could not be joined, and why."""
+
+    event: Feedback | Annotation
+    reason: str  # orphan_feedback, late_feedback or outside_implicit_window
+    detail: str
+
+
+@dataclass
+class SessionJoin:
+    explicit_window: timedelta
+    implicit_window: timedelta
+    allowed_lateness: timedelta
+    open: dict[str, OpenInteraction] = field(default_factory=dict)
+    orphans: dict[str, list[Feedback | Annotation]] = field(default_factory=dict)
+    closed: dict[str, datetime] = field(default_factory=dict)  # interaction id -> closed at
+    watermark: datetime | None = None
+    _max_seen: datetime | None = None
+    _closing: list[tuple[datetime, str]] = field(default_factory=list)  # heap of (closes at, id)
+
+    def observe(self, occurred_at: datetime) -> None:
+        """Move event time forward (never back)."""
+        if self._max_seen is None or occurred_at > self._max_seen:
+            self._max_seen = occurred_at
+            self.watermark = occurred_at - self.allowed_lateness
+
+    def knows(self, interaction_id: str) -> bool:
+        return interaction_id in self.open or interaction_id in self.closed
+
+    def add_interaction(self, interaction: Interaction, pseudonym: str) -> list[Unjoined]:
+        """Open an interaction (the caller checks ``knows`` first) and attach its orphans."""
+        iid = interaction.interaction_id
+        entry = OpenInteraction(interaction, pseudonym)
+        self.open[iid] = entry
+        heapq.heappush(self._closing, (interaction.occurred_at + self.explicit_window, iid))
+        unjoined = []
+        for waiting in self.orphans.pop(iid, []):
+            unjoined += self._attach(entry, waiting)
+        return unjoined
+
+    def add_signal(self, event: Feedback | Annotation) -> list[Unjoined]:
+        iid = event.interaction_id
+        if iid in self.open:
+            return self._attach(self.open[iid], event)
+        if iid in self.closed:
+            return [Unjoined(event, "late_feedback", f"interaction {iid} closed at {self.closed[iid].isoformat()}")]
+        if self.watermark is not None and event.occurred_at + self.explicit_window <= self.watermark:
+            # Too old to join anything still open, whether or not its interaction was seen.
+            return [Unjoined(event, "late_feedback", f"{event.occurred_at.isoformat()} is behind event time "
+                             f"{self.watermark.isoformat()} by more than the window")]
+        self.orphans.setdefault(iid, []).append(event)
+        return []
+
+    def _attach(self, entry: OpenInteraction, event: Feedback | Annotation) -> list[Unjoined]:
+        elapsed = event.occurred_at - entry.interaction.occurred_at
+        if isinstance(event, Annotation):
+            entry.annotations.append(event)
+        elif event.kind in EXPLICIT_KINDS or elapsed <= self.implicit_window:
+            entry.feedback.append(event)
+        else:
+            return [Unjoined(event, "outside_implicit_window", f"{event.kind} came {elapsed} after the interaction")]
+        return []
+
+    def close_due(self) -> tuple[list[OpenInteraction], list[Unjoined]]:
+        """Interactions whose window the watermark has passed (in closing order), and orphans
+        whose interaction never came in time."""
+        if self.watermark is None:
+            return [], []
+        closed = []
+        while self._closing and self._closing[0][0] <= self.watermark:
+            closes_at, iid = heapq.heappop(self._closing)
+            closed.append(self.open.pop(iid))
+            self.closed[iid] = closes_at
+        expired = []
+        for iid in [i for i, events in self.orphans.items() if events[0].occurred_at + self.explicit_window <= self.watermark]:
+            for event in self.orphans.pop(iid):
+                expired.append(Unjoined(event, "orphan_feedback", f"interaction {iid} never arrived"))
+        # Remember closed ids only as long as late feedback for them is plausible.
+        horizon = self.watermark - self.explicit_window
+        for iid in [i for i, at in self.closed.items() if at <= horizon]:
+            del self.closed[iid]
+        return closed, expired
+
+    def close_all(self) -> tuple[list[OpenInteraction], list[Unjoined]]:
+        """End of a finite stream (offline replay of a file): close everything."""
+        if self._max_seen is not None:
+            self.watermark = self._max_seen + self.explicit_window
+        return self.close_due()

@@ -1,0 +1,277 @@
+"""The pipeline for one partition of the events topic, as plain deterministic Python.
+
+For each record, in offset order: validate -> de-duplicate by event id -> drop erased users'
+old events -> anonymize (scrub PII, pseudonymize the user) -> quality filters -> join
+feedback to its interaction. When the partition's event time closes an interaction's window:
+rewards per channel -> annotated example -> training signals -> curator -> batches.
+
+The live worker, ``feedloop replay --offline`` and the tests all drive this same class, so
+the same records in the same order produce the same examples and byte-identical batches.
+Nothing is dropped silently: every record that does not become part of an example comes out
+as a dead letter with its reason, and is counted in :class:`PipelineStats`.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from pydantic import ValidationError
+
+from app.settings import PipelineSettings
+from learners.loss_weights import LossWeights
+from streams.contract import (
+    EVENTS_TOPIC_ADAPTER,
+    AnnotatedExample,
+    Annotation,
+    DeadLetter,
+    Feedback,
+    Interaction,
+    Message,
+    WatermarkTick,
+)
+from streams.curator import Buffered, Curator, CutBatch
+from streams.intake import classify_error
+from streams.join import OpenInteraction, SessionJoin, Unjoined
+from streams.pii import Scrubber
+from streams.pseudonyms import Pseudonymizer
+from streams.quality import QualityFilter
+from streams.rewards import channel_rewards
+from streams.signals import training_records
+
+STAGE = "pipeline"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass
+class PipelineStats:
+    counts: Counter = field(default_factory=Counter)
+    pii: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class Outputs:
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    examples: list[AnnotatedExample] = field(default_factory=list)
+    batches: list[CutBatch] = field(default_factory=list)
+
+    def extend(self, other: Outputs) -> None:
+        self.dead_letters += other.dead_letters
+        self.examples += other.examples
+        self.batches += other.batches
+
+
+class PartitionPipeline:
+    """All pipeline state of one partition; pickles whole (the worker checkpoints it)."""
+
+    def __init__(self, partition: int, config: PipelineSettings) -> None:
+        self.partition = partition
+        self.config = config
+        self.join = SessionJoin(
+            explicit_window=timedelta(seconds=config.explicit_window_s),
+            implicit_window=timedelta(seconds=config.implicit_window_s),
+            allowed_lateness=timedelta(seconds=config.allowed_lateness_s),
+        )
+        self.quality = QualityFilter(
+            config.max_prompt_chars, tuple(config.blocked_terms), config.near_duplicate_threshold
+        )
+        self.curator = Curator(
+            partition=partition,
+            batch_size=config.batch_size,
+            max_wait=timedelta(seconds=config.batch_max_wait_s),
+            max_group_share=config.max_group_share,
+            replay_fraction=config.replay_fraction,
+            reservoir_per_stratum=config.reservoir_per_stratum,
+            seed=config.seed,
+        )
+        self.loss_weights = LossWeights()
+        self.seen: dict[str, datetime] = {}  # event id -> occurred_at, for de-duplication
+        self.recent: dict[str, AnnotatedExample] = {}  # closed examples, to pair regenerations
+        self.user_of: dict[str, str] = {}  # interaction id -> app user id (state only)
+        self.stats = PipelineStats()
+        self.offset = -1  # last offset processed, for checkpoints
+
+    # --- one record ----------------------------------------------------------------------
+
+    def process(self, offset: int, value: bytes, *, scrubber: Scrubber, pseudonyms: Pseudonymizer) -> Outputs:
+        self.offset = offset
+        out = Outputs()
+        self.stats.counts["records"] += 1
+        try:
+            event = EVENTS_TOPIC_ADAPTER.validate_json(value)
+        except ValidationError as error:
+            reason, detail = classify_error(error)
+            out.dead_letters.append(self._dead(reason, detail, value, None))
+            return out
+        self.join.observe(event.occurred_at)
+        if isinstance(event, WatermarkTick):
+            self.stats.counts["ticks"] += 1
+            out.extend(self.advance(pseudonyms))
+            return out
+        if event.event_id in self.seen:
+            out.dead_letters.append(self._dead("duplicate_event", f"event {event.event_id} was already processed",
+                                               value, event))
+            return out
+        self.seen[event.event_id] = event.occurred_at
+        user_id = event.user_id if isinstance(event, Interaction) else self.user_of.get(event.interaction_id)
+        erased_at = pseudonyms.erased_at(user_id) if user_id else None
+        if erased_at is not None and event.occurred_at <= erased_at:
+            out.dead_letters.append(self._dead("user_erased", "the user asked to be erased after this event",
+                                               b"", event))  # the raw text is not kept for erased users
+            return out
+        if isinstance(event, Interaction):
+            out.dead_letters += self._interaction(event, value, scrubber, pseudonyms)
+        else:
+            out.dead_letters += [self._unjoined(u) for u in self.join.add_signal(self._scrub_signal(event, scrubber))]
+        out.extend(self.advance(pseudonyms))
+        return out
+
+    def _interaction(self, event: Interaction, value: bytes, scrubber: Scrubber, pseudonyms: Pseudonymizer) -> list[DeadLetter]:
+        if self.join.knows(event.interaction_id):
+            return [self._dead("duplicate_interaction", f"interaction {event.interaction_id} was already received "
+                               "under another event id", value, event)]
+        prompt = scrubber.scrub_messages([m.model_dump() for m in event.prompt])
+        response = scrubber.scrub(event.response)
+        self.stats.pii.update({str(k): v for k, v in prompt.counts.items()})
+        self.stats.pii.update({str(k): v for k, v in response.counts.items()})
+        scrubbed = event.model_copy(update={
+            "prompt": [Message(**m) for m in prompt.messages],
+            "response": response.text,
+        })
+        self.user_of[event.interaction_id] = event.user_id
+        return [self._unjoined(u) for u in self.join.add_interaction(scrubbed, pseudonyms.pseudonym(event.user_id))]
+
+    def _scrub_signal(self, event: Feedback | Annotation, scrubber: Scrubber) -> Feedback | Annotation:
+        text = getattr(event, "text", None) if isinstance(event, Feedback) else event.notes
+        if not text:
+            return event
+        result = scrubber.scrub(text)
+        self.stats.pii.update({str(k): v for k, v in result.counts.items()})
+        return event.model_copy(update={"text" if isinstance(event, Feedback) else "notes": result.text})
+
+    # --- event time moves -------------------------------------------------------------------
+
+    def advance(self, pseudonyms: Pseudonymizer) -> Outputs:
+        """Close the windows the watermark passed; cut the batches that are due."""
+        out = Outputs()
+        closed, expired = self.join.close_due()
+        out.dead_letters += [self._unjoined(u) for u in expired]
+        for entry in closed:
+            out.examples.append(self._close(entry))
+        self._forget_old()
+        while trigger := self.curator.due(self.join.watermark):
+            batch = self.curator.cut(
+                trigger, self.join.watermark, pseudonyms_erased(pseudonyms), self.loss_weights.weights()
+            )
+            self.stats.counts[f"batch_{trigger}"] += 1
+            self.stats.counts["capped"] += batch.capped
+            self.stats.counts["erased_from_batches"] += batch.erased
+            out.batches.append(batch)
+        return out
+
+    def _close(self, entry: OpenInteraction) -> AnnotatedExample:
+        """The annotated example of a closed interaction; its training records go to the curator."""
+        event = entry.interaction
+        edits = [f.text for f in entry.feedback if f.kind == "edit"]
+        example = AnnotatedExample(
+            example_id=event.interaction_id,
+            app_id=event.app_id,
+            session_id=event.session_id,
+            user=entry.pseudonym,
+            adapter=event.adapter,
+            propensity=event.propensity,
+            cohort=event.context.cohort or "default",
+            domain=event.context.domain or "general",
+            context=event.context,
+            prompt=event.prompt,
+            response=event.response,
+            edit=edits[-1] if edits else None,
+            regenerates=event.regenerates,
+            rewards=channel_rewards(entry.feedback, entry.annotations),
+            feedback_kinds=sorted({f.kind for f in entry.feedback}),
+            training_consent=event.training_consent,
+            filtered=self.quality.check(event),
+            occurred_at=event.occurred_at,
+            closed_at=self.join.watermark,
+            event_ids=entry.event_ids,
+        )
+        self.loss_weights.learn_one(example.rewards)
+        replaced = self.recent.get(example.regenerates) if example.regenerates else None
+        records = training_records(example, replaced, self.loss_weights.weights())
+        if records and self.quality.near_duplicate(event):
+            example = example.model_copy(update={"filtered": "near_duplicate"})
+            records = []
+        self.recent[example.example_id] = example
+        counts = self.stats.counts
+        counts["examples"] += 1
+        counts["no_consent"] += not example.training_consent
+        if example.filtered:
+            counts[f"filtered_{example.filtered}"] += 1
+        for record in records:
+            counts[f"records_{record.source}"] += 1
+        user_id = self.user_of.pop(example.example_id)
+        self.curator.add([Buffered(r, user_id, example.occurred_at) for r in records])
+        return example
+
+    def _forget_old(self) -> None:
+        """Bound the state: ids and examples older than any window that could still use them."""
+        if self.join.watermark is None:
+            return
+        horizon = self.join.watermark - self.join.explicit_window - self.join.allowed_lateness
+        self.seen = {e: at for e, at in self.seen.items() if at > horizon}
+        self.recent = {i: ex for i, ex in self.recent.items() if ex.occurred_at > horizon}
+
+    # --- dead letters ---------------------------------------------------------------------------
+
+    def _dead(self, reason: str, detail: str, raw: bytes, event: object | None) -> DeadLetter:
+        self.stats.counts[reason] += 1
+        return DeadLetter(
+            dead_letter_id=f"p{self.partition}-{self.offset}-{reason}",
+            # Event time, not wall time: a replay must produce the same record.
+            received_at=getattr(event, "occurred_at", None) or self.join.watermark or _EPOCH,
+            stage=STAGE,
+            app_id=getattr(event, "app_id", None),
+            event_id=getattr(event, "event_id", None),
+            reason=reason,
+            detail=detail,
+            raw_b64=base64.b64encode(raw).decode("ascii"),
+            raw_size=len(raw),
+        )
+
+    def _unjoined(self, unjoined: Unjoined) -> DeadLetter:
+        raw = unjoined.event.model_dump_json().encode()
+        return self._dead(unjoined.reason, unjoined.detail, raw, unjoined.event)
+
+
+def pseudonyms_erased(pseudonyms: Pseudonymizer):
+    """``is_erased(user_id, occurred_at)`` for the curator: erased after the record's event."""
+
+    def is_erased(user_id: str, occurred_at: datetime) -> bool:
+        erased_at = pseudonyms.erased_at(user_id)
+        return erased_at is not None and occurred_at <= erased_at
+
+    return is_erased
+
+
+class PipelineSet:
+    """One :class:`PartitionPipeline` per partition, created on first sight."""
+
+    def __init__(self, config: PipelineSettings, scrubber: Scrubber, pseudonyms: Pseudonymizer) -> None:
+        self.config = config
+        self.scrubber = scrubber
+        self.pseudonyms = pseudonyms
+        self.partitions: dict[int, PartitionPipeline] = {}
+
+    def process(self, partition: int, offset: int, value: bytes) -> Outputs:
+        pipeline = self.partitions.get(partition)
+        if pipeline is None:
+            pipeline = self.partitions[partition] = PartitionPipeline(partition, self.config)
+        return pipeline.process(offset, value, scrubber=self.scrubber, pseudonyms=self.pseudonyms)
+
+    def counts(self) -> Counter:
+        total: Counter = Counter()
+        for pipeline in self.partitions.values():
+            total.update(pipeline.stats.counts)
+        return total

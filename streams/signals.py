@@ -1,0 +1,70 @@
+"""Training signals: which records an annotated example yields, by documented rules.
+
+| rule | from | yields |
+| --- | --- | --- |
+| edit | the user corrected the response | SFT on the corrected text, and a pair: corrected over original |
+| regenerate | the user regenerated A and accepted the new response B | a pair: B over A |
+| thumbs / rating | explicit verdict | a KTO label: desirable when the explicit reward is >= 0.5 |
+| accepted | thumbs up, rating >= 4, or copied without a regenerate | SFT on the response |
+
+Nothing is yielded for a user who opted out of training or an example a quality filter
+stopped. Each record's loss weight is the current weight of the channel its evidence came
+from (explicit or implicit). docs/pipeline.md explains the reasoning.
+"""
+
+from __future__ import annotations
+
+from streams.contract import AnnotatedExample, Message
+from streams.training_data import LabelRecord, PreferenceRecord, SftRecord
+
+TrainingRecord = SftRecord | PreferenceRecord | LabelRecord
+
+ACCEPT_THRESHOLD = 0.75
+
+
+def is_accepted(example: AnnotatedExample) -> bool:
+    explicit, implicit = example.rewards["explicit"], example.rewards["implicit"]
+    if explicit is not None:
+        return explicit >= ACCEPT_THRESHOLD
+    return "regenerate" not in example.feedback_kinds and implicit is not None and implicit >= ACCEPT_THRESHOLD
+
+
+def training_records(
+    example: AnnotatedExample,
+    replaced: AnnotatedExample | None,
+    weights: dict[str, float],
+) -> list[TrainingRecord]:
+    """Records for one example; ``replaced`` is the example it regenerated, if still known."""
+    if not example.training_consent or example.filtered:
+        return []
+    common = {"cohort": example.cohort, "domain": example.domain}
+    explicit_weight, implicit_weight = weights.get("explicit", 1.0), weights.get("implicit", 1.0)
+    answer = Message(role="assistant", content=example.response)
+    records: list[TrainingRecord] = []
+
+    if example.edit:
+        corrected = Message(role="assistant", content=example.edit)
+        records.append(SftRecord(example_id=f"{example.example_id}:edit", source="edit", weight=explicit_weight,
+                                 event_ids=example.event_ids, messages=[*example.prompt, corrected], **common))
+        records.append(PreferenceRecord(example_id=f"{example.example_id}:edit-pair", source="edit",
+                                        weight=explicit_weight, event_ids=example.event_ids, prompt=example.prompt,
+                                        chosen=example.edit, rejected=example.response, **common))
+
+    verdicts = [k for k in ("thumbs", "rating") if k in example.feedback_kinds]
+    if verdicts and example.rewards["explicit"] is not None:
+        records.append(LabelRecord(example_id=f"{example.example_id}:{verdicts[0]}", source=verdicts[0],
+                                   weight=explicit_weight, event_ids=example.event_ids, prompt=example.prompt,
+                                   completion=example.response, desirable=example.rewards["explicit"] >= 0.5,
+                                   **common))
+
+    if is_accepted(example) and not example.edit:
+        weight = explicit_weight if example.rewards["explicit"] is not None else implicit_weight
+        records.append(SftRecord(example_id=f"{example.example_id}:accepted", source="accepted", weight=weight,
+                                 event_ids=example.event_ids, messages=[*example.prompt, answer], **common))
+        if replaced is not None and "regenerate" in replaced.feedback_kinds:
+            records.append(PreferenceRecord(example_id=f"{example.example_id}:regenerate-pair", source="regenerate",
+                                            weight=implicit_weight,
+                                            event_ids=sorted({*replaced.event_ids, *example.event_ids}),
+                                            prompt=replaced.prompt, chosen=example.response,
+                                            rejected=replaced.response, **common))
+    return records

@@ -1,0 +1,226 @@
+"""The partition pipeline, offline: joins, windows, signals, dead letters, batches, erasure."""
+
+import json
+import pickle
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from app.settings import PipelineSettings
+from streams.contract import AnnotatedExample
+from streams.pii import Scrubber
+from streams.pipeline import PartitionPipeline, PipelineSet
+from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.training_data import LabelRecord, PreferenceRecord, SftRecord
+from tests.factories import feedback, interaction
+
+T0 = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)
+CONFIG = PipelineSettings(implicit_window_s=60, explicit_window_s=600, allowed_lateness_s=0,
+                          batch_size=1000, batch_max_wait_s=10**6)
+
+
+def at(seconds: float) -> str:
+    return (T0 + timedelta(seconds=seconds)).isoformat()
+
+
+def turn(seconds: float, **overrides):
+    """An interaction at T0 + seconds, with a prompt of its own (repeats are filtered)."""
+    event = interaction(occurred_at=at(seconds), **overrides)
+    if "prompt" not in overrides:
+        event["prompt"] = [{"role": "user", "content": f"question {event['interaction_id']}"}]
+    return event
+
+
+def signal(of: dict, kind: str, seconds: float, **overrides):
+    return feedback(of, kind, occurred_at=at(seconds), **overrides)
+
+
+def tick(seconds: float) -> dict:
+    return {"type": "tick", "event_id": f"tick-{seconds:012.0f}", "occurred_at": at(seconds), "partition": 0}
+
+
+@pytest.fixture
+def pseudonyms(tmp_path):
+    return Pseudonymizer(FileKeyStore(tmp_path / "keys"))
+
+
+class Run:
+    """Feeds events to one partition pipeline and collects everything it emits."""
+
+    def __init__(self, pseudonyms, config=CONFIG):
+        self.pipeline = PartitionPipeline(0, config)
+        self.scrubber = Scrubber()
+        self.pseudonyms = pseudonyms
+        self.examples: list[AnnotatedExample] = []
+        self.dead = []
+        self.batches = []
+        self.offset = 0
+
+    def feed(self, *events):
+        for event in events:
+            raw = event if isinstance(event, bytes) else json.dumps(event).encode()
+            out = self.pipeline.process(self.offset, raw, scrubber=self.scrubber, pseudonyms=self.pseudonyms)
+            self.offset += 1
+            self.examples += out.examples
+            self.dead += out.dead_letters
+            self.batches += out.batches
+        return self
+
+    def reasons(self):
+        return sorted(d.reason for d in self.dead)
+
+    def records(self):
+        return [r for b in self.batches for r in b.records]
+
+
+def test_feedback_joins_its_interaction_and_the_window_closes_in_event_time(pseudonyms):
+    a = turn(0)
+    run = Run(pseudonyms).feed(a, signal(a, "thumbs", 5), signal(a, "copy", 10))
+    assert run.examples == []  # window still open
+    run.feed(tick(599))
+    assert run.examples == []
+    run.feed(tick(600))
+    (example,) = run.examples
+    assert example.example_id == a["interaction_id"]
+    assert example.rewards == {"explicit": 1.0, "implicit": 1.0, "self_eval": None}
+    assert example.feedback_kinds == ["copy", "thumbs"]
+    assert example.user.startswith("u_") and example.user != a["user_id"]
+    assert len(example.event_ids) == 3
+
+
+def test_signal_rules_edit_regenerate_thumbs_accept(pseudonyms):
+    edited, regenerated = turn(0), turn(1)
+    better = turn(20, session_id=regenerated["session_id"], regenerates=regenerated["interaction_id"],
+                  response="A clearer answer.", prompt=regenerated["prompt"])
+    run = Run(pseudonyms).feed(
+        edited, signal(edited, "edit", 30, text="The corrected answer."),
+        regenerated, signal(regenerated, "regenerate", 19),
+        better, signal(better, "copy", 40), signal(better, "thumbs", 41),
+        tick(10_000),
+    )
+    run.pipeline.curator.request_early("manual")
+    run.feed(tick(10_001))
+    records = {r.example_id: r for r in run.records()}
+    edit_sft = records[f"{edited['interaction_id']}:edit"]
+    assert isinstance(edit_sft, SftRecord) and edit_sft.messages[-1].content == "The corrected answer."
+    pair = records[f"{edited['interaction_id']}:edit-pair"]
+    assert isinstance(pair, PreferenceRecord) and pair.chosen == "The corrected answer."
+    regen_pair = records[f"{better['interaction_id']}:regenerate-pair"]
+    assert (regen_pair.chosen, regen_pair.rejected) == ("A clearer answer.", regenerated["response"])
+    label = records[f"{better['interaction_id']}:thumbs"]
+    assert isinstance(label, LabelRecord) and label.desirable
+    assert f"{better['interaction_id']}:accepted" in records
+    assert f"{regenerated['interaction_id']}:accepted" not in records
+
+
+def test_duplicates_orphans_late_and_invalid_are_dead_lettered_and_counted(pseudonyms):
+    a, b = turn(0), turn(1)
+    thumbs = signal(a, "thumbs", 2)
+    early = signal(b, "copy", 0.5)  # arrives before its interaction: waits as an orphan
+    never = signal({"interaction_id": "nope", "session_id": "s"}, "thumbs", 3)
+    run = Run(pseudonyms).feed(a, thumbs, thumbs, early, b, never, b"{not json",
+                               signal(a, "copy", 120),  # implicit, after the 60 s window
+                               tick(700), signal(a, "thumbs", 701))  # a closed at 600: late
+    assert run.reasons() == ["duplicate_event", "invalid_json", "late_feedback", "orphan_feedback",
+                             "outside_implicit_window"]
+    by_id = {e.example_id: e for e in run.examples}
+    assert by_id[a["interaction_id"]].feedback_kinds == ["thumbs"]  # the duplicate counted once
+    assert by_id[b["interaction_id"]].feedback_kinds == ["copy"]  # the early one joined
+    counts = run.pipeline.stats.counts
+    assert counts["duplicate_event"] == 1 and counts["orphan_feedback"] == 1 and counts["examples"] == 2
+
+
+def test_opted_out_users_are_metrics_only(pseudonyms):
+    a = turn(0, training_consent=False)
+    run = Run(pseudonyms).feed(a, signal(a, "thumbs", 1), signal(a, "edit", 2, text="x"), tick(601))
+    assert len(run.examples) == 1 and run.examples[0].rewards["explicit"] is not None
+    run.pipeline.curator.request_early("manual")
+    run.feed(tick(602))
+    assert run.records() == [] and run.pipeline.stats.counts["no_consent"] == 1
+
+
+def test_quality_filters_keep_examples_out_of_training(pseudonyms):
+    config = CONFIG.model_copy(update={"blocked_terms": ["forbidden"], "max_prompt_chars": 500,
+                                       "near_duplicate_threshold": 0.7})
+    words = "please explain how the river flows from the mountains down to the sea in the spring".split()
+    blocked = turn(0, response="this is Forbidden text")
+    long = turn(0, response="x" * 600)
+    empty = turn(0, response="   ")
+    first = turn(0, prompt=[{"role": "user", "content": " ".join(words)}])
+    same = turn(1, prompt=[{"role": "user", "content": " ".join(words).upper() + "!"}])
+    near = turn(2, prompt=[{"role": "user", "content": " ".join(words[:-1] + ["summer"])}])
+    other_topic = turn(3)
+    same_session = turn(4, session_id=first["session_id"], prompt=first["prompt"])
+    events = [blocked, long, empty, first, same, near, other_topic, same_session]
+    run = Run(pseudonyms, config).feed(*events, *[signal(e, "thumbs", 5) for e in events], tick(700))
+    filtered = {e.example_id: e.filtered for e in run.examples}
+    assert filtered == {
+        blocked["interaction_id"]: "blocked_term", long["interaction_id"]: "too_long",
+        empty["interaction_id"]: "empty", first["interaction_id"]: None,
+        same["interaction_id"]: "repeated_prompt", near["interaction_id"]: "near_duplicate",
+        other_topic["interaction_id"]: None, same_session["interaction_id"]: None,
+    }
+    assert run.pipeline.stats.counts["filtered_near_duplicate"] == 1
+
+
+def test_batches_cut_by_size_are_stratified_with_a_cap_and_replay(pseudonyms):
+    config = CONFIG.model_copy(update={"batch_size": 40, "max_group_share": 0.5, "replay_fraction": 0.2})
+    events = []
+    for i in range(60):
+        cohort, domain = ("minority", "units") if i % 10 == 0 else ("a", "code")
+        t = turn(i, context={"cohort": cohort, "domain": domain},
+                 prompt=[{"role": "user", "content": f"question {i} about {domain} topic {i * 7}"}])
+        events += [t, signal(t, "thumbs", i + 1)]
+    run = Run(pseudonyms, config).feed(*events, tick(5000))
+    assert [b.trigger for b in run.batches] == ["size", "size", "size"]
+    first, second = run.batches[0], run.batches[1]
+    strata = {}
+    for r in first.records:
+        strata[f"{r.cohort}/{r.domain}"] = strata.get(f"{r.cohort}/{r.domain}", 0) + 1
+    assert max(strata.values()) <= 0.5 * len(first.records) + 1e-9  # the cap holds
+    assert first.capped > 0  # the majority's overflow went to the reservoir
+    assert any(r.replay for r in second.records) and not any(r.replay for r in first.records)
+
+
+def test_erased_users_never_reach_a_later_batch(pseudonyms):
+    keep, erase = turn(0, user_id="keep-me"), turn(1, user_id="erase-me")
+    run = Run(pseudonyms).feed(keep, erase, signal(keep, "thumbs", 2), signal(erase, "thumbs", 3), tick(700))
+    pseudonyms.erase("erase-me")
+    later = turn(10**4 - 5, user_id="erase-me")  # after the erasure: a new pseudonym, a new start
+    run.pipeline.curator.request_early("manual")
+    run.feed(tick(800))
+    ids = {r.example_id.split(":")[0] for r in run.records()}
+    assert keep["interaction_id"] in ids and erase["interaction_id"] not in ids
+    assert run.batches[0].erased >= 1
+    # Replaying the raw log after the erasure drops their old events at the door.
+    replay = Run(pseudonyms).feed(keep, erase, signal(keep, "thumbs", 2), signal(erase, "thumbs", 3), tick(700))
+    assert "user_erased" in replay.reasons()
+    assert later["user_id"] == "erase-me"
+
+
+def test_same_records_same_outputs_and_state_pickles_midstream(pseudonyms):
+    events = []
+    for i in range(30):
+        t = turn(i * 10, context={"cohort": "ab"[i % 2], "domain": "code"},
+                 prompt=[{"role": "user", "content": f"different question number {i} on code {i * 31}"}])
+        events += [t, signal(t, ["thumbs", "copy", "rating"][i % 3], i * 10 + 1,
+                             **({"value": 4} if i % 3 == 2 else {}))]
+    events.append(tick(5000))
+    config = CONFIG.model_copy(update={"batch_size": 8})
+    whole = Run(pseudonyms, config).feed(*events)
+    half = Run(pseudonyms, config).feed(*events[:25])
+    restored = Run(pseudonyms, config)
+    restored.pipeline = pickle.loads(pickle.dumps(half.pipeline))
+    restored.offset = half.offset
+    restored.feed(*events[25:])
+    assert whole.batches and [b.records for b in whole.batches] == [b.records for b in half.batches + restored.batches]
+    assert [e.example_id for e in whole.examples] == [e.example_id for e in half.examples + restored.examples]
+
+
+def test_pipeline_set_routes_by_partition(pseudonyms):
+    pipelines = PipelineSet(CONFIG, Scrubber(), pseudonyms)
+    a = turn(0)
+    pipelines.process(0, 0, json.dumps(a).encode())
+    pipelines.process(3, 0, json.dumps(turn(0)).encode())
+    assert sorted(pipelines.partitions) == [0, 3]
+    assert pipelines.counts()["records"] == 2
