@@ -14,6 +14,7 @@ from app.settings import Settings
 
 
 def make_faust_app(settings: Settings, name: str = "feedloop-pipeline") -> faust.App:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     return faust.App(
         name,
         broker=[f"kafka://{host}" for host in settings.bootstrap_servers.split(",")],

@@ -27,6 +27,9 @@ class PipelineSettings(BaseModel):
     explicit_window_s: float = Field(1800, gt=0, description="Explicit feedback counts this long; then the example is emitted.")
     allowed_lateness_s: float = Field(60, ge=0, description="Out-of-order slack before event time moves on.")
     idle_tick_s: float = Field(5, gt=0, description="An idle partition gets a watermark tick after this much wall time.")
+    checkpoint_interval_s: float = Field(
+        2, gt=0, description="How often the worker saves partition state; records are acknowledged after it."
+    )
     batch_size: int = Field(256, ge=1, description="Cut a batch when this many new training records are buffered.")
     batch_max_wait_s: float = Field(3600, gt=0, description="... or when the oldest has waited this long (event time).")
     max_group_share: float = Field(0.5, gt=0, le=1, description="Largest share of one cohort/domain in a batch.")

@@ -2,13 +2,15 @@
 
 - ``pipeline``: events topic -> :class:`~streams.live.LivePipeline` -> dead letters, annotated
   examples, published batches and their ``batch_emitted`` control events. Records are taken
-  in batches (``noack_take``) and acknowledged only after their partitions are checkpointed.
+  in batches (``noack_take``) and acknowledged only after their partitions are checkpointed,
+  which happens every ``checkpoint_interval_s``.
 - ``tick``: a timer that writes a :class:`~streams.contract.WatermarkTick` into each idle
   partition, so windows close when traffic stops; ticks are in the log, so replay agrees.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +38,7 @@ def register_pipeline(
     batches_dir: Path,
     sessions: sessionmaker,
     idle_tick_s: float,
+    checkpoint_interval_s: float,
 ) -> None:
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(EVENTS.name, **raw)
@@ -45,8 +48,11 @@ def register_pipeline(
 
     @app.agent(events, name="pipeline")
     async def pipeline(stream: faust.Stream) -> None:
+        touched: set[int] = set()
+        unacked: list = []
+        checkpointed_at = time.monotonic()
         async for batch in stream.noack_take(TAKE_MAX, within=TAKE_WITHIN_S):
-            touched = set()
+            unacked += batch
             for event in batch:
                 message = event.message
                 outputs = live.handle(message.partition, message.offset, message.value)
@@ -60,10 +66,14 @@ def register_pipeline(
                 for cut in outputs.batches:
                     emitted = publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
                     await control.send(key=cut.batch_id.encode(), value=emitted.model_dump_json().encode())
-            if touched:
-                live.checkpoint(touched)
-            for event in batch:
-                await stream.ack(event)
+            # A checkpoint pickles whole partition states, so it is written every
+            # checkpoint_interval_s, and the records it covers are acknowledged only then.
+            if time.monotonic() - checkpointed_at >= checkpoint_interval_s:
+                if touched:
+                    live.checkpoint(touched)
+                for event in unacked:
+                    await stream.ack(event)
+                touched, unacked, checkpointed_at = set(), [], time.monotonic()
 
     @app.timer(interval=idle_tick_s)
     async def tick() -> None:

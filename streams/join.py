@@ -53,6 +53,8 @@ class SessionJoin:
     watermark: datetime | None = None
     _max_seen: datetime | None = None
     _closing: list[tuple[datetime, str]] = field(default_factory=list)  # heap of (closes at, id)
+    _orphan_expiry: list[tuple[datetime, str]] = field(default_factory=list)  # heap of (expires, id)
+    _forget: list[tuple[datetime, str]] = field(default_factory=list)  # heap of (closed at, id)
 
     def observe(self, occurred_at: datetime) -> None:
         """Move event time forward (never back)."""
@@ -84,6 +86,8 @@ class SessionJoin:
             # Too old to join anything still open, whether or not its interaction was seen.
             return [Unjoined(event, "late_feedback", f"{event.occurred_at.isoformat()} is behind event time "
                              f"{self.watermark.isoformat()} by more than the window")]
+        if iid not in self.orphans:
+            heapq.heappush(self._orphan_expiry, (event.occurred_at + self.explicit_window, iid))
         self.orphans.setdefault(iid, []).append(event)
         return []
 
@@ -107,14 +111,16 @@ class SessionJoin:
             closes_at, iid = heapq.heappop(self._closing)
             closed.append(self.open.pop(iid))
             self.closed[iid] = closes_at
+            heapq.heappush(self._forget, (closes_at, iid))
         expired = []
-        for iid in [i for i, events in self.orphans.items() if events[0].occurred_at + self.explicit_window <= self.watermark]:
-            for event in self.orphans.pop(iid):
+        while self._orphan_expiry and self._orphan_expiry[0][0] <= self.watermark:
+            _, iid = heapq.heappop(self._orphan_expiry)
+            for event in self.orphans.pop(iid, []):
                 expired.append(Unjoined(event, "orphan_feedback", f"interaction {iid} never arrived"))
         # Remember closed ids only as long as late feedback for them is plausible.
         horizon = self.watermark - self.explicit_window
-        for iid in [i for i, at in self.closed.items() if at <= horizon]:
-            del self.closed[iid]
+        while self._forget and self._forget[0][0] <= horizon:
+            self.closed.pop(heapq.heappop(self._forget)[1], None)
         return closed, expired
 
     def close_all(self) -> tuple[list[OpenInteraction], list[Unjoined]]:

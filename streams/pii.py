@@ -324,6 +324,8 @@ def _ipv4(match: re.Match[str]) -> str | None:
 
 def _ipv6(match: re.Match[str]) -> str | None:
     candidate = match.group().rstrip(".")
+    if candidate.count(":") < 2:  # every IPv6 address has two; "answer 12:" is common text
+        return None
     try:
         address = ipaddress.IPv6Address(candidate)
     except ValueError:

@@ -92,6 +92,7 @@ class PartitionPipeline:
         self.user_of: dict[str, str] = {}  # interaction id -> app user id (state only)
         self.stats = PipelineStats()
         self.offset = -1  # last offset processed, for checkpoints
+        self._swept_at: datetime | None = None
 
     # --- one record ----------------------------------------------------------------------
 
@@ -216,9 +217,12 @@ class PartitionPipeline:
         return example
 
     def _forget_old(self) -> None:
-        """Bound the state: ids and examples older than any window that could still use them."""
-        if self.join.watermark is None:
+        """Bound the state: ids and examples older than any window that could still use them.
+
+        A sweep walks all of them, so it runs once per tenth of a window of event time."""
+        if self.join.watermark is None or (self._swept_at and self.join.watermark < self._swept_at + self.join.explicit_window / 10):
             return
+        self._swept_at = self.join.watermark
         horizon = self.join.watermark - self.join.explicit_window - self.join.allowed_lateness
         self.seen = {e: at for e, at in self.seen.items() if at > horizon}
         self.recent = {i: ex for i, ex in self.recent.items() if ex.occurred_at > horizon}

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,6 +22,9 @@ from pathlib import Path
 KEY_BYTES = 32
 _PSEUDONYM_CONTEXT = b"feedloop-pseudonym-v1:"  # versioned so the derivation can change safely
 _PSEUDONYM_HEX_CHARS = 32  # 128 bits: collisions between independent random keys are negligible
+
+
+_RECHECK_S = 0.1
 
 
 class KeyStore(ABC):
@@ -61,6 +65,10 @@ class FileKeyStore(KeyStore):
     holds the erasure time. File names are hashes, so a directory listing shows no user ids.
     Safe for several processes: a key is published with link(), which fails if another process
     created it first, and the loser then reads the winner's key.
+
+    Keys and erasure times are cached in memory (the pipeline asks for them on every record);
+    every erasure also appends to ``erasures.journal``, and a cache is dropped when that file
+    changes, so an erasure made by another process is honoured within ``_RECHECK_S`` (0.1 s).
     """
 
     def __init__(
@@ -78,6 +86,39 @@ class FileKeyStore(KeyStore):
         self.root.parent.mkdir(parents=True, exist_ok=True)
         for directory in (self.root, self.root / "keys", self.root / "erased"):
             directory.mkdir(mode=0o700, exist_ok=True)
+        self._journal = self.root / "erasures.journal"
+        self._keys: dict[str, bytes] = {}
+        self._erased: dict[str, datetime | None] = {}
+        self._generation: tuple[int, int] | None = None
+        self._checked_at = -_RECHECK_S
+
+    def _refresh(self) -> None:
+        """Drop the caches if any process erased a user since they were filled.
+
+        Looks at the journal at most every ``_RECHECK_S``: an erasure elsewhere is honoured
+        within that time, and a hot loop does not pay a stat() per lookup."""
+        now = time.monotonic()
+        if now - self._checked_at < _RECHECK_S:
+            return
+        self._checked_at = now
+        try:
+            stat = os.stat(self._journal)
+            generation = (stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:
+            generation = None
+        if generation != self._generation:
+            self._keys.clear()
+            self._erased.clear()
+            self._generation = generation
+
+    @property
+    def generation(self) -> tuple[int, int] | None:
+        """Changes whenever a user is erased (by any process); caches keyed on it stay valid."""
+        self._refresh()
+        return self._generation
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_keys": {}, "_erased": {}, "_generation": None, "_checked_at": -_RECHECK_S}
 
     def _path(self, kind: str, user_id: str, suffix: str = "") -> Path:
         digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()
@@ -98,6 +139,13 @@ class FileKeyStore(KeyStore):
         return temp_path
 
     def get_or_create_key(self, user_id: str) -> bytes:
+        self._refresh()
+        if user_id in self._keys:
+            return self._keys[user_id]
+        self._keys[user_id] = key = self._load_or_create_key(user_id)
+        return key
+
+    def _load_or_create_key(self, user_id: str) -> bytes:
         path = self._path("keys", user_id, ".key")
         try:
             return self._read_key(path)
@@ -138,12 +186,22 @@ class FileKeyStore(KeyStore):
         _fsync_directory(tombstone.parent)
         if key_path.parent.exists():
             _fsync_directory(key_path.parent)
+        descriptor = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "a", encoding="ascii") as journal:  # tells every cache to drop
+            journal.write(tombstone.name + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+        self._checked_at = -_RECHECK_S
+        self._refresh()
 
     def erased_at(self, user_id: str) -> datetime | None:
-        try:
-            return datetime.fromisoformat(self._path("erased", user_id).read_text())
-        except FileNotFoundError:
-            return None
+        self._refresh()
+        if user_id not in self._erased:
+            try:
+                self._erased[user_id] = datetime.fromisoformat(self._path("erased", user_id).read_text())
+            except FileNotFoundError:
+                self._erased[user_id] = None
+        return self._erased[user_id]
 
 
 class Pseudonymizer:

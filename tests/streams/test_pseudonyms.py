@@ -91,7 +91,7 @@ def test_key_and_erasure_files_are_owner_only_even_with_a_permissive_umask(tmp_p
         os.umask(previous_umask)
     paths = [root, *root.rglob("*")]
     files = [path for path in paths if path.is_file()]
-    assert len(files) == 2  # frank's key, grace's erasure record
+    assert len(files) == 3  # frank's key, grace's erasure record, the erasure journal
     for path in paths:
         expected = 0o600 if path.is_file() else 0o700
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
@@ -144,7 +144,17 @@ def test_corrupt_key_file_is_an_error_not_a_new_identity(tmp_path):
     (key_file,) = (tmp_path / "keys" / "keys").rglob("*.key")
     key_file.write_bytes(b"short")
     with pytest.raises(ValueError, match="corrupt key file"):
-        store.get_or_create_key("judy")
+        FileKeyStore(tmp_path / "keys").get_or_create_key("judy")  # a new process reads the disk
+
+
+def test_an_erasure_by_another_process_is_seen_within_a_tenth_of_a_second(tmp_path):
+    reader, eraser = Pseudonymizer(FileKeyStore(tmp_path / "k")), Pseudonymizer(FileKeyStore(tmp_path / "k"))
+    before = reader.pseudonym("ivan")  # now cached in the reader
+    assert reader.erased_at("ivan") is None
+    eraser.erase("ivan")
+    time.sleep(0.15)
+    assert reader.erased_at("ivan") is not None
+    assert reader.pseudonym("ivan") != before
 
 
 def test_bad_inputs_are_rejected(tmp_path):

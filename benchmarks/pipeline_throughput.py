@@ -1,0 +1,208 @@
+"""Stream pipeline throughput beside a bare Faust agent and a bare aiokafka consumer, one run.
+
+    .venv/bin/python benchmarks/pipeline_throughput.py [--events 20000] [--partitions 4]
+
+The same events (interactions with thumbs/copy/edit feedback, keyed by session) are produced
+once to a fresh embedded broker; then, each in its own process and consumer group:
+
+- bare aiokafka consumer: json.loads + a dict update per record, commit per poll;
+- bare Faust agent: iterates the stream and counts, no table;
+- feedloop pipeline: the real worker (validate, dedupe, scrub, pseudonymize, join, signals,
+  curator, checkpoints before acks);
+
+and finally the offline replay of the same records in this process (one core). Rates count
+from the first record seen to the last; the ratios are the figures to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
+
+from app.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from streams.topics import EVENTS  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.factories import feedback, interaction  # noqa: E402
+
+T0 = datetime.now(timezone.utc) - timedelta(hours=6)
+
+
+def make_events(count: int) -> list[dict]:
+    """A chat-app-like mix: 60% of interactions get feedback (35% explicit: thumbs, rating,
+    edit; 25% implicit: copy), 40% none; one answer in ten carries a phone number to scrub."""
+    events, i = [], 0
+    while len(events) < count:
+        when = T0 + timedelta(seconds=i * 0.5)
+        answer = f"answer {i}" + (f": call me at +1 415 555 {i % 10000:04d}" if i % 10 == 0 else "")
+        turn = interaction(occurred_at=when.isoformat(), context={"domain": "abc"[i % 3], "cohort": "xy"[i % 2]},
+                           prompt=[{"role": "user", "content": f"question {i} about topic {i * 7} please"}],
+                           response=answer)
+        events.append(turn)
+        roll = i % 20
+        kind = "thumbs" if roll < 3 else "rating" if roll < 5 else "edit" if roll < 7 else "copy" if roll < 12 else None
+        if kind:
+            extra = {"thumbs": {"value": 1}, "rating": {"value": 4}, "edit": {"text": f"better answer {i}"}}.get(kind, {})
+            events.append(feedback(turn, kind, occurred_at=(when + timedelta(seconds=2)).isoformat(), **extra))
+        i += 1
+    return events[:count]
+
+
+async def produce(bootstrap: str, events: list[dict]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        pending = [await producer.send(EVENTS.name, json.dumps(e).encode(), key=e["session_id"].encode())
+                   for e in events]
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+# --- the three consumers, each run as `python this.py --mode X` ----------------------------
+
+
+async def bare_aiokafka(bootstrap: str, total: int) -> float:
+    consumer = AIOKafkaConsumer(EVENTS.name, bootstrap_servers=bootstrap, group_id=f"bench-{uuid.uuid4().hex}",
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    await consumer.start()
+    seen, state, started = 0, {}, None
+    try:
+        while seen < total:
+            batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+            for records in batches.values():
+                started = started or time.perf_counter()
+                for record in records:
+                    event = json.loads(record.value)
+                    state[event["event_id"]] = event["occurred_at"]
+                    seen += 1
+            if batches:
+                await consumer.commit()
+        return seen / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+
+
+def run_faust(settings: Settings, total: int, with_pipeline: bool) -> None:
+    import faust
+
+    from app.faust_app import make_faust_app
+    from app.runtime import build_pipeline_app
+
+    marks: list[float] = []
+    if with_pipeline:
+        from streams.live import LivePipeline
+
+        original = LivePipeline.handle
+
+        def timed(self, partition, offset, value):  # time every record the worker handles
+            marks.append(time.perf_counter())
+            return original(self, partition, offset, value)
+
+        LivePipeline.handle = timed
+        app = build_pipeline_app(settings, cluster="bench")
+    else:
+        app = make_faust_app(settings, name=f"bench-bare-{uuid.uuid4().hex}")
+        topic = app.topic(EVENTS.name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+        @app.agent(topic)
+        async def bare(stream):
+            async for _ in stream:
+                marks.append(time.perf_counter())
+
+    @app.timer(interval=0.5)
+    async def done() -> None:
+        if len(marks) >= total:
+            print(json.dumps({"rate": len(marks) / (marks[-1] - marks[0])}), flush=True)
+            os._exit(0)
+
+    faust.Worker(app, quiet=True, loglevel="warning", redirect_stdouts=False).execute_from_commandline()
+
+
+def offline_replay(settings: Settings, events: list[dict]) -> float:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from streams.pii import Scrubber
+    from streams.pipeline import PipelineSet
+    from streams.pseudonyms import FileKeyStore, Pseudonymizer
+
+    partitioner = DefaultPartitioner()
+    parts = list(range(settings.topic_partitions))
+    records = sorted(
+        ((partitioner(e["session_id"].encode(), parts, parts), i, json.dumps(e).encode()) for i, e in enumerate(events)),
+    )
+    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)))
+    for e in events:  # keys exist already in a running system; creating them is one-off disk I/O
+        if "user_id" in e and e["type"] == "interaction":
+            pipelines.pseudonyms.pseudonym(e["user_id"])
+    started = time.perf_counter()
+    for partition, offset, value in records:
+        pipelines.process(partition, offset, value)
+    return len(records) / (time.perf_counter() - started)
+
+
+def child(mode: str, total: int) -> float:
+    env = {**os.environ, "FEEDLOOP_LOG_LEVEL": "warning"}
+    done = subprocess.run([sys.executable, __file__, "--mode", mode, "--events", str(total)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    found = re.findall(r'\{"rate": [0-9.e+-]+\}', done.stdout)  # Faust's spinner may share the line
+    if not found:
+        raise RuntimeError(f"{mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return json.loads(found[-1])["rate"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--mode", choices=["aiokafka", "faust", "pipeline"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.mode:
+        settings = Settings()
+        if args.mode == "aiokafka":
+            print(json.dumps({"rate": asyncio.run(bare_aiokafka(settings.bootstrap_servers, args.events))}))
+        else:
+            run_faust(settings, args.events, with_pipeline=args.mode == "pipeline")
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="feedloop-bench-"))
+    events = make_events(args.events)
+    with EmbeddedBroker(free_port()) as broker:
+        os.environ.update({
+            "FEEDLOOP_EMBEDDED_BROKER_PORT": str(broker.port),
+            "FEEDLOOP_DATA_DIR": str(work),
+            "FEEDLOOP_TOPIC_PARTITIONS": str(args.partitions),
+        })
+        settings = Settings()
+        import migrations
+
+        migrations.upgrade(settings.store_url)
+        asyncio.run(ensure_topics(settings))
+        asyncio.run(produce(broker.bootstrap_servers, events))
+        rates = {mode: child(mode, len(events)) for mode in ("aiokafka", "faust", "pipeline")}
+    rates["replay"] = offline_replay(settings, events)
+    print(f"events: {len(events)} over {args.partitions} partitions (interactions + feedback), {os.cpu_count()} cores")
+    print(f"{'path':<44}{'events/s':>12}{'vs Faust':>10}")
+    for name, key in [("bare aiokafka consumer", "aiokafka"), ("bare Faust agent (baseline)", "faust"),
+                      ("feedloop pipeline worker", "pipeline"), ("feedloop replay --offline (one core)", "replay")]:
+        print(f"{name:<44}{rates[key]:>12,.0f}{rates[key] / rates['faust']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
