@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +29,32 @@ TAKE_MAX = 1000
 TAKE_WITHIN_S = 0.2
 
 
+class _PendingAcks:
+    """Records handled but not yet covered by a checkpoint, and the partitions they touched.
+
+    A checkpoint pickles whole partition states, so it is written every checkpoint interval
+    (by a timer, which also runs while Faust drains on shutdown), and only then are the
+    records it covers acknowledged."""
+
+    def __init__(self, live: LivePipeline) -> None:
+        self.live = live
+        self.events: list[tuple[faust.Stream, object]] = []
+        self.touched: set[int] = set()
+
+    def add(self, stream: faust.Stream, event: object, partition: int | None) -> None:
+        self.events.append((stream, event))
+        if partition is not None:
+            self.touched.add(partition)
+
+    async def flush(self) -> None:
+        events, touched = self.events, self.touched
+        self.events, self.touched = [], set()
+        if touched:
+            self.live.checkpoint(touched)
+        for stream, event in events:
+            await stream.ack(event)
+
+
 def register_pipeline(
     app: faust.App,
     live: LivePipeline,
@@ -46,34 +71,28 @@ def register_pipeline(
     examples = app.topic(EXAMPLES.name, **raw)
     control = app.topic(CONTROL.name, **raw)
 
+    pending = _PendingAcks(live)
+
     @app.agent(events, name="pipeline")
     async def pipeline(stream: faust.Stream) -> None:
-        touched: set[int] = set()
-        unacked: list = []
-        checkpointed_at = time.monotonic()
         async for batch in stream.noack_take(TAKE_MAX, within=TAKE_WITHIN_S):
-            unacked += batch
             for event in batch:
                 message = event.message
                 outputs = live.handle(message.partition, message.offset, message.value)
-                if outputs is None:
-                    continue
-                touched.add(message.partition)
-                for letter in outputs.dead_letters:
-                    await dead_letters.send(key=(letter.app_id or "unknown").encode(), value=letter.model_dump_json().encode())
-                for example in outputs.examples:
-                    await examples.send(key=example.session_id.encode(), value=example.model_dump_json().encode())
-                for cut in outputs.batches:
-                    emitted = publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
-                    await control.send(key=cut.batch_id.encode(), value=emitted.model_dump_json().encode())
-            # A checkpoint pickles whole partition states, so it is written every
-            # checkpoint_interval_s, and the records it covers are acknowledged only then.
-            if time.monotonic() - checkpointed_at >= checkpoint_interval_s:
-                if touched:
-                    live.checkpoint(touched)
-                for event in unacked:
-                    await stream.ack(event)
-                touched, unacked, checkpointed_at = set(), [], time.monotonic()
+                if outputs is not None:
+                    for letter in outputs.dead_letters:
+                        key = (letter.app_id or "unknown").encode()
+                        await dead_letters.send(key=key, value=letter.model_dump_json().encode())
+                    for example in outputs.examples:
+                        await examples.send(key=example.session_id.encode(), value=example.model_dump_json().encode())
+                    for cut in outputs.batches:
+                        emitted = publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
+                        await control.send(key=cut.batch_id.encode(), value=emitted.model_dump_json().encode())
+                pending.add(stream, event, None if outputs is None else message.partition)
+
+    @app.timer(interval=checkpoint_interval_s)
+    async def checkpoint() -> None:
+        await pending.flush()
 
     @app.timer(interval=idle_tick_s)
     async def tick() -> None:

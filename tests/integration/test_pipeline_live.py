@@ -67,15 +67,21 @@ def traffic(count: int, seed_canaries: bool = False) -> list[dict]:
 def start_worker(settings, env_extra=None) -> subprocess.Popen:
     env = {**os.environ, **PIPELINE_ENV, **(env_extra or {}),
            "FEEDLOOP_EMBEDDED_BROKER_PORT": str(settings.embedded_broker_port),
-           "FEEDLOOP_DATA_DIR": str(settings.data_dir), "FEEDLOOP_LOG_LEVEL": "warning"}
+           "FEEDLOOP_DATA_DIR": str(settings.data_dir), "FEEDLOOP_LOG_LEVEL": "info"}  # to worker.log
+    log = open(settings.data_dir.parent / "worker.log", "ab")  # a pipe nobody reads would block it
     return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_worker(worker: subprocess.Popen, kill: bool = False) -> None:
     if worker.poll() is None:
         os.killpg(worker.pid, signal.SIGKILL if kill else signal.SIGTERM)
-    worker.wait(30)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        raise AssertionError("the worker did not stop within 30 s of SIGTERM")
 
 
 async def post(base_url: str, events: list[dict]) -> None:
@@ -100,7 +106,7 @@ async def wait_for(predicate, timeout_s: float, what: str):
 
 
 def replay_offline(settings, out_dir: Path) -> dict[str, str]:
-    env = {**os.environ, **PIPELINE_ENV, "FEEDLOOP_DATA_DIR": str(settings.data_dir), "FEEDLOOP_LOG_LEVEL": "warning"}
+    env = {**os.environ, **PIPELINE_ENV, "FEEDLOOP_DATA_DIR": str(settings.data_dir), "FEEDLOOP_LOG_LEVEL": "info"}  # to worker.log
     done = subprocess.run([sys.executable, "-m", "app.cli", "replay", "--offline", "--data-dir", str(out_dir)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
