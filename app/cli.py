@@ -265,6 +265,21 @@ def model_init(ctx: click.Context, seed: int, force: bool) -> None:
     click.echo(f"base model ready at {target}")
 
 
+@main.command()
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-lora-rank", type=int, default=8, show_default=True)
+@click.option("--max-loras", type=int, default=4, show_default=True, help="Adapters batched at once.")
+@click.option("--dtype", default="float32", show_default=True, help="bfloat16 on a GPU.")
+@click.pass_context
+def serve(ctx: click.Context, port: int, max_lora_rank: int, max_loras: int, dtype: str) -> None:
+    """Run a vLLM replica of the base model with runtime LoRA loading, on 127.0.0.1."""
+    from trainer.vllm_server import VllmServerConfig, serve as serve_vllm
+
+    settings = _settings(ctx)
+    serve_vllm(VllmServerConfig(model_path=settings.model_path, served_model_name="base", port=port,
+                                max_lora_rank=max_lora_rank, max_loras=max_loras, dtype=dtype))
+
+
 # --- demo ---------------------------------------------------------------------------------
 
 
