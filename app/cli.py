@@ -216,6 +216,19 @@ def replay(ctx: click.Context, mode: str, source: str, since: str | None, until:
     sys.exit(run_replay(_settings(ctx), mode=mode, source=source, since=since, until=until, data_dir=data_dir))
 
 
+@main.command()
+@click.argument("user_id")
+@click.pass_context
+def erase(ctx: click.Context, user_id: str) -> None:
+    """Erase a user: shred their pseudonym key; no later batch will hold anything of theirs."""
+    from streams.pseudonyms import FileKeyStore, Pseudonymizer
+
+    pseudonyms = Pseudonymizer(FileKeyStore(_settings(ctx).keys_path))
+    pseudonyms.erase(user_id)
+    click.echo(f"erased at {pseudonyms.erased_at(user_id).isoformat()}: their events before then are "
+               "dropped from every later batch and replay")
+
+
 # --- contract -----------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from streams.intake import (
     check_body,
     dead_letter,
 )
+from streams.pseudonyms import FileKeyStore, Pseudonymizer
 
 log = structlog.get_logger(__name__)
 
@@ -215,6 +216,20 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
             rejected=len(rejected),
             errors=[RejectedEvent(index=r.index, event_id=r.event_id, reason=r.reason, detail=r.detail) for r in rejected],
         )
+
+    @app.post(
+        "/v1/users/{user_id}/erase",
+        status_code=202,
+        responses={401: {"model": ErrorBody}},
+        summary="Erase a user: no later training batch holds anything of theirs",
+    )
+    async def erase_user(user_id: str, request: Request) -> Any:
+        if _authenticate(request, settings) is None:
+            return _error(401, "unauthenticated", "send your app's API key as 'Authorization: Bearer <key>'")
+        pseudonyms = Pseudonymizer(FileKeyStore(settings.keys_path))
+        pseudonyms.erase(user_id)
+        log.info("gateway.user_erased")  # the user id is deliberately not logged
+        return {"erased_at": pseudonyms.erased_at(user_id).isoformat()}
 
     @app.get("/v1/schemas", summary="Names of the event contract's JSON Schemas")
     async def list_schemas() -> dict[str, list[str]]:

@@ -184,3 +184,17 @@ async def test_openapi_and_schemas_are_served(stack):
         schema = (await http.get("/v1/schemas/feedback.json")).json()
         assert "kind" in schema["properties"]
         assert (await http.get("/v1/schemas/nope.json")).status_code == 404
+
+
+async def test_erase_endpoint_shreds_the_users_key(stack):
+    from streams.pseudonyms import FileKeyStore, Pseudonymizer
+
+    pseudonyms = Pseudonymizer(FileKeyStore(stack.settings.keys_path))
+    before = pseudonyms.pseudonym("user-to-erase")
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        assert (await http.post("/v1/users/user-to-erase/erase")).status_code == 401
+        response = await http.post("/v1/users/user-to-erase/erase", headers=AUTH)
+    assert response.status_code == 202 and response.json()["erased_at"]
+    fresh = Pseudonymizer(FileKeyStore(stack.settings.keys_path))
+    assert fresh.erased_at("user-to-erase") is not None
+    assert fresh.pseudonym("user-to-erase") != before
