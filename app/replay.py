@@ -95,5 +95,6 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
         table.add_row(batch.batch_id, str(batch.example_count), batch.trigger, batch.manifest_sha256[:16])
     console.print(table)
     console.print(f"examples: {summary.examples}; dead letters: {dict(sorted(summary.dead_letters.items()))}")
+    console.print(f"PII replaced: {dict(sorted(summary.pii_scrubbed.items()))}")
     console.print(f"batches written under {output.batches_dir}")
     return 0

@@ -97,6 +97,7 @@ class ReplaySummary:
     examples: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)
     batches: list[BatchEmitted] = field(default_factory=list)
+    pii_scrubbed: dict[str, int] = field(default_factory=dict)  # replacements per PII type
 
 
 def replay_offline(
@@ -119,4 +120,7 @@ def replay_offline(
             summary.batches.append(publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions))
         if on_record is not None:
             on_record(summary.records)
+    for pipeline in pipelines.partitions.values():
+        for kind, count in pipeline.stats.pii.items():
+            summary.pii_scrubbed[kind] = summary.pii_scrubbed.get(kind, 0) + count
     return summary

@@ -45,21 +45,25 @@ def at(seconds: float) -> str:
     return (T0 + timedelta(seconds=seconds)).isoformat()
 
 
-def traffic(count: int, seed_canaries: bool = False) -> list[dict]:
-    """Interactions with explicit and implicit feedback; canaries in prompts, answers and edits."""
+def traffic(count: int, seeded: list | None = None) -> list[dict]:
+    """Interactions with explicit and implicit feedback. With ``seeded`` (a list), PII canaries
+    go into prompts, answers and edits, and each one placed is appended to it."""
     events = []
     canaries = iter(CANARIES * 3)
+
+    def canary() -> str:
+        if seeded is None:
+            return ""
+        seeded.append(next(canaries))
+        return "\n" + seeded[-1].text  # each canary is a whole snippet, as a user would paste it
+
     for i in range(count):
-        prompt = f"question {i} about topic {i * 13} in {['code', 'math', 'units'][i % 3]}"
-        response = f"answer {i}"
-        if seed_canaries:  # each canary is a whole snippet, as a user would paste it
-            prompt += "\n" + next(canaries).text
-            response += "\n" + next(canaries).text
+        prompt = f"question {i} about topic {i * 13} in {['code', 'math', 'units'][i % 3]}" + canary()
+        response = f"answer {i}" + canary()
         turn = interaction(occurred_at=at(i), prompt=[{"role": "user", "content": prompt}], response=response,
                            context={"domain": ["code", "math", "units"][i % 3], "cohort": "ab"[i % 2]})
         kind = ["thumbs", "copy", "edit", "rating"][i % 4]
-        extra = {"edit": {"text": "a corrected answer\n" + (next(canaries).text if seed_canaries else "")},
-                 "rating": {"value": 5}}.get(kind, {})
+        extra = {"text": "a corrected answer" + canary()} if kind == "edit" else {"value": 5} if kind == "rating" else {}
         events += [turn, feedback(turn, kind, occurred_at=at(i + 1), **extra)]
     return events
 
@@ -125,7 +129,8 @@ async def test_live_pipeline_outputs_and_replay_gives_identical_batches(tmp_path
     stack, stop = await start_stack(settings)
     worker = start_worker(settings)
     try:
-        events = traffic(60, seed_canaries=True)
+        seeded: list = []
+        events = traffic(60, seeded)
         duplicate = events[0]
         orphan = feedback({"interaction_id": "never-sent", "session_id": "s-orphan"}, "thumbs", occurred_at=at(3))
         await post(stack.base_url, events + [duplicate, orphan])
@@ -150,6 +155,15 @@ async def test_live_pipeline_outputs_and_replay_gives_identical_batches(tmp_path
     text = "".join(p.read_text() for p in settings.batches_dir.rglob("*.jsonl"))
     leaked = [c.secret for c in CANARIES if c.secret in text]
     assert leaked == [] and "<EMAIL>" in text
+    scrubbed = {}
+    for pipeline in _checkpoints(settings):
+        for kind, count in pipeline.stats.pii.items():
+            scrubbed[kind] = scrubbed.get(kind, 0) + count
+    per_type = {}
+    for placed in seeded:
+        per_type[str(placed.pii_type)] = per_type.get(str(placed.pii_type), 0) + 1
+    print(f"scrub rate by type: { {k: f'{scrubbed.get(k, 0)}/{v}' for k, v in sorted(per_type.items())} }")
+    assert all(scrubbed.get(kind, 0) >= count for kind, count in per_type.items()), (scrubbed, per_type)
 
     assert replay_offline(settings, tmp_path / "replayed") == live
 
