@@ -19,10 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 from sqlalchemy import select
 
 from app.broker import EmbeddedBroker
 from app.store import Batch, StreamCheckpoint, make_engine, make_sessionmaker
+from streams.topics import EVENTS
 from streams.training_data import read_batch
 from tests.conftest import API_KEYS, free_port, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
@@ -134,14 +136,20 @@ async def test_live_pipeline_outputs_and_replay_gives_identical_batches(tmp_path
         duplicate = events[0]
         orphan = feedback({"interaction_id": "never-sent", "session_id": "s-orphan"}, "thumbs", occurred_at=at(3))
         await post(stack.base_url, events + [duplicate, orphan])
+        # A producer that bypasses the gateway can still write garbage onto the topic.
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        await producer.start()
+        await producer.send_and_wait(EVENTS.name, b"{not an event", key=b"rogue")
+        await producer.stop()
         # 60 interactions with one verdict each: 60 examples; records: see streams/signals.py.
         await wait_for(lambda: sum(1 for _ in batches(stack)) >= 2 and _examples_done(settings, 60), 90,
                        "examples and batches")
         late = feedback(events[0], "thumbs", occurred_at=at(700))
         await post(stack.base_url, [late])
-        dead = await wait_until_archived(stack, "feedloop.deadletter.v1", 3, timeout_s=30)
-        reasons = sorted(json.loads(r.value)["reason"] for r in dead)
-        assert reasons == ["duplicate_event", "late_feedback", "orphan_feedback"]
+        dead = await wait_until_archived(stack, "feedloop.deadletter.v1", 4, timeout_s=30)
+        reasons = sorted((json.loads(r.value)["stage"], json.loads(r.value)["reason"]) for r in dead)
+        assert reasons == [("pipeline", "duplicate_event"), ("pipeline", "invalid_json"),
+                           ("pipeline", "late_feedback"), ("pipeline", "orphan_feedback")]
     finally:
         stop_worker(worker)
         await stop()
