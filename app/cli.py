@@ -134,26 +134,43 @@ def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
     asyncio.run(gateway_server(settings.model_copy(update=updates)).serve())
 
 
-@main.command()
-@click.pass_context
-def worker(ctx: click.Context) -> None:
-    """Run the stream pipeline (a Faust worker) until Ctrl-C; start several to scale out."""
+def _run_faust(settings: Settings, build) -> None:
+    """Migrate the store, create the topics, then run the Faust app ``build(settings, cluster)``."""
     import faust
 
     import migrations
     from app.broker import cluster_id, ensure_topics
-    from app.runtime import build_pipeline_app
 
-    settings = _settings(ctx)
     migrations.upgrade(settings.store_url)
     asyncio.run(ensure_topics(settings))
-    app = build_pipeline_app(settings, asyncio.run(cluster_id(settings.bootstrap_servers)))
+    app = build(settings, asyncio.run(cluster_id(settings.bootstrap_servers)))
 
     class Worker(faust.Worker):
         def _setup_logging(self) -> None:  # keep feedloop's structlog set-up
             configure_logging(settings.log_level, settings.log_format)
 
     Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
+@main.command()
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run the stream pipeline (a Faust worker) until Ctrl-C; start several to scale out."""
+    from app.runtime import build_pipeline_app
+
+    _run_faust(_settings(ctx), build_pipeline_app)
+
+
+@main.command()
+@click.pass_context
+def learn(ctx: click.Context) -> None:
+    """Run the online learners (router, drift, A/B test, review picks) until Ctrl-C; run ONE.
+
+    Their state is global (one router for the gateway), so unlike `feedloop worker` this
+    does not scale out: a second one would split the examples between two routers."""
+    from app.runtime import build_learner_app
+
+    _run_faust(_settings(ctx), build_learner_app)
 
 
 @main.group()

@@ -6,7 +6,8 @@
 >>> client.send([turn, client.feedback(turn, "thumbs", value=1)])  # doctest: +SKIP
 IngestResult(accepted=2, rejected=0, errors=[])
 
-Events get their ``event_id`` when they are built, so a retry after a timeout re-sends the
+``route(context)`` asks which adapter should answer; send its ``adapter`` and ``propensity``
+with the interaction. Events get their ``event_id`` when they are built, so a retry after a timeout re-sends the
 same ids and feedloop counts them once. ``send`` retries connection errors and 503s with
 exponential backoff; a 4xx is a bug in the caller and raises ``FeedloopError`` at once.
 """
@@ -20,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from app.gateway import IngestResult
-from streams.contract import Annotation, Feedback, Interaction, utcnow
+from app.gateway import IngestResult, RouteAnswer
+from streams.contract import Annotation, Context, Feedback, Interaction, utcnow
 
 Event = Interaction | Feedback | Annotation
 
@@ -103,6 +104,18 @@ class FeedloopClient:
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
+
+    def route(self, context: Context | dict[str, Any] | None = None) -> RouteAnswer:
+        """Which adapter should serve a request with this context (``POST /v1/route``).
+
+        Not retried: a chat request should not wait on routing. On FeedloopError or
+        httpx.TransportError serve your default adapter, with propensity 1.0 (no choice)."""
+        body = {"context": Context.model_validate(context or {}).model_dump(mode="json"), "app_id": self.app_id}
+        response = self._http.post("/v1/route", json=body)
+        if response.status_code != 200:
+            payload = response.json() if response.content else {}
+            raise FeedloopError(response.status_code, payload.get("reason", "error"), payload.get("detail", response.text))
+        return RouteAnswer.model_validate(response.json())
 
     def close(self) -> None:
         self._http.close()

@@ -4,10 +4,14 @@
 answers 202 with how many were accepted and why each rejected one was rejected. Rejected input
 is never dropped: it is published to the dead-letter topic with its reason and raw bytes.
 Errors: 401 no or unknown API key, 413 body too large, 422 body unreadable, 503 broker down.
+
+``POST /v1/route`` answers which adapter should serve a request, with its propensity, from
+the router the gateway holds in memory (``app.routing``): it never waits on the broker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,12 +20,14 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.broker import ensure_topics
 from app.publisher import Publisher, PublishError
+from app.routing import RoutingService
 from app.settings import Settings
-from streams.contract import SCHEMAS, USER_EVENT_ADAPTER, DeadLetter, json_schema, utcnow
+from app.store import make_engine, make_sessionmaker
+from streams.contract import SCHEMAS, USER_EVENT_ADAPTER, Context, DeadLetter, json_schema, utcnow
 from streams.intake import (
     Accepted,
     BodyRejected,
@@ -36,6 +42,8 @@ log = structlog.get_logger(__name__)
 
 # An unauthenticated request is dead-lettered too, but only its first bytes: anyone can send one.
 UNAUTHENTICATED_RAW_BYTES = 4096
+# A route request is one context: anything much larger is a mistake, not a request.
+ROUTE_MAX_BODY_BYTES = 64 * 1024
 
 
 class RejectedEvent(BaseModel):
@@ -56,6 +64,21 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class RouteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    context: Context = Field(default_factory=Context, description="The request's routing features.")
+    app_id: str | None = Field(None, description="Must be the API key's app when given.")
+
+
+class RouteAnswer(BaseModel):
+    adapter: str = Field(description="Serve the request with this adapter.")
+    propensity: float = Field(description="Probability it had: send it as the interaction's propensity.")
+    probabilities: dict[str, float] = Field(description="The whole distribution over live adapters.")
+    decision_id: str
+    snapshot_version: int = Field(description="Version of the learner state the router came from.")
+
+
 _REF = "#/components/schemas/{model}"
 
 
@@ -74,14 +97,22 @@ def _events_request_body() -> dict[str, Any]:
     }
 
 
+def _route_request_body() -> dict[str, Any]:
+    """OpenAPI request body of /v1/route, read raw so that authentication comes first."""
+    schema = RouteRequest.model_json_schema(ref_template=_REF)
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _with_event_schemas(app: FastAPI) -> None:
-    """Add the event models the raw request body refers to to the OpenAPI components."""
+    """Add the models the raw request bodies refer to to the OpenAPI components."""
     base_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = base_openapi()
             defs = USER_EVENT_ADAPTER.json_schema(ref_template=_REF).get("$defs", {})
+            defs.update(RouteRequest.model_json_schema(ref_template=_REF).get("$defs", {}))
             spec.setdefault("components", {}).setdefault("schemas", {}).update(defs)
         return app.openapi_schema or spec
 
@@ -111,9 +142,16 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
             )
             await pub.start()
         app.state.publisher = pub
+        engine = make_engine(settings.store_url)
+        routing = RoutingService(settings.learners, make_sessionmaker(engine))
+        await routing.poll()  # serve the newest router from the first request on
+        app.state.routing = routing
+        reloads = asyncio.create_task(routing.run(settings.learners.snapshot_poll_s))
         try:
             yield
         finally:
+            reloads.cancel()
+            engine.dispose()
             if owns_publisher:
                 await pub.stop()
 
@@ -216,6 +254,36 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
             rejected=len(rejected),
             errors=[RejectedEvent(index=r.index, event_id=r.event_id, reason=r.reason, detail=r.detail) for r in rejected],
         )
+
+    @app.post(
+        "/v1/route",
+        response_model=RouteAnswer,
+        responses={401: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+        openapi_extra=_route_request_body(),
+        summary="Choose the adapter that serves a request (in memory; never waits on the broker)",
+    )  # fmt: skip
+    async def route(request: Request) -> Any:
+        app_id = _authenticate(request, settings)
+        if app_id is None:
+            return _error(401, "unauthenticated", "send your app's API key as 'Authorization: Bearer <key>'")
+        body, too_large = await _read_limited(request, ROUTE_MAX_BODY_BYTES)
+        if too_large:
+            return _error(413, "body_too_large", f"a route request is at most {ROUTE_MAX_BODY_BYTES} bytes")
+        try:
+            ask = RouteRequest.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            return _error(422, "invalid_request", f"{where}: {first['msg']}")
+        if ask.app_id is not None and ask.app_id != app_id:
+            return _error(422, "app_id_mismatch", f"app_id '{ask.app_id}' is not the API key's app")
+        decision = request.app.state.routing.decide(ask.context, app_id)
+        # The decision log: with the interaction's propensity, what off-policy evaluation needs.
+        log.info("route.decided", decision_id=decision.decision_id, app_id=app_id, adapter=decision.adapter,
+                 propensity=decision.propensity, snapshot_version=decision.snapshot_version)  # fmt: skip
+        return RouteAnswer(adapter=decision.adapter, propensity=decision.propensity,
+                           probabilities=decision.probabilities, decision_id=decision.decision_id,
+                           snapshot_version=decision.snapshot_version)  # fmt: skip
 
     @app.post(
         "/v1/users/{user_id}/erase",

@@ -79,3 +79,17 @@ def build_pipeline_app(settings: Settings, cluster: str):
         checkpoint_interval_s=settings.pipeline.checkpoint_interval_s,
     )  # fmt: skip
     return app
+
+
+def build_learner_app(settings: Settings, cluster: str):
+    """The Faust app running the online learners: its own consumer group, one process."""
+    from app.faust_app import make_faust_app
+    from streams.learner_agents import LiveLearner, register_learners
+
+    config = settings.learners
+    sessions = make_sessionmaker(make_engine(settings.store_url))
+    learner = LiveLearner(config, sessions, consumer="feedloop-learners", cluster_id=cluster,
+                          snapshots_kept=config.snapshots_kept)  # fmt: skip
+    app = make_faust_app(settings, name="feedloop-learners")
+    register_learners(app, learner, checkpoint_interval_s=config.checkpoint_interval_s)
+    return app

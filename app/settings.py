@@ -41,6 +41,40 @@ class PipelineSettings(BaseModel):
     seed: int = Field(0, description="Seed of the curator's sampling.")
 
 
+class LearnerSettings(BaseModel):
+    """The online learners in the `feedloop learn` worker and the gateway's router (docs/learners.md).
+
+    Set as ``FEEDLOOP_LEARNERS__<FIELD>``, e.g. ``FEEDLOOP_LEARNERS__INITIAL_ARMS='["base"]'``.
+    """
+
+    initial_arms: list[str] = Field(
+        default_factory=lambda: ["base"], min_length=1,
+        description="Adapters the router starts with, before any adapter_loaded event; the first is the champion.",
+    )  # fmt: skip
+    alpha: float = Field(1.0, ge=0, description="Router: width of the LinUCB confidence bonus.")
+    floor: float = Field(0.1, ge=0, le=1, description="Router: probability spread evenly over all arms (exploration).")
+    feature_dim: int = Field(32, ge=2, description="Router: length of the hashed context vector.")
+    l2: float = Field(1.0, gt=0, description="Router: ridge penalty of each arm's regression.")
+    seed: int = Field(0, description="Seed of the learner's router.")
+    drift_features: list[str] = Field(
+        default_factory=lambda: ["domain", "locale", "client", "cohort"],
+        description="Context features whose mix is watched for drift; leave out high-cardinality ones.",
+    )
+    drift_recent_window: int = Field(30, ge=1, description="Observations averaged into a drift alarm's mean_after.")
+    ab_alpha: float = Field(0.05, gt=0, lt=1, description="A/B test: total error level of promote/rollback.")
+    ab_min_samples: int = Field(200, ge=1, description="A/B test: rewards each variant needs before a verdict.")
+    ab_tau: float = Field(0.05, gt=0, description="A/B test: the lift it detects fastest.")
+    review_budget_per_hour: int = Field(20, ge=0, description="Most examples sent to human review per hour (event time).")
+    checkpoint_interval_s: float = Field(
+        1.0, gt=0, description="How often the learner saves its state and publishes a router snapshot."
+    )
+    snapshots_kept: int = Field(20, ge=1, description="Router snapshots kept in the store; older ones are deleted.")
+    snapshot_poll_s: float = Field(1.0, gt=0, description="How often the gateway looks for a newer router snapshot.")
+    route_seed: int | None = Field(
+        None, description="Seed of the gateway's routing draws; unset: fresh entropy per process."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FEEDLOOP_", env_file=".env", extra="ignore", env_nested_delimiter="__"
@@ -94,6 +128,7 @@ class Settings(BaseSettings):
 
     # --- pipeline -----------------------------------------------------------------------------
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings, description="See docs/pipeline.md.")
+    learners: LearnerSettings = Field(default_factory=LearnerSettings, description="See docs/learners.md.")
     key_dir: Path | None = Field(
         None, description="Per-user pseudonym keys (erasure shreds them). Default: data_dir/keys. "
         "Back it up apart from the event log; never publish it."

@@ -1,7 +1,7 @@
 """The relational store: what feedloop records outside the event log.
 
 Archive segments (where each stretch of the log is kept on disk), the adapter registry,
-curated batches and A/B experiments. Each row is derived from events and can be rebuilt by
+curated batches, A/B experiments, stream checkpoints and router snapshots. Each row is derived from events and can be rebuilt by
 replaying the log. The schema is created and changed only by the Alembic migrations in
 ``migrations/`` (``feedloop db upgrade``); SQLite by default, PostgreSQL in production.
 """
@@ -123,6 +123,24 @@ class StreamCheckpoint(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+class RouterSnapshot(Base):
+    """The learners' router at one version, as the gateway loads it (streams/learning.py).
+
+    The learner worker adds one after each checkpoint that changed the router; the gateway
+    polls for the newest (highest id). Only the newest few are kept.
+    """
+
+    __tablename__ = "router_snapshots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    learner: Mapped[str] = mapped_column(String(128), doc="The learner worker's consumer name.")
+    version: Mapped[int] = mapped_column(BigInteger, doc="Changes the learner state had applied.")
+    examples: Mapped[int] = mapped_column(BigInteger, doc="Examples the router had learned from.")
+    arms: Mapped[list[str]] = mapped_column(JSON)
+    state: Mapped[bytes] = mapped_column(LargeBinary, doc="streams.learning.snapshot_router bytes.")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 def make_engine(url: str) -> Engine:

@@ -26,8 +26,10 @@ EVENTS = TopicSpec("feedloop.events.v1", None, "interaction, feedback, annotatio
 CONTROL = TopicSpec("feedloop.control.v1", 1, "batch, adapter and drift control events; key subject")
 DEAD_LETTER = TopicSpec("feedloop.deadletter.v1", None, "rejected input with reason; key app_id")
 EXAMPLES = TopicSpec("feedloop.examples.v1", None, "annotated examples for the learners; key session_id")
+# A handful of picks per hour, read by reviewers in the order the learner chose them.
+REVIEW = TopicSpec("feedloop.review.v1", 1, "examples picked for human review; key example_id")
 
-ALL_TOPICS = (EVENTS, CONTROL, DEAD_LETTER, EXAMPLES)
+ALL_TOPICS = (EVENTS, CONTROL, DEAD_LETTER, EXAMPLES, REVIEW)
 # The archive keeps every topic: the log is the source of truth and the broker may forget.
 ARCHIVED_TOPICS = tuple(t.name for t in ALL_TOPICS)
 

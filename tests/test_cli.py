@@ -17,8 +17,8 @@ def test_db_commands_walk_the_migrations(tmp_path, monkeypatch):
     runner = CliRunner()
     assert "base" in runner.invoke(main, ["db", "current"]).stdout
     result = runner.invoke(main, ["db", "upgrade"])
-    assert result.exit_code == 0 and "revision 0002" in result.stdout
-    assert runner.invoke(main, ["db", "current"]).stdout.strip() == "0002"
+    assert result.exit_code == 0 and "revision 0003" in result.stdout
+    assert runner.invoke(main, ["db", "current"]).stdout.strip() == "0003"
     result = runner.invoke(main, ["db", "downgrade", "base"])
     assert result.exit_code == 0 and "base" in result.stdout
 

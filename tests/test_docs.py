@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from app.settings import PipelineSettings, Settings
+from app.settings import LearnerSettings, PipelineSettings, Settings
 from streams.topics import ALL_TOPICS
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -10,8 +10,10 @@ DOCS = Path(__file__).parents[1] / "docs"
 
 def test_every_setting_is_documented():
     text = (DOCS / "configuration.md").read_text()
-    names = [f"FEEDLOOP_{name.upper()}" for name in Settings.model_fields if name != "pipeline"]
-    names += [f"FEEDLOOP_PIPELINE__{name.upper()}" for name in PipelineSettings.model_fields]
+    nested = {"pipeline": PipelineSettings, "learners": LearnerSettings}
+    names = [f"FEEDLOOP_{name.upper()}" for name in Settings.model_fields if name not in nested]
+    for prefix, model in nested.items():
+        names += [f"FEEDLOOP_{prefix.upper()}__{name.upper()}" for name in model.model_fields]
     missing = [name for name in names if f"`{name}`" not in text]
     assert not missing, f"document these in docs/configuration.md: {missing}"
 

@@ -8,7 +8,7 @@ from sqlalchemy import create_engine, inspect
 import migrations
 from app.store import Adapter, Base, Batch, make_engine, make_sessionmaker
 
-TABLES = {"archive_segments", "adapters", "batches", "experiments", "stream_checkpoints"}
+TABLES = {"archive_segments", "adapters", "batches", "experiments", "stream_checkpoints", "router_snapshots"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -28,7 +28,7 @@ def tables(url: str) -> set[str]:
 
 def test_upgrade_then_downgrade(url):
     migrations.upgrade(url)
-    assert migrations.current(url) == "0002"
+    assert migrations.current(url) == "0003"
     assert tables(url) == TABLES
     migrations.downgrade(url, "base")
     assert migrations.current(url) is None

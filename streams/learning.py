@@ -1,0 +1,343 @@
+"""The online learners as the live system runs them, as plain deterministic Python.
+
+One :class:`LearnerState` holds everything the learners know: the router (which adapter
+serves whom), a drift monitor, one A/B test per running experiment, the review selector and
+the loss weights that combine reward channels. It reads two topics: annotated examples
+(``learn_one``) and control events (``apply_control``: adapters loaded, promoted, rolled
+back), and returns what the system must hear about: control events (drift alarms, A/B
+verdicts) and review requests. Times come from the examples, never from the wall clock, so
+the same records in the same order give the same state and the same outputs, live or in a
+replay. The Faust worker (``streams.learner_agents``) only decodes, calls this and emits.
+
+The gateway never sees this object: it routes with a :class:`RouterSnapshot`, a portable,
+pickle-free copy of the router's numbers (``snapshot``/``restore``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Union
+
+import numpy as np
+import structlog
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
+
+from app.settings import LearnerSettings
+from learners.ab_test import ABDecision, ABTest
+from learners.active_learning import ReviewCandidate, ReviewSelector
+from learners.drift import DriftAlarm as Detected
+from learners.drift import DriftMonitor
+from learners.loss_weights import LossWeights
+from learners.ridge import OnlineRidge
+from learners.router import LinUCBRouter
+from streams.contract import (
+    CONTROL_EVENT_ADAPTER,
+    AdapterLoaded,
+    AdapterPromoted,
+    AdapterRolledBack,
+    AnnotatedExample,
+    Context,
+    DriftAlarm,
+)
+from streams.topics import EXAMPLES
+
+log = structlog.get_logger(__name__)
+
+SOURCE = "learners"
+SNAPSHOT_FORMAT = 1
+
+Feature = Union[str, int, float, bool]
+
+
+def route_features(context: Context, app_id: str | None) -> dict[str, Feature]:
+    """The router's view of a request. The gateway (deciding) and the learner (learning from
+    the example) must build the same dict from the same context, so both call this.
+
+    The named context fields win over free-form ``features`` of the same name."""
+    named = {"app_id": app_id, "domain": context.domain, "locale": context.locale,
+             "client": context.client, "cohort": context.cohort}  # fmt: skip
+    return {**context.features, **{k: v for k, v in named.items() if v is not None}}
+
+
+def combined_reward(rewards: dict[str, float | None], weights: dict[str, float]) -> float | None:
+    """One reward in [0, 1] from the channels present, weighted by the loss weights.
+
+    The weights are renormalized over the channels present: an example with only implicit
+    signals is judged by them alone, not pulled towards 0 by the missing ones. No channel at
+    all is no observation (None), never a neutral 0.5."""
+    present = {c: r for c, r in rewards.items() if r is not None}
+    if not present:
+        return None
+    total = sum(weights[c] for c in present)
+    # Clipped because float rounding may leave a weighted mean of [0, 1] values just outside.
+    return min(1.0, max(0.0, sum(weights[c] * r for c, r in present.items()) / total))
+
+
+def _event_id(kind: str, *parts: str) -> str:
+    """A deterministic event id: the same decision taken again (after a crash) gets the same
+    id, and consumers de-duplicate by it. Hashed because adapter names and drift signals may
+    hold characters event ids do not allow."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
+    return f"{kind}-{digest}"
+
+
+class ReviewRequest(BaseModel):
+    """An annotated example picked for human review, on ``feedloop.review.v1``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    type: Literal["review_request"] = "review_request"
+    review_id: str
+    score: float
+    selected_at: AwareDatetime
+    example: AnnotatedExample
+
+
+ControlOut = Union[DriftAlarm, AdapterPromoted, AdapterRolledBack]
+
+
+@dataclass
+class LearnerOutputs:
+    control: list[ControlOut] = field(default_factory=list)
+    reviews: list[ReviewRequest] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RouterSnapshot:
+    """The router at one version, as the gateway loads it."""
+
+    version: int
+    examples: int
+    arms: tuple[str, ...]
+    data: bytes
+
+
+class LearnerState:
+    """All learner state; pickles whole (the worker checkpoints it).
+
+    ``version`` counts the changes applied (examples learned, arms added or removed), so a
+    snapshot or checkpoint names the state it holds. ``positions`` is the last offset handled
+    per (topic, partition), so records redelivered after a crash are recognized and skipped.
+    """
+
+    def __init__(self, config: LearnerSettings) -> None:
+        self.config = config
+        self.router = LinUCBRouter(config.initial_arms, alpha=config.alpha, floor=config.floor,
+                                   dim=config.feature_dim, l2=config.l2, seed=config.seed)  # fmt: skip
+        self.champion = config.initial_arms[0]  # always a live arm: the last arm is never removed
+        self.drift = DriftMonitor(recent_window=config.drift_recent_window, features=config.drift_features)
+        self.experiments: dict[str, ABTest] = {}  # challenger -> its test against the champion
+        self.review = ReviewSelector(config.review_budget_per_hour)
+        self.loss_weights = LossWeights()
+        self.version = 0
+        self.examples = 0
+        self.positions: dict[tuple[str, int], int] = {}
+
+    # --- records as they come off the topics -------------------------------------------------
+
+    def handle(self, topic: str, partition: int, offset: int, value: bytes) -> LearnerOutputs | None:
+        """One record of the examples or the control topic; None when the state already holds it."""
+        if offset <= self.positions.get((topic, partition), -1):
+            return None
+        self.positions[(topic, partition)] = offset
+        try:
+            record = (AnnotatedExample.model_validate_json(value) if topic == EXAMPLES.name
+                      else CONTROL_EVENT_ADAPTER.validate_json(value))  # fmt: skip
+        except ValidationError as error:
+            # Another producer's bad record must not stop learning; it stays in the archive.
+            log.error("learners.undecodable", topic=topic, partition=partition, offset=offset,
+                      error=str(error)[:500])  # fmt: skip
+            return LearnerOutputs()
+        if isinstance(record, AnnotatedExample):
+            return self.learn_one(record)
+        self.apply_control(record)
+        return LearnerOutputs()
+
+    # --- examples ------------------------------------------------------------------------------
+
+    def learn_one(self, example: AnnotatedExample) -> LearnerOutputs:
+        out = LearnerOutputs()
+        self.examples += 1
+        self.version += 1
+        at = example.occurred_at.timestamp()
+        features = route_features(example.context, example.app_id)
+        for alarm in self.drift.update_features(features, at):
+            out.control.append(self._drift_event(alarm, example))
+        self.loss_weights.learn_one(example.rewards)
+        reward = combined_reward(example.rewards, self.loss_weights.weights())
+        if reward is not None and example.adapter in self.router.arms:
+            # Rewards of removed arms are late feedback for a retired adapter: nothing to learn.
+            self.router.learn_one(example.adapter, features, reward)
+            if alarm := self.drift.update_reward(example.adapter, reward, at):
+                out.control.append(self._drift_event(alarm, example))
+            out.control += self._feed_experiments(example, reward)
+        if example.training_consent:  # review feeds training: never for users who opted out
+            present = {c: r for c, r in example.rewards.items() if r is not None}
+            candidate = ReviewCandidate(at, example.cohort, present)
+            score = self.review.score(candidate)
+            if self.review.learn_one(candidate):
+                out.reviews.append(ReviewRequest(review_id=f"review-{example.example_id}", score=score,
+                                                 selected_at=example.closed_at, example=example))  # fmt: skip
+        return out
+
+    def _drift_event(self, alarm: Detected, example: AnnotatedExample) -> DriftAlarm:
+        details = {"index": float(alarm.index), "mean_after": alarm.mean_after}
+        if not math.isnan(alarm.mean_before):  # NaN has no JSON form: absent means "no data before"
+            details["mean_before"] = alarm.mean_before
+        log.info("learners.drift", signal=alarm.what, detector=alarm.detector, **details)
+        return DriftAlarm(event_id=_event_id("drift", alarm.what, str(alarm.index)),
+                          occurred_at=example.closed_at, source=SOURCE, signal=alarm.what,
+                          detector=alarm.detector, detected_at=example.occurred_at, details=details)  # fmt: skip
+
+    def _feed_experiments(self, example: AnnotatedExample, reward: float) -> list[ControlOut]:
+        verdicts = []
+        for test in list(self.experiments.values()):
+            if example.adapter not in (test.champion, test.challenger):
+                continue
+            test.update(example.adapter, reward, cohort=example.cohort)
+            decision = test.decision()
+            if decision.verdict != "continue":
+                verdicts.append(self._conclude(test, decision, example.closed_at))
+        return verdicts
+
+    def _conclude(self, test: ABTest, decision: ABDecision, at: datetime) -> ControlOut:
+        evidence = {k: float(v) for k, v in (("lift", decision.lift), ("lower", decision.lower),
+                    ("upper", decision.upper), ("n_champion", decision.n_champion),
+                    ("n_challenger", decision.n_challenger)) if math.isfinite(v)}  # fmt: skip
+        if decision.verdict == "promote":
+            event: ControlOut = AdapterPromoted(
+                event_id=_event_id("promote", test.challenger), occurred_at=at, source=SOURCE,
+                adapter=test.challenger, previous_champion=test.champion, evidence=evidence,
+            )  # fmt: skip
+        else:
+            where = f"in cohorts {', '.join(decision.harmed_cohorts)}" if decision.harmed_cohorts else "overall"
+            event = AdapterRolledBack(
+                event_id=_event_id("rollback", test.challenger), occurred_at=at, source=SOURCE,
+                adapter=test.challenger, reason=f"ab_test: challenger worse than {test.champion} {where}",
+                evidence=evidence,
+            )  # fmt: skip
+        log.info("learners.ab_verdict", verdict=decision.verdict, challenger=test.challenger,
+                 champion=test.champion, **evidence)  # fmt: skip
+        # The same transition as when the event comes back on the control topic (then a
+        # no-op), so the verdict is in the state at once and is never published twice.
+        self.apply_control(event)
+        return event
+
+    # --- adapter lifecycle ---------------------------------------------------------------------
+
+    def apply_control(self, event: object) -> None:
+        """Adapters loaded, promoted or rolled back; other control events do not concern the
+        learners. Idempotent: an event seen twice (or the learner's own verdict coming back)
+        changes nothing the second time."""
+        if isinstance(event, AdapterLoaded):
+            changed = self._load(event.adapter)
+        elif isinstance(event, AdapterPromoted):
+            changed = self._promote(event.adapter)
+        elif isinstance(event, AdapterRolledBack):
+            changed = self._retire(event.adapter)
+        else:
+            changed = False
+        if changed:
+            self.version += 1
+            log.info("learners.arms", arms=self.router.arms, champion=self.champion,
+                     experiments=sorted(self.experiments))  # fmt: skip
+
+    def _new_test(self, challenger: str) -> ABTest:
+        c = self.config
+        return ABTest(self.champion, challenger, alpha=c.ab_alpha, min_samples=c.ab_min_samples, tau=c.ab_tau)
+
+    def _load(self, adapter: str) -> bool:
+        """A new adapter joins the router, warm-started at the champion's weights (it was
+        trained from it), and an experiment against the champion starts. An adapter already
+        live (replicas reloaded) starts nothing."""
+        if adapter in self.router.arms:
+            return False
+        self.router.add_arm(adapter, warm_start_from=self.champion)
+        self.experiments[adapter] = self._new_test(adapter)
+        return True
+
+    def _promote(self, adapter: str) -> bool:
+        """The challenger replaces the champion: the old champion is retired from routing."""
+        if adapter == self.champion:
+            return False
+        if adapter not in self.router.arms:
+            log.warning("learners.promote_unknown_adapter", adapter=adapter)
+            return False
+        retired = self.champion
+        self.experiments.pop(adapter, None)
+        self._set_champion(adapter)
+        self.router.remove_arm(retired)
+        return True
+
+    def _retire(self, adapter: str) -> bool:
+        ended = self.experiments.pop(adapter, None) is not None
+        if adapter not in self.router.arms:
+            return ended
+        if len(self.router.arms) == 1:
+            log.warning("learners.last_arm_kept", adapter=adapter)  # every request needs an arm
+            return ended
+        self.router.remove_arm(adapter)
+        if adapter == self.champion:
+            self._set_champion(self.router.arms[0])  # the oldest live arm
+        return True
+
+    def _set_champion(self, adapter: str) -> None:
+        # Running experiments compared their challengers with the old champion, whose rewards
+        # stop now: they start again against the new one.
+        self.champion = adapter
+        self.experiments = {c: self._new_test(c) for c in self.experiments if c != adapter}
+
+    # --- the router for the gateway --------------------------------------------------------------
+
+    def snapshot(self) -> RouterSnapshot:
+        return RouterSnapshot(self.version, self.examples, self.router.arms, snapshot_router(self.router))
+
+
+# The snapshot reads and rebuilds the router's and ridge models' internals; this is the one
+# place that does, and tests/learners/test_learning.py checks the round trip is exact.
+
+
+def snapshot_router(router: LinUCBRouter) -> bytes:
+    """A JSON header line, then per arm ``A^-1``, ``b`` and ``w`` as little-endian float64.
+
+    Not pickle: the gateway faces the internet and must not run code it reads from the store.
+    The bytes depend only on the router's numbers, so equal states give equal snapshots."""
+    models: dict[str, OnlineRidge] = router._models
+    header = {"format": SNAPSHOT_FORMAT, "alpha": router.alpha, "floor": router.floor, "l2": router.l2,
+              "dim": router.featurizer.dim, "arms": [[arm, m.n] for arm, m in models.items()]}  # fmt: skip
+    arrays = b"".join(np.asarray(a, dtype="<f8").tobytes()
+                      for m in models.values() for a in (m._a_inv, m._b, m.weights))  # fmt: skip
+    return json.dumps(header, sort_keys=True).encode() + b"\n" + arrays
+
+
+def restore(data: bytes, rng: np.random.Generator) -> LinUCBRouter:
+    """The router of a snapshot, drawing its decisions from ``rng``.
+
+    The caller's RNG, not one from the snapshot: the learner never draws, so every snapshot
+    holds the same RNG state, and a gateway restarting it at each reload would repeat the
+    same draws after every reload."""
+    head, _, arrays = data.partition(b"\n")
+    header = json.loads(head)
+    if header["format"] != SNAPSHOT_FORMAT:
+        raise ValueError(f"router snapshot format {header['format']} is not {SNAPSHOT_FORMAT}")
+    dim = header["dim"]
+    router = LinUCBRouter((), alpha=header["alpha"], floor=header["floor"], dim=dim, l2=header["l2"])
+    router._rng = rng
+    values = np.frombuffer(arrays, dtype="<f8")
+    per_arm = dim * dim + 2 * dim
+    if values.size != per_arm * len(header["arms"]):
+        raise ValueError("router snapshot is truncated")
+    for i, (arm, n) in enumerate(header["arms"]):
+        chunk = values[i * per_arm : (i + 1) * per_arm]
+        model = OnlineRidge(dim, header["l2"])
+        model._a_inv = chunk[: dim * dim].reshape(dim, dim).copy()  # copies: frombuffer is read-only
+        model._b = chunk[dim * dim : dim * dim + dim].copy()
+        model.weights = chunk[dim * dim + dim :].copy()
+        model.n = n
+        router._models[arm] = model
+    return router
