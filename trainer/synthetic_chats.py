@@ -215,3 +215,35 @@ def generate_chats(
         domain = rng.choices(domains, weights)[0]
         chats.append(make_chat(domain, rng.choice(STYLES), rng))
     return chats
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    """A question, its correct answer and wrong answers of the same form (rare-skill suite)."""
+
+    prompt: str
+    correct: str
+    wrong: tuple[str, ...]
+
+
+def units_multiple_choice(rng: random.Random) -> MultipleChoice:
+    """A unit conversion with three near misses: wrong target unit, wrong amount, wrong factor.
+
+    The base model rarely computes the number right when generating, so the rare skill is
+    measured as "the correct answer is more likely than each near miss" (log-likelihood).
+    """
+    index = rng.randrange(len(CONVERSIONS))
+    source, target, factor = CONVERSIONS[index]
+    # The near misses borrow from the next conversion: a fixed confusion (km -> pounds, ...).
+    _, other_target, other_factor = CONVERSIONS[(index + 1) % len(CONVERSIONS)]
+    amount = rng.randint(1, 50)
+    other_amount = amount % 50 + rng.randint(1, 9)
+    return MultipleChoice(
+        prompt=f"Convert {amount} {source} to {target}.",
+        correct=f"{amount} {source} is about {amount * factor:.1f} {target}.",
+        wrong=(
+            f"{amount} {source} is about {amount * factor:.1f} {other_target}.",
+            f"{other_amount} {source} is about {amount * factor:.1f} {target}.",
+            f"{amount} {source} is about {amount * other_factor:.1f} {target}.",
+        ),
+    )

@@ -1,0 +1,161 @@
+"""The recipe end to end on the real base model, store and batch format (CPU, small configs)."""
+
+import re
+import stat
+
+import pytest
+import torch
+from peft import PeftModel
+from sqlalchemy import select
+from transformers import AutoModelForCausalLM
+
+from app.store import Adapter, Batch
+from streams.contract import AdapterReady
+from tests.trainer import batches
+from trainer.config import GateConfig, PrivacyConfig, StageConfig, TrainerConfig
+from trainer.gate import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE
+from trainer.privacy import LEDGER_FILE, PrivacyBudgetExceeded, PrivacyLedger, plan
+from trainer.recipe import train_batch
+from trainer.registry import sha256_file
+
+# Tests whose point is not the gate's resolution run smaller suites.
+FAST = TrainerConfig(
+    num_threads=2, sft=StageConfig(epochs=1), log_every=5, gate=GateConfig(heldout_prompts=20, rare_skill_items=40)
+)
+
+
+def rows(sessions, model):
+    with sessions() as session:
+        return session.scalars(select(model)).all()
+
+
+def published(adapters):
+    return sorted(p.name for p in adapters.glob("adapter-*"))
+
+
+def test_preference_batch_moves_style_keeps_rare_skill_and_registers_one_adapter(trained_base, sessions, tmp_path):
+    batch = batches.write(tmp_path, "batch-pref", batches.preference_records(seed=1, sft=60, pairs=48, labels=48))
+    adapters = tmp_path / "adapters"
+
+    result = train_batch(batch, TrainerConfig(num_threads=2), sessions, base_model_dir=trained_base, adapters_dir=adapters)
+
+    assert result.status == "trained", result.reason
+    (row,) = rows(sessions, Adapter)
+    parent, candidate = row.lineage["eval"]["parent"], row.lineage["eval"]["candidate"]
+    assert row.lineage["eval"]["preferred_style"] == "concise"
+    assert candidate[PREFERRED_STYLE_RATE] >= parent[PREFERRED_STYLE_RATE] + 0.20, (parent, candidate)
+    assert candidate[RARE_SKILL_ACCURACY] >= parent[RARE_SKILL_ACCURACY] - 0.02, (parent, candidate)
+    assert candidate[WELL_FORMED_RATE] >= 0.95, candidate
+
+    # Registry row, lineage and files.
+    assert re.fullmatch(r"adapter-000001-[0-9a-f]{8}", row.name) and row.state == "ready" and row.parent is None
+    path = adapters / row.name
+    assert published(adapters) == [row.name] and row.path == str(path)
+    assert row.sha256 == sha256_file(path / "adapter_model.safetensors") and row.name.endswith(row.sha256[:8])
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE((path / name).stat().st_mode) == 0o644
+    assert [s["stage"] for s in row.lineage["stages"]] == ["sft", "dpo", "kto"]
+    assert row.lineage["batch_ids"] == ["batch-pref"] and row.lineage["counts"] == {"sft": 60, "pairs": 48, "labels": 48}
+    assert row.lineage["weights"]["pairs"]["sum"] == 48 and row.lineage["code_version"]
+    assert len(row.base_model_sha256) == 64 and row.lineage["privacy"] is None
+    (batch_row,) = rows(sessions, Batch)
+    assert (batch_row.status, batch_row.adapter) == ("trained", row.name)
+
+    # The event for the hot-swapper.
+    event = result.event
+    assert isinstance(event, AdapterReady)
+    assert (event.adapter, event.path, event.sha256, event.batch_ids) == (row.name, str(path), row.sha256, ["batch-pref"])
+
+    # The adapter loads with peft and changes the base model's output.
+    base = AutoModelForCausalLM.from_pretrained(trained_base, local_files_only=True).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 2]])
+    with torch.no_grad():
+        before = base(ids).logits.clone()
+        after = PeftModel.from_pretrained(base, path).eval()(ids).logits
+    assert not torch.allclose(before, after)
+
+    # Trained exactly once: asking again returns the recorded adapter.
+    again = train_batch(batch, TrainerConfig(num_threads=2), sessions, base_model_dir=trained_base, adapters_dir=adapters)
+    assert again.adapter == row.name and again.event == event and len(rows(sessions, Adapter)) == 1
+
+
+def test_batch_that_teaches_the_rare_skill_wrong_is_rejected_with_a_reason(trained_base, sessions, tmp_path):
+    batch = batches.write(tmp_path, "batch-forget", batches.wrong_units_records(seed=2, count=64))
+    adapters = tmp_path / "adapters"
+    config = TrainerConfig(num_threads=2, sft=StageConfig(epochs=3, learning_rate=1e-2))
+
+    result = train_batch(batch, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
+
+    assert result.status == "rejected" and result.event is None
+    assert RARE_SKILL_ACCURACY in result.reason
+    (row,) = rows(sessions, Adapter)
+    assert row.state == "failed" and row.reason == result.reason
+    assert row.lineage["gate"]["passed"] is False
+    drop = row.lineage["eval"]["parent"][RARE_SKILL_ACCURACY] - row.lineage["eval"]["candidate"][RARE_SKILL_ACCURACY]
+    assert drop > 0.02
+    (batch_row,) = rows(sessions, Batch)
+    assert (batch_row.status, batch_row.adapter) == ("failed", row.name)
+    # Never published where the hot-swapper looks; kept aside for inspection.
+    assert published(adapters) == [] and (adapters / "_rejected" / row.name / "adapter_model.safetensors").exists()
+
+
+class Crash(Exception):
+    pass
+
+
+def test_crash_mid_batch_then_restart_trains_it_exactly_once(trained_base, sessions, tmp_path):
+    batch = batches.write(tmp_path, "batch-crash", batches.sft_records(seed=3, count=48))
+    adapters = tmp_path / "adapters"
+    steps = []
+
+    def crash_at_step_3(progress):
+        steps.append(progress.step)
+        if progress.step == 3:
+            raise Crash("power cut")
+
+    with pytest.raises(Crash):
+        train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters, on_progress=crash_at_step_3)
+
+    assert steps == [1, 2, 3]
+    assert rows(sessions, Adapter) == [] and published(adapters) == []
+    (batch_row,) = rows(sessions, Batch)
+    assert batch_row.status == "training" and batch_row.adapter is None
+
+    # The restarted trainer finds the batch in "training" and trains it from scratch.
+    result = train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters, on_progress=steps.append)
+    assert result.status == "trained", result.reason
+    (row,) = rows(sessions, Adapter)
+    assert row.lineage["attempt"] == 2 and published(adapters) == [row.name]
+    assert train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters).adapter == row.name
+    assert len(rows(sessions, Adapter)) == 1 and rows(sessions, Batch)[0].status == "trained"
+    assert not list((adapters / "_staging").iterdir())
+
+
+def test_dp_run_reports_epsilon_and_the_budget_refuses_the_next_run(trained_base, sessions, tmp_path):
+    adapters = tmp_path / "adapters"
+    privacy = PrivacyConfig(enabled=True, batch_size=16, epochs=1.0, noise_multiplier=1.0)
+    epsilon, steps, _ = plan(64, privacy)
+    # Room for one run, not two.
+    config = FAST.model_copy(update={"privacy": privacy.model_copy(update={"budget_epsilon": 1.5 * epsilon})})
+    first = batches.write(tmp_path, "batch-dp-1", batches.preference_records(seed=4, sft=64, pairs=8, labels=0))
+
+    result = train_batch(first, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
+
+    assert 0 < result.epsilon == pytest.approx(epsilon)
+    (row,) = rows(sessions, Adapter)
+    assert row.lineage["privacy"] == {"epsilon": epsilon, "delta": 1e-5}
+    assert row.lineage["skipped"] == ["pairs"]  # preference stages do not run under DP
+    assert [s["stage"] for s in row.lineage["stages"]] == ["sft"] and row.lineage["stages"][0]["steps"] == steps
+    ledger = PrivacyLedger(adapters / LEDGER_FILE, config.privacy)
+    assert ledger.spent() == pytest.approx(epsilon)
+    assert ledger.entries()["batch-dp-1"]["adapter"] == row.name
+
+    second = batches.write(tmp_path, "batch-dp-2", batches.sft_records(seed=5, count=64))
+    with pytest.raises(PrivacyBudgetExceeded, match="refusing to train"):
+        train_batch(second, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
+    assert len(rows(sessions, Adapter)) == 1 and ledger.spent() == pytest.approx(epsilon)
+    assert {b.batch_id: b.status for b in rows(sessions, Batch)} == {"batch-dp-1": result_status(result)}
+
+
+def result_status(result):
+    return "trained" if result.status == "trained" else "failed"

@@ -1,0 +1,93 @@
+"""The trainer's typed configuration: every knob of the recipe, with its default and why.
+
+Defaults suit the tiny base model on CPU; a real model wants lower learning rates. All
+models are frozen, so one config object can be shared by concurrent readers.
+"""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.lora import LoraSettings
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StageConfig(_Frozen):
+    """Optimisation settings of one trl stage (SFT, DPO or KTO)."""
+
+    enabled: bool = Field(True, description="Skip the stage when False (or when the batch has no records for it).")
+    epochs: float = Field(2.0, gt=0, description="Passes over the stage's records.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 lets epochs decide.")
+    batch_size: int = Field(8, ge=2, description="Examples per step (KTO needs >= 2 for its KL estimate).")
+    learning_rate: float = Field(
+        1e-3, gt=0, description="AdamW peak rate; trl's defaults (1e-5..5e-7) barely move a 1M-parameter model."
+    )
+    beta: float = Field(0.1, gt=0, description="DPO/KTO temperature: how far the policy may move from the reference.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warm-up share of the steps.")
+
+
+class GateConfig(_Frozen):
+    """The evaluation gate that stands between a trained candidate and the registry."""
+
+    seed: int = Field(9_001, description="Seed of the held-out suites; never used for training data.")
+    heldout_prompts: int = Field(60, ge=1, description="Held-out prompts, spread over the common domains.")
+    rare_skill_items: int = Field(120, ge=1, description="Items of the rare-skill (units) regression suite.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget per held-out prompt.")
+    max_rare_skill_drop: float = Field(
+        0.02, ge=0, description="Reject when rare-skill accuracy falls more than this below the parent (2 points)."
+    )
+    max_preference_drop: float = Field(
+        0.05, ge=0, description="Reject when the preferred-style rate falls more than this below the parent."
+    )
+    max_well_formed_drop: float = Field(
+        0.05, ge=0, description="Reject when fewer generations end cleanly in <|im_end|> without looping."
+    )
+
+
+class PrivacyConfig(_Frozen):
+    """DP-SGD (opacus) for deployments whose users were promised differential privacy."""
+
+    enabled: bool = Field(False, description="Train the SFT stage with DP-SGD and skip the preference stages.")
+    noise_multiplier: float = Field(1.0, gt=0, description="Gaussian noise std relative to the clipping norm.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-example gradient clipping norm.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of (epsilon, delta)-DP; well below 1/#examples.")
+    budget_epsilon: float = Field(
+        8.0, gt=0, description="Total epsilon all adapters of this deployment may spend (basic composition)."
+    )
+    batch_size: int = Field(32, ge=1, description="Expected Poisson batch size (sample rate = batch / records).")
+    epochs: float = Field(3.0, gt=0, description="Passes over the SFT records.")
+    learning_rate: float = Field(3e-3, gt=0, description="DP noise wants a higher rate than plain SFT.")
+
+
+class TrainerConfig(_Frozen):
+    """Everything that determines a training run of ``train_batch``."""
+
+    seed: int = Field(0, description="Seeds LoRA init and data order: same batch + seed -> same adapter.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter shape (vLLM --max-lora-rank >= rank).")
+    max_length: int = Field(256, ge=16, description="Longest training sequence in tokens; longer ones are cut.")
+    sft: StageConfig = Field(default_factory=StageConfig, description="Supervised stage on sft.jsonl.")
+    dpo: StageConfig = Field(
+        default_factory=lambda: StageConfig(learning_rate=5e-4),
+        description="DPO stage on pairs.jsonl; a lower rate than SFT, as plain DPO collapses at high rates.",
+    )
+    dpo_sft_weight: float = Field(
+        1.0, ge=0, description="Weight of the SFT (NLL on chosen) term mixed into DPO against preference collapse."
+    )
+    kto: StageConfig = Field(
+        default_factory=lambda: StageConfig(learning_rate=5e-4), description="KTO stage on labels.jsonl."
+    )
+    anchor_l2: float = Field(
+        0.0, ge=0, description="L2 pull of the LoRA weights towards the parent's (0 = off); slows forgetting."
+    )
+    gate: GateConfig = Field(default_factory=GateConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    preferred_style: str | None = Field(
+        None, description="Style the gate scores as preferred; None infers it from the batch's chosen answers."
+    )
+    num_threads: int = Field(
+        1, ge=1, description="torch CPU threads while training: leaves cores for the stream processors."
+    )
+    log_every: int = Field(10, ge=1, description="Log progress (steps/s, ETA) every this many optimizer steps.")
+    max_attempts: int = Field(3, ge=1, description="Restarts of a crashed batch before it is marked failed.")
+    device: str | None = Field(None, description="torch device; None picks cuda (bf16) when present, else cpu (fp32).")

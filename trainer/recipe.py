@@ -1,0 +1,247 @@
+"""The LoRA training recipe: one batch directory in, at most one registered adapter out.
+
+    train_batch(batch_dir, config, sessions, base_model_dir=..., adapters_dir=...) -> TrainResult
+
+Stages, in order (each a small module):
+  0. read and verify the batch (streams.training_data.read_batch); exactly-once bookkeeping
+     and the privacy budget (registry, privacy)
+  1. load the policy: base model + parent adapter (or a fresh zero-delta LoRA)
+  2. evaluate the parent on the gate's held-out suites (gate)
+  3. train one adapter through the stages (stages): SFT -> DPO -> KTO,
+     or DP-SGD SFT alone when privacy is on (privacy)
+  4. save the candidate to staging; evaluate it as served: reloaded from its files (gate)
+  5. gate: reject (filed under _rejected/, batch failed, reason recorded) or
+     6. publish atomically and register adapter + batch in one transaction (registry)
+     7. return the AdapterReady event for the caller to publish
+"""
+
+import contextlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import structlog
+import torch
+from peft import PeftModel
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.orm import sessionmaker
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from streams.contract import AdapterReady
+from streams.training_data import MANIFEST, read_batch
+from trainer import data, gate, registry
+from trainer.base_model import METADATA_FILE, weights_sha256
+from trainer.config import TrainerConfig
+from trainer.lora import add_lora
+from trainer.privacy import LEDGER_FILE, PrivacyLedger, dp_sft, plan
+from trainer.progress import ProgressHook, ProgressReporter
+from trainer.registry import FAILED, READY, TRAINED, Registry
+from trainer.stages import DPO, KTO, SFT, StageResult, run_stage
+from trainer.synthetic_chats import STYLES, answer_style
+from trainer.weighting import snapshot_lora
+
+log = structlog.get_logger(__name__)
+
+# Stage, the batch signal it trains on, and how its records become a trl dataset.
+STAGES = ((SFT, "sft", data.sft_dataset), (DPO, "pairs", data.dpo_dataset), (KTO, "labels", data.kto_dataset))
+
+
+class TrainResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    batch_id: str
+    status: Literal["trained", "rejected"]
+    adapter: str
+    path: str
+    reason: str | None = None
+    metrics: dict[str, float]
+    epsilon: float | None = None
+    event: AdapterReady | None = None  # only for a published ("trained") adapter
+
+
+def train_batch(
+    batch_dir: str | Path,
+    config: TrainerConfig,
+    sessions: sessionmaker,
+    *,
+    base_model_dir: str | Path,
+    adapters_dir: str | Path,
+    parent: str | None = None,
+    on_progress: ProgressHook | None = None,
+) -> TrainResult:
+    """Train one batch into one adapter, exactly once; see the module doc for the stages.
+
+    ``parent`` names the adapter to continue from and to compare with (the current champion,
+    usually); None starts from, and compares with, the base model. Calling it again for a
+    batch that is done returns the recorded result; for a batch left "training" by a crash,
+    it trains again from scratch. Raises PrivacyBudgetExceeded (batch left "emitted").
+    """
+    batch_dir, adapters_dir, base_model_dir = Path(batch_dir), Path(adapters_dir), Path(base_model_dir)
+    # 0. The batch, verified against its manifest's checksums.
+    manifest, records = read_batch(batch_dir)
+    batch_id = manifest.batch_id
+    store = Registry(sessions, adapters_dir)
+    with registry.exclusive(adapters_dir), _threads(config.num_threads):
+        done = store.batch(batch_id)
+        if done is not None and done.status in (TRAINED, FAILED) and done.adapter:
+            store.clean_staging(batch_id)
+            return _result(store.adapter(done.adapter), batch_id)
+        if store.pending_publish(batch_id):  # crashed after publishing, before registering
+            return _result(store.finish_publish(batch_id), batch_id)
+
+        dp = config.privacy
+        ledger = PrivacyLedger(adapters_dir / LEDGER_FILE, dp)
+        epsilon = plan(len(records["sft"]), dp)[0] if dp.enabled else None
+        if dp.enabled:
+            ledger.reserve(batch_id, epsilon)  # refuses before any training
+        store.claim(manifest, registry.sha256_file(batch_dir / MANIFEST), batch_dir)
+        attempt = store.start_attempt(batch_id)
+        if attempt > config.max_attempts:
+            store.fail_batch(batch_id)
+            raise RuntimeError(f"batch {batch_id} crashed {attempt - 1} times; marked failed")
+        log.info("train_batch_started", batch_id=batch_id, attempt=attempt, counts=manifest.counts, parent=parent)
+
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(config.seed)
+
+        # 1. Policy: base + parent adapter, or a fresh LoRA whose B = 0 (exactly the base).
+        tokenizer = AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True)
+        parent_row = store.adapter(parent) if parent else None
+        model = _policy(base_model_dir, parent_row.path if parent_row else None, config, device)
+        anchor = snapshot_lora(model)
+
+        # 2. The parent's scores on the gate's suites.
+        suites = gate.build_suites(config.gate)
+        preferred = config.preferred_style or _preferred_style(records)
+        parent_metrics = gate.evaluate(model, tokenizer, suites, config.gate, preferred)
+
+        # 3. Train: SFT -> DPO -> KTO, one adapter throughout (or DP-SGD SFT only).
+        results: list[StageResult] = []
+        if dp.enabled:
+            if records["sft"]:
+                reporter = _reporter(batch_id, SFT, config, on_progress)
+                result, epsilon = dp_sft(model, tokenizer, records["sft"], config, device, reporter)
+                results.append(result)
+        else:
+            for stage, signal, make in STAGES:
+                if getattr(config, stage).enabled and records[signal]:
+                    reporter = _reporter(batch_id, stage, config, on_progress)
+                    dataset = make(records[signal])
+                    results.append(run_stage(stage, model, tokenizer, dataset, config, device, reporter, anchor))
+
+        # 4. The candidate as it will be served: saved, then reloaded from its files.
+        candidate_dir = store.staging(batch_id) / "candidate"
+        model.save_pretrained(candidate_dir)
+        del model
+        served = _policy(base_model_dir, candidate_dir, config, device)
+        candidate_metrics = gate.evaluate(served, tokenizer, suites, config.gate, preferred)
+
+        # 5. Gate, then 6. publish + register (or file the rejection).
+        verdict = gate.judge(parent_metrics, candidate_metrics, config.gate)
+        weights_sha = registry.sha256_file(candidate_dir / registry.ADAPTER_FILES[0])
+        name = store.next_name(weights_sha)
+        lineage = {
+            "base_model_sha256": _base_sha256(base_model_dir),
+            "parent": parent,
+            "batch_ids": [batch_id],
+            "manifest_sha256": registry.sha256_file(batch_dir / MANIFEST),
+            "counts": manifest.counts,
+            "weights": {signal: data.weight_summary(items) for signal, items in records.items()},
+            "loss_weights": manifest.loss_weights,
+            "stages": [r.__dict__ | {"tokens_per_s": r.tokens_per_s} for r in results],
+            "skipped": [s for s in ("pairs", "labels") if dp.enabled and records[s]],
+            "privacy": {"epsilon": epsilon, "delta": dp.delta} if dp.enabled else None,
+            "eval": {
+                "suites": suites.version,
+                "preferred_style": preferred,
+                "parent": parent_metrics,
+                "candidate": candidate_metrics,
+            },
+            "gate": {"passed": verdict.passed, "reasons": list(verdict.reasons)},
+            "files_sha256": {f: registry.sha256_file(candidate_dir / f) for f in registry.ADAPTER_FILES},
+            "config": config.model_dump(mode="json"),
+            "code_version": registry.code_version(),
+            "attempt": attempt,
+            "registered_at": registry.now_iso(),
+        }
+        row = store.publish(
+            candidate_dir,
+            {
+                "name": name,
+                "state": READY if verdict.passed else FAILED,
+                "sha256": weights_sha,
+                "base_model_sha256": lineage["base_model_sha256"],
+                "parent": parent,
+                "reason": verdict.reason,
+                "lineage": lineage,
+            },
+            batch_id,
+        )
+        if dp.enabled:
+            ledger.settle(batch_id, name, row.state)
+        log.info(
+            "train_batch_finished", batch_id=batch_id, adapter=name, passed=verdict.passed, reason=verdict.reason,
+            parent_metrics=parent_metrics, candidate_metrics=candidate_metrics,
+        )
+        # 7. The AdapterReady event (published by the caller).
+        return _result(row, batch_id)
+
+
+def _result(row, batch_id: str) -> TrainResult:  # noqa: ANN001
+    passed = row.state != FAILED
+    privacy = row.lineage.get("privacy") or {}
+    return TrainResult(
+        batch_id=batch_id,
+        status="trained" if passed else "rejected",
+        adapter=row.name,
+        path=row.path,
+        reason=row.reason,
+        metrics=row.lineage["eval"]["candidate"],
+        epsilon=privacy.get("epsilon"),
+        event=registry.adapter_ready(row) if passed else None,
+    )
+
+
+def _policy(
+    base_model_dir: Path, adapter_dir: Path | str | None, config: TrainerConfig, device: torch.device
+) -> PeftModel:
+    # fp32 master weights everywhere; trl autocasts to bf16 on GPUs that have it.
+    base: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        base_model_dir, local_files_only=True, dtype=torch.float32
+    )
+    if adapter_dir is None:
+        model = add_lora(base, config.lora)
+    else:
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    return model.to(device)
+
+
+def _preferred_style(records: dict[str, list]) -> str:
+    """The style the batch's feedback favours: majority over chosen and desirable answers."""
+    votes = Counter(answer_style(r.chosen) for r in records["pairs"])
+    votes.update(answer_style(r.completion) for r in records["labels"] if r.desirable)
+    return votes.most_common(1)[0][0] if votes else STYLES[0]
+
+
+def _base_sha256(base_model_dir: Path) -> str:
+    metadata = base_model_dir / METADATA_FILE
+    if metadata.exists():
+        return json.loads(metadata.read_text())["weights_sha256"]
+    return weights_sha256(base_model_dir)
+
+
+def _reporter(batch_id: str, stage: str, config: TrainerConfig, hook: ProgressHook | None) -> ProgressReporter:
+    return ProgressReporter(batch_id, stage, config.log_every, hook)
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Cap torch's CPU threads while training so the stream processors keep their cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
