@@ -173,6 +173,27 @@ def learn(ctx: click.Context) -> None:
     _run_faust(_settings(ctx), build_learner_app)
 
 
+@main.command()
+@click.pass_context
+def train(ctx: click.Context) -> None:
+    """Train each emitted batch into an adapter and announce it (adapter_ready), until Ctrl-C."""
+    import migrations
+    from app.store import make_engine, make_sessionmaker
+    from trainer.worker import TrainerWorker
+
+    settings = _settings(ctx)
+    migrations.upgrade(settings.store_url)
+
+    async def serve(stop: asyncio.Event) -> None:
+        worker = TrainerWorker(settings, make_sessionmaker(make_engine(settings.store_url)))
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        worker.stop()
+        await task
+
+    _run_until_signal(serve)
+
+
 @main.group()
 def archive() -> None:
     """Keep every topic on disk (the log of record), and check it."""

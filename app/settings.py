@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trainer.config import TrainerConfig
+
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -132,6 +134,11 @@ class Settings(BaseSettings):
     key_dir: Path | None = Field(
         None, description="Per-user pseudonym keys (erasure shreds them). Default: data_dir/keys. "
         "Back it up apart from the event log; never publish it."
+    )
+
+    # --- trainer ------------------------------------------------------------------------------
+    trainer: TrainerConfig = Field(
+        default_factory=TrainerConfig, description="The LoRA recipe (docs/trainer.md), FEEDLOOP_TRAINER__*."
     )
 
     # --- serving and models (used by the trainer and hot-swap issues) -----------------------

@@ -6,11 +6,17 @@ models are frozen, so one config object can be shared by concurrent readers.
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainer.lora import LoraSettings
-
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LoraSettings(_Frozen):
+    """Shape of every adapter feedloop trains; vLLM needs --max-lora-rank >= rank."""
+
+    rank: int = Field(8, description="LoRA rank r.")
+    alpha: int = Field(16, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, description="Dropout on the LoRA input during training.")
 
 
 class StageConfig(_Frozen):

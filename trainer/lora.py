@@ -9,18 +9,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-
-class LoraSettings(BaseModel):
-    """Shape of every adapter feedloop trains; vLLM needs --max-lora-rank >= rank."""
-
-    model_config = ConfigDict(frozen=True)
-
-    rank: int = Field(8, description="LoRA rank r.")
-    alpha: int = Field(16, description="LoRA alpha; the update is scaled by alpha / rank.")
-    dropout: float = Field(0.0, description="Dropout on the LoRA input during training.")
+from trainer.config import LoraSettings
 
 
 def add_lora(model: PreTrainedModel, settings: LoraSettings = LoraSettings()) -> PeftModel:

@@ -1,0 +1,102 @@
+"""The trainer worker: ``batch_emitted`` in, one adapter trained, ``adapter_ready`` out.
+
+Reads the control topic in its own consumer group, trains each emitted batch with
+:func:`trainer.recipe.train_batch` (in a thread, one batch at a time, so training never
+competes with itself and the event loop keeps its heartbeats), publishes the resulting
+``AdapterReady`` event, and only then commits the record's offset. A crash re-reads the
+batch's event; ``train_batch`` is exactly-once per batch (it returns the recorded result
+for a batch already trained), and the ``adapter_ready`` sent again carries the same event
+id. A candidate the gate rejects is recorded in the registry with its reason and announced
+nowhere: there is nothing to serve. A batch that would exceed the privacy budget is left
+``emitted`` with an error in the log, for an operator to decide.
+
+The parent of each new adapter is the current champion in the registry (or the base model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from app.settings import Settings
+from app.store import Adapter
+from streams.contract import CONTROL_EVENT_ADAPTER, BatchEmitted
+from streams.topics import CONTROL
+from trainer.privacy import PrivacyBudgetExceeded
+from trainer.recipe import train_batch
+
+log = structlog.get_logger(__name__)
+
+GROUP = "feedloop-trainer"
+
+
+def champion(sessions: sessionmaker) -> str | None:
+    with sessions() as session:
+        return session.scalar(select(Adapter.name).where(Adapter.state == "champion"))
+
+
+class TrainerWorker:
+    def __init__(self, settings: Settings, sessions: sessionmaker, group: str = GROUP) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self._stopping = asyncio.Event()
+        self.consumer = AIOKafkaConsumer(
+            CONTROL.name,
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
+            heartbeat_interval_ms=max(500, int(settings.broker_session_timeout_s * 1000 / 6)),
+            # A batch may train for minutes; the consumer must not be taken for dead meanwhile.
+            max_poll_interval_ms=6 * 3600 * 1000,
+        )
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+
+    async def handle(self, event: BatchEmitted) -> None:
+        batch_dir = self.settings.data_dir / event.path
+        try:
+            result = await asyncio.to_thread(
+                train_batch, batch_dir, self.settings.trainer, self.sessions,
+                base_model_dir=self.settings.model_path, adapters_dir=self.settings.adapters_path,
+                parent=champion(self.sessions),
+            )  # fmt: skip
+        except PrivacyBudgetExceeded as exc:
+            log.error("trainer.budget_exceeded", batch_id=event.batch_id, error=str(exc),
+                      hint="raise FEEDLOOP_TRAINER__PRIVACY__BUDGET_EPSILON or drop the batch")  # fmt: skip
+            return
+        if result.event is None:
+            log.warning("trainer.rejected", batch_id=event.batch_id, adapter=result.adapter, reason=result.reason)
+            return
+        await self.producer.send_and_wait(
+            CONTROL.name, result.event.model_dump_json().encode(), key=result.event.adapter.encode()
+        )
+        log.info("trainer.adapter_ready", batch_id=event.batch_id, adapter=result.adapter, metrics=result.metrics)
+
+    async def run(self) -> None:
+        await self.consumer.start()
+        await self.producer.start()
+        try:
+            while not self._stopping.is_set():
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=1)
+                for tp, records in batches.items():
+                    for record in records:
+                        try:
+                            event = CONTROL_EVENT_ADAPTER.validate_json(record.value)
+                        except ValidationError:
+                            event = None  # not a control event this worker reads
+                        if isinstance(event, BatchEmitted):
+                            await self.handle(event)
+                        await self.consumer.commit({tp: record.offset + 1})
+        finally:
+            await self.producer.stop()
+            await self.consumer.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
