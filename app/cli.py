@@ -255,6 +255,32 @@ def replay(ctx: click.Context, mode: str, source: str, since: str | None, until:
 
 
 @main.command()
+@click.option("--cause", default="operator", show_default=True, help="Recorded with the trigger.")
+@click.pass_context
+def curate(ctx: click.Context, cause: str) -> None:
+    """Ask every partition's curator to cut a batch from what it holds now."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.agents import curation_triggers
+    from streams.topics import EVENTS
+
+    settings = _settings(ctx)
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+        await producer.start()
+        try:
+            for record in curation_triggers("manual", f"{cause}-{time.time_ns()}", settings.topic_partitions):
+                await producer.send_and_wait(EVENTS.name, record.model_dump_json().encode(), key=b"__trigger__",
+                                             partition=record.partition)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    click.echo(f"asked {settings.topic_partitions} partitions for a batch")
+
+
+@main.command()
 @click.argument("user_id")
 @click.pass_context
 def erase(ctx: click.Context, user_id: str) -> None:

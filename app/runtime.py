@@ -77,6 +77,7 @@ def build_pipeline_app(settings: Settings, cluster: str):
         app, live, data_dir=settings.data_dir, batches_dir=settings.batches_dir, sessions=sessions,
         idle_tick_s=settings.pipeline.idle_tick_s,
         checkpoint_interval_s=settings.pipeline.checkpoint_interval_s,
+        partitions=settings.topic_partitions,
     )  # fmt: skip
     return app
 

@@ -4,6 +4,8 @@
   examples, published batches and their ``batch_emitted`` control events. Records are taken
   in batches (``noack_take``) and acknowledged only after their partitions are checkpointed,
   which happens every ``checkpoint_interval_s``.
+- ``curation-triggers``: drift alarms on the control topic become
+  :class:`~streams.contract.CurationTrigger` records in every events partition.
 - ``tick``: a timer that writes a :class:`~streams.contract.WatermarkTick` into each idle
   partition, so windows close when traffic stops; ticks are in the log, so replay agrees.
 """
@@ -16,10 +18,11 @@ from pathlib import Path
 
 import faust
 import structlog
+from pydantic import ValidationError
 from sqlalchemy.orm import sessionmaker
 
 from streams.batches import publish_batch
-from streams.contract import WatermarkTick
+from streams.contract import CONTROL_EVENT_ADAPTER, CurationTrigger, DriftAlarm, WatermarkTick
 from streams.live import LivePipeline
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
 
@@ -55,6 +58,16 @@ class _PendingAcks:
             await stream.ack(event)
 
 
+def curation_triggers(trigger: str, cause: str, partitions: int) -> list[CurationTrigger]:
+    """One trigger per partition; ids derive from the cause, so a resend is a duplicate."""
+    now = datetime.now(timezone.utc)
+    return [
+        CurationTrigger(event_id=f"{trigger}-{cause}-p{p}"[:128], occurred_at=now, partition=p,
+                        trigger=trigger, cause=cause)
+        for p in range(partitions)
+    ]
+
+
 def register_pipeline(
     app: faust.App,
     live: LivePipeline,
@@ -64,6 +77,7 @@ def register_pipeline(
     sessions: sessionmaker,
     idle_tick_s: float,
     checkpoint_interval_s: float,
+    partitions: int,
 ) -> None:
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(EVENTS.name, **raw)
@@ -101,6 +115,20 @@ def register_pipeline(
             record = WatermarkTick(event_id=f"tick-{uuid.uuid4().hex}", occurred_at=datetime.now(timezone.utc),
                                    partition=partition)
             await events.send(key=b"__tick__", value=record.model_dump_json().encode(), partition=partition)
+
+    @app.agent(control, name="curation-triggers")
+    async def drift_to_curator(stream: faust.Stream) -> None:
+        # A drift alarm asks every partition's curator for a batch now; the request goes into
+        # the events topic itself, so replay cuts the same batches.
+        async for value in stream:
+            try:
+                event = CONTROL_EVENT_ADAPTER.validate_json(value)
+            except ValidationError:
+                continue  # not a control event the pipeline reads
+            if isinstance(event, DriftAlarm):
+                for record in curation_triggers("drift", event.event_id, partitions):
+                    await events.send(key=b"__trigger__", value=record.model_dump_json().encode(),
+                                      partition=record.partition)
 
     @app.on_partitions_revoked.connect
     async def forget(sender: object, revoked: set, **kwargs: object) -> None:

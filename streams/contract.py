@@ -252,6 +252,21 @@ class WatermarkTick(_Record):
     partition: int = Field(ge=0)
 
 
+class CurationTrigger(_Record):
+    """Asks a partition's curator to cut a batch now (a drift alarm, or an operator).
+
+    Written into every partition of the events topic, so the cut happens at the same place
+    in the log live and in replay.
+    """
+
+    type: Literal["curation_trigger"] = "curation_trigger"
+    event_id: EventId
+    occurred_at: AwareDatetime
+    partition: int = Field(ge=0)
+    trigger: Literal["drift", "manual"]
+    cause: str = Field(description="What asked for it, e.g. the drift alarm's event id.")
+
+
 class AnnotatedExample(_Record):
     """One interaction after its feedback window closed: anonymized, with rewards per channel."""
 
@@ -306,9 +321,11 @@ class DeadLetter(_Record):
 
 
 USER_EVENT_ADAPTER: TypeAdapter[Interaction | Feedback | Annotation] = TypeAdapter(UserEvent)
-# What the pipeline reads from the events topic: user events and the worker's own ticks.
+# What the pipeline reads from the events topic: user events, and the worker's ticks and triggers.
 EVENTS_TOPIC_ADAPTER: TypeAdapter[Any] = TypeAdapter(
-    Annotated[Union[Interaction, Feedback, Annotation, WatermarkTick], Field(discriminator="type")]
+    Annotated[
+        Union[Interaction, Feedback, Annotation, WatermarkTick, CurationTrigger], Field(discriminator="type")
+    ]
 )
 CONTROL_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ControlEvent)
 

@@ -26,6 +26,7 @@ from streams.contract import (
     EVENTS_TOPIC_ADAPTER,
     AnnotatedExample,
     Annotation,
+    CurationTrigger,
     DeadLetter,
     Feedback,
     Interaction,
@@ -116,6 +117,11 @@ class PartitionPipeline:
                                                value, event))
             return out
         self.seen[event.event_id] = event.occurred_at
+        if isinstance(event, CurationTrigger):
+            self.stats.counts[f"trigger_{event.trigger}"] += 1
+            self.curator.request_early(event.trigger)
+            out.extend(self.advance(pseudonyms))
+            return out
         user_id = event.user_id if isinstance(event, Interaction) else self.user_of.get(event.interaction_id)
         erased_at = pseudonyms.erased_at(user_id) if user_id else None
         if erased_at is not None and event.occurred_at <= erased_at:

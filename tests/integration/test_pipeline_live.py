@@ -13,6 +13,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import uuid
 import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -24,7 +25,8 @@ from sqlalchemy import select
 
 from app.broker import EmbeddedBroker
 from app.store import Batch, StreamCheckpoint, make_engine, make_sessionmaker
-from streams.topics import EVENTS
+from streams.contract import DriftAlarm
+from streams.topics import CONTROL, EVENTS
 from streams.training_data import read_batch
 from tests.conftest import API_KEYS, free_port, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
@@ -211,3 +213,29 @@ def _examples_done(settings, count: int) -> bool:
     pipelines = _checkpoints(settings)
     examples = sum(p.stats.counts["examples"] for p in pipelines)
     return examples >= count and all(not p.curator.buffer for p in pipelines)
+
+
+async def test_a_drift_alarm_reaches_the_curator_of_every_partition(tmp_path, own_broker):
+    settings = make_settings(tmp_path, own_broker.port)
+    stack, stop = await start_stack(settings)
+    worker = start_worker(settings)
+    try:
+        await post(stack.base_url, traffic(8))
+        await wait_for(lambda: _examples(settings) >= 8, 60, "the first examples")
+        alarm = DriftAlarm(event_id=f"alarm-{uuid.uuid4().hex[:8]}", occurred_at=datetime.now(timezone.utc),
+                           source="test", signal="reward:base", detector="ADWIN",
+                           detected_at=datetime.now(timezone.utc))
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        await producer.start()
+        for _ in range(2):  # delivered twice: each partition still counts it once
+            await producer.send_and_wait(CONTROL.name, alarm.model_dump_json().encode(), key=b"drift")
+        await producer.stop()
+        triggered = await wait_for(
+            lambda: sum(p.stats.counts["trigger_drift"] for p in _checkpoints(settings)) >= settings.topic_partitions,
+            60, "a trigger in every partition")
+    finally:
+        stop_worker(worker)
+        await stop()
+    assert triggered
+    assert sum(p.stats.counts["trigger_drift"] for p in _checkpoints(settings)) == settings.topic_partitions
+    assert sum(p.stats.counts["duplicate_event"] for p in _checkpoints(settings)) == settings.topic_partitions

@@ -217,6 +217,16 @@ def test_same_records_same_outputs_and_state_pickles_midstream(pseudonyms):
     assert [e.example_id for e in whole.examples] == [e.example_id for e in half.examples + restored.examples]
 
 
+def test_a_curation_trigger_in_the_log_cuts_a_batch_there(pseudonyms):
+    a = turn(0)
+    run = Run(pseudonyms).feed(a, signal(a, "thumbs", 1), tick(700))
+    assert run.batches == [] and run.pipeline.curator.buffer  # under the size, not yet due
+    run.feed({"type": "curation_trigger", "event_id": "drift-alarm-1-p0", "occurred_at": at(701),
+              "partition": 0, "trigger": "drift", "cause": "alarm-1"})
+    assert [b.trigger for b in run.batches] == ["drift"] and not run.pipeline.curator.buffer
+    assert run.pipeline.stats.counts["trigger_drift"] == 1
+
+
 def test_pipeline_set_routes_by_partition(pseudonyms):
     pipelines = PipelineSet(CONFIG, Scrubber(), pseudonyms)
     a = turn(0)
