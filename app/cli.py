@@ -140,10 +140,12 @@ def _run_faust(settings: Settings, build) -> None:
 
     import migrations
     from app.broker import cluster_id, ensure_topics
+    from app.runtime import tune_gc
 
     migrations.upgrade(settings.store_url)
     asyncio.run(ensure_topics(settings))
     app = build(settings, asyncio.run(cluster_id(settings.bootstrap_servers)))
+    tune_gc()
 
     class Worker(faust.Worker):
         def _setup_logging(self) -> None:  # keep feedloop's structlog set-up

@@ -14,6 +14,7 @@ from rich.table import Table
 
 import migrations
 from app.broker import ensure_topics
+from app.runtime import tune_gc
 from app.settings import Settings
 from app.store import make_engine, make_sessionmaker
 from streams.archive import ArchivedRecord
@@ -58,6 +59,7 @@ async def _republish(settings: Settings, records: Iterator[ArchivedRecord], on_r
 
 def run_replay(settings: Settings, *, mode: str, source: str, since: str | None, until: str | None,
                data_dir: Path | None) -> int:
+    tune_gc()
     console = Console(stderr=True)
     records, total = _source(settings, source, TimeRange.parse(since, until))
     started = time.monotonic()

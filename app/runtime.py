@@ -21,6 +21,20 @@ from streams.topics import ARCHIVED_TOPICS
 log = structlog.get_logger(__name__)
 
 
+def tune_gc() -> None:
+    """Garbage-collector settings for the long-running stream processes.
+
+    The pipeline and the learners hold many long-lived objects (open interactions, seen ids,
+    reservoirs); with the default thresholds the collector keeps walking them and costs about
+    a third of the throughput. Objects alive after start-up are frozen out of collection,
+    and the youngest generation is collected every 50,000 allocations instead of 700.
+    """
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 async def build_archiver(settings: Settings) -> Archiver:
     await ensure_topics(settings)
     return Archiver(

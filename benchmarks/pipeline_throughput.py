@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from app.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+from app.runtime import tune_gc  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from streams.topics import EVENTS  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
@@ -125,6 +126,8 @@ def run_faust(settings: Settings, total: int, with_pipeline: bool) -> None:
             async for _ in stream:
                 marks.append(time.perf_counter())
 
+    tune_gc()  # as `feedloop worker` does
+
     @app.timer(interval=0.5)
     async def done() -> None:
         if len(marks) >= total:
@@ -150,6 +153,7 @@ def offline_replay(settings: Settings, events: list[dict]) -> float:
     for e in events:  # keys exist already in a running system; creating them is one-off disk I/O
         if "user_id" in e and e["type"] == "interaction":
             pipelines.pseudonyms.pseudonym(e["user_id"])
+    tune_gc()  # as `feedloop replay` does
     started = time.perf_counter()
     for partition, offset, value in records:
         pipelines.process(partition, offset, value)

@@ -57,6 +57,8 @@ Replacement = Callable[[re.Match[str]], str | None]
 
 def _substitute(pattern: re.Pattern[str], text: str, replacement: Replacement) -> tuple[str, int]:
     """re.sub where the callback may decline a match (returns None) after validating it."""
+    if pattern.search(text) is None:  # the common case: skip building the callback
+        return text, 0
     count = 0
 
     def substitute(match: re.Match[str]) -> str:
@@ -410,7 +412,7 @@ _PHONE_PATTERNS: tuple[tuple[re.Pattern[str], Replacement], ...] = (
     (_PHONE_NANP, _phone_with_digits(10, 11)),
     (_PHONE_TRUNK, _phone_with_digits(9, 12)),
 )
-_PHONE_KEYWORD_HINTS = ("ph", "tel", "mobile", "cell", "call", "text", "whatsapp", "fax", "sms")
+_PHONE_KEYWORD_HINTS = re.compile("ph|tel|mobile|cell|call|text|whatsapp|fax|sms")
 
 
 def _scrub_phones(text: str) -> tuple[str, int]:
@@ -418,8 +420,7 @@ def _scrub_phones(text: str) -> tuple[str, int]:
     for pattern, replacement in _PHONE_PATTERNS:
         text, count = _substitute(pattern, text, replacement)
         total += count
-    lower = text.lower()
-    if any(hint in lower for hint in _PHONE_KEYWORD_HINTS):
+    if _PHONE_KEYWORD_HINTS.search(text.lower()):
         text, count = _substitute(_PHONE_AFTER_KEYWORD, text, _phone_after_keyword)
         total += count
     return text, total
@@ -453,6 +454,9 @@ _NAME_TRIGGER_HINTS = (
     "from:", "to:", "cc:", "contact:",
 )  # fmt: skip
 _TITLE_HINTS = ("Mr", "Ms", "Mx", "Miss", "Dr", "Prof")
+# One regex scan instead of a substring test per hint: the pre-check runs on every text.
+_NAME_HINTS = re.compile("|".join(map(re.escape, _NAME_TRIGGER_HINTS)))
+_TITLE_HINT = re.compile("|".join(_TITLE_HINTS))
 _NAME_TOKEN = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 _TITLES = frozenset("mr mrs ms mx miss dr prof professor".split())
 _NAME_PARTICLES = frozenset("van von de der den del della da di du la le bin ibn al dos das".split())
@@ -533,10 +537,7 @@ def _name_span(text: str, start: int, allow_lowercase: bool) -> tuple[int, int] 
 
 
 def _scrub_person_names(text: str) -> tuple[str, int]:
-    lower = text.lower()
-    if not any(hint in lower for hint in _NAME_TRIGGER_HINTS) and not any(
-        title in text for title in _TITLE_HINTS
-    ):
+    if not _NAME_HINTS.search(text.lower()) and not _TITLE_HINT.search(text):
         return text, 0
     spans: list[tuple[int, int]] = []
     last_end = 0

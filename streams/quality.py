@@ -38,11 +38,12 @@ def _prompt_digest(prompt: str) -> str:
     return hashlib.blake2b(" ".join(_WORD.findall(prompt.lower())).encode(), digest_size=16).hexdigest()
 
 
-def _minhash(text: str) -> MinHash:
-    # Reusing the prototype's permutations avoids regenerating them per prompt (10x faster).
-    signature = MinHash(num_perm=_NUM_PERM, permutations=_PROTOTYPE.permutations, scheme=_PROTOTYPE.scheme)
-    signature.update_batch(_shingles(text))
-    return signature
+def _minhash(text: str, scratch: MinHash) -> MinHash:
+    # One reused signature: the LSH index keeps only band hashes, not the object, and a new
+    # MinHash per prompt re-parses the permutations every time.
+    scratch.clear()
+    scratch.update_batch(_shingles(text))
+    return scratch
 
 
 @dataclass
@@ -53,10 +54,12 @@ class QualityFilter:
     memory: int = 20_000  # prompts remembered for repeat detection
     _exact: dict[str, str] = field(default_factory=dict)  # prompt hash -> session
     _lsh: MinHashLSH | None = None
+    _scratch: MinHash | None = None
     _order: deque = field(default_factory=deque)  # (key, prompt hash) oldest first
 
     def __post_init__(self) -> None:
         self._lsh = MinHashLSH(threshold=self.near_duplicate_threshold, num_perm=_NUM_PERM)
+        self._scratch = _PROTOTYPE.copy()
         self._blocked = tuple(t.lower() for t in self.blocked_terms)
 
     def check(self, interaction: Interaction) -> str | None:
@@ -76,7 +79,7 @@ class QualityFilter:
     def near_duplicate(self, interaction: Interaction) -> bool:
         """True if a prompt from another session is near-identical; remembers this one."""
         prompt = _last_user_text(interaction)
-        signature = _minhash(prompt)
+        signature = _minhash(prompt, self._scratch)
         key = f"{interaction.session_id}\x00{interaction.interaction_id}"
         if any(not other.startswith(interaction.session_id + "\x00") for other in self._lsh.query(signature)):
             return True
