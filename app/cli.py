@@ -263,7 +263,7 @@ def curate(ctx: click.Context, cause: str) -> None:
     """Ask every partition's curator to cut a batch from what it holds now."""
     from aiokafka import AIOKafkaProducer
 
-    from streams.agents import curation_triggers
+    from streams.agents import TRIGGER_KEY, curation_triggers
     from streams.topics import EVENTS
 
     settings = _settings(ctx)
@@ -273,7 +273,7 @@ def curate(ctx: click.Context, cause: str) -> None:
         await producer.start()
         try:
             for record in curation_triggers("manual", f"{cause}-{time.time_ns()}", settings.topic_partitions):
-                await producer.send_and_wait(EVENTS.name, record.model_dump_json().encode(), key=b"__trigger__",
+                await producer.send_and_wait(EVENTS.name, record.model_dump_json().encode(), key=TRIGGER_KEY,
                                              partition=record.partition)
         finally:
             await producer.stop()

@@ -1,17 +1,24 @@
 """`feedloop demo` (what `make run` runs): the system on embedded defaults with simulated traffic.
 
-Starts the embedded broker, the store, the archiver and the gateway in one process, has a
-simulated chat app post interactions, feedback and some deliberately malformed input through
-the Python client, waits until everything is archived, verifies the archive and prints a
-report. The stages that later issues add (pipeline, learners, trainer, serving) join here.
+Starts the embedded broker, the store, the archiver and the gateway in this process and the
+pipeline worker beside it, has a simulated chat app post interactions, feedback (some with
+personal data in it) and some deliberately malformed input through the Python client, waits
+until everything is archived and the pipeline has turned every interaction into an example
+and every training record into a batch, verifies the archive and prints a report. The demo
+shortens the pipeline's windows (seconds, not half an hour) unless FEEDLOOP_PIPELINE__* says
+otherwise. The learners, the trainer and serving join here with the end-to-end issue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,10 +33,13 @@ from sqlalchemy import func, select
 import migrations
 from app.broker import EmbeddedBroker
 from app.client import FeedloopClient
-from app.runtime import build_archiver, gateway_server, wait_started
+from app.runtime import PIPELINE_CONSUMER, build_archiver, gateway_server, wait_started
 from app.settings import Settings
-from app.store import ArchiveSegment, make_engine, make_sessionmaker
-from streams.archive import verify_archive
+from app.store import ArchiveSegment, Batch, make_engine, make_sessionmaker
+from streams.agents import PIPELINE_RECORD_KEYS
+from streams.archive import read_segment, verify_archive
+from streams.live import checkpointed_stats
+from streams.topics import EVENTS
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +47,11 @@ DEMO_APP = "demo-chat"
 DOMAINS = ("general", "code", "math", "travel")
 COHORTS = ("a", "a", "a", "b", "b", "minority")
 FEEDBACK_KINDS = ("thumbs", "rating", "edit", "regenerate", "copy", "abandon", "dwell", "rephrase")
+# Windows short enough to watch examples and batches appear within the demo.
+DEMO_PIPELINE = {
+    "IMPLICIT_WINDOW_S": "5", "EXPLICIT_WINDOW_S": "10", "ALLOWED_LATENESS_S": "1",
+    "IDLE_TICK_S": "1", "BATCH_SIZE": "64", "BATCH_MAX_WAIT_S": "15", "CHECKPOINT_INTERVAL_S": "1",
+}
 
 
 @dataclass
@@ -73,7 +88,8 @@ def simulate_app(client: FeedloopClient, interactions: int, seed: int, on_progre
             session_id=f"session-{rng.randrange(600)}",
             adapter="base",
             propensity=1.0,
-            prompt=[{"role": "user", "content": f"a {domain} question number {i}"}],
+            prompt=[{"role": "user", "content": f"a {domain} question number {i}"
+                      + (f"; reach me at jane.doe{i}@example.com" if i % 20 == 0 else "")}],
             response=f"an answer about {domain}",
             context={"domain": domain, "locale": "en", "client": "web", "cohort": rng.choice(COHORTS)},
             prompt_tokens=8,
@@ -106,17 +122,53 @@ def simulate_app(client: FeedloopClient, interactions: int, seed: int, on_progre
     return sent
 
 
-def archived_counts(sessions) -> Counter:
+def start_worker(settings: Settings) -> subprocess.Popen:
+    """`feedloop worker` beside the demo, with the demo's settings and short windows."""
+    env = {**os.environ, "FEEDLOOP_DATA_DIR": str(settings.data_dir), "FEEDLOOP_BROKER": settings.broker,
+           "FEEDLOOP_EMBEDDED_BROKER_PORT": str(settings.embedded_broker_port),
+           "FEEDLOOP_LOG_LEVEL": "warning", "FEEDLOOP_LOG_FORMAT": "json"}
+    if settings.database_url:
+        env["FEEDLOOP_DATABASE_URL"] = settings.database_url
+    for name, value in DEMO_PIPELINE.items():
+        env.setdefault(f"FEEDLOOP_PIPELINE__{name}", value)
+    log_file = open(settings.data_dir / "worker.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, stdout=log_file,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def last_segment_id(sessions) -> int:
     with sessions() as session:
-        rows = session.execute(
-            select(ArchiveSegment.topic, func.sum(ArchiveSegment.event_count)).group_by(ArchiveSegment.topic)
-        )
-        return Counter({topic: int(count) for topic, count in rows})
+        return session.scalar(select(func.max(ArchiveSegment.id))) or 0
+
+
+def archived_counts(sessions, archive_dir, after_segment: int) -> Counter:
+    """Records archived per topic since ``after_segment``; on the events topic only the apps'
+    events count, not the ticks and triggers the pipeline worker writes there itself."""
+    counts: Counter = Counter()
+    with sessions() as session:
+        for segment in session.scalars(select(ArchiveSegment).where(ArchiveSegment.id > after_segment)):
+            if segment.topic != EVENTS.name:
+                counts[segment.topic] += segment.event_count
+                continue
+            counts[segment.topic] += sum(
+                1 for r in read_segment(archive_dir / segment.path) if r.key not in PIPELINE_RECORD_KEYS
+            )
+    return counts
 
 
 async def _demo(settings: Settings, interactions: int, keep_running: bool, console: Console) -> int:
     started = time.monotonic()
-    broker = None
+    broker = worker = None
     if settings.uses_embedded_broker:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         broker = EmbeddedBroker(settings.embedded_broker_port, settings.data_dir / "broker.log")
@@ -124,12 +176,14 @@ async def _demo(settings: Settings, interactions: int, keep_running: bool, conso
     try:
         migrations.upgrade(settings.store_url)
         sessions = make_sessionmaker(make_engine(settings.store_url))
-        before = archived_counts(sessions)
+        before = last_segment_id(sessions)
+        before_examples = checkpointed_stats(sessions, PIPELINE_CONSUMER)[0]["examples"]
         archiver = await build_archiver(settings)
         archive_task = asyncio.create_task(archiver.run())
         server = gateway_server(settings)
         gateway_task = asyncio.create_task(server.serve())
         await wait_started(server, gateway_task)
+        worker = start_worker(settings)
         api_key = settings.api_keys[DEMO_APP].get_secret_value()
         base_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
 
@@ -150,12 +204,23 @@ async def _demo(settings: Settings, interactions: int, keep_running: bool, conso
             wait = progress.add_task("archiving", total=expected, rate="")
             deadline = time.monotonic() + 120
             while True:
-                counts = archived_counts(sessions) - before
+                counts = archived_counts(sessions, settings.archive_dir, before)
                 done = counts["feedloop.events.v1"] + counts["feedloop.deadletter.v1"]
                 progress.update(wait, completed=min(done, expected))
                 if done >= expected or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.2)
+
+            # The pipeline: every interaction becomes an example once its window closes, and
+            # every training record lands in a batch (the worker's ticks move event time on).
+            curate = progress.add_task("pipeline examples", total=interactions, rate="")
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and worker.poll() is None:
+                counts, pii, buffered = checkpointed_stats(sessions, PIPELINE_CONSUMER)
+                progress.update(curate, completed=min(counts["examples"] - before_examples, interactions))
+                if counts["examples"] - before_examples >= interactions and buffered == 0:
+                    break
+                await asyncio.sleep(0.5)
 
         if keep_running:
             console.print(f"gateway on {base_url} (app '{DEMO_APP}', key {api_key}); Ctrl-C stops")
@@ -163,14 +228,21 @@ async def _demo(settings: Settings, interactions: int, keep_running: bool, conso
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
                 pass
+        await asyncio.to_thread(stop_worker, worker)
         server.should_exit = True
         archiver.stop()
         await asyncio.gather(gateway_task, archive_task)
 
-        counts = archived_counts(sessions) - before
+        counts = archived_counts(sessions, settings.archive_dir, before)
         with sessions() as session:
             verification = verify_archive(session, settings.archive_dir)
         lost = sent.accepted - counts["feedloop.events.v1"]
+        stats, pii, _ = checkpointed_stats(sessions, PIPELINE_CONSUMER)
+        with sessions() as session:
+            batches = session.scalar(select(func.count()).select_from(Batch))
+        records = {k.removeprefix("records_"): v for k, v in sorted(stats.items()) if k.startswith("records_")}
+        unjoined = {k: stats[k] for k in ("duplicate_event", "orphan_feedback", "late_feedback",
+                                          "outside_implicit_window") if stats[k]}
         table = Table(title="feedloop demo")
         table.add_column("measure")
         table.add_column("value", justify="right")
@@ -181,13 +253,23 @@ async def _demo(settings: Settings, interactions: int, keep_running: bool, conso
             ("dead letters archived", counts["feedloop.deadletter.v1"]),
             ("events lost", lost),
             ("archive verified", "yes" if verification.ok else f"NO: {verification.problems[:3]}"),
+            ("annotated examples", stats["examples"]),
+            ("training records", ", ".join(f"{k} {v}" for k, v in records.items()) or "0"),
+            ("batches written", f"{batches} under {settings.batches_dir}"),
+            ("PII replaced", ", ".join(f"{k} {v}" for k, v in sorted(pii.items())) or "0"),
+            ("not joined (dead-lettered by the pipeline)", ", ".join(f"{k} {v}" for k, v in unjoined.items()) or "0"),
             ("archive directory", str(settings.archive_dir)),
             ("wall seconds", f"{time.monotonic() - started:.1f}"),
         ]:
             table.add_row(name, str(value))
         console.print(table)
-        return 0 if lost == 0 and verification.ok and counts["feedloop.deadletter.v1"] >= sent.rejected else 1
+        complete = stats["examples"] - before_examples >= interactions
+        if not complete:
+            console.print(f"the pipeline did not finish; see {settings.data_dir / 'worker.log'}")
+        return 0 if lost == 0 and verification.ok and complete and counts["feedloop.deadletter.v1"] >= sent.rejected else 1
     finally:
+        if worker is not None:
+            stop_worker(worker)
         if broker is not None:
             broker.stop()
 

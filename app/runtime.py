@@ -20,6 +20,8 @@ from streams.topics import ARCHIVED_TOPICS
 
 log = structlog.get_logger(__name__)
 
+PIPELINE_CONSUMER = "feedloop-pipeline"
+
 
 def tune_gc() -> None:
     """Garbage-collector settings for the long-running stream processes.
@@ -85,7 +87,7 @@ def build_pipeline_app(settings: Settings, cluster: str):
 
     sessions = make_sessionmaker(make_engine(settings.store_url))
     pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)))
-    live = LivePipeline(pipelines, sessions, consumer="feedloop-pipeline", cluster_id=cluster)
+    live = LivePipeline(pipelines, sessions, consumer=PIPELINE_CONSUMER, cluster_id=cluster)
     app = make_faust_app(settings)
     register_pipeline(
         app, live, data_dir=settings.data_dir, batches_dir=settings.batches_dir, sessions=sessions,

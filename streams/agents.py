@@ -28,6 +28,10 @@ from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
 
 log = structlog.get_logger(__name__)
 
+# Keys of the records the worker writes into the events topic itself (ticks, triggers).
+TICK_KEY, TRIGGER_KEY = b"__tick__", b"__trigger__"
+PIPELINE_RECORD_KEYS = frozenset({TICK_KEY, TRIGGER_KEY})
+
 TAKE_MAX = 1000
 TAKE_WITHIN_S = 0.2
 
@@ -114,7 +118,7 @@ def register_pipeline(
         for partition in live.idle_partitions(assigned, idle_tick_s):
             record = WatermarkTick(event_id=f"tick-{uuid.uuid4().hex}", occurred_at=datetime.now(timezone.utc),
                                    partition=partition)
-            await events.send(key=b"__tick__", value=record.model_dump_json().encode(), partition=partition)
+            await events.send(key=TICK_KEY, value=record.model_dump_json().encode(), partition=partition)
 
     @app.agent(control, name="curation-triggers")
     async def drift_to_curator(stream: faust.Stream) -> None:
@@ -127,7 +131,7 @@ def register_pipeline(
                 continue  # not a control event the pipeline reads
             if isinstance(event, DriftAlarm):
                 for record in curation_triggers("drift", event.event_id, partitions):
-                    await events.send(key=b"__trigger__", value=record.model_dump_json().encode(),
+                    await events.send(key=TRIGGER_KEY, value=record.model_dump_json().encode(),
                                       partition=record.partition)
 
     @app.on_partitions_revoked.connect

@@ -18,14 +18,31 @@ from __future__ import annotations
 import pickle
 import time
 import zlib
+from collections import Counter
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from app.store import StreamCheckpoint
 from streams.pipeline import Outputs, PartitionPipeline, PipelineSet
 
 log = structlog.get_logger(__name__)
+
+
+def checkpointed_stats(sessions: sessionmaker, consumer: str) -> tuple[Counter, Counter, int]:
+    """Counts, PII replacements and buffered records over every partition's last checkpoint."""
+    counts: Counter = Counter()
+    pii: Counter = Counter()
+    buffered = 0
+    with sessions() as session:
+        rows = session.scalars(select(StreamCheckpoint).where(StreamCheckpoint.consumer == consumer))
+        for row in rows:
+            pipeline: PartitionPipeline = pickle.loads(zlib.decompress(row.state))
+            counts.update(pipeline.stats.counts)
+            pii.update(pipeline.stats.pii)
+            buffered += len(pipeline.curator.buffer)
+    return counts, pii, buffered
 
 
 class LivePipeline:

@@ -39,7 +39,8 @@ def test_invalid_configuration_is_a_clear_error(monkeypatch):
 
 
 def test_demo_runs_end_to_end_and_reports(tmp_path):
-    """What `make run` runs, with a few events, as a separate process on free ports."""
+    """What `make run` runs, with a few events, as a separate process on free ports: broker,
+    store, archive, gateway and the pipeline worker."""
     env = {
         **os.environ,
         "FEEDLOOP_DATA_DIR": str(tmp_path / "data"),
@@ -54,6 +55,10 @@ def test_demo_runs_end_to_end_and_reports(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = done.stderr
     assert "events lost" in report and "archive verified" in report
-    lost_line = next(line for line in report.splitlines() if "events lost" in line)
-    assert lost_line.split("│")[2].strip() == "0"
+    def row(name: str) -> str:
+        return next(line for line in report.splitlines() if name in line).split("│")[2].strip()
+
+    assert row("events lost") == "0"
+    assert row("annotated examples") == "60"  # the pipeline worker ran and closed every window
+    assert int(row("batches written").split()[0]) >= 1
     assert any(Path(tmp_path / "data" / "archive").rglob("*.jsonl.gz"))
