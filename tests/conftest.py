@@ -142,11 +142,12 @@ def archived_records(stack: Stack, topic: str | None = None) -> list:
         return list(iter_archive(session, stack.archive_dir, topic))
 
 
-async def wait_until_archived(stack: Stack, topic: str, count: int, timeout_s: float = 30.0) -> list:
-    """The archived records of a topic, once there are at least ``count`` of them."""
+async def wait_until_archived(stack: Stack, topic: str, count: int, timeout_s: float = 30.0, where=None) -> list:
+    """The archived records of a topic (those matching ``where``, if given), once there are at
+    least ``count`` of them. Tests on the shared broker pass ``where`` to count only their own."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
-        records = archived_records(stack, topic)
+        records = [r for r in archived_records(stack, topic) if where is None or where(r)]
         if len(records) >= count or asyncio.get_running_loop().time() > deadline:
             return records
         await asyncio.sleep(0.1)
