@@ -37,6 +37,11 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _error(response: httpx.Response) -> FeedloopError:
+    payload = response.json() if response.content else {}
+    return FeedloopError(response.status_code, payload.get("reason", "error"), payload.get("detail", response.text))
+
+
 def _ids(turn: Interaction) -> dict[str, str]:
     return {"interaction_id": turn.interaction_id, "session_id": turn.session_id}
 
@@ -84,26 +89,22 @@ class FeedloopClient:
         """Post a prepared body (a JSON array or JSON lines) as it is."""
         delay = 0.2
         for attempt in range(self.retries + 1):
+            last = attempt == self.retries
             try:
                 response = self._http.post(
                     "/v1/events", content=body, headers={"Content-Type": content_type}
                 )
             except httpx.TransportError:
-                if attempt == self.retries:
+                if last:
                     raise
             else:
                 if response.status_code == 202:
                     return IngestResult.model_validate(response.json())
-                if response.status_code != 503 or attempt == self.retries:
-                    payload = response.json() if response.content else {}
-                    raise FeedloopError(
-                        response.status_code,
-                        payload.get("reason", "error"),
-                        payload.get("detail", response.text),
-                    )
+                if response.status_code != 503 or last:
+                    raise _error(response)
             time.sleep(delay)
             delay *= 2
-        raise AssertionError("unreachable")
+        raise ValueError("retries must be >= 0")
 
     def route(self, context: Context | dict[str, Any] | None = None) -> RouteAnswer:
         """Which adapter should serve a request with this context (``POST /v1/route``).
@@ -113,8 +114,7 @@ class FeedloopClient:
         body = {"context": Context.model_validate(context or {}).model_dump(mode="json"), "app_id": self.app_id}
         response = self._http.post("/v1/route", json=body)
         if response.status_code != 200:
-            payload = response.json() if response.content else {}
-            raise FeedloopError(response.status_code, payload.get("reason", "error"), payload.get("detail", response.text))
+            raise _error(response)
         return RouteAnswer.model_validate(response.json())
 
     def close(self) -> None:

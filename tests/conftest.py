@@ -66,6 +66,16 @@ def settings(tmp_path: Path, broker: EmbeddedBroker) -> Settings:
     return make_settings(tmp_path, broker.port)
 
 
+@pytest.fixture
+def sessions(tmp_path):
+    """A migrated SQLite store of the test's own."""
+    url = f"sqlite:///{tmp_path / 'feedloop.db'}"
+    migrations.upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for this test session, dropped afterwards."""

@@ -203,3 +203,19 @@ async def test_erase_endpoint_shreds_the_users_key(stack):
     fresh = Pseudonymizer(FileKeyStore(stack.settings.keys_path))
     assert fresh.erased_at("user-to-erase") is not None
     assert fresh.pseudonym("user-to-erase") != before
+
+
+async def test_python_client_routes_through_the_gateway(stack):
+    with FeedloopClient(stack.base_url, api_key=API_KEYS["app-a"], app_id="app-a") as client:
+        answer = await asyncio.to_thread(client.route, {"domain": "code", "locale": "en"})
+    # Before any learner snapshot, the router serves the configured initial arms.
+    assert answer.adapter == stack.settings.learners.initial_arms[0]
+    assert answer.probabilities[answer.adapter] == answer.propensity
+    assert abs(sum(answer.probabilities.values()) - 1) < 1e-9
+    with FeedloopClient(stack.base_url, api_key="nope", app_id="app-a") as client:
+        try:
+            await asyncio.to_thread(client.route, {})
+        except FeedloopError as error:
+            assert error.status == 401
+        else:
+            raise AssertionError("a bad key must raise")

@@ -16,11 +16,10 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
-import migrations
 from app.gateway import create_app
 from app.routing import RoutingService
 from app.settings import LearnerSettings, Settings
-from app.store import RouterSnapshot, make_engine, make_sessionmaker
+from app.store import RouterSnapshot
 from streams.contract import (
     CONTROL_EVENT_ADAPTER,
     AdapterLoaded,
@@ -277,15 +276,6 @@ def test_a_snapshot_restores_the_router_exactly(environment):
     assert snapshot_router(first) == snapshot_router(state.router)
     with pytest.raises(ValueError, match="format"):
         restore(data.replace(b'"format": 1', b'"format": 9', 1), np.random.default_rng(0))
-
-
-@pytest.fixture
-def sessions(tmp_path):
-    url = f"sqlite:///{tmp_path / 'feedloop.db'}"
-    migrations.upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def test_the_learner_checkpoints_publishes_snapshots_and_restores(sessions, environment):

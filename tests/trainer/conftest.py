@@ -7,8 +7,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
-import migrations  # noqa: E402
-from app.store import make_engine, make_sessionmaker  # noqa: E402
 from trainer.base_model import BaseModelConfig, build_base_model  # noqa: E402
 
 
@@ -21,11 +19,3 @@ def trained_base(tmp_path_factory):
     """
     return build_base_model(tmp_path_factory.mktemp("trained-base"), BaseModelConfig())
 
-
-@pytest.fixture
-def sessions(tmp_path):
-    url = f"sqlite:///{tmp_path / 'feedloop.db'}"
-    migrations.upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
