@@ -101,10 +101,17 @@ async def test_learners_route_learn_decide_and_survive_sigkill(tmp_path, own_bro
         await simulate(http, ["code", "chat"] * 60 + ["math"] * 120, start=0)
         await wait_for(lambda: (s := newest_snapshot(sessions)) and s.examples >= total, 120, "every example learned")
 
-        control = [json.loads(r.value) for r in await wait_until_archived(stack, CONTROL.name, 3)]
-        promoted = [e for e in control if e["type"] == "adapter_promoted"]
+        def control_of(kind: str, prefix: str = ""):
+            def matches(record) -> bool:
+                event = json.loads(record.value)
+                return event["type"] == kind and event.get("signal", "").startswith(prefix)
+            return matches
+
+        # Wait for the records themselves: the archive may hold other control events first.
+        promoted = [json.loads(r.value) for r in
+                    await wait_until_archived(stack, CONTROL.name, 1, where=control_of("adapter_promoted"))]
         assert [(e["adapter"], e["previous_champion"], e["source"]) for e in promoted] == [("code-v1", "base", "learners")]
-        assert any(e["type"] == "drift_alarm" and e["signal"].startswith("feature:domain=") for e in control)
+        assert await wait_until_archived(stack, CONTROL.name, 1, where=control_of("drift_alarm", "feature:domain="))
         best = {d: await wait_for_route(http, lambda b: "base" not in b["probabilities"], {"domain": d, "cohort": "a"})
                 for d in ("code", "chat", "math")}  # fmt: skip
         assert {d: max(b["probabilities"], key=b["probabilities"].get) for d, b in best.items()} == {
