@@ -67,7 +67,8 @@ def archive_records(sessions: sessionmaker, archive_dir: Path, window: TimeRange
 
 def file_records(path: Path, partitions: int, window: TimeRange) -> Iterator[ArchivedRecord]:
     """Records of a JSON-lines file (optionally .gz): archive lines as they are, or bare events,
-    which are assigned to partitions by their session id as Kafka's default partitioner would."""
+    which are assigned to partitions by their session id as Kafka's default partitioner would
+    and timed by their ``occurred_at`` (they carry no broker receive time)."""
     partitioner = DefaultPartitioner()
     opener = gzip.open if path.suffix == ".gz" else open
     offsets: dict[int, int] = {}
@@ -84,8 +85,10 @@ def file_records(path: Path, partitions: int, window: TimeRange) -> Iterator[Arc
             key = str(data.get("session_id", "")).encode()
             partition = partitioner(key, list(range(partitions)), list(range(partitions)))
             offsets[partition] = offsets.get(partition, -1) + 1
-            record = ArchivedRecord(EVENTS.name, partition, offsets[partition], 0, key, line.strip().encode(), {})
-        if record.timestamp_ms in window or "offset" not in data:
+            received_ms = int(datetime.fromisoformat(data["occurred_at"]).timestamp() * 1000)
+            record = ArchivedRecord(EVENTS.name, partition, offsets[partition], received_ms, key,
+                                    line.strip().encode(), {})
+        if record.timestamp_ms in window:
             decoded.append(record)
     decoded.sort(key=lambda r: (r.partition, r.offset))
     return iter(decoded)

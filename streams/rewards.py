@@ -57,5 +57,4 @@ def combined_reward(rewards: dict[str, float | None], weights: dict[str, float])
     return sum(r * weights.get(c, 0.0) for c, r in present.items()) / total
 
 
-IMPLICIT_KINDS = frozenset(_IMPLICIT)
 EXPLICIT_KINDS = frozenset(_EXPLICIT)

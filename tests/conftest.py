@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,17 +24,12 @@ from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
 from app.store import make_engine, make_sessionmaker
 from streams.archive import Archiver
+from trainer.vllm_server import free_port  # noqa: F401 (tests and benchmarks import it from here)
 
 POSTGRES_ADMIN_URL = os.environ.get("FEEDLOOP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 API_KEYS = {"app-a": "key-a-0123456789", "app-b": "key-b-0123456789"}
 
 configure_logging("warning", "console")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,7 @@ learner killed with SIGKILL comes back with the identical router.
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 
 import httpx
 import numpy as np
@@ -28,7 +26,7 @@ from streams.learning import restore, route_features
 from streams.topics import CONTROL, REVIEW
 from tests.conftest import free_port, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
-from tests.integration.test_pipeline_live import AUTH, PIPELINE_ENV, at, start_worker, stop_worker, wait_for
+from tests.integration.test_pipeline_live import AUTH, at, start_worker, stop_worker, wait_for
 
 LEARNERS = {"initial_arms": ["base", "chat-v1"], "ab_min_samples": 15, "review_budget_per_hour": 5,
             "checkpoint_interval_s": 0.5, "snapshot_poll_s": 0.3}  # fmt: skip
@@ -44,12 +42,7 @@ def own_broker():
 
 
 def start_learner(settings) -> subprocess.Popen:
-    env = {**os.environ, **PIPELINE_ENV, **LEARNER_ENV,
-           "FEEDLOOP_EMBEDDED_BROKER_PORT": str(settings.embedded_broker_port),
-           "FEEDLOOP_DATA_DIR": str(settings.data_dir), "FEEDLOOP_LOG_LEVEL": "info"}  # fmt: skip
-    log = open(settings.data_dir.parent / "learner.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "learn"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    return start_worker(settings, LEARNER_ENV, command="learn")
 
 
 def newest_snapshot(sessions) -> RouterSnapshot | None:

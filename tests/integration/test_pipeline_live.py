@@ -72,12 +72,13 @@ def traffic(count: int, seeded: list | None = None) -> list[dict]:
     return events
 
 
-def start_worker(settings, env_extra=None) -> subprocess.Popen:
+def start_worker(settings, env_extra=None, command: str = "worker") -> subprocess.Popen:
+    """`feedloop <command>` as its own process, logging at info to <command>.log beside data/."""
     env = {**os.environ, **PIPELINE_ENV, **(env_extra or {}),
            "FEEDLOOP_EMBEDDED_BROKER_PORT": str(settings.embedded_broker_port),
-           "FEEDLOOP_DATA_DIR": str(settings.data_dir), "FEEDLOOP_LOG_LEVEL": "info"}  # to worker.log
-    log = open(settings.data_dir.parent / "worker.log", "ab")  # a pipe nobody reads would block it
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
+           "FEEDLOOP_DATA_DIR": str(settings.data_dir), "FEEDLOOP_LOG_LEVEL": "info"}
+    log = open(settings.data_dir.parent / f"{command}.log", "ab")  # a pipe nobody reads would block it
+    return subprocess.Popen([sys.executable, "-m", "app.cli", command], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
