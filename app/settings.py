@@ -75,6 +75,27 @@ class LearnerSettings(BaseModel):
     route_seed: int | None = Field(
         None, description="Seed of the gateway's routing draws; unset: fresh entropy per process."
     )
+    canary_share: float = Field(
+        0.1, gt=0, le=1, description="Most traffic a new adapter gets while its A/B test runs."
+    )
+
+
+class ServingSettings(BaseModel):
+    """vLLM replicas, the hot-swap controller (`feedloop swap`) and the chat gateway (docs/serving.md).
+
+    Set as ``FEEDLOOP_SERVING__<FIELD>``; the replicas themselves are ``FEEDLOOP_VLLM_URLS``.
+    """
+
+    served_model_name: str = Field("base", description="Name vLLM serves the base model under (--served-model-name).")
+    max_lora_rank: int = Field(8, ge=1, description="vLLM --max-lora-rank; adapters of a higher rank are refused.")
+    max_loras: int = Field(4, ge=1, description="vLLM --max-loras: adapters batched together.")
+    drain_s: float = Field(
+        10.0, ge=0, description="After a promotion or rollback, wait this long before unloading the old adapter."
+    )
+    reconcile_interval_s: float = Field(
+        15.0, gt=0, description="How often the controller re-checks every replica (one that came back is caught up)."
+    )
+    request_timeout_s: float = Field(120.0, gt=0, description="The chat gateway's timeout for one vLLM answer.")
 
 
 class Settings(BaseSettings):
@@ -141,10 +162,13 @@ class Settings(BaseSettings):
         default_factory=TrainerConfig, description="The LoRA recipe (docs/trainer.md), FEEDLOOP_TRAINER__*."
     )
 
-    # --- serving and models (used by the trainer and hot-swap issues) -----------------------
+    # --- serving and models --------------------------------------------------------------------
     vllm_urls: list[str] = Field(
         default_factory=lambda: ["http://127.0.0.1:8000"],
         description="OpenAI-compatible vLLM replicas with runtime LoRA loading enabled.",
+    )
+    serving: ServingSettings = Field(
+        default_factory=ServingSettings, description="Hot-swap and chat gateway, FEEDLOOP_SERVING__*."
     )
     base_model_path: Path | None = Field(
         None, description="Local path of the base model. Default: data_dir/models/base."

@@ -32,6 +32,12 @@ class LinUCBRouter:
     over the K live arms, sampled with the router's own seeded RNG. The floor keeps every arm
     observable, so the logged propensities support off-policy evaluation of any candidate.
 
+    A new adapter starts as a canary: ``set_cap(arm, share)`` bounds its probability, and
+    what it loses goes to the uncapped arms in proportion to theirs (a fresh arm's wide
+    confidence bound would otherwise make it the greedy choice for almost all traffic).
+    ``pin(arm)`` sends everything to one arm (an operator's freeze), ``pin(None)`` lifts it.
+    Propensities are always those of the distribution actually sampled.
+
     River's ``LinUCBDisjoint`` is not used: it returns a single arm without propensities, has
     no way to retire an arm or warm-start one, and updates through dict-based Bayesian
     regressions (~15k decisions/s); here numpy with Sherman-Morrison updates keeps a decision
@@ -65,9 +71,15 @@ class LinUCBRouter:
     >>> decision.propensity == decision.probabilities[decision.arm]
     True
     >>> router.add_arm("code-v2", warm_start_from="code-v1")
+    >>> router.set_cap("code-v2", 0.2)
+    >>> router.probabilities(context)["code-v2"]
+    0.2
+    >>> router.pin("base")
+    >>> router.decide(context).arm
+    'base'
     >>> router.remove_arm("base")
-    >>> router.arms
-    ('code-v1', 'code-v2')
+    >>> router.arms, router.pinned
+    (('code-v1', 'code-v2'), None)
     """
 
     def __init__(
@@ -87,6 +99,8 @@ class LinUCBRouter:
         self.l2 = l2
         self.featurizer = HashingFeaturizer(dim)
         self._models: dict[str, OnlineRidge] = {}
+        self._caps: dict[str, float] = {}
+        self.pinned: str | None = None
         self._rng = np.random.default_rng(seed)
         for arm in arms:
             self.add_arm(arm)
@@ -104,11 +118,37 @@ class LinUCBRouter:
 
     def remove_arm(self, arm: str) -> None:
         del self._models[arm]
+        self._caps.pop(arm, None)
+        if self.pinned == arm:
+            self.pinned = None
+
+    @property
+    def caps(self) -> dict[str, float]:
+        return dict(self._caps)
+
+    def set_cap(self, arm: str, share: float | None) -> None:
+        """Bound ``arm``'s probability by ``share`` (None removes the bound)."""
+        if arm not in self._models:
+            raise ValueError(f"arm {arm!r} is not live")
+        if share is None:
+            self._caps.pop(arm, None)
+        elif not 0.0 < share <= 1.0:
+            raise ValueError("a cap must be in (0, 1]")
+        else:
+            self._caps[arm] = share
+
+    def pin(self, arm: str | None) -> None:
+        """Route everything to ``arm`` until ``pin(None)``."""
+        if arm is not None and arm not in self._models:
+            raise ValueError(f"arm {arm!r} is not live")
+        self.pinned = arm
 
     def probabilities(self, context: Context) -> dict[str, float]:
         """The distribution ``decide`` samples from; does not touch the RNG."""
         if not self._models:
             raise ValueError("no live arms")
+        if self.pinned is not None:
+            return {arm: 1.0 if arm == self.pinned else 0.0 for arm in self._models}
         x = self.featurizer.transform(context)
         ucb = {
             arm: model.predict(x) + self.alpha * model.uncertainty(x)
@@ -118,7 +158,7 @@ class LinUCBRouter:
         greedy = [arm for arm, bound in ucb.items() if bound == best]
         base = self.floor / len(ucb)
         bonus = (1.0 - self.floor) / len(greedy)
-        return {arm: base + bonus if arm in greedy else base for arm in ucb}
+        return _capped({arm: base + bonus if arm in greedy else base for arm in ucb}, self._caps)
 
     def decide(self, context: Context) -> RoutingDecision:
         probabilities = self.probabilities(context)
@@ -138,3 +178,22 @@ class LinUCBRouter:
         model = self._models.get(arm)
         if model is not None:
             model.learn_one(self.featurizer.transform(context), reward)
+
+
+def _capped(probabilities: dict[str, float], caps: dict[str, float]) -> dict[str, float]:
+    """Lower capped arms to their caps and give the excess to the uncapped arms, in proportion
+    to their probabilities (evenly if those are all 0). With no uncapped arm, nothing moves."""
+    excess = sum(max(0.0, p - caps[arm]) for arm, p in probabilities.items() if arm in caps)
+    free = [arm for arm in probabilities if arm not in caps]
+    if excess == 0.0 or not free:
+        return probabilities
+    free_total = sum(probabilities[arm] for arm in free)
+    out = {}
+    for arm, p in probabilities.items():
+        if arm in caps:
+            out[arm] = min(p, caps[arm])
+        elif free_total > 0:
+            out[arm] = p + excess * p / free_total
+        else:
+            out[arm] = p + excess / len(free)
+    return out

@@ -222,6 +222,31 @@ class AdapterRolledBack(_ControlEvent):
     evidence: dict[str, float] = Field(default_factory=dict)
 
 
+class AdapterRefused(_ControlEvent):
+    """The hot-swap controller would not serve an adapter: it failed validation or no replica
+    could load it. Traffic never reached it."""
+
+    type: Literal["adapter_refused"] = "adapter_refused"
+    adapter: Id
+    reason: str = Field(description="Short code, e.g. 'checksum_mismatch', 'load_failed'.")
+    detail: str = Field(description="What was wrong and what to do about it.")
+
+
+class AdapterUnloaded(_ControlEvent):
+    """Replicas stopped serving an adapter (retired after a promotion, or rolled back)."""
+
+    type: Literal["adapter_unloaded"] = "adapter_unloaded"
+    adapter: Id
+    replicas: list[str]
+
+
+class AdapterPinned(_ControlEvent):
+    """An operator froze routing: every request goes to ``adapter`` (None lifts the pin)."""
+
+    type: Literal["adapter_pinned"] = "adapter_pinned"
+    adapter: Id | None = Field(description="The adapter all traffic goes to; null unpins.")
+
+
 class DriftAlarm(_ControlEvent):
     type: Literal["drift_alarm"] = "drift_alarm"
     signal: str = Field(description="What drifted, e.g. 'reward:adapter-3' or 'feature:domain'.")
@@ -231,7 +256,10 @@ class DriftAlarm(_ControlEvent):
 
 
 ControlEvent = Annotated[
-    Union[BatchEmitted, AdapterReady, AdapterLoaded, AdapterPromoted, AdapterRolledBack, DriftAlarm],
+    Union[
+        BatchEmitted, AdapterReady, AdapterLoaded, AdapterPromoted, AdapterRolledBack, AdapterRefused,
+        AdapterUnloaded, AdapterPinned, DriftAlarm,
+    ],
     Field(discriminator="type"),
 ]
 

@@ -37,6 +37,7 @@ from learners.router import LinUCBRouter
 from streams.contract import (
     CONTROL_EVENT_ADAPTER,
     AdapterLoaded,
+    AdapterPinned,
     AdapterPromoted,
     AdapterRolledBack,
     AnnotatedExample,
@@ -231,15 +232,17 @@ class LearnerState:
     # --- adapter lifecycle ---------------------------------------------------------------------
 
     def apply_control(self, event: object) -> None:
-        """Adapters loaded, promoted or rolled back; other control events do not concern the
-        learners. Idempotent: an event seen twice (or the learner's own verdict coming back)
-        changes nothing the second time."""
+        """Adapters loaded, promoted, rolled back or pinned; other control events do not
+        concern the learners. Idempotent: an event seen twice (or the learner's own verdict
+        coming back) changes nothing the second time."""
         if isinstance(event, AdapterLoaded):
             changed = self._load(event.adapter)
         elif isinstance(event, AdapterPromoted):
             changed = self._promote(event.adapter)
         elif isinstance(event, AdapterRolledBack):
             changed = self._retire(event.adapter)
+        elif isinstance(event, AdapterPinned):
+            changed = self._pin(event.adapter)
         else:
             changed = False
         if changed:
@@ -252,12 +255,13 @@ class LearnerState:
         return ABTest(self.champion, challenger, alpha=c.ab_alpha, min_samples=c.ab_min_samples, tau=c.ab_tau)
 
     def _load(self, adapter: str) -> bool:
-        """A new adapter joins the router, warm-started at the champion's weights (it was
-        trained from it), and an experiment against the champion starts. An adapter already
-        live (replicas reloaded) starts nothing."""
+        """A new adapter joins the router as a canary (at most ``canary_share`` of traffic),
+        warm-started at the champion's weights (it was trained from it), and an experiment
+        against the champion starts. An adapter already live (replicas reloaded) starts nothing."""
         if adapter in self.router.arms:
             return False
         self.router.add_arm(adapter, warm_start_from=self.champion)
+        self.router.set_cap(adapter, self.config.canary_share)
         self.experiments[adapter] = self._new_test(adapter)
         return True
 
@@ -271,6 +275,7 @@ class LearnerState:
         retired = self.champion
         self.experiments.pop(adapter, None)
         self._set_champion(adapter)
+        self.router.set_cap(adapter, None)
         self.router.remove_arm(retired)
         return True
 
@@ -284,6 +289,15 @@ class LearnerState:
         self.router.remove_arm(adapter)
         if adapter == self.champion:
             self._set_champion(self.router.arms[0])  # the oldest live arm
+        return True
+
+    def _pin(self, adapter: str | None) -> bool:
+        if adapter is not None and adapter not in self.router.arms:
+            log.warning("learners.pin_unknown_adapter", adapter=adapter, arms=self.router.arms)
+            return False
+        if adapter == self.router.pinned:
+            return False
+        self.router.pin(adapter)
         return True
 
     def _set_champion(self, adapter: str) -> None:
@@ -309,7 +323,8 @@ def snapshot_router(router: LinUCBRouter) -> bytes:
     The bytes depend only on the router's numbers, so equal states give equal snapshots."""
     models: dict[str, OnlineRidge] = router._models
     header = {"format": SNAPSHOT_FORMAT, "alpha": router.alpha, "floor": router.floor, "l2": router.l2,
-              "dim": router.featurizer.dim, "arms": [[arm, m.n] for arm, m in models.items()]}  # fmt: skip
+              "dim": router.featurizer.dim, "arms": [[arm, m.n] for arm, m in models.items()],
+              "caps": router.caps, "pinned": router.pinned}  # fmt: skip
     arrays = b"".join(np.asarray(a, dtype="<f8").tobytes()
                       for m in models.values() for a in (m._a_inv, m._b, m.weights))  # fmt: skip
     return json.dumps(header, sort_keys=True).encode() + b"\n" + arrays
@@ -340,4 +355,7 @@ def restore(data: bytes, rng: np.random.Generator) -> LinUCBRouter:
         model.weights = chunk[dim * dim + dim :].copy()
         model.n = n
         router._models[arm] = model
+    for arm, share in header["caps"].items():
+        router.set_cap(arm, share)
+    router.pin(header["pinned"])
     return router

@@ -23,6 +23,7 @@ from app.store import RouterSnapshot
 from streams.contract import (
     CONTROL_EVENT_ADAPTER,
     AdapterLoaded,
+    AdapterPinned,
     AdapterPromoted,
     AdapterRolledBack,
     AnnotatedExample,
@@ -147,7 +148,8 @@ def test_a_restored_checkpoint_goes_on_as_if_never_stopped_and_skips_redelivered
 
 
 def test_the_router_learns_which_adapter_suits_which_context(environment):
-    state = LearnerState(CONFIG.model_copy(update={"ab_min_samples": 10_000}))  # no verdict: keep all arms
+    # No verdict (all arms stay) and no canary cap (it would hide what the router learned).
+    state = LearnerState(CONFIG.model_copy(update={"ab_min_samples": 10_000, "canary_share": 1.0}))
     run(state, records(environment, n=3000))
     assert state.router.arms == ("general", "coder", "mathy")
     for domain, best in (("code", "coder"), ("math", "mathy"), ("chat", "general")):
@@ -189,6 +191,25 @@ def test_promoting_one_challenger_restarts_the_other_experiments_against_the_new
     state.apply_control(AdapterPromoted(event_id="promote-a-v1", occurred_at=T0, source="ops", adapter="a-v1"))
     assert state.champion == "a-v1" and state.router.arms == ("a-v1", "b-v1")
     assert state.experiments["b-v1"].champion == "a-v1"
+
+
+def test_a_new_adapter_is_a_canary_until_promoted_and_a_pin_takes_all_traffic():
+    state = LearnerState(LearnerSettings(initial_arms=["base"], canary_share=0.1, floor=0.1))
+    state.apply_control(loaded("code-v1"))
+    features = route_features(Context(**CODE), "app-a")
+    # Untrained and wide, the new arm is the greedy choice; the canary cap holds it at 10%.
+    assert state.router.probabilities(features) == pytest.approx({"base": 0.9, "code-v1": 0.1})
+    version = state.version
+    state.apply_control(AdapterPinned(event_id="pin-event-1", occurred_at=T0, source="ops", adapter="base"))
+    assert state.router.probabilities(features) == {"base": 1.0, "code-v1": 0.0} and state.version == version + 1
+    state.apply_control(AdapterPinned(event_id="pin-event-2", occurred_at=T0, source="ops", adapter="nobody"))
+    assert state.router.pinned == "base", "an unknown adapter cannot be pinned"
+    # Pins and caps travel with the snapshot the gateway routes with.
+    restored = restore(state.snapshot().data, np.random.default_rng(0))
+    assert restored.pinned == "base" and restored.caps == {"code-v1": 0.1}
+    state.apply_control(AdapterPinned(event_id="pin-event-3", occurred_at=T0, source="ops", adapter=None))
+    state.apply_control(AdapterPromoted(event_id="promote-code-v1", occurred_at=T0, source="ops", adapter="code-v1"))
+    assert state.router.probabilities(features) == {"code-v1": 1.0} and state.router.caps == {}
 
 
 @pytest.mark.parametrize("challenger_reward, verdict", [(0.9, AdapterPromoted), (0.1, AdapterRolledBack)])
