@@ -133,6 +133,7 @@ class LearnerState:
         self.champion = config.initial_arms[0]  # always a live arm: the last arm is never removed
         self.drift = DriftMonitor(recent_window=config.drift_recent_window, features=config.drift_features)
         self.experiments: dict[str, ABTest] = {}  # challenger -> its test against the champion
+        self.ended: set[str] = set()  # retired or rolled back: names are never reused, never re-added
         self.review = ReviewSelector(config.review_budget_per_hour)
         self.loss_weights = LossWeights()
         self.version = 0
@@ -258,7 +259,7 @@ class LearnerState:
         """A new adapter joins the router as a canary (at most ``canary_share`` of traffic),
         warm-started at the champion's weights (it was trained from it), and an experiment
         against the champion starts. An adapter already live (replicas reloaded) starts nothing."""
-        if adapter in self.router.arms:
+        if adapter in self.router.arms or adapter in self.ended:
             return False
         self.router.add_arm(adapter, warm_start_from=self.champion)
         self.router.set_cap(adapter, self.config.canary_share)
@@ -277,16 +278,19 @@ class LearnerState:
         self._set_champion(adapter)
         self.router.set_cap(adapter, None)
         self.router.remove_arm(retired)
+        self.ended.add(retired)
         return True
 
     def _retire(self, adapter: str) -> bool:
         ended = self.experiments.pop(adapter, None) is not None
         if adapter not in self.router.arms:
+            self.ended.add(adapter)  # a late adapter_loaded must not bring it back
             return ended
         if len(self.router.arms) == 1:
             log.warning("learners.last_arm_kept", adapter=adapter)  # every request needs an arm
             return ended
         self.router.remove_arm(adapter)
+        self.ended.add(adapter)
         if adapter == self.champion:
             self._set_champion(self.router.arms[0])  # the oldest live arm
         return True

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from streams.contract import AdapterReady
 from streams.training_data import MANIFEST, read_batch
 from trainer import data, gate, registry
+from trainer.adapter_validation import adapter_sha256
 from trainer.base_model import METADATA_FILE, weights_sha256
 from trainer.config import TrainerConfig
 from trainer.lora import add_lora
@@ -171,7 +172,8 @@ def train_batch(
             {
                 "name": name,
                 "state": READY if verdict.passed else FAILED,
-                "sha256": weights_sha,
+                # What the hot-swap controller checks before serving it: config and weights.
+                "sha256": adapter_sha256(candidate_dir),
                 "base_model_sha256": lineage["base_model_sha256"],
                 "parent": parent,
                 "reason": verdict.reason,

@@ -18,21 +18,21 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from pydantic import ValidationError
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from app.control_consumer import ControlConsumer
 from app.settings import Settings
 from app.store import Adapter
-from streams.contract import CONTROL_EVENT_ADAPTER, BatchEmitted
-from streams.topics import CONTROL
+from streams.contract import AdapterReady, BatchEmitted
 from trainer.privacy import PrivacyBudgetExceeded
 from trainer.recipe import train_batch
 
 log = structlog.get_logger(__name__)
 
 GROUP = "feedloop-trainer"
+MAX_TRAINING_S = 6 * 3600  # the consumer group must not take a long training for a dead worker
 
 
 def champion(sessions: sessionmaker) -> str | None:
@@ -44,21 +44,11 @@ class TrainerWorker:
     def __init__(self, settings: Settings, sessions: sessionmaker, group: str = GROUP) -> None:
         self.settings = settings
         self.sessions = sessions
-        self._stopping = asyncio.Event()
-        self.consumer = AIOKafkaConsumer(
-            CONTROL.name,
-            bootstrap_servers=settings.bootstrap_servers,
-            group_id=group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
-            heartbeat_interval_ms=max(500, int(settings.broker_session_timeout_s * 1000 / 6)),
-            # A batch may train for minutes; the consumer must not be taken for dead meanwhile.
-            max_poll_interval_ms=6 * 3600 * 1000,
-        )
-        self.producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+        self.consumer = ControlConsumer(settings, group, self.handle, max_poll_interval_s=MAX_TRAINING_S)
 
-    async def handle(self, event: BatchEmitted) -> None:
+    async def handle(self, event: BaseModel) -> list[AdapterReady]:
+        if not isinstance(event, BatchEmitted):
+            return []
         batch_dir = self.settings.data_dir / event.path
         try:
             result = await asyncio.to_thread(
@@ -69,34 +59,15 @@ class TrainerWorker:
         except PrivacyBudgetExceeded as exc:
             log.error("trainer.budget_exceeded", batch_id=event.batch_id, error=str(exc),
                       hint="raise FEEDLOOP_TRAINER__PRIVACY__BUDGET_EPSILON or drop the batch")  # fmt: skip
-            return
+            return []
         if result.event is None:
             log.warning("trainer.rejected", batch_id=event.batch_id, adapter=result.adapter, reason=result.reason)
-            return
-        await self.producer.send_and_wait(
-            CONTROL.name, result.event.model_dump_json().encode(), key=result.event.adapter.encode()
-        )
+            return []
         log.info("trainer.adapter_ready", batch_id=event.batch_id, adapter=result.adapter, metrics=result.metrics)
+        return [result.event]
 
     async def run(self) -> None:
-        await self.consumer.start()
-        await self.producer.start()
-        try:
-            while not self._stopping.is_set():
-                batches = await self.consumer.getmany(timeout_ms=500, max_records=1)
-                for tp, records in batches.items():
-                    for record in records:
-                        try:
-                            event = CONTROL_EVENT_ADAPTER.validate_json(record.value)
-                        except ValidationError:
-                            event = None  # not a control event this worker reads
-                        if isinstance(event, BatchEmitted):
-                            await self.handle(event)
-                        await self.consumer.commit({tp: record.offset + 1})
-        finally:
-            await self.producer.stop()
-            await self.consumer.stop()
+        await self.consumer.run()
 
     def stop(self) -> None:
-        self._stopping.set()
-
+        self.consumer.stop()

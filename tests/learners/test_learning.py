@@ -177,6 +177,8 @@ def test_arms_follow_the_adapter_lifecycle_and_events_are_idempotent():
     state.apply_control(AdapterRolledBack(event_id="rollback-chat-v1", occurred_at=T0, source="ops", adapter="chat-v1",
                                           reason="manual"))  # fmt: skip
     assert state.router.arms == ("base", "code-v1") and set(state.experiments) == {"code-v1"}
+    state.apply_control(loaded("chat-v1"))  # the swap controller announces again after a restart
+    assert "chat-v1" not in state.router.arms, "a rolled-back adapter never comes back"
     state.apply_control(AdapterPromoted(event_id="promote-code-v1", occurred_at=T0, source="ops", adapter="code-v1"))
     assert state.router.arms == ("code-v1",) and state.champion == "code-v1" and not state.experiments
     state.apply_control(AdapterRolledBack(event_id="rollback-code-v1", occurred_at=T0, source="ops", adapter="code-v1",

@@ -18,10 +18,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
+from streams.contract import AdapterReady  # noqa: E402
 from trainer.adapter_validation import AdapterSpec, AdapterValidator, adapter_sha256  # noqa: E402
+from trainer.config import GateConfig, StageConfig, TrainerConfig  # noqa: E402
 from trainer.replicas import ReplicaClient  # noqa: E402
 from trainer.serving import ensure_zero_delta_adapter  # noqa: E402
-from trainer.synthetic_chats import generate_chats  # noqa: E402
+from trainer.synthetic_chats import CONCISE, DETAILED, generate_chats  # noqa: E402
 from trainer.vllm_server import VllmServer, VllmServerConfig, find_vllm_python, free_port  # noqa: E402
 
 SERVED_NAME = "feedloop-base"
@@ -103,6 +105,59 @@ def models(tmp_path_factory) -> Models:
         beta=specs["beta-v1"],
         outside_dir=outside,
     )
+
+
+@dataclass
+class Trained:
+    """Two adapters the real trainer made from batches (one concise, one detailed), with
+    the registry rows and adapter_ready events it wrote. Fresh copies per test: ``ready``."""
+
+    concise: AdapterReady
+    detailed: AdapterReady
+    store_file: Path
+
+
+# Quick, and a permissive gate: gating is the trainer tests' subject, serving needs two
+# adapters whose answers differ.
+TRAIN_FAST = TrainerConfig(
+    num_threads=2, log_every=1000, sft=StageConfig(epochs=3),
+    gate=GateConfig(heldout_prompts=5, rare_skill_items=10, max_new_tokens=24, max_rare_skill_drop=1.0,
+                    max_preference_drop=1.0, max_well_formed_drop=1.0),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained(models: Models, tmp_path_factory) -> Trained:
+    import migrations
+    from app.store import make_engine, make_sessionmaker
+    from tests.trainer import batches
+    from trainer.recipe import train_batch
+
+    root = tmp_path_factory.mktemp("trained")
+    store_file = root / "registry.db"
+    migrations.upgrade(f"sqlite:///{store_file}")
+    engine = make_engine(f"sqlite:///{store_file}")
+    sessions = make_sessionmaker(engine)
+    events = {}
+    for style in (CONCISE, DETAILED):
+        batch_dir = batches.write(root / "batches", f"batch-{style}", batches.sft_records(seed=5, count=48, style=style))
+        result = train_batch(batch_dir, TRAIN_FAST, sessions, base_model_dir=models.base_dir,
+                             adapters_dir=models.adapters_dir, parent=None)  # fmt: skip
+        assert result.event is not None, f"the {style} adapter was not published: {result.reason}"
+        events[style] = result.event
+    engine.dispose()
+    return Trained(events[CONCISE], events[DETAILED], store_file)
+
+
+def registry_copy(trained: Trained, directory: Path):
+    """A migrated store holding the trainer's registry rows, the test's own to change."""
+    import shutil
+
+    from app.store import make_engine, make_sessionmaker
+
+    target = directory / "registry.db"
+    shutil.copyfile(trained.store_file, target)
+    return make_sessionmaker(make_engine(f"sqlite:///{target}"))
 
 
 def server_config(models: Models, port: int, log_path: Path) -> VllmServerConfig:

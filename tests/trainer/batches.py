@@ -67,12 +67,12 @@ def wrong_units_records(seed: int, count: int) -> list:
     return records
 
 
-def sft_records(seed: int, count: int) -> list:
-    """Plain concise SFT records over the common domains."""
+def sft_records(seed: int, count: int, style: str = CONCISE) -> list:
+    """Plain SFT records over the common domains, all in one style."""
     rng = random.Random(seed)
     records = []
     for i in range(count):
-        chat = make_chat(COMMON[i % len(COMMON)], CONCISE, rng)
+        chat = make_chat(COMMON[i % len(COMMON)], style, rng)
         records.append(_sft(i, chat.domain, chat.prompt, chat.answer))
     return records
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from app.store import Adapter, Batch
 from streams.contract import AdapterReady
 from tests.trainer import batches
+from trainer.adapter_validation import adapter_sha256
 from trainer.config import GateConfig, PrivacyConfig, StageConfig, TrainerConfig
 from trainer.gate import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE
 from trainer.privacy import LEDGER_FILE, PrivacyBudgetExceeded, PrivacyLedger, plan
@@ -51,7 +52,8 @@ def test_preference_batch_moves_style_keeps_rare_skill_and_registers_one_adapter
     assert re.fullmatch(r"adapter-000001-[0-9a-f]{8}", row.name) and row.state == "ready" and row.parent is None
     path = adapters / row.name
     assert published(adapters) == [row.name] and row.path == str(path)
-    assert row.sha256 == sha256_file(path / "adapter_model.safetensors") and row.name.endswith(row.sha256[:8])
+    assert row.sha256 == adapter_sha256(path)
+    assert row.name.endswith(sha256_file(path / "adapter_model.safetensors")[:8])
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert stat.S_IMODE((path / name).stat().st_mode) == 0o644
     assert [s["stage"] for s in row.lineage["stages"]] == ["sft", "dpo", "kto"]

@@ -1,0 +1,84 @@
+"""A worker on the control topic: each control event handled, what it answers published, then committed.
+
+The trainer (``feedloop train``) and the hot-swap controller (``feedloop swap``) both read
+``feedloop.control.v1`` in their own consumer group. For each record: decode it (records
+that are not control events are skipped), ``await handle(event)``, publish the control
+events it returns (acks=all), and only then commit the offset: a crash re-reads the record,
+and handlers are idempotent (stable event ids, registry states). ``tick`` runs between polls
+for work driven by time (drains, replica retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import BaseModel, ValidationError
+
+from app.settings import Settings
+from streams.contract import CONTROL_EVENT_ADAPTER
+from streams.topics import CONTROL
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[BaseModel], Awaitable[Sequence[BaseModel]]]
+Ticker = Callable[[], Awaitable[Sequence[BaseModel]]]
+
+
+class ControlConsumer:
+    def __init__(
+        self,
+        settings: Settings,
+        group: str,
+        handle: Handler,
+        *,
+        tick: Ticker | None = None,
+        max_poll_interval_s: float = 300.0,
+    ) -> None:
+        self.handle = handle
+        self.tick = tick
+        self._stopping = asyncio.Event()
+        session_ms = int(settings.broker_session_timeout_s * 1000)
+        self.consumer = AIOKafkaConsumer(
+            CONTROL.name,
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(500, session_ms // 6),
+            # A handler may work for minutes (training): the group must not take it for dead.
+            max_poll_interval_ms=int(max_poll_interval_s * 1000),
+        )
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+
+    async def publish(self, events: Sequence[BaseModel]) -> None:
+        for event in events:
+            key = (getattr(event, "adapter", None) or getattr(event, "batch_id", None) or event.event_id).encode()
+            await self.producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=key)
+
+    async def run(self) -> None:
+        await self.consumer.start()
+        await self.producer.start()
+        try:
+            while not self._stopping.is_set():
+                if self.tick is not None:
+                    await self.publish(await self.tick())
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=1)
+                for tp, records in batches.items():
+                    for record in records:
+                        try:
+                            event = CONTROL_EVENT_ADAPTER.validate_json(record.value)
+                        except ValidationError as error:
+                            log.warning("control.undecodable", offset=record.offset, error=str(error)[:300])
+                        else:
+                            await self.publish(await self.handle(event))
+                        await self.consumer.commit({tp: record.offset + 1})
+        finally:
+            await self.producer.stop()
+            await self.consumer.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()

@@ -1,0 +1,263 @@
+"""The hot-swap controller: control events in; replicas, registry rows and control events out.
+
+What each control event does (``SwapController.handle``):
+
+=====================  ===================================================================
+event                  the controller
+=====================  ===================================================================
+``adapter_ready``      validates the adapter (``trainer.adapter_validation``), loads it on
+                       every replica (``HotSwapper.reconcile``), verifies ``/v1/models``,
+                       marks it ``challenger`` and announces ``adapter_loaded``: only then
+                       does the learner give it a canary share of traffic. Refused or
+                       unloadable: ``failed`` with the reason, and ``adapter_refused``.
+``adapter_promoted``   the adapter becomes ``champion``; the old champion is ``retired``
+                       and unloaded once its traffic has drained (``drain_s``).
+``adapter_rolled_back`` ``rolled_back`` with the reason; unloaded after ``drain_s``.
+=====================  ===================================================================
+
+Every unload is announced with ``adapter_unloaded``. Nothing is unloaded before the router
+has stopped sending traffic to it (the drain), and nothing gets traffic before it is loaded
+(the learner adds an arm on ``adapter_loaded`` only), so a failed swap never routes a
+request to an adapter that is not there.
+
+Replicas that are down are retried on every ``tick`` (each request with backoff, see
+``trainer.replicas.Retry``); an adapter that no replica could load yet stays pending and is
+announced when one can. A replica that comes back gets the whole set on the next reconcile.
+A restarted controller rebuilds the desired set from the registry (``resume``), which the
+control events wrote, and goes on from its committed offset on the control topic.
+
+Plain Python; the I/O is the replicas (HTTP) and the store. The worker that feeds it control
+events is ``app.control_consumer``, started by ``feedloop swap``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from app.store import Adapter
+from streams.contract import (
+    AdapterLoaded,
+    AdapterPromoted,
+    AdapterReady,
+    AdapterRefused,
+    AdapterRolledBack,
+    AdapterUnloaded,
+    utcnow,
+)
+from trainer.adapter_validation import AdapterRefused as Refused
+from trainer.adapter_validation import AdapterSpec, AdapterValidator
+from trainer.replicas import AdapterSet, HotSwapper, ReconcileReport
+
+log = structlog.get_logger(__name__)
+
+SOURCE = "swap"
+READY, CHALLENGER, CHAMPION = "ready", "challenger", "champion"
+RETIRED, ROLLED_BACK, FAILED = "retired", "rolled_back", "failed"
+LIVE = (CHALLENGER, CHAMPION)
+
+Announcement = AdapterLoaded | AdapterRefused | AdapterUnloaded
+
+
+@dataclass(frozen=True)
+class _Drain:
+    adapter: str
+    due: float  # on the controller's monotonic clock
+
+
+class SwapController:
+    @classmethod
+    def from_settings(cls, settings, sessions: sessionmaker) -> SwapController:
+        """The controller for ``FEEDLOOP_VLLM_URLS``; creates the zero-delta base adapter once."""
+        from trainer.serving import ensure_zero_delta_adapter
+
+        base = ensure_zero_delta_adapter(settings.model_path, settings.adapters_path, rank=settings.trainer.lora.rank)
+        with sessions() as session:
+            known = dict(session.execute(select(Adapter.name, Adapter.sha256)).tuples().all())
+        validator = AdapterValidator(settings.adapters_path, base_model_sha256=base.base_model_sha256,
+                                     max_lora_rank=settings.serving.max_lora_rank,
+                                     served_model_name=settings.serving.served_model_name, known=known)  # fmt: skip
+        return cls(sessions, HotSwapper(AdapterSet(validator, base), settings.vllm_urls),
+                   drain_s=settings.serving.drain_s, reconcile_interval_s=settings.serving.reconcile_interval_s)
+
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        swapper: HotSwapper,
+        *,
+        drain_s: float,
+        reconcile_interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sessions = sessions
+        self.swapper = swapper
+        self.drain_s = drain_s
+        self.reconcile_interval_s = reconcile_interval_s
+        self.clock = clock
+        self.pending: dict[str, datetime] = {}  # validated, not yet on any replica -> ready time
+        self._drains: list[_Drain] = []
+        self._next_reconcile = 0.0
+
+    @property
+    def adapters(self):
+        return self.swapper.adapters
+
+    # --- control events -------------------------------------------------------------------
+
+    def handle(self, event: object) -> list[Announcement]:
+        if isinstance(event, AdapterReady):
+            return self._ready(event)
+        if isinstance(event, AdapterPromoted):
+            self._promote(event)
+        elif isinstance(event, AdapterRolledBack):
+            self._roll_back(event)
+        return []
+
+    def _ready(self, event: AdapterReady) -> list[Announcement]:
+        row = self._row(event.adapter)
+        if row is not None and row.state not in (READY, *LIVE):
+            log.info("swap.ready_skipped", adapter=event.adapter, state=row.state)  # retired, failed...
+            return []
+        if event.adapter in self.adapters:
+            return self._reconcile()  # a redelivered event: make sure it is served, announce again
+        try:
+            self.adapters.add(AdapterSpec.from_event(event))
+        except Refused as refused:
+            return [self._refuse(event.adapter, refused.reason, refused.detail)]
+        self.pending[event.adapter] = event.occurred_at
+        return self._reconcile()
+
+    def _promote(self, event: AdapterPromoted) -> None:
+        with self.sessions.begin() as session:
+            new = session.get(Adapter, event.adapter)
+            if new is not None and new.state == CHAMPION:
+                return
+            if new is None and event.adapter in self.adapters:
+                log.warning("swap.promote_unregistered", adapter=event.adapter)
+            old = session.scalars(select(Adapter).where(Adapter.state == CHAMPION)).all()
+            for previous in old:
+                previous.state = RETIRED
+                self._drain(previous.name)
+            if new is not None:
+                new.state = CHAMPION
+                new.reason = None
+        log.info("swap.promoted", adapter=event.adapter, retired=[a.name for a in old], source=event.source)
+
+    def _roll_back(self, event: AdapterRolledBack) -> None:
+        with self.sessions.begin() as session:
+            row = session.get(Adapter, event.adapter)
+            if row is not None:
+                if row.state in (ROLLED_BACK, FAILED):
+                    return
+                row.state, row.reason = ROLLED_BACK, event.reason
+        if self.pending.pop(event.adapter, None) is not None:
+            self.adapters.retire(event.adapter)  # never loaded: nothing to drain
+        else:
+            self._drain(event.adapter)
+        log.info("swap.rolled_back", adapter=event.adapter, reason=event.reason, source=event.source)
+
+    def _drain(self, adapter: str) -> None:
+        if adapter != self.adapters.base.name:
+            self._drains.append(_Drain(adapter, self.clock() + self.drain_s))
+
+    # --- time -----------------------------------------------------------------------------
+
+    def tick(self) -> list[Announcement]:
+        """Unload what has drained; reconcile when something changed, something waits for a
+        replica, or the interval has passed."""
+        now = self.clock()
+        due = [d for d in self._drains if d.due <= now]
+        self._drains = [d for d in self._drains if d.due > now]
+        for drain in due:
+            if drain.adapter in self.adapters:
+                self.adapters.retire(drain.adapter)
+        if due or self.pending or now >= self._next_reconcile:
+            return self._reconcile()
+        return []
+
+    def resume(self) -> list[Announcement]:
+        """After a (re)start: desire what the registry says is ready or live, and reconcile.
+        Adapters retired or rolled back while the controller was down are unloaded now."""
+        with self.sessions() as session:
+            rows = session.scalars(
+                select(Adapter).where(Adapter.state.in_((READY, *LIVE))).order_by(Adapter.created_at)
+            ).all()
+        out: list[Announcement] = []
+        for row in rows:
+            if row.name in self.adapters:
+                continue
+            spec = AdapterSpec(row.name, row.path, row.sha256, row.base_model_sha256)
+            try:
+                self.adapters.add(spec)
+            except Refused as refused:
+                # A live adapter whose files changed: the gateway falls back to the base model.
+                log.error("swap.live_adapter_refused", adapter=row.name, state=row.state, reason=refused.reason)
+                out.append(self._refuse(row.name, refused.reason, refused.detail))
+                continue
+            # Announced again once served: the crash may have come before the announcement,
+            # and the learner ignores an adapter_loaded for an arm it has or has ended.
+            self.pending[row.name] = datetime.fromisoformat(row.lineage.get("registered_at", utcnow().isoformat()))
+        return out + self._reconcile()
+
+    # --- replicas ---------------------------------------------------------------------------
+
+    def _reconcile(self) -> list[Announcement]:
+        report = self.swapper.reconcile()
+        self._next_reconcile = self.clock() + self.reconcile_interval_s
+        out: list[Announcement] = []
+        for name in list(self.pending):
+            serving = report.replicas_serving(name)
+            if serving:
+                out.append(self._loaded(name, serving))
+                continue
+            up = [r for r in report.replicas if r.up]
+            if up and all(name in r.errors for r in up):
+                detail = "; ".join(r.errors[name] for r in up)
+                self.adapters.retire(name)
+                del self.pending[name]
+                out.append(self._refuse(name, "load_failed", f"no replica could load it: {detail}"))
+            elif not up:
+                log.warning("swap.waiting_for_replicas", adapter=name, down=report.down)
+        out += self._unloaded(report)
+        return out
+
+    def _loaded(self, name: str, replicas: list[str]) -> AdapterLoaded:
+        ready_at = self.pending.pop(name)
+        now = utcnow()
+        swap_ms = (now - ready_at).total_seconds() * 1000
+        with self.sessions.begin() as session:
+            row = session.get(Adapter, name)
+            if row is not None and row.state == READY:  # the first load, not a resumed one
+                row.state = CHALLENGER
+                row.lineage = {**row.lineage, "serving": {"loaded_at": now.isoformat(), "swap_ms": swap_ms,
+                                                          "replicas": replicas}}  # fmt: skip
+        log.info("swap.loaded", adapter=name, replicas=replicas, swap_ms=round(swap_ms, 1))
+        return AdapterLoaded(event_id=f"adapter-loaded-{name}", occurred_at=now, source=SOURCE, adapter=name,
+                             replicas=replicas)  # fmt: skip
+
+    def _unloaded(self, report: ReconcileReport) -> list[AdapterUnloaded]:
+        by_adapter: dict[str, list[str]] = {}
+        for replica in report.replicas:
+            for name in replica.unloaded:
+                by_adapter.setdefault(name, []).append(replica.url)
+        return [AdapterUnloaded(event_id=f"adapter-unloaded-{name}", occurred_at=utcnow(), source=SOURCE,
+                                adapter=name, replicas=urls) for name, urls in sorted(by_adapter.items())]  # fmt: skip
+
+    def _refuse(self, name: str, reason: str, detail: str) -> AdapterRefused:
+        with self.sessions.begin() as session:
+            row = session.get(Adapter, name)
+            if row is not None:
+                row.state, row.reason = FAILED, f"{reason}: {detail}"
+        log.error("swap.refused", adapter=name, reason=reason, detail=detail)
+        return AdapterRefused(event_id=f"adapter-refused-{name}", occurred_at=utcnow(), source=SOURCE,
+                              adapter=name, reason=reason, detail=detail)  # fmt: skip
+
+    def _row(self, name: str) -> Adapter | None:
+        with self.sessions() as session:
+            return session.get(Adapter, name)
