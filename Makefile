@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed
 SERVE_VENV := .venv-serve
 SERVE_STAMP := $(SERVE_VENV)/.installed
 
-.PHONY: run test bench schemas clean
+.PHONY: run test bench schemas clean chromium
 
 run: $(STAMP)  ## the main job on the embedded defaults
 	$(BIN)/feedloop demo
 
-test: $(STAMP) $(SERVE_STAMP)  ## the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
+test: $(STAMP) $(SERVE_STAMP) chromium  ## the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -42,6 +42,11 @@ $(SERVE_STAMP): constraints.txt constraints-serve.txt requirements-serve.txt
 	$(SERVE_VENV)/bin/python -m pip install --quiet -c constraints.txt -c constraints-serve.txt -r requirements-serve.txt
 	$(SERVE_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $(SERVE_STAMP)
+
+# The dashboard's browser test drives Debian's chromium through Playwright (never Playwright's
+# own browser downloads: there is no network but the package registries). We run as root.
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) data runs

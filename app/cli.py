@@ -239,6 +239,31 @@ def archive_verify(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print what GET /v1/overview answers instead of tables.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """The loop at a glance: adapters, A/B tests, dead letters, batches, drift, lag, privacy."""
+    from rich.console import Console
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.overview import OverviewSource
+    from app.status import render_status
+
+    source = OverviewSource(_settings(ctx))
+    try:
+        overview = source.read()
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"cannot read the store ({str(exc).splitlines()[0]}); "
+                                   "run `feedloop db upgrade` or set FEEDLOOP_DATABASE_URL") from exc
+    finally:
+        source.close()
+    if as_json:
+        click.echo(json.dumps(overview.to_json(), indent=2))
+    else:
+        render_status(overview, Console())
+
+
+@main.command()
 @click.option("--offline", "mode", flag_value="offline", default=True, help="Run the pipeline here (default).")
 @click.option("--republish", "mode", flag_value="republish", help="Put the records back onto the events topic.")
 @click.option("--source", default="archive", show_default=True,
@@ -345,18 +370,160 @@ def model_init(ctx: click.Context, seed: int, force: bool) -> None:
 
 
 @main.command()
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--max-lora-rank", type=int, default=8, show_default=True)
-@click.option("--max-loras", type=int, default=4, show_default=True, help="Adapters batched at once.")
+@click.option("--port", type=int, default=None, help="Default: the port of the first FEEDLOOP_VLLM_URLS entry.")
 @click.option("--dtype", default="float32", show_default=True, help="bfloat16 on a GPU.")
 @click.pass_context
-def serve(ctx: click.Context, port: int, max_lora_rank: int, max_loras: int, dtype: str) -> None:
-    """Run a vLLM replica of the base model with runtime LoRA loading, on 127.0.0.1."""
+def serve(ctx: click.Context, port: int | None, dtype: str) -> None:
+    """Run a vLLM replica of the base model with runtime LoRA loading, on 127.0.0.1.
+
+    Its served name, --max-lora-rank and --max-loras come from FEEDLOOP_SERVING__*."""
+    from urllib.parse import urlsplit
+
     from trainer.vllm_server import VllmServerConfig, serve as serve_vllm
 
     settings = _settings(ctx)
-    serve_vllm(VllmServerConfig(model_path=settings.model_path, served_model_name="base", port=port,
-                                max_lora_rank=max_lora_rank, max_loras=max_loras, dtype=dtype))
+    serving = settings.serving
+    port = port or urlsplit(settings.vllm_urls[0]).port or 8000
+    serve_vllm(VllmServerConfig(model_path=settings.model_path, served_model_name=serving.served_model_name,
+                                port=port, max_lora_rank=serving.max_lora_rank, max_loras=serving.max_loras,
+                                dtype=dtype))  # fmt: skip
+
+
+@main.command()
+@click.pass_context
+def swap(ctx: click.Context) -> None:
+    """Run the hot-swap controller: load announced adapters on every vLLM replica, promote, roll back."""
+    import migrations
+    from app.control_consumer import ControlConsumer
+    from app.store import make_engine, make_sessionmaker
+    from trainer.hot_swap import SwapController
+
+    settings = _settings(ctx)
+    migrations.upgrade(settings.store_url)
+    if not settings.model_path.is_dir():
+        raise click.ClickException(f"no base model at {settings.model_path}: run `feedloop model init`")
+    controller = SwapController.from_settings(settings, make_sessionmaker(make_engine(settings.store_url)))
+
+    async def serve(stop: asyncio.Event) -> None:
+        async def handle(event):
+            return await asyncio.to_thread(controller.handle, event)
+
+        async def tick():
+            return await asyncio.to_thread(controller.tick)
+
+        consumer = ControlConsumer(settings, "feedloop-swap", handle, tick=tick)
+        await consumer.producer.start()
+        try:
+            await consumer.publish(await asyncio.to_thread(controller.resume))
+        finally:
+            await consumer.producer.stop()
+        task = asyncio.create_task(consumer.run())
+        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        consumer.stop()
+        await task
+
+    _run_until_signal(serve)
+
+
+@main.group()
+def adapters() -> None:
+    """The adapter registry: list it; promote, roll back or pin an adapter by hand."""
+
+
+def _sessions(settings: Settings):
+    from app.store import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(settings.store_url))
+
+
+def _publish_control(settings: Settings, event) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from streams.topics import CONTROL
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+        await producer.start()
+        try:
+            key = (event.adapter or event.event_id).encode()
+            await producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=key)
+        finally:
+            await producer.stop()
+
+    try:
+        asyncio.run(send())
+    except Exception as exc:
+        raise click.ClickException(f"could not publish to {settings.bootstrap_servers} ({exc}); is the broker up?")
+    click.echo(f"published {event.type} {event.adapter or '(unpin)'} ({event.event_id})")
+
+
+def _operator(ctx: click.Context, make_event) -> None:
+    from app.adapter_commands import OperatorError
+
+    settings = _settings(ctx)
+    try:
+        event = make_event(_sessions(settings))
+    except OperatorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _publish_control(settings, event)
+
+
+@adapters.command("list")
+@click.pass_context
+def adapters_list(ctx: click.Context) -> None:
+    """Every adapter with its state, and what the router serves now."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from app.adapter_commands import current_routing, list_adapters
+
+    sessions = _sessions(_settings(ctx))
+    table = Table("adapter", "state", "parent", "created", "swap ms", "reason")
+    for row in list_adapters(sessions):
+        swap_ms = "" if row.swap_ms is None else f"{row.swap_ms:.0f}"
+        table.add_row(row.name, row.state, row.parent or "base", row.created_at, swap_ms, row.reason or "")
+    console = Console()
+    console.print(table)
+    routing = current_routing(sessions)
+    if routing is None:
+        console.print("router: no snapshot yet (is `feedloop learn` running?)")
+    else:
+        caps = ", ".join(f"{arm} ≤ {share:.0%}" for arm, share in routing.caps.items()) or "none"
+        console.print(f"router arms: {', '.join(routing.arms)}; canary caps: {caps}; pinned: {routing.pinned or 'no'}")
+
+
+@adapters.command("promote")
+@click.argument("name")
+@click.pass_context
+def adapters_promote(ctx: click.Context, name: str) -> None:
+    """Make NAME the champion now; the old champion is retired and unloaded after the drain."""
+    from app.adapter_commands import promote
+
+    _operator(ctx, lambda sessions: promote(sessions, name))
+
+
+@adapters.command("rollback")
+@click.argument("name")
+@click.option("--reason", required=True, help="Recorded in the registry and the event.")
+@click.pass_context
+def adapters_rollback(ctx: click.Context, name: str, reason: str) -> None:
+    """Take NAME out of traffic, unload it and mark it rolled back."""
+    from app.adapter_commands import rollback
+
+    _operator(ctx, lambda sessions: rollback(sessions, name, reason))
+
+
+@adapters.command("pin")
+@click.argument("name", required=False)
+@click.option("--clear", is_flag=True, help="Lift the pin: the router decides again.")
+@click.pass_context
+def adapters_pin(ctx: click.Context, name: str | None, clear: bool) -> None:
+    """Send all traffic to NAME (the A/B tests pause), until `pin --clear`."""
+    from app.adapter_commands import pin
+
+    if clear == (name is not None):
+        raise click.UsageError("give an adapter name, or --clear")
+    _operator(ctx, lambda sessions: pin(sessions, name))
 
 
 # --- demo ---------------------------------------------------------------------------------

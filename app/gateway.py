@@ -7,11 +7,15 @@ Errors: 401 no or unknown API key, 413 body too large, 422 body unreadable, 503 
 
 ``POST /v1/route`` answers which adapter should serve a request, with its propensity, from
 the router the gateway holds in memory (``app.routing``): it never waits on the broker.
+
+``POST /v1/chat/completions`` is OpenAI-compatible: routed, answered by vLLM, and recorded as
+an interaction event by the gateway itself (``app.chat``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +26,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.auth import app_for_header
 from app.broker import ensure_topics
+from app.chat import ChatRequestError, ChatService
+from app.dashboard import dashboard_router
+from app.metrics import GatewayMetrics
+from app.overview import OverviewSource
 from app.publisher import Publisher, PublishError
 from app.routing import RoutingService
 from app.settings import Settings
@@ -127,6 +136,8 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         dead_letter_max_raw_bytes=settings.dead_letter_max_raw_bytes,
     )
     owns_publisher = publisher is None
+    overview = OverviewSource(settings)  # read by the dashboard, /v1/overview and /metrics
+    metrics = GatewayMetrics(overview)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -147,11 +158,14 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         await routing.poll()  # serve the newest router from the first request on
         app.state.routing = routing
         reloads = asyncio.create_task(routing.run(settings.learners.snapshot_poll_s))
+        app.state.chat = ChatService(settings, routing, pub)
         try:
             yield
         finally:
             reloads.cancel()
+            await app.state.chat.close()
             engine.dispose()
+            overview.close()
             if owns_publisher:
                 await pub.stop()
 
@@ -161,6 +175,8 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         lifespan=lifespan,
         description="Ingest chat interactions and feedback. Event contract: /v1/schemas.",
     )
+    app.include_router(dashboard_router(settings, overview))
+    app.include_router(metrics.router(settings))
 
     @app.middleware("http")
     async def bind_request_id(request: Request, call_next: Any) -> Any:
@@ -194,7 +210,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     async def post_events(request: Request) -> Any:
         received_at = utcnow()
         stage = "gateway"
-        app_id = _authenticate(request, settings)
+        app_id = app_for_header(request, settings)
         body, too_large = await _read_limited(request, settings.max_body_bytes)
         if app_id is None:
             await _dead_letter_only(
@@ -263,7 +279,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         summary="Choose the adapter that serves a request (in memory; never waits on the broker)",
     )  # fmt: skip
     async def route(request: Request) -> Any:
-        app_id = _authenticate(request, settings)
+        app_id = app_for_header(request, settings)
         if app_id is None:
             return _error(401, "unauthenticated", "send your app's API key as 'Authorization: Bearer <key>'")
         body, too_large = await _read_limited(request, ROUTE_MAX_BODY_BYTES)
@@ -277,13 +293,43 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
             return _error(422, "invalid_request", f"{where}: {first['msg']}")
         if ask.app_id is not None and ask.app_id != app_id:
             return _error(422, "app_id_mismatch", f"app_id '{ask.app_id}' is not the API key's app")
-        decision = request.app.state.routing.decide(ask.context, app_id)
+        with metrics.route_latency.time():
+            decision = request.app.state.routing.decide(ask.context, app_id)
         # The decision log: with the interaction's propensity, what off-policy evaluation needs.
         log.info("route.decided", decision_id=decision.decision_id, app_id=app_id, adapter=decision.adapter,
                  propensity=decision.propensity, snapshot_version=decision.snapshot_version)  # fmt: skip
         return RouteAnswer(adapter=decision.adapter, propensity=decision.propensity,
                            probabilities=decision.probabilities, decision_id=decision.decision_id,
                            snapshot_version=decision.snapshot_version)  # fmt: skip
+
+    def _openai_error(status: int, reason: str, detail: str) -> JSONResponse:
+        # The shape OpenAI clients parse into their exceptions.
+        return JSONResponse({"error": {"message": detail, "type": reason, "code": reason}}, status_code=status)
+
+    @app.post(
+        "/v1/chat/completions",
+        summary="OpenAI-compatible chat completions: routed to an adapter, served by vLLM, recorded",
+        description="Point an OpenAI client's base_url at the gateway. Optional body field `feedloop`: "
+        "session_id, user_id, context, training_consent, regenerates. The answer carries the "
+        "X-Feedloop-Interaction-Id header: post feedback for it to /v1/events.",
+    )
+    async def chat_completions(request: Request) -> Any:
+        app_id = app_for_header(request, settings)
+        if app_id is None:
+            return _openai_error(401, "unauthenticated", "use your app's feedloop API key as the OpenAI api_key")
+        body, too_large = await _read_limited(request, settings.max_body_bytes)
+        if too_large:
+            return _openai_error(413, "body_too_large", f"request body exceeds {settings.max_body_bytes} bytes")
+        try:
+            ask = json.loads(body)
+        except ValueError as exc:
+            return _openai_error(422, "invalid_json", f"the body is not JSON: {exc}")
+        if not isinstance(ask, dict):
+            return _openai_error(422, "invalid_request", "the body must be a JSON object")
+        try:
+            return await request.app.state.chat.complete(ask, app_id)
+        except ChatRequestError as exc:
+            return _openai_error(exc.status, exc.reason, exc.detail)
 
     @app.post(
         "/v1/users/{user_id}/erase",
@@ -292,7 +338,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         summary="Erase a user: no later training batch holds anything of theirs",
     )
     async def erase_user(user_id: str, request: Request) -> Any:
-        if _authenticate(request, settings) is None:
+        if app_for_header(request, settings) is None:
             return _error(401, "unauthenticated", "send your app's API key as 'Authorization: Bearer <key>'")
         pseudonyms = Pseudonymizer(FileKeyStore(settings.keys_path))
         pseudonyms.erase(user_id)
@@ -315,14 +361,6 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
 
     _with_event_schemas(app)
     return app
-
-
-def _authenticate(request: Request, settings: Settings) -> str | None:
-    key = request.headers.get("x-api-key")
-    authorization = request.headers.get("authorization", "")
-    if key is None and authorization.lower().startswith("bearer "):
-        key = authorization[7:].strip()
-    return settings.app_for_key(key) if key else None
 
 
 async def _read_limited(request: Request, limit: int) -> tuple[bytes, bool]:

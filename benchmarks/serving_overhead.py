@@ -1,23 +1,29 @@
-"""Hot-swap latency on a real vLLM server: load an adapter -> first request it serves.
+"""Serving on a real vLLM server: hot-swap latency, and the chat gateway beside direct vLLM.
 
-    .venv/bin/python benchmarks/serving_overhead.py [--swaps 30] [--model DIR] [--max-tokens 16]
+    .venv/bin/python benchmarks/serving_overhead.py [--swaps 30] [--requests 200] [--concurrency 8]
 
-Starts one vLLM server (the serving environment, see docs/serving.md) for a base model
-(default: a tiny one built here in a temporary directory), loads the zero-delta adapter,
-then ``--swaps`` times: validates a fresh adapter (new immutable name), loads it
-(``POST /v1/load_lora_adapter``), sends the first request naming it, and unloads the
-previous one. The baseline, measured in the same run, is the same request to an adapter
-that is already warm: the ratio first-request / warm-request is the swap overhead. Also
-prints the server's start time and resident memory.
+One vLLM server (the serving environment, docs/serving.md) for a tiny base model built here,
+one embedded broker, one store and the gateway (`feedloop gateway`, its own process), then:
+
+1. Hot swap, ``--swaps`` times: a fresh adapter (new immutable name) is registered and its
+   ``adapter_ready`` handed to the hot-swap controller, which validates it, loads it on the
+   replica, verifies ``/v1/models`` and writes the registry (-> ``adapter_loaded``); then the
+   first request names it. Baseline in the same run: the same request to a warm adapter.
+2. Chat gateway overhead: ``--requests`` pairs, one after the other, of the same chat request
+   straight to vLLM and through the gateway (route, forward, record the interaction with
+   acks=all). The per-pair difference is the overhead.
+3. Tokens/s with ``--concurrency`` requests in flight, direct and through the gateway.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,12 +33,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.adapter_validation import AdapterSpec, AdapterValidator, adapter_sha256  # noqa: E402
-from trainer.replicas import ReplicaClient  # noqa: E402
+import httpx  # noqa: E402
+
+import migrations  # noqa: E402
+from app.broker import EmbeddedBroker, ensure_topics  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from app.store import Adapter, make_engine, make_sessionmaker  # noqa: E402
+from streams.contract import AdapterReady, utcnow  # noqa: E402
+from trainer.adapter_validation import AdapterValidator, adapter_sha256  # noqa: E402
+from trainer.hot_swap import SwapController  # noqa: E402
+from trainer.replicas import AdapterSet, HotSwapper, ReplicaClient  # noqa: E402
 from trainer.serving import ensure_zero_delta_adapter  # noqa: E402
 from trainer.vllm_server import VllmServer, VllmServerConfig, free_port  # noqa: E402
 
+SERVED = "bench-base"
+KEY = "bench-key-0123456789"
 PROMPT = "<|im_start|>user\nWhat do horses eat?<|im_end|>\n<|im_start|>assistant\n"
+MESSAGES = [{"role": "user", "content": "What do horses eat?"}]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -44,76 +61,148 @@ def fmt(values: list[float]) -> str:
     return f"p50 {percentile(values, 0.5):7.1f} ms   p99 {percentile(values, 0.99):7.1f} ms   mean {statistics.fmean(values):7.1f} ms"
 
 
+def swaps(controller: SwapController, sessions, zero, adapters_dir: Path, count: int, max_tokens: int) -> None:
+    client = controller.swapper.clients[0]
+    ready_ms, first_ms, total_ms, warm_ms = [], [], [], []
+    for i in range(count):
+        name = f"adapter-{i + 1:06d}-00000000"
+        path = adapters_dir / name
+        shutil.copytree(zero.path, path)  # a fresh, immutable adapter: the zero-delta files renamed
+        sha = adapter_sha256(path)
+        with sessions.begin() as session:
+            session.add(Adapter(name=name, state="ready", path=str(path), sha256=sha,
+                                base_model_sha256=zero.base_model_sha256, lineage={}))  # fmt: skip
+        event = AdapterReady(event_id=f"adapter-ready-{name}", occurred_at=utcnow(), source="bench", adapter=name,
+                             path=str(path), sha256=sha, base_model_sha256=zero.base_model_sha256)  # fmt: skip
+        t0 = time.perf_counter()
+        announced = controller.handle(event)  # adapter_loaded, and adapter_unloaded of the one before
+        t1 = time.perf_counter()
+        assert announced[0].type == "adapter_loaded", announced
+        client.complete(name, PROMPT, max_tokens=max_tokens)
+        t2 = time.perf_counter()
+        client.complete(zero.name, PROMPT, max_tokens=max_tokens)
+        t3 = time.perf_counter()
+        ready_ms.append((t1 - t0) * 1e3)
+        first_ms.append((t2 - t1) * 1e3)
+        total_ms.append((t2 - t0) * 1e3)
+        warm_ms.append((t3 - t2) * 1e3)
+        controller.adapters.retire(name)  # keep the replica's slots for the next one
+    controller.swapper.reconcile()
+    print(f"1. hot swap, {count} adapters, {max_tokens} tokens per request")
+    print(f"   adapter_ready -> adapter_loaded (validate, load, verify, registry)  {fmt(ready_ms)}")
+    print(f"   first request to the new adapter                                  {fmt(first_ms)}")
+    print(f"   adapter_ready -> first request served                             {fmt(total_ms)}")
+    print(f"   warm request (baseline)                                           {fmt(warm_ms)}")
+    print(f"   first / warm (median ratio): {statistics.median(first_ms) / statistics.median(warm_ms):.2f}")
+
+
+async def chat(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, headers=None) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    response = await client.post(url, json={"model": model, "messages": MESSAGES, "max_tokens": max_tokens,
+                                            "temperature": 0}, headers=headers)  # fmt: skip
+    response.raise_for_status()
+    return (time.perf_counter() - t0) * 1e3, response.json()["usage"]["completion_tokens"]
+
+
+async def gateway_vs_direct(vllm_url: str, gateway_url: str, zero_name: str, args) -> None:
+    direct_url, via_url = f"{vllm_url}/v1/chat/completions", f"{gateway_url}/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(timeout=120) as client:
+        for _ in range(5):  # warm-up both paths
+            await chat(client, direct_url, zero_name, args.max_tokens)
+            await chat(client, via_url, "auto", args.max_tokens, auth)
+        direct, via, overhead = [], [], []
+        for _ in range(args.requests):
+            d, _ = await chat(client, direct_url, zero_name, args.max_tokens)
+            g, _ = await chat(client, via_url, "auto", args.max_tokens, auth)
+            direct.append(d)
+            via.append(g)
+            overhead.append(g - d)
+        print(f"2. chat gateway vs direct vLLM, {args.requests} sequential pairs, {args.max_tokens} tokens")
+        print(f"   direct vLLM        {fmt(direct)}")
+        print(f"   through gateway    {fmt(via)}")
+        print(f"   overhead per pair  {fmt(overhead)}   (target: p99 < 10 ms)")
+
+        async def load(url: str, model: str, headers=None) -> float:
+            total = args.concurrency * 8
+            queue = iter(range(total))
+            tokens = 0
+
+            async def worker() -> None:
+                nonlocal tokens
+                for _ in queue:
+                    tokens += (await chat(client, url, model, args.max_tokens, headers))[1]
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            return tokens / (time.perf_counter() - t0)
+
+        direct_tps = await load(direct_url, zero_name)
+        via_tps = await load(via_url, "auto", auth)
+        print(f"3. tokens/s with {args.concurrency} requests in flight")
+        print(f"   direct vLLM {direct_tps:8.1f} tokens/s   through gateway {via_tps:8.1f} tokens/s   "
+              f"ratio {via_tps / direct_tps:.2f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--swaps", type=int, default=30)
-    parser.add_argument("--model", type=Path, default=None, help="base model dir (default: build a tiny one)")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    gateway = None
     try:
-        if args.model is None:
-            from trainer.base_model import BaseModelConfig, build_base_model
+        from trainer.base_model import BaseModelConfig, build_base_model
 
-            print("building a tiny base model ...", flush=True)
-            args.model = build_base_model(work / "base", BaseModelConfig(num_chats=300, train_steps=40, batch_size=8))
+        print("building a tiny base model ...", flush=True)
+        model = build_base_model(work / "base", BaseModelConfig(num_chats=300, train_steps=40, batch_size=8))
         adapters_dir = work / "adapters"
         adapters_dir.mkdir()
-        zero = ensure_zero_delta_adapter(args.model, adapters_dir)
-        validator = AdapterValidator(adapters_dir, base_model_sha256=zero.base_model_sha256, max_lora_rank=8)
-        validator.validate(zero)
+        zero = ensure_zero_delta_adapter(model, adapters_dir)
+        store = f"sqlite:///{work / 'feedloop.db'}"
+        migrations.upgrade(store)
+        sessions = make_sessionmaker(make_engine(store))
+        validator = AdapterValidator(adapters_dir, base_model_sha256=zero.base_model_sha256, max_lora_rank=8,
+                                     served_model_name=SERVED)  # fmt: skip
 
-        config = VllmServerConfig(model_path=args.model, served_model_name="bench-base", port=free_port(), dtype=args.dtype)
-        with VllmServer(config) as server:
-            rss = server.rss_bytes()
-            client = ReplicaClient(server.url)
-            client.load_adapter(zero.name, str(zero.path))
-            for _ in range(3):  # warm-up
-                client.complete(zero.name, PROMPT, max_tokens=args.max_tokens)
+        config = VllmServerConfig(model_path=model, served_model_name=SERVED, port=free_port(), dtype=args.dtype)
+        with EmbeddedBroker(free_port()) as broker, VllmServer(config) as server:
+            controller = SwapController(sessions, HotSwapper(AdapterSet(validator, zero), [ReplicaClient(server.url)]),
+                                        drain_s=0, reconcile_interval_s=3600)  # fmt: skip
+            controller.resume()  # loads the zero-delta adapter
+            env = {**os.environ, "FEEDLOOP_BROKER": "embedded", "FEEDLOOP_EMBEDDED_BROKER_PORT": str(broker.port),
+                   "FEEDLOOP_DATABASE_URL": store, "FEEDLOOP_DATA_DIR": str(work / "data"),
+                   "FEEDLOOP_BASE_MODEL_PATH": str(model), "FEEDLOOP_ADAPTER_DIR": str(adapters_dir),
+                   "FEEDLOOP_VLLM_URLS": f'["{server.url}"]', "FEEDLOOP_SERVING__SERVED_MODEL_NAME": SERVED,
+                   "FEEDLOOP_API_KEYS": f'{{"bench": "{KEY}"}}', "FEEDLOOP_GATEWAY_PORT": str(free_port()),
+                   "FEEDLOOP_LOG_LEVEL": "warning"}  # fmt: skip
+            asyncio.run(ensure_topics(Settings(broker="embedded", embedded_broker_port=broker.port)))
+            gateway_url = f"http://127.0.0.1:{env['FEEDLOOP_GATEWAY_PORT']}"
+            gateway = subprocess.Popen([str(Path(sys.executable).with_name("feedloop")), "gateway"], env=env)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{gateway_url}/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or gateway.poll() is not None:
+                    raise RuntimeError("the gateway did not start")
+                time.sleep(0.2)
 
-            validate_ms, load_ms, first_ms, swap_ms, warm_ms, unload_ms = [], [], [], [], [], []
-            previous = None
-            for i in range(args.swaps):
-                # A fresh, immutable adapter: a copy of the zero-delta files under a new name.
-                name = f"swap-{i:04d}"
-                shutil.copytree(zero.path, adapters_dir / name)
-                spec = AdapterSpec(name, adapters_dir / name, adapter_sha256(adapters_dir / name), zero.base_model_sha256)
-
-                t0 = time.perf_counter()
-                adapter = validator.validate(spec)
-                t1 = time.perf_counter()
-                client.load_adapter(name, str(adapter.path))
-                t2 = time.perf_counter()
-                client.complete(name, PROMPT, max_tokens=args.max_tokens)
-                t3 = time.perf_counter()
-                client.complete(zero.name, PROMPT, max_tokens=args.max_tokens)  # baseline: warm adapter
-                t4 = time.perf_counter()
-                if previous:
-                    client.unload_adapter(previous)
-                t5 = time.perf_counter()
-                previous = name
-                validate_ms.append((t1 - t0) * 1e3)
-                load_ms.append((t2 - t1) * 1e3)
-                first_ms.append((t3 - t2) * 1e3)
-                swap_ms.append((t3 - t0) * 1e3)
-                warm_ms.append((t4 - t3) * 1e3)
-                unload_ms.append((t5 - t4) * 1e3)
-
-        print()
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-        print(f"server start (process -> /v1/models answers): {server.started_s:.1f} s, RSS {rss / 2**30:.2f} GiB")
-        print(f"{args.swaps} swaps, {args.max_tokens} tokens per request, dtype {args.dtype}")
-        print(f"  validate (sha256 + checks)        {fmt(validate_ms)}")
-        print(f"  POST load_lora_adapter            {fmt(load_ms)}")
-        print(f"  first request to the new adapter  {fmt(first_ms)}")
-        print(f"  swap total (validate..first text) {fmt(swap_ms)}")
-        print(f"  warm request (baseline)           {fmt(warm_ms)}")
-        print(f"  POST unload_lora_adapter          {fmt(unload_ms)}")
-        ratio = statistics.median(first_ms) / statistics.median(warm_ms)
-        print(f"  first request / warm request (median ratio): {ratio:.2f}")
+            print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+                  f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
+            print(f"vLLM start {server.started_s:.1f} s, RSS {server.rss_bytes() / 2**30:.2f} GiB, dtype {args.dtype}")
+            swaps(controller, sessions, zero, adapters_dir, args.swaps, args.max_tokens)
+            asyncio.run(gateway_vs_direct(server.url, gateway_url, zero.name, args))
     finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
 

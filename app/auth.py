@@ -1,0 +1,58 @@
+"""Who is asking: the app whose API key a request carries.
+
+Programs send the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` on every
+gateway endpoint (``app_for_header``). A browser cannot send a header when it opens a page, so the
+dashboard takes the key once as ``/dashboard?key=<key>`` and answers with a session cookie
+(HttpOnly: page scripts cannot read it; SameSite=Strict: other sites cannot make the browser
+send it). The cookie holds an HMAC of the key, not the key, so it cannot be used to post
+events, and it stops working when the key is removed from ``FEEDLOOP_API_KEYS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from app.settings import Settings
+
+SESSION_COOKIE = "feedloop_dashboard"
+_SESSION_PURPOSE = b"feedloop dashboard session v1"
+
+
+def session_token(key: str) -> str:
+    return hmac.new(key.encode(), _SESSION_PURPOSE, hashlib.sha256).hexdigest()
+
+
+def app_for_header(request: Request, settings: Settings) -> str | None:
+    key = request.headers.get("x-api-key")
+    authorization = request.headers.get("authorization", "")
+    if key is None and authorization.lower().startswith("bearer "):
+        key = authorization[7:].strip()
+    return settings.app_for_key(key) if key else None
+
+
+def app_for_cookie(request: Request, settings: Settings) -> str | None:
+    """The app whose key the session cookie was made from, compared in constant time."""
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        return None
+    found = None
+    for app_id, secret in settings.api_keys.items():
+        if hmac.compare_digest(session_token(secret.get_secret_value()), token):
+            found = app_id
+    return found
+
+
+def operator(request: Request, settings: Settings) -> str | None:
+    """The app id behind the request's key or session cookie; None when neither is valid."""
+    return app_for_header(request, settings) or app_for_cookie(request, settings)
+
+
+def set_session_cookie(response: Response, request: Request, key: str) -> None:
+    response.set_cookie(
+        SESSION_COOKIE, session_token(key), httponly=True, samesite="strict",
+        secure=request.url.scheme == "https", path="/",
+    )  # fmt: skip

@@ -1,0 +1,141 @@
+"""Prometheus metrics at ``GET /metrics`` (prometheus_client, text format 0.0.4).
+
+Two kinds. The route latency is measured in this gateway process (a histogram around each
+``/v1/route`` decision). Everything else comes from ``app.overview`` at scrape time through a
+custom collector, so a scrape always reads current values: the counters are counts of the
+archive (the log of record), identical on every gateway replica and across restarts, and the
+gauges are the store's current rows. docs/operations.md lists every metric.
+
+Each app gets its own registry: several gateways in one process (the tests, the demo) must
+not share or collide in the global one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.auth import operator
+from app.overview import Overview, OverviewSource
+from app.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Listed so that each has a series (at 0) before the first adapter or batch reaches it.
+ADAPTER_STATES = ("ready", "loaded", "challenger", "champion", "retired", "failed", "rolled_back")
+BATCH_STATUSES = ("emitted", "training", "trained", "failed")
+# A decision is a few matrix products (tens of microseconds); a swap loads weights (seconds).
+ROUTE_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
+SWAP_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class OverviewCollector(Collector):
+    """The overview's figures as metric families, read at each scrape."""
+
+    def __init__(self, overview: OverviewSource) -> None:
+        self.overview = overview
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("feedloop_overview_up", "1 if the store and archive could be read at this scrape.")
+        try:
+            snapshot = self.overview.read()
+        except (SQLAlchemyError, OSError) as error:
+            log.warning("metrics.overview_unavailable", error=str(error).splitlines()[0])
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from archive_counters(snapshot)
+        yield from store_gauges(snapshot)
+
+
+def _labelled(family: Metric, values: dict[str, float]) -> Metric:
+    for label, value in values.items():
+        family.add_metric([label], value)
+    return family
+
+
+def archive_counters(snapshot: Overview) -> Iterator[Metric]:
+    yield _labelled(CounterMetricFamily(
+        "feedloop_events_accepted", "User events the gateway accepted, as counted in the archive.", labels=["type"]),
+        snapshot.events_accepted)  # fmt: skip
+    yield _labelled(CounterMetricFamily(
+        "feedloop_dead_letters", "Records dead-lettered, by reason, as counted in the archive.", labels=["reason"]),
+        snapshot.dead_letters)  # fmt: skip
+    yield _labelled(CounterMetricFamily(
+        "feedloop_archived_records", "Records in the archive per topic.", labels=["topic"]),
+        snapshot.records_by_topic)  # fmt: skip
+    yield CounterMetricFamily("feedloop_examples", "Annotated examples in the archive.", value=snapshot.examples)
+    yield _labelled(CounterMetricFamily(
+        "feedloop_drift_alarms", "Drift alarms on the control topic, by signal.", labels=["signal"]),
+        snapshot.drift_alarms)  # fmt: skip
+
+
+def store_gauges(snapshot: Overview) -> Iterator[Metric]:
+    lag = GaugeMetricFamily("feedloop_consumer_lag_records",
+                            "Archived offset minus the pipeline's checkpointed offset, per events partition.",
+                            labels=["consumer", "partition"])  # fmt: skip
+    for row in snapshot.lag:
+        lag.add_metric([row.consumer, str(row.partition)], row.lag)
+    yield lag
+    yield _labelled(GaugeMetricFamily("feedloop_batches", "Training batches by status.", labels=["status"]),
+                    {**dict.fromkeys(BATCH_STATUSES, 0), **snapshot.batches_by_status})  # fmt: skip
+    states = Counter(adapter.state for adapter in snapshot.adapters)
+    yield _labelled(GaugeMetricFamily("feedloop_adapters", "Adapters (training runs) by state.", labels=["state"]),
+                    {**dict.fromkeys(ADAPTER_STATES, 0), **states})  # fmt: skip
+    yield swap_latency(snapshot)
+    yield GaugeMetricFamily("feedloop_privacy_epsilon_spent", "Epsilon spent by DP training runs (ledger).",
+                            value=snapshot.privacy.spent_epsilon)  # fmt: skip
+    yield GaugeMetricFamily("feedloop_privacy_epsilon_budget", "The deployment's total epsilon budget.",
+                            value=snapshot.privacy.budget_epsilon)  # fmt: skip
+    lift = GaugeMetricFamily("feedloop_ab_lift", "Running A/B tests: challenger minus champion mean reward, "
+                             "with the confidence sequence's bounds.", labels=["challenger", "champion", "bound"])
+    for experiment in snapshot.experiments:
+        if experiment.status != "running":
+            continue
+        for bound, value in (("estimate", experiment.lift), ("lower", experiment.lower), ("upper", experiment.upper)):
+            if value is not None:
+                lift.add_metric([experiment.challenger, experiment.champion, bound], value)
+    yield lift
+
+
+def swap_latency(snapshot: Overview) -> HistogramMetricFamily:
+    """From each adapter's ``lineage["serving"]["swap_ms"]`` (adapter_ready to loaded)."""
+    seconds = [a.swap_ms / 1000 for a in snapshot.adapters if a.swap_ms is not None]
+    buckets = [(str(le), sum(1 for s in seconds if s <= le)) for le in SWAP_BUCKETS_S]
+    buckets.append(("+Inf", len(seconds)))
+    return HistogramMetricFamily("feedloop_swap_latency_seconds", "Adapter hot-swap latency, adapter_ready to "
+                                 "loaded.", buckets=buckets, sum_value=sum(seconds))  # fmt: skip
+
+
+class GatewayMetrics:
+    """The gateway's registry: the route-latency histogram and the overview collector."""
+
+    def __init__(self, overview: OverviewSource) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.route_latency = Histogram("feedloop_route_latency_seconds", "Time to decide a /v1/route request.",
+                                       buckets=ROUTE_BUCKETS_S, registry=self.registry)  # fmt: skip
+        self.registry.register(OverviewCollector(overview))
+
+    def router(self, settings: Settings) -> APIRouter:
+        router = APIRouter()
+
+        @router.get("/metrics", summary="Prometheus metrics (docs/operations.md)")
+        async def metrics(request: Request) -> Response:
+            if operator(request, settings) is None:
+                return JSONResponse({"reason": "unauthenticated", "detail": "send an app's API key as "
+                                     "'Authorization: Bearer <key>'"}, status_code=401)  # fmt: skip
+            body = await asyncio.to_thread(generate_latest, self.registry)  # the collector reads the store
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+        return router

@@ -1,0 +1,641 @@
+"""The loop at a glance: every figure the dashboard, `feedloop status` and /metrics show.
+
+One :class:`OverviewSource` gathers them, so the three never disagree:
+
+- the archive (the log of record): user events accepted per type, dead letters per reason,
+  the control topic (adapter lifecycle, drift alarms, batches emitted) and the annotated
+  examples (traffic per serving adapter, rewards per adapter, the A/B confidence sequences);
+- the store: the adapter registry (state, swap latency), batches (size, strata, channel
+  weights), the newest router snapshot, and the pipeline's checkpointed offsets against the
+  archived ones (consumer lag);
+- the trainer's privacy ledger (epsilon spent against the budget).
+
+Cheap enough to call every few seconds: segments are immutable once sealed, so each one is
+read once, in the order it was sealed, and folded into running totals (:class:`ArchiveFold`);
+a call reads only the segments sealed since the previous call plus a few small store queries.
+
+The A/B figures are recomputed from the archived examples and control events with the
+learner's own rules (``streams.learning``: loss-weighted rewards, an ``ABTest`` per challenger
+against the champion, restarted when the champion changes), not read from the learner
+process. They match the learner's up to the interleaving of the examples and control topics,
+which the log does not record (docs/learners.md, "Replay").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from app.settings import Settings
+from app.store import Adapter, ArchiveSegment, Batch, RouterSnapshot, StreamCheckpoint, make_engine, make_sessionmaker
+from learners.ab_test import ABTest
+from learners.loss_weights import LossWeights
+from streams.archive import ArchivedRecord, read_segment
+from streams.contract import (
+    CONTROL_EVENT_ADAPTER,
+    AdapterLoaded,
+    AdapterPromoted,
+    AdapterReady,
+    AdapterRolledBack,
+    AnnotatedExample,
+    BatchEmitted,
+    DriftAlarm,
+)
+from streams.learning import combined_reward
+from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
+
+log = structlog.get_logger(__name__)
+
+USER_EVENT_TYPES = ("interaction", "feedback", "annotation")
+# trainer.privacy.LEDGER_FILE, named here because that module imports torch and opacus, which a
+# gateway-only install does not have (tests/test_overview.py checks the two agree).
+PRIVACY_LEDGER_FILE = "privacy_ledger.json"
+PIPELINE_CONSUMER = "feedloop-pipeline"  # app.runtime.PIPELINE_CONSUMER, which imports the gateway
+RECENT = 20  # dead letters and drift alarms listed
+RECENT_BATCHES = 30
+SMOOTHING_BUCKETS = 6  # buckets averaged into each traffic and reward point
+
+
+def _timestamp(value: str | datetime) -> float:
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return moment.timestamp()
+
+
+def _clock(seconds: float) -> str:
+    """UTC time as Plotly reads dates (it ignores zone suffixes, so none is written)."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# --- time series ---------------------------------------------------------------------------
+
+
+class TimeBuckets:
+    """Values per name in event-time buckets; a value added to an occupied cell is merged.
+
+    When there are more than ``max_buckets`` buckets the width doubles and neighbours merge,
+    so memory stays bounded however long the archive grows, and a short run still gets
+    fine-grained points.
+    """
+
+    def __init__(self, merge: Callable[[Any, Any], Any], width_s: float = 10.0, max_buckets: int = 720) -> None:
+        self.merge, self.width_s, self.max_buckets = merge, width_s, max_buckets
+        self.buckets: dict[float, dict[Any, Any]] = {}
+
+    def put(self, at: float, name: Any, value: Any) -> None:
+        cells = self.buckets.setdefault(at - at % self.width_s, {})
+        cells[name] = self.merge(cells[name], value) if name in cells else value
+        if len(self.buckets) > self.max_buckets:
+            self._coarsen()
+
+    def _coarsen(self) -> None:
+        self.width_s *= 2
+        merged: dict[float, dict[Any, Any]] = {}
+        for start in sorted(self.buckets):
+            target = merged.setdefault(start - start % self.width_s, {})
+            for name, value in self.buckets[start].items():
+                target[name] = self.merge(target[name], value) if name in target else value
+        self.buckets = merged
+
+    def rows(self) -> list[tuple[float, dict[Any, Any]]]:
+        return sorted(self.buckets.items())
+
+
+def _add_counts(a: tuple[int, float], b: tuple[int, float]) -> tuple[int, float]:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _keep_later(_earlier: Any, later: Any) -> Any:
+    return later
+
+
+# --- what the dashboard shows --------------------------------------------------------------
+
+
+@dataclass
+class LifecycleEvent:
+    at: str
+    kind: str  # ready, loaded, promoted, retired, rolled_back, failed
+    detail: str = ""
+
+
+@dataclass
+class AdapterView:
+    name: str
+    state: str
+    parent: str | None = None
+    reason: str | None = None
+    swap_ms: float | None = None
+    created_at: str | None = None
+    events: list[LifecycleEvent] = field(default_factory=list)
+
+
+@dataclass
+class ExperimentView:
+    challenger: str
+    champion: str
+    status: str  # running, promote, rollback, restarted (the champion changed)
+    lift: float | None
+    lower: float | None
+    upper: float | None
+    n_champion: int
+    n_challenger: int
+    times: list[str] = field(default_factory=list)
+    lifts: list[float | None] = field(default_factory=list)
+    lowers: list[float | None] = field(default_factory=list)
+    uppers: list[float | None] = field(default_factory=list)
+
+
+@dataclass
+class Series:
+    """Per-name values at shared times (None where a name has no value at that time)."""
+
+    times: list[str] = field(default_factory=list)
+    values: dict[str, list[float | None]] = field(default_factory=dict)
+
+
+@dataclass
+class BatchView:
+    batch_id: str
+    size: int
+    status: str
+    trigger: str
+    adapter: str | None
+    created_at: str | None
+    strata: dict[str, int]
+    loss_weights: dict[str, float]
+
+
+@dataclass
+class LagView:
+    consumer: str
+    partition: int
+    archived_offset: int
+    checkpointed_offset: int
+    lag: int
+
+
+@dataclass
+class PrivacyView:
+    enabled: bool
+    budget_epsilon: float
+    spent_epsilon: float
+    entries: dict[str, dict[str, Any]]
+
+
+@dataclass
+class RouterView:
+    version: int
+    examples: int
+    arms: list[str]
+    created_at: str | None
+
+
+@dataclass
+class Overview:
+    generated_at: str
+    segments: int
+    records_by_topic: dict[str, int]
+    events_accepted: dict[str, int]
+    dead_letters: dict[str, int]
+    recent_dead_letters: list[dict[str, Any]]
+    examples: int
+    undecodable: int
+    champion: str
+    challengers: list[str]
+    adapters: list[AdapterView]
+    traffic_share: Series
+    reward_mean: Series
+    experiments: list[ExperimentView]
+    drift_alarms: dict[str, int]
+    recent_drift_alarms: list[dict[str, Any]]
+    batches_emitted: int
+    batches_by_status: dict[str, int]
+    recent_batches: list[BatchView]
+    lag: list[LagView]
+    privacy: PrivacyView
+    router: RouterView | None
+
+    def to_json(self) -> dict[str, Any]:
+        return _json_safe(asdict(self))
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats (a drift alarm's details may hold one) as None: JSON has no inf or NaN."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# --- the archive, folded -------------------------------------------------------------------
+
+
+@dataclass
+class _Experiment:
+    key: int  # names its points in ``ab_paths``: the same pair may be tested again later
+    challenger: str
+    champion: str
+    test: ABTest
+    status: str = "running"
+    # Newest closed_at it has seen. Its points are placed there: examples arrive in partition
+    # order, not time order, and the sequence drawn must be the one the test went through.
+    frontier: float = -math.inf
+
+
+class ArchiveFold:
+    """Running totals over the archive, one record at a time, in the order segments were sealed.
+
+    The adapter roles follow ``streams.learning.LearnerState`` (docs/learners.md, "Where arms
+    come from"): ``adapter_loaded`` adds a live arm and an experiment against the champion,
+    ``adapter_promoted`` swaps the champion and retires the old one, ``adapter_rolled_back``
+    removes the arm; an A/B verdict reached here is applied at once, as the learner does.
+    Drift alarms are taken from the log, not recomputed.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.learners = settings.learners
+        self.records_by_topic: Counter = Counter()
+        self.events_accepted: Counter = Counter()
+        self.dead_letters: Counter = Counter()
+        self.recent_dead_letters: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.drift_alarms: Counter = Counter()
+        self.recent_drift_alarms: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.batches_emitted = 0
+        self.examples = 0
+        self.undecodable = 0
+        self.traffic = TimeBuckets(_add_counts)  # interactions per serving adapter (occurred_at)
+        self.rewards = TimeBuckets(_add_counts)  # combined reward per adapter (closed_at)
+        self.ab_paths = TimeBuckets(_keep_later)  # newest decision per experiment (its newest closed_at)
+        self.loss_weights = LossWeights()
+        self.live = list(self.learners.initial_arms)
+        self.champion = self.live[0]
+        self.experiments: dict[str, _Experiment] = {}  # challenger -> its running experiment
+        self.concluded: list[_Experiment] = []
+        self._started = 0
+        self.lifecycle: dict[str, list[LifecycleEvent]] = {}
+        self.roles: dict[str, str] = {}  # adapter -> state as the log has it
+
+    def fold(self, record: ArchivedRecord) -> None:
+        self.records_by_topic[record.topic] += 1
+        if record.value is None:
+            return
+        try:
+            if record.topic == EVENTS.name:
+                self._event(json.loads(record.value))
+            elif record.topic == DEAD_LETTER.name:
+                self._dead_letter(json.loads(record.value))
+            elif record.topic == EXAMPLES.name:
+                self._example(AnnotatedExample.model_validate_json(record.value))
+            elif record.topic == CONTROL.name:
+                self._control(CONTROL_EVENT_ADAPTER.validate_json(record.value))
+        except (ValueError, KeyError, TypeError, AttributeError):  # ValueError covers pydantic's errors
+            # Another producer's bad record is kept in the archive; it must not stop the view.
+            self.undecodable += 1
+
+    def _event(self, value: dict[str, Any]) -> None:
+        kind = value.get("type")
+        if kind not in USER_EVENT_TYPES:
+            return  # the pipeline's watermark ticks and curation triggers
+        self.events_accepted[kind] += 1
+        if kind == "interaction":
+            self.traffic.put(_timestamp(value["occurred_at"]), value["adapter"], (1, 1.0))
+
+    def _dead_letter(self, value: dict[str, Any]) -> None:
+        self.dead_letters[value["reason"]] += 1
+        self.recent_dead_letters.append({k: value.get(k) for k in ("received_at", "reason", "app_id", "stage",
+                                                                   "event_id", "detail")})  # fmt: skip
+
+    def _example(self, example: AnnotatedExample) -> None:
+        self.examples += 1
+        self.loss_weights.learn_one(example.rewards)
+        reward = combined_reward(example.rewards, self.loss_weights.weights())
+        if reward is None:
+            return
+        at = example.closed_at.timestamp()
+        self.rewards.put(at, example.adapter, (1, reward))
+        if example.adapter not in self.live:
+            return  # late feedback for a retired adapter: the learner drops it too
+        for experiment in list(self.experiments.values()):
+            if example.adapter not in (experiment.champion, experiment.challenger):
+                continue
+            experiment.test.update(example.adapter, reward, cohort=example.cohort)
+            decision = experiment.test.decision()
+            experiment.frontier = max(experiment.frontier, at)
+            self.ab_paths.put(experiment.frontier, experiment.key, decision)
+            if decision.verdict == "promote":
+                self._promote(experiment.challenger, at)
+            elif decision.verdict == "rollback":
+                self._roll_back(experiment.challenger, at)
+
+    def _control(self, event: Any) -> None:
+        at = event.occurred_at.timestamp()
+        if isinstance(event, BatchEmitted):
+            self.batches_emitted += 1
+        elif isinstance(event, DriftAlarm):
+            self.drift_alarms[event.signal] += 1
+            self.recent_drift_alarms.append({"detected_at": _clock(event.detected_at.timestamp()),
+                                             "signal": event.signal, "detector": event.detector,
+                                             **event.details})  # fmt: skip
+        elif isinstance(event, AdapterReady):
+            self._note(event.adapter, at, "ready", f"from {event.parent or 'base model'}")
+            self.roles.setdefault(event.adapter, "ready")
+        elif isinstance(event, AdapterLoaded):
+            self._note(event.adapter, at, "loaded", ", ".join(event.replicas))
+            if event.adapter not in self.live:
+                self.live.append(event.adapter)
+                self.experiments[event.adapter] = self._new_experiment(event.adapter)
+                self.roles[event.adapter] = "challenger"
+        elif isinstance(event, AdapterPromoted):
+            self._promote(event.adapter, at)
+        elif isinstance(event, AdapterRolledBack):
+            self._roll_back(event.adapter, at, event.reason)
+
+    def _promote(self, adapter: str, at: float) -> None:
+        if adapter == self.champion or adapter not in self.live:
+            return  # the learner's own verdict coming back, or an adapter never loaded
+        self._end(adapter, "promote")
+        retired = self.champion
+        self._note(adapter, at, "promoted", f"over {retired}")
+        self._note(retired, at, "retired", f"replaced by {adapter}")
+        self.roles[retired] = "retired"
+        self._set_champion(adapter)
+        self.live.remove(retired)
+
+    def _roll_back(self, adapter: str, at: float, reason: str = "ab_test") -> None:
+        if adapter not in self.live and adapter not in self.experiments:
+            return
+        self._end(adapter, "rollback")
+        self._note(adapter, at, "rolled_back", reason)
+        if adapter not in self.live or len(self.live) == 1:
+            return  # the last arm is never removed: every request needs one
+        self.roles[adapter] = "rolled_back"
+        self.live.remove(adapter)
+        if adapter == self.champion:
+            self._set_champion(self.live[0])
+
+    def _set_champion(self, adapter: str) -> None:
+        # Experiments against the old champion start again against the new one, as the learner's do.
+        self.champion = adapter
+        self.roles[adapter] = "champion"
+        for challenger in [c for c in self.experiments if c != adapter]:
+            self._end(challenger, "restarted")
+            self.experiments[challenger] = self._new_experiment(challenger)
+        self.experiments.pop(adapter, None)
+
+    def _new_experiment(self, challenger: str) -> _Experiment:
+        c = self.learners
+        test = ABTest(self.champion, challenger, alpha=c.ab_alpha, min_samples=c.ab_min_samples, tau=c.ab_tau)
+        self._started += 1
+        return _Experiment(self._started, challenger, self.champion, test)
+
+    def _end(self, challenger: str, status: str) -> None:
+        experiment = self.experiments.pop(challenger, None)
+        if experiment is not None:
+            experiment.status = status
+            self.concluded.append(experiment)
+
+    def _note(self, adapter: str, at: float, kind: str, detail: str = "") -> None:
+        self.lifecycle.setdefault(adapter, []).append(LifecycleEvent(_clock(at), kind, detail))
+
+    # --- views ---------------------------------------------------------------------------
+
+    def experiment_views(self) -> list[ExperimentView]:
+        rows = self.ab_paths.rows()
+        views = []
+        for experiment in [*self.concluded, *self.experiments.values()]:
+            decision = experiment.test.decision()
+            view = ExperimentView(experiment.challenger, experiment.champion, experiment.status,
+                                  _finite(decision.lift), _finite(decision.lower), _finite(decision.upper),
+                                  decision.n_champion, decision.n_challenger)  # fmt: skip
+            for start, cells in rows:
+                if experiment.key in cells:
+                    point = cells[experiment.key]
+                    view.times.append(_clock(start))
+                    view.lifts.append(_finite(point.lift))
+                    view.lowers.append(_finite(point.lower))
+                    view.uppers.append(_finite(point.upper))
+            views.append(view)
+        return views
+
+    def traffic_share(self) -> Series:
+        """Each arm's share of the interactions in the trailing window ending at each bucket."""
+        series = Series()
+        rows = _trailing(self.traffic.rows())
+        names = sorted({name for _, cells in rows for name in cells})
+        series.values = {name: [] for name in names}
+        for start, cells in rows:
+            total = sum(n for n, _ in cells.values())
+            series.times.append(_clock(start))
+            for name in names:
+                series.values[name].append(cells[name][0] / total if name in cells else 0.0)
+        return series
+
+    def reward_mean(self) -> Series:
+        """Each arm's mean combined reward over the trailing window ending at each bucket."""
+        series = Series()
+        rows = _trailing(self.rewards.rows())
+        names = sorted({name for _, cells in rows for name in cells})
+        series.values = {name: [] for name in names}
+        for start, cells in rows:
+            series.times.append(_clock(start))
+            for name in names:
+                n, total = cells.get(name, (0, 0.0))
+                series.values[name].append(total / n if n else None)
+        return series
+
+
+def _trailing(rows: list[tuple[float, dict[str, tuple[int, float]]]]) -> list[tuple[float, dict[str, tuple[int, float]]]]:
+    """Counts and sums over the last ``SMOOTHING_BUCKETS`` buckets at each bucket: at low
+    traffic one bucket holds one example, and its 0 or 1 says nothing about the arm."""
+    recent: deque[dict[str, tuple[int, float]]] = deque(maxlen=SMOOTHING_BUCKETS)
+    smoothed = []
+    for start, cells in rows:
+        recent.append(cells)
+        window: dict[str, tuple[int, float]] = {}
+        for bucket in recent:
+            for name, value in bucket.items():
+                window[name] = _add_counts(window[name], value) if name in window else value
+        smoothed.append((start, window))
+    return smoothed
+
+
+# --- the source ------------------------------------------------------------------------------
+
+
+class OverviewSource:
+    """Reads the overview on demand; thread-safe, keeps the archive fold between calls."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker | None = None) -> None:
+        self.settings = settings
+        self._engine = None if sessions is not None else make_engine(settings.store_url)
+        self.sessions = sessions or make_sessionmaker(self._engine)
+        self._lock = threading.Lock()
+        self._fold = ArchiveFold(settings)
+        self._folded: set[int] = set()  # ids of the segments in the fold
+        self.segments_read = 0  # files read since start: tests check the cache
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def read(self) -> Overview:
+        with self._lock:
+            self._catch_up()
+            return self._overview()
+
+    def _catch_up(self) -> None:
+        """Fold the segments sealed since the last call, oldest first."""
+        with self.sessions() as session:
+            newest = max(self._folded, default=0)
+            total = session.scalar(select(func.count()).select_from(ArchiveSegment))
+            newer = session.scalar(select(func.count()).where(ArchiveSegment.id > newest))
+            query = select(ArchiveSegment.id, ArchiveSegment.path).order_by(ArchiveSegment.id)
+            if total != len(self._folded) + newer:
+                # Segments disappeared (a new store) or one was committed out of id order: diff all ids.
+                ids = set(session.scalars(select(ArchiveSegment.id)))
+                if not self._folded <= ids:
+                    log.info("overview.archive_reset", folded=len(self._folded), segments=len(ids))
+                    self._fold, self._folded = ArchiveFold(self.settings), set()
+                pending = list(session.execute(query.where(ArchiveSegment.id.in_(ids - self._folded))))
+            else:
+                pending = list(session.execute(query.where(ArchiveSegment.id > newest)))
+        for segment_id, path in pending:
+            try:
+                for record in read_segment(self.settings.archive_dir / path):
+                    self._fold.fold(record)
+            except OSError as error:
+                # A missing file is `feedloop archive verify`'s to report; skip it, do not retry forever.
+                log.warning("overview.segment_unreadable", path=path, error=str(error))
+            self._folded.add(segment_id)
+            self.segments_read += 1
+
+    def _overview(self) -> Overview:
+        fold = self._fold
+        with self.sessions() as session:
+            adapters = list(session.scalars(select(Adapter).order_by(Adapter.created_at, Adapter.name)))
+            batches_by_status = dict(session.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
+            batches = list(session.scalars(select(Batch).order_by(Batch.created_at.desc(), Batch.batch_id.desc())
+                                           .limit(RECENT_BATCHES)))  # fmt: skip
+            router = session.execute(
+                select(RouterSnapshot.version, RouterSnapshot.examples, RouterSnapshot.arms, RouterSnapshot.created_at)
+                .order_by(RouterSnapshot.id.desc()).limit(1)
+            ).first()  # fmt: skip
+            lag = self._lag(session)
+        return Overview(
+            generated_at=_clock(datetime.now(timezone.utc).timestamp()),
+            segments=len(self._folded),
+            records_by_topic=dict(fold.records_by_topic),
+            events_accepted={kind: fold.events_accepted[kind] for kind in USER_EVENT_TYPES},
+            dead_letters=dict(fold.dead_letters.most_common()),
+            recent_dead_letters=list(reversed(fold.recent_dead_letters)),
+            examples=fold.examples,
+            undecodable=fold.undecodable,
+            champion=fold.champion,
+            challengers=sorted(fold.experiments),
+            adapters=self._adapters(adapters),
+            traffic_share=fold.traffic_share(),
+            reward_mean=fold.reward_mean(),
+            experiments=fold.experiment_views(),
+            drift_alarms=dict(fold.drift_alarms.most_common()),
+            recent_drift_alarms=list(reversed(fold.recent_drift_alarms)),
+            batches_emitted=fold.batches_emitted,
+            batches_by_status=batches_by_status,
+            recent_batches=[_batch_view(b) for b in reversed(batches)],
+            lag=lag,
+            privacy=self._privacy(),
+            router=None if router is None else RouterView(router.version, router.examples, list(router.arms),
+                                                          _clock_of(router.created_at)),  # fmt: skip
+        )
+
+    def _adapters(self, rows: list[Adapter]) -> list[AdapterView]:
+        """Registry rows and the adapters the log names (the initial arms have no row).
+
+        State: the control log's (as the learner applies it) where it has one, since it moves
+        first; else the registry's (e.g. ready, failed)."""
+        fold = self._fold
+        views = {}
+        for row in rows:
+            swap = (row.lineage or {}).get("serving", {}) if isinstance(row.lineage, dict) else {}
+            swap_ms = swap.get("swap_ms") if isinstance(swap, dict) else None
+            events = list(fold.lifecycle.get(row.name, []))
+            if row.state == "failed":
+                events.append(LifecycleEvent(_clock_of(row.updated_at) or "", "failed", row.reason or ""))
+            views[row.name] = AdapterView(
+                name=row.name, state=fold.roles.get(row.name, row.state), parent=row.parent, reason=row.reason,
+                swap_ms=float(swap_ms) if isinstance(swap_ms, (int, float)) else None,
+                created_at=_clock_of(row.created_at), events=events,
+            )  # fmt: skip
+        for name in [*fold.lifecycle, *fold.live]:
+            if name not in views:
+                state = fold.roles.get(name) or ("champion" if name == fold.champion else "loaded")
+                views[name] = AdapterView(name=name, state=state, events=list(fold.lifecycle.get(name, [])))
+        return list(views.values())
+
+    def _lag(self, session: Any) -> list[LagView]:
+        """The pipeline's checkpointed offset per events partition against the archive's last.
+
+        Only the pipeline's rows: the learner's checkpoint row holds a state version, not an offset."""
+        archived = {
+            (cluster, partition): last
+            for cluster, partition, last in session.execute(
+                select(ArchiveSegment.cluster_id, ArchiveSegment.partition, func.max(ArchiveSegment.last_offset))
+                .where(ArchiveSegment.topic == EVENTS.name)
+                .group_by(ArchiveSegment.cluster_id, ArchiveSegment.partition)
+            )
+        }  # fmt: skip
+        checkpoints = session.execute(
+            select(StreamCheckpoint.consumer, StreamCheckpoint.partition, StreamCheckpoint.cluster_id,
+                   StreamCheckpoint.offset).where(StreamCheckpoint.consumer == PIPELINE_CONSUMER)
+            .order_by(StreamCheckpoint.partition)
+        )  # fmt: skip
+        views = []
+        for consumer, partition, cluster, offset in checkpoints:
+            last = archived.get((cluster, partition))
+            if last is not None:
+                views.append(LagView(consumer, partition, last, offset, max(0, last - offset)))
+        return views
+
+    def _privacy(self) -> PrivacyView:
+        config = self.settings.trainer.privacy
+        path: Path = self.settings.adapters_path / PRIVACY_LEDGER_FILE
+        try:
+            entries = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError) as error:
+            log.warning("overview.privacy_ledger_unreadable", path=str(path), error=str(error))
+            entries = {}
+        # Summed like trainer.privacy.PrivacyLedger.spent: reserved runs count (basic composition).
+        spent = sum(float(e.get("epsilon", 0.0)) for e in entries.values())
+        return PrivacyView(config.enabled, config.budget_epsilon, spent, entries)
+
+
+def _clock_of(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # SQLite returns naive datetimes; the store writes UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return _clock(moment.timestamp())
+
+
+def _batch_view(batch: Batch) -> BatchView:
+    manifest = batch.manifest or {}
+    return BatchView(batch_id=batch.batch_id, size=batch.example_count, status=batch.status, trigger=batch.trigger,
+                     adapter=batch.adapter, created_at=_clock_of(batch.created_at),
+                     strata=dict(manifest.get("strata", {})), loss_weights=dict(manifest.get("loss_weights", {})))

@@ -1,0 +1,183 @@
+"""The OpenAI-compatible chat gateway on the real stack: embedded broker, archiver, gateway,
+the real vLLM server, trained adapters and the hot-swap controller. Nothing is mocked.
+
+The router's state comes from snapshots written to the store, as `feedloop learn` writes
+them; the learner itself is not running here (tests/integration/test_learners_live.py runs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from app.settings import LearnerSettings, ServingSettings
+from app.store import RouterSnapshot
+from streams.contract import AdapterLoaded, utcnow
+from streams.learning import LearnerState
+from streams.topics import EVENTS
+from tests.conftest import API_KEYS, make_settings, start_stack, wait_until_archived
+from tests.serving.conftest import MAX_LORA_RANK, SERVED_NAME, Models, Trained, registry_copy
+from trainer.hot_swap import SwapController
+from trainer.replicas import AdapterSet, HotSwapper
+
+KEY = API_KEYS["app-a"]
+QUESTIONS = ["How do I sort a list in Python?", "What do cats eat?", "What is 12 times 3?", "Where is Paris?"]
+MAX_TOKENS = 16
+
+
+def messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def loaded(adapter: str) -> AdapterLoaded:
+    return AdapterLoaded(event_id=f"adapter-loaded-{adapter}", occurred_at=utcnow(), source="swap", adapter=adapter,
+                         replicas=[])  # fmt: skip
+
+
+def publish_router(sessions, learner: LearnerState) -> None:
+    """What `feedloop learn` does after a checkpoint: the gateway picks it up within a poll."""
+    snapshot = learner.snapshot()
+    with sessions.begin() as session:
+        session.add(RouterSnapshot(learner="test", version=snapshot.version, examples=snapshot.examples,
+                                   arms=list(snapshot.arms), state=snapshot.data))  # fmt: skip
+
+
+async def served_alone(server_url: str, model: str) -> dict[str, str]:
+    """Each question's greedy answer from ``model`` with nothing else in flight."""
+    answers = {}
+    async with httpx.AsyncClient(timeout=60) as client:
+        for question in QUESTIONS:
+            response = await client.post(f"{server_url}/v1/chat/completions", json={
+                "model": model, "messages": messages(question), "max_tokens": MAX_TOKENS, "temperature": 0})  # fmt: skip
+            response.raise_for_status()
+            answers[question] = response.json()["choices"][0]["message"]["content"]
+    return answers
+
+
+@pytest.fixture
+async def chat(models: Models, trained: Trained, server, broker, tmp_path):
+    """The stack pointed at the vLLM server, the zero-delta and concise adapters loaded, and the
+    router serving base and concise (the canary share at 50% so both get traffic)."""
+    settings = make_settings(
+        tmp_path, broker.port, vllm_urls=[server.url], base_model_path=models.base_dir,
+        adapter_dir=models.adapters_dir,
+        serving=ServingSettings(served_model_name=SERVED_NAME, max_lora_rank=MAX_LORA_RANK),
+        learners=LearnerSettings(snapshot_poll_s=0.1, canary_share=0.5),
+    )  # fmt: skip
+    stack, stop = await start_stack(settings)
+    controller = SwapController(registry_copy(trained, tmp_path), HotSwapper(AdapterSet(models.validator(), models.zero),
+                                [server.url]), drain_s=0.0, reconcile_interval_s=60.0)  # fmt: skip
+    await asyncio.to_thread(controller.handle, trained.concise)
+    learner = LearnerState(settings.learners)
+    learner.apply_control(loaded(trained.concise.adapter))
+    publish_router(stack.sessions, learner)
+    await asyncio.sleep(0.5)  # a few polls
+    try:
+        yield stack, controller, learner
+    finally:
+        await stop()
+
+
+async def interactions(stack, ids: list[str]) -> list[dict]:
+    records = await wait_until_archived(stack, EVENTS.name, len(ids),
+                                        where=lambda r: json.loads(r.value).get("interaction_id") in ids)  # fmt: skip
+    return [json.loads(r.value) for r in records]
+
+
+async def test_the_openai_client_works_unchanged_and_each_answer_is_one_archived_interaction(chat, server, models, trained):
+    stack, _, _ = chat
+    client = openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=KEY)
+    expected = {"base": await served_alone(server.url, models.zero.name),
+                trained.concise.adapter: await served_alone(server.url, trained.concise.adapter)}  # fmt: skip
+    session_id = f"s-{uuid.uuid4().hex}"
+    extra = {"feedloop": {"session_id": session_id, "context": {"domain": "code", "cohort": "a"}}}
+    sent = {}
+    for question in QUESTIONS:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="auto", messages=messages(question), max_tokens=MAX_TOKENS, temperature=0, user="user-7",
+            extra_body=extra,
+        )  # fmt: skip
+        completion = raw.parse()
+        adapter = raw.headers["x-feedloop-adapter"]
+        assert completion.model == adapter and completion.choices[0].message.content == expected[adapter][question]
+        sent[raw.headers["x-feedloop-interaction-id"]] = (question, adapter, completion.choices[0].message.content)
+    # Streaming: the same text in chunks, and one interaction event for the whole answer.
+    async with client.chat.completions.with_streaming_response.create(
+        model="auto", messages=messages(QUESTIONS[0]), max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        user="user-7", extra_body=extra,
+    ) as response:  # fmt: skip
+        adapter = response.headers["x-feedloop-adapter"]
+        text = "".join([chunk.choices[0].delta.content or "" async for chunk in await response.parse() if chunk.choices])
+        sent[response.headers["x-feedloop-interaction-id"]] = (QUESTIONS[0], adapter, text)
+    assert text == expected[adapter][QUESTIONS[0]]
+    assert {adapter for _, adapter, _ in sent.values()} <= set(expected)
+
+    await interactions(stack, list(sent))
+    await asyncio.sleep(1.0)  # anything doubled would have been archived by now
+    events = await interactions(stack, list(sent))
+    assert sorted(e["interaction_id"] for e in events) == sorted(sent), "exactly one event per answer"
+    for event in events:
+        question, adapter, text = sent[event["interaction_id"]]
+        assert (event["adapter"], event["response"], event["prompt"][0]["content"]) == (adapter, text, question)
+        assert event["session_id"] == session_id and event["user_id"] == "user-7" and event["app_id"] == "app-a"
+        assert event["propensity"] == pytest.approx(0.5) and event["context"]["domain"] == "code"
+        assert event["completion_tokens"] > 0 and event["latency_ms"] > 0
+
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="wrong").chat.completions.create(
+            model="auto", messages=messages("hi"), max_tokens=4)  # fmt: skip
+
+
+async def test_under_load_during_a_swap_nothing_fails_and_every_answer_is_its_adapters(chat, server, models, trained):
+    stack, controller, learner = chat
+    requests_total, concurrency = 96, 6
+    outcomes: list[tuple[str, str, int, str]] = []  # question, adapter, status, text
+    counter = iter(range(requests_total))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            question = QUESTIONS[i % len(QUESTIONS)]
+            response = await client.post("/v1/chat/completions", json={
+                "model": "auto", "messages": messages(question), "max_tokens": MAX_TOKENS, "temperature": 0})  # fmt: skip
+            text = response.json()["choices"][0]["message"]["content"] if response.status_code == 200 else response.text
+            outcomes.append((question, response.headers.get("x-feedloop-adapter", ""), response.status_code, text))
+
+    async def swap() -> None:
+        await asyncio.sleep(0.5)  # mid-loop
+        (announced,) = await asyncio.to_thread(controller.handle, trained.detailed)
+        learner.apply_control(announced)
+        publish_router(stack.sessions, learner)
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=headers, timeout=120) as client:
+        await asyncio.gather(swap(), *(worker(client) for _ in range(concurrency)))
+
+    assert [o for o in outcomes if o[2] != 200] == [], "no request may fail during a swap"
+    served = {adapter for _, adapter, _, _ in outcomes}
+    assert trained.detailed.adapter in served, "the new adapter got traffic during the loop"
+    names = {"base": models.zero.name, trained.concise.adapter: trained.concise.adapter,
+             trained.detailed.adapter: trained.detailed.adapter}  # fmt: skip
+    alone = {adapter: await served_alone(server.url, names[adapter]) for adapter in served}
+    wrong = [(q, a, t) for q, a, _, t in outcomes if t != alone[a][q]]
+    assert wrong == [], "an answer differs from its adapter's served alone (the mixed-batch bug?)"
+
+
+async def test_a_route_to_an_adapter_no_replica_has_falls_back_to_the_base_model(chat, server, models):
+    stack, _, learner = chat
+    learner.apply_control(loaded("adapter-ghost-1"))  # the router has it; no replica does
+    learner.router.pin("adapter-ghost-1")
+    publish_router(stack.sessions, learner)
+    await asyncio.sleep(0.5)
+    expected = await served_alone(server.url, models.zero.name)
+    async with httpx.AsyncClient(base_url=stack.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        response = await c.post("/v1/chat/completions", json={"model": "auto", "messages": messages(QUESTIONS[1]),
+                                                              "max_tokens": MAX_TOKENS, "temperature": 0})  # fmt: skip
+    assert response.status_code == 200 and response.headers["x-feedloop-adapter"] == "base"
+    assert response.json()["choices"][0]["message"]["content"] == expected[QUESTIONS[1]]
+    (event,) = await interactions(stack, [response.headers["x-feedloop-interaction-id"]])
+    assert event["adapter"] == "base" and event["propensity"] is None, "not the router's choice: no propensity"
