@@ -63,6 +63,7 @@ def broker(ctx: click.Context, port: int | None) -> None:
     settings = _settings(ctx)
     if port is not None:
         settings = settings.model_copy(update={"embedded_broker_port": port})
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it like Ctrl-C
     embedded = EmbeddedBroker(settings.embedded_broker_port)
     embedded.start()
     asyncio.run(ensure_topics(settings))

@@ -1,0 +1,34 @@
+"""Children of the demo see exactly the parent's settings."""
+
+import subprocess
+import sys
+import time
+
+from pydantic import SecretStr
+
+from app.processes import Child, settings_env
+from app.settings import LearnerSettings, ServingSettings, Settings
+from tests.conftest import free_port
+
+
+def test_settings_survive_the_trip_through_the_environment(tmp_path):
+    settings = Settings(data_dir=tmp_path, api_keys={"app": SecretStr("s3cret")}, vllm_urls=["http://h:1", "http://h:2"],
+                        serving=ServingSettings(drain_s=3), learners=LearnerSettings(canary_share=0.4))  # fmt: skip
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("FEEDLOOP_")}
+    code = "from app.settings import Settings; print(Settings().model_dump_json())"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **settings_env(settings)}, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    rebuilt = Settings.model_validate_json(out.strip().splitlines()[-1])
+    assert rebuilt.model_dump(exclude={"api_keys"}) == settings.model_dump(exclude={"api_keys"})
+    assert settings_env(settings)["FEEDLOOP_API_KEYS"] == '{"app": "s3cret"}', "secrets travel in clear, to children only"
+
+
+def test_a_child_runs_with_the_settings_and_stops_cleanly_on_sigterm(tmp_path):
+    port = free_port()
+    child = Child(["broker", "--port", str(port)], Settings(data_dir=tmp_path, log_format="json"), tmp_path / "b.log")
+    child.start()
+    deadline = time.monotonic() + 30
+    while "broker.started" not in child.log_tail() and time.monotonic() < deadline and child.running:
+        time.sleep(0.1)
+    assert child.running and f'"port": {port}' in child.log_tail()
+    assert child.stop() == 0 and not child.running, child.log_tail()
