@@ -11,7 +11,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed
 
 .PHONY: run test bench schemas clean chromium
 
-run: $(STAMP)  ## the main job on the embedded defaults
+run: $(STAMP) $(SERVE_STAMP)  ## the whole loop on the embedded defaults, then a report
 	$(BIN)/feedloop demo
 
 test: $(STAMP) $(SERVE_STAMP) chromium  ## the whole test suite (needs PostgreSQL on 127.0.0.1:5432)

@@ -409,15 +409,16 @@ def swap(ctx: click.Context) -> None:
         async def handle(event):
             return await asyncio.to_thread(controller.handle, event)
 
+        resumed = False
+
         async def tick():
+            nonlocal resumed
+            if not resumed:  # the first tick picks up what the registry says is live
+                resumed = True
+                return await asyncio.to_thread(controller.resume)
             return await asyncio.to_thread(controller.tick)
 
         consumer = ControlConsumer(settings, "feedloop-swap", handle, tick=tick)
-        await consumer.producer.start()
-        try:
-            await consumer.publish(await asyncio.to_thread(controller.resume))
-        finally:
-            await consumer.producer.stop()
         task = asyncio.create_task(consumer.run())
         await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         consumer.stop()
@@ -531,14 +532,17 @@ def adapters_pin(ctx: click.Context, name: str | None, clear: bool) -> None:
 
 
 @main.command()
-@click.option("--events", type=int, default=2000, show_default=True, help="Interactions to simulate.")
-@click.option("--keep-running", is_flag=True, help="Keep the gateway up after the simulation.")
+@click.option("--events", type=int, default=2000, show_default=True, help="Turns of the simulated population.")
+@click.option("--minutes", type=float, default=14.0, show_default=True, help="Time budget of the whole run.")
 @click.pass_context
-def demo(ctx: click.Context, events: int, keep_running: bool) -> None:
-    """Run feedloop on the embedded defaults with a simulated chat app, then report."""
+def demo(ctx: click.Context, events: int, minutes: float) -> None:
+    """The whole loop on the embedded defaults with a simulated population, then a report.
+
+    Starts broker, store, archive, gateway, vLLM, worker, learner, trainer and hot-swap
+    controller; exits 0 when every target in the report is met (runs/latest/report.json)."""
     from app.demo import run_demo
 
-    sys.exit(run_demo(_settings(ctx), interactions=events, keep_running=keep_running))
+    sys.exit(run_demo(_settings(ctx), interactions=events, minutes=minutes))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,284 +1,519 @@
-"""`feedloop demo` (what `make run` runs): the system on embedded defaults with simulated traffic.
+"""`feedloop demo` (what `make run` runs): the whole loop on embedded defaults, on its own.
 
-Starts the embedded broker, the store, the archiver and the gateway in this process and the
-pipeline worker beside it, has a simulated chat app post interactions, feedback (some with
-personal data in it) and some deliberately malformed input through the Python client, waits
-until everything is archived and the pipeline has turned every interaction into an example
-and every training record into a batch, verifies the archive and prints a report. The demo
-shortens the pipeline's windows (seconds, not half an hour) unless FEEDLOOP_PIPELINE__* says
-otherwise. The learners, the trainer and serving join here with the end-to-end issue.
+In this process: the embedded broker, the SQLite store, the archiver and the gateway. Beside
+it: a vLLM server (CPU) and `feedloop worker`, `learn`, `train` and `swap`, all with the
+same settings (``app.processes``). The tiny base model is built first if it is missing.
+
+Then a simulated chat-app population (``app.population``: cohorts with hidden preferences
+that shift halfway, a rare skill, PII in some prompts) talks to the OpenAI-compatible gateway
+and reacts to every answer with feedback. Nothing else is done by hand: the pipeline curates
+batches, the trainer trains adapters, the controller hot-swaps them, and the A/B test
+promotes or rolls them back. At the end the live champion and the static base model answer
+held-out prompts for the blind judge, and the report (``app.report``) goes to
+``runs/<timestamp>/`` and ``runs/latest/``: a table, report.json and plots.
+
+The demo shortens the loop's windows and thresholds (``DEMO_DEFAULTS``) unless a
+``FEEDLOOP_*`` variable sets them. docs/demo.md describes the population and the report.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import os
-import random
 import secrets
-import signal
-import subprocess
-import sys
 import time
-from collections import Counter
-from dataclasses import dataclass
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from statistics import median
 
+import httpx
 import structlog
 from pydantic import SecretStr
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
 
 import migrations
 from app.broker import EmbeddedBroker
-from app.client import FeedloopClient
-from app.runtime import PIPELINE_CONSUMER, build_archiver, gateway_server, wait_started
+from app.logs import configure_logging
+from app.overview import OverviewSource
+from app.population import Population, PopulationConfig, style_profile
+from app.processes import Child
+from app.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
+from app.report import routing_regret, win_rate, write_report
+from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
-from app.store import ArchiveSegment, Batch, make_engine, make_sessionmaker
+from app.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker
 from streams.agents import PIPELINE_RECORD_KEYS
-from streams.archive import read_segment, verify_archive
-from streams.live import checkpointed_stats
-from streams.topics import EVENTS
+from streams.archive import read_segment, segments, verify_archive
+from streams.topics import CONTROL, DEAD_LETTER, EVENTS
 
 log = structlog.get_logger(__name__)
 
 DEMO_APP = "demo-chat"
-DOMAINS = ("general", "code", "math", "travel")
-COHORTS = ("a", "a", "a", "b", "b", "minority")
-FEEDBACK_KINDS = ("thumbs", "rating", "edit", "regenerate", "copy", "abandon", "dwell", "rephrase")
-# Windows short enough to watch examples and batches appear within the demo.
-DEMO_PIPELINE = {
-    "IMPLICIT_WINDOW_S": "5", "EXPLICIT_WINDOW_S": "10", "ALLOWED_LATENESS_S": "1",
-    "IDLE_TICK_S": "1", "BATCH_SIZE": "64", "BATCH_MAX_WAIT_S": "15", "CHECKPOINT_INTERVAL_S": "1",
-}
+MAX_TOKENS = 48  # a detailed answer fits; the judge needs its closing line
+CONCURRENCY = 4  # users talking at once
+HELDOUT_PER_COHORT = 40
+JUDGING_S = 120
+
+# What the demo shortens so that the loop turns several times in minutes, not days.
+DEMO_DEFAULTS: dict[str, dict[str, object]] = {
+    "pipeline": {"implicit_window_s": 4, "explicit_window_s": 8, "allowed_lateness_s": 1, "idle_tick_s": 1,
+                 "batch_size": 64, "batch_max_wait_s": 90, "checkpoint_interval_s": 1},
+    "learners": {"ab_min_samples": 40, "canary_share": 0.5, "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
+    "serving": {"drain_s": 3, "reconcile_interval_s": 10, "max_loras": 3},
+    "trainer": {"num_threads": 1, "log_every": 50, "gate": {"heldout_prompts": 20, "rare_skill_items": 40}},
+}  # fmt: skip
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """The settings with DEMO_DEFAULTS, except where a FEEDLOOP_<GROUP>__<FIELD> is set."""
+    updates = {}
+    for group, values in DEMO_DEFAULTS.items():
+        current = getattr(settings, group).model_dump()
+        for name, value in values.items():
+            if f"FEEDLOOP_{group}__{name}".upper() in os.environ:
+                continue
+            current[name] = {**current[name], **value} if isinstance(value, dict) else value
+        updates[group] = type(getattr(settings, group)).model_validate(current)
+    if DEMO_APP not in settings.api_keys:
+        updates["api_keys"] = {**settings.api_keys, DEMO_APP: SecretStr(secrets.token_urlsafe(16))}
+    return settings.model_copy(update=updates)
+
+
+# --- what the simulated users did ------------------------------------------------------------
 
 
 @dataclass
-class Sent:
-    accepted: int = 0
-    rejected: int = 0
+class Served:
+    """One answer: what the judge and the report need."""
+
+    index: int
+    cohort: str
+    phase: int
+    adapter: str
+    answer: str
+    satisfied: bool
+    at: float  # wall time of the request
 
 
-def malformed_bodies(app_id: str) -> list[tuple[bytes, str]]:
-    """Input a buggy app might send; every one must be rejected and dead-lettered."""
-    return [
-        (b'{"type": "interaction", "event_id": ', "application/x-ndjson"),  # bad JSON
-        (json.dumps({"type": "sparkle", "event_id": "bad-type-0001"}).encode(), "application/x-ndjson"),
-        (
-            json.dumps({
-                "type": "feedback", "event_id": "bad-kind-0001", "app_id": app_id, "session_id": "s",
-                "occurred_at": "2026-11-21T10:00:00Z", "interaction_id": "x", "kind": "sparkle",
-            }).encode(),
-            "application/x-ndjson",
-        ),  # fmt: skip
-        (json.dumps({"type": "interaction", "event_id": "missing-0001"}).encode(), "application/x-ndjson"),
-    ]
+@dataclass
+class Traffic:
+    sent_events: int = 0
+    failed_requests: int = 0
+    served: list[Served] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    interaction_turn: dict[str, int] = field(default_factory=dict)  # interaction id -> turn index
+    recent: deque = field(default_factory=lambda: deque(maxlen=100))  # satisfied flags
+
+    @property
+    def satisfaction(self) -> float | None:
+        return sum(self.recent) / len(self.recent) if self.recent else None
 
 
-def simulate_app(client: FeedloopClient, interactions: int, seed: int, on_progress) -> Sent:
-    """A chat app's traffic: interactions, explicit and implicit feedback, and a retry."""
-    rng = random.Random(seed)
-    sent = Sent()
-    batch = []
-    for i in range(interactions):
-        domain = rng.choice(DOMAINS)
-        turn = client.interaction(
-            user_id=f"user-{rng.randrange(200)}",
-            session_id=f"session-{rng.randrange(600)}",
-            adapter="base",
-            propensity=1.0,
-            prompt=[{"role": "user", "content": f"a {domain} question number {i}"
-                      + (f"; reach me at jane.doe{i}@example.com" if i % 20 == 0 else "")}],
-            response=f"an answer about {domain}",
-            context={"domain": domain, "locale": "en", "client": "web", "cohort": rng.choice(COHORTS)},
-            prompt_tokens=8,
-            completion_tokens=5,
-            latency_ms=round(rng.uniform(50, 400), 1),
-        )
-        batch.append(turn)
-        if rng.random() < 0.6:
-            kind = rng.choice(FEEDBACK_KINDS)
-            extra = {
-                "thumbs": {"value": rng.choice((1, -1))},
-                "rating": {"value": rng.randint(1, 5)},
-                "edit": {"text": f"a better answer about {domain}"},
-                "dwell": {"value": round(rng.uniform(1, 60), 1)},
-            }.get(kind, {})
-            batch.append(client.feedback(turn, kind, **extra))
-        if len(batch) >= 200 or i == interactions - 1:
-            result = client.send(batch)
-            if i == interactions - 1:
-                result_retry = client.send(batch[:5])  # a retry: same event ids, archived again
-                sent.accepted += result_retry.accepted
-            sent.accepted += result.accepted
-            sent.rejected += result.rejected
-            on_progress(i + 1)
-            batch = []
-    for body, content_type in malformed_bodies(client.app_id):
-        result = client.send_raw(body, content_type)
-        sent.accepted += result.accepted
-        sent.rejected += result.rejected
-    return sent
+class Driver:
+    """Sends the population's turns through the chat gateway and their feedback to /v1/events."""
 
+    def __init__(self, population: Population, gateway_url: str, api_key: str, arms: list[str]) -> None:
+        self.population = population
+        self.http = httpx.AsyncClient(base_url=gateway_url, timeout=180,
+                                      headers={"Authorization": f"Bearer {api_key}"})  # fmt: skip
+        self.traffic = Traffic()
+        self.arms = arms  # live arms, refreshed by the caller from the router snapshots
 
-def start_worker(settings: Settings) -> subprocess.Popen:
-    """`feedloop worker` beside the demo, with the demo's settings and short windows."""
-    env = {**os.environ, "FEEDLOOP_DATA_DIR": str(settings.data_dir), "FEEDLOOP_BROKER": settings.broker,
-           "FEEDLOOP_EMBEDDED_BROKER_PORT": str(settings.embedded_broker_port),
-           "FEEDLOOP_LOG_LEVEL": "warning", "FEEDLOOP_LOG_FORMAT": "json"}
-    if settings.database_url:
-        env["FEEDLOOP_DATABASE_URL"] = settings.database_url
-    for name, value in DEMO_PIPELINE.items():
-        env.setdefault(f"FEEDLOOP_PIPELINE__{name}", value)
-    log_file = open(settings.data_dir / "worker.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, stdout=log_file,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    async def close(self) -> None:
+        await self.http.aclose()
 
+    async def run(self, turns, interactions: int, deadline: float) -> None:
+        """Spread the turns evenly until ``deadline``: the drift then falls halfway in time,
+        and the loop has as long to react to it as it had to learn the first preference."""
+        start = time.monotonic()
+        spacing = (deadline - start) / interactions
 
-def stop_worker(worker: subprocess.Popen) -> None:
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGTERM)
+        async def user() -> None:
+            for turn in turns:  # shared by the users; each takes the next turn
+                due = start + turn.index * spacing
+                if due > deadline:
+                    return
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                await self.converse(turn)
+
+        await asyncio.gather(*(user() for _ in range(CONCURRENCY)))
+
+    async def wait_for_base(self, loop: Loop, timeout_s: float = 300) -> None:
+        """Until the controller has loaded the zero-delta adapter, chat answers 503."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            loop.check()
+            response = await self.http.post("/v1/chat/completions", json={
+                "model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1,
+                "feedloop": {"training_consent": False}})  # fmt: skip
+            if response.status_code == 200:
+                self.traffic.sent_events += response.headers.get("x-feedloop-recorded") == "true"
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the base adapter was not served within {timeout_s:.0f} s: {response.text[:300]}")
+            await asyncio.sleep(1)
+
+    async def converse(self, turn) -> None:
+        while turn is not None:
+            reply = await self._chat(turn)
+            if reply is None:
+                return
+            interaction_id, adapter, answer, recorded = reply
+            population, traffic = self.population, self.traffic
+            satisfied = population.satisfies(turn.user_id, turn.phase, turn.prompt, answer)
+            traffic.served.append(Served(turn.index, turn.cohort, turn.phase, adapter, answer, satisfied, time.time()))
+            traffic.decisions.append(Decision(turn.index, adapter, turn.cohort, turn.phase, tuple(self.arms)))
+            traffic.interaction_turn[interaction_id] = turn.index
+            traffic.recent.append(satisfied)
+            traffic.sent_events += recorded  # the gateway published the interaction event itself
+            actions = population.react(turn, answer)
+            events = [{"type": "feedback", "event_id": f"fb-{uuid.uuid4().hex}",
+                       "occurred_at": datetime.now().astimezone().isoformat(), "app_id": DEMO_APP,
+                       "session_id": turn.session_id, "interaction_id": interaction_id, "user_id": turn.user_id,
+                       **action.fields} for action in actions]  # fmt: skip
+            if events:
+                response = await self.http.post("/v1/events", json=events)
+                accepted = response.json().get("accepted", 0) if response.status_code == 202 else 0
+                traffic.sent_events += accepted
+            # A regenerate asks the same prompt again, as the next turn of this conversation.
+            regenerate = any(action.kind == "regenerate" for action in actions)
+            turn = population.regenerate(turn, interaction_id) if regenerate else None
+
+    async def _chat(self, turn) -> tuple[str, str, str, bool] | None:
+        body = {"model": "auto", "messages": turn.messages, "max_tokens": MAX_TOKENS, "temperature": 0.7,
+                "seed": turn.index * 10 + turn.attempt, "user": turn.user_id, "feedloop": turn.feedloop}  # fmt: skip
         try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+            response = await self.http.post("/v1/chat/completions", json=body)
+        except httpx.TransportError as exc:
+            log.warning("demo.chat_failed", error=repr(exc))
+            self.traffic.failed_requests += 1
+            return None
+        if response.status_code != 200:
+            log.warning("demo.chat_failed", status=response.status_code, body=response.text[:300])
+            self.traffic.failed_requests += 1
+            return None
+        answer = response.json()["choices"][0]["message"]["content"] or ""
+        headers = response.headers
+        recorded = headers.get("x-feedloop-recorded") == "true"
+        return headers["x-feedloop-interaction-id"], headers["x-feedloop-adapter"], answer, recorded
 
 
-def last_segment_id(sessions) -> int:
+# --- the loop's processes ---------------------------------------------------------------------
+
+
+class Loop:
+    """Everything the demo runs; ``stop()`` ends all of it, also after Ctrl-C."""
+
+    def __init__(self, settings: Settings, console: Console) -> None:
+        self.settings = settings
+        self.console = console
+        self.logs = settings.data_dir / "logs"
+        self.broker: EmbeddedBroker | None = None
+        self.vllm = None
+        self.children: list[Child] = []
+        self.server = self.gateway_task = self.archiver = self.archive_task = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if settings.uses_embedded_broker:
+            self.broker = EmbeddedBroker(settings.embedded_broker_port, self.logs / "broker.log")
+            self.broker.start()
+        migrations.upgrade(settings.store_url)
+        self.vllm = await asyncio.to_thread(_start_vllm, settings, self.logs / "vllm.log")
+        self.archiver = await build_archiver(settings)
+        self.archive_task = asyncio.create_task(self.archiver.run())
+        self.server = gateway_server(settings)
+        self.gateway_task = asyncio.create_task(self.server.serve())
+        await wait_started(self.server, self.gateway_task)
+        for command in ("worker", "learn", "train", "swap"):
+            self.children.append(Child([command], settings, self.logs / f"{command}.log").start())
+
+    def check(self) -> None:
+        """Fail fast, with its log, when a part of the loop died."""
+        for child in self.children:
+            if not child.running:
+                raise RuntimeError(f"`feedloop {child.name}` exited:\n{child.log_tail()}")
+        if self.vllm is not None and not self.vllm.running:
+            raise RuntimeError(f"vLLM exited:\n{self.vllm.log_tail()}")
+
+    async def stop(self) -> None:
+        for child in self.children:
+            await asyncio.to_thread(child.stop)
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.archiver is not None:
+            self.archiver.stop()
+        await asyncio.gather(*(t for t in (self.gateway_task, self.archive_task) if t), return_exceptions=True)
+        if self.vllm is not None:
+            await asyncio.to_thread(self.vllm.stop)
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def _start_vllm(settings: Settings, log_path: Path):
+    from urllib.parse import urlsplit
+
+    from trainer.vllm_server import VllmServer, VllmServerConfig
+
+    serving = settings.serving
+    config = VllmServerConfig(model_path=settings.model_path, served_model_name=serving.served_model_name,
+                              port=urlsplit(settings.vllm_urls[0]).port or 8000, max_lora_rank=serving.max_lora_rank,
+                              max_loras=serving.max_loras, log_path=log_path)  # fmt: skip
+    return VllmServer(config).start(timeout_s=600)
+
+
+def ensure_base_model(settings: Settings, console: Console) -> None:
+    if (settings.model_path / "config.json").exists():
+        return
+    from trainer.base_model import BaseModelConfig, build_base_model
+
+    config = BaseModelConfig()
+    with Progress(TextColumn("[bold]building the tiny base model"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:  # fmt: skip
+        task = progress.add_task("pretraining", total=config.train_steps)
+        build_base_model(settings.model_path, config, on_step=lambda step, loss: progress.update(task, completed=step))
+
+
+# --- reading the log back ------------------------------------------------------------------------
+
+
+def registry(sessions) -> list[Adapter]:
+    with sessions() as session:
+        return list(session.scalars(select(Adapter).order_by(Adapter.created_at)))
+
+
+def live_arms(sessions) -> list[str] | None:
+    with sessions() as session:
+        newest = session.scalar(select(RouterSnapshot).order_by(RouterSnapshot.id.desc()).limit(1))
+    return list(newest.arms) if newest is not None else None
+
+
+def last_segment(sessions) -> int:
     with sessions() as session:
         return session.scalar(select(func.max(ArchiveSegment.id))) or 0
 
 
-def archived_counts(sessions, archive_dir, after_segment: int) -> Counter:
-    """Records archived per topic since ``after_segment``; on the events topic only the apps'
-    events count, not the ticks and triggers the pipeline worker writes there itself."""
-    counts: Counter = Counter()
+def archived(sessions, archive_dir: Path, after_segment: int, topic: str) -> list:
+    """This run's records of a topic: those in segments sealed after ``after_segment``."""
     with sessions() as session:
-        for segment in session.scalars(select(ArchiveSegment).where(ArchiveSegment.id > after_segment)):
-            if segment.topic != EVENTS.name:
-                counts[segment.topic] += segment.event_count
-                continue
-            counts[segment.topic] += sum(
-                1 for r in read_segment(archive_dir / segment.path) if r.key not in PIPELINE_RECORD_KEYS
-            )
+        return [record for segment in segments(session, topic) if segment.id > after_segment
+                for record in read_segment(archive_dir / segment.path)]  # fmt: skip
+
+
+def count_archived(sessions, archive_dir: Path, after_segment: int) -> Counter:
+    """The apps' records per topic since ``after_segment`` (not the worker's ticks/triggers)."""
+    counts: Counter = Counter()
+    for topic in (EVENTS.name, DEAD_LETTER.name):
+        for record in archived(sessions, archive_dir, after_segment, topic):
+            if topic != EVENTS.name or record.key not in PIPELINE_RECORD_KEYS:
+                counts[topic] += 1
     return counts
 
 
-async def _demo(settings: Settings, interactions: int, keep_running: bool, console: Console) -> int:
+class TurnClock:
+    """Maps event times back to the turn that was being served then (for alarms and A/B bounds)."""
+
+    def __init__(self, served: list[Served]) -> None:
+        ordered = sorted((s.at, s.index) for s in served)
+        self.times = [t for t, _ in ordered]
+        self.turns = [i for _, i in ordered]
+
+    def turn_at(self, moment: datetime | float) -> int | None:
+        at = moment.timestamp() if isinstance(moment, datetime) else moment
+        if not self.times:
+            return None
+        return self.turns[min(bisect.bisect_left(self.times, at), len(self.turns) - 1)]
+
+
+def leaked_canaries(batches_dir: Path, canaries: list[str]) -> int:
+    texts = [p.read_text(errors="replace") for p in batches_dir.rglob("*") if p.is_file()]
+    return sum(1 for canary in canaries if any(canary in text for text in texts))
+
+
+MALFORMED = [  # what a buggy app might send: each is refused and dead-lettered with its reason
+    b'[{"type": "interaction", "event_id": ',
+    json.dumps([{"type": "sparkle", "event_id": "bad-type-0001"}]).encode(),
+    json.dumps([{"type": "feedback", "event_id": "bad-kind-0001", "app_id": DEMO_APP, "session_id": "s",
+                 "occurred_at": "2026-11-21T10:00:00Z", "interaction_id": "x", "kind": "sparkle"}]).encode(),
+]  # fmt: skip
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+async def _judge(settings: Settings, population: Population, champion: str) -> tuple[list[float], dict[str, list[float]]]:
+    """Blind pairwise judgements of the champion against the static base model, per cohort."""
+    from trainer.adapter_validation import base_model_sha256
+    from trainer.serving import model_for, zero_delta_name
+
+    zero = zero_delta_name(base_model_sha256(settings.model_path), settings.trainer.lora.rank)
+    live = model_for(champion, base_adapter=zero, served_model_name=settings.serving.served_model_name)
+    url = settings.vllm_urls[0].rstrip("/") + "/v1/chat/completions"
+    limit = asyncio.Semaphore(8)
+
+    async def answer(client: httpx.AsyncClient, model: str, prompt, seed: int) -> str:
+        async with limit:
+            response = await client.post(url, json={"model": model, "messages": [{"role": "user", "content": prompt.text}],
+                                                     "max_tokens": MAX_TOKENS, "temperature": 0.7, "seed": seed})  # fmt: skip
+            response.raise_for_status()
+            return response.json()["choices"][0]["message"]["content"] or ""
+
+    per_cohort: dict[str, list[float]] = {}
+    async with httpx.AsyncClient(timeout=180) as client:
+        for cohort in population.config.cohort_shares:
+            prompts = population.heldout_prompts(HELDOUT_PER_COHORT, cohort)
+            ours = await asyncio.gather(*(answer(client, live, p, i) for i, p in enumerate(prompts)))
+            static = await asyncio.gather(*(answer(client, zero, p, i) for i, p in enumerate(prompts)))
+            per_cohort[cohort] = [population.prefer(cohort, 1, a, b, prompt=p) for p, a, b in zip(prompts, ours, static)]
+    return [j for judgements in per_cohort.values() for j in judgements], per_cohort
+
+
+def _rare_skill(rows: list[Adapter], champion: str) -> tuple[float | None, float | None]:
+    """Accuracy on the rare-skill suite of the base model (the first adapter's parent) and of the champion."""
+    key = "rare_skill_accuracy"
+    start = next((r.lineage["eval"]["parent"].get(key) for r in rows if r.parent is None and r.lineage.get("eval")), None)
+    end = next((r.lineage["eval"]["candidate"].get(key) for r in rows if r.name == champion), start)
+    return start, end
+
+
+async def _demo(settings: Settings, interactions: int, minutes: float, console: Console) -> int:
     started = time.monotonic()
-    broker = worker = None
-    if settings.uses_embedded_broker:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        broker = EmbeddedBroker(settings.embedded_broker_port, settings.data_dir / "broker.log")
-        broker.start()
+    deadline = started + minutes * 60
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(ensure_base_model, settings, console)
+    population = Population(PopulationConfig(interactions=interactions))
+    loop = Loop(settings, console)
+    sessions = None
     try:
-        migrations.upgrade(settings.store_url)
+        console.print("starting broker, store, archive, gateway, vLLM, worker, learner, trainer, hot-swap ...")
+        await loop.start()
         sessions = make_sessionmaker(make_engine(settings.store_url))
-        before = last_segment_id(sessions)
-        before_examples = checkpointed_stats(sessions, PIPELINE_CONSUMER)[0]["examples"]
-        archiver = await build_archiver(settings)
-        archive_task = asyncio.create_task(archiver.run())
-        server = gateway_server(settings)
-        gateway_task = asyncio.create_task(server.serve())
-        await wait_started(server, gateway_task)
-        worker = start_worker(settings)
-        api_key = settings.api_keys[DEMO_APP].get_secret_value()
-        base_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
+        before = last_segment(sessions)
+        gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
+        driver = Driver(population, gateway_url, settings.api_keys[DEMO_APP].get_secret_value(), ["base"])
+        await driver.wait_for_base(loop)
+        for body in MALFORMED:
+            await driver.http.post("/v1/events", content=body)
 
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
-        ) as progress:  # fmt: skip
-            task = progress.add_task("simulated chat app", total=interactions, rate="")
+        # Judging and the report need ~2 minutes at the end; the users talk until then.
+        traffic = asyncio.create_task(driver.run(population.turns(), interactions, deadline - JUDGING_S))
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[status]}"))  # fmt: skip
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("simulated users", total=interactions, status="")
+            while not traffic.done():
+                loop.check()
+                driver.arms = live_arms(sessions) or driver.arms
+                rows = registry(sessions)
+                states = Counter(r.state for r in rows)
+                turns_done = len({s.index for s in driver.traffic.served})
+                rate = driver.traffic.satisfaction
+                phase = "before drift" if turns_done < population.shift_index else "after drift"
+                progress.update(task, completed=turns_done, status=(
+                    f"{phase} | adapters {len(rows)} trained, {states['champion'] + states['retired']} promoted, "
+                    f"{states['rolled_back']} rolled back | arms {', '.join(driver.arms)} | "
+                    f"satisfied {'-' if rate is None else f'{rate:.0%}'} (last 100)"))  # fmt: skip
+                await asyncio.wait([traffic], timeout=1.0)
+            traffic.result()
 
-            def on_progress(done: int) -> None:
-                rate = done / max(time.monotonic() - started, 1e-6)
-                progress.update(task, completed=done, rate=f"{rate:,.0f} interactions/s")
-
-            with FeedloopClient(base_url, api_key=api_key, app_id=DEMO_APP) as client:
-                sent = await asyncio.to_thread(simulate_app, client, interactions, 7, on_progress)
-
-            expected = sent.accepted + sent.rejected
-            wait = progress.add_task("archiving", total=expected, rate="")
-            deadline = time.monotonic() + 120
-            while True:
-                counts = archived_counts(sessions, settings.archive_dir, before)
-                done = counts["feedloop.events.v1"] + counts["feedloop.deadletter.v1"]
-                progress.update(wait, completed=min(done, expected))
-                if done >= expected or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.2)
-
-            # The pipeline: every interaction becomes an example once its window closes, and
-            # every training record lands in a batch (the worker's ticks move event time on).
-            curate = progress.add_task("pipeline examples", total=interactions, rate="")
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and worker.poll() is None:
-                counts, pii, buffered = checkpointed_stats(sessions, PIPELINE_CONSUMER)
-                progress.update(curate, completed=min(counts["examples"] - before_examples, interactions))
-                if counts["examples"] - before_examples >= interactions and buffered == 0:
-                    break
-                await asyncio.sleep(0.5)
-
-        if keep_running:
-            console.print(f"gateway on {base_url} (app '{DEMO_APP}', key {api_key}); Ctrl-C stops")
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                pass
-        await asyncio.to_thread(stop_worker, worker)
-        server.should_exit = True
-        archiver.stop()
-        await asyncio.gather(gateway_task, archive_task)
-
-        counts = archived_counts(sessions, settings.archive_dir, before)
+        console.print("traffic done; waiting for the archive, then judging on held-out prompts ...")
+        sent = driver.traffic.sent_events
+        settle = time.monotonic() + 60
+        while (counts := count_archived(sessions, settings.archive_dir, before))[EVENTS.name] < sent:
+            if time.monotonic() > settle:
+                break
+            await asyncio.sleep(0.5)
+        rows = registry(sessions)
+        champion = next((r.name for r in rows if r.state == "champion"), "base")
+        judgements, per_cohort = await _judge(settings, population, champion)
+        await driver.close()
+        report = _report(settings, sessions, before, population, driver.traffic, rows, champion, judgements,
+                         per_cohort, counts, time.monotonic() - started)  # fmt: skip
+        series = _series(settings, sessions, before, population, driver.traffic)
+        run_dir = write_report(report, Path("runs"), series, console=console)
         with sessions() as session:
-            verification = verify_archive(session, settings.archive_dir)
-        lost = sent.accepted - counts["feedloop.events.v1"]
-        stats, pii, _ = checkpointed_stats(sessions, PIPELINE_CONSUMER)
-        with sessions() as session:
-            batches = session.scalar(select(func.count()).select_from(Batch))
-        records = {k.removeprefix("records_"): v for k, v in sorted(stats.items()) if k.startswith("records_")}
-        unjoined = {k: stats[k] for k in ("duplicate_event", "orphan_feedback", "late_feedback",
-                                          "outside_implicit_window") if stats[k]}
-        table = Table(title="feedloop demo")
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        for name, value in [
-            ("events accepted by the gateway", sent.accepted),
-            ("events rejected (dead-lettered)", sent.rejected),
-            ("events archived", counts["feedloop.events.v1"]),
-            ("dead letters archived", counts["feedloop.deadletter.v1"]),
-            ("events lost", lost),
-            ("archive verified", "yes" if verification.ok else f"NO: {verification.problems[:3]}"),
-            ("annotated examples", stats["examples"]),
-            ("training records", ", ".join(f"{k} {v}" for k, v in records.items()) or "0"),
-            ("batches written", f"{batches} under {settings.batches_dir}"),
-            ("PII replaced", ", ".join(f"{k} {v}" for k, v in sorted(pii.items())) or "0"),
-            ("not joined (dead-lettered by the pipeline)", ", ".join(f"{k} {v}" for k, v in unjoined.items()) or "0"),
-            ("archive directory", str(settings.archive_dir)),
-            ("wall seconds", f"{time.monotonic() - started:.1f}"),
-        ]:
-            table.add_row(name, str(value))
-        console.print(table)
-        complete = stats["examples"] - before_examples >= interactions
-        if not complete:
-            console.print(f"the pipeline did not finish; see {settings.data_dir / 'worker.log'}")
-        return 0 if lost == 0 and verification.ok and complete and counts["feedloop.deadletter.v1"] >= sent.rejected else 1
+            verified = verify_archive(session, settings.archive_dir)
+        console.print(f"report: {run_dir / 'report.json'} (and runs/latest/); logs: {loop.logs}; "
+                      f"archive verified: {'yes' if verified.ok else verified.problems[:3]}")  # fmt: skip
+        return 0 if all(report.targets().values()) else 1
     finally:
-        if worker is not None:
-            stop_worker(worker)
-        if broker is not None:
-            broker.stop()
+        await loop.stop()
 
 
-def run_demo(settings: Settings, interactions: int, keep_running: bool = False) -> int:
-    if DEMO_APP not in settings.api_keys:
-        keys = {**settings.api_keys, DEMO_APP: SecretStr(secrets.token_urlsafe(16))}
-        settings = settings.model_copy(update={"api_keys": keys})
+def _report(settings, sessions, before, population, traffic: Traffic, rows, champion, judgements, per_cohort,
+            counts, wall_s) -> DemoReport:  # fmt: skip
+    rate, ci95 = win_rate(judgements)
+    profiles = {}
+    for arm in {s.adapter for s in traffic.served}:
+        profiles[arm] = style_profile(s.answer for s in traffic.served if s.adapter == arm)
+    router, uniform = routing_regret(traffic.decisions,
+                                     lambda arm, cohort, phase: population.profile_reward(cohort, phase, profiles[arm]))  # fmt: skip
+    alarms = _alarm_turns(settings, sessions, before, traffic)
+    start, end = _rare_skill(rows, champion)
+    swaps = [r.lineage["serving"]["swap_ms"] for r in rows if "serving" in (r.lineage or {})]
+    archived_events = counts[EVENTS.name]
+    return DemoReport(
+        events_sent=traffic.sent_events,
+        events_archived=archived_events,
+        events_lost=max(0, traffic.sent_events - archived_events),
+        dead_lettered=counts[DEAD_LETTER.name],
+        pii_canaries_seeded=len(population.canaries_seeded),
+        pii_canaries_leaked=leaked_canaries(settings.batches_dir, population.canaries_seeded),
+        win_rate_live_vs_static=rate,
+        win_rate_ci95=ci95,
+        regret_ratio_vs_uniform=regret_ratio(router, uniform),
+        drift_detect_delay_events=drift_detect_delay(population.shift_index, alarms),
+        cohort_win_rates={cohort: win_rate(js)[0] for cohort, js in per_cohort.items()},
+        rare_skill_accuracy_start=start,
+        rare_skill_accuracy_end=end,
+        adapters_trained=len(rows),
+        adapters_promoted=sum(r.state in ("champion", "retired") for r in rows),
+        adapters_rolled_back=sum(r.state == "rolled_back" for r in rows),
+        hot_swap_p50_ms=median(swaps) if swaps else None,
+        wall_seconds=round(wall_s, 1),
+    )
+
+
+def _alarm_turns(settings, sessions, before, traffic: Traffic) -> list[int]:
+    clock = TurnClock(traffic.served)
+    turns = []
+    for record in archived(sessions, settings.archive_dir, before, CONTROL.name):
+        event = json.loads(record.value)
+        if event.get("type") == "drift_alarm":
+            turn = clock.turn_at(datetime.fromisoformat(event["detected_at"]))
+            if turn is not None:
+                turns.append(turn)
+    return sorted(turns)
+
+
+def _series(settings, sessions, before, population, traffic: Traffic) -> Series:
+    series = Series(shift_index=population.shift_index)
+    series.decisions = list(traffic.decisions)
+    series.rewards = [RewardPoint(s.index, s.adapter, 1.0 if s.satisfied else 0.0) for s in traffic.served]
+    series.alarms = _alarm_turns(settings, sessions, before, traffic)
+    clock = TurnClock(traffic.served)
+    for experiment in OverviewSource(settings, sessions).read().experiments:
+        for at, lift, lower, upper in zip(experiment.times, experiment.lifts, experiment.lowers, experiment.uppers):
+            turn = clock.turn_at(datetime.fromisoformat(at + "+00:00"))
+            if None not in (turn, lift, lower, upper):
+                series.ab_bounds.append(ABPoint(turn, experiment.challenger, lift, lower, upper))
+    return series
+
+
+def run_demo(settings: Settings, interactions: int, minutes: float) -> int:
+    settings = demo_settings(settings)
+    if "FEEDLOOP_LOG_LEVEL" not in os.environ:
+        # The terminal shows progress and the report; every process logs in full to data/logs/.
+        configure_logging("warning", settings.log_format)
     try:
-        return asyncio.run(_demo(settings, interactions, keep_running, Console(stderr=True)))
+        return asyncio.run(_demo(settings, interactions, minutes, Console(stderr=True)))
     except KeyboardInterrupt:
         return 130
