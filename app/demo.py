@@ -62,9 +62,12 @@ HELDOUT_PER_COHORT = 40
 JUDGING_S = 120
 
 # What the demo shortens so that the loop turns several times in minutes, not days.
-DEMO_DEFAULTS: dict[str, dict[str, object]] = {
+# One partition: one curator sees all feedback, so batches are few and large enough to move
+# the model, rather than one small batch per partition.
+DEMO_DEFAULTS: dict[str, object] = {
+    "topic_partitions": 1,
     "pipeline": {"implicit_window_s": 4, "explicit_window_s": 8, "allowed_lateness_s": 1, "idle_tick_s": 1,
-                 "batch_size": 64, "batch_max_wait_s": 90, "checkpoint_interval_s": 1},
+                 "batch_size": 160, "batch_max_wait_s": 120, "checkpoint_interval_s": 1},
     "learners": {"ab_min_samples": 40, "canary_share": 0.5, "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
     "serving": {"drain_s": 3, "reconcile_interval_s": 10, "max_loras": 3},
     "trainer": {"num_threads": 1, "log_every": 50, "gate": {"heldout_prompts": 20, "rare_skill_items": 40}},
@@ -72,9 +75,13 @@ DEMO_DEFAULTS: dict[str, dict[str, object]] = {
 
 
 def demo_settings(settings: Settings) -> Settings:
-    """The settings with DEMO_DEFAULTS, except where a FEEDLOOP_<GROUP>__<FIELD> is set."""
+    """The settings with DEMO_DEFAULTS, except where FEEDLOOP_<FIELD> or FEEDLOOP_<GROUP>__<FIELD> is set."""
     updates = {}
     for group, values in DEMO_DEFAULTS.items():
+        if not isinstance(values, dict):
+            if f"FEEDLOOP_{group}".upper() not in os.environ:
+                updates[group] = values
+            continue
         current = getattr(settings, group).model_dump()
         for name, value in values.items():
             if f"FEEDLOOP_{group}__{name}".upper() in os.environ:
@@ -451,10 +458,13 @@ async def _demo(settings: Settings, interactions: int, minutes: float, console: 
 def _report(settings, sessions, before, population, traffic: Traffic, rows, champion, judgements, per_cohort,
             counts, wall_s) -> DemoReport:  # fmt: skip
     rate, ci95 = win_rate(judgements)
-    profiles = {}
-    for arm in {s.adapter for s in traffic.served}:
-        profiles[arm] = style_profile(s.answer for s in traffic.served if s.adapter == arm)
-    router, uniform = routing_regret(traffic.decisions,
+    # Each arm's style mix, measured on the answers it served; the arms live at a decision are
+    # those of the router snapshot then (refreshed each second) that served anything at all.
+    profiles = {arm: style_profile(s.answer for s in traffic.served if s.adapter == arm)
+                for arm in {s.adapter for s in traffic.served}}  # fmt: skip
+    decisions = [Decision(d.event_index, d.arm, d.cohort, d.phase, tuple(dict.fromkeys(
+                 [a for a in d.arms if a in profiles] + [d.arm]))) for d in traffic.decisions]  # fmt: skip
+    router, uniform = routing_regret(decisions,
                                      lambda arm, cohort, phase: population.profile_reward(cohort, phase, profiles[arm]))  # fmt: skip
     alarms = _alarm_turns(settings, sessions, before, traffic)
     start, end = _rare_skill(rows, champion)

@@ -89,6 +89,9 @@ class ServingSettings(BaseModel):
     served_model_name: str = Field("base", description="Name vLLM serves the base model under (--served-model-name).")
     max_lora_rank: int = Field(8, ge=1, description="vLLM --max-lora-rank; adapters of a higher rank are refused.")
     max_loras: int = Field(4, ge=1, description="vLLM --max-loras: adapters batched together.")
+    max_challengers: int = Field(
+        1, ge=1, description="Adapters under A/B test at once; newer ones wait, and only the newest is loaded next."
+    )
     drain_s: float = Field(
         10.0, ge=0, description="After a promotion or rollback, wait this long before unloading the old adapter."
     )

@@ -15,6 +15,11 @@ event                  the controller
 ``adapter_rolled_back`` ``rolled_back`` with the reason; unloaded after ``drain_s``.
 =====================  ===================================================================
 
+One experiment at a time (``max_challengers``): an adapter that arrives while another is
+under test waits; when the test ends, the newest waiting adapter is loaded and the older
+ones are superseded (``retired``, announced as ``adapter_refused`` with reason
+``superseded``), since they were trained from older feedback.
+
 Every unload is announced with ``adapter_unloaded``. Nothing is unloaded before the router
 has stopped sending traffic to it (the drain), and nothing gets traffic before it is loaded
 (the learner adds an arm on ``adapter_loaded`` only), so a failed swap never routes a
@@ -83,8 +88,9 @@ class SwapController:
         validator = AdapterValidator(settings.adapters_path, base_model_sha256=base.base_model_sha256,
                                      max_lora_rank=settings.serving.max_lora_rank,
                                      served_model_name=settings.serving.served_model_name, known=known)  # fmt: skip
-        return cls(sessions, HotSwapper(AdapterSet(validator, base), settings.vllm_urls),
-                   drain_s=settings.serving.drain_s, reconcile_interval_s=settings.serving.reconcile_interval_s)
+        serving = settings.serving
+        return cls(sessions, HotSwapper(AdapterSet(validator, base), settings.vllm_urls), drain_s=serving.drain_s,
+                   reconcile_interval_s=serving.reconcile_interval_s, max_challengers=serving.max_challengers)
 
     def __init__(
         self,
@@ -93,14 +99,17 @@ class SwapController:
         *,
         drain_s: float,
         reconcile_interval_s: float,
+        max_challengers: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sessions = sessions
         self.swapper = swapper
         self.drain_s = drain_s
         self.reconcile_interval_s = reconcile_interval_s
+        self.max_challengers = max_challengers
         self.clock = clock
         self.pending: dict[str, datetime] = {}  # validated, not yet on any replica -> ready time
+        self.waiting: dict[str, AdapterSpec] = {}  # validated, held back while others are under test
         self._drains: list[_Drain] = []
         self._next_reconcile = 0.0
 
@@ -115,8 +124,10 @@ class SwapController:
             return self._ready(event)
         if isinstance(event, AdapterPromoted):
             self._promote(event)
-        elif isinstance(event, AdapterRolledBack):
+            return self._admit()
+        if isinstance(event, AdapterRolledBack):
             self._roll_back(event)
+            return self._admit()
         return []
 
     def _ready(self, event: AdapterReady) -> list[Announcement]:
@@ -124,14 +135,55 @@ class SwapController:
         if row is not None and row.state not in (READY, *LIVE):
             log.info("swap.ready_skipped", adapter=event.adapter, state=row.state)  # retired, failed...
             return []
+        if event.adapter in self.waiting:
+            return []
         if event.adapter in self.adapters:
             return self._reconcile()  # a redelivered event: make sure it is served, announce again
+        spec = AdapterSpec.from_event(event)
         try:
-            self.adapters.add(AdapterSpec.from_event(event))
+            self.adapters.validator.validate(spec)  # refuse at once, not after waiting
         except Refused as refused:
             return [self._refuse(event.adapter, refused.reason, refused.detail)]
-        self.pending[event.adapter] = event.occurred_at
-        return self._reconcile()
+        self.waiting[event.adapter] = spec
+        return self._admit()
+
+    def _admit(self) -> list[Announcement]:
+        """Load the newest waiting adapter once fewer than ``max_challengers`` are under test.
+
+        One experiment at a time runs to its verdict (more would split the traffic until
+        none reaches one); the older adapters that waited meanwhile are superseded: they were
+        trained from older feedback than the newest, from the same champion."""
+        if not self.waiting or self._under_test() >= self.max_challengers:
+            return []
+        *older, newest = self.waiting
+        out: list[Announcement] = [self._supersede(name, newest) for name in older]
+        spec = self.waiting.pop(newest)
+        self.waiting.clear()
+        try:
+            self.adapters.add(spec)
+        except Refused as refused:  # its files changed while it waited
+            return out + [self._refuse(newest, refused.reason, refused.detail)]
+        row = self._row(newest)
+        ready_at = row.lineage.get("registered_at") if row is not None else None
+        self.pending[newest] = datetime.fromisoformat(ready_at) if ready_at else utcnow()
+        return out + self._reconcile()
+
+    def _under_test(self) -> int:
+        """Challengers in the registry, and adapters admitted but not yet loaded."""
+        with self.sessions() as session:
+            challengers = set(session.scalars(select(Adapter.name).where(Adapter.state == CHALLENGER)))
+            loading = {name for name in self.pending if (row := session.get(Adapter, name)) is None or row.state == READY}
+        return len(challengers | loading)
+
+    def _supersede(self, name: str, newer: str) -> AdapterRefused:
+        detail = f"superseded by {newer}, trained from fresher feedback, before it was served"
+        with self.sessions.begin() as session:
+            row = session.get(Adapter, name)
+            if row is not None:
+                row.state, row.reason = RETIRED, detail
+        log.info("swap.superseded", adapter=name, by=newer)
+        return AdapterRefused(event_id=f"adapter-refused-{name}", occurred_at=utcnow(), source=SOURCE, adapter=name,
+                              reason="superseded", detail=detail)  # fmt: skip
 
     def _promote(self, event: AdapterPromoted) -> None:
         with self.sessions.begin() as session:
@@ -182,28 +234,34 @@ class SwapController:
         return []
 
     def resume(self) -> list[Announcement]:
-        """After a (re)start: desire what the registry says is ready or live, and reconcile.
-        Adapters retired or rolled back while the controller was down are unloaded now."""
+        """After a (re)start: desire what the registry says is live, wait-list what is ready,
+        and reconcile. Adapters retired or rolled back while the controller was down are
+        unloaded now."""
         with self.sessions() as session:
             rows = session.scalars(
                 select(Adapter).where(Adapter.state.in_((READY, *LIVE))).order_by(Adapter.created_at)
             ).all()
         out: list[Announcement] = []
         for row in rows:
-            if row.name in self.adapters:
+            if row.name in self.adapters or row.name in self.waiting:
                 continue
             spec = AdapterSpec(row.name, row.path, row.sha256, row.base_model_sha256)
             try:
+                if row.state == READY:
+                    self.adapters.validator.validate(spec)
+                    self.waiting[row.name] = spec
+                    continue
                 self.adapters.add(spec)
             except Refused as refused:
                 # A live adapter whose files changed: the gateway falls back to the base model.
-                log.error("swap.live_adapter_refused", adapter=row.name, state=row.state, reason=refused.reason)
+                log.error("swap.adapter_refused_on_resume", adapter=row.name, state=row.state, reason=refused.reason)
                 out.append(self._refuse(row.name, refused.reason, refused.detail))
                 continue
             # Announced again once served: the crash may have come before the announcement,
             # and the learner ignores an adapter_loaded for an arm it has or has ended.
             self.pending[row.name] = datetime.fromisoformat(row.lineage.get("registered_at", utcnow().isoformat()))
-        return out + self._reconcile()
+        out += self._reconcile()
+        return out + self._admit()
 
     # --- replicas ---------------------------------------------------------------------------
 

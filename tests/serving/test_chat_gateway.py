@@ -71,7 +71,7 @@ async def chat(models: Models, trained: Trained, server, broker, tmp_path):
     )  # fmt: skip
     stack, stop = await start_stack(settings)
     controller = SwapController(registry_copy(trained, tmp_path), HotSwapper(AdapterSet(models.validator(), models.zero),
-                                [server.url]), drain_s=0.0, reconcile_interval_s=60.0)  # fmt: skip
+                                [server.url]), drain_s=0.0, reconcile_interval_s=60.0, max_challengers=2)  # fmt: skip
     await asyncio.to_thread(controller.handle, trained.concise)
     learner = LearnerState(settings.learners)
     learner.apply_control(loaded(trained.concise.adapter))

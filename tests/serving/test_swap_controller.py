@@ -31,11 +31,13 @@ class Clock:
 
 
 @pytest.fixture
-def setup(models: Models, trained: Trained, server, tmp_path):
+def setup(models: Models, trained: Trained, server, tmp_path, request):
     sessions = registry_copy(trained, tmp_path)
     clock = Clock()
     swapper = HotSwapper(AdapterSet(models.validator(), models.zero), [server.url])
-    controller = SwapController(sessions, swapper, drain_s=5.0, reconcile_interval_s=60.0, clock=clock)
+    challengers = getattr(request, "param", 2)
+    controller = SwapController(sessions, swapper, drain_s=5.0, reconcile_interval_s=60.0, max_challengers=challengers,
+                                clock=clock)  # fmt: skip
     learner = LearnerState(LearnerSettings(initial_arms=["base"]))
     with ReplicaClient(server.url) as replica:
         yield controller, sessions, clock, learner, replica
@@ -130,3 +132,26 @@ def test_promotion_retires_the_champion_and_rollback_unloads_after_the_drain(set
     resumed = again.resume()
     assert [type(e) for e in resumed] == [AdapterLoaded] and resumed[0].adapter == concise
     assert set(replica.list_adapters()) == {models.zero.name, concise}
+
+
+@pytest.mark.parametrize("setup", [1], indirect=True)
+def test_one_experiment_at_a_time_the_newest_waiting_adapter_goes_next(setup, trained: Trained, models):
+    controller, sessions, _, learner, replica = setup
+    concise = trained.concise.adapter
+    # A third adapter, newer than the detailed one: a copy under its own immutable name.
+    newest = models.adapters_dir / "adapter-000099-0000beef"
+    shutil.copytree(models.adapters_dir / trained.detailed.adapter, newest, dirs_exist_ok=True)
+    newest_ready = trained.detailed.model_copy(update={"event_id": "adapter-ready-newest", "adapter": newest.name,
+                                                       "path": str(newest), "sha256": adapter_sha256(newest)})  # fmt: skip
+    apply(learner, controller.handle(trained.concise))
+    assert controller.handle(trained.detailed) == [] and controller.handle(newest_ready) == []
+    assert set(replica.list_adapters()) == {models.zero.name, concise}, "the others wait while concise is tested"
+    assert state(sessions, trained.detailed.adapter).state == "ready"
+
+    rollback = AdapterRolledBack(event_id="rollback-concise", occurred_at=utcnow(), source="learners",
+                                 adapter=concise, reason="ab_test")  # fmt: skip
+    superseded, loaded = apply(learner, [rollback, *controller.handle(rollback)])[1:]
+    assert isinstance(superseded, AdapterRefused) and superseded.reason == "superseded"
+    assert superseded.adapter == trained.detailed.adapter and state(sessions, superseded.adapter).state == "retired"
+    assert isinstance(loaded, AdapterLoaded) and loaded.adapter == newest.name
+    assert learner.router.arms == ("base", newest.name)
