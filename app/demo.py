@@ -68,7 +68,7 @@ DEMO_DEFAULTS: dict[str, object] = {
     "topic_partitions": 1,
     "pipeline": {"implicit_window_s": 4, "explicit_window_s": 8, "allowed_lateness_s": 1, "idle_tick_s": 1,
                  "batch_size": 160, "batch_max_wait_s": 120, "checkpoint_interval_s": 1},
-    "learners": {"ab_min_samples": 40, "canary_share": 0.5, "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
+    "learners": {"ab_min_samples": 40, "ab_max_samples": 150, "canary_share": 0.5, "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
     "serving": {"drain_s": 3, "reconcile_interval_s": 10, "max_loras": 3},
     "trainer": {"num_threads": 1, "log_every": 50, "gate": {"heldout_prompts": 20, "rare_skill_items": 40}},
 }  # fmt: skip

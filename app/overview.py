@@ -342,7 +342,7 @@ class ArchiveFold:
             self.ab_paths.put(experiment.frontier, experiment.key, decision)
             if decision.verdict == "promote":
                 self._promote(experiment.challenger, at)
-            elif decision.verdict == "rollback":
+            elif decision.verdict in ("rollback", "inconclusive"):
                 self._roll_back(experiment.challenger, at)
 
     def _control(self, event: Any) -> None:
@@ -402,7 +402,8 @@ class ArchiveFold:
 
     def _new_experiment(self, challenger: str) -> _Experiment:
         c = self.learners
-        test = ABTest(self.champion, challenger, alpha=c.ab_alpha, min_samples=c.ab_min_samples, tau=c.ab_tau)
+        test = ABTest(self.champion, challenger, alpha=c.ab_alpha, min_samples=c.ab_min_samples, tau=c.ab_tau,
+                      max_samples=c.ab_max_samples)
         self._started += 1
         return _Experiment(self._started, challenger, self.champion, test)
 

@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trainer.config import TrainerConfig
@@ -66,6 +66,9 @@ class LearnerSettings(BaseModel):
     ab_alpha: float = Field(0.05, gt=0, lt=1, description="A/B test: total error level of promote/rollback.")
     ab_min_samples: int = Field(200, ge=1, description="A/B test: rewards each variant needs before a verdict.")
     ab_tau: float = Field(0.05, gt=0, description="A/B test: the lift it detects fastest.")
+    ab_max_samples: int | None = Field(
+        2000, ge=1, description="A/B test: rewards per variant after which a test with no verdict ends; the champion stays."
+    )
     review_budget_per_hour: int = Field(20, ge=0, description="Most examples sent to human review per hour (event time).")
     checkpoint_interval_s: float = Field(
         1.0, gt=0, description="How often the learner saves its state and publishes a router snapshot."
@@ -78,6 +81,12 @@ class LearnerSettings(BaseModel):
     canary_share: float = Field(
         0.1, gt=0, le=1, description="Most traffic a new adapter gets while its A/B test runs."
     )
+
+    @model_validator(mode="after")
+    def _check_ab_samples(self) -> LearnerSettings:
+        if self.ab_max_samples is not None and self.ab_max_samples < self.ab_min_samples:
+            raise ValueError("ab_max_samples must be at least ab_min_samples (or null: no limit)")
+        return self
 
 
 class ServingSettings(BaseModel):

@@ -102,6 +102,9 @@ class ABTest:
     - "rollback" if the overall upper bound is below 0, or any cohort's is (guard: a
       challenger that significantly harms a cohort is not promoted);
     - "promote" if the overall lower bound is above 0;
+    - "inconclusive" once both variants have ``max_samples`` rewards and neither holds: the
+      lift, if any, is too small to matter at this traffic, and the champion stays (a
+      rolling A/B must end so that the next challenger can start);
     - "continue" otherwise.
 
     The chance of any wrong promote or rollback in an experiment with no true difference, at
@@ -117,6 +120,9 @@ class ABTest:
         Rewards each variant needs, overall and within a cohort, before that sequence counts.
     tau
         Mixture scale of the sequences: the lift the test detects fastest.
+    max_samples
+        Rewards per variant after which a test with no verdict ends "inconclusive"; None
+        runs it until a verdict.
 
     Examples
     --------
@@ -141,9 +147,13 @@ class ABTest:
         alpha: float = 0.05,
         min_samples: int = 200,
         tau: float = 0.05,
+        max_samples: int | None = None,
     ):
         if champion == challenger:
             raise ValueError("champion and challenger must differ")
+        if max_samples is not None and max_samples < min_samples:
+            raise ValueError("max_samples must be at least min_samples")
+        self.max_samples = max_samples
         self.champion = champion
         self.challenger = challenger
         self.alpha = alpha
@@ -190,6 +200,8 @@ class ABTest:
             verdict = "rollback"
         elif self._lower > 0:
             verdict = "promote"
+        elif self.max_samples is not None and min(a.n, b.n) >= self.max_samples:
+            verdict = "inconclusive"
         else:
             verdict = "continue"
         return ABDecision(verdict, lift, self._lower, self._upper, a.n, b.n, harmed)

@@ -217,11 +217,14 @@ class LearnerState:
                 adapter=test.challenger, previous_champion=test.champion, evidence=evidence,
             )  # fmt: skip
         else:
-            where = f"in cohorts {', '.join(decision.harmed_cohorts)}" if decision.harmed_cohorts else "overall"
+            if decision.verdict == "inconclusive":
+                reason = f"ab_test: no significant lift over {test.champion} after {test.max_samples} rewards each"
+            else:
+                where = f"in cohorts {', '.join(decision.harmed_cohorts)}" if decision.harmed_cohorts else "overall"
+                reason = f"ab_test: challenger worse than {test.champion} {where}"
             event = AdapterRolledBack(
                 event_id=_event_id("rollback", test.challenger), occurred_at=at, source=SOURCE,
-                adapter=test.challenger, reason=f"ab_test: challenger worse than {test.champion} {where}",
-                evidence=evidence,
+                adapter=test.challenger, reason=reason, evidence=evidence,
             )  # fmt: skip
         log.info("learners.ab_verdict", verdict=decision.verdict, challenger=test.challenger,
                  champion=test.champion, **evidence)  # fmt: skip
@@ -253,7 +256,8 @@ class LearnerState:
 
     def _new_test(self, challenger: str) -> ABTest:
         c = self.config
-        return ABTest(self.champion, challenger, alpha=c.ab_alpha, min_samples=c.ab_min_samples, tau=c.ab_tau)
+        return ABTest(self.champion, challenger, alpha=c.ab_alpha, min_samples=c.ab_min_samples, tau=c.ab_tau,
+                      max_samples=c.ab_max_samples)
 
     def _load(self, adapter: str) -> bool:
         """A new adapter joins the router as a canary (at most ``canary_share`` of traffic),

@@ -1,4 +1,5 @@
 import pickle
+import random
 
 import numpy as np
 import pytest
@@ -166,6 +167,19 @@ def test_no_decision_before_minimum_samples():
     decision = test.decision()
     assert (decision.verdict, decision.n_champion, decision.n_challenger) == ("promote", 50, 50)
     assert 0 < decision.lower < decision.lift == 1.0 < decision.upper
+
+
+def test_a_test_without_a_verdict_ends_inconclusive_at_max_samples():
+    rng = random.Random(3)
+    test = ABTest("a", "b", min_samples=50, max_samples=300)
+    verdicts = []
+    for _ in range(300):
+        for variant in ("a", "b"):  # no true difference
+            test.update(variant, float(rng.random() < 0.5))
+        verdicts.append(test.decision().verdict)
+    assert set(verdicts[:-1]) == {"continue"} and verdicts[-1] == "inconclusive"
+    with pytest.raises(ValueError, match="max_samples"):
+        ABTest("a", "b", min_samples=50, max_samples=10)
 
 
 def test_rejects_unknown_variants_and_rewards_out_of_range():

@@ -149,7 +149,7 @@ def test_a_restored_checkpoint_goes_on_as_if_never_stopped_and_skips_redelivered
 
 def test_the_router_learns_which_adapter_suits_which_context(environment):
     # No verdict (all arms stay) and no canary cap (it would hide what the router learned).
-    state = LearnerState(CONFIG.model_copy(update={"ab_min_samples": 10_000, "canary_share": 1.0}))
+    state = LearnerState(CONFIG.model_copy(update={"ab_min_samples": 10_000, "ab_max_samples": None, "canary_share": 1.0}))
     run(state, records(environment, n=3000))
     assert state.router.arms == ("general", "coder", "mathy")
     for domain, best in (("code", "coder"), ("math", "mathy"), ("chat", "general")):
@@ -212,6 +212,20 @@ def test_a_new_adapter_is_a_canary_until_promoted_and_a_pin_takes_all_traffic():
     state.apply_control(AdapterPinned(event_id="pin-event-3", occurred_at=T0, source="ops", adapter=None))
     state.apply_control(AdapterPromoted(event_id="promote-code-v1", occurred_at=T0, source="ops", adapter="code-v1"))
     assert state.router.probabilities(features) == {"code-v1": 1.0} and state.router.caps == {}
+
+
+def test_an_experiment_without_a_verdict_ends_and_the_champion_stays():
+    rng = np.random.default_rng(4)
+    state = LearnerState(LearnerSettings(initial_arms=["base"], ab_min_samples=30, ab_max_samples=120))
+    state.apply_control(loaded("code-v1"))
+    published = []
+    for i in range(400):
+        arm = ("base", "code-v1")[i % 2]
+        out = state.learn_one(example(i, arm, CODE, {"explicit": float(rng.random() < 0.5)}))
+        published += [e for e in out.control if not isinstance(e, DriftAlarm)]
+    (event,) = published
+    assert isinstance(event, AdapterRolledBack) and "no significant lift over base after 120" in event.reason
+    assert state.router.arms == ("base",) and state.champion == "base" and not state.experiments
 
 
 @pytest.mark.parametrize("challenger_reward, verdict", [(0.9, AdapterPromoted), (0.1, AdapterRolledBack)])
@@ -331,7 +345,7 @@ def test_the_gateway_router_starts_cold_and_picks_up_newer_snapshots(sessions, e
     assert cold.adapter == "general" and cold.probabilities == {"general": 1.0} and cold.snapshot_version == 0
     assert routing.refresh() is False  # no snapshot yet
 
-    learner = LiveLearner(CONFIG.model_copy(update={"ab_min_samples": 10_000}), sessions, consumer="learners",
+    learner = LiveLearner(CONFIG.model_copy(update={"ab_min_samples": 10_000, "ab_max_samples": None}), sessions, consumer="learners",
                           cluster_id="c1", snapshots_kept=3)  # fmt: skip
     for record in records(environment, n=2000):
         learner.handle(*record)
