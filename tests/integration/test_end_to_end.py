@@ -30,12 +30,12 @@ def test_an_adapter_trained_from_feedback_is_promoted_and_serves_traffic(tmp_pat
         "FEEDLOOP_GATEWAY_PORT": str(free_port()),
         "FEEDLOOP_VLLM_URLS": f'["http://127.0.0.1:{free_port()}"]',
     }
-    done = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--events", "700", "--minutes", "11"],
+    done = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--events", "1000", "--minutes", "10"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)  # fmt: skip
     report_file = tmp_path / "runs" / "latest" / "report.json"
     assert report_file.exists(), done.stderr[-4000:]
     report = json.loads(report_file.read_text())
-    assert report["events_lost"] == 0 and report["events_sent"] > 700
+    assert report["events_lost"] == 0 and report["events_sent"] > 1000
     assert report["pii_canaries_seeded"] > 0 and report["pii_canaries_leaked"] == 0
     assert report["dead_lettered"] >= 3  # the malformed bodies the demo sends on purpose
     assert report["adapters_trained"] >= 1 and report["adapters_promoted"] >= 1, report
