@@ -108,7 +108,7 @@ class SwapController:
         self.reconcile_interval_s = reconcile_interval_s
         self.max_challengers = max_challengers
         self.clock = clock
-        self.pending: dict[str, datetime] = {}  # validated, not yet on any replica -> ready time
+        self.pending: dict[str, datetime] = {}  # admitted, not yet on any replica -> admission time
         self.waiting: dict[str, AdapterSpec] = {}  # validated, held back while others are under test
         self._drains: list[_Drain] = []
         self._next_reconcile = 0.0
@@ -163,9 +163,7 @@ class SwapController:
             self.adapters.add(spec)
         except Refused as refused:  # its files changed while it waited
             return out + [self._refuse(newest, refused.reason, refused.detail)]
-        row = self._row(newest)
-        ready_at = row.lineage.get("registered_at") if row is not None else None
-        self.pending[newest] = datetime.fromisoformat(ready_at) if ready_at else utcnow()
+        self.pending[newest] = utcnow()  # admitted: the swap starts now
         return out + self._reconcile()
 
     def _under_test(self) -> int:
@@ -259,7 +257,7 @@ class SwapController:
                 continue
             # Announced again once served: the crash may have come before the announcement,
             # and the learner ignores an adapter_loaded for an arm it has or has ended.
-            self.pending[row.name] = datetime.fromisoformat(row.lineage.get("registered_at", utcnow().isoformat()))
+            self.pending[row.name] = utcnow()
         out += self._reconcile()
         return out + self._admit()
 
@@ -286,15 +284,19 @@ class SwapController:
         return out
 
     def _loaded(self, name: str, replicas: list[str]) -> AdapterLoaded:
-        ready_at = self.pending.pop(name)
+        """``swap_ms``: admitted -> loaded and verified everywhere; ``waited_ms``: ready ->
+        admitted (the time it queued behind another experiment)."""
+        admitted = self.pending.pop(name)
         now = utcnow()
-        swap_ms = (now - ready_at).total_seconds() * 1000
+        swap_ms = (now - admitted).total_seconds() * 1000
         with self.sessions.begin() as session:
             row = session.get(Adapter, name)
             if row is not None and row.state == READY:  # the first load, not a resumed one
                 row.state = CHALLENGER
+                ready = row.lineage.get("registered_at")
+                waited_ms = (admitted - datetime.fromisoformat(ready)).total_seconds() * 1000 if ready else None
                 row.lineage = {**row.lineage, "serving": {"loaded_at": now.isoformat(), "swap_ms": swap_ms,
-                                                          "replicas": replicas}}  # fmt: skip
+                                                          "waited_ms": waited_ms, "replicas": replicas}}  # fmt: skip
         log.info("swap.loaded", adapter=name, replicas=replicas, swap_ms=round(swap_ms, 1))
         return AdapterLoaded(event_id=f"adapter-loaded-{name}", occurred_at=now, source=SOURCE, adapter=name,
                              replicas=replicas)  # fmt: skip
