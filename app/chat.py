@@ -130,6 +130,7 @@ class ChatService:
     # --- the request ------------------------------------------------------------------------
 
     async def complete(self, body: dict[str, Any], app_id: str) -> Response:
+        entered = time.perf_counter()
         turn, upstream_body = self._decide(body, app_id)
         stream = bool(upstream_body.get("stream"))
         if stream:
@@ -137,6 +138,7 @@ class ChatService:
             upstream_body["stream_options"] = {**(upstream_body.get("stream_options") or {}), "include_usage": True}
         started = time.perf_counter()
         response, turn = await self._send(turn, upstream_body, stream)
+        upstream_ms = (time.perf_counter() - started) * 1000
         if stream:
             return StreamingResponse(self._relay(response, turn, started), status_code=200,
                                      media_type="text/event-stream", headers=self._headers(turn))  # fmt: skip
@@ -149,7 +151,11 @@ class ChatService:
         text = _text((choice.get("message") or {}).get("content"))
         usage = payload.get("usage") or {}
         recorded = await self._record(turn, text, usage, latency_ms)
-        return JSONResponse(payload, headers=self._headers(turn, recorded))
+        headers = self._headers(turn, recorded)
+        # What the gateway added around vLLM's answer (standard Server-Timing, in ms).
+        gateway_ms = (time.perf_counter() - entered) * 1000 - upstream_ms
+        headers["Server-Timing"] = f"upstream;dur={upstream_ms:.2f}, gateway;dur={gateway_ms:.2f}"
+        return JSONResponse(payload, headers=headers)
 
     def _decide(self, body: dict[str, Any], app_id: str) -> tuple[_Turn, dict[str, Any]]:
         body = dict(body)

@@ -11,7 +11,8 @@ one embedded broker, one store and the gateway (`feedloop gateway`, its own proc
    first request names it. Baseline in the same run: the same request to a warm adapter.
 2. Chat gateway overhead: ``--requests`` pairs, one after the other, of the same chat request
    straight to vLLM and through the gateway (route, forward, record the interaction with
-   acks=all). The per-pair difference is the overhead.
+   acks=all). The per-pair difference carries vLLM's own variance on a shared CPU; the
+   gateway's ``Server-Timing`` header (its time minus the upstream call) isolates what it adds.
 3. Tokens/s with ``--concurrency`` requests in flight, direct and through the gateway.
 """
 
@@ -96,12 +97,15 @@ def swaps(controller: SwapController, sessions, zero, adapters_dir: Path, count:
     print(f"   first / warm (median ratio): {statistics.median(first_ms) / statistics.median(warm_ms):.2f}")
 
 
-async def chat(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, headers=None) -> tuple[float, int]:
+async def chat(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, headers=None) -> tuple[float, int, float]:
+    """Client-side milliseconds, completion tokens, and the gateway's own Server-Timing share."""
     t0 = time.perf_counter()
     response = await client.post(url, json={"model": model, "messages": MESSAGES, "max_tokens": max_tokens,
                                             "temperature": 0}, headers=headers)  # fmt: skip
+    elapsed = (time.perf_counter() - t0) * 1e3
     response.raise_for_status()
-    return (time.perf_counter() - t0) * 1e3, response.json()["usage"]["completion_tokens"]
+    timing = dict(part.strip().split(";dur=") for part in response.headers.get("server-timing", "").split(",") if part)
+    return elapsed, response.json()["usage"]["completion_tokens"], float(timing.get("gateway", "nan"))
 
 
 async def gateway_vs_direct(vllm_url: str, gateway_url: str, zero_name: str, args) -> None:
@@ -111,17 +115,19 @@ async def gateway_vs_direct(vllm_url: str, gateway_url: str, zero_name: str, arg
         for _ in range(5):  # warm-up both paths
             await chat(client, direct_url, zero_name, args.max_tokens)
             await chat(client, via_url, "auto", args.max_tokens, auth)
-        direct, via, overhead = [], [], []
+        direct, via, overhead, inside = [], [], [], []
         for _ in range(args.requests):
-            d, _ = await chat(client, direct_url, zero_name, args.max_tokens)
-            g, _ = await chat(client, via_url, "auto", args.max_tokens, auth)
+            d, _, _ = await chat(client, direct_url, zero_name, args.max_tokens)
+            g, _, own = await chat(client, via_url, "auto", args.max_tokens, auth)
             direct.append(d)
             via.append(g)
             overhead.append(g - d)
+            inside.append(own)
         print(f"2. chat gateway vs direct vLLM, {args.requests} sequential pairs, {args.max_tokens} tokens")
         print(f"   direct vLLM        {fmt(direct)}")
         print(f"   through gateway    {fmt(via)}")
-        print(f"   overhead per pair  {fmt(overhead)}   (target: p99 < 10 ms)")
+        print(f"   overhead per pair  {fmt(overhead)}   (vLLM's own variance included)")
+        print(f"   gateway's own time {fmt(inside)}   (Server-Timing: total - upstream; target p99 < 10 ms)")
 
         async def load(url: str, model: str, headers=None) -> float:
             total = args.concurrency * 8
@@ -172,7 +178,7 @@ def main() -> None:
         config = VllmServerConfig(model_path=model, served_model_name=SERVED, port=free_port(), dtype=args.dtype)
         with EmbeddedBroker(free_port()) as broker, VllmServer(config) as server:
             controller = SwapController(sessions, HotSwapper(AdapterSet(validator, zero), [ReplicaClient(server.url)]),
-                                        drain_s=0, reconcile_interval_s=3600)  # fmt: skip
+                                        drain_s=0, reconcile_interval_s=3600, max_challengers=args.swaps + 1)  # fmt: skip
             controller.resume()  # loads the zero-delta adapter
             env = {**os.environ, "FEEDLOOP_BROKER": "embedded", "FEEDLOOP_EMBEDDED_BROKER_PORT": str(broker.port),
                    "FEEDLOOP_DATABASE_URL": store, "FEEDLOOP_DATA_DIR": str(work / "data"),
