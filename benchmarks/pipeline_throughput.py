@@ -1,6 +1,6 @@
 """Stream pipeline throughput beside a bare Faust agent and a bare aiokafka consumer, one run.
 
-    .venv/bin/python benchmarks/pipeline_throughput.py [--events 20000] [--partitions 4]
+    .venv/bin/python benchmarks/pipeline_throughput.py [--events 20000] [--partitions 4] [--rounds 1]
 
 The same events (interactions with thumbs/copy/edit feedback, keyed by session) are produced
 once to a fresh embedded broker; then, each in its own process and consumer group:
@@ -8,10 +8,16 @@ once to a fresh embedded broker; then, each in its own process and consumer grou
 - bare aiokafka consumer: json.loads + a dict update per record, commit per poll;
 - bare Faust agent: iterates the stream and counts, no table;
 - feedloop pipeline: the real worker (validate, dedupe, scrub, pseudonymize, join, signals,
-  curator, checkpoints before acks);
+  curator; outputs delivered and partitions checkpointed before acks);
 
 and finally the offline replay of the same records in this process (one core). Rates count
-from the first record seen to the last; the ratios are the figures to compare.
+from the first record seen to the last; the ratios are the figures to compare. Beside the
+rates per second of wall time, each path reports its rate per second of its own CPU time
+(all its threads; not the broker's): on a shared machine that one does not depend on how
+much of a core the path happened to get. With
+``--rounds N`` the whole run repeats N times (a fresh broker and data directory each) and the
+medians are printed too: on a shared machine one round can catch a burst of someone else's
+work.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,7 +84,16 @@ async def produce(bootstrap: str, events: list[dict]) -> None:
 # --- the three consumers, each run as `python this.py --mode X` ----------------------------
 
 
-async def bare_aiokafka(bootstrap: str, total: int) -> float:
+def now() -> tuple[float, float]:
+    """Wall time and this process's CPU time."""
+    return time.perf_counter(), time.process_time()
+
+
+def rates(count: int, start: tuple[float, float], end: tuple[float, float]) -> dict[str, float]:
+    return {"rate": count / (end[0] - start[0]), "cpu_rate": count / (end[1] - start[1])}
+
+
+async def bare_aiokafka(bootstrap: str, total: int) -> dict[str, float]:
     consumer = AIOKafkaConsumer(EVENTS.name, bootstrap_servers=bootstrap, group_id=f"bench-{uuid.uuid4().hex}",
                                 auto_offset_reset="earliest", enable_auto_commit=False,
                                 session_timeout_ms=6000, heartbeat_interval_ms=1000)
@@ -87,14 +103,14 @@ async def bare_aiokafka(bootstrap: str, total: int) -> float:
         while seen < total:
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
             for records in batches.values():
-                started = started or time.perf_counter()
+                started = started or now()
                 for record in records:
                     event = json.loads(record.value)
                     state[event["event_id"]] = event["occurred_at"]
                     seen += 1
             if batches:
                 await consumer.commit()
-        return seen / (time.perf_counter() - started)
+        return rates(seen, started, now())
     finally:
         await consumer.stop()
 
@@ -105,14 +121,14 @@ def run_faust(settings: Settings, total: int, with_pipeline: bool) -> None:
     from app.faust_app import make_faust_app
     from app.runtime import build_pipeline_app
 
-    marks: list[float] = []
+    marks: list[tuple[float, float]] = []
     if with_pipeline:
         from streams.live import LivePipeline
 
         original = LivePipeline.handle
 
         def timed(self, partition, offset, value):  # time every record the worker handles
-            marks.append(time.perf_counter())
+            marks.append(now())
             return original(self, partition, offset, value)
 
         LivePipeline.handle = timed
@@ -124,20 +140,20 @@ def run_faust(settings: Settings, total: int, with_pipeline: bool) -> None:
         @app.agent(topic)
         async def bare(stream):
             async for _ in stream:
-                marks.append(time.perf_counter())
+                marks.append(now())
 
     tune_gc()  # as `feedloop worker` does
 
     @app.timer(interval=0.5)
     async def done() -> None:
         if len(marks) >= total:
-            print(json.dumps({"rate": len(marks) / (marks[-1] - marks[0])}), flush=True)
+            print(json.dumps(rates(len(marks), marks[0], marks[-1])), flush=True)
             os._exit(0)
 
     faust.Worker(app, quiet=True, loglevel="warning", redirect_stdouts=False).execute_from_commandline()
 
 
-def offline_replay(settings: Settings, events: list[dict]) -> float:
+def offline_replay(settings: Settings, events: list[dict]) -> dict[str, float]:
     from aiokafka.partitioner import DefaultPartitioner
 
     from streams.pii import Scrubber
@@ -154,44 +170,55 @@ def offline_replay(settings: Settings, events: list[dict]) -> float:
         if "user_id" in e and e["type"] == "interaction":
             pipelines.pseudonyms.pseudonym(e["user_id"])
     tune_gc()  # as `feedloop replay` does
-    started = time.perf_counter()
+    started = now()
     for partition, offset, value in records:
         pipelines.process(partition, offset, value)
-    return len(records) / (time.perf_counter() - started)
+    return rates(len(records), started, now())
 
 
-def child(mode: str, total: int) -> float:
+def child(mode: str, total: int) -> dict[str, float]:
     env = {**os.environ, "FEEDLOOP_LOG_LEVEL": "warning"}
     done = subprocess.run([sys.executable, __file__, "--mode", mode, "--events", str(total)],
                           env=env, capture_output=True, text=True, timeout=600)
-    found = re.findall(r'\{"rate": [0-9.e+-]+\}', done.stdout)  # Faust's spinner may share the line
+    found = re.findall(r'\{"rate": [^}]+\}', done.stdout)  # Faust's spinner may share the line
     if not found:
         raise RuntimeError(f"{mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return json.loads(found[-1])["rate"]
+    return json.loads(found[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole run; medians are printed too")
     parser.add_argument("--mode", choices=["aiokafka", "faust", "pipeline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.mode:
         settings = Settings()
         if args.mode == "aiokafka":
-            print(json.dumps({"rate": asyncio.run(bare_aiokafka(settings.bootstrap_servers, args.events))}))
+            print(json.dumps(asyncio.run(bare_aiokafka(settings.bootstrap_servers, args.events))))
         else:
             run_faust(settings, args.events, with_pipeline=args.mode == "pipeline")
         return
 
-    work = Path(tempfile.mkdtemp(prefix="feedloop-bench-"))
     events = make_events(args.events)
+    print(f"events: {len(events)} over {args.partitions} partitions (interactions + feedback), {os.cpu_count()} cores")
+    rounds = [one_round(events, args.partitions) for _ in range(args.rounds)]
+    for i, measured in enumerate(rounds, 1):
+        print_rates(f"round {i}" if args.rounds > 1 else "", [measured])
+    if args.rounds > 1:
+        print_rates(f"median of {args.rounds} rounds", rounds)
+
+
+def one_round(events: list[dict], partitions: int) -> dict[str, dict[str, float]]:
+    """Every path over the same events, on a fresh broker and data directory."""
+    work = Path(tempfile.mkdtemp(prefix="feedloop-bench-"))
     with EmbeddedBroker(free_port()) as broker:
         os.environ.update({
             "FEEDLOOP_EMBEDDED_BROKER_PORT": str(broker.port),
             "FEEDLOOP_DATA_DIR": str(work),
-            "FEEDLOOP_TOPIC_PARTITIONS": str(args.partitions),
+            "FEEDLOOP_TOPIC_PARTITIONS": str(partitions),
         })
         settings = Settings()
         import migrations
@@ -199,13 +226,22 @@ def main() -> None:
         migrations.upgrade(settings.store_url)
         asyncio.run(ensure_topics(settings))
         asyncio.run(produce(broker.bootstrap_servers, events))
-        rates = {mode: child(mode, len(events)) for mode in ("aiokafka", "faust", "pipeline")}
-    rates["replay"] = offline_replay(settings, events)
-    print(f"events: {len(events)} over {args.partitions} partitions (interactions + feedback), {os.cpu_count()} cores")
-    print(f"{'path':<44}{'events/s':>12}{'vs Faust':>10}")
+        measured = {mode: child(mode, len(events)) for mode in ("aiokafka", "faust", "pipeline")}
+    measured["replay"] = offline_replay(settings, events)
+    return measured
+
+
+def print_rates(title: str, rounds: list[dict[str, dict[str, float]]]) -> None:
+    """The medians over ``rounds`` of each rate and of each ratio to the bare Faust agent."""
+
+    def figure(key: str, rate: str, ratio: bool) -> float:
+        return statistics.median(r[key][rate] / (r["faust"][rate] if ratio else 1) for r in rounds)
+
+    print(f"{title:<44}{'events/s':>12}{'vs Faust':>10}{'per CPU-s':>12}{'vs Faust':>10}")
     for name, key in [("bare aiokafka consumer", "aiokafka"), ("bare Faust agent (baseline)", "faust"),
                       ("feedloop pipeline worker", "pipeline"), ("feedloop replay --offline (one core)", "replay")]:
-        print(f"{name:<44}{rates[key]:>12,.0f}{rates[key] / rates['faust']:>10.2f}")
+        print(f"{name:<44}{figure(key, 'rate', False):>12,.0f}{figure(key, 'rate', True):>10.2f}"
+              f"{figure(key, 'cpu_rate', False):>12,.0f}{figure(key, 'cpu_rate', True):>10.2f}")
 
 
 if __name__ == "__main__":

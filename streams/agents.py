@@ -2,8 +2,8 @@
 
 - ``pipeline``: events topic -> :class:`~streams.live.LivePipeline` -> dead letters, annotated
   examples, published batches and their ``batch_emitted`` control events. Records are taken
-  in batches (``noack_take``) and acknowledged only after their partitions are checkpointed,
-  which happens every ``checkpoint_interval_s``.
+  in batches (``noack_take``); every ``checkpoint_interval_s`` their batches are published,
+  their outputs delivered, their partitions checkpointed, and only then are they acknowledged.
 - ``curation-triggers``: drift alarms on the control topic become
   :class:`~streams.contract.CurationTrigger` records in every events partition.
 - ``tick``: a timer that writes a :class:`~streams.contract.WatermarkTick` into each idle
@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import faust
@@ -22,9 +25,12 @@ from pydantic import ValidationError
 from sqlalchemy.orm import sessionmaker
 
 from streams.batches import publish_batch
-from streams.contract import CONTROL_EVENT_ADAPTER, CurationTrigger, DriftAlarm, WatermarkTick
+from streams.contract import CONTROL_EVENT_ADAPTER, BatchEmitted, CurationTrigger, DriftAlarm, WatermarkTick
+from streams.curator import CutBatch
+from streams.emitter import Emitter, Record, emitted_records, output_records
 from streams.live import LivePipeline
-from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
+from streams.pipeline import Outputs
+from streams.topics import CONTROL, EVENTS
 
 log = structlog.get_logger(__name__)
 
@@ -36,30 +42,58 @@ TAKE_MAX = 1000
 TAKE_WITHIN_S = 0.2
 
 
-class _PendingAcks:
-    """Records handled but not yet covered by a checkpoint, and the partitions they touched.
+class _PendingCheckpoint:
+    """Records handled since the last checkpoint, the partitions they touched, their outputs.
 
     A checkpoint pickles whole partition states, so it is written every checkpoint interval
-    (by a timer, which also runs while Faust drains on shutdown), and only then are the
-    records it covers acknowledged."""
+    (by a timer, which also runs while Faust drains on shutdown). The state snapshot, the
+    outputs and the records it covers are taken with no await in between; then the cut
+    batches are published, the outputs delivered, the snapshot written, and only then are
+    the records acknowledged. File and store writes (and the snapshot's compression) run in
+    a thread, beside the agent. A revocation waits for a checkpoint under way, so that its
+    write never lands after the next owner of the partition restored it."""
 
-    def __init__(self, live: LivePipeline) -> None:
+    def __init__(self, live: LivePipeline, emitter: Emitter, publish: Callable[[CutBatch], BatchEmitted]) -> None:
         self.live = live
-        self.events: list[tuple[faust.Stream, object]] = []
+        self.emitter = emitter
+        self.publish = publish
+        self.stream: faust.Stream | None = None  # the agent's one stream, which acks its events
+        self.events: list[object] = []
         self.touched: set[int] = set()
+        self.records: list[Record] = []
+        self.cuts: list[CutBatch] = []
+        self.lock = asyncio.Lock()
 
-    def add(self, stream: faust.Stream, event: object, partition: int | None) -> None:
-        self.events.append((stream, event))
-        if partition is not None:
+    def add(self, stream: faust.Stream, event: object, partition: int, outputs: Outputs | None) -> None:
+        self.stream = stream
+        self.events.append(event)
+        if outputs is not None:
             self.touched.add(partition)
+            if outputs.dead_letters or outputs.examples:
+                self.records += output_records(outputs)
+            self.cuts += outputs.batches
 
     async def flush(self) -> None:
-        events, touched = self.events, self.touched
-        self.events, self.touched = [], set()
-        if touched:
-            self.live.checkpoint(touched)
-        for stream, event in events:
-            await stream.ack(event)
+        async with self.lock:
+            events, touched, records, cuts = self.events, self.touched, self.records, self.cuts
+            snapshots = self.live.snapshot(touched)
+            self.events, self.touched, self.records, self.cuts = [], set(), [], []
+            try:
+                emitted = await asyncio.to_thread(self._publish, cuts) if cuts else []
+                await self.emitter.deliver(records + emitted_records(emitted))
+                if snapshots:
+                    await asyncio.to_thread(self.live.commit, snapshots)
+            except BaseException:
+                # Nothing committed: the next checkpoint retries all of it (publishing is
+                # idempotent, consumers de-duplicate by id), so no later one can skip it.
+                self.events, self.records, self.cuts = events + self.events, records + self.records, cuts + self.cuts
+                self.touched |= touched
+                raise
+            for event in events:
+                await self.stream.ack(event)
+
+    def _publish(self, cuts: list[CutBatch]) -> list[BatchEmitted]:
+        return [self.publish(cut) for cut in cuts]
 
 
 def curation_triggers(trigger: str, cause: str, partitions: int) -> list[CurationTrigger]:
@@ -85,28 +119,18 @@ def register_pipeline(
 ) -> None:
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(EVENTS.name, **raw)
-    dead_letters = app.topic(DEAD_LETTER.name, **raw)
-    examples = app.topic(EXAMPLES.name, **raw)
     control = app.topic(CONTROL.name, **raw)
 
-    pending = _PendingAcks(live)
+    publish = partial(publish_batch, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
+    pending = _PendingCheckpoint(live, Emitter(app.producer), publish)
 
     @app.agent(events, name="pipeline")
     async def pipeline(stream: faust.Stream) -> None:
         async for batch in stream.noack_take(TAKE_MAX, within=TAKE_WITHIN_S):
-            for event in batch:
+            for event in batch:  # no await in here: see _PendingCheckpoint
                 message = event.message
-                outputs = live.handle(message.partition, message.offset, message.value)
-                if outputs is not None:
-                    for letter in outputs.dead_letters:
-                        key = (letter.app_id or "unknown").encode()
-                        await dead_letters.send(key=key, value=letter.model_dump_json().encode())
-                    for example in outputs.examples:
-                        await examples.send(key=example.session_id.encode(), value=example.model_dump_json().encode())
-                    for cut in outputs.batches:
-                        emitted = publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
-                        await control.send(key=cut.batch_id.encode(), value=emitted.model_dump_json().encode())
-                pending.add(stream, event, None if outputs is None else message.partition)
+                pending.add(stream, event, message.partition,
+                            live.handle(message.partition, message.offset, message.value))
 
     @app.timer(interval=checkpoint_interval_s)
     async def checkpoint() -> None:
@@ -136,4 +160,5 @@ def register_pipeline(
 
     @app.on_partitions_revoked.connect
     async def forget(sender: object, revoked: set, **kwargs: object) -> None:
-        live.revoke({tp.partition for tp in revoked if tp.topic == EVENTS.name})
+        async with pending.lock:
+            live.revoke({tp.partition for tp in revoked if tp.topic == EVENTS.name})

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from streams.pickled_once import for_state, from_state
 from streams.signals import TrainingRecord
 
 
@@ -35,7 +36,15 @@ from streams.signals import TrainingRecord
 class Buffered:
     record: TrainingRecord
     user_id: str  # the app's id, kept in state only, to honour erasure; never in batch files
-    occurred_at: datetime
+    occurred_at: datetime  # as a streams.join.utc() key: compared with the watermark per record
+
+    def __reduce__(self):
+        # Reservoir records outlive many checkpoints: pickle each record once.
+        return _restore_buffered, (for_state(self, "record"), self.user_id, self.occurred_at)
+
+
+def _restore_buffered(record: object, user_id: str, occurred_at: datetime) -> Buffered:
+    return Buffered(from_state(record), user_id, occurred_at)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The pipeline as the live worker runs it: checkpointed state, records acknowledged late.
 
-Per partition the state is one :class:`~streams.pipeline.PartitionPipeline`. After each batch
-of records the worker writes the state of every partition it touched to the store (pickled,
-zlib-compressed, with the last offset), and only *then* acknowledges the records to the
-broker. So the committed offset never passes the checkpoint: a worker that crashes and
+Per partition the state is one :class:`~streams.pipeline.PartitionPipeline`. Every checkpoint
+interval the worker snapshots the state of every partition it touched (pickled, with the last
+offset), waits until the outputs of the records it covers are on the broker, writes it to the
+store (zlib-compressed), and only *then* acknowledges the records to the broker. So the
+committed offset never passes the checkpoint: a worker that crashes and
 restarts (or a partition that moves to another worker) loads the checkpoint, is redelivered
 the records after the committed offset, and skips those the checkpoint already holds. No
 record is lost or counted twice; outputs produced again after a crash carry the same ids
@@ -19,6 +20,7 @@ import pickle
 import time
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 
 import structlog
 from sqlalchemy import select
@@ -43,6 +45,13 @@ def checkpointed_stats(sessions: sessionmaker, consumer: str) -> tuple[Counter, 
             pii.update(pipeline.stats.pii)
             buffered += len(pipeline.curator.buffer)
     return counts, pii, buffered
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    partition: int
+    offset: int
+    state: bytes  # the pickled PartitionPipeline
 
 
 class LivePipeline:
@@ -76,13 +85,20 @@ class LivePipeline:
             return None
         return self.pipelines.process(partition, offset, value)
 
-    def checkpoint(self, partitions: set[int]) -> None:
+    def snapshot(self, partitions: set[int]) -> list[Snapshot]:
+        """The state of these partitions as of now (the caller must not await in between)."""
+        return [
+            Snapshot(partition, pipeline.offset, pickle.dumps(pipeline, protocol=pickle.HIGHEST_PROTOCOL))
+            for partition in sorted(partitions)
+            if (pipeline := self.pipelines.partitions.get(partition)) is not None
+        ]
+
+    def commit(self, snapshots: list[Snapshot]) -> None:
         with self.sessions.begin() as session:
-            for partition in partitions:
-                pipeline = self.pipelines.partitions[partition]
-                state = zlib.compress(pickle.dumps(pipeline, protocol=pickle.HIGHEST_PROTOCOL), 1)
-                session.merge(StreamCheckpoint(consumer=self.consumer, partition=partition,
-                                               cluster_id=self.cluster_id, offset=pipeline.offset, state=state))
+            for snapshot in snapshots:
+                session.merge(StreamCheckpoint(consumer=self.consumer, partition=snapshot.partition,
+                                               cluster_id=self.cluster_id, offset=snapshot.offset,
+                                               state=zlib.compress(snapshot.state, 1)))
 
     def revoke(self, partitions: set[int]) -> None:
         """Forget partitions this worker no longer owns; their next owner restores them."""

@@ -14,6 +14,7 @@ as a dead letter with its reason, and is counted in :class:`PipelineStats`.
 from __future__ import annotations
 
 import base64
+import heapq
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -58,11 +59,6 @@ class Outputs:
     examples: list[AnnotatedExample] = field(default_factory=list)
     batches: list[CutBatch] = field(default_factory=list)
 
-    def extend(self, other: Outputs) -> None:
-        self.dead_letters += other.dead_letters
-        self.examples += other.examples
-        self.batches += other.batches
-
 
 class PartitionPipeline:
     """All pipeline state of one partition; pickles whole (the worker checkpoints it)."""
@@ -88,12 +84,14 @@ class PartitionPipeline:
             seed=config.seed,
         )
         self.loss_weights = LossWeights()
-        self.seen: dict[str, datetime] = {}  # event id -> occurred_at, for de-duplication
-        self.recent: dict[str, AnnotatedExample] = {}  # closed examples, to pair regenerations
+        self.seen: set[str] = set()  # event ids, for de-duplication
+        self._seen_expiry: list[tuple[datetime, str]] = []  # heap of (utc(occurred_at), event id)
+        # Closed examples (with utc(occurred_at), for the sweep), to pair regenerations.
+        self.recent: dict[str, tuple[datetime, AnnotatedExample]] = {}
         self.user_of: dict[str, str] = {}  # interaction id -> app user id (state only)
         self.stats = PipelineStats()
         self.offset = -1  # last offset processed, for checkpoints
-        self._swept_at: datetime | None = None
+        self._next_sweep: datetime | None = None
 
     # --- one record ----------------------------------------------------------------------
 
@@ -107,20 +105,21 @@ class PartitionPipeline:
             reason, detail = classify_error(error)
             out.dead_letters.append(self._dead(reason, detail, value, None))
             return out
-        self.join.observe(event.occurred_at)
+        occurred_at = self.join.observe(event.occurred_at)
         if isinstance(event, WatermarkTick):
             self.stats.counts["ticks"] += 1
-            out.extend(self.advance(pseudonyms))
+            self.advance(out, pseudonyms)
             return out
         if event.event_id in self.seen:
             out.dead_letters.append(self._dead("duplicate_event", f"event {event.event_id} was already processed",
                                                value, event))
             return out
-        self.seen[event.event_id] = event.occurred_at
+        self.seen.add(event.event_id)
+        heapq.heappush(self._seen_expiry, (occurred_at, event.event_id))
         if isinstance(event, CurationTrigger):
             self.stats.counts[f"trigger_{event.trigger}"] += 1
             self.curator.request_early(event.trigger)
-            out.extend(self.advance(pseudonyms))
+            self.advance(out, pseudonyms)
             return out
         user_id = event.user_id if isinstance(event, Interaction) else self.user_of.get(event.interaction_id)
         erased_at = pseudonyms.erased_at(user_id) if user_id else None
@@ -129,46 +128,56 @@ class PartitionPipeline:
                                                b"", event))  # the raw text is not kept for erased users
             return out
         if isinstance(event, Interaction):
-            out.dead_letters += self._interaction(event, value, scrubber, pseudonyms)
+            out.dead_letters += self._interaction(event, occurred_at, value, scrubber, pseudonyms)
         else:
             out.dead_letters += [self._unjoined(u) for u in self.join.add_signal(self._scrub_signal(event, scrubber))]
-        out.extend(self.advance(pseudonyms))
+        self.advance(out, pseudonyms)
         return out
 
-    def _interaction(self, event: Interaction, value: bytes, scrubber: Scrubber, pseudonyms: Pseudonymizer) -> list[DeadLetter]:
+    def _interaction(self, event: Interaction, occurred_at: datetime, value: bytes, scrubber: Scrubber,
+                     pseudonyms: Pseudonymizer) -> list[DeadLetter]:
         if self.join.knows(event.interaction_id):
             return [self._dead("duplicate_interaction", f"interaction {event.interaction_id} was already received "
                                "under another event id", value, event)]
-        prompt = scrubber.scrub_messages([m.model_dump() for m in event.prompt])
-        response = scrubber.scrub(event.response)
-        self.stats.pii.update({str(k): v for k, v in prompt.counts.items()})
-        self.stats.pii.update({str(k): v for k, v in response.counts.items()})
-        scrubbed = event.model_copy(update={
-            "prompt": [Message(**m) for m in prompt.messages],
-            "response": response.text,
-        })
+        prompt = [self._scrub_message(m, scrubber) for m in event.prompt]
+        response = self._scrub(event.response, scrubber)
+        # Models are copied only when the scrubber replaced something: most text has no PII.
+        if response != event.response or any(new is not old for new, old in zip(prompt, event.prompt)):
+            scrubbed = event.model_copy(update={"prompt": prompt, "response": response})
+        else:
+            scrubbed = event
         self.user_of[event.interaction_id] = event.user_id
-        return [self._unjoined(u) for u in self.join.add_interaction(scrubbed, pseudonyms.pseudonym(event.user_id))]
+        pseudonym = pseudonyms.pseudonym(event.user_id)
+        return [self._unjoined(u) for u in self.join.add_interaction(scrubbed, pseudonym, occurred_at)]
+
+    def _scrub(self, text: str, scrubber: Scrubber) -> str:
+        result = scrubber.scrub(text)
+        if result.counts:
+            self.stats.pii.update({str(k): v for k, v in result.counts.items()})
+        return result.text
+
+    def _scrub_message(self, message: Message, scrubber: Scrubber) -> Message:
+        content = self._scrub(message.content, scrubber)
+        return message if content == message.content else message.model_copy(update={"content": content})
 
     def _scrub_signal(self, event: Feedback | Annotation, scrubber: Scrubber) -> Feedback | Annotation:
-        text = getattr(event, "text", None) if isinstance(event, Feedback) else event.notes
+        field_name = "text" if isinstance(event, Feedback) else "notes"
+        text = getattr(event, field_name)
         if not text:
             return event
-        result = scrubber.scrub(text)
-        self.stats.pii.update({str(k): v for k, v in result.counts.items()})
-        return event.model_copy(update={"text" if isinstance(event, Feedback) else "notes": result.text})
+        scrubbed = self._scrub(text, scrubber)
+        return event if scrubbed == text else event.model_copy(update={field_name: scrubbed})
 
     # --- event time moves -------------------------------------------------------------------
 
-    def advance(self, pseudonyms: Pseudonymizer) -> Outputs:
+    def advance(self, out: Outputs, pseudonyms: Pseudonymizer) -> None:
         """Close the windows the watermark passed; cut the batches that are due."""
-        out = Outputs()
         closed, expired = self.join.close_due()
         out.dead_letters += [self._unjoined(u) for u in expired]
         for entry in closed:
             out.examples.append(self._close(entry))
         self._forget_old()
-        while trigger := self.curator.due(self.join.watermark):
+        while trigger := self.curator.due(self.join.watermark_key):
             batch = self.curator.cut(
                 trigger, self.join.watermark, pseudonyms_erased(pseudonyms), self.loss_weights.weights()
             )
@@ -176,7 +185,6 @@ class PartitionPipeline:
             self.stats.counts["capped"] += batch.capped
             self.stats.counts["erased_from_batches"] += batch.erased
             out.batches.append(batch)
-        return out
 
     def _close(self, entry: OpenInteraction) -> AnnotatedExample:
         """The annotated example of a closed interaction; its training records go to the curator."""
@@ -205,12 +213,13 @@ class PartitionPipeline:
             event_ids=entry.event_ids,
         )
         self.loss_weights.learn_one(example.rewards)
+        occurred_at = entry.occurred_at
         replaced = self.recent.get(example.regenerates) if example.regenerates else None
-        records = training_records(example, replaced, self.loss_weights.weights())
+        records = training_records(example, replaced[1] if replaced else None, self.loss_weights.weights())
         if records and self.quality.near_duplicate(event):
             example = example.model_copy(update={"filtered": "near_duplicate"})
             records = []
-        self.recent[example.example_id] = example
+        self.recent[example.example_id] = (occurred_at, example)
         counts = self.stats.counts
         counts["examples"] += 1
         counts["no_consent"] += not example.training_consent
@@ -219,19 +228,23 @@ class PartitionPipeline:
         for record in records:
             counts[f"records_{record.source}"] += 1
         user_id = self.user_of.pop(example.example_id)
-        self.curator.add([Buffered(r, user_id, example.occurred_at) for r in records])
+        self.curator.add([Buffered(r, user_id, occurred_at) for r in records])
         return example
 
     def _forget_old(self) -> None:
         """Bound the state: ids and examples older than any window that could still use them.
 
-        A sweep walks all of them, so it runs once per tenth of a window of event time."""
-        if self.join.watermark is None or (self._swept_at and self.join.watermark < self._swept_at + self.join.explicit_window / 10):
+        Sweeps run once per tenth of a window of event time. Seen ids leave through a heap in
+        event-time order: walking all of them each sweep cost more than the rest of the
+        pipeline's bookkeeping (a cache miss per id)."""
+        watermark = self.join.watermark_key
+        if watermark is None or (self._next_sweep is not None and watermark < self._next_sweep):
             return
-        self._swept_at = self.join.watermark
-        horizon = self.join.watermark - self.join.explicit_window - self.join.allowed_lateness
-        self.seen = {e: at for e, at in self.seen.items() if at > horizon}
-        self.recent = {i: ex for i, ex in self.recent.items() if ex.occurred_at > horizon}
+        self._next_sweep = watermark + self.join.explicit_window / 10
+        horizon = watermark - self.join.explicit_window - self.join.allowed_lateness
+        while self._seen_expiry and self._seen_expiry[0][0] <= horizon:
+            self.seen.discard(heapq.heappop(self._seen_expiry)[1])
+        self.recent = {i: closed for i, closed in self.recent.items() if closed[0] > horizon}
 
     # --- dead letters ---------------------------------------------------------------------------
 
@@ -256,10 +269,16 @@ class PartitionPipeline:
 
 
 def pseudonyms_erased(pseudonyms: Pseudonymizer):
-    """``is_erased(user_id, occurred_at)`` for the curator: erased after the record's event."""
+    """``is_erased(user_id, occurred_at)`` for one cut: erased after the record's event.
+
+    Each user's erasure time is looked up once per cut (a cut checks every buffered and
+    reservoir record, and users have many)."""
+    erasures: dict[str, datetime | None] = {}
 
     def is_erased(user_id: str, occurred_at: datetime) -> bool:
-        erased_at = pseudonyms.erased_at(user_id)
+        if user_id not in erasures:
+            erasures[user_id] = pseudonyms.erased_at(user_id)
+        erased_at = erasures[user_id]
         return erased_at is not None and occurred_at <= erased_at
 
     return is_erased

@@ -209,14 +209,23 @@ class Pseudonymizer:
 
     def __init__(self, key_store: KeyStore) -> None:
         self.key_store = key_store
+        self._pseudonyms: dict[str, tuple[bytes, str]] = {}  # user id -> (key, pseudonym)
 
     def pseudonym(self, user_id: str) -> str:
         """Same value for the same user while their key exists; a new one after erase()."""
         if not user_id:
             raise ValueError("user_id must be a non-empty string")
         key = self.key_store.get_or_create_key(user_id)
+        cached = self._pseudonyms.get(user_id)
+        if cached is not None and cached[0] == key:  # the HMAC is the cost; the key decides it
+            return cached[1]
         digest = hmac.new(key, _PSEUDONYM_CONTEXT + user_id.encode("utf-8"), hashlib.sha256)
-        return "u_" + digest.hexdigest()[:_PSEUDONYM_HEX_CHARS]
+        pseudonym = "u_" + digest.hexdigest()[:_PSEUDONYM_HEX_CHARS]
+        self._pseudonyms[user_id] = (key, pseudonym)
+        return pseudonym
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pseudonyms": {}}  # like FileKeyStore: no key in a pickle
 
     def erase(self, user_id: str) -> None:
         """Crypto-shred the user: their existing pseudonym can never be recomputed."""
