@@ -59,7 +59,8 @@ async def _republish(settings: Settings, records: Iterator[ArchivedRecord], on_r
 
 def run_replay(settings: Settings, *, mode: str, source: str, since: str | None, until: str | None,
                data_dir: Path | None) -> int:
-    tune_gc()
+    if mode == "offline":
+        tune_gc(batch=True)
     console = Console(stderr=True)
     records, total = _source(settings, source, TimeRange.parse(since, until))
     started = time.monotonic()

@@ -169,7 +169,7 @@ def offline_replay(settings: Settings, events: list[dict]) -> dict[str, float]:
     for e in events:  # keys exist already in a running system; creating them is one-off disk I/O
         if "user_id" in e and e["type"] == "interaction":
             pipelines.pseudonyms.pseudonym(e["user_id"])
-    tune_gc()  # as `feedloop replay` does
+    tune_gc(batch=True)  # as `feedloop replay --offline` does
     started = now()
     for partition, offset, value in records:
         pipelines.process(partition, offset, value)
