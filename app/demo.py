@@ -23,6 +23,7 @@ import bisect
 import json
 import os
 import secrets
+import signal
 import time
 import uuid
 from collections import Counter, deque
@@ -216,7 +217,7 @@ class Driver:
 
 
 class Loop:
-    """Everything the demo runs; ``stop()`` ends all of it, also after Ctrl-C."""
+    """Everything the demo runs: ``stop_services()`` in the event loop, then ``stop_processes()``."""
 
     def __init__(self, settings: Settings, console: Console) -> None:
         self.settings = settings
@@ -234,7 +235,9 @@ class Loop:
             self.broker = EmbeddedBroker(settings.embedded_broker_port, self.logs / "broker.log")
             self.broker.start()
         migrations.upgrade(settings.store_url)
-        self.vllm = await asyncio.to_thread(_start_vllm, settings, self.logs / "vllm.log")
+        # Held before it starts, so that stop() can end it even while it is still starting.
+        self.vllm = _vllm(settings, self.logs / "vllm.log")
+        await asyncio.to_thread(self.vllm.start, 600)
         self.archiver = await build_archiver(settings)
         self.archive_task = asyncio.create_task(self.archiver.run())
         self.server = gateway_server(settings)
@@ -251,21 +254,26 @@ class Loop:
         if self.vllm is not None and not self.vllm.running:
             raise RuntimeError(f"vLLM exited:\n{self.vllm.log_tail()}")
 
-    async def stop(self) -> None:
-        for child in self.children:
-            await asyncio.to_thread(child.stop)
+    async def stop_services(self) -> None:
+        """The gateway and the archiver, in this process: they finish what they hold."""
         if self.server is not None:
             self.server.should_exit = True
         if self.archiver is not None:
             self.archiver.stop()
         await asyncio.gather(*(t for t in (self.gateway_task, self.archive_task) if t), return_exceptions=True)
+
+    def stop_processes(self) -> None:
+        """The child processes, vLLM and the broker. Synchronous, so that it runs to the end
+        even when the event loop is being torn down (Ctrl-C, SIGTERM)."""
+        for child in self.children:
+            child.stop()
         if self.vllm is not None:
-            await asyncio.to_thread(self.vllm.stop)
+            self.vllm.stop()
         if self.broker is not None:
             self.broker.stop()
 
 
-def _start_vllm(settings: Settings, log_path: Path):
+def _vllm(settings: Settings, log_path: Path):
     from urllib.parse import urlsplit
 
     from trainer.vllm_server import VllmServer, VllmServerConfig
@@ -274,7 +282,7 @@ def _start_vllm(settings: Settings, log_path: Path):
     config = VllmServerConfig(model_path=settings.model_path, served_model_name=serving.served_model_name,
                               port=urlsplit(settings.vllm_urls[0]).port or 8000, max_lora_rank=serving.max_lora_rank,
                               max_loras=serving.max_loras, log_path=log_path)  # fmt: skip
-    return VllmServer(config).start(timeout_s=600)
+    return VllmServer(config)
 
 
 def ensure_base_model(settings: Settings, console: Console) -> None:
@@ -391,13 +399,12 @@ def _rare_skill(rows: list[Adapter], champion: str) -> tuple[float | None, float
     return start, end
 
 
-async def _demo(settings: Settings, interactions: int, minutes: float, console: Console) -> int:
+async def _demo(settings: Settings, loop: Loop, interactions: int, minutes: float, console: Console) -> int:
     started = time.monotonic()
     deadline = started + minutes * 60
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(ensure_base_model, settings, console)
     population = Population(PopulationConfig(interactions=interactions))
-    loop = Loop(settings, console)
     sessions = None
     try:
         console.print("starting broker, store, archive, gateway, vLLM, worker, learner, trainer, hot-swap ...")
@@ -452,7 +459,7 @@ async def _demo(settings: Settings, interactions: int, minutes: float, console: 
                       f"archive verified: {'yes' if verified.ok else verified.problems[:3]}")  # fmt: skip
         return 0 if all(report.targets().values()) else 1
     finally:
-        await loop.stop()
+        await loop.stop_services()
 
 
 def _report(settings, sessions, before, population, traffic: Traffic, rows, champion, judgements, per_cohort,
@@ -523,7 +530,17 @@ def run_demo(settings: Settings, interactions: int, minutes: float) -> int:
     if "FEEDLOOP_LOG_LEVEL" not in os.environ:
         # The terminal shows progress and the report; every process logs in full to data/logs/.
         configure_logging("warning", settings.log_format)
+
+    async def main() -> int:
+        # SIGTERM (a supervisor, a test's timeout) stops every process as Ctrl-C does.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+        return await _demo(settings, loop, interactions, minutes, console)
+
+    console = Console(stderr=True)
+    loop = Loop(settings, console)
     try:
-        return asyncio.run(_demo(settings, interactions, minutes, Console(stderr=True)))
-    except KeyboardInterrupt:
+        return asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
+    finally:
+        loop.stop_processes()

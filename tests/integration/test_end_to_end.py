@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from sqlalchemy import select
 
 from app.store import Adapter, make_engine, make_sessionmaker
@@ -21,6 +22,7 @@ from streams.topics import EVENTS
 from tests.conftest import free_port
 
 
+@pytest.mark.timeout(1500)  # the loop runs for 10 minutes, plus building the base model
 def test_an_adapter_trained_from_feedback_is_promoted_and_serves_traffic(tmp_path):
     data = tmp_path / "data"
     env = {
@@ -30,10 +32,17 @@ def test_an_adapter_trained_from_feedback_is_promoted_and_serves_traffic(tmp_pat
         "FEEDLOOP_GATEWAY_PORT": str(free_port()),
         "FEEDLOOP_VLLM_URLS": f'["http://127.0.0.1:{free_port()}"]',
     }
-    done = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--events", "1000", "--minutes", "10"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    log = open(tmp_path / "demo.log", "w")
+    demo = subprocess.Popen([sys.executable, "-m", "app.cli", "demo", "--events", "1000", "--minutes", "10"],
+                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        demo.wait(1300)
+    except subprocess.TimeoutExpired:
+        demo.terminate()  # the demo stops its broker, vLLM and workers on SIGTERM
+        demo.wait(120)
+    log.close()
     report_file = tmp_path / "runs" / "latest" / "report.json"
-    assert report_file.exists(), done.stderr[-4000:]
+    assert report_file.exists(), (tmp_path / "demo.log").read_text()[-4000:]
     report = json.loads(report_file.read_text())
     assert report["events_lost"] == 0 and report["events_sent"] > 1000
     assert report["pii_canaries_seeded"] > 0 and report["pii_canaries_leaked"] == 0
