@@ -28,8 +28,10 @@ from tests.conftest import free_port, make_settings, start_stack, wait_until_arc
 from tests.factories import feedback, interaction
 from tests.integration.test_pipeline_live import AUTH, at, start_worker, stop_worker, wait_for
 
+# No canary cap: 240 requests must teach the router and give code-v1 a verdict (the cap has
+# its own tests in tests/learners).
 LEARNERS = {"initial_arms": ["base", "chat-v1"], "ab_min_samples": 15, "review_budget_per_hour": 5,
-            "checkpoint_interval_s": 0.5, "snapshot_poll_s": 0.3}  # fmt: skip
+            "checkpoint_interval_s": 0.5, "snapshot_poll_s": 0.3, "canary_share": 1.0}  # fmt: skip
 LEARNER_ENV = {f"FEEDLOOP_LEARNERS__{k.upper()}": json.dumps(v) for k, v in LEARNERS.items()}
 # Which adapter answers well where: code-v1 for code and math, chat-v1 for chat, base nowhere.
 GOOD = {("code-v1", "code"), ("code-v1", "math"), ("chat-v1", "chat")}

@@ -16,7 +16,8 @@ from tests.trainer.test_recipe import FAST, rows
 from trainer.worker import TrainerWorker
 
 
-async def control_events(settings, kind: str, count: int, timeout_s: float = 300) -> list[dict]:
+async def control_events(settings, kind: str, count: int, where=lambda e: True, timeout_s: float = 300) -> list[dict]:
+    """``count`` control events of ``kind`` that match ``where``: other tests share the topic."""
     consumer = AIOKafkaConsumer(CONTROL.name, bootstrap_servers=settings.bootstrap_servers,
                                 group_id=f"check-{uuid.uuid4().hex}", auto_offset_reset="earliest")
     await consumer.start()
@@ -25,7 +26,7 @@ async def control_events(settings, kind: str, count: int, timeout_s: float = 300
         deadline = asyncio.get_running_loop().time() + timeout_s
         while len(found) < count and asyncio.get_running_loop().time() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
-                found += [e for e in (json.loads(r.value) for r in records) if e["type"] == kind]
+                found += [e for e in (json.loads(r.value) for r in records) if e["type"] == kind and where(e)]
         return found
     finally:
         await consumer.stop()
@@ -49,7 +50,7 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
     worker = TrainerWorker(settings, sessions, group=f"trainer-{uuid.uuid4().hex[:8]}")
     running = asyncio.create_task(worker.run())
     try:
-        ready = [e for e in await control_events(settings, "adapter_ready", 2) if batch_id in e["batch_ids"]]
+        ready = await control_events(settings, "adapter_ready", 2, where=lambda e: batch_id in e["batch_ids"])
     finally:
         worker.stop()
         await running
