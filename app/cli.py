@@ -37,17 +37,22 @@ def main(ctx: click.Context) -> None:
     ctx.obj = settings
 
 
-def _run_until_signal(coro_factory) -> None:
-    """Run an async service; SIGINT/SIGTERM ask it to stop cleanly."""
+def _serve_until_signal(build) -> None:
+    """``await build()`` gives a service with ``run()`` and ``stop()``: run it until it ends
+    or SIGINT/SIGTERM, then stop it and wait for it to finish what it holds."""
 
-    async def runner() -> None:
+    async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await coro_factory(stop)
+        service = await build()
+        task = asyncio.create_task(service.run())
+        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        service.stop()
+        await task
 
-    asyncio.run(runner())
+    asyncio.run(serve())
 
 
 # --- broker -------------------------------------------------------------------------------
@@ -187,14 +192,10 @@ def train(ctx: click.Context) -> None:
     settings = _settings(ctx)
     migrations.upgrade(settings.store_url)
 
-    async def serve(stop: asyncio.Event) -> None:
-        worker = TrainerWorker(settings, make_sessionmaker(make_engine(settings.store_url)))
-        task = asyncio.create_task(worker.run())
-        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-        worker.stop()
-        await task
+    async def build() -> TrainerWorker:
+        return TrainerWorker(settings, make_sessionmaker(make_engine(settings.store_url)))
 
-    _run_until_signal(serve)
+    _serve_until_signal(build)
 
 
 @main.group()
@@ -212,14 +213,7 @@ def archive_run(ctx: click.Context) -> None:
     settings = _settings(ctx.parent)
     migrations.upgrade(settings.store_url)
 
-    async def serve(stop: asyncio.Event) -> None:
-        archiver = await build_archiver(settings)
-        task = asyncio.create_task(archiver.run())
-        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-        archiver.stop()
-        await task
-
-    _run_until_signal(serve)
+    _serve_until_signal(lambda: build_archiver(settings))
 
 
 @archive.command("verify")
@@ -405,26 +399,22 @@ def swap(ctx: click.Context) -> None:
         raise click.ClickException(f"no base model at {settings.model_path}: run `feedloop model init`")
     controller = SwapController.from_settings(settings, make_sessionmaker(make_engine(settings.store_url)))
 
-    async def serve(stop: asyncio.Event) -> None:
-        async def handle(event):
-            return await asyncio.to_thread(controller.handle, event)
+    async def handle(event):
+        return await asyncio.to_thread(controller.handle, event)
 
-        resumed = False
+    resumed = False
 
-        async def tick():
-            nonlocal resumed
-            if not resumed:  # the first tick picks up what the registry says is live
-                resumed = True
-                return await asyncio.to_thread(controller.resume)
-            return await asyncio.to_thread(controller.tick)
+    async def tick():
+        nonlocal resumed
+        if not resumed:  # the first tick picks up what the registry says is live
+            resumed = True
+            return await asyncio.to_thread(controller.resume)
+        return await asyncio.to_thread(controller.tick)
 
-        consumer = ControlConsumer(settings, "feedloop-swap", handle, tick=tick)
-        task = asyncio.create_task(consumer.run())
-        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-        consumer.stop()
-        await task
+    async def build() -> ControlConsumer:
+        return ControlConsumer(settings, "feedloop-swap", handle, tick=tick)
 
-    _run_until_signal(serve)
+    _serve_until_signal(build)
 
 
 @main.group()
