@@ -61,7 +61,7 @@ class Adapter(Base):
 
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     state: Mapped[str] = mapped_column(
-        String(32), doc="ready, loaded, challenger, champion, retired, failed or rolled_back"
+        String(32), doc="ready, loaded, challenger, champion, retired, superseded, failed or rolled_back"
     )
     path: Mapped[str] = mapped_column(String(1024))
     sha256: Mapped[str] = mapped_column(String(64))

@@ -17,8 +17,8 @@ event                  the controller
 
 One experiment at a time (``max_challengers``): an adapter that arrives while another is
 under test waits; when the test ends, the newest waiting adapter is loaded and the older
-ones are superseded (``retired``, announced as ``adapter_refused`` with reason
-``superseded``), since they were trained from older feedback.
+ones are ``superseded`` (announced as ``adapter_refused`` with that reason), since they
+were trained from older feedback. ``retired`` is only ever a former champion.
 
 Every unload is announced with ``adapter_unloaded``. Nothing is unloaded before the router
 has stopped sending traffic to it (the drain), and nothing gets traffic before it is loaded
@@ -64,7 +64,7 @@ log = structlog.get_logger(__name__)
 
 SOURCE = "swap"
 READY, CHALLENGER, CHAMPION = "ready", "challenger", "champion"
-RETIRED, ROLLED_BACK, FAILED = "retired", "rolled_back", "failed"
+RETIRED, ROLLED_BACK, FAILED, SUPERSEDED = "retired", "rolled_back", "failed", "superseded"
 LIVE = (CHALLENGER, CHAMPION)
 
 Announcement = AdapterLoaded | AdapterRefused | AdapterUnloaded
@@ -178,7 +178,7 @@ class SwapController:
         with self.sessions.begin() as session:
             row = session.get(Adapter, name)
             if row is not None:
-                row.state, row.reason = RETIRED, detail
+                row.state, row.reason = SUPERSEDED, detail
         log.info("swap.superseded", adapter=name, by=newer)
         return AdapterRefused(event_id=f"adapter-refused-{name}", occurred_at=utcnow(), source=SOURCE, adapter=name,
                               reason="superseded", detail=detail)  # fmt: skip

@@ -7,7 +7,7 @@ const REFRESH_MS = 3000;
 const PALETTE = ["#1c7ed6", "#f08c00", "#2f9e44", "#ae3ec9", "#e03131", "#0c8599", "#5c940d", "#d6336c", "#495057"];
 const STATE_COLORS = {
   champion: "#2f9e44", challenger: "#1c7ed6", loaded: "#1971c2", ready: "#868e96",
-  retired: "#adb5bd", failed: "#e03131", rolled_back: "#f76707",
+  retired: "#adb5bd", superseded: "#ced4da", failed: "#e03131", rolled_back: "#f76707",
 };
 const EVENT_SYMBOLS = {
   ready: "circle-open", loaded: "circle", promoted: "star", retired: "x", rolled_back: "triangle-down", failed: "x-thin-open",

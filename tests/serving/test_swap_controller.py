@@ -153,6 +153,6 @@ def test_one_experiment_at_a_time_the_newest_waiting_adapter_goes_next(setup, tr
                                  adapter=concise, reason="ab_test")  # fmt: skip
     superseded, loaded = apply(learner, [rollback, *controller.handle(rollback)])[1:]
     assert isinstance(superseded, AdapterRefused) and superseded.reason == "superseded"
-    assert superseded.adapter == trained.detailed.adapter and state(sessions, superseded.adapter).state == "retired"
+    assert superseded.adapter == trained.detailed.adapter and state(sessions, superseded.adapter).state == "superseded"
     assert isinstance(loaded, AdapterLoaded) and loaded.adapter == newest.name
     assert learner.router.arms == ("base", newest.name)
