@@ -116,7 +116,6 @@ class Traffic:
     failed_requests: int = 0
     served: list[Served] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
-    interaction_turn: dict[str, int] = field(default_factory=dict)  # interaction id -> turn index
     recent: deque = field(default_factory=lambda: deque(maxlen=100))  # satisfied flags
 
     @property
@@ -178,7 +177,6 @@ class Driver:
             satisfied = population.satisfies(turn.user_id, turn.phase, turn.prompt, answer)
             traffic.served.append(Served(turn.index, turn.cohort, turn.phase, adapter, answer, satisfied, time.time()))
             traffic.decisions.append(Decision(turn.index, adapter, turn.cohort, turn.phase, tuple(self.arms)))
-            traffic.interaction_turn[interaction_id] = turn.index
             traffic.recent.append(satisfied)
             traffic.sent_events += recorded  # the gateway published the interaction event itself
             actions = population.react(turn, answer)
@@ -219,9 +217,8 @@ class Driver:
 class Loop:
     """Everything the demo runs: ``stop_services()`` in the event loop, then ``stop_processes()``."""
 
-    def __init__(self, settings: Settings, console: Console) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.console = console
         self.logs = settings.data_dir / "logs"
         self.broker: EmbeddedBroker | None = None
         self.vllm = None
@@ -537,7 +534,7 @@ def run_demo(settings: Settings, interactions: int, minutes: float) -> int:
         return await _demo(settings, loop, interactions, minutes, console)
 
     console = Console(stderr=True)
-    loop = Loop(settings, console)
+    loop = Loop(settings)
     try:
         return asyncio.run(main())
     except (KeyboardInterrupt, asyncio.CancelledError):

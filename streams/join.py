@@ -154,10 +154,3 @@ class SessionJoin:
         while self._forget and self._forget[0][0] <= horizon:
             self.closed.pop(heapq.heappop(self._forget)[1], None)
         return closed, expired
-
-    def close_all(self) -> tuple[list[OpenInteraction], list[Unjoined]]:
-        """End of a finite stream (offline replay of a file): close everything."""
-        if self._max_seen is not None:
-            self.watermark = self._max_seen + self.explicit_window
-            self.watermark_key = utc(self.watermark)
-        return self.close_due()
