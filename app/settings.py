@@ -79,7 +79,9 @@ class LearnerSettings(BaseModel):
         None, description="Seed of the gateway's routing draws; unset: fresh entropy per process."
     )
     canary_share: float = Field(
-        0.1, gt=0, le=1, description="Most traffic a new adapter gets while its A/B test runs."
+        0.1, gt=0, le=1,
+        description="Most traffic a new adapter gets until its A/B test has ab_min_samples rewards of both arms "
+        "and it is not behind the champion; then the router decides.",
     )
 
     @model_validator(mode="after")
@@ -131,7 +133,9 @@ class Settings(BaseSettings):
     )
 
     # --- storage ----------------------------------------------------------------------------
-    data_dir: Path = Field(Path("data"), description="Archive, batches, models and keys live here.")
+    data_dir: Path = Field(
+        Path("data"), validate_default=True, description="Archive, batches, models and keys live here."
+    )
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL of the store. Default: a SQLite file in data_dir. "
@@ -199,6 +203,13 @@ class Settings(BaseSettings):
         if value != "embedded" and not value.startswith("kafka://"):
             raise ValueError("broker must be 'embedded' or 'kafka://host:port[,host:port...]'")
         return value
+
+    @field_validator("data_dir", "key_dir", "base_model_path", "adapter_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Read against the working directory once: child processes, vLLM (which runs in the
+        # temp dir) and registry rows must not depend on where they are read from.
+        return None if value is None else value.absolute()
 
     @cached_property
     def bootstrap_servers(self) -> str:

@@ -11,8 +11,18 @@ def test_defaults_are_embedded_and_local(monkeypatch, tmp_path):
     settings = Settings()
     assert settings.uses_embedded_broker
     assert settings.bootstrap_servers == "127.0.0.1:19092"
-    assert settings.store_url == "sqlite:///data/feedloop.db"
+    assert settings.store_url == f"sqlite:///{tmp_path}/data/feedloop.db"
     assert settings.gateway_host == "127.0.0.1"
+
+
+def test_relative_paths_are_read_against_the_working_directory_once(monkeypatch, tmp_path):
+    # vLLM runs in the temp dir and child processes may not share the cwd: paths must be absolute.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEEDLOOP_ADAPTER_DIR", "shared/adapters")
+    settings = Settings()
+    assert settings.model_path == tmp_path / "data" / "models" / "base"
+    assert settings.adapters_path == tmp_path / "shared" / "adapters"
+    assert settings.keys_path.is_absolute() and settings.archive_dir.is_absolute()
 
 
 def test_environment_points_at_real_kafka_and_postgres(monkeypatch):

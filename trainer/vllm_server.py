@@ -94,7 +94,8 @@ class VllmServerConfig:
     def command(self, python: str) -> list[str]:
         return [
             python, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_path),
+            # Absolute: vLLM runs in the temp dir, and reads a path it cannot find as a Hub repo id.
+            "--model", str(Path(self.model_path).resolve()),
             "--served-model-name", self.served_model_name,
             "--host", self.host,
             "--port", str(self.port),

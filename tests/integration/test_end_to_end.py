@@ -27,10 +27,9 @@ from tests.conftest import free_port
 
 @pytest.mark.timeout(1500)  # the loop runs for 11 minutes, plus building the base model
 def test_an_adapter_trained_from_feedback_is_swapped_in_serves_traffic_and_gets_a_verdict(tmp_path):
-    data = tmp_path / "data"
+    data = tmp_path / "data"  # the default, relative data dir, as on a fresh checkout
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("FEEDLOOP_")},
-        "FEEDLOOP_DATA_DIR": str(data),
         "FEEDLOOP_EMBEDDED_BROKER_PORT": str(free_port()),
         "FEEDLOOP_GATEWAY_PORT": str(free_port()),
         "FEEDLOOP_VLLM_URLS": f'["http://127.0.0.1:{free_port()}"]',
