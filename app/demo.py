@@ -389,10 +389,10 @@ async def _judge(settings: Settings, population: Population, champion: str) -> t
 
 
 def _rare_skill(rows: list[Adapter], champion: str) -> tuple[float | None, float | None]:
-    """Accuracy on the rare-skill suite of the base model (the first adapter's parent) and of the champion."""
-    key = "rare_skill_accuracy"
-    start = next((r.lineage["eval"]["parent"].get(key) for r in rows if r.parent is None and r.lineage.get("eval")), None)
-    end = next((r.lineage["eval"]["candidate"].get(key) for r in rows if r.name == champion), start)
+    """Accuracy on the gate's rare-skill suite of the base model and of the champion."""
+    evals = {r.name: r.lineage["eval"] for r in rows if (r.lineage or {}).get("eval")}
+    start = next((e["base_rare_skill_accuracy"] for e in evals.values()), None)
+    end = evals[champion]["candidate"]["rare_skill_accuracy"] if champion in evals else start
     return start, end
 
 

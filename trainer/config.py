@@ -41,7 +41,9 @@ class GateConfig(_Frozen):
     rare_skill_items: int = Field(120, ge=1, description="Items of the rare-skill (units) regression suite.")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per held-out prompt.")
     max_rare_skill_drop: float = Field(
-        0.02, ge=0, description="Reject when rare-skill accuracy falls more than this below the parent (2 points)."
+        0.02,
+        ge=0,
+        description="Reject when rare-skill accuracy falls more than this below the parent or the base model (2 points).",
     )
     max_preference_drop: float = Field(
         0.05, ge=0, description="Reject when the preferred-style rate falls more than this below the parent."

@@ -13,7 +13,9 @@ Two suites, generated deterministically from ``synthetic_chats`` with the gate's
   The base model cannot generate correct conversions, so exact match would read 0 for
   every model; likelihood ranking is measurable and moves when the skill is forgotten.
 
-The verdict compares candidate with parent (or the base model) metric by metric.
+The verdict compares candidate with parent (or the base model) metric by metric, and the
+rare skill also with the base model: each promotion may cost up to the allowed drop against
+its parent, so without a floor the losses of a chain of adapters would add up.
 """
 
 import hashlib
@@ -131,15 +133,21 @@ def evaluate(
     model.eval()
     completions = generate(model, tokenizer, suites.prompts, config)
     answers = [c.split(IM_END)[0].strip() for c in completions]
-    choices = 1 + len(suites.rare_skill[0].wrong)
-    pairs = [(item.prompt, answer) for item in suites.rare_skill for answer in (item.correct, *item.wrong)]
-    scores = answer_logprobs(model, tokenizer, pairs).view(-1, choices)
     return {
         PREFERRED_STYLE_RATE: sum(answer_style(a) == preferred_style for a in answers) / len(answers),
         WELL_FORMED_RATE: sum(map(is_well_formed, completions)) / len(completions),
-        # The correct answer comes first in each row; count the near misses it beats.
-        RARE_SKILL_ACCURACY: (scores[:, :1] > scores[:, 1:]).float().mean().item(),
+        RARE_SKILL_ACCURACY: rare_skill_accuracy(model, tokenizer, suites),
     }
+
+
+def rare_skill_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, suites: Suites) -> float:
+    """Share of (item, near miss) comparisons in which the correct answer is likelier."""
+    model.eval()
+    choices = 1 + len(suites.rare_skill[0].wrong)
+    pairs = [(item.prompt, answer) for item in suites.rare_skill for answer in (item.correct, *item.wrong)]
+    scores = answer_logprobs(model, tokenizer, pairs).view(-1, choices)
+    # The correct answer comes first in each row; count the near misses it beats.
+    return (scores[:, :1] > scores[:, 1:]).float().mean().item()
 
 
 @dataclass(frozen=True)
@@ -152,17 +160,24 @@ class Verdict:
         return "; ".join(self.reasons) or None
 
 
-def judge(parent: dict[str, float], candidate: dict[str, float], config: GateConfig) -> Verdict:
-    """Pass unless a metric fell by more than its allowed drop."""
+def judge(
+    parent: dict[str, float], candidate: dict[str, float], config: GateConfig, base_rare_skill: float | None = None
+) -> Verdict:
+    """Pass unless a metric fell by more than its allowed drop below the parent's, or the rare
+    skill by more than its drop below the base model's (``base_rare_skill``, when the parent
+    is an adapter)."""
     limits = {
         RARE_SKILL_ACCURACY: config.max_rare_skill_drop,
         PREFERRED_STYLE_RATE: config.max_preference_drop,
         WELL_FORMED_RATE: config.max_well_formed_drop,
     }
+    references = [("", parent[metric], metric, limit) for metric, limit in limits.items()]
+    if base_rare_skill is not None:
+        references.append(("the base model's ", base_rare_skill, RARE_SKILL_ACCURACY, config.max_rare_skill_drop))
     reasons = tuple(
-        f"{metric} fell from {parent[metric]:.3f} to {candidate[metric]:.3f} (allowed drop {limit:.3f})"
-        for metric, limit in limits.items()
+        f"{metric} fell from {whose}{reference:.3f} to {candidate[metric]:.3f} (allowed drop {limit:.3f})"
+        for whose, reference, metric, limit in references
         # A small epsilon keeps float noise (0.5 - 0.48 = 0.0200000001) from tripping an exact limit.
-        if parent[metric] - candidate[metric] > limit + 1e-9
+        if reference - candidate[metric] > limit + 1e-9
     )
     return Verdict(not reasons, reasons)

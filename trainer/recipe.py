@@ -117,6 +117,10 @@ def train_batch(
         suites = gate.build_suites(config.gate)
         preferred = config.preferred_style or _preferred_style(records)
         parent_metrics = gate.evaluate(model, tokenizer, suites, config.gate, preferred)
+        base_rare_skill = None
+        if parent_row is not None:  # the rare skill's floor is the base model's, not only the parent's
+            with model.disable_adapter():
+                base_rare_skill = gate.rare_skill_accuracy(model, tokenizer, suites)
 
         # 3. Train: SFT -> DPO -> KTO, one adapter throughout (or DP-SGD SFT only).
         results: list[StageResult] = []
@@ -140,7 +144,7 @@ def train_batch(
         candidate_metrics = gate.evaluate(served, tokenizer, suites, config.gate, preferred)
 
         # 5. Gate, then 6. publish + register (or file the rejection).
-        verdict = gate.judge(parent_metrics, candidate_metrics, config.gate)
+        verdict = gate.judge(parent_metrics, candidate_metrics, config.gate, base_rare_skill)
         weights_sha = registry.sha256_file(candidate_dir / registry.ADAPTER_FILES[0])
         name = store.next_name(weights_sha)
         lineage = {
@@ -159,6 +163,7 @@ def train_batch(
                 "preferred_style": preferred,
                 "parent": parent_metrics,
                 "candidate": candidate_metrics,
+                "base_rare_skill_accuracy": base_rare_skill if parent_row else parent_metrics[gate.RARE_SKILL_ACCURACY],
             },
             "gate": {"passed": verdict.passed, "reasons": list(verdict.reasons)},
             "files_sha256": {f: registry.sha256_file(candidate_dir / f) for f in registry.ADAPTER_FILES},
