@@ -205,6 +205,10 @@ class LearnerState:
             decision = test.decision()
             if decision.verdict != "continue":
                 verdicts.append(self._conclude(test, decision, example.closed_at))
+            elif test.challenger in self.router.caps and _canary_cleared(decision, test.min_samples):
+                self.router.set_cap(test.challenger, None)
+                log.info("learners.canary_cleared", challenger=test.challenger, lift=decision.lift,
+                         n_challenger=decision.n_challenger)  # fmt: skip
         return verdicts
 
     def _conclude(self, test: ABTest, decision: ABDecision, at: datetime) -> ControlOut:
@@ -322,6 +326,15 @@ class LearnerState:
 
 # The snapshot reads and rebuilds the router's and ridge models' internals; this is the one
 # place that does, and tests/learners/test_learning.py checks the round trip is exact.
+
+
+def _canary_cleared(decision: ABDecision, min_samples: int) -> bool:
+    """The cap guards traffic from an adapter nobody has measured, whose wide confidence
+    bound would make it the router's greedy choice. Once both arms have ``min_samples``
+    rewards in its test and it is not behind the champion, the router's own estimates decide
+    (as a progressive rollout steps up a canary whose metrics look healthy); the test goes on
+    to its verdict."""
+    return min(decision.n_champion, decision.n_challenger) >= min_samples and decision.lift >= 0
 
 
 def snapshot_router(router: LinUCBRouter) -> bytes:

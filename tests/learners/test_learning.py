@@ -214,6 +214,30 @@ def test_a_new_adapter_is_a_canary_until_promoted_and_a_pin_takes_all_traffic():
     assert state.router.probabilities(features) == {"code-v1": 1.0} and state.router.caps == {}
 
 
+@pytest.mark.parametrize("challenger_mean, cleared", [(0.75, True), (0.25, False)])
+def test_a_canary_not_behind_the_champion_after_min_samples_is_no_longer_capped(challenger_mean, cleared):
+    state = LearnerState(LearnerSettings(initial_arms=["base"], canary_share=0.1, ab_min_samples=20))
+    state.apply_control(loaded("code-v1"))
+    features = route_features(Context(**CODE), "app-a")
+
+    def reward(i: int) -> float:  # 0/1 rewards: the champion's mean is 0.5, the challenger's as given
+        if i % 2 == 0:
+            return float(i % 4 == 0)
+        return float((i // 2) % 4 < 4 * challenger_mean)
+
+    for i in range(38):  # 19 rewards each: one short of min_samples, the cap holds whatever they say
+        state.learn_one(example(i, ("base", "code-v1")[i % 2], CODE, {"explicit": reward(i)}))
+    assert state.router.caps == {"code-v1": 0.1}
+    for i in range(38, 40):
+        state.learn_one(example(i, ("base", "code-v1")[i % 2], CODE, {"explicit": reward(i)}))
+    assert "code-v1" in state.experiments, "the test goes on to its verdict"
+    assert state.router.caps == ({} if cleared else {"code-v1": 0.1})
+    share = state.router.probabilities(features)["code-v1"]
+    # Cleared, the router's estimates decide: the better arm is the greedy choice.
+    assert share == (pytest.approx(0.95) if cleared else pytest.approx(0.05))
+    assert restore(state.snapshot().data, np.random.default_rng(0)).caps == state.router.caps
+
+
 def test_an_experiment_without_a_verdict_ends_and_the_champion_stays():
     rng = np.random.default_rng(4)
     state = LearnerState(LearnerSettings(initial_arms=["base"], ab_min_samples=30, ab_max_samples=120))
