@@ -293,6 +293,11 @@ class CurationTrigger(_Record):
     partition: int = Field(ge=0)
     trigger: Literal["drift", "manual"]
     cause: str = Field(description="What asked for it, e.g. the drift alarm's event id.")
+    forget_replay: bool = Field(
+        False,
+        description="Users' preferences changed (a reward drift alarm): the curator empties its replay "
+        "reservoir, whose older records would teach what users no longer want.",
+    )
 
 
 class AnnotatedExample(_Record):

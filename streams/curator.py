@@ -11,7 +11,8 @@ alarm asks for one early (``drift``). Cutting a batch:
 2. **Mix in replay.** ``replay_fraction`` of the batch is drawn from a reservoir of older
    records kept per stratum (reservoir sampling, ``reservoir_per_stratum`` each), strata
    drawn round-robin so rare skills and minority cohorts get an equal voice against
-   forgetting. Replayed records are marked ``replay=True``.
+   forgetting. Replayed records are marked ``replay=True``. A drift alarm on rewards empties
+   the reservoir: older records then teach what users no longer want.
 3. **Forget the erased.** Records of users erased since they were buffered are removed.
 
 Everything is driven by the curator's own seeded RNG and event time, so the same records in
@@ -94,9 +95,16 @@ class Curator:
     def add(self, entries: list[Buffered]) -> None:
         self.buffer.extend(entries)
 
-    def request_early(self, trigger: str) -> None:
-        """A drift alarm (or an operator) asks for a batch from what is buffered."""
+    def request_early(self, trigger: str, forget_replay: bool = False) -> None:
+        """A drift alarm (or an operator) asks for a batch from what is buffered.
+
+        ``forget_replay`` empties the reservoir: after the users' preferences moved, replayed
+        older records would train against the new ones (buffered records stay: they are the
+        freshest evidence). The reservoir refills from the records cut from now on."""
         self.early_trigger = trigger
+        if forget_replay:
+            self.reservoir.clear()
+            self.reservoir_seen.clear()
 
     def due(self, watermark: datetime | None) -> str | None:
         if not self.buffer:

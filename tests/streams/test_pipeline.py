@@ -182,6 +182,31 @@ def test_batches_cut_by_size_are_stratified_with_a_cap_and_replay(pseudonyms):
     assert any(r.replay for r in second.records) and not any(r.replay for r in first.records)
 
 
+@pytest.mark.parametrize("forget_replay", [True, False])
+def test_a_reward_drift_trigger_stops_replaying_records_from_before_it(pseudonyms, forget_replay):
+    config = CONFIG.model_copy(update={"batch_size": 20, "replay_fraction": 0.2})
+
+    def turns(start: int, count: int) -> list[dict]:
+        events = []
+        for i in range(start, start + count):
+            t = turn(i, context={"cohort": "a", "domain": "code"},
+                     prompt=[{"role": "user", "content": f"question {i} about code topic {i * 7}"}])
+            events += [t, signal(t, "thumbs", i + 1)]
+        return events
+
+    run = Run(pseudonyms, config).feed(*turns(0, 40), tick(700))
+    before = {r.example_id for b in run.batches for r in b.records}
+    cut_before = len(run.batches)
+    assert cut_before >= 2 and run.pipeline.curator.reservoir
+    run.feed({"type": "curation_trigger", "event_id": "drift-alarm-2-p0", "occurred_at": at(701), "partition": 0,
+              "trigger": "drift", "cause": "alarm-2", "forget_replay": forget_replay})
+    run.feed(*turns(1000, 40), tick(2000))
+    replayed = [r for b in run.batches[cut_before:] for r in b.records if r.replay]
+    assert replayed, "replay goes on"
+    # Forgotten, only records cut after the alarm come back; otherwise older ones do too.
+    assert any(r.example_id in before for r in replayed) is not forget_replay
+
+
 def test_erased_users_never_reach_a_later_batch(pseudonyms):
     keep, erase = turn(0, user_id="keep-me"), turn(1, user_id="erase-me")
     run = Run(pseudonyms).feed(keep, erase, signal(keep, "thumbs", 2), signal(erase, "thumbs", 3), tick(700))
