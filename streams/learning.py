@@ -177,6 +177,7 @@ class LearnerState:
             self.router.learn_one(example.adapter, features, reward)
             if alarm := self.drift.update_reward(example.adapter, reward, at):
                 out.control.append(self._drift_event(alarm, example))
+                out.control += self._end_experiments(alarm.what, example.closed_at)
             out.control += self._feed_experiments(example, reward)
         if example.training_consent:  # review feeds training: never for users who opted out
             present = {c: r for c, r in example.rewards.items() if r is not None}
@@ -211,17 +212,27 @@ class LearnerState:
                          n_challenger=decision.n_challenger)  # fmt: skip
         return verdicts
 
-    def _conclude(self, test: ABTest, decision: ABDecision, at: datetime) -> ControlOut:
+    def _end_experiments(self, signal: str, at: datetime) -> list[ControlOut]:
+        """The users' preferences moved under the running tests (a reward drift alarm): their
+        challengers were trained on feedback from before, and their sums mix two populations
+        under changing traffic shares. They are rolled back, which frees the experiment slot
+        for adapters trained after the shift."""
+        reason = f"drift: {signal} moved during the test; the challenger learned from feedback before it"
+        return [self._conclude(test, test.decision(), at, ended_by=reason) for test in list(self.experiments.values())]
+
+    def _conclude(self, test: ABTest, decision: ABDecision, at: datetime, ended_by: str | None = None) -> ControlOut:
         evidence = {k: float(v) for k, v in (("lift", decision.lift), ("lower", decision.lower),
                     ("upper", decision.upper), ("n_champion", decision.n_champion),
                     ("n_challenger", decision.n_challenger)) if math.isfinite(v)}  # fmt: skip
-        if decision.verdict == "promote":
+        if ended_by is None and decision.verdict == "promote":
             event: ControlOut = AdapterPromoted(
                 event_id=_event_id("promote", test.challenger), occurred_at=at, source=SOURCE,
                 adapter=test.challenger, previous_champion=test.champion, evidence=evidence,
             )  # fmt: skip
         else:
-            if decision.verdict == "inconclusive":
+            if ended_by is not None:
+                reason = ended_by
+            elif decision.verdict == "inconclusive":
                 reason = f"ab_test: no significant lift over {test.champion} after {test.max_samples} rewards each"
             else:
                 where = f"in cohorts {', '.join(decision.harmed_cohorts)}" if decision.harmed_cohorts else "overall"
@@ -230,8 +241,8 @@ class LearnerState:
                 event_id=_event_id("rollback", test.challenger), occurred_at=at, source=SOURCE,
                 adapter=test.challenger, reason=reason, evidence=evidence,
             )  # fmt: skip
-        log.info("learners.ab_verdict", verdict=decision.verdict, challenger=test.challenger,
-                 champion=test.champion, **evidence)  # fmt: skip
+        log.info("learners.ab_verdict", verdict="ended_by_drift" if ended_by else decision.verdict,
+                 challenger=test.challenger, champion=test.champion, **evidence)  # fmt: skip
         # The same transition as when the event comes back on the control topic (then a
         # no-op), so the verdict is in the state at once and is never published twice.
         self.apply_control(event)

@@ -238,6 +238,27 @@ def test_a_canary_not_behind_the_champion_after_min_samples_is_no_longer_capped(
     assert restore(state.snapshot().data, np.random.default_rng(0)).caps == state.router.caps
 
 
+def test_a_reward_drift_alarm_ends_the_running_experiment():
+    rng = np.random.default_rng(2)
+    state = LearnerState(LearnerSettings(initial_arms=["base"], ab_min_samples=1000))  # no verdict of its own
+    state.apply_control(loaded("code-v1"))
+    published = []
+    for i in range(600):
+        arm = ("base", "code-v1")[i % 2]
+        p = 0.5 if arm == "code-v1" else (0.9 if i < 300 else 0.1)  # the champion's users change their minds
+        out = state.learn_one(example(i, arm, CODE, {"explicit": float(rng.random() < p)}))
+        published += out.control
+        if any(isinstance(e, AdapterRolledBack) for e in out.control):
+            break
+    alarm = next(e for e in published if isinstance(e, DriftAlarm))
+    assert alarm.signal == "reward:base" and published.index(alarm) < len(published) - 1
+    assert 300 <= i < 600, "ended by the alarm, after the shift"
+    rolled_back = published[-1]
+    assert isinstance(rolled_back, AdapterRolledBack) and rolled_back.adapter == "code-v1"
+    assert rolled_back.reason.startswith("drift: reward:base moved during the test")
+    assert state.router.arms == ("base",) and not state.experiments and "code-v1" in state.ended
+
+
 def test_an_experiment_without_a_verdict_ends_and_the_champion_stays():
     rng = np.random.default_rng(4)
     state = LearnerState(LearnerSettings(initial_arms=["base"], ab_min_samples=30, ab_max_samples=120))
