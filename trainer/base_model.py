@@ -42,6 +42,9 @@ class BaseModelConfig(BaseModel):
 
     seed: int = Field(0, description="Seeds data, tokenizer corpus, weight init and data order.")
     num_chats: int = Field(2000, description="Synthetic chats to pretrain on.")
+    detailed_share: float = Field(
+        0.5, ge=0, le=1, description="Share of those chats answered in the detailed style; the rest are concise."
+    )
     vocab_size: int = Field(1024, description="Upper bound on the BPE vocabulary (a small corpus may stop short).")
     hidden_size: int = Field(128, description="Model width.")
     intermediate_size: int = Field(384, description="MLP width (about 3x hidden, as in Llama).")
@@ -73,7 +76,7 @@ def build_base_model(
 
     with _deterministic(config.seed):
         # 1-2. Data and tokenizer.
-        chats = generate_chats(config.num_chats, config.seed)
+        chats = generate_chats(config.num_chats, config.seed, detailed_share=config.detailed_share)
         tokenizer = train_tokenizer(
             (text for chat in chats for text in (chat.prompt, chat.answer)),
             vocab_size=config.vocab_size,

@@ -6,7 +6,8 @@ Every answer exists in two styles, so preference training later has something to
 - ``concise``:  the answer in one sentence.
 - ``detailed``: "Sure!", the same sentence, two bullet points, "Hope this helps!".
 
-The base model sees both styles equally often; simulated users can then prefer one.
+The default base model sees both styles equally often (``detailed_share``); simulated
+users can then prefer one.
 ``units`` (unit conversion) is the rare skill: seldom seen in pretraining, so feedback on
 it has room to improve the model.
 """
@@ -204,16 +205,17 @@ def make_chat(domain: str, style: str, rng: random.Random) -> Chat:
 
 
 def generate_chats(
-    count: int, seed: int, domain_weights: Mapping[str, float] = DOMAIN_WEIGHTS
+    count: int, seed: int, domain_weights: Mapping[str, float] = DOMAIN_WEIGHTS, detailed_share: float = 0.5
 ) -> list[Chat]:
-    """``count`` chats; the same seed always gives the same list."""
+    """``count`` chats, ``detailed_share`` of them in the detailed style on average; the same
+    arguments always give the same list."""
     rng = random.Random(seed)
     domains = list(domain_weights)
     weights = [domain_weights[domain] for domain in domains]
     chats = []
     for _ in range(count):
         domain = rng.choices(domains, weights)[0]
-        chats.append(make_chat(domain, rng.choice(STYLES), rng))
+        chats.append(make_chat(domain, DETAILED if rng.random() < detailed_share else CONCISE, rng))
     return chats
 
 
