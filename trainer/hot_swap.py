@@ -18,7 +18,9 @@ event                  the controller
 One experiment at a time (``max_challengers``): an adapter that arrives while another is
 under test waits; when the test ends, the newest waiting adapter is loaded and the older
 ones are ``superseded`` (announced as ``adapter_refused`` with that reason), since they
-were trained from older feedback. ``retired`` is only ever a former champion.
+were trained from older feedback. A drift alarm on rewards supersedes everything waiting:
+it was trained before the users' preferences moved (the learner ends the running test for
+the same reason). ``retired`` is only ever a former champion.
 
 Every unload is announced with ``adapter_unloaded``. Nothing is unloaded before the router
 has stopped sending traffic to it (the drain), and nothing gets traffic before it is loaded
@@ -54,6 +56,7 @@ from streams.contract import (
     AdapterRefused,
     AdapterRolledBack,
     AdapterUnloaded,
+    DriftAlarm,
     utcnow,
 )
 from trainer.adapter_validation import AdapterRefused as Refused
@@ -128,6 +131,11 @@ class SwapController:
         if isinstance(event, AdapterRolledBack):
             self._roll_back(event)
             return self._admit()
+        if isinstance(event, DriftAlarm) and event.signal.startswith("reward:"):
+            # The users' preferences moved: what waits was trained on feedback from before.
+            detail = f"trained before the users' preferences moved (drift alarm on {event.signal})"
+            stale, self.waiting = list(self.waiting), {}
+            return [self._supersede(name, detail) for name in stale]
         return []
 
     def _ready(self, event: AdapterReady) -> list[Announcement]:
@@ -156,7 +164,8 @@ class SwapController:
         if not self.waiting or self._under_test() >= self.max_challengers:
             return []
         *older, newest = self.waiting
-        out: list[Announcement] = [self._supersede(name, newest) for name in older]
+        detail = f"superseded by {newest}, trained from fresher feedback, before it was served"
+        out: list[Announcement] = [self._supersede(name, detail) for name in older]
         spec = self.waiting.pop(newest)
         self.waiting.clear()
         try:
@@ -173,13 +182,12 @@ class SwapController:
             loading = {name for name in self.pending if (row := session.get(Adapter, name)) is None or row.state == READY}
         return len(challengers | loading)
 
-    def _supersede(self, name: str, newer: str) -> AdapterRefused:
-        detail = f"superseded by {newer}, trained from fresher feedback, before it was served"
+    def _supersede(self, name: str, detail: str) -> AdapterRefused:
         with self.sessions.begin() as session:
             row = session.get(Adapter, name)
             if row is not None:
                 row.state, row.reason = SUPERSEDED, detail
-        log.info("swap.superseded", adapter=name, by=newer)
+        log.info("swap.superseded", adapter=name, detail=detail)
         return AdapterRefused(event_id=f"adapter-refused-{name}", occurred_at=utcnow(), source=SOURCE, adapter=name,
                               reason="superseded", detail=detail)  # fmt: skip
 

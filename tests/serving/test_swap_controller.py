@@ -14,7 +14,15 @@ import pytest
 
 from app.settings import LearnerSettings
 from app.store import Adapter
-from streams.contract import AdapterLoaded, AdapterPromoted, AdapterRefused, AdapterRolledBack, AdapterUnloaded, utcnow
+from streams.contract import (
+    AdapterLoaded,
+    AdapterPromoted,
+    AdapterRefused,
+    AdapterRolledBack,
+    AdapterUnloaded,
+    DriftAlarm,
+    utcnow,
+)
 from streams.learning import LearnerState
 from tests.serving.conftest import PROMPTS, Models, Trained, registry_copy
 from trainer.adapter_validation import ADAPTER_FILES, adapter_sha256
@@ -156,3 +164,23 @@ def test_one_experiment_at_a_time_the_newest_waiting_adapter_goes_next(setup, tr
     assert superseded.adapter == trained.detailed.adapter and state(sessions, superseded.adapter).state == "superseded"
     assert isinstance(loaded, AdapterLoaded) and loaded.adapter == newest.name
     assert learner.router.arms == ("base", newest.name)
+
+
+@pytest.mark.parametrize("setup", [1], indirect=True)
+def test_a_reward_drift_alarm_supersedes_what_waits(setup, trained: Trained, models):
+    controller, sessions, _, learner, replica = setup
+    concise, detailed = trained.concise.adapter, trained.detailed.adapter
+    apply(learner, controller.handle(trained.concise))
+    assert controller.handle(trained.detailed) == [], "waits while concise is tested"
+    feature_alarm = DriftAlarm(event_id="drift-domain", occurred_at=utcnow(), source="learners",
+                               signal="feature:domain", detector="ADWIN", detected_at=utcnow())  # fmt: skip
+    assert controller.handle(feature_alarm) == [], "the questions changed, not what users want: it still waits"
+    alarm = feature_alarm.model_copy(update={"event_id": "drift-reward", "signal": f"reward:{concise}"})
+    (superseded,) = controller.handle(alarm)
+    assert isinstance(superseded, AdapterRefused) and superseded.adapter == detailed
+    assert state(sessions, detailed).state == "superseded" and "preferences moved" in state(sessions, detailed).reason
+    # The learner ends the running test for the same alarm; nothing stale is loaded after it.
+    rollback = AdapterRolledBack(event_id="rollback-concise", occurred_at=utcnow(), source="learners",
+                                 adapter=concise, reason="drift")  # fmt: skip
+    assert controller.handle(rollback) == []
+    assert detailed not in replica.list_adapters()
