@@ -18,6 +18,7 @@ from app.report import (
     RewardPoint,
     Series,
     drift_detect_delay,
+    loaded_so_far,
     regret_ratio,
     routing_regret,
     wilson_interval,
@@ -32,6 +33,7 @@ REQUIRED_KEYS = [
     "cohort_win_rates", "rare_skill_accuracy_start", "rare_skill_accuracy_end", "adapters_trained",
     "adapters_promoted", "adapters_rolled_back", "hot_swap_p50_ms", "wall_seconds",
 ]  # fmt: skip
+EXTRA_KEYS = ["regret_ratio_live_arms"]  # measured beside the keys, without a target
 TARGETS = ["win_rate", "regret_ratio", "drift_detected", "minority_win_rate", "rare_skill_kept", "zero_events_lost",
            "zero_pii_leaked"]  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -102,6 +104,21 @@ def test_routing_regret_against_the_best_live_arm_and_uniform_routing():
     assert regret_ratio(0.0, 0.0) is None
 
 
+def test_uniform_routing_keeps_every_arm_loaded_so_far_so_retiring_a_bad_one_counts():
+    reward = {"base": 0.5, "good": 1.0}
+    live = [
+        Decision(0, "base", "a", 0, ("base", "good")),  # a test: router wrong, 0.5; uniform 0.25
+        Decision(1, "good", "a", 0, ("good",)),  # promoted, "base" retired
+        Decision(2, "good", "a", 0, ("good",)),
+    ]
+    decisions = loaded_so_far(live)
+    assert [d.arms for d in decisions] == [("base", "good")] * 3 and [d.arm for d in decisions] == ["base", "good", "good"]
+    # Within the live arms the router did worse than uniform; against uniform over every
+    # adapter it had, retiring "base" is what the learning bought.
+    assert regret_ratio(*routing_regret(live, lambda arm, c, p: reward[arm])) == pytest.approx(2.0)
+    assert regret_ratio(*routing_regret(decisions, lambda arm, c, p: reward[arm])) == pytest.approx(0.5 / 0.75)
+
+
 def test_regret_with_the_populations_expected_rewards():
     population = Population(PopulationConfig(seed=2, interactions=400, drift_fraction=0.25))
     profiles = {"base": {CONCISE: 0.5, DETAILED: 0.5}, "concise": {CONCISE: 0.95, DETAILED: 0.05},
@@ -134,10 +151,10 @@ def test_drift_detect_delay_ignores_alarms_before_the_shift():
 # --- the report ------------------------------------------------------------------------------
 
 
-def test_report_json_has_exactly_the_required_keys_and_targets():
+def test_report_json_has_the_required_keys_then_ours_and_the_targets():
     data = GOOD.to_json()
-    assert list(data) == [*REQUIRED_KEYS, "targets"]
-    assert [f.name for f in dataclasses.fields(DemoReport)] == REQUIRED_KEYS
+    assert list(data) == [*REQUIRED_KEYS, *EXTRA_KEYS, "targets"]
+    assert [f.name for f in dataclasses.fields(DemoReport)] == REQUIRED_KEYS + EXTRA_KEYS
     assert list(data["targets"]) == TARGETS
     assert data["win_rate_ci95"] == [0.68, 0.76] and data["cohort_win_rates"]["minority"] == 0.70
     json.dumps(data)  # serializable as it is
