@@ -46,7 +46,7 @@ from app.overview import OverviewSource
 from app.population import Population, PopulationConfig, style_profile
 from app.processes import Child
 from app.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
-from app.report import routing_regret, win_rate, write_report
+from app.report import loaded_so_far, routing_regret, win_rate, write_report
 from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
 from app.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker
@@ -64,15 +64,25 @@ JUDGING_S = 120
 
 # What the demo shortens so that the loop turns several times in minutes, not days.
 # One partition: one curator sees all feedback, so batches are few and large enough to move
-# the model, rather than one small batch per partition.
+# the model, rather than one small batch per partition. The A/B test is tuned to the lifts
+# the demo's adapters make (tens of points: ab_tau), and the router's floor keeps a tenth of
+# the traffic on each arm of a test, so verdicts come within a minute or two. Four epochs of
+# SFT and DPO: a batch of ~150 records moves the tiny model's style by tens of points. No KTO:
+# on the demo's batches it moved the style the wrong way and cost the rare skill (docs/demo.md).
 DEMO_DEFAULTS: dict[str, object] = {
     "topic_partitions": 1,
     "pipeline": {"implicit_window_s": 4, "explicit_window_s": 8, "allowed_lateness_s": 1, "idle_tick_s": 1,
                  "batch_size": 160, "batch_max_wait_s": 120, "checkpoint_interval_s": 1},
-    "learners": {"ab_min_samples": 40, "ab_max_samples": 150, "canary_share": 0.5, "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
+    "learners": {"ab_min_samples": 40, "ab_max_samples": 150, "ab_tau": 0.2, "floor": 0.2, "canary_share": 0.5,
+                 "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
     "serving": {"drain_s": 3, "reconcile_interval_s": 10, "max_loras": 3},
-    "trainer": {"num_threads": 1, "log_every": 50, "gate": {"heldout_prompts": 20, "rare_skill_items": 40}},
+    "trainer": {"num_threads": 1, "log_every": 50, "gate": {"heldout_prompts": 20},
+                "sft": {"epochs": 4}, "dpo": {"epochs": 4}, "kto": {"enabled": False}},
 }  # fmt: skip
+# The demo's own base model (data_dir/models/demo-base unless FEEDLOOP_BASE_MODEL_PATH is set)
+# writes concise answers three times out of four: what a population comes to want is rarely
+# what a base model does by habit (docs/demo.md, "The base model").
+DEMO_BASE_DETAILED_SHARE = 0.25
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -91,6 +101,8 @@ def demo_settings(settings: Settings) -> Settings:
         updates[group] = type(getattr(settings, group)).model_validate(current)
     if DEMO_APP not in settings.api_keys:
         updates["api_keys"] = {**settings.api_keys, DEMO_APP: SecretStr(secrets.token_urlsafe(16))}
+    if "FEEDLOOP_BASE_MODEL_PATH" not in os.environ:
+        updates["base_model_path"] = settings.data_dir / "models" / "demo-base"
     return settings.model_copy(update=updates)
 
 
@@ -287,7 +299,7 @@ def ensure_base_model(settings: Settings, console: Console) -> None:
         return
     from trainer.base_model import BaseModelConfig, build_base_model
 
-    config = BaseModelConfig()
+    config = BaseModelConfig(detailed_share=DEMO_BASE_DETAILED_SHARE)
     with Progress(TextColumn("[bold]building the tiny base model"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:  # fmt: skip
         task = progress.add_task("pretraining", total=config.train_steps)
@@ -466,10 +478,12 @@ def _report(settings, sessions, before, population, traffic: Traffic, rows, cham
     # those of the router snapshot then (refreshed each second) that served anything at all.
     profiles = {arm: style_profile(s.answer for s in traffic.served if s.adapter == arm)
                 for arm in {s.adapter for s in traffic.served}}  # fmt: skip
-    decisions = [Decision(d.event_index, d.arm, d.cohort, d.phase, tuple(dict.fromkeys(
-                 [a for a in d.arms if a in profiles] + [d.arm]))) for d in traffic.decisions]  # fmt: skip
-    router, uniform = routing_regret(decisions,
-                                     lambda arm, cohort, phase: population.profile_reward(cohort, phase, profiles[arm]))  # fmt: skip
+
+    def reward_of(arm: str, cohort: str, phase: int) -> float:
+        return population.profile_reward(cohort, phase, profiles[arm])
+
+    live = [Decision(d.event_index, d.arm, d.cohort, d.phase, tuple(dict.fromkeys(
+            [a for a in d.arms if a in profiles] + [d.arm]))) for d in traffic.decisions]  # fmt: skip
     alarms = _alarm_turns(settings, sessions, before, traffic)
     start, end = _rare_skill(rows, champion)
     swaps = [r.lineage["serving"]["swap_ms"] for r in rows if "serving" in (r.lineage or {})]
@@ -483,7 +497,8 @@ def _report(settings, sessions, before, population, traffic: Traffic, rows, cham
         pii_canaries_leaked=leaked_canaries(settings.batches_dir, population.canaries_seeded),
         win_rate_live_vs_static=rate,
         win_rate_ci95=ci95,
-        regret_ratio_vs_uniform=regret_ratio(router, uniform),
+        regret_ratio_vs_uniform=regret_ratio(*routing_regret(loaded_so_far(live), reward_of)),
+        regret_ratio_live_arms=regret_ratio(*routing_regret(live, reward_of)),
         drift_detect_delay_events=drift_detect_delay(population.shift_index, alarms),
         cohort_win_rates={cohort: win_rate(js)[0] for cohort, js in per_cohort.items()},
         rare_skill_accuracy_start=start,
