@@ -3,12 +3,10 @@
 `feedloop demo` in its own process on free ports: embedded broker, store, archive, gateway,
 a real vLLM server (CPU), and `feedloop worker`, `learn`, `train` and `swap`. The simulated
 population talks to the OpenAI-compatible gateway. An adapter must be trained from its
-feedback, hot-swapped in and serve traffic, and its A/B test must reach a verdict. Any
-promoted adapter must have served traffic first. No event or PII canary may be lost or leak.
+feedback, hot-swapped in, promoted by its A/B test, and serve traffic. No event or PII
+canary may be lost or leak.
 
-A promotion itself is not asserted: within this short run the trained adapters' lift over
-the base model is often too small to show (issue #7's quality targets, not met yet). The
-demo's targets need the full run; this test checks the loop, not the targets.
+The demo's quality targets need the full run (`make run`); this test checks the loop.
 """
 
 import json
@@ -26,7 +24,7 @@ from tests.conftest import free_port
 
 
 @pytest.mark.timeout(1500)  # the loop runs for 11 minutes, plus building the base model
-def test_an_adapter_trained_from_feedback_is_swapped_in_serves_traffic_and_gets_a_verdict(tmp_path):
+def test_an_adapter_trained_from_feedback_is_promoted_and_serves_traffic(tmp_path):
     data = tmp_path / "data"  # the default, relative data dir, as on a fresh checkout
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("FEEDLOOP_")},
@@ -54,9 +52,7 @@ def test_an_adapter_trained_from_feedback_is_swapped_in_serves_traffic_and_gets_
     assert report["events_lost"] == 0 and report["events_sent"] > 1200
     assert report["pii_canaries_seeded"] > 0 and report["pii_canaries_leaked"] == 0
     assert report["dead_lettered"] >= 3  # the malformed bodies the demo sends on purpose
-    assert report["adapters_trained"] >= 1, report
-    # The A/B test reached a verdict: promoted, rolled back, or inconclusive (rolled back).
-    assert report["adapters_promoted"] + report["adapters_rolled_back"] >= 1, report
+    assert report["adapters_promoted"] >= 1, report
     assert all((tmp_path / "runs" / "latest" / name).stat().st_size > 0 for name in ("rewards.png", "traffic.png"))
 
     engine = make_engine(f"sqlite:///{data / 'feedloop.db'}")
@@ -66,5 +62,4 @@ def test_an_adapter_trained_from_feedback_is_swapped_in_serves_traffic_and_gets_
         served_by = {json.loads(r.value).get("adapter") for r in iter_archive(session, data / "archive", EVENTS.name)
                      if r.value and b'"interaction"' in r.value}  # fmt: skip
     engine.dispose()
-    assert trained & served_by, f"an adapter trained from feedback must have served traffic: {trained} vs {served_by}"
-    assert promoted <= served_by, f"every promoted adapter served traffic first: {promoted} vs {served_by}"
+    assert promoted and promoted <= trained & served_by, f"promoted {promoted}, trained {trained}, served {served_by}"
