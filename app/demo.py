@@ -403,7 +403,7 @@ async def _judge(settings: Settings, population: Population, champion: str) -> t
 def _rare_skill(rows: list[Adapter], champion: str) -> tuple[float | None, float | None]:
     """Accuracy on the gate's rare-skill suite of the base model and of the champion."""
     evals = {r.name: r.lineage["eval"] for r in rows if (r.lineage or {}).get("eval")}
-    start = next((e["base_rare_skill_accuracy"] for e in evals.values()), None)
+    start = next((e["base_rare_skill_accuracy"] for e in evals.values() if "base_rare_skill_accuracy" in e), None)
     end = evals[champion]["candidate"]["rare_skill_accuracy"] if champion in evals else start
     return start, end
 
