@@ -154,9 +154,8 @@ def register_pipeline(
             except ValidationError:
                 continue  # not a control event the pipeline reads
             if isinstance(event, DriftAlarm):
-                # The same adapter rewarded differently: the users' preferences moved.
-                preferences_moved = event.signal.startswith("reward:")
-                for record in curation_triggers("drift", event.event_id, partitions, forget_replay=preferences_moved):
+                forget = event.preferences_moved
+                for record in curation_triggers("drift", event.event_id, partitions, forget_replay=forget):
                     await events.send(key=TRIGGER_KEY, value=record.model_dump_json().encode(),
                                       partition=record.partition)
 

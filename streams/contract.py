@@ -254,6 +254,12 @@ class DriftAlarm(_ControlEvent):
     detected_at: AwareDatetime
     details: dict[str, float] = Field(default_factory=dict)
 
+    @property
+    def preferences_moved(self) -> bool:
+        """The same adapter is rewarded differently: the users' preferences moved (not only
+        what they ask about). Training data and tests from before it are stale."""
+        return self.signal.startswith("reward:")
+
 
 ControlEvent = Annotated[
     Union[

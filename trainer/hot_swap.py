@@ -131,8 +131,8 @@ class SwapController:
         if isinstance(event, AdapterRolledBack):
             self._roll_back(event)
             return self._admit()
-        if isinstance(event, DriftAlarm) and event.signal.startswith("reward:"):
-            # The users' preferences moved: what waits was trained on feedback from before.
+        if isinstance(event, DriftAlarm) and event.preferences_moved:
+            # What waits was trained on feedback from before.
             detail = f"trained before the users' preferences moved (drift alarm on {event.signal})"
             stale, self.waiting = list(self.waiting), {}
             return [self._supersede(name, detail) for name in stale]
