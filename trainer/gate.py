@@ -13,9 +13,11 @@ Two suites, generated deterministically from ``synthetic_chats`` with the gate's
   The base model cannot generate correct conversions, so exact match would read 0 for
   every model; likelihood ranking is measurable and moves when the skill is forgotten.
 
-The verdict compares candidate with parent (or the base model) metric by metric, and the
-rare skill also with the base model: each promotion may cost up to the allowed drop against
-its parent, so without a floor the losses of a chain of adapters would add up.
+The verdict compares the candidate's style and well-formed rates with its parent's, and its
+rare skill with the base model's: a fixed floor, so the losses of a chain of adapters cannot
+add up. Not with the parent's: an adapter a few items above the base on the suite holds no
+skill its child must keep, and measured in the demo, that check rejected the two adapters
+that had learned the users' new preference best, both well above the floor.
 """
 
 import hashlib
@@ -163,17 +165,16 @@ class Verdict:
 def judge(
     parent: dict[str, float], candidate: dict[str, float], config: GateConfig, base_rare_skill: float | None = None
 ) -> Verdict:
-    """Pass unless a metric fell by more than its allowed drop below the parent's, or the rare
-    skill by more than its drop below the base model's (``base_rare_skill``, when the parent
-    is an adapter)."""
-    limits = {
-        RARE_SKILL_ACCURACY: config.max_rare_skill_drop,
-        PREFERRED_STYLE_RATE: config.max_preference_drop,
-        WELL_FORMED_RATE: config.max_well_formed_drop,
-    }
-    references = [("", parent[metric], metric, limit) for metric, limit in limits.items()]
-    if base_rare_skill is not None:
-        references.append(("the base model's ", base_rare_skill, RARE_SKILL_ACCURACY, config.max_rare_skill_drop))
+    """Pass unless the style or well-formed rate fell by more than its allowed drop below the
+    parent's, or the rare skill by more than its drop below the base model's (the parent's
+    when it is the base model; ``base_rare_skill`` when it is an adapter)."""
+    references = [
+        ("", parent[PREFERRED_STYLE_RATE], PREFERRED_STYLE_RATE, config.max_preference_drop),
+        ("", parent[WELL_FORMED_RATE], WELL_FORMED_RATE, config.max_well_formed_drop),
+        ("the base model's " if base_rare_skill is not None else "",
+         parent[RARE_SKILL_ACCURACY] if base_rare_skill is None else base_rare_skill,
+         RARE_SKILL_ACCURACY, config.max_rare_skill_drop),
+    ]  # fmt: skip
     reasons = tuple(
         f"{metric} fell from {whose}{reference:.3f} to {candidate[metric]:.3f} (allowed drop {limit:.3f})"
         for whose, reference, metric, limit in references

@@ -160,7 +160,8 @@ class SwapController:
 
         One experiment at a time runs to its verdict (more would split the traffic until
         none reaches one); the older adapters that waited meanwhile are superseded: they were
-        trained from older feedback than the newest, from the same champion."""
+        trained from older feedback than the newest, which continues from one of them or from
+        the same parent (``trainer.worker.parent_for_next``)."""
         if not self.waiting or self._under_test() >= self.max_challengers:
             return []
         *older, newest = self.waiting

@@ -10,7 +10,8 @@ id. A candidate the gate rejects is recorded in the registry with its reason and
 nowhere: there is nothing to serve. A batch that would exceed the privacy budget is left
 ``emitted`` with an error in the log, for an operator to decide.
 
-The parent of each new adapter is the current champion in the registry (or the base model).
+The parent of each new adapter is the newest one still in line to serve
+(:func:`parent_for_next`): waiting, under test or champion; the base model before any.
 """
 
 from __future__ import annotations
@@ -35,9 +36,23 @@ GROUP = "feedloop-trainer"
 MAX_TRAINING_S = 6 * 3600  # the consumer group must not take a long training for a dead worker
 
 
-def champion(sessions: sessionmaker) -> str | None:
+def parent_for_next(sessions: sessionmaker) -> str | None:
+    """The newest adapter still in line to serve: ready (waiting for its test), challenger or
+    champion. None: the base model.
+
+    Continuing from the newest rather than from the champion lets training compound while
+    A/B tests run: each round of feedback builds on the last instead of every batch starting
+    again from the champion and the newest superseding the others. Each adapter still faces
+    its own A/B test against the champion before it serves more than a canary share, so one
+    built on an adapter that is later rolled back costs at most that test.
+    """
     with sessions() as session:
-        return session.scalar(select(Adapter.name).where(Adapter.state == "champion"))
+        return session.scalar(
+            select(Adapter.name)
+            .where(Adapter.state.in_(("ready", "challenger", "champion")))
+            .order_by(Adapter.created_at.desc(), Adapter.name.desc())  # names count up: ties in a second
+            .limit(1)
+        )
 
 
 class TrainerWorker:
@@ -54,7 +69,7 @@ class TrainerWorker:
             result = await asyncio.to_thread(
                 train_batch, batch_dir, self.settings.trainer, self.sessions,
                 base_model_dir=self.settings.model_path, adapters_dir=self.settings.adapters_path,
-                parent=champion(self.sessions),
+                parent=parent_for_next(self.sessions),
             )  # fmt: skip
         except PrivacyBudgetExceeded as exc:
             log.error("trainer.budget_exceeded", batch_id=event.batch_id, error=str(exc),

@@ -37,10 +37,13 @@ def test_rare_domain_is_the_one_the_suite_checks():
     assert RARE_DOMAIN == "units" and any(c.domain == RARE_DOMAIN for c in generate_chats(200, seed=0))
 
 
-def test_rare_skill_may_not_fall_two_points_below_the_base_model_however_small_each_step():
+def test_rare_skill_is_held_to_the_base_model_not_to_the_parent():
     # Two points below the parent each time would add up over a chain of promotions.
     step = {**PARENT, RARE_SKILL_ACCURACY: 0.59}
     assert judge(PARENT, step, GateConfig()).passed
     verdict = judge(step, {**PARENT, RARE_SKILL_ACCURACY: 0.575}, GateConfig(), base_rare_skill=0.6)
     assert verdict.reasons == ("rare_skill_accuracy fell from the base model's 0.600 to 0.575 (allowed drop 0.020)",)
     assert judge(step, {**PARENT, RARE_SKILL_ACCURACY: 0.58}, GateConfig(), base_rare_skill=0.6).passed
+    # A parent above the base model may lose its gain, down to the floor.
+    above = {**PARENT, RARE_SKILL_ACCURACY: 0.65}
+    assert judge(above, {**PARENT, RARE_SKILL_ACCURACY: 0.58}, GateConfig(), base_rare_skill=0.6).passed

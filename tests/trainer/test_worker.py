@@ -13,7 +13,7 @@ from streams.topics import CONTROL
 from tests.conftest import make_settings
 from tests.trainer import batches
 from tests.trainer.test_recipe import FAST, rows
-from trainer.worker import TrainerWorker
+from trainer.worker import TrainerWorker, parent_for_next
 
 
 async def control_events(settings, kind: str, count: int, where=lambda e: True, timeout_s: float = 300) -> list[dict]:
@@ -59,3 +59,22 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
     (adapter,) = rows(sessions, Adapter)
     assert adapter.name == ready[0]["adapter"] and (settings.adapters_path / adapter.name).is_dir()
     assert [b.status for b in rows(sessions, Batch)] == ["trained"]
+
+
+def test_the_next_adapter_continues_from_the_newest_still_in_line_to_serve(sessions):
+    def register(name: str, state: str) -> None:
+        with sessions.begin() as session:
+            session.add(Adapter(name=name, state=state, path=name, sha256="0" * 64, base_model_sha256="0" * 64))
+
+    assert parent_for_next(sessions) is None  # the base model
+    register("adapter-000001-aa", "champion")
+    assert parent_for_next(sessions) == "adapter-000001-aa"
+    register("adapter-000002-bb", "challenger")  # under test: training need not wait for its verdict
+    register("adapter-000003-cc", "failed")  # rejected by the gate
+    assert parent_for_next(sessions) == "adapter-000002-bb"
+    register("adapter-000004-dd", "ready")  # waiting for the test slot
+    assert parent_for_next(sessions) == "adapter-000004-dd"
+    for name, state in (("adapter-000004-dd", "superseded"), ("adapter-000002-bb", "rolled_back")):
+        with sessions.begin() as session:
+            session.get(Adapter, name).state = state
+    assert parent_for_next(sessions) == "adapter-000001-aa"
