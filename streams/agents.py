@@ -96,12 +96,14 @@ class _PendingCheckpoint:
         return [self.publish(cut) for cut in cuts]
 
 
-def curation_triggers(trigger: str, cause: str, partitions: int, forget_replay: bool = False) -> list[CurationTrigger]:
+def curation_triggers(
+    trigger: str, cause: str, partitions: int, preferences_moved: bool = False
+) -> list[CurationTrigger]:
     """One trigger per partition; ids derive from the cause, so a resend is a duplicate."""
     now = datetime.now(timezone.utc)
     return [
         CurationTrigger(event_id=f"{trigger}-{cause}-p{p}"[:128], occurred_at=now, partition=p,
-                        trigger=trigger, cause=cause, forget_replay=forget_replay)
+                        trigger=trigger, cause=cause, preferences_moved=preferences_moved)
         for p in range(partitions)
     ]
 
@@ -154,8 +156,8 @@ def register_pipeline(
             except ValidationError:
                 continue  # not a control event the pipeline reads
             if isinstance(event, DriftAlarm):
-                forget = event.preferences_moved
-                for record in curation_triggers("drift", event.event_id, partitions, forget_replay=forget):
+                moved = event.preferences_moved
+                for record in curation_triggers("drift", event.event_id, partitions, preferences_moved=moved):
                     await events.send(key=TRIGGER_KEY, value=record.model_dump_json().encode(),
                                       partition=record.partition)
 

@@ -299,10 +299,10 @@ class CurationTrigger(_Record):
     partition: int = Field(ge=0)
     trigger: Literal["drift", "manual"]
     cause: str = Field(description="What asked for it, e.g. the drift alarm's event id.")
-    forget_replay: bool = Field(
+    preferences_moved: bool = Field(
         False,
-        description="Users' preferences changed (a reward drift alarm): the curator empties its replay "
-        "reservoir, whose older records would teach what users no longer want.",
+        description="A reward drift alarm: the users' preferences moved. The curator forgets the records it "
+        "holds (buffered and replay), which would teach what users no longer want, and cuts no early batch.",
     )
 
 

@@ -2,7 +2,8 @@
 
 A batch is cut when ``batch_size`` new records are buffered (trigger ``size``), when the
 oldest buffered record has waited ``max_wait`` of event time (``time``), or when a drift
-alarm asks for one early (``drift``). Cutting a batch:
+alarm asks for one early (``drift``). A drift alarm on rewards (the users' preferences
+moved) instead forgets every record held (``forget_held``). Cutting a batch:
 
 1. **Stratify with a cap.** Records are grouped by ``cohort/domain``. No group may hold more
    than ``max_group_share`` of the batch: the cap is the largest per-group count ``c`` with
@@ -11,8 +12,7 @@ alarm asks for one early (``drift``). Cutting a batch:
 2. **Mix in replay.** ``replay_fraction`` of the batch is drawn from a reservoir of older
    records kept per stratum (reservoir sampling, ``reservoir_per_stratum`` each), strata
    drawn round-robin so rare skills and minority cohorts get an equal voice against
-   forgetting. Replayed records are marked ``replay=True``. A drift alarm on rewards empties
-   the reservoir: older records then teach what users no longer want.
+   forgetting. Replayed records are marked ``replay=True``.
 3. **Forget the erased.** Records of users erased since they were buffered are removed.
 
 Everything is driven by the curator's own seeded RNG and event time, so the same records in
@@ -95,16 +95,22 @@ class Curator:
     def add(self, entries: list[Buffered]) -> None:
         self.buffer.extend(entries)
 
-    def request_early(self, trigger: str, forget_replay: bool = False) -> None:
-        """A drift alarm (or an operator) asks for a batch from what is buffered.
-
-        ``forget_replay`` empties the reservoir: after the users' preferences moved, replayed
-        older records would train against the new ones (buffered records stay: they are the
-        freshest evidence). The reservoir refills from the records cut from now on."""
+    def request_early(self, trigger: str) -> None:
+        """A drift alarm (or an operator) asks for a batch from what is buffered."""
         self.early_trigger = trigger
-        if forget_replay:
-            self.reservoir.clear()
-            self.reservoir_seen.clear()
+
+    def forget_held(self) -> int:
+        """The users' preferences moved: forget every record held, buffered or kept for replay,
+        and return how many were buffered. They would train against the new preferences
+        (the buffer, too, is mostly from before the shift: the alarm comes some tens of
+        events after it). The next batch is cut from fresh records only, and the reservoir
+        refills from the records cut from now on. The events stay in the log."""
+        dropped = len(self.buffer)
+        self.buffer.clear()
+        self.reservoir.clear()
+        self.reservoir_seen.clear()
+        self.early_trigger = None
+        return dropped
 
     def due(self, watermark: datetime | None) -> str | None:
         if not self.buffer:

@@ -118,7 +118,10 @@ class PartitionPipeline:
         heapq.heappush(self._seen_expiry, (occurred_at, event.event_id))
         if isinstance(event, CurationTrigger):
             self.stats.counts[f"trigger_{event.trigger}"] += 1
-            self.curator.request_early(event.trigger, forget_replay=event.forget_replay)
+            if event.preferences_moved:
+                self.stats.counts["forgotten_on_shift"] += self.curator.forget_held()
+            else:
+                self.curator.request_early(event.trigger)
             self.advance(out, pseudonyms)
             return out
         user_id = event.user_id if isinstance(event, Interaction) else self.user_of.get(event.interaction_id)

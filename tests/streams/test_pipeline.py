@@ -182,8 +182,8 @@ def test_batches_cut_by_size_are_stratified_with_a_cap_and_replay(pseudonyms):
     assert any(r.replay for r in second.records) and not any(r.replay for r in first.records)
 
 
-@pytest.mark.parametrize("forget_replay", [True, False])
-def test_a_reward_drift_trigger_stops_replaying_records_from_before_it(pseudonyms, forget_replay):
+@pytest.mark.parametrize("preferences_moved", [True, False])
+def test_a_reward_drift_trigger_forgets_the_records_held_from_before_it(pseudonyms, preferences_moved):
     config = CONFIG.model_copy(update={"batch_size": 20, "replay_fraction": 0.2})
 
     def turns(start: int, count: int) -> list[dict]:
@@ -194,17 +194,25 @@ def test_a_reward_drift_trigger_stops_replaying_records_from_before_it(pseudonym
             events += [t, signal(t, "thumbs", i + 1)]
         return events
 
-    run = Run(pseudonyms, config).feed(*turns(0, 40), tick(700))
-    before = {r.example_id for b in run.batches for r in b.records}
+    run = Run(pseudonyms, config).feed(*turns(0, 45), tick(700))
+    curator = run.pipeline.curator
+    buffered = {b.record.example_id for b in curator.buffer}
+    before = buffered | {r.example_id for b in run.batches for r in b.records}
     cut_before = len(run.batches)
-    assert cut_before >= 2 and run.pipeline.curator.reservoir
+    assert cut_before >= 2 and buffered and curator.reservoir
     run.feed({"type": "curation_trigger", "event_id": "drift-alarm-2-p0", "occurred_at": at(701), "partition": 0,
-              "trigger": "drift", "cause": "alarm-2", "forget_replay": forget_replay})
+              "trigger": "drift", "cause": "alarm-2", "preferences_moved": preferences_moved})
+    if preferences_moved:  # nothing cut early: what was held is forgotten
+        assert len(run.batches) == cut_before and not curator.buffer
+        assert run.pipeline.stats.counts["forgotten_on_shift"] == len(buffered)
+    else:  # the buffered records are cut at once
+        assert run.batches[cut_before].trigger == "drift"
+        assert {r.example_id for r in run.batches[cut_before].records if not r.replay} == buffered
     run.feed(*turns(1000, 40), tick(2000))
-    replayed = [r for b in run.batches[cut_before:] for r in b.records if r.replay]
-    assert replayed, "replay goes on"
-    # Forgotten, only records cut after the alarm come back; otherwise older ones do too.
-    assert any(r.example_id in before for r in replayed) is not forget_replay
+    later = [r for b in run.batches[cut_before:] for r in b.records]
+    assert any(r.replay for r in later), "replay goes on"
+    # Forgotten, only records from after the alarm are trained on; otherwise older ones come back too.
+    assert any(r.example_id in before for r in later) is not preferences_moved
 
 
 def test_erased_users_never_reach_a_later_batch(pseudonyms):
