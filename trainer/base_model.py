@@ -5,7 +5,8 @@ Recipe:
   2. train a byte-level BPE chat tokenizer on them
   3. create a small randomly initialised Llama
   4. pretrain it (full fine-tune, next-token loss on whole chats)
-  5. save model + tokenizer + generation config + ``feedloop_model.json``
+  5. save model + tokenizer + generation config + ``feedloop_model.json``, and its training
+     chats of the rare skill as ``rehearsal.jsonl`` (``trainer.rehearsal``)
 
 The output is a standard Hugging Face Llama directory, loadable by transformers and
 servable by vLLM. The same seed gives bit-identical weights on the same machine.
@@ -26,7 +27,8 @@ import transformers
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
-from trainer.synthetic_chats import generate_chats
+from trainer import rehearsal
+from trainer.synthetic_chats import RARE_DOMAIN, generate_chats
 from trainer.tokenizer import IM_END, train_tokenizer
 
 log = structlog.get_logger(__name__)
@@ -112,6 +114,8 @@ def build_base_model(
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    # What adapters must keep able to do: the rare skill, which feedback seldom exercises.
+    rehearsal.save(out_dir, [chat.messages for chat in chats if chat.domain == RARE_DOMAIN])
     metadata = {
         "config": config.model_dump(),
         "seed": config.seed,

@@ -43,7 +43,7 @@ class GateConfig(_Frozen):
     max_rare_skill_drop: float = Field(
         0.02,
         ge=0,
-        description="Reject when rare-skill accuracy falls more than this below the parent or the base model (2 points).",
+        description="Reject when rare-skill accuracy falls more than this below the base model's (2 points).",
     )
     max_preference_drop: float = Field(
         0.05, ge=0, description="Reject when the preferred-style rate falls more than this below the parent."
@@ -87,6 +87,9 @@ class TrainerConfig(_Frozen):
     )
     anchor_l2: float = Field(
         0.0, ge=0, description="L2 pull of the LoRA weights towards the parent's (0 = off); slows forgetting."
+    )
+    rehearsal_per_batch: int = Field(
+        40, ge=0, description="Chats of the base model's rehearsal.jsonl mixed into each SFT stage (0 = off)."
     )
     gate: GateConfig = Field(default_factory=GateConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)

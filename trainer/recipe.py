@@ -7,8 +7,8 @@ Stages, in order (each a small module):
      and the privacy budget (registry, privacy)
   1. load the policy: base model + parent adapter (or a fresh zero-delta LoRA)
   2. evaluate the parent on the gate's held-out suites (gate)
-  3. train one adapter through the stages (stages): SFT -> DPO -> KTO,
-     or DP-SGD SFT alone when privacy is on (privacy)
+  3. train one adapter through the stages (stages): SFT (with rehearsal chats of the base
+     model's protected skills, rehearsal) -> DPO -> KTO, or DP-SGD SFT alone when privacy is on
   4. save the candidate to staging; evaluate it as served: reloaded from its files (gate)
   5. gate: reject (filed under _rejected/, batch failed, reason recorded) or
      6. publish atomically and register adapter + batch in one transaction (registry)
@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from streams.contract import AdapterReady
 from streams.training_data import MANIFEST, read_batch
-from trainer import data, gate, registry
+from trainer import data, gate, registry, rehearsal
 from trainer.adapter_validation import adapter_sha256
 from trainer.base_model import METADATA_FILE, weights_sha256
 from trainer.config import TrainerConfig
@@ -118,11 +118,18 @@ def train_batch(
         preferred = config.preferred_style or _preferred_style(records)
         parent_metrics = gate.evaluate(model, tokenizer, suites, config.gate, preferred)
         base_rare_skill = None
-        if parent_row is not None:  # the rare skill's floor is the base model's, not only the parent's
+        if parent_row is not None:  # the rare skill's floor is the base model's, not the parent's
             with model.disable_adapter():
                 base_rare_skill = gate.rare_skill_accuracy(model, tokenizer, suites)
 
-        # 3. Train: SFT -> DPO -> KTO, one adapter throughout (or DP-SGD SFT only).
+        # 3. Train: SFT -> DPO -> KTO, one adapter throughout (or DP-SGD SFT only). The
+        # rehearsal chats join SFT only, never the gate's own items.
+        chats = rehearsal.load(base_model_dir)
+        if config.rehearsal_per_batch and not chats:
+            log.warning("rehearsal_missing", base_model=str(base_model_dir),
+                        hint=f"put chats of the skills adapters must keep in {rehearsal.FILE} there (docs/trainer.md)")
+        rehearsed = rehearsal.draw(chats, config.rehearsal_per_batch, batch_id,
+                                   exclude={item.prompt for item in suites.rare_skill})  # fmt: skip
         results: list[StageResult] = []
         if dp.enabled:
             if records["sft"]:
@@ -133,7 +140,7 @@ def train_batch(
             for stage, signal, make in STAGES:
                 if getattr(config, stage).enabled and records[signal]:
                     reporter = _reporter(batch_id, stage, config, on_progress)
-                    dataset = make(records[signal])
+                    dataset = make(records[signal] + (rehearsed if stage == SFT else []))
                     results.append(run_stage(stage, model, tokenizer, dataset, config, device, reporter, anchor))
 
         # 4. The candidate as it will be served: saved, then reloaded from its files.
@@ -153,6 +160,7 @@ def train_batch(
             "batch_ids": [batch_id],
             "manifest_sha256": registry.sha256_file(batch_dir / MANIFEST),
             "counts": manifest.counts,
+            "rehearsal": 0 if dp.enabled else len(rehearsed),
             "weights": {signal: data.weight_summary(items) for signal, items in records.items()},
             "loss_weights": manifest.loss_weights,
             "stages": [r.__dict__ | {"tokens_per_s": r.tokens_per_s} for r in results],

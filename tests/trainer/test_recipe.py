@@ -59,6 +59,7 @@ def test_preference_batch_moves_style_keeps_rare_skill_and_registers_one_adapter
     assert [s["stage"] for s in row.lineage["stages"]] == ["sft", "dpo", "kto"]
     assert row.lineage["batch_ids"] == ["batch-pref"] and row.lineage["counts"] == {"sft": 60, "pairs": 48, "labels": 48}
     assert row.lineage["weights"]["pairs"]["sum"] == 48 and row.lineage["code_version"]
+    assert row.lineage["rehearsal"] == 40  # the base model's rare-skill chats joined SFT
     assert len(row.base_model_sha256) == 64 and row.lineage["privacy"] is None
     (batch_row,) = rows(sessions, Batch)
     assert (batch_row.status, batch_row.adapter) == ("trained", row.name)
@@ -84,7 +85,8 @@ def test_preference_batch_moves_style_keeps_rare_skill_and_registers_one_adapter
 def test_batch_that_teaches_the_rare_skill_wrong_is_rejected_with_a_reason(trained_base, sessions, tmp_path):
     batch = batches.write(tmp_path, "batch-forget", batches.wrong_units_records(seed=2, count=64))
     adapters = tmp_path / "adapters"
-    config = TrainerConfig(num_threads=2, sft=StageConfig(epochs=3, learning_rate=1e-2))
+    # The gate alone, without rehearsal's correct conversions to soften the batch.
+    config = TrainerConfig(num_threads=2, sft=StageConfig(epochs=3, learning_rate=1e-2), rehearsal_per_batch=0)
 
     result = train_batch(batch, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
 
