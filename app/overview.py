@@ -354,19 +354,29 @@ class ArchiveFold:
             self.recent_drift_alarms.append({"detected_at": _clock(event.detected_at.timestamp()),
                                              "signal": event.signal, "detector": event.detector,
                                              **event.details})  # fmt: skip
+            fallback = self.learners.initial_arms[0]
+            if event.preferences_moved and fallback in self.experiments:  # the learner tests it afresh
+                self._end(fallback, "restarted")
+                self.experiments[fallback] = self._new_experiment(fallback)
+            elif event.preferences_moved and fallback not in self.live:  # the learner tests the base model again
+                self._note(fallback, at, "loaded", f"back as an arm: {event.signal} drifted")
+                self._add_challenger(fallback)
         elif isinstance(event, AdapterReady):
             self._note(event.adapter, at, "ready", f"from {event.parent or 'base model'}")
             self.roles.setdefault(event.adapter, "ready")
         elif isinstance(event, AdapterLoaded):
             self._note(event.adapter, at, "loaded", ", ".join(event.replicas))
             if event.adapter not in self.live:
-                self.live.append(event.adapter)
-                self.experiments[event.adapter] = self._new_experiment(event.adapter)
-                self.roles[event.adapter] = "challenger"
+                self._add_challenger(event.adapter)
         elif isinstance(event, AdapterPromoted):
             self._promote(event.adapter, at)
         elif isinstance(event, AdapterRolledBack):
             self._roll_back(event.adapter, at, event.reason)
+
+    def _add_challenger(self, adapter: str) -> None:
+        self.live.append(adapter)
+        self.experiments[adapter] = self._new_experiment(adapter)
+        self.roles[adapter] = "challenger"
 
     def _promote(self, adapter: str, at: float) -> None:
         if adapter == self.champion or adapter not in self.live:

@@ -118,6 +118,10 @@ class DriftMonitor:
         stream.recent.clear()
         return alarm
 
+    def forget_reward(self, arm: str) -> None:
+        """Start the arm's reward stream afresh (it comes back after its rewards changed meaning)."""
+        self._streams.pop(f"reward:{arm}", None)
+
     def update_reward(
         self, arm: str, reward: float, timestamp: float | None = None
     ) -> DriftAlarm | None:

@@ -178,6 +178,7 @@ class LearnerState:
             if alarm := self.drift.update_reward(example.adapter, reward, at):
                 out.control.append(self._drift_event(alarm, example))
                 out.control += self._end_experiments(alarm.what, example.closed_at)
+                self._reopen_fallback()
             out.control += self._feed_experiments(example, reward)
         if example.training_consent:  # review feeds training: never for users who opted out
             present = {c: r for c, r in example.rewards.items() if r is not None}
@@ -216,9 +217,29 @@ class LearnerState:
         """The users' preferences moved under the running tests (a reward drift alarm): their
         challengers were trained on feedback from before, and their sums mix two populations
         under changing traffic shares. They are rolled back, which frees the experiment slot
-        for adapters trained after the shift."""
+        for adapters trained after the shift. A test of the fallback (opened by an earlier
+        alarm) starts afresh instead: it is the test that asks what the new preferences say."""
         reason = f"drift: {signal} moved during the test; the challenger learned from feedback before it"
-        return [self._conclude(test, test.decision(), at, ended_by=reason) for test in list(self.experiments.values())]
+        fallback = self.config.initial_arms[0]
+        if fallback in self.experiments:
+            self.experiments[fallback] = self._new_test(fallback)
+            self.drift.forget_reward(fallback)
+        return [self._conclude(test, test.decision(), at, ended_by=reason)
+                for test in list(self.experiments.values()) if test.challenger != fallback]  # fmt: skip
+
+    def _reopen_fallback(self) -> None:
+        """The champion, too, learned from feedback before the preferences moved. The fallback
+        (the first initial arm: the base model, which is always served) comes back as a
+        challenger with its reward detector reset, so that the router can send traffic back
+        to it, and its A/B test decides under the new preferences whether the champion is
+        still better than no adaptation at all."""
+        fallback = self.config.initial_arms[0]
+        if fallback in self.router.arms:
+            return
+        self.ended.discard(fallback)
+        self.drift.forget_reward(fallback)  # its rewards from before the shift are another population's
+        self._load(fallback)
+        self._changed()
 
     def _conclude(self, test: ABTest, decision: ABDecision, at: datetime, ended_by: str | None = None) -> ControlOut:
         evidence = {k: float(v) for k, v in (("lift", decision.lift), ("lower", decision.lower),
@@ -265,9 +286,12 @@ class LearnerState:
         else:
             changed = False
         if changed:
-            self.version += 1
-            log.info("learners.arms", arms=self.router.arms, champion=self.champion,
-                     experiments=sorted(self.experiments))  # fmt: skip
+            self._changed()
+
+    def _changed(self) -> None:
+        self.version += 1
+        log.info("learners.arms", arms=self.router.arms, champion=self.champion,
+                 experiments=sorted(self.experiments))  # fmt: skip
 
     def _new_test(self, challenger: str) -> ABTest:
         c = self.config

@@ -14,7 +14,15 @@ from app.settings import LearnerSettings, Settings
 from app.store import ArchiveSegment, StreamCheckpoint
 from learners.ab_test import ABTest
 from streams.archive import encode_record, segment_path, write_segment
-from streams.contract import AdapterLoaded, AdapterPromoted, AdapterReady, AdapterRolledBack, AnnotatedExample, Context
+from streams.contract import (
+    AdapterLoaded,
+    AdapterPromoted,
+    AdapterReady,
+    AdapterRolledBack,
+    AnnotatedExample,
+    Context,
+    DriftAlarm,
+)
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
 from tests.factories import feedback, interaction
 
@@ -125,6 +133,19 @@ def test_promotion_retires_the_champion_and_rollback_ends_the_experiment(session
     overview = source.read()
     assert overview.challengers == [] and state_of(overview, "other") == "rolled_back"
     assert overview.experiments[-1].status == "rollback"
+
+
+def test_after_a_reward_drift_alarm_the_base_model_is_a_challenger_again(sessions, settings):
+    promoted = AdapterPromoted(event_id="promote-1", occurred_at=T0, source="learners", adapter="chall")
+    alarm = DriftAlarm(event_id="drift-alarm-1", occurred_at=T0, source="learners", signal="reward:chall",
+                       detector="ADWIN", detected_at=T0)
+    feature = alarm.model_copy(update={"event_id": "drift-alarm-2", "signal": "feature:domain=code"})
+    seal(sessions, settings, CONTROL.name, [loaded("chall"), promoted, feature])
+    assert OverviewSource(settings, sessions).read().challengers == []  # the questions changed, not the verdicts
+    seal(sessions, settings, CONTROL.name, [alarm])
+    overview = OverviewSource(settings, sessions).read()
+    assert overview.champion == "chall" and overview.challengers == ["champ"]
+    assert [(x.challenger, x.champion, x.status) for x in overview.experiments][-1] == ("champ", "chall", "running")
 
 
 def test_each_segment_is_read_once_and_a_new_store_starts_over(sessions, settings):

@@ -259,6 +259,56 @@ def test_a_reward_drift_alarm_ends_the_running_experiment():
     assert state.router.arms == ("base",) and not state.experiments and "code-v1" in state.ended
 
 
+def test_after_the_champions_reward_drifts_the_base_model_is_tested_against_it_again():
+    rng = np.random.default_rng(4)
+    state = LearnerState(LearnerSettings(initial_arms=["base"], ab_min_samples=40, ab_tau=0.2, floor=0.2))
+    state.apply_control(loaded("code-v1"))
+    state.apply_control(AdapterPromoted(event_id="promote-code-v1", occurred_at=T0, source="ops", adapter="code-v1"))
+    assert state.router.arms == ("code-v1",) and "base" in state.ended
+    published, i = [], 0
+    while not any(isinstance(e, DriftAlarm) for e in published):  # the users change their minds about it
+        p = 0.9 if i < 300 else 0.1
+        published += state.learn_one(example(i, "code-v1", CODE, {"explicit": float(rng.random() < p)})).control
+        i += 1
+        assert i < 900, "no drift alarm"
+    assert i > 300
+    # The base model is a canary again, under test against the champion, its old rewards forgotten.
+    assert state.router.arms == ("code-v1", "base") and state.router.caps["base"] == state.config.canary_share
+    assert state.experiments["base"].champion == "code-v1" and "base" not in state.ended
+    for j in range(i, i + 600):  # now the base model suits them better than the champion does
+        arm = ("code-v1", "base")[j % 2]
+        p = 0.1 if arm == "code-v1" else 0.6
+        published += state.learn_one(example(j, arm, CODE, {"explicit": float(rng.random() < p)})).control
+        if state.champion == "base":
+            break
+    promoted = published[-1]
+    assert isinstance(promoted, AdapterPromoted) and promoted.adapter == "base"
+    assert promoted.previous_champion == "code-v1"
+    assert state.router.arms == ("base",) and "code-v1" in state.ended
+
+
+def test_a_second_reward_alarm_restarts_the_base_models_test_instead_of_ending_it():
+    rng = np.random.default_rng(5)
+    state = LearnerState(LearnerSettings(initial_arms=["base"], ab_min_samples=10_000, ab_max_samples=None))  # no verdict
+    state.apply_control(loaded("code-v1"))
+    state.apply_control(AdapterPromoted(event_id="promote-code-v1", occurred_at=T0, source="ops", adapter="code-v1"))
+    published, alarms = [], 0
+    for i in range(3000):
+        arm = "code-v1" if i < 300 or i % 2 else "base"
+        p = 0.9 if i < 300 or i >= 1500 else 0.1  # the users change their minds twice
+        published += state.learn_one(example(i, arm, CODE, {"explicit": float(rng.random() < p)})).control
+        alarms = sum(isinstance(e, DriftAlarm) for e in published)
+        if alarms == 1 and "base" in state.experiments:
+            first_test = state.experiments["base"]
+        if alarms == 2:
+            break
+    assert alarms == 2, "two drift alarms"
+    assert not any(isinstance(e, AdapterRolledBack) for e in published), "the base model's test is not ended"
+    assert state.router.arms == ("code-v1", "base") and state.experiments["base"] is not first_test
+    fresh = state.experiments["base"].decision()
+    assert fresh.n_champion + fresh.n_challenger <= 1  # at most the example that raised the alarm
+
+
 def test_an_experiment_without_a_verdict_ends_and_the_champion_stays():
     rng = np.random.default_rng(4)
     state = LearnerState(LearnerSettings(initial_arms=["base"], ab_min_samples=30, ab_max_samples=120))
