@@ -524,8 +524,8 @@ def adapters_pin(ctx: click.Context, name: str | None, clear: bool) -> None:
 
 
 @main.command()
-@click.option("--events", type=int, default=2000, show_default=True, help="Turns of the simulated population.")
-@click.option("--minutes", type=float, default=14.0, show_default=True, help="Time budget of the whole run.")
+@click.option("--events", type=int, default=3000, show_default=True, help="Turns of the simulated population.")
+@click.option("--minutes", type=float, default=14.5, show_default=True, help="Time budget of the whole run.")
 @click.pass_context
 def demo(ctx: click.Context, events: int, minutes: float) -> None:
     """The whole loop on the embedded defaults with a simulated population, then a report.

@@ -59,8 +59,8 @@ log = structlog.get_logger(__name__)
 DEMO_APP = "demo-chat"
 MAX_TOKENS = 48  # a detailed answer fits; the judge needs its closing line
 CONCURRENCY = 4  # users talking at once
-HELDOUT_PER_COHORT = 40
-JUDGING_S = 120
+HELDOUT_PER_COHORT = 60
+JUDGING_S = 75  # judging 3 x 60 prompts and the report: ~50 s on 2 cores
 
 # What the demo shortens so that the loop turns several times in minutes, not days.
 # One partition: one curator sees all feedback, so batches are few and large enough to move
@@ -426,7 +426,7 @@ async def _demo(settings: Settings, loop: Loop, interactions: int, minutes: floa
         for body in MALFORMED:
             await driver.http.post("/v1/events", content=body)
 
-        # Judging and the report need ~2 minutes at the end; the users talk until then.
+        # Judging and the report take the last JUDGING_S; the users talk until then.
         traffic = asyncio.create_task(driver.run(population.turns(), interactions, deadline - JUDGING_S))
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[status]}"))  # fmt: skip

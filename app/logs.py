@@ -49,6 +49,8 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # These log every connection retry, request or service start at INFO; keep them to warnings.
-    for noisy in ("aiokafka", "httpx", "httpcore", "faust", "mode"):
+    # These log every connection retry, request, service start or (alembic) plugin set up on
+    # import, or (matplotlib) its font cache built on first use at INFO; keep them to warnings.
+    for noisy in ("aiokafka", "httpx", "httpcore", "faust", "mode", "alembic.runtime.plugins",
+                   "matplotlib.font_manager"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
