@@ -118,9 +118,10 @@ class Trained:
 
 
 # Quick, and a permissive gate: gating is the trainer tests' subject, serving needs two
-# adapters whose answers differ.
+# adapters whose answers differ. No rehearsal: its chats, in both styles, would blur the two
+# styles in so short a training.
 TRAIN_FAST = TrainerConfig(
-    num_threads=2, log_every=1000, sft=StageConfig(epochs=3),
+    num_threads=2, log_every=1000, sft=StageConfig(epochs=3), rehearsal_per_batch=0,
     gate=GateConfig(heldout_prompts=5, rare_skill_items=10, max_new_tokens=24, max_rare_skill_drop=1.0,
                     max_preference_drop=1.0, max_well_formed_drop=1.0),
 )  # fmt: skip
