@@ -347,9 +347,11 @@ def model() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--detailed-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Share of pretraining answers in the detailed style (the demo's base model uses 0.25).")
+@click.option("--phrased-share", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of pretraining prompts worded with an opener or closer (the demo's uses 0.75).")
 @click.option("--force", is_flag=True, help="Rebuild even if the model directory exists.")
 @click.pass_context
-def model_init(ctx: click.Context, seed: int, detailed_share: float, force: bool) -> None:
+def model_init(ctx: click.Context, seed: int, detailed_share: float, phrased_share: float, force: bool) -> None:
     """Build feedloop's own tiny chat model at FEEDLOOP_BASE_MODEL_PATH."""
     from rich.progress import Progress
 
@@ -359,7 +361,7 @@ def model_init(ctx: click.Context, seed: int, detailed_share: float, force: bool
     if (target / METADATA_FILE).exists() and not force:
         click.echo(f"{target} already holds a model; --force rebuilds it")
         return
-    config = BaseModelConfig(seed=seed, detailed_share=detailed_share)
+    config = BaseModelConfig(seed=seed, detailed_share=detailed_share, phrased_share=phrased_share)
     with Progress() as progress:
         task = progress.add_task("pretraining", total=config.train_steps)
         build_base_model(target, config, on_step=lambda step, loss: progress.update(task, completed=step))

@@ -83,6 +83,9 @@ DEMO_DEFAULTS: dict[str, object] = {
 # writes concise answers three times out of four: what a population comes to want is rarely
 # what a base model does by habit (docs/demo.md, "The base model").
 DEMO_BASE_DETAILED_SHARE = 0.25
+# Pretrained on prompts worded as the population words them: a model never shown "Hi! ...
+# Thanks!" answered such prompts detailed half the time, whatever its style mix.
+DEMO_BASE_PHRASED_SHARE = PopulationConfig().phrasing_share
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -299,7 +302,7 @@ def ensure_base_model(settings: Settings, console: Console) -> None:
         return
     from trainer.base_model import BaseModelConfig, build_base_model
 
-    config = BaseModelConfig(detailed_share=DEMO_BASE_DETAILED_SHARE)
+    config = BaseModelConfig(detailed_share=DEMO_BASE_DETAILED_SHARE, phrased_share=DEMO_BASE_PHRASED_SHARE)
     with Progress(TextColumn("[bold]building the tiny base model"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:  # fmt: skip
         task = progress.add_task("pretraining", total=config.train_steps)

@@ -85,18 +85,15 @@ from trainer.synthetic_chats import (
     UNITS,
     answer_style,
     make_chat,
+    phrase,
 )
 
 MINORITY = "minority"
 BEFORE_DRIFT, AFTER_DRIFT = 0, 1
 
-# Phrasings around a topic's question. The pipeline trains on a prompt only once across
-# sessions (its repeated-prompt filter), and the synthetic world has few distinct questions
-# outside math, so users word them differently, as real users do.
-OPENERS = ("Hi! ", "Quick question: ", "Hello. ", "Please answer: ", "One more thing: ", "I wonder: ",
-           "Help me out: ", "Question: ")  # fmt: skip
-CLOSERS = (" Thanks!", " Thank you.", " Cheers.", " Much appreciated.", " Just curious.", " Asking for a friend.",
-           " I need this today.", " No rush.")  # fmt: skip
+# Users word a topic's question with an opener or a closer (synthetic_chats.phrase): the
+# pipeline trains on a prompt only once across sessions (its repeated-prompt filter), and the
+# synthetic world has few distinct questions outside math.
 
 # PII types as streams.pii.PiiType names them; one canary template each.
 CANARY_TYPES = ("EMAIL", "PHONE", "CARD", "IBAN", "IP", "URL_SECRET", "SECRET", "PERSON")
@@ -414,7 +411,7 @@ class Population:
             concise, detailed = (make_chat(domain, s, random.Random(topic_seed)) for s in (CONCISE, DETAILED))
             text = concise.prompt
             if rng.random() < self.config.phrasing_share:
-                text = rng.choice(("", *OPENERS)) + text + rng.choice(("", *CLOSERS))
+                text = phrase(text, rng)
             if self._reserved(text) == heldout:
                 return Prompt(domain, text, concise.answer, detailed.answer)
         raise ValueError(f"no {'held-out' if heldout else 'training'} prompt found in {domain!r}; "

@@ -47,6 +47,9 @@ class BaseModelConfig(BaseModel):
     detailed_share: float = Field(
         0.5, ge=0, le=1, description="Share of those chats answered in the detailed style; the rest are concise."
     )
+    phrased_share: float = Field(
+        0.0, ge=0, le=1, description="Share of their prompts worded with an opener or closer ('Hi! ... Thanks!')."
+    )
     vocab_size: int = Field(1024, description="Upper bound on the BPE vocabulary (a small corpus may stop short).")
     hidden_size: int = Field(128, description="Model width.")
     intermediate_size: int = Field(384, description="MLP width (about 3x hidden, as in Llama).")
@@ -78,7 +81,8 @@ def build_base_model(
 
     with _deterministic(config.seed):
         # 1-2. Data and tokenizer.
-        chats = generate_chats(config.num_chats, config.seed, detailed_share=config.detailed_share)
+        chats = generate_chats(config.num_chats, config.seed, detailed_share=config.detailed_share,
+                               phrased_share=config.phrased_share)
         tokenizer = train_tokenizer(
             (text for chat in chats for text in (chat.prompt, chat.answer)),
             vocab_size=config.vocab_size,

@@ -51,8 +51,9 @@ def save(base_model_dir: Path, chats: list[Chat]) -> Path:
 
 def draw(chats: list[Chat], count: int, batch_id: str, exclude: set[str]) -> list[SftRecord]:
     """``count`` chats for one batch, seeded by its id (the same batch draws the same ones),
-    never one whose prompt is in ``exclude`` (the gate's held-out items must stay unseen)."""
-    eligible = [chat for chat in chats if chat[0]["content"] not in exclude]
+    never one whose prompt holds a question in ``exclude`` (the gate's held-out items must
+    stay unseen, however worded)."""
+    eligible = [chat for chat in chats if not any(question in chat[0]["content"] for question in exclude)]
     seed = int.from_bytes(hashlib.sha256(batch_id.encode()).digest()[:8], "big")
     picked = random.Random(seed).sample(eligible, min(count, len(eligible)))
     return [SftRecord(example_id=f"{SOURCE}-{hashlib.sha256(json.dumps(chat).encode()).hexdigest()[:16]}",

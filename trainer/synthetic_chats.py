@@ -12,6 +12,7 @@ users can then prefer one.
 it has room to improve the model.
 """
 
+import dataclasses
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -204,10 +205,27 @@ def make_chat(domain: str, style: str, rng: random.Random) -> Chat:
     return Chat(domain, style, topic.prompt, render_answer(topic.answer, topic.details, style))
 
 
+# How people word a question around it: "Hi! Convert 5 km to miles. Thanks!"
+OPENERS = ("Hi! ", "Quick question: ", "Hello. ", "Please answer: ", "One more thing: ", "I wonder: ",
+           "Help me out: ", "Question: ")  # fmt: skip
+CLOSERS = (" Thanks!", " Thank you.", " Cheers.", " Much appreciated.", " Just curious.", " Asking for a friend.",
+           " I need this today.", " No rush.")  # fmt: skip
+
+
+def phrase(question: str, rng: random.Random) -> str:
+    """The question with an opener, a closer, both or neither."""
+    return rng.choice(("", *OPENERS)) + question + rng.choice(("", *CLOSERS))
+
+
 def generate_chats(
-    count: int, seed: int, domain_weights: Mapping[str, float] = DOMAIN_WEIGHTS, detailed_share: float = 0.5
+    count: int,
+    seed: int,
+    domain_weights: Mapping[str, float] = DOMAIN_WEIGHTS,
+    detailed_share: float = 0.5,
+    phrased_share: float = 0.0,
 ) -> list[Chat]:
-    """``count`` chats, ``detailed_share`` of them in the detailed style on average; the same
+    """``count`` chats, ``detailed_share`` of them in the detailed style and ``phrased_share``
+    of their prompts worded with an opener or closer (``phrase``) on average; the same
     arguments always give the same list."""
     rng = random.Random(seed)
     domains = list(domain_weights)
@@ -215,7 +233,11 @@ def generate_chats(
     chats = []
     for _ in range(count):
         domain = rng.choices(domains, weights)[0]
-        chats.append(make_chat(domain, _style(rng, detailed_share), rng))
+        chat = make_chat(domain, _style(rng, detailed_share), rng)
+        # No draw when nothing is phrased: the same seed builds the same default model.
+        if phrased_share and rng.random() < phrased_share:
+            chat = dataclasses.replace(chat, prompt=phrase(chat.prompt, rng))
+        chats.append(chat)
     return chats
 
 

@@ -3,9 +3,11 @@ from collections import Counter
 import pytest
 
 from trainer.synthetic_chats import (
+    CLOSERS,
     CONCISE,
     DETAILED,
     DOMAINS,
+    OPENERS,
     RARE_DOMAIN,
     STYLES,
     answer_style,
@@ -35,6 +37,14 @@ def test_every_domain_and_style_appears_and_the_rare_skill_is_rare():
 def test_the_style_mix_follows_detailed_share(share):
     chats = generate_chats(2000, seed=0, detailed_share=share)
     assert abs(sum(chat.style == DETAILED for chat in chats) / len(chats) - share) < 0.03
+
+
+def test_phrased_prompts_wrap_the_same_questions_and_none_changes_nothing():
+    plain, phrased = generate_chats(400, seed=0), generate_chats(400, seed=0, phrased_share=0.75)
+    assert generate_chats(400, seed=0, phrased_share=0.0) == plain  # the default model's data, bit for bit
+    worded = [chat for chat in phrased if chat.prompt.startswith(OPENERS) or chat.prompt.endswith(CLOSERS)]
+    assert 0.65 < len(worded) / len(phrased) < 0.82  # 0.75, less the rare draws of neither
+    assert all(chat.style == answer_style(chat.answer) for chat in phrased)
 
 
 def test_answer_style_recognises_the_style_each_answer_was_written_in():
