@@ -298,11 +298,18 @@ def _vllm(settings: Settings, log_path: Path):
 
 
 def ensure_base_model(settings: Settings, console: Console) -> None:
-    if (settings.model_path / "config.json").exists():
-        return
-    from trainer.base_model import BaseModelConfig, build_base_model
+    """Build the demo's base model if it is missing, or if it is the demo's own and was built
+    with another recipe (an older checkout's): the report's figures hold only for this one.
+    A model named by FEEDLOOP_BASE_MODEL_PATH is never rebuilt."""
+    from trainer.base_model import METADATA_FILE, BaseModelConfig, build_base_model
 
     config = BaseModelConfig(detailed_share=DEMO_BASE_DETAILED_SHARE, phrased_share=DEMO_BASE_PHRASED_SHARE)
+    if (settings.model_path / "config.json").exists():
+        metadata = settings.model_path / METADATA_FILE
+        own = "FEEDLOOP_BASE_MODEL_PATH" not in os.environ
+        if not own or (metadata.exists() and json.loads(metadata.read_text())["config"] == config.model_dump()):
+            return
+        console.print(f"{settings.model_path} was built with another recipe: rebuilding it")
     with Progress(TextColumn("[bold]building the tiny base model"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:  # fmt: skip
         task = progress.add_task("pretraining", total=config.train_steps)

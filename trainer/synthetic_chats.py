@@ -12,10 +12,9 @@ users can then prefer one.
 it has room to improve the model.
 """
 
-import dataclasses
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GENERAL = "general"
 CODE = "code"
@@ -236,7 +235,7 @@ def generate_chats(
         chat = make_chat(domain, _style(rng, detailed_share), rng)
         # No draw when nothing is phrased: the same seed builds the same default model.
         if phrased_share and rng.random() < phrased_share:
-            chat = dataclasses.replace(chat, prompt=phrase(chat.prompt, rng))
+            chat = replace(chat, prompt=phrase(chat.prompt, rng))
         chats.append(chat)
     return chats
 
