@@ -266,6 +266,15 @@ class Loop:
         if self.vllm is not None and not self.vllm.running:
             raise RuntimeError(f"vLLM exited:\n{self.vllm.log_tail()}")
 
+    async def stop_adapter_changes(self) -> None:
+        """Stop the processes that change which adapters serve (learn, train, swap), so that the
+        judging that follows hears the champion it read from the registry: a verdict on late
+        feedback during judging would retire it and unload it after the drain (vLLM then
+        answers 404, as happened in CI). The log they leave unread is applied on the next start."""
+        changing = [c for c in self.children if c.command[0] in ("learn", "train", "swap")]
+        await asyncio.gather(*(asyncio.to_thread(child.stop) for child in changing))
+        self.children = [c for c in self.children if c not in changing]
+
     async def stop_services(self) -> None:
         """The gateway and the archiver, in this process: they finish what they hold."""
         if self.server is not None:
@@ -457,13 +466,15 @@ async def _demo(settings: Settings, loop: Loop, interactions: int, minutes: floa
                 await asyncio.wait([traffic], timeout=1.0)
             traffic.result()
 
-        console.print("traffic done; waiting for the archive, then judging on held-out prompts ...")
+        console.print("traffic done; waiting for the archive, stopping learn, train and swap, then judging on held-out "
+                      "prompts ...")
         sent = driver.traffic.sent_events
         settle = time.monotonic() + 60
         while (counts := count_archived(sessions, settings.archive_dir, before))[EVENTS.name] < sent:
             if time.monotonic() > settle:
                 break
             await asyncio.sleep(0.5)
+        await loop.stop_adapter_changes()
         rows = registry(sessions)
         champion = next((r.name for r in rows if r.state == "champion"), "base")
         judgements, per_cohort = await _judge(settings, population, champion)

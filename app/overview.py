@@ -334,7 +334,9 @@ class ArchiveFold:
         if example.adapter not in self.live:
             return  # late feedback for a retired adapter: the learner drops it too
         for experiment in list(self.experiments.values()):
-            if example.adapter not in (experiment.champion, experiment.challenger):
+            # As in the learner: a promotion earlier in this loop restarted the others' tests.
+            current = self.experiments.get(experiment.challenger) is experiment
+            if not current or example.adapter not in (experiment.champion, experiment.challenger):
                 continue
             experiment.test.update(example.adapter, reward, cohort=example.cohort)
             decision = experiment.test.decision()

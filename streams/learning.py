@@ -201,7 +201,10 @@ class LearnerState:
     def _feed_experiments(self, example: AnnotatedExample, reward: float) -> list[ControlOut]:
         verdicts = []
         for test in list(self.experiments.values()):
-            if example.adapter not in (test.champion, test.challenger):
+            # A verdict earlier in this loop may have replaced the test (a promotion restarts
+            # the others against the new champion): the old one must not decide anything.
+            current = self.experiments.get(test.challenger) is test
+            if not current or example.adapter not in (test.champion, test.challenger):
                 continue
             test.update(example.adapter, reward, cohort=example.cohort)
             decision = test.decision()

@@ -135,6 +135,18 @@ def test_promotion_retires_the_champion_and_rollback_ends_the_experiment(session
     assert overview.experiments[-1].status == "rollback"
 
 
+def test_two_challengers_ready_on_the_same_reward_promote_only_the_first_as_the_learner_does(sessions, settings):
+    # b and c earn the same rewards, so both tests against champ decide on the same reward of
+    # champ's; the promotion of b restarts c's test, and the replaced one decides nothing.
+    seal(sessions, settings, CONTROL.name, [loaded("b"), loaded("c")])
+    rows = [(arm, float(i % 10 != 0) if arm != "champ" else float(i % 10 < 2))
+            for i in range(40) for arm in ("b", "c", "champ")]  # fmt: skip
+    seal(sessions, settings, EXAMPLES.name, [example(arm, i, r) for i, (arm, r) in enumerate(rows)])
+    overview = OverviewSource(settings, sessions).read()
+    assert overview.champion == "b" and overview.challengers == ["c"]
+    assert state_of(overview, "c") == "challenger"
+
+
 def test_after_a_reward_drift_alarm_the_base_model_is_a_challenger_again(sessions, settings):
     promoted = AdapterPromoted(event_id="promote-1", occurred_at=T0, source="learners", adapter="chall")
     alarm = DriftAlarm(event_id="drift-alarm-1", occurred_at=T0, source="learners", signal="reward:chall",

@@ -11,7 +11,9 @@ event                  the controller
                        does the learner give it a canary share of traffic. Refused or
                        unloadable: ``failed`` with the reason, and ``adapter_refused``.
 ``adapter_promoted``   the adapter becomes ``champion``; the old champion is ``retired``
-                       and unloaded once its traffic has drained (``drain_s``).
+                       and unloaded once its traffic has drained (``drain_s``). Only a
+                       ``challenger`` (or ``base``) is promoted: any other state is logged
+                       (``swap.promote_refused``) and changes nothing.
 ``adapter_rolled_back`` ``rolled_back`` with the reason; unloaded after ``drain_s``.
 =====================  ===================================================================
 
@@ -196,6 +198,11 @@ class SwapController:
         with self.sessions.begin() as session:
             new = session.get(Adapter, event.adapter)
             if new is not None and new.state == CHAMPION:
+                return
+            if new is not None and new.state != CHALLENGER:
+                # A late verdict (or an operator's) for an adapter already rolled back, retired,
+                # superseded or never loaded: made champion, no replica would serve it.
+                log.error("swap.promote_refused", adapter=event.adapter, state=new.state, source=event.source)
                 return
             if new is None and event.adapter in self.adapters:
                 log.warning("swap.promote_unregistered", adapter=event.adapter)

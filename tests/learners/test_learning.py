@@ -195,6 +195,26 @@ def test_promoting_one_challenger_restarts_the_other_experiments_against_the_new
     assert state.experiments["b-v1"].champion == "a-v1"
 
 
+def test_two_challengers_ready_on_the_same_reward_promote_one_and_the_other_restarts():
+    # b-v1 and c-v1 earn the same rewards, so both tests against base reach their verdict on
+    # the same base-served example. The first promotion restarts c-v1's test against b-v1;
+    # the old test against the retired champion must not promote c-v1 too.
+    state = LearnerState(LearnerSettings(initial_arms=["base"], ab_min_samples=30))
+    state.apply_control(loaded("b-v1"))
+    state.apply_control(loaded("c-v1"))
+    published, i = [], 0
+    while not published:
+        for arm in ("b-v1", "c-v1", "base"):
+            reward = float(i % 10 != 0) if arm != "base" else float(i % 10 < 2)
+            published += state.learn_one(example(i, arm, CODE, {"explicit": reward})).control
+        i += 1
+        assert i < 500, "no verdict"
+    assert [(type(e), e.adapter) for e in published] == [(AdapterPromoted, "b-v1")]
+    assert state.champion == "b-v1" and state.router.arms == ("b-v1", "c-v1")
+    fresh = state.experiments["c-v1"]
+    assert fresh.champion == "b-v1" and fresh.decision().n_champion == 0
+
+
 def test_a_new_adapter_is_a_canary_until_promoted_and_a_pin_takes_all_traffic():
     state = LearnerState(LearnerSettings(initial_arms=["base"], canary_share=0.1, floor=0.1))
     state.apply_control(loaded("code-v1"))

@@ -133,6 +133,12 @@ def test_promotion_retires_the_champion_and_rollback_unloads_after_the_drain(set
     (unloaded,) = controller.tick()
     assert isinstance(unloaded, AdapterUnloaded) and unloaded.adapter == detailed
     assert set(replica.list_adapters()) == {models.zero.name, concise}
+    # A late verdict for the rolled-back adapter changes nothing: made champion, it would be
+    # served by no replica.
+    late = promoted.model_copy(update={"event_id": "promote-detailed", "adapter": detailed,
+                                       "previous_champion": concise})  # fmt: skip
+    assert controller.handle(late) == []
+    assert state(sessions, detailed).state == "rolled_back" and state(sessions, concise).state == "champion"
 
     # A restarted controller resumes from the registry: the champion stays, nothing is re-announced
     # for the learner to act on (it ignores adapters it has or has ended), nothing is unloaded.
