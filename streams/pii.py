@@ -261,8 +261,11 @@ def _url_secret(match: re.Match[str]) -> str | None:
     return None
 
 
+_WWW = re.compile(r"www\.", re.I)  # phones capitalize a link that starts a message: "Www.…"
+
+
 def _scrub_url_secrets(text: str) -> tuple[str, int]:
-    if "://" not in text and "www." not in text:
+    if "://" not in text and not _WWW.search(text):
         return text, 0
     return _substitute(_URL, text, _url_secret)
 

@@ -157,6 +157,7 @@ URL_SECRET = _canaries(
             "it redirected to https://example.com/callback#access_token=ya29.a0AfH6SMBx&token_type=Bearer",
         ),
         ("www.example.com/login?password=hunter2", "I typed www.example.com/login?password=hunter2 by mistake"),
+        ("Www.example.com/account?session=8f7e6d5c4b3a", "Www.example.com/account?session=8f7e6d5c4b3a shows my cart"),
         (
             "wss://stream.example.com/socket?session=7c9e6679-7425-40de-944b-e07fc1f90ae7",
             "websocket wss://stream.example.com/socket?session=7c9e6679-7425-40de-944b-e07fc1f90ae7 drops",
