@@ -40,6 +40,9 @@ class PipelineSettings(BaseModel):
     max_prompt_chars: int = Field(16_000, ge=1, description="Longer prompt+response pairs are not trained on.")
     blocked_terms: list[str] = Field(default_factory=list, description="Case-insensitive terms that keep an example out.")
     near_duplicate_threshold: float = Field(0.9, gt=0, le=1, description="MinHash Jaccard above which a prompt is a repeat.")
+    repeat_memory: int = Field(
+        20_000, ge=1, description="Prompts each partition remembers for the repeat filters; the oldest are forgotten."
+    )
     seed: int = Field(0, description="Seed of the curator's sampling.")
 
 

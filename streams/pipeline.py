@@ -71,9 +71,8 @@ class PartitionPipeline:
             implicit_window=timedelta(seconds=config.implicit_window_s),
             allowed_lateness=timedelta(seconds=config.allowed_lateness_s),
         )
-        self.quality = QualityFilter(
-            config.max_prompt_chars, tuple(config.blocked_terms), config.near_duplicate_threshold
-        )
+        self.quality = QualityFilter(config.max_prompt_chars, tuple(config.blocked_terms),
+                                     config.near_duplicate_threshold, memory=config.repeat_memory)  # fmt: skip
         self.curator = Curator(
             partition=partition,
             batch_size=config.batch_size,

@@ -102,7 +102,7 @@ class QualityFilter:
     max_prompt_chars: int
     blocked_terms: tuple[str, ...]
     near_duplicate_threshold: float
-    memory: int = 20_000  # prompts remembered for repeat detection
+    memory: int  # prompts remembered for repeat detection (FEEDLOOP_PIPELINE__REPEAT_MEMORY)
     _exact: dict[str, str] = field(default_factory=dict)  # prompt hash -> session
     _lsh: _BandIndex | None = None
     _order: deque = field(default_factory=deque)  # (key, prompt hash) oldest first

@@ -163,6 +163,18 @@ def test_quality_filters_keep_examples_out_of_training(pseudonyms):
     assert run.pipeline.stats.counts["filtered_near_duplicate"] == 1
 
 
+def test_a_prompt_is_a_repeat_only_while_it_is_remembered(pseudonyms):
+    config = CONFIG.model_copy(update={"repeat_memory": 2})
+    words = [{"role": "user", "content": "how far is the moon from the earth in miles"}]
+    first = turn(0, prompt=words)
+    soon, others, late = turn(1, prompt=words), [turn(2 + i) for i in range(2)], turn(5, prompt=words)
+    events = [first, soon, *others, late]
+    run = Run(pseudonyms, config).feed(*events, *[signal(e, "thumbs", 6) for e in events], tick(700))
+    filtered = {e.example_id: e.filtered for e in run.examples}
+    assert filtered[soon["interaction_id"]] == "repeated_prompt"
+    assert filtered[late["interaction_id"]] is None, "two prompts later the first is forgotten"
+
+
 def test_batches_cut_by_size_are_stratified_with_a_cap_and_replay(pseudonyms):
     config = CONFIG.model_copy(update={"batch_size": 40, "max_group_share": 0.5, "replay_fraction": 0.2})
     events = []
