@@ -261,11 +261,10 @@ def _url_secret(match: re.Match[str]) -> str | None:
     return None
 
 
-_WWW = re.compile(r"www\.", re.I)  # phones capitalize a link that starts a message: "Www.…"
-
-
 def _scrub_url_secrets(text: str) -> tuple[str, int]:
-    if "://" not in text and not _WWW.search(text):
+    # "ww." also finds "Www." (phones capitalize a message's first word), "WW." finds "WWW.";
+    # plain substring tests, as a case-blind regex search here costs several times more.
+    if "://" not in text and "ww." not in text and "WW." not in text:
         return text, 0
     return _substitute(_URL, text, _url_secret)
 
