@@ -270,7 +270,8 @@ class Loop:
         """Stop the processes that change which adapters serve (learn, train, swap), so that the
         judging that follows hears the champion it read from the registry: a verdict on late
         feedback during judging would retire it and unload it after the drain (vLLM then
-        answers 404, as happened in CI). The log they leave unread is applied on the next start."""
+        answers 404: the likely cause of one CI failure). What they leave unread on the control
+        topic is applied on the next start."""
         changing = [c for c in self.children if c.command[0] in ("learn", "train", "swap")]
         await asyncio.gather(*(asyncio.to_thread(child.stop) for child in changing))
         self.children = [c for c in self.children if c not in changing]
