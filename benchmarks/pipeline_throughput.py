@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,21 +215,24 @@ def main() -> None:
 def one_round(events: list[dict], partitions: int) -> dict[str, dict[str, float]]:
     """Every path over the same events, on a fresh broker and data directory."""
     work = Path(tempfile.mkdtemp(prefix="feedloop-bench-"))
-    with EmbeddedBroker(free_port()) as broker:
-        os.environ.update({
-            "FEEDLOOP_EMBEDDED_BROKER_PORT": str(broker.port),
-            "FEEDLOOP_DATA_DIR": str(work),
-            "FEEDLOOP_TOPIC_PARTITIONS": str(partitions),
-        })
-        settings = Settings()
-        import migrations
+    try:
+        with EmbeddedBroker(free_port()) as broker:
+            os.environ.update({
+                "FEEDLOOP_EMBEDDED_BROKER_PORT": str(broker.port),
+                "FEEDLOOP_DATA_DIR": str(work),
+                "FEEDLOOP_TOPIC_PARTITIONS": str(partitions),
+            })
+            settings = Settings()
+            import migrations
 
-        migrations.upgrade(settings.store_url)
-        asyncio.run(ensure_topics(settings))
-        asyncio.run(produce(broker.bootstrap_servers, events))
-        measured = {mode: child(mode, len(events)) for mode in ("aiokafka", "faust", "pipeline")}
-    measured["replay"] = offline_replay(settings, events)
-    return measured
+            migrations.upgrade(settings.store_url)
+            asyncio.run(ensure_topics(settings))
+            asyncio.run(produce(broker.bootstrap_servers, events))
+            measured = {mode: child(mode, len(events)) for mode in ("aiokafka", "faust", "pipeline")}
+        measured["replay"] = offline_replay(settings, events)
+        return measured
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a round's store, archive and batches: megabytes each
 
 
 def print_rates(title: str, rounds: list[dict[str, dict[str, float]]]) -> None:
