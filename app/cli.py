@@ -528,15 +528,19 @@ def adapters_pin(ctx: click.Context, name: str | None, clear: bool) -> None:
 @main.command()
 @click.option("--events", type=int, default=3000, show_default=True, help="Turns of the simulated population.")
 @click.option("--minutes", type=float, default=14.5, show_default=True, help="Time budget of the whole run.")
+@click.option("--drift-at", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of the turns after which the users' preferences shift (0: from the start, 1: never).")
 @click.pass_context
-def demo(ctx: click.Context, events: int, minutes: float) -> None:
+def demo(ctx: click.Context, events: int, minutes: float, drift_at: float) -> None:
     """The whole loop on the embedded defaults with a simulated population, then a report.
 
     Starts broker, store, archive, gateway, vLLM, worker, learner, trainer and hot-swap
     controller; exits 0 when every target in the report is met (runs/latest/report.json)."""
     from app.demo import run_demo
+    from app.population import PopulationConfig
 
-    sys.exit(run_demo(_settings(ctx), interactions=events, minutes=minutes))
+    users = PopulationConfig(interactions=events, drift_fraction=drift_at)
+    sys.exit(run_demo(_settings(ctx), users, minutes=minutes))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -428,12 +428,13 @@ def _rare_skill(rows: list[Adapter], champion: str) -> tuple[float | None, float
     return start, end
 
 
-async def _demo(settings: Settings, loop: Loop, interactions: int, minutes: float, console: Console) -> int:
+async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes: float, console: Console) -> int:
     started = time.monotonic()
     deadline = started + minutes * 60
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(ensure_base_model, settings, console)
-    population = Population(PopulationConfig(interactions=interactions))
+    population = Population(users)
+    interactions = users.interactions
     sessions = None
     try:
         console.print("starting broker, store, archive, gateway, vLLM, worker, learner, trainer, hot-swap ...")
@@ -559,7 +560,7 @@ def _series(settings, sessions, before, population, traffic: Traffic) -> Series:
     return series
 
 
-def run_demo(settings: Settings, interactions: int, minutes: float) -> int:
+def run_demo(settings: Settings, users: PopulationConfig, minutes: float) -> int:
     settings = demo_settings(settings)
     if "FEEDLOOP_LOG_LEVEL" not in os.environ:
         # The terminal shows progress and the report; every process logs in full to data/logs/.
@@ -568,7 +569,7 @@ def run_demo(settings: Settings, interactions: int, minutes: float) -> int:
     async def main() -> int:
         # SIGTERM (a supervisor, a test's timeout) stops every process as Ctrl-C does.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
-        return await _demo(settings, loop, interactions, minutes, console)
+        return await _demo(settings, loop, users, minutes, console)
 
     console = Console(stderr=True)
     loop = Loop(settings)
