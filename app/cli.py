@@ -528,10 +528,11 @@ def adapters_pin(ctx: click.Context, name: str | None, clear: bool) -> None:
 @main.command()
 @click.option("--events", type=int, default=3000, show_default=True, help="Turns of the simulated population.")
 @click.option("--minutes", type=float, default=14.5, show_default=True, help="Time budget of the whole run.")
-@click.option("--drift-at", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Share of the turns after which the users' preferences shift (0: from the start, 1: never).")
+@click.option("--drift-at", type=click.FloatRange(0, 1), default=None,
+              help="Share of the turns after which the users' preferences shift (0: from the start, 1: never; "
+                   "default: the population's, half).")  # fmt: skip
 @click.pass_context
-def demo(ctx: click.Context, events: int, minutes: float, drift_at: float) -> None:
+def demo(ctx: click.Context, events: int, minutes: float, drift_at: float | None) -> None:
     """The whole loop on the embedded defaults with a simulated population, then a report.
 
     Starts broker, store, archive, gateway, vLLM, worker, learner, trainer and hot-swap
@@ -539,7 +540,7 @@ def demo(ctx: click.Context, events: int, minutes: float, drift_at: float) -> No
     from app.demo import run_demo
     from app.population import PopulationConfig
 
-    users = PopulationConfig(interactions=events, drift_fraction=drift_at)
+    users = PopulationConfig(interactions=events, **({} if drift_at is None else {"drift_fraction": drift_at}))
     sys.exit(run_demo(_settings(ctx), users, minutes=minutes))
 
 

@@ -91,10 +91,6 @@ from trainer.synthetic_chats import (
 MINORITY = "minority"
 BEFORE_DRIFT, AFTER_DRIFT = 0, 1
 
-# Users word a topic's question with an opener or a closer (synthetic_chats.phrase): the
-# pipeline trains on a prompt only once across sessions (its repeated-prompt filter), and the
-# synthetic world has few distinct questions outside math.
-
 # PII types as streams.pii.PiiType names them; one canary template each.
 CANARY_TYPES = ("EMAIL", "PHONE", "CARD", "IBAN", "IP", "URL_SECRET", "SECRET", "PERSON")
 FIRST_NAMES = ("Ingrid", "Tobias", "Amara", "Kenji", "Lucia", "Mateo", "Zofia", "Rahel", "Emeka", "Saanvi",
@@ -410,6 +406,8 @@ class Population:
             topic_seed = rng.getrandbits(64)
             concise, detailed = (make_chat(domain, s, random.Random(topic_seed)) for s in (CONCISE, DETAILED))
             text = concise.prompt
+            # Users word a question differently, as real users do: the pipeline trains on a prompt
+            # only once across sessions, and outside math there are few distinct questions.
             if rng.random() < self.config.phrasing_share:
                 text = phrase(text, rng)
             if self._reserved(text) == heldout:
