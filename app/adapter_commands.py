@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from app.store import Adapter, RouterSnapshot
+from streams.store import Adapter, RouterSnapshot
 from streams.contract import AdapterPinned, AdapterPromoted, AdapterRolledBack, utcnow
 from trainer.serving import BASE_ALIAS
 

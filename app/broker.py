@@ -17,10 +17,12 @@ import uuid
 from pathlib import Path
 
 import structlog
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from app.settings import Settings
+from streams import kafka
+from streams.kafka import KafkaSettings
 from streams.topics import ALL_TOPICS
 
 log = structlog.get_logger(__name__)
@@ -126,9 +128,9 @@ def _accepts_connections(port: int) -> bool:
         return False
 
 
-async def cluster_id(bootstrap_servers: str) -> str:
+async def cluster_id(kafka_settings: KafkaSettings) -> str:
     """The broker's cluster id: offsets are only meaningful within one cluster."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = kafka.admin(kafka_settings)
     await admin.start()
     try:
         return (await admin.describe_cluster())["cluster_id"]
@@ -138,7 +140,7 @@ async def cluster_id(bootstrap_servers: str) -> str:
 
 async def ensure_topics(settings: Settings) -> None:
     """Create feedloop's topics if missing; existing ones are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = kafka.admin(settings.kafka)
     try:
         await admin.start()
     except Exception as exc:

@@ -150,7 +150,7 @@ def _run_faust(settings: Settings, build) -> None:
 
     migrations.upgrade(settings.store_url)
     asyncio.run(ensure_topics(settings))
-    app = build(settings, asyncio.run(cluster_id(settings.bootstrap_servers)))
+    app = build(settings, asyncio.run(cluster_id(settings.kafka)))
     tune_gc()
 
     class Worker(faust.Worker):
@@ -186,14 +186,16 @@ def learn(ctx: click.Context) -> None:
 def train(ctx: click.Context) -> None:
     """Train each emitted batch into an adapter and announce it (adapter_ready), until Ctrl-C."""
     import migrations
-    from app.store import make_engine, make_sessionmaker
+    from streams.store import make_engine, make_sessionmaker
     from trainer.worker import TrainerWorker
 
     settings = _settings(ctx)
     migrations.upgrade(settings.store_url)
 
     async def build() -> TrainerWorker:
-        return TrainerWorker(settings, make_sessionmaker(make_engine(settings.store_url)))
+        return TrainerWorker(settings.trainer, settings.kafka, make_sessionmaker(make_engine(settings.store_url)),
+                             data_dir=settings.data_dir, base_model_dir=settings.model_path,
+                             adapters_dir=settings.adapters_path)  # fmt: skip
 
     _serve_until_signal(build)
 
@@ -220,7 +222,7 @@ def archive_run(ctx: click.Context) -> None:
 @click.pass_context
 def archive_verify(ctx: click.Context) -> None:
     """Check every archived segment's file, checksum and record count against the store."""
-    from app.store import make_engine, make_sessionmaker
+    from streams.store import make_engine, make_sessionmaker
     from streams.archive import verify_archive
 
     settings = _settings(ctx.parent)
@@ -281,15 +283,14 @@ def replay(ctx: click.Context, mode: str, source: str, since: str | None, until:
 @click.pass_context
 def curate(ctx: click.Context, cause: str) -> None:
     """Ask every partition's curator to cut a batch from what it holds now."""
-    from aiokafka import AIOKafkaProducer
-
+    from streams import kafka
     from streams.agents import TRIGGER_KEY, curation_triggers
     from streams.topics import EVENTS
 
     settings = _settings(ctx)
 
     async def send() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+        producer = kafka.producer(settings.kafka)
         await producer.start()
         try:
             for record in curation_triggers("manual", f"{cause}-{time.time_ns()}", settings.topic_partitions):
@@ -393,8 +394,8 @@ def serve(ctx: click.Context, port: int | None, dtype: str) -> None:
 def swap(ctx: click.Context) -> None:
     """Run the hot-swap controller: load announced adapters on every vLLM replica, promote, roll back."""
     import migrations
-    from app.control_consumer import ControlConsumer
-    from app.store import make_engine, make_sessionmaker
+    from streams.control_consumer import ControlConsumer
+    from streams.store import make_engine, make_sessionmaker
     from trainer.hot_swap import SwapController
 
     settings = _settings(ctx)
@@ -416,7 +417,7 @@ def swap(ctx: click.Context) -> None:
         return await asyncio.to_thread(controller.tick)
 
     async def build() -> ControlConsumer:
-        return ControlConsumer(settings, "feedloop-swap", handle, tick=tick)
+        return ControlConsumer(settings.kafka, "feedloop-swap", handle, tick=tick)
 
     _serve_until_signal(build)
 
@@ -427,22 +428,20 @@ def adapters() -> None:
 
 
 def _sessions(settings: Settings):
-    from app.store import make_engine, make_sessionmaker
+    from streams.store import make_engine, make_sessionmaker
 
     return make_sessionmaker(make_engine(settings.store_url))
 
 
 def _publish_control(settings: Settings, event) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    from streams.topics import CONTROL
+    from streams import kafka
+    from streams.topics import CONTROL, control_key
 
     async def send() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+        producer = kafka.producer(settings.kafka)
         await producer.start()
         try:
-            key = (event.adapter or event.event_id).encode()
-            await producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=key)
+            await producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=control_key(event))
         finally:
             await producer.stop()
 

@@ -49,7 +49,7 @@ from app.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift
 from app.report import loaded_so_far, routing_regret, win_rate, write_report
 from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
-from app.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker
+from streams.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker
 from streams.agents import PIPELINE_RECORD_KEYS
 from streams.archive import read_segment, segments, verify_archive
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS

@@ -11,20 +11,18 @@ from __future__ import annotations
 import faust
 
 from app.settings import Settings
+from streams.kafka import faust_broker_options
 
 
 def make_faust_app(settings: Settings, name: str = "feedloop-pipeline") -> faust.App:
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     return faust.App(
         name,
-        broker=[f"kafka://{host}" for host in settings.bootstrap_servers.split(",")],
         store="memory://",
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
         topic_allow_declare=False,
         topic_disable_leader=True,
-        broker_session_timeout=settings.broker_session_timeout_s,
-        broker_heartbeat_interval=max(0.5, settings.broker_session_timeout_s / 6),
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
@@ -35,4 +33,5 @@ def make_faust_app(settings: Settings, name: str = "feedloop-pipeline") -> faust
         # checkpoint holds. Waiting for those acks would hang the shutdown instead.
         stream_wait_empty=False,
         datadir=str(settings.data_dir / "faust"),
+        **faust_broker_options(settings.kafka),
     )

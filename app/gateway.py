@@ -35,7 +35,7 @@ from app.overview import OverviewSource
 from app.publisher import Publisher, PublishError
 from app.routing import RoutingService
 from app.settings import Settings
-from app.store import make_engine, make_sessionmaker
+from streams.store import make_engine, make_sessionmaker
 from streams.contract import SCHEMAS, USER_EVENT_ADAPTER, Context, DeadLetter, json_schema, utcnow
 from streams.intake import (
     Accepted,
@@ -147,7 +147,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         if pub is None:
             await ensure_topics(settings)
             pub = Publisher(
-                settings.bootstrap_servers,
+                settings.kafka,
                 max_request_bytes=settings.max_body_bytes,
                 timeout_s=settings.publish_timeout_s,
             )

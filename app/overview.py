@@ -38,7 +38,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from app.settings import Settings
-from app.store import Adapter, ArchiveSegment, Batch, RouterSnapshot, StreamCheckpoint, make_engine, make_sessionmaker
+from streams.store import Adapter, ArchiveSegment, Batch, RouterSnapshot, StreamCheckpoint, make_engine, make_sessionmaker
 from learners.ab_test import ABTest
 from learners.loss_weights import LossWeights
 from streams.archive import ArchivedRecord, read_segment

@@ -13,11 +13,12 @@ import asyncio
 from datetime import datetime
 
 import structlog
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from streams import kafka
 from streams.contract import DeadLetter
 from streams.intake import Accepted
+from streams.kafka import KafkaSettings
 from streams.topics import DEAD_LETTER, EVENTS, dead_letter_key, event_key
 
 log = structlog.get_logger(__name__)
@@ -28,11 +29,10 @@ class PublishError(RuntimeError):
 
 
 class Publisher:
-    def __init__(self, bootstrap_servers: str, *, max_request_bytes: int, timeout_s: float = 15.0) -> None:
+    def __init__(self, kafka_settings: KafkaSettings, *, max_request_bytes: int, timeout_s: float = 15.0) -> None:
         self.timeout_s = timeout_s
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            acks="all",
+        self._producer = kafka.producer(
+            kafka_settings,
             # No linger: a request's records are enqueued together and batch anyway, and a chat
             # answer waits for its interaction's ack: 0.2 ms on loopback, 2.6 ms with linger_ms=2
             # (the ingest ratio was the same either way: benchmarks/RESULTS.md).

@@ -7,7 +7,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -16,12 +15,13 @@ import migrations
 from app.broker import ensure_topics
 from app.runtime import tune_gc
 from app.settings import Settings
-from app.store import make_engine, make_sessionmaker
+from streams import kafka
 from streams.archive import ArchivedRecord
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
 from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.replay import TimeRange, archive_records, file_records, replay_offline
+from streams.store import make_engine, make_sessionmaker
 from streams.topics import EVENTS
 
 
@@ -37,7 +37,7 @@ def _source(settings: Settings, source: str, window: TimeRange) -> tuple[Iterato
 
 async def _republish(settings: Settings, records: Iterator[ArchivedRecord], on_record) -> int:
     await ensure_topics(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5)
+    producer = kafka.producer(settings.kafka, linger_ms=5)
     await producer.start()
     sent = 0
     try:

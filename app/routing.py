@@ -24,8 +24,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from app.settings import LearnerSettings
-from app.store import RouterSnapshot
+from streams.config import LearnerSettings
+from streams.store import RouterSnapshot
 from learners.router import LinUCBRouter
 from streams.contract import Context
 from streams.learning import LearnerState, restore, route_features

@@ -14,7 +14,7 @@ import uvicorn
 from app.broker import cluster_id, ensure_topics
 from app.gateway import create_app
 from app.settings import Settings
-from app.store import make_engine, make_sessionmaker
+from streams.store import make_engine, make_sessionmaker
 from streams.archive import Archiver
 from streams.topics import ARCHIVED_TOPICS
 
@@ -43,14 +43,13 @@ def tune_gc(batch: bool = False) -> None:
 async def build_archiver(settings: Settings) -> Archiver:
     await ensure_topics(settings)
     return Archiver(
-        bootstrap_servers=settings.bootstrap_servers,
-        cluster_id=await cluster_id(settings.bootstrap_servers),
+        kafka_settings=settings.kafka,
+        cluster_id=await cluster_id(settings.kafka),
         topics=ARCHIVED_TOPICS,
         archive_dir=settings.archive_dir,
         sessions=make_sessionmaker(make_engine(settings.store_url)),
         flush_events=settings.archive_flush_events,
         flush_seconds=settings.archive_flush_seconds,
-        session_timeout_s=settings.broker_session_timeout_s,
     )
 
 

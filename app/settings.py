@@ -10,109 +10,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trainer.config import TrainerConfig
+from streams.config import LearnerSettings, PipelineSettings
+from streams.kafka import KafkaSettings
+from trainer.config import ServingSettings, TrainerConfig
 
 KIB = 1024
 MIB = 1024 * KIB
-
-
-class PipelineSettings(BaseModel):
-    """The stream pipeline's windows, filters and batch curation (docs/pipeline.md).
-
-    Set as ``FEEDLOOP_PIPELINE__<FIELD>``, e.g. ``FEEDLOOP_PIPELINE__BATCH_SIZE=256``.
-    """
-
-    implicit_window_s: float = Field(300, gt=0, description="Implicit signals count this long after the interaction.")
-    explicit_window_s: float = Field(1800, gt=0, description="Explicit feedback counts this long; then the example is emitted.")
-    allowed_lateness_s: float = Field(60, ge=0, description="Out-of-order slack before event time moves on.")
-    idle_tick_s: float = Field(5, gt=0, description="An idle partition gets a watermark tick after this much wall time.")
-    checkpoint_interval_s: float = Field(
-        2, gt=0, description="How often the worker saves partition state; records are acknowledged after it."
-    )
-    batch_size: int = Field(256, ge=1, description="Cut a batch when this many new training records are buffered.")
-    batch_max_wait_s: float = Field(3600, gt=0, description="... or when the oldest has waited this long (event time).")
-    max_group_share: float = Field(0.5, gt=0, le=1, description="Largest share of one cohort/domain in a batch.")
-    replay_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each batch replayed from older examples.")
-    reservoir_per_stratum: int = Field(200, ge=0, description="Older records kept per cohort/domain for replay.")
-    max_prompt_chars: int = Field(16_000, ge=1, description="Longer prompt+response pairs are not trained on.")
-    blocked_terms: list[str] = Field(default_factory=list, description="Case-insensitive terms that keep an example out.")
-    near_duplicate_threshold: float = Field(0.9, gt=0, le=1, description="MinHash Jaccard above which a prompt is a repeat.")
-    repeat_memory: int = Field(
-        20_000, ge=1, description="Prompts each partition remembers for the repeat filters; the oldest are forgotten."
-    )
-    seed: int = Field(0, description="Seed of the curator's sampling.")
-
-
-class LearnerSettings(BaseModel):
-    """The online learners in the `feedloop learn` worker and the gateway's router (docs/learners.md).
-
-    Set as ``FEEDLOOP_LEARNERS__<FIELD>``, e.g. ``FEEDLOOP_LEARNERS__INITIAL_ARMS='["base"]'``.
-    """
-
-    initial_arms: list[str] = Field(
-        default_factory=lambda: ["base"], min_length=1,
-        description="Adapters the router starts with, before any adapter_loaded event; the first is the champion.",
-    )  # fmt: skip
-    alpha: float = Field(1.0, ge=0, description="Router: width of the LinUCB confidence bonus.")
-    floor: float = Field(0.1, ge=0, le=1, description="Router: probability spread evenly over all arms (exploration).")
-    feature_dim: int = Field(32, ge=2, description="Router: length of the hashed context vector.")
-    l2: float = Field(1.0, gt=0, description="Router: ridge penalty of each arm's regression.")
-    seed: int = Field(0, description="Seed of the learner's router.")
-    drift_features: list[str] = Field(
-        default_factory=lambda: ["domain", "locale", "client", "cohort"],
-        description="Context features whose mix is watched for drift; leave out high-cardinality ones.",
-    )
-    drift_recent_window: int = Field(30, ge=1, description="Observations averaged into a drift alarm's mean_after.")
-    ab_alpha: float = Field(0.05, gt=0, lt=1, description="A/B test: total error level of promote/rollback.")
-    ab_min_samples: int = Field(200, ge=1, description="A/B test: rewards each variant needs before a verdict.")
-    ab_tau: float = Field(0.05, gt=0, description="A/B test: the lift it detects fastest.")
-    ab_max_samples: int | None = Field(
-        2000, ge=1, description="A/B test: rewards per variant after which a test with no verdict ends; the champion stays."
-    )
-    review_budget_per_hour: int = Field(20, ge=0, description="Most examples sent to human review per hour (event time).")
-    checkpoint_interval_s: float = Field(
-        1.0, gt=0, description="How often the learner saves its state and publishes a router snapshot."
-    )
-    snapshots_kept: int = Field(20, ge=1, description="Router snapshots kept in the store; older ones are deleted.")
-    snapshot_poll_s: float = Field(1.0, gt=0, description="How often the gateway looks for a newer router snapshot.")
-    route_seed: int | None = Field(
-        None, description="Seed of the gateway's routing draws; unset: fresh entropy per process."
-    )
-    canary_share: float = Field(
-        0.1, gt=0, le=1,
-        description="Most traffic a new adapter gets until its A/B test has ab_min_samples rewards of both arms "
-        "and it is not behind the champion; then the router decides.",
-    )
-
-    @model_validator(mode="after")
-    def _check_ab_samples(self) -> LearnerSettings:
-        if self.ab_max_samples is not None and self.ab_max_samples < self.ab_min_samples:
-            raise ValueError("ab_max_samples must be at least ab_min_samples (or null: no limit)")
-        return self
-
-
-class ServingSettings(BaseModel):
-    """vLLM replicas, the hot-swap controller (`feedloop swap`) and the chat gateway (docs/serving.md).
-
-    Set as ``FEEDLOOP_SERVING__<FIELD>``; the replicas themselves are ``FEEDLOOP_VLLM_URLS``.
-    """
-
-    served_model_name: str = Field("base", description="Name vLLM serves the base model under (--served-model-name).")
-    max_lora_rank: int = Field(8, ge=1, description="vLLM --max-lora-rank; adapters of a higher rank are refused.")
-    max_loras: int = Field(4, ge=1, description="vLLM --max-loras: adapters batched together.")
-    max_challengers: int = Field(
-        1, ge=1, description="Adapters under A/B test at once; newer ones wait, and only the newest is loaded next."
-    )
-    drain_s: float = Field(
-        10.0, ge=0, description="After a promotion or rollback, wait this long before unloading the old adapter."
-    )
-    reconcile_interval_s: float = Field(
-        15.0, gt=0, description="How often the controller re-checks every replica (one that came back is caught up)."
-    )
-    request_timeout_s: float = Field(120.0, gt=0, description="The chat gateway's timeout for one vLLM answer.")
 
 
 class Settings(BaseSettings):
@@ -220,6 +126,11 @@ class Settings(BaseSettings):
         if self.broker == "embedded":
             return f"127.0.0.1:{self.embedded_broker_port}"
         return self.broker.removeprefix("kafka://")
+
+    @cached_property
+    def kafka(self) -> KafkaSettings:
+        """What every Kafka client is built from (``streams.kafka``)."""
+        return KafkaSettings(bootstrap_servers=self.bootstrap_servers, session_timeout_s=self.broker_session_timeout_s)
 
     @property
     def uses_embedded_broker(self) -> bool:

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import migrations  # noqa: E402
 from app.broker import EmbeddedBroker  # noqa: E402
 from app.routing import RoutingService  # noqa: E402
-from app.settings import LearnerSettings  # noqa: E402
-from app.store import make_engine, make_sessionmaker  # noqa: E402
+from streams.config import LearnerSettings  # noqa: E402
+from streams.store import make_engine, make_sessionmaker  # noqa: E402
 from streams.contract import AnnotatedExample, Context  # noqa: E402
 from streams.learner_agents import LiveLearner  # noqa: E402
 from tests.conftest import free_port  # noqa: E402

@@ -39,7 +39,7 @@ import httpx  # noqa: E402
 import migrations  # noqa: E402
 from app.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from app.store import Adapter, make_engine, make_sessionmaker  # noqa: E402
+from streams.store import Adapter, make_engine, make_sessionmaker  # noqa: E402
 from streams.contract import AdapterReady, utcnow  # noqa: E402
 from trainer.adapter_validation import AdapterValidator, adapter_sha256  # noqa: E402
 from trainer.hot_swap import SwapController  # noqa: E402

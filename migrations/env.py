@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from app.store import Base
+from streams.store import Base
 
 config = context.config
 

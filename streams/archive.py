@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.store import ArchiveSegment
+from streams import kafka
+from streams.kafka import KafkaSettings
+from streams.store import ArchiveSegment
 
 log = structlog.get_logger(__name__)
 
@@ -236,14 +238,13 @@ class Archiver:
     def __init__(
         self,
         *,
-        bootstrap_servers: str,
+        kafka_settings: KafkaSettings,
         cluster_id: str,
         topics: tuple[str, ...],
         archive_dir: Path,
         sessions: sessionmaker,
         flush_events: int,
         flush_seconds: float,
-        session_timeout_s: float = 6.0,
     ) -> None:
         self.cluster_id = cluster_id
         self.topics = topics
@@ -254,15 +255,7 @@ class Archiver:
         self.buffers: dict[TopicPartition, PartitionBuffer] = {}
         self.sealed_records = 0
         self._stopping = asyncio.Event()
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=int(session_timeout_s * 1000),
-            heartbeat_interval_ms=max(500, int(session_timeout_s * 1000 / 6)),
-            max_poll_records=flush_events,
-        )
+        self.consumer = kafka.consumer(kafka_settings, group_id=self.group_id, max_poll_records=flush_events)
 
     def last_archived_offset(self, tp: TopicPartition) -> int | None:
         with self.sessions() as session:

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 from sqlalchemy.orm import sessionmaker
 
-from app.store import Batch
+from streams.store import Batch
 from streams.contract import BatchEmitted
 from streams.curator import CutBatch
 from streams.training_data import MANIFEST, write_batch

@@ -15,7 +15,7 @@ import asyncio
 
 from streams.contract import BatchEmitted
 from streams.pipeline import Outputs
-from streams.topics import CONTROL, DEAD_LETTER, EXAMPLES, dead_letter_key
+from streams.topics import CONTROL, DEAD_LETTER, EXAMPLES, control_key, dead_letter_key
 
 Record = tuple[str, bytes, bytes]  # topic, key, value
 
@@ -29,7 +29,7 @@ def output_records(outputs: Outputs) -> list[Record]:
 
 
 def emitted_records(emitted: list[BatchEmitted]) -> list[Record]:
-    return [(CONTROL.name, e.batch_id.encode(), e.model_dump_json().encode()) for e in emitted]
+    return [(CONTROL.name, control_key(e), e.model_dump_json().encode()) for e in emitted]
 
 
 class Emitter:

@@ -36,10 +36,10 @@ import structlog
 from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
-from app.settings import LearnerSettings
-from app.store import RouterSnapshot, StreamCheckpoint
+from streams.config import LearnerSettings
+from streams.store import RouterSnapshot, StreamCheckpoint
 from streams.learning import LearnerOutputs, LearnerState
-from streams.topics import CONTROL, EXAMPLES, REVIEW
+from streams.topics import CONTROL, EXAMPLES, REVIEW, control_key
 
 log = structlog.get_logger(__name__)
 
@@ -121,8 +121,7 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
                 outputs = learner.handle(message.topic, message.partition, message.offset, message.value)
                 if outputs is not None:
                     for record in outputs.control:
-                        subject = getattr(record, "adapter", None) or record.signal
-                        await control.send(key=subject.encode(), value=record.model_dump_json().encode())
+                        await control.send(key=control_key(record), value=record.model_dump_json().encode())
                     for pick in outputs.reviews:
                         await reviews.send(key=pick.example.example_id.encode(), value=pick.model_dump_json().encode())
                 pending.append((stream, event))

@@ -26,7 +26,7 @@ import numpy as np
 import structlog
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
-from app.settings import LearnerSettings
+from streams.config import LearnerSettings
 from learners.ab_test import ABDecision, ABTest
 from learners.active_learning import ReviewCandidate, ReviewSelector
 from learners.drift import DriftAlarm as Detected

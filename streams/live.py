@@ -26,7 +26,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from app.store import StreamCheckpoint
+from streams.store import StreamCheckpoint
 from streams.pipeline import Outputs, PartitionPipeline, PipelineSet
 
 log = structlog.get_logger(__name__)

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
 
-from app.settings import PipelineSettings
+from streams.config import PipelineSettings
 from learners.loss_weights import LossWeights
 from streams.contract import (
     EVENTS_TOPIC_ADAPTER,

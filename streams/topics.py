@@ -41,3 +41,13 @@ def event_key(event: Interaction | Feedback | Annotation) -> bytes:
 
 def dead_letter_key(record: DeadLetter) -> bytes:
     return (record.app_id or "unknown").encode()
+
+
+def control_key(event: object) -> bytes:
+    """Key of a control event: its subject, so a compacted control topic keeps each subject's
+    latest word. The adapter it is about, else the batch, else the drift signal, else its id."""
+    for field in ("adapter", "batch_id", "signal"):
+        subject = getattr(event, field, None)
+        if subject:
+            return str(subject).encode()
+    return str(getattr(event, "event_id")).encode()

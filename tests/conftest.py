@@ -22,7 +22,7 @@ from app.broker import EmbeddedBroker, ensure_topics
 from app.logs import configure_logging
 from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
-from app.store import make_engine, make_sessionmaker
+from streams.store import make_engine, make_sessionmaker
 from streams.archive import Archiver
 from trainer.vllm_server import free_port  # noqa: F401 (tests and benchmarks import it from here)
 

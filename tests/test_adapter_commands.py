@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from app.adapter_commands import OperatorError, current_routing, pin, promote, rollback
 from app.cli import main
-from app.settings import LearnerSettings
-from app.store import Adapter, RouterSnapshot
+from streams.config import LearnerSettings
+from streams.store import Adapter, RouterSnapshot
 from streams.contract import CONTROL_EVENT_ADAPTER, AdapterLoaded, AdapterPromoted, utcnow
 from streams.learning import LearnerState
 from streams.topics import CONTROL

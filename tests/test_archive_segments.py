@@ -2,7 +2,7 @@
 
 import gzip
 
-from app.store import ArchiveSegment, make_engine, make_sessionmaker
+from streams.store import ArchiveSegment, make_engine, make_sessionmaker
 from streams.archive import (
     PartitionBuffer,
     decode_record,

@@ -6,7 +6,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 import migrations
-from app.store import Adapter, Base, Batch, make_engine, make_sessionmaker
+from streams.store import Adapter, Base, Batch, make_engine, make_sessionmaker
 
 TABLES = {"archive_segments", "adapters", "batches", "experiments", "stream_checkpoints", "router_snapshots"}
 

@@ -10,8 +10,9 @@ import pytest
 from sqlalchemy import delete, func, select
 
 from app.overview import PIPELINE_CONSUMER, PRIVACY_LEDGER_FILE, OverviewSource, TimeBuckets
-from app.settings import LearnerSettings, Settings
-from app.store import ArchiveSegment, StreamCheckpoint
+from app.settings import Settings
+from streams.config import LearnerSettings
+from streams.store import ArchiveSegment, StreamCheckpoint
 from learners.ab_test import ABTest
 from streams.archive import encode_record, segment_path, write_segment
 from streams.contract import (

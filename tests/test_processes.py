@@ -7,7 +7,9 @@ import time
 from pydantic import SecretStr
 
 from app.processes import Child, settings_env
-from app.settings import LearnerSettings, ServingSettings, Settings
+from app.settings import Settings
+from streams.config import LearnerSettings
+from trainer.config import ServingSettings
 from tests.conftest import free_port
 
 

@@ -140,7 +140,7 @@ def check_name(name: str, *, reserved: tuple[str, ...] = ()) -> str:
 class AdapterValidator:
     """Validates adapters for one served base model and one adapters directory.
 
-    ``known`` maps every adapter name ever used (from the registry, ``app.store.Adapter``)
+    ``known`` maps every adapter name ever used (from the registry, ``streams.store.Adapter``)
     to its sha256; names validated here are added to it, so a name is never reused for
     different files, even after the adapter was retired.
     """

@@ -1,4 +1,5 @@
-"""The trainer's typed configuration: every knob of the recipe, with its default and why.
+"""The typed configuration of the trainer (every knob of the recipe) and of serving (the
+hot-swap controller and the chat gateway's upstream), each with its default and why.
 
 Defaults suit the tiny base model on CPU; a real model wants lower learning rates. All
 models are frozen, so one config object can be shared by concurrent readers.
@@ -102,3 +103,24 @@ class TrainerConfig(_Frozen):
     log_every: int = Field(10, ge=1, description="Log progress (steps/s, ETA) every this many optimizer steps.")
     max_attempts: int = Field(3, ge=1, description="Restarts of a crashed batch before it is marked failed.")
     device: str | None = Field(None, description="torch device; None picks cuda (bf16) when present, else cpu (fp32).")
+
+
+class ServingSettings(BaseModel):
+    """vLLM replicas, the hot-swap controller (`feedloop swap`) and the chat gateway (docs/serving.md).
+
+    Set as ``FEEDLOOP_SERVING__<FIELD>``; the replicas themselves are ``FEEDLOOP_VLLM_URLS``.
+    """
+
+    served_model_name: str = Field("base", description="Name vLLM serves the base model under (--served-model-name).")
+    max_lora_rank: int = Field(8, ge=1, description="vLLM --max-lora-rank; adapters of a higher rank are refused.")
+    max_loras: int = Field(4, ge=1, description="vLLM --max-loras: adapters batched together.")
+    max_challengers: int = Field(
+        1, ge=1, description="Adapters under A/B test at once; newer ones wait, and only the newest is loaded next."
+    )
+    drain_s: float = Field(
+        10.0, ge=0, description="After a promotion or rollback, wait this long before unloading the old adapter."
+    )
+    reconcile_interval_s: float = Field(
+        15.0, gt=0, description="How often the controller re-checks every replica (one that came back is caught up)."
+    )
+    request_timeout_s: float = Field(120.0, gt=0, description="The chat gateway's timeout for one vLLM answer.")

@@ -36,7 +36,7 @@ A restarted controller rebuilds the desired set from the registry (``resume``), 
 control events wrote, and goes on from its committed offset on the control topic.
 
 Plain Python; the I/O is the replicas (HTTP) and the store. The worker that feeds it control
-events is ``app.control_consumer``, started by ``feedloop swap``.
+events is ``streams.control_consumer``, started by ``feedloop swap``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from app.store import Adapter
+from streams.store import Adapter
 from streams.contract import (
     AdapterLoaded,
     AdapterPromoted,

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from app.store import Adapter, Batch
+from streams.store import Adapter, Batch
 from streams.contract import AdapterReady
 from streams.training_data import BatchManifest
 

@@ -17,16 +17,18 @@ The parent of each new adapter is the newest one still in line to serve
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import structlog
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from app.control_consumer import ControlConsumer
-from app.settings import Settings
-from app.store import Adapter
 from streams.contract import AdapterReady, BatchEmitted
+from streams.control_consumer import ControlConsumer
+from streams.kafka import KafkaSettings
+from streams.store import Adapter
+from trainer.config import TrainerConfig
 from trainer.privacy import PrivacyBudgetExceeded
 from trainer.recipe import train_batch
 
@@ -56,19 +58,26 @@ def parent_for_next(sessions: sessionmaker) -> str | None:
 
 
 class TrainerWorker:
-    def __init__(self, settings: Settings, sessions: sessionmaker, group: str = GROUP) -> None:
-        self.settings = settings
+    """Trains what the control topic announces.
+
+    ``data_dir`` is what a ``batch_emitted`` event's path is relative to; ``base_model_dir``
+    and ``adapters_dir`` are where the base model is read and adapters are written."""
+
+    def __init__(self, config: TrainerConfig, kafka: KafkaSettings, sessions: sessionmaker, *, data_dir: Path,
+                 base_model_dir: Path, adapters_dir: Path, group: str = GROUP) -> None:  # fmt: skip
+        self.config = config
         self.sessions = sessions
-        self.consumer = ControlConsumer(settings, group, self.handle, max_poll_interval_s=MAX_TRAINING_S)
+        self.data_dir, self.base_model_dir, self.adapters_dir = data_dir, base_model_dir, adapters_dir
+        self.consumer = ControlConsumer(kafka, group, self.handle, max_poll_interval_s=MAX_TRAINING_S)
 
     async def handle(self, event: BaseModel) -> list[AdapterReady]:
         if not isinstance(event, BatchEmitted):
             return []
-        batch_dir = self.settings.data_dir / event.path
+        batch_dir = self.data_dir / event.path
         try:
             result = await asyncio.to_thread(
-                train_batch, batch_dir, self.settings.trainer, self.sessions,
-                base_model_dir=self.settings.model_path, adapters_dir=self.settings.adapters_path,
+                train_batch, batch_dir, self.config, self.sessions,
+                base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir,
                 parent=parent_for_next(self.sessions),
             )  # fmt: skip
         except PrivacyBudgetExceeded as exc:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from app.broker import EmbeddedBroker, ensure_topics
 from app.runtime import gateway_server, wait_started
-from app.store import ArchiveSegment
+from streams.store import ArchiveSegment
 from streams.archive import verify_archive
 from streams.topics import EVENTS
 from tests.conftest import API_KEYS, archived_records, free_port, make_settings, start_stack, wait_until_archived

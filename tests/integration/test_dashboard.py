@@ -25,8 +25,8 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import main
-from app.settings import LearnerSettings
-from app.store import Adapter, Batch
+from streams.config import LearnerSettings
+from streams.store import Adapter, Batch
 from streams.contract import AdapterLoaded, AdapterReady, AnnotatedExample, Context, DriftAlarm
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
 from tests.conftest import API_KEYS, archived_records, make_settings, wait_until_archived

@@ -17,7 +17,7 @@ import sys
 import pytest
 from sqlalchemy import select
 
-from app.store import Adapter, make_engine, make_sessionmaker
+from streams.store import Adapter, make_engine, make_sessionmaker
 from streams.archive import iter_archive
 from streams.topics import EVENTS
 from tests.conftest import free_port

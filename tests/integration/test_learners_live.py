@@ -19,8 +19,8 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import select
 
 from app.broker import EmbeddedBroker
-from app.settings import LearnerSettings
-from app.store import RouterSnapshot, make_engine, make_sessionmaker
+from streams.config import LearnerSettings
+from streams.store import RouterSnapshot, make_engine, make_sessionmaker
 from streams.contract import AdapterLoaded, Context, utcnow
 from streams.learning import restore, route_features
 from streams.topics import CONTROL, REVIEW

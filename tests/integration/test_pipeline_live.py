@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import select
 
 from app.broker import EmbeddedBroker
-from app.store import Batch, StreamCheckpoint, make_engine, make_sessionmaker
+from streams.store import Batch, StreamCheckpoint, make_engine, make_sessionmaker
 from streams.contract import DriftAlarm
 from streams.topics import CONTROL, EVENTS
 from streams.training_data import read_batch

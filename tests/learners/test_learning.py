@@ -18,8 +18,9 @@ from sqlalchemy import func, select
 
 from app.gateway import create_app
 from app.routing import RoutingService
-from app.settings import LearnerSettings, Settings
-from app.store import RouterSnapshot
+from app.settings import Settings
+from streams.config import LearnerSettings
+from streams.store import RouterSnapshot
 from streams.contract import (
     CONTROL_EVENT_ADAPTER,
     AdapterLoaded,

@@ -130,7 +130,7 @@ TRAIN_FAST = TrainerConfig(
 @pytest.fixture(scope="session")
 def trained(models: Models, tmp_path_factory) -> Trained:
     import migrations
-    from app.store import make_engine, make_sessionmaker
+    from streams.store import make_engine, make_sessionmaker
     from tests.trainer import batches
     from trainer.recipe import train_batch
 
@@ -154,7 +154,7 @@ def registry_copy(trained: Trained, directory: Path):
     """A migrated store holding the trainer's registry rows, the test's own to change."""
     import shutil
 
-    from app.store import make_engine, make_sessionmaker
+    from streams.store import make_engine, make_sessionmaker
 
     target = directory / "registry.db"
     shutil.copyfile(trained.store_file, target)

@@ -15,8 +15,10 @@ import httpx
 import openai
 import pytest
 
-from app.settings import LearnerSettings, ServingSettings
-from app.store import RouterSnapshot
+from streams.config import LearnerSettings
+
+from trainer.config import ServingSettings
+from streams.store import RouterSnapshot
 from streams.contract import AdapterLoaded, utcnow
 from streams.learning import LearnerState
 from streams.topics import EVENTS

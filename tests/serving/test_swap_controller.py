@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import pytest
 
-from app.settings import LearnerSettings
-from app.store import Adapter
+from streams.config import LearnerSettings
+from streams.store import Adapter
 from streams.contract import (
     AdapterLoaded,
     AdapterPromoted,

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from app.settings import PipelineSettings
+from streams.config import PipelineSettings
 from streams.contract import AnnotatedExample
 from streams.pii import Scrubber
 from streams.pipeline import PartitionPipeline, PipelineSet

@@ -9,7 +9,7 @@ from peft import PeftModel
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM
 
-from app.store import Adapter, Batch
+from streams.store import Adapter, Batch
 from streams.contract import AdapterReady
 from tests.trainer import batches
 from trainer.adapter_validation import adapter_sha256

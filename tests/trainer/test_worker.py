@@ -7,7 +7,7 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from app.broker import ensure_topics
-from app.store import Adapter, Batch
+from streams.store import Adapter, Batch
 from streams.contract import BatchEmitted, utcnow
 from streams.topics import CONTROL
 from tests.conftest import make_settings
@@ -47,7 +47,9 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
         await producer.send_and_wait(CONTROL.name, emitted.model_dump_json().encode(), key=batch_id.encode())
     await producer.stop()
 
-    worker = TrainerWorker(settings, sessions, group=f"trainer-{uuid.uuid4().hex[:8]}")
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
+                           base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+                           group=f"trainer-{uuid.uuid4().hex[:8]}")
     running = asyncio.create_task(worker.run())
     try:
         ready = await control_events(settings, "adapter_ready", 2, where=lambda e: batch_id in e["batch_ids"])

@@ -14,12 +14,12 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import BaseModel, ValidationError
 
-from app.settings import Settings
 from streams.contract import CONTROL_EVENT_ADAPTER
-from streams.topics import CONTROL
+from streams import kafka
+from streams.kafka import KafkaSettings
+from streams.topics import CONTROL, control_key
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +30,7 @@ Ticker = Callable[[], Awaitable[Sequence[BaseModel]]]
 class ControlConsumer:
     def __init__(
         self,
-        settings: Settings,
+        kafka_settings: KafkaSettings,
         group: str,
         handle: Handler,
         *,
@@ -40,24 +40,18 @@ class ControlConsumer:
         self.handle = handle
         self.tick = tick
         self._stopping = asyncio.Event()
-        session_ms = int(settings.broker_session_timeout_s * 1000)
-        self.consumer = AIOKafkaConsumer(
+        self.consumer = kafka.consumer(
+            kafka_settings,
             CONTROL.name,
-            bootstrap_servers=settings.bootstrap_servers,
             group_id=group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=session_ms,
-            heartbeat_interval_ms=max(500, session_ms // 6),
             # A handler may work for minutes (training): the group must not take it for dead.
             max_poll_interval_ms=int(max_poll_interval_s * 1000),
         )
-        self.producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+        self.producer = kafka.producer(kafka_settings)
 
     async def publish(self, events: Sequence[BaseModel]) -> None:
         for event in events:
-            key = (getattr(event, "adapter", None) or getattr(event, "batch_id", None) or event.event_id).encode()
-            await self.producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=key)
+            await self.producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=control_key(event))
 
     async def run(self) -> None:
         await self.consumer.start()
