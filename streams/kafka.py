@@ -3,9 +3,9 @@
 One :class:`KafkaSettings` holds what a connection needs (the bootstrap servers and the
 consumer-group timings today); :func:`connection_options` turns it into the keyword
 arguments every aiokafka client takes, and each factory adds only what its role decides
-(acks, group, offsets). A connection setting added here (TLS, SASL) reaches every client at
-once, the pipeline's Faust app included, so no process can be left talking plaintext to a
-cluster that needs credentials.
+(acks, group, offsets), never the connection: a connection setting added here (TLS, SASL)
+reaches every client at once, the pipeline's Faust app included, so no process can be left
+talking plaintext to a cluster that needs credentials.
 
 Why the group timings are short by default: Tansu, the embedded broker, holds every
 JoinGroup for half the session timeout, so Kafka's usual 45-60 s would stall each start and
@@ -45,7 +45,7 @@ def producer(kafka: KafkaSettings, **options: Any) -> AIOKafkaProducer:
 
     Not idempotent: Tansu does not answer the InitProducerId version aiokafka sends, so
     duplicates from retries are removed downstream by event id instead."""
-    return AIOKafkaProducer(**{"acks": "all", **connection_options(kafka), **options})
+    return AIOKafkaProducer(**{"acks": "all", **options, **connection_options(kafka)})
 
 
 def consumer(kafka: KafkaSettings, *topics: str, group_id: str | None, **options: Any) -> AIOKafkaConsumer:
@@ -54,7 +54,7 @@ def consumer(kafka: KafkaSettings, *topics: str, group_id: str | None, **options
     session_ms = int(kafka.session_timeout_s * 1000)
     defaults = {"enable_auto_commit": False, "auto_offset_reset": "earliest", "session_timeout_ms": session_ms,
                 "heartbeat_interval_ms": int(kafka.heartbeat_interval_s * 1000)}  # fmt: skip
-    return AIOKafkaConsumer(*topics, **{**defaults, **connection_options(kafka), "group_id": group_id, **options})
+    return AIOKafkaConsumer(*topics, **{**defaults, **options, "group_id": group_id, **connection_options(kafka)})
 
 
 def admin(kafka: KafkaSettings) -> AIOKafkaAdminClient:
