@@ -338,6 +338,8 @@ class Archiver:
                             r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, r.headers
                         )
                         buffer.add(r.offset, r.timestamp, line, now)
+                    log.debug("archive.buffered", topic=tp.topic, partition=tp.partition,
+                              last_offset=buffer.last_offset, records=len(buffer.lines))  # fmt: skip
                 for tp, buffer in list(self.buffers.items()):
                     if buffer.due(now, self.flush_events, self.flush_seconds):
                         await self.seal(tp)

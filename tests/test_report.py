@@ -77,7 +77,7 @@ def test_wilson_interval_narrows_with_n_and_widens_with_z():
     assert width(wilson_interval(70, 100)) < width(wilson_interval(7, 10))
     low_99, high_99 = wilson_interval(7, 10, z=2.576)
     assert low_99 < 0.3968 and high_99 > 0.8922
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"wins 11 outside \[0, 10\]"):
         wilson_interval(11, 10)
 
 
@@ -85,8 +85,9 @@ def test_win_rate_counts_ties_half_and_rejects_bad_judgements():
     rate, (low, high) = win_rate([1] * 70 + [0.5] * 20 + [0] * 10)
     assert rate == 0.8 and (low, high) == wilson_interval(80, 100)
     assert win_rate([0.99, 0.01]) == (0.5, wilson_interval(1.0, 2))
-    for bad in ([], [1.2], [-0.1]):
-        with pytest.raises(ValueError):
+    outside = r"judgements must lie in \[0, 1\]"
+    for bad, message in (([], "no judgements"), ([1.2], outside), ([-0.1], outside)):
+        with pytest.raises(ValueError, match=message):
             win_rate(bad)
 
 

@@ -2,15 +2,20 @@
 
 import asyncio
 import json
+import os
+import signal
+from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+import migrations
 from app.broker import EmbeddedBroker, ensure_topics
+from app.processes import Child
 from app.runtime import gateway_server, wait_started
-from streams.store import ArchiveSegment
-from streams.archive import verify_archive
+from streams.store import ArchiveSegment, make_engine, make_sessionmaker
+from streams.archive import iter_archive, verify_archive
 from streams.topics import EVENTS
 from tests.conftest import API_KEYS, archived_records, free_port, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
@@ -78,28 +83,91 @@ def own_broker():
         yield broker
 
 
-async def test_archiver_crash_before_sealing_loses_nothing(tmp_path, own_broker):
-    settings = make_settings(tmp_path, own_broker.port, archive_flush_seconds=3600.0, archive_flush_events=100_000)
-    stack, stop = await start_stack(settings)
-    posted = await post_events(stack.base_url, 200)
-    for _ in range(300):  # wait until consumed into the buffer; sealing is an hour away
-        if sum(len(b.lines) for b in stack.archiver.buffers.values()) >= 200:
-            break
-        await asyncio.sleep(0.1)
-    assert archived_records(stack, EVENTS.name) == []
-    stack.archiver.consumer.commit = _crash  # die without committing what it had buffered
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        await stop()
-
-    settings = settings.model_copy(update={"archive_flush_seconds": 0.2})
-    stack, stop = await start_stack(settings)
+def archived_ids(settings) -> list[str]:
+    """Event ids of the archived user events, as often as each was archived."""
+    engine = make_engine(settings.store_url)
     try:
-        records = await wait_until_archived(stack, EVENTS.name, 200)
-        await asyncio.sleep(1)
-        records = archived_records(stack, EVENTS.name)
+        with make_sessionmaker(engine)() as session:
+            return event_ids(iter_archive(session, settings.archive_dir, EVENTS.name))
     finally:
-        await stop()
-    assert sorted(event_ids(records)) == sorted(posted)
+        engine.dispose()
+
+
+def log_events(path: Path, name: str) -> list[dict]:
+    """The JSON log lines named ``name`` a child process has written so far."""
+    found = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the kill, or not ours
+        if isinstance(record, dict) and record.get("event") == name:
+            found.append(record)
+    return found
+
+
+async def wait_for(condition, what: str, child: Child, attempts: int = 600) -> None:
+    for _ in range(attempts):
+        if condition():
+            return
+        assert child.running, f"{child.name} exited: {child.log_tail()}"
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never saw {what}; {child.name} log:\n{child.log_tail()}")
+
+
+async def test_archiver_killed_before_sealing_loses_and_doubles_nothing(tmp_path, own_broker):
+    """`feedloop archive run` as its own process, SIGKILLed with one segment sealed and
+    committed and 60 more records consumed into its buffer but not sealed; restarted."""
+    # One partition, so "sealed" and "buffered" are one buffer's state; a segment seals at 100
+    # records, or after an hour: the 60 that follow the first 100 stay in memory.
+    settings = make_settings(tmp_path, own_broker.port, topic_partitions=1, archive_flush_events=100,
+                             archive_flush_seconds=3600.0, log_level="debug", log_format="json")  # fmt: skip
+    migrations.upgrade(settings.store_url)
+    await ensure_topics(settings)
+    server = gateway_server(settings)
+    serving = asyncio.create_task(server.serve())
+    await wait_started(server, serving)
+    base_url = f"http://127.0.0.1:{settings.gateway_port}"
+    first_log, second_log = tmp_path / "archive-1.log", tmp_path / "archive-2.log"
+    first = Child(["archive", "run"], settings, first_log).start()
+    second = None
+    try:
+        sealed = await post_events(base_url, 100)
+        await wait_for(lambda: len(archived_ids(settings)) == 100, "the first segment sealed", first)
+        buffered = await post_events(base_url, 60)
+        await wait_for(lambda: any(e["records"] == 60 and e["last_offset"] == 159
+                                   for e in log_events(first_log, "archive.buffered")),
+                       "the next 60 records buffered", first)  # fmt: skip
+        os.killpg(first.process.pid, signal.SIGKILL)  # no stop(): nothing sealed, nothing committed
+        assert first.process.wait(30) == -signal.SIGKILL
+        assert sorted(archived_ids(settings)) == sorted(sealed), "the buffered 60 were never sealed"
+        assert not log_events(first_log, "archive.stopped")
+
+        restarted = settings.model_copy(update={"archive_flush_seconds": 0.2})
+        second = Child(["archive", "run"], restarted, second_log).start()
+        await wait_for(lambda: len(archived_ids(settings)) >= 160, "all 160 records archived", second)
+        assert second.stop() == 0, second.log_tail()  # SIGTERM: it seals what it holds, so a
+        # duplicate it had read would be in the archive now
+    finally:
+        for child in (first, second):
+            if child is not None and child.running:
+                os.killpg(child.process.pid, signal.SIGKILL)
+                child.process.wait(30)
+        server.should_exit = True
+        await serving
+
+    ids = archived_ids(settings)
+    assert sorted(ids) == sorted(sealed + buffered) and len(ids) == len(set(ids)) == 160
+    engine = make_engine(settings.store_url)
+    with make_sessionmaker(engine)() as session:
+        report = verify_archive(session, settings.archive_dir)
+        segments = session.scalars(select(ArchiveSegment).where(ArchiveSegment.topic == EVENTS.name)).all()
+    engine.dispose()
+    assert report.ok, report.problems
+    # The second life resumed at the committed offset: its segments go on where the first ended.
+    ranges = sorted((s.first_offset, s.last_offset) for s in segments)
+    assert ranges[0] == (0, 99) and ranges[-1][1] == 159
+    assert all(later[0] == earlier[1] + 1 for earlier, later in zip(ranges, ranges[1:]))
 
 
 async def test_crash_between_recording_and_committing_doubles_nothing(tmp_path, own_broker):

@@ -184,9 +184,9 @@ def test_a_test_without_a_verdict_ends_inconclusive_at_max_samples():
 
 def test_rejects_unknown_variants_and_rewards_out_of_range():
     test = ABTest("a", "b")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'c' is neither 'a' nor 'b'"):
         test.update("c", 0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"reward 1.5 is outside \[0, 1\]"):
         test.update("a", 1.5)
 
 

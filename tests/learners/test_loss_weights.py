@@ -73,7 +73,7 @@ def test_cold_start_trusts_explicit_and_examples_without_explicit_teach_nothing(
     for _ in range(100):
         weights.learn_one({"implicit": 1.0, "self_eval": 0.0})
     assert weights.weights() == cold
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown channels: \['thumbs'\]"):
         weights.learn_one({"thumbs": 1.0})
 
 

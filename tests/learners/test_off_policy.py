@@ -77,10 +77,10 @@ def test_a_router_is_a_candidate_policy(environment):
 
 def test_rejects_bad_propensities_and_short_logs():
     evaluator = OffPolicyEvaluator(lambda context: {"a": 1.0})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"propensity 0.0 must be in \(0, 1\]"):
         evaluator.learn_one({}, "a", 1.0, 0.0)
     evaluator.learn_one({}, "a", 1.0, 0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="an interval needs at least 2 records"):
         evaluator.ips()
 
 

@@ -8,6 +8,7 @@ them; the learner itself is not running here (tests/integration/test_learners_li
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import uuid
 
@@ -41,12 +42,29 @@ def loaded(adapter: str) -> AdapterLoaded:
                          replicas=[])  # fmt: skip
 
 
-def publish_router(sessions, learner: LearnerState) -> None:
-    """What `feedloop learn` does after a checkpoint: the gateway picks it up within a poll."""
+def publish_router(sessions, learner: LearnerState) -> int:
+    """What `feedloop learn` does after a checkpoint: the gateway picks it up within a poll.
+    Returns the snapshot's version."""
     snapshot = learner.snapshot()
     with sessions.begin() as session:
         session.add(RouterSnapshot(learner="test", version=snapshot.version, examples=snapshot.examples,
                                    arms=list(snapshot.arms), state=snapshot.data))  # fmt: skip
+    return snapshot.version
+
+
+async def wait_for_router(stack, version: int) -> None:
+    """Until the gateway routes with the snapshot at ``version``: each route decision names
+    the version of the router that made it."""
+    async with httpx.AsyncClient(base_url=stack.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        seen = None
+        for _ in range(600):
+            response = await c.post("/v1/route", json={"context": {"domain": "code"}})
+            response.raise_for_status()
+            seen = response.json()["snapshot_version"]
+            if seen == version:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"the gateway still routes with snapshot version {seen}, not {version}")
 
 
 async def served_alone(server_url: str, model: str) -> dict[str, str]:
@@ -77,8 +95,7 @@ async def chat(models: Models, trained: Trained, server, broker, tmp_path):
     await asyncio.to_thread(controller.handle, trained.concise)
     learner = LearnerState(settings.learners)
     learner.apply_control(loaded(trained.concise.adapter))
-    publish_router(stack.sessions, learner)
-    await asyncio.sleep(0.5)  # a few polls
+    await wait_for_router(stack, publish_router(stack.sessions, learner))
     try:
         yield stack, controller, learner
     finally:
@@ -137,12 +154,19 @@ async def test_the_openai_client_works_unchanged_and_each_answer_is_one_archived
 
 async def test_under_load_during_a_swap_nothing_fails_and_every_answer_is_its_adapters(chat, server, models, trained):
     stack, controller, learner = chat
-    requests_total, concurrency = 96, 6
+    concurrency, before_swap, after_swap, most = 6, 24, 8, 600
     outcomes: list[tuple[str, str, int, str]] = []  # question, adapter, status, text
-    counter = iter(range(requests_total))
+    counter = itertools.count()
+    swapped = asyncio.Event()  # the gateway routes with the router that has the new adapter
+
+    def enough() -> bool:
+        """Traffic goes on through the swap until the new adapter has served a few answers."""
+        new = sum(adapter == trained.detailed.adapter for _, adapter, _, _ in outcomes)
+        return (swapped.is_set() and new >= after_swap) or len(outcomes) >= most
 
     async def worker(client: httpx.AsyncClient) -> None:
-        for i in counter:
+        while not enough():
+            i = next(counter)
             question = QUESTIONS[i % len(QUESTIONS)]
             response = await client.post("/v1/chat/completions", json={
                 "model": "auto", "messages": messages(question), "max_tokens": MAX_TOKENS, "temperature": 0})  # fmt: skip
@@ -150,16 +174,19 @@ async def test_under_load_during_a_swap_nothing_fails_and_every_answer_is_its_ad
             outcomes.append((question, response.headers.get("x-feedloop-adapter", ""), response.status_code, text))
 
     async def swap() -> None:
-        await asyncio.sleep(0.5)  # mid-loop
+        while len(outcomes) < before_swap:  # mid-loop: requests in flight before, during and after
+            await asyncio.sleep(0.05)
         (announced,) = await asyncio.to_thread(controller.handle, trained.detailed)
         learner.apply_control(announced)
-        publish_router(stack.sessions, learner)
+        await wait_for_router(stack, publish_router(stack.sessions, learner))
+        swapped.set()
 
     headers = {"Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(base_url=stack.base_url, headers=headers, timeout=120) as client:
         await asyncio.gather(swap(), *(worker(client) for _ in range(concurrency)))
 
     assert [o for o in outcomes if o[2] != 200] == [], "no request may fail during a swap"
+    assert len(outcomes) < most, "the new adapter got (almost) no traffic after the swap"
     served = {adapter for _, adapter, _, _ in outcomes}
     assert trained.detailed.adapter in served, "the new adapter got traffic during the loop"
     names = {"base": models.zero.name, trained.concise.adapter: trained.concise.adapter,
@@ -173,8 +200,7 @@ async def test_a_route_to_an_adapter_no_replica_has_falls_back_to_the_base_model
     stack, _, learner = chat
     learner.apply_control(loaded("adapter-ghost-1"))  # the router has it; no replica does
     learner.router.pin("adapter-ghost-1")
-    publish_router(stack.sessions, learner)
-    await asyncio.sleep(0.5)
+    await wait_for_router(stack, publish_router(stack.sessions, learner))
     expected = await served_alone(server.url, models.zero.name)
     async with httpx.AsyncClient(base_url=stack.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
         response = await c.post("/v1/chat/completions", json={"model": "auto", "messages": messages(QUESTIONS[1]),

@@ -148,7 +148,7 @@ def test_unload_removes_the_adapter_and_its_requests_get_404(models: Models, in_
     # The same immutable adapter can come back under its own name.
     in_sync.add(models.beta)
     assert swapper.reconcile().replicas[0].loaded == ["beta-v1"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="zero-delta base adapter is never retired"):
         in_sync.retire(models.zero.name)  # base traffic always has its adapter
 
 
@@ -202,11 +202,12 @@ def test_server_refuses_to_start_on_a_busy_port_and_fails_fast_on_a_bad_model(mo
         busy.start()
     config = server_config(models, free_port(), tmp_path / "broken.log")
     broken = VllmServer(dataclasses.replace(config, model_path=tmp_path / "no-model"))
-    began = time.monotonic()
-    with pytest.raises(VllmStartError) as caught:
+    with pytest.raises(VllmStartError, match="exited with") as caught:
         broken.start(timeout_s=120)
-    assert "exited with" in str(caught.value) and "no-model" in str(caught.value)
-    assert time.monotonic() - began < 100
+    assert "no-model" in str(caught.value)
+    # Failing fast: vLLM exited by itself with an error, so the wait ended on its exit. Had
+    # the deadline ended it, stop() would have signalled it (a negative return code).
+    assert broken.process.returncode > 0, broken.process.returncode
     assert not broken.running
 
 

@@ -227,20 +227,43 @@ def test_a_reward_drift_trigger_forgets_the_records_held_from_before_it(pseudony
     assert any(r.example_id in before for r in later) is not preferences_moved
 
 
-def test_erased_users_never_reach_a_later_batch(pseudonyms):
+def test_erased_users_never_reach_a_later_batch(tmp_path):
+    # The erasure's time is pinned between the old events and the new one: the pipeline
+    # compares event times with it, and the wall clock is later than every event here.
+    erased_at = T0 + timedelta(seconds=5_000)
+    pseudonyms = Pseudonymizer(FileKeyStore(tmp_path / "keys", clock=lambda: erased_at))
     keep, erase = turn(0, user_id="keep-me"), turn(1, user_id="erase-me")
-    run = Run(pseudonyms).feed(keep, erase, signal(keep, "thumbs", 2), signal(erase, "thumbs", 3), tick(700))
+    before = [keep, erase, signal(keep, "thumbs", 2), signal(erase, "thumbs", 3), tick(700)]
+    run = Run(pseudonyms).feed(*before)
+    (old_pseudonym,) = {e.user for e in run.examples if e.example_id == erase["interaction_id"]}
     pseudonyms.erase("erase-me")
-    later = turn(10**4 - 5, user_id="erase-me")  # after the erasure: a new pseudonym, a new start
     run.pipeline.curator.request_early("manual")
     run.feed(tick(800))
     ids = {r.example_id.split(":")[0] for r in run.records()}
     assert keep["interaction_id"] in ids and erase["interaction_id"] not in ids
     assert run.batches[0].erased >= 1
-    # Replaying the raw log after the erasure drops their old events at the door.
-    replay = Run(pseudonyms).feed(keep, erase, signal(keep, "thumbs", 2), signal(erase, "thumbs", 3), tick(700))
-    assert "user_erased" in replay.reasons()
-    assert later["user_id"] == "erase-me"
+
+    # After the erasure: a new pseudonym, a new start. Their new turn is trained on, the old
+    # one still is not.
+    later = turn(10**4 - 5, user_id="erase-me")
+    cut = len(run.batches)
+    after = [later, signal(later, "thumbs", 10**4 - 4), tick(10**4 + 700)]
+    run.feed(*after)
+    run.pipeline.curator.request_early("manual")
+    run.feed(tick(10**4 + 800))
+    (example,) = [e for e in run.examples if e.example_id == later["interaction_id"]]
+    assert example.user.startswith("u_") and example.user != old_pseudonym
+    new_ids = {r.example_id.split(":")[0] for b in run.batches[cut:] for r in b.records if not r.replay}
+    assert later["interaction_id"] in new_ids
+    assert erase["interaction_id"] not in {r.example_id.split(":")[0] for r in run.records()}
+    assert "user_erased" not in run.reasons()
+
+    # Replaying the raw log after the erasure drops their old turn at the door (its feedback
+    # then has nothing to join), not the new one.
+    replay = Run(pseudonyms).feed(*before, *after)
+    assert {d.event_id: d.reason for d in replay.dead} == {erase["event_id"]: "user_erased",
+                                                          before[3]["event_id"]: "orphan_feedback"}  # fmt: skip
+    assert {e.example_id for e in replay.examples} == {keep["interaction_id"], later["interaction_id"]}
 
 
 def test_same_records_same_outputs_and_state_pickles_midstream(pseudonyms):

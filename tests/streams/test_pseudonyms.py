@@ -158,7 +158,7 @@ def test_an_erasure_by_another_process_is_seen_within_a_tenth_of_a_second(tmp_pa
 
 
 def test_bad_inputs_are_rejected(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="user_id must be a non-empty string"):
         _pseudonymizer(tmp_path / "keys").pseudonym("")
     short_rng = FileKeyStore(tmp_path / "other", random_bytes=lambda n: b"\x00" * (n - 1))
     with pytest.raises(ValueError, match=f"expected {KEY_BYTES}"):

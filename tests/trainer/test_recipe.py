@@ -5,6 +5,9 @@ import stat
 
 import pytest
 import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
 from peft import PeftModel
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM
@@ -15,7 +18,7 @@ from tests.trainer import batches
 from trainer.adapter_validation import adapter_sha256
 from trainer.config import GateConfig, PrivacyConfig, StageConfig, TrainerConfig
 from trainer.gate import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE
-from trainer.privacy import LEDGER_FILE, PrivacyBudgetExceeded, PrivacyLedger, plan
+from trainer.privacy import LEDGER_FILE, PrivacyBudgetExceeded, PrivacyLedger
 from trainer.recipe import train_batch
 from trainer.registry import sha256_file
 
@@ -135,19 +138,67 @@ def test_crash_mid_batch_then_restart_trains_it_exactly_once(trained_base, sessi
     assert not list((adapters / "_staging").iterdir())
 
 
-def test_dp_run_reports_epsilon_and_the_budget_refuses_the_next_run(trained_base, sessions, tmp_path):
+class RecordingEngine(PrivacyEngine):
+    """opacus' PrivacyEngine, kept for the test to look at after the run."""
+
+    made: list["RecordingEngine"] = []
+
+    def make_private(self, **kwargs):
+        module, optimizer, loader = super().make_private(**kwargs)
+        self.optimizer = optimizer
+        RecordingEngine.made.append(self)
+        return module, optimizer, loader
+
+
+def independent_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """opacus' RDP accountant stepped as DP-SGD steps it, apart from trainer.privacy."""
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    return accountant.get_epsilon(delta)
+
+
+def test_dp_run_adds_noise_reports_epsilon_and_the_budget_refuses_the_next_run(trained_base, sessions, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
     adapters = tmp_path / "adapters"
     privacy = PrivacyConfig(enabled=True, batch_size=16, epochs=1.0, noise_multiplier=1.0)
-    epsilon, steps, _ = plan(64, privacy)
+    # 64 SFT records in Poisson batches of 16 on average: sample rate 1/4, one epoch in 4 steps.
+    sample_rate, steps = 16 / 64, 4
+    epsilon = independent_epsilon(privacy.noise_multiplier, sample_rate, steps, privacy.delta)
+    assert 0 < epsilon < 10
     # Room for one run, not two.
     config = FAST.model_copy(update={"privacy": privacy.model_copy(update={"budget_epsilon": 1.5 * epsilon})})
     first = batches.write(tmp_path, "batch-dp-1", batches.preference_records(seed=4, sft=64, pairs=8, labels=0))
 
+    # Watch opacus itself: the engine the run made, and the noise each step added.
+    RecordingEngine.made = []
+    monkeypatch.setattr("trainer.privacy.PrivacyEngine", RecordingEngine)
+    noise_std: list[float] = []
+    add_noise = DPOptimizer.add_noise
+
+    def recording_add_noise(optimizer):
+        add_noise(optimizer)
+        noise = torch.cat([(p.grad - p.summed_grad.view_as(p)).flatten() for p in optimizer.params])
+        noise_std.append(float(noise.std()))
+
+    monkeypatch.setattr(DPOptimizer, "add_noise", recording_add_noise)
+
     result = train_batch(first, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
 
-    assert 0 < result.epsilon == pytest.approx(epsilon)
+    # DP-SGD ran: a DP optimizer with the configured noise and clipping, whose every step
+    # added Gaussian noise of std noise_multiplier * max_grad_norm to the clipped gradients.
+    (engine,) = RecordingEngine.made
+    assert isinstance(engine.optimizer, DPOptimizer)
+    assert (engine.optimizer.noise_multiplier, engine.optimizer.max_grad_norm) == (1.0, privacy.max_grad_norm)
+    assert len(noise_std) == steps
+    assert all(std == pytest.approx(privacy.noise_multiplier * privacy.max_grad_norm, rel=0.05) for std in noise_std)
+    # What opacus' own accountant counted over the steps taken is what the run reports.
+    assert engine.accountant.history == [(privacy.noise_multiplier, sample_rate, steps)]
+    assert engine.accountant.get_epsilon(privacy.delta) == pytest.approx(epsilon)
+    assert result.epsilon == pytest.approx(epsilon)
+
     (row,) = rows(sessions, Adapter)
-    assert row.lineage["privacy"] == {"epsilon": epsilon, "delta": 1e-5}
+    assert row.lineage["privacy"] == {"epsilon": pytest.approx(epsilon), "delta": 1e-5}
     assert row.lineage["skipped"] == ["pairs"]  # preference stages do not run under DP
     assert [s["stage"] for s in row.lineage["stages"]] == ["sft"] and row.lineage["stages"][0]["steps"] == steps
     ledger = PrivacyLedger(adapters / LEDGER_FILE, config.privacy)
