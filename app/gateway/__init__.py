@@ -13,11 +13,12 @@ One router per concern, each made from only the settings and services it uses:
 - ``dashboard``: ``/dashboard`` and ``GET /v1/overview``; ``metrics``: ``GET /metrics``
   (keys, the overview source).
 
-:func:`create_app` is the only part that sees the whole ``Settings``: it builds the services,
-includes the routers, and owns the lifespan. The services are built with the app, before any
-event loop runs (``feedloop gateway`` makes the app, then runs uvicorn), so that each router can
-be handed the service itself; what needs the loop (the publisher's connection, the first router
-snapshot, the reload task) starts in the lifespan and is closed there.
+:func:`create_app` is the only part of the gateway that reads ``Settings`` (the overview
+source, shared with ``feedloop status``, takes them too): it builds the services, includes the
+routers, and owns the lifespan. The services are built with the app, before any event loop runs
+(``feedloop gateway`` makes the app, then runs uvicorn), so that each router can be handed the
+service itself; what needs the loop (the publisher's connection, the first router snapshot,
+the reload task) starts in the lifespan and is closed there.
 """
 
 from __future__ import annotations
