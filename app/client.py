@@ -21,7 +21,8 @@ from typing import Any
 
 import httpx
 
-from app.gateway import IngestResult, RouteAnswer
+from app.gateway.events import IngestResult
+from app.gateway.route import RouteAnswer
 from streams.contract import Annotation, Context, Feedback, Interaction, utcnow
 
 Event = Interaction | Feedback | Annotation

@@ -13,6 +13,7 @@ import asyncio
 from datetime import datetime
 
 import structlog
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from streams import kafka
@@ -29,23 +30,34 @@ class PublishError(RuntimeError):
 
 
 class Publisher:
+    """Built before the event loop runs (the gateway's routers are made with it), so the
+    producer is made in ``start()``: aiokafka binds a producer to the loop running then."""
+
     def __init__(self, kafka_settings: KafkaSettings, *, max_request_bytes: int, timeout_s: float = 15.0) -> None:
         self.timeout_s = timeout_s
+        self._kafka_settings = kafka_settings
+        self._max_request_bytes = max_request_bytes
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
         self._producer = kafka.producer(
-            kafka_settings,
+            self._kafka_settings,
             # No linger: a request's records are enqueued together and batch anyway, and a chat
             # answer waits for its interaction's ack: 0.2 ms on loopback, 2.6 ms with linger_ms=2
             # (the ingest ratio was the same either way: benchmarks/RESULTS.md).
             linger_ms=0,
-            max_request_size=max_request_bytes,
-            request_timeout_ms=int(timeout_s * 1000),
+            max_request_size=self._max_request_bytes,
+            request_timeout_ms=int(self.timeout_s * 1000),
         )
-
-    async def start(self) -> None:
         await self._producer.start()
 
     async def stop(self) -> None:
-        await self._producer.stop()
+        await self._started().stop()
+
+    def _started(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("Publisher.start() was not awaited")
+        return self._producer
 
     async def publish(
         self,
@@ -73,8 +85,9 @@ class Publisher:
 
     async def _send_all(self, records: list[tuple[str, bytes, bytes]], headers: list) -> None:
         # send() only enqueues; gathering the returned futures waits for the acknowledgements.
+        producer = self._started()
         pending = [
-            await self._producer.send(topic, value, key=key, headers=headers)
+            await producer.send(topic, value, key=key, headers=headers)
             for topic, value, key in records
         ]
         await asyncio.gather(*pending)

@@ -159,13 +159,3 @@ class Settings(BaseSettings):
     @property
     def adapters_path(self) -> Path:
         return self.adapter_dir or self.data_dir / "adapters"
-
-    def app_for_key(self, key: str) -> str | None:
-        """The app id an API key belongs to, compared in constant time."""
-        import hmac
-
-        found = None
-        for app_id, secret in self.api_keys.items():
-            if hmac.compare_digest(secret.get_secret_value().encode(), key.encode()):
-                found = app_id
-        return found

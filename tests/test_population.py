@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 import app.population
-from app.chat import ChatExtras
+from app.gateway.chat import ChatExtras
 from app.population import (
     AFTER_DRIFT,
     BEFORE_DRIFT,

@@ -3,6 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
+from app.gateway.auth import ApiKeys
 from app.settings import Settings
 
 
@@ -33,8 +34,9 @@ def test_environment_points_at_real_kafka_and_postgres(monkeypatch):
     assert not settings.uses_embedded_broker
     assert settings.bootstrap_servers == "k1:9092,k2:9092"
     assert settings.store_url == "postgresql+psycopg://u:p@db/feedloop"
-    assert settings.app_for_key("other") == "chat-ios"
-    assert settings.app_for_key("s3cre") is None
+    keys = ApiKeys(settings.api_keys)
+    assert keys.app_for_key("other") == "chat-ios"
+    assert keys.app_for_key("s3cre") is None
     assert "s3cret" not in repr(settings)  # secrets never show in logs
 
 

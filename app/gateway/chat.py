@@ -20,6 +20,9 @@ an adapter (unloaded meanwhile), the next replica is asked, and then the base mo
 it, so traffic never fails because a swap did. The answer is returned even if the broker
 cannot take the interaction event: the user's chat matters more; the failure is logged and
 the response says ``X-Feedloop-Recorded: false``.
+
+:class:`ChatService` does the work, one per gateway process; :func:`chat_router` is the
+endpoint around it: the API key, the body limit, and errors in the shape OpenAI clients parse.
 """
 
 from __future__ import annotations
@@ -32,19 +35,23 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import structlog
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from app.gateway.auth import ApiKeys
+from app.gateway.http import read_limited
 from app.publisher import Publisher, PublishError
 from app.routing import RouteDecision, RoutingService
-from app.settings import Settings
 from streams.contract import Context, Id, Interaction, utcnow
 from streams.intake import Accepted
 from trainer.adapter_validation import base_model_sha256
+from trainer.config import ServingSettings
 from trainer.serving import BASE_ALIAS, model_for, zero_delta_name
 
 log = structlog.get_logger(__name__)
@@ -101,12 +108,16 @@ def _text(content: Any) -> str:
 class ChatService:
     """The gateway's chat path. One per gateway process; ``close()`` on shutdown."""
 
-    def __init__(self, settings: Settings, routing: RoutingService, publisher: Publisher) -> None:
-        self.settings = settings
+    def __init__(self, routing: RoutingService, publisher: Publisher, *, vllm_urls: list[str],
+                 serving: ServingSettings, base_model_path: Path, lora_rank: int) -> None:  # fmt: skip
         self.routing = routing
         self.publisher = publisher
-        self._client = httpx.AsyncClient(timeout=settings.serving.request_timeout_s)
-        self._next_replica = itertools.cycle(range(len(settings.vllm_urls)))
+        self.vllm_urls = vllm_urls
+        self.serving = serving
+        self.base_model_path = base_model_path
+        self.lora_rank = lora_rank  # part of the zero-delta adapter's name
+        self._client = httpx.AsyncClient(timeout=serving.request_timeout_s)
+        self._next_replica = itertools.cycle(range(len(vllm_urls)))
         self._base_adapter: str | None = None
         self._pending: set[asyncio.Task] = set()
 
@@ -120,11 +131,11 @@ class ChatService:
         """The zero-delta adapter's name, from the base model's hash (computed once)."""
         if self._base_adapter is None:
             try:
-                sha = base_model_sha256(self.settings.model_path)
+                sha = base_model_sha256(self.base_model_path)
             except FileNotFoundError as exc:
                 raise ChatRequestError(503, "no_base_model", f"{exc}; run `feedloop model init` or set "
                                        "FEEDLOOP_BASE_MODEL_PATH") from exc  # fmt: skip
-            self._base_adapter = zero_delta_name(sha, self.settings.trainer.lora.rank)
+            self._base_adapter = zero_delta_name(sha, self.lora_rank)
         return self._base_adapter
 
     # --- the request ------------------------------------------------------------------------
@@ -194,7 +205,7 @@ class ChatService:
         model when no replica has the adapter."""
         for adapter in dict.fromkeys((turn.adapter, BASE_ALIAS)):
             body["model"] = model_for(adapter, base_adapter=self.base_adapter,
-                                      served_model_name=self.settings.serving.served_model_name)  # fmt: skip
+                                      served_model_name=self.serving.served_model_name)  # fmt: skip
             response = await self._post_any_replica(body, stream)
             if response.status_code != 404:
                 if adapter != turn.adapter:
@@ -207,7 +218,7 @@ class ChatService:
 
     async def _post_any_replica(self, body: dict[str, Any], stream: bool) -> httpx.Response:
         """The first replica's answer that is not 404 (or the last 404); down replicas skipped."""
-        urls = self.settings.vllm_urls
+        urls = self.vllm_urls
         start = next(self._next_replica)
         last: httpx.Response | None = None
         for url in urls[start:] + urls[:start]:
@@ -303,3 +314,39 @@ class ChatService:
         if recorded is not None:
             headers[RECORDED_HEADER] = "true" if recorded else "false"
         return headers
+
+
+def _openai_error(status: int, reason: str, detail: str) -> JSONResponse:
+    # The shape OpenAI clients parse into their exceptions.
+    return JSONResponse({"error": {"message": detail, "type": reason, "code": reason}}, status_code=status)
+
+
+def chat_router(keys: ApiKeys, chat: ChatService, max_body_bytes: int) -> APIRouter:
+    router = APIRouter()
+
+    @router.post(
+        "/v1/chat/completions",
+        summary="OpenAI-compatible chat completions: routed to an adapter, served by vLLM, recorded",
+        description="Point an OpenAI client's base_url at the gateway. Optional body field `feedloop`: "
+        "session_id, user_id, context, training_consent, regenerates. The answer carries the "
+        "X-Feedloop-Interaction-Id header: post feedback for it to /v1/events.",
+    )
+    async def chat_completions(request: Request) -> Any:
+        app_id = keys.app_for_header(request)
+        if app_id is None:
+            return _openai_error(401, "unauthenticated", "use your app's feedloop API key as the OpenAI api_key")
+        body, too_large = await read_limited(request, max_body_bytes)
+        if too_large:
+            return _openai_error(413, "body_too_large", f"request body exceeds {max_body_bytes} bytes")
+        try:
+            ask = json.loads(body)
+        except ValueError as exc:
+            return _openai_error(422, "invalid_json", f"the body is not JSON: {exc}")
+        if not isinstance(ask, dict):
+            return _openai_error(422, "invalid_request", "the body must be a JSON object")
+        try:
+            return await chat.complete(ask, app_id)
+        except ChatRequestError as exc:
+            return _openai_error(exc.status, exc.reason, exc.detail)
+
+    return router

@@ -24,9 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.auth import operator
+from app.gateway.auth import ApiKeys
 from app.overview import Overview, OverviewSource
-from app.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -127,12 +126,12 @@ class GatewayMetrics:
                                        buckets=ROUTE_BUCKETS_S, registry=self.registry)  # fmt: skip
         self.registry.register(OverviewCollector(overview))
 
-    def router(self, settings: Settings) -> APIRouter:
+    def router(self, keys: ApiKeys) -> APIRouter:
         router = APIRouter()
 
         @router.get("/metrics", summary="Prometheus metrics (docs/operations.md)")
         async def metrics(request: Request) -> Response:
-            if operator(request, settings) is None:
+            if keys.operator(request) is None:
                 return JSONResponse({"reason": "unauthenticated", "detail": "send an app's API key as "
                                      "'Authorization: Bearer <key>'"}, status_code=401)  # fmt: skip
             body = await asyncio.to_thread(generate_latest, self.registry)  # the collector reads the store

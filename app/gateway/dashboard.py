@@ -1,9 +1,9 @@
 """The operator dashboard: ``GET /dashboard`` and the JSON it polls, ``GET /v1/overview``.
 
-The page (``app/dashboard_static/``) fetches the overview every few seconds and draws it with
-Plotly. plotly.js is served from the installed ``plotly`` Python package
+The page (``app/gateway/dashboard_static/``) fetches the overview every few seconds and draws
+it with Plotly. plotly.js is served from the installed ``plotly`` Python package
 (``plotly/package_data/plotly.min.js``), so nothing is vendored into this repository and the
-page needs no network beyond the gateway. Authentication: ``app.auth``.
+page needs no network beyond the gateway. Authentication: ``app.gateway.auth``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import structlog
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from app.auth import operator, set_session_cookie
+from app.gateway.auth import ApiKeys, set_session_cookie
 from app.overview import OverviewSource
-from app.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -48,20 +47,20 @@ def plotly_js() -> Path | None:
     return path if path.exists() else None
 
 
-def dashboard_router(settings: Settings, overview: OverviewSource) -> APIRouter:
+def dashboard_router(keys: ApiKeys, overview: OverviewSource) -> APIRouter:
     router = APIRouter()
 
     @router.get("/dashboard", include_in_schema=False)
     async def dashboard(request: Request, key: str | None = None) -> Response:
         if key is not None:
-            if settings.app_for_key(key) is None:
+            if keys.app_for_key(key) is None:
                 return HTMLResponse(SIGN_IN.format(message="That key is not one of this gateway's API keys."), 401)
             # Trade the key for the cookie and drop it from the address bar and history.
             response = RedirectResponse("/dashboard", status_code=303, headers={"Referrer-Policy": "no-referrer"})
             set_session_cookie(response, request, key)
-            log.info("dashboard.signed_in", app_id=settings.app_for_key(key))
+            log.info("dashboard.signed_in", app_id=keys.app_for_key(key))
             return response
-        if operator(request, settings) is None:
+        if keys.operator(request) is None:
             return HTMLResponse(SIGN_IN.format(message="Sign in with an API key."), 401)
         return FileResponse(STATIC / "dashboard.html", media_type="text/html", headers=PAGE_HEADERS)
 
@@ -76,7 +75,7 @@ def dashboard_router(settings: Settings, overview: OverviewSource) -> APIRouter:
 
     @router.get("/v1/overview", summary="The loop at a glance: what the dashboard shows (docs/operations.md)")
     async def get_overview(request: Request) -> Any:
-        if operator(request, settings) is None:
+        if keys.operator(request) is None:
             return JSONResponse({"reason": "unauthenticated", "detail": "send an app's API key or open "
                                  "/dashboard?key=<key> first"}, status_code=401)  # fmt: skip
         # Store queries and segment reads block: keep them off the event loop.

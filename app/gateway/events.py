@@ -1,0 +1,126 @@
+"""``POST /v1/events``: a chat app's interactions, feedback and annotations, onto the log.
+
+The body is a JSON array (or JSON lines) of events, sent with an app's API key; the answer
+is 202 with how many were accepted and why each rejected one was rejected. Rejected input is
+never dropped: each rejected event, or the whole body when it cannot be read, is published to
+the dead-letter topic with its reason and raw bytes. Errors: 401 no or unknown API key, 413
+body too large, 422 body unreadable, 503 broker down. The checks are ``streams.intake``'s;
+this router reads the request and publishes what they decide.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from app.gateway.auth import ApiKeys
+from app.gateway.http import UNAUTHENTICATED_DETAIL, ErrorBody, error, read_limited
+from app.gateway.openapi import body_schema, raw_body
+from app.publisher import Publisher, PublishError
+from streams.contract import USER_EVENT_ADAPTER, DeadLetter, utcnow
+from streams.intake import Accepted, BodyRejected, Limits, Rejected, check_body, dead_letter
+
+log = structlog.get_logger(__name__)
+
+# An unauthenticated request is dead-lettered too, but only its first bytes: anyone can send one.
+UNAUTHENTICATED_RAW_BYTES = 4096
+STAGE = "gateway"
+
+
+class RejectedEvent(BaseModel):
+    index: int
+    event_id: str | None
+    reason: str
+    detail: str
+
+
+class IngestResult(BaseModel):
+    accepted: int
+    rejected: int
+    errors: list[RejectedEvent]
+
+
+def events_router(keys: ApiKeys, publisher: Publisher, limits: Limits, max_body_bytes: int) -> APIRouter:
+    router = APIRouter()
+
+    async def dead_letter_only(record: DeadLetter) -> None:
+        try:
+            await publisher.publish([], [record], app_id=record.app_id, received_at=record.received_at)
+        except PublishError:
+            log.error("gateway.dead_letter_failed", reason=record.reason)
+
+    @router.post(
+        "/v1/events",
+        status_code=202,
+        response_model=IngestResult,
+        responses={
+            401: {"model": ErrorBody}, 413: {"model": ErrorBody},
+            422: {"model": ErrorBody}, 503: {"model": ErrorBody},
+        },  # fmt: skip
+        openapi_extra=raw_body({
+            "application/json": {"schema": {"type": "array", "items": body_schema(USER_EVENT_ADAPTER)}},
+            "application/x-ndjson": {"schema": {"type": "string", "description": "JSON lines"}},
+        }),  # fmt: skip
+        summary="Post interaction, feedback and annotation events",
+    )
+    async def post_events(request: Request) -> Any:
+        received_at = utcnow()
+        app_id = keys.app_for_header(request)
+        body, too_large = await read_limited(request, max_body_bytes)
+        if app_id is None:
+            await dead_letter_only(
+                dead_letter(
+                    reason="unauthenticated",
+                    detail="no or unknown API key",
+                    raw=body, received_at=received_at, stage=STAGE,
+                    max_raw_bytes=UNAUTHENTICATED_RAW_BYTES,
+                ),  # fmt: skip
+            )
+            return error(401, "unauthenticated", f"{UNAUTHENTICATED_DETAIL} or 'X-API-Key: <key>'")
+        if too_large:
+            detail = f"request body exceeds {max_body_bytes} bytes; send smaller batches"
+            await dead_letter_only(
+                dead_letter(
+                    reason="body_too_large", detail=detail, raw=body, received_at=received_at,
+                    stage=STAGE, max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
+                ),  # fmt: skip
+            )
+            return error(413, "body_too_large", detail)
+        content_type = request.headers.get("content-type", "application/json")
+        try:
+            results = check_body(body, content_type, app_id, limits)
+        except BodyRejected as exc:
+            await dead_letter_only(
+                dead_letter(
+                    reason=exc.reason, detail=exc.detail, raw=body, received_at=received_at,
+                    stage=STAGE, max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
+                ),  # fmt: skip
+            )
+            return error(422, exc.reason, exc.detail)
+        accepted = [r for r in results if isinstance(r, Accepted)]
+        rejected = [r for r in results if isinstance(r, Rejected)]
+        dead = [
+            dead_letter(
+                reason=r.reason, detail=r.detail, raw=r.raw, received_at=received_at, stage=STAGE,
+                max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
+                event_id=r.event_id, issues=r.issues,
+            )  # fmt: skip
+            for r in rejected
+        ]
+        try:
+            await publisher.publish(accepted, dead, app_id=app_id, received_at=received_at)
+        except PublishError as exc:
+            return error(503, "broker_unavailable", str(exc))
+        for r in rejected:
+            log.info("gateway.rejected", app_id=app_id, event_id=r.event_id, index=r.index, reason=r.reason)
+        log.debug("gateway.ingested", app_id=app_id, accepted=len(accepted), rejected=len(rejected))
+        return IngestResult(
+            accepted=len(accepted),
+            rejected=len(rejected),
+            errors=[RejectedEvent(index=r.index, event_id=r.event_id, reason=r.reason, detail=r.detail) for r in rejected],
+        )
+
+    return router
