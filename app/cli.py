@@ -71,10 +71,10 @@ def broker(ctx: click.Context, port: int | None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it like Ctrl-C
     embedded = EmbeddedBroker(settings.embedded_broker_port)
     embedded.start()
-    asyncio.run(ensure_topics(settings))
-    click.echo(f"broker ready on {embedded.bootstrap_servers} (cluster {embedded.cluster_id}); Ctrl-C stops it")
-    click.echo("it keeps everything in memory: run `feedloop archive run` to keep the events")
-    try:
+    try:  # from here a stop signal, even during topic creation, ends the broker it started
+        asyncio.run(ensure_topics(settings))
+        click.echo(f"broker ready on {embedded.bootstrap_servers} (cluster {embedded.cluster_id}); Ctrl-C stops it")
+        click.echo("it keeps everything in memory: run `feedloop archive run` to keep the events")
         while embedded.running:
             time.sleep(0.5)
     except KeyboardInterrupt:
