@@ -269,13 +269,37 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--until", default=None, help="ISO time: records received before it.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Write batches (and a store) here instead: what-if runs never touch live batches.")
+@click.option("--close-at-end/--keep-open", default=None,
+              help="At the end of the input, close every window and cut every buffered record (default), or "
+                   "stop where the input stops. Replaying the archive into the live data directory keeps them "
+                   "open: the running worker still owns those windows.")  # fmt: skip
+@click.option("--import", "import_run", default=None, metavar="RUN",
+              help="Replay historical import RUN from the archive (feedloop.imports.v1), as it ran.")
 @click.pass_context
 def replay(ctx: click.Context, mode: str, source: str, since: str | None, until: str | None,
-           data_dir: Path | None) -> None:
+           data_dir: Path | None, close_at_end: bool | None, import_run: str | None) -> None:
     """Replay the event log: rebuild state and batches offline, or republish it."""
     from app.replay import run_replay
 
-    sys.exit(run_replay(_settings(ctx), mode=mode, source=source, since=since, until=until, data_dir=data_dir))
+    sys.exit(run_replay(_settings(ctx), mode=mode, source=source, since=since, until=until, data_dir=data_dir,
+                        close_at_end=close_at_end, import_run=import_run))
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run", default=None,
+              help="Id of this import (default: 'import-' and a digest of the input). Prefixes its batch and "
+                   "dead-letter ids; the same run id with the same input is not sent twice.")  # fmt: skip
+@click.pass_context
+def import_(ctx: click.Context, file: Path, run: str | None) -> None:
+    """Import a historical log (JSON lines, .gz too) into the live loop, in event time.
+
+    Its interactions and feedback, hours to months old, run through the pipeline in a state of
+    their own, ordered by occurred_at, so every feedback joins as it would have live; every
+    window closes at the end of the file. Examples go to the learners, batches to the trainer."""
+    from app.importer import run_import
+
+    sys.exit(run_import(_settings(ctx), source=str(file), run=run))
 
 
 @main.command()

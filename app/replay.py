@@ -18,11 +18,12 @@ from app.settings import Settings
 from streams import kafka
 from streams.archive import ArchivedRecord
 from streams.pii import Scrubber
+from streams.importer import archived_run, archived_runs
 from streams.pipeline import PipelineSet
 from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.replay import TimeRange, archive_records, file_records, replay_offline
 from streams.store import make_engine, make_sessionmaker
-from streams.topics import EVENTS
+from streams.topics import EVENTS, IMPORTS
 
 
 def _source(settings: Settings, source: str, window: TimeRange) -> tuple[Iterator[ArchivedRecord], int | None]:
@@ -32,6 +33,16 @@ def _source(settings: Settings, source: str, window: TimeRange) -> tuple[Iterato
     if not path.exists():
         raise SystemExit(f"no such file: {path}; --source takes 'archive' or a .jsonl/.jsonl.gz file")
     records = list(file_records(path, settings.topic_partitions, window))
+    return iter(records), len(records)
+
+
+def _import_source(settings: Settings, run: str) -> tuple[Iterator[ArchivedRecord], int]:
+    archive_sessions = make_sessionmaker(make_engine(settings.store_url))
+    records = archived_run(archive_sessions, settings.archive_dir, run)
+    if not records:
+        known = archived_runs(archive_sessions, settings.archive_dir)
+        raise SystemExit(f"no import {run} in the archive's {IMPORTS.name}; archived runs: "
+                         + (", ".join(f"{r} ({n} records)" for r, n in sorted(known.items())) or "none"))
     return iter(records), len(records)
 
 
@@ -57,12 +68,38 @@ async def _republish(settings: Settings, records: Iterator[ArchivedRecord], on_r
     return sent
 
 
+def _closing(settings: Settings, source: str, data_dir: Path | None, close_at_end: bool | None,
+             import_run: str | None) -> bool:
+    """Whether the replay closes every window at the end of its input (see the --close-at-end help)."""
+    live_partitions = source == "archive" and import_run is None and data_dir is None
+    if import_run is not None:
+        if close_at_end is False:
+            raise SystemExit("an import closed every window at the end of its input: --keep-open would not "
+                             "replay it as it ran")  # fmt: skip
+        return True
+    if live_partitions:
+        if close_at_end:
+            raise SystemExit(f"--close-at-end into the live data directory ({settings.data_dir}) would cut batches "
+                             "the running worker cuts later, under the same ids; give the replay its own "
+                             "--data-dir")  # fmt: skip
+        return False
+    return close_at_end is not False
+
+
 def run_replay(settings: Settings, *, mode: str, source: str, since: str | None, until: str | None,
-               data_dir: Path | None) -> int:
+               data_dir: Path | None, close_at_end: bool | None = None, import_run: str | None = None) -> int:
+    if import_run is not None and (mode != "offline" or source != "archive" or since or until):
+        raise SystemExit("--import RUN replays that import offline from the archive: no --republish, --source, "
+                         "--since or --until with it")  # fmt: skip
+    closing = False
     if mode == "offline":
         tune_gc(batch=True)
+        closing = _closing(settings, source, data_dir, close_at_end, import_run)
     console = Console(stderr=True)
-    records, total = _source(settings, source, TimeRange.parse(since, until))
+    if import_run is not None:
+        records, total = _import_source(settings, import_run)
+    else:
+        records, total = _source(settings, source, TimeRange.parse(since, until))
     started = time.monotonic()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console) as progress:
@@ -85,7 +122,8 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
         migrations.upgrade(output.store_url)
         pipelines = PipelineSet(output.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(output.keys_path)))
         summary = replay_offline(records, pipelines, data_dir=output.data_dir, batches_dir=output.batches_dir,
-                                 sessions=make_sessionmaker(make_engine(output.store_url)), on_record=on_record)
+                                 sessions=make_sessionmaker(make_engine(output.store_url)), on_record=on_record,
+                                 close_at_end=closing, import_run=import_run)  # fmt: skip
         progress.update(task, completed=summary.records)
     seconds = time.monotonic() - started
     table = Table(title=f"replay --offline: {summary.records} records in {seconds:.1f} s "
@@ -98,6 +136,14 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
         table.add_row(batch.batch_id, str(batch.example_count), batch.trigger, batch.manifest_sha256[:16])
     console.print(table)
     console.print(f"examples: {summary.examples}; dead letters: {dict(sorted(summary.dead_letters.items()))}")
+    if closing:
+        console.print(f"closed at the end of the input: {summary.closed_at_end} interactions (one example each)")
+    else:
+        console.print(f"left open at the end of the input: {summary.open_at_end} interactions (no example yet), "
+                      f"{summary.orphans_at_end} feedback waiting for their interaction, {summary.buffered_at_end} "
+                      "training records waiting for a batch" + ("" if summary.open_at_end + summary.buffered_at_end == 0
+                      else "; the running worker closes them as its event time moves (a replay into its own "
+                           "--data-dir closes them at the end)"))  # fmt: skip
     console.print(f"PII replaced: {dict(sorted(summary.pii_scrubbed.items()))}")
     console.print(f"batches written under {output.batches_dir}")
     return 0

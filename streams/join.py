@@ -131,6 +131,13 @@ class SessionJoin:
             return [Unjoined(event, "outside_implicit_window", f"{event.kind} came {elapsed} after the interaction")]
         return []
 
+    def next_deadline(self) -> datetime | None:
+        """The earliest event time (a :func:`utc` key) at which a window closes or an orphan
+        expires; None when nothing is open or waiting. An orphan whose interaction came
+        meanwhile leaves a stale entry: its time may come back once, and ``close_due`` drops it."""
+        heads = [heap[0][0] for heap in (self._closing, self._orphan_expiry) if heap]
+        return min(heads, default=None)
+
     def close_due(self) -> tuple[list[OpenInteraction], list[Unjoined]]:
         """Interactions whose window the watermark has passed (in closing order), and orphans
         whose interaction never came in time."""

@@ -188,6 +188,23 @@ class PartitionPipeline:
             self.stats.counts["erased_from_batches"] += batch.erased
             out.batches.append(batch)
 
+    def finish(self, pseudonyms: Pseudonymizer) -> Outputs:
+        """The end of a finished log: let event time run on until every window has closed,
+        every orphan has expired and every buffered record is in a batch, as the worker's
+        ticks do once traffic stops, but in event time. Each window closes at its own closing
+        time (so ``closed_at`` is what a tick at that instant would give) and batches are cut
+        as their time comes (``time``; ``size`` while enough wait)."""
+        out = Outputs()
+        lateness = self.join.allowed_lateness
+        while (deadline := self.join.next_deadline()) is not None:
+            self.join.observe(deadline + lateness)
+            self.advance(out, pseudonyms)
+        self.stats.counts["closed_at_end"] += len(out.examples)
+        while self.curator.buffer:
+            self.join.observe(self.curator.buffer[0].occurred_at + self.curator.max_wait + lateness)
+            self.advance(out, pseudonyms)
+        return out
+
     def _close(self, entry: OpenInteraction) -> AnnotatedExample:
         """The annotated example of a closed interaction; its training records go to the curator."""
         event = entry.interaction
@@ -300,6 +317,16 @@ class PipelineSet:
         if pipeline is None:
             pipeline = self.partitions[partition] = PartitionPipeline(partition, self.config)
         return pipeline.process(offset, value, scrubber=self.scrubber, pseudonyms=self.pseudonyms)
+
+    def finish(self) -> Outputs:
+        """:meth:`PartitionPipeline.finish` of every partition, in partition order."""
+        out = Outputs()
+        for partition in sorted(self.partitions):
+            done = self.partitions[partition].finish(self.pseudonyms)
+            out.dead_letters += done.dead_letters
+            out.examples += done.examples
+            out.batches += done.batches
+        return out
 
     def counts(self) -> Counter:
         total: Counter = Counter()

@@ -4,6 +4,10 @@
 batches, or try other settings (``FEEDLOOP_PIPELINE__*``) into another data directory.
 ``--republish`` puts the records back onto the events topic for the live workers.
 
+At the end of its input an offline replay closes every window by default (a finished log:
+one example per interaction, every record cut into a batch); ``close_at_end=False`` stops
+where the input stops, as a running worker's state does, and says what is left open.
+
 Records are processed per partition in offset order, exactly as the live worker saw them, so
 the same log gives byte-identical batch manifests.
 """
@@ -23,7 +27,8 @@ from sqlalchemy.orm import sessionmaker
 from streams.archive import ArchivedRecord, decode_record, read_segment, segments
 from streams.batches import publish_batch
 from streams.contract import BatchEmitted
-from streams.pipeline import PipelineSet
+from streams.importer import for_run
+from streams.pipeline import Outputs, PipelineSet
 from streams.topics import EVENTS
 
 
@@ -68,7 +73,8 @@ def archive_records(sessions: sessionmaker, archive_dir: Path, window: TimeRange
 def file_records(path: Path, partitions: int, window: TimeRange) -> Iterator[ArchivedRecord]:
     """Records of a JSON-lines file (optionally .gz): archive lines as they are, or bare events,
     which are assigned to partitions by their session id as Kafka's default partitioner would
-    and timed by their ``occurred_at`` (they carry no broker receive time)."""
+    and timed by their ``occurred_at`` (they carry no broker receive time). A line that is not
+    an event is kept (timed 0) for the pipeline to dead-letter with its reason."""
     partitioner = DefaultPartitioner()
     opener = gzip.open if path.suffix == ".gz" else open
     offsets: dict[int, int] = {}
@@ -76,7 +82,12 @@ def file_records(path: Path, partitions: int, window: TimeRange) -> Iterator[Arc
         lines = [line for line in handle if line.strip()]
     decoded = []
     for line in lines:
-        data = json.loads(line)
+        try:
+            data = json.loads(line)
+        except ValueError:
+            data = None  # the pipeline dead-letters it (invalid_json), raw bytes kept
+        if not isinstance(data, dict):
+            data = {}
         if "topic" in data and "offset" in data:
             record = decode_record(line)
             if record.topic != EVENTS.name:
@@ -85,7 +96,10 @@ def file_records(path: Path, partitions: int, window: TimeRange) -> Iterator[Arc
             key = str(data.get("session_id", "")).encode()
             partition = partitioner(key, list(range(partitions)), list(range(partitions)))
             offsets[partition] = offsets.get(partition, -1) + 1
-            received_ms = int(datetime.fromisoformat(data["occurred_at"]).timestamp() * 1000)
+            try:
+                received_ms = int(datetime.fromisoformat(data["occurred_at"]).timestamp() * 1000)
+            except (KeyError, TypeError, ValueError):
+                received_ms = 0  # no readable time: the pipeline dead-letters it (schema_violation)
             record = ArchivedRecord(EVENTS.name, partition, offsets[partition], received_ms, key,
                                     line.strip().encode(), {})
         if record.timestamp_ms in window:
@@ -101,6 +115,24 @@ class ReplaySummary:
     dead_letters: dict[str, int] = field(default_factory=dict)
     batches: list[BatchEmitted] = field(default_factory=list)
     pii_scrubbed: dict[str, int] = field(default_factory=dict)  # replacements per PII type
+    closed_at_end: int = 0  # examples of windows closed by the end of the input
+    open_at_end: int = 0  # interactions whose window is still open when the replay stops
+    orphans_at_end: int = 0  # feedback still waiting for its interaction
+    buffered_at_end: int = 0  # training records still waiting for a batch
+
+    def count(self, outputs: Outputs) -> None:
+        self.examples += len(outputs.examples)
+        for letter in outputs.dead_letters:
+            self.dead_letters[letter.reason] = self.dead_letters.get(letter.reason, 0) + 1
+
+    def finish(self, pipelines: PipelineSet) -> None:
+        """What is left in the state once the input is done, and the PII replaced."""
+        for pipeline in pipelines.partitions.values():
+            self.open_at_end += len(pipeline.join.open)
+            self.orphans_at_end += sum(len(waiting) for waiting in pipeline.join.orphans.values())
+            self.buffered_at_end += len(pipeline.curator.buffer)
+            for kind, count in pipeline.stats.pii.items():
+                self.pii_scrubbed[kind] = self.pii_scrubbed.get(kind, 0) + count
 
 
 def replay_offline(
@@ -111,19 +143,33 @@ def replay_offline(
     batches_dir: Path,
     sessions: sessionmaker,
     on_record=None,
+    close_at_end: bool = True,
+    import_run: str | None = None,
 ) -> ReplaySummary:
+    """Run the records through the pipeline and publish the batches cut (files and store rows).
+
+    ``close_at_end``: the input is a finished log. Event time then runs on past its end until
+    every window has closed and every buffered record is cut (``PipelineSet.finish``): one
+    example per interaction. Without it, the state stops where the input stops, as a running
+    worker's does, and the summary says what is still open. ``import_run``: the records are
+    that historical import's input (``streams.importer.archived_run``); its ids are used."""
     summary = ReplaySummary()
-    for record in records:
-        outputs = pipelines.process(record.partition, record.offset, record.value or b"")
-        summary.records += 1
-        summary.examples += len(outputs.examples)
-        for letter in outputs.dead_letters:
-            summary.dead_letters[letter.reason] = summary.dead_letters.get(letter.reason, 0) + 1
+
+    def take(outputs: Outputs) -> None:
+        if import_run is not None:
+            outputs = for_run(import_run, outputs)
+        summary.count(outputs)
         for cut in outputs.batches:
             summary.batches.append(publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions))
+
+    for record in records:
+        take(pipelines.process(record.partition, record.offset, record.value or b""))
+        summary.records += 1
         if on_record is not None:
             on_record(summary.records)
-    for pipeline in pipelines.partitions.values():
-        for kind, count in pipeline.stats.pii.items():
-            summary.pii_scrubbed[kind] = summary.pii_scrubbed.get(kind, 0) + count
+    if close_at_end:
+        outputs = pipelines.finish()
+        summary.closed_at_end = len(outputs.examples)
+        take(outputs)
+    summary.finish(pipelines)
     return summary

@@ -29,7 +29,11 @@ EXAMPLES = TopicSpec("feedloop.examples.v1", None, "annotated examples for the l
 # A handful of picks per hour, read by reviewers in the order the learner chose them.
 REVIEW = TopicSpec("feedloop.review.v1", 1, "examples picked for human review; key example_id")
 
-ALL_TOPICS = (EVENTS, CONTROL, DEAD_LETTER, EXAMPLES, REVIEW)
+# Historical imports (`feedloop import`): the raw events of each run, kept beside the live
+# ones so the archive holds them; no worker reads this topic (docs/pipeline.md#historical-import).
+IMPORTS = TopicSpec("feedloop.imports.v1", None, "raw events of historical imports; key session_id")
+
+ALL_TOPICS = (EVENTS, CONTROL, DEAD_LETTER, EXAMPLES, REVIEW, IMPORTS)
 # The archive keeps every topic: the log is the source of truth and the broker may forget.
 ARCHIVED_TOPICS = tuple(t.name for t in ALL_TOPICS)
 
