@@ -89,7 +89,8 @@ def build_pipeline_app(settings: Settings, cluster: str):
 
     sessions = make_sessionmaker(make_engine(settings.store_url))
     pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)))
-    live = LivePipeline(pipelines, sessions, consumer=PIPELINE_CONSUMER, cluster_id=cluster)
+    live = LivePipeline(pipelines, sessions, archive_dir=settings.archive_dir, consumer=PIPELINE_CONSUMER,
+                        cluster_id=cluster)
     app = make_faust_app(settings)
     register_pipeline(
         app, live, data_dir=settings.data_dir, batches_dir=settings.batches_dir, sessions=sessions,
@@ -107,8 +108,8 @@ def build_learner_app(settings: Settings, cluster: str):
 
     config = settings.learners
     sessions = make_sessionmaker(make_engine(settings.store_url))
-    learner = LiveLearner(config, sessions, consumer="feedloop-learners", cluster_id=cluster,
-                          snapshots_kept=config.snapshots_kept)  # fmt: skip
+    learner = LiveLearner(config, sessions, archive_dir=settings.archive_dir, consumer="feedloop-learners",
+                          cluster_id=cluster, snapshots_kept=config.snapshots_kept)  # fmt: skip
     app = make_faust_app(settings, name="feedloop-learners")
     register_learners(app, learner, checkpoint_interval_s=config.checkpoint_interval_s)
     return app

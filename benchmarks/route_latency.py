@@ -49,12 +49,12 @@ def contexts(rng: np.random.Generator, n: int) -> list[Context]:
                     features={"prompt_tokens": int(rng.integers(5, 2000))}) for _ in range(n)]  # fmt: skip
 
 
-def trained_store(url: str, arms: list[str], examples: int) -> LearnerSettings:
+def trained_store(url: str, data_dir: Path, arms: list[str], examples: int) -> LearnerSettings:
     """A store holding the snapshot of a router trained on ``examples`` simulated examples."""
     config = LearnerSettings(initial_arms=arms, ab_min_samples=10**9)
     migrations.upgrade(url)
-    learner = LiveLearner(config, make_sessionmaker(make_engine(url)), consumer="bench", cluster_id="bench",
-                          snapshots_kept=1)  # fmt: skip
+    learner = LiveLearner(config, make_sessionmaker(make_engine(url)), archive_dir=data_dir / "archive",
+                          consumer="bench", cluster_id="bench", snapshots_kept=1)  # fmt: skip
     rng = np.random.default_rng(0)
     for i, context in enumerate(contexts(rng, examples)):
         arm = arms[i % len(arms)]
@@ -66,7 +66,7 @@ def trained_store(url: str, arms: list[str], examples: int) -> LearnerSettings:
             response="a", rewards={"explicit": float(rng.random() < (0.8 if good else 0.4))}, feedback_kinds=["thumbs"],
             training_consent=True, occurred_at=at, closed_at=at, event_ids=[f"e-{i}"],
         ))  # fmt: skip
-    learner.save()
+    asyncio.run(learner.save())
     return config
 
 
@@ -162,7 +162,7 @@ def main() -> None:
     asks = contexts(np.random.default_rng(1), max(args.decisions, args.requests))
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(free_port()) as broker:
         url = f"sqlite:///{Path(tmp) / 'feedloop.db'}"
-        config = trained_store(url, arms, args.examples)
+        config = trained_store(url, Path(tmp), arms, args.examples)
         local = in_process(config, url, asks[: args.decisions])
         gateway = start_gateway(url, broker.port, port := free_port(), Path(tmp))
         try:

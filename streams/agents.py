@@ -3,7 +3,8 @@
 - ``pipeline``: events topic -> :class:`~streams.live.LivePipeline` -> dead letters, annotated
   examples, published batches and their ``batch_emitted`` control events. Records are taken
   in batches (``noack_take``); every ``checkpoint_interval_s`` their batches are published,
-  their outputs delivered, their partitions checkpointed, and only then are they acknowledged.
+  their outputs delivered, their partitions checkpointed, and only then are they acknowledged
+  (:mod:`streams.checkpoint`; a checkpoint that fails is retried at the next interval).
 - ``curation-triggers``: drift alarms on the control topic become
   :class:`~streams.contract.CurationTrigger` records in every events partition.
 - ``tick``: a timer that writes a :class:`~streams.contract.WatermarkTick` into each idle
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -25,6 +27,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import sessionmaker
 
 from streams.batches import publish_batch
+from streams.checkpoint import Unacked
 from streams.contract import CONTROL_EVENT_ADAPTER, BatchEmitted, CurationTrigger, DriftAlarm, WatermarkTick
 from streams.curator import CutBatch
 from streams.emitter import Emitter, Record, emitted_records, output_records
@@ -42,55 +45,67 @@ TAKE_MAX = 1000
 TAKE_WITHIN_S = 0.2
 
 
-class _PendingCheckpoint:
-    """Records handled since the last checkpoint, the partitions they touched, their outputs.
+@dataclass
+class _Produced:
+    """What one batch of records gave the checkpoint to deliver: the partitions it touched,
+    its outputs (serialized: see streams/emitter.py) and the batches it cut."""
 
-    A checkpoint pickles whole partition states, so it is written every checkpoint interval
-    (by a timer, which also runs while Faust drains on shutdown). The state snapshot, the
-    outputs and the records it covers are taken with no await in between; then the cut
-    batches are published, the outputs delivered, the snapshot written, and only then are
-    the records acknowledged. File and store writes (and the snapshot's compression) run in
-    a thread, beside the agent. A revocation waits for a checkpoint under way, so that its
-    write never lands after the next owner of the partition restored it."""
+    touched: set[int] = field(default_factory=set)
+    records: list[Record] = field(default_factory=list)
+    cuts: list[CutBatch] = field(default_factory=list)
 
-    def __init__(self, live: LivePipeline, emitter: Emitter, publish: Callable[[CutBatch], BatchEmitted]) -> None:
-        self.live = live
-        self.emitter = emitter
-        self.publish = publish
-        self.stream: faust.Stream | None = None  # the agent's one stream, which acks its events
-        self.events: list[object] = []
-        self.touched: set[int] = set()
-        self.records: list[Record] = []
-        self.cuts: list[CutBatch] = []
-        self.lock = asyncio.Lock()
-
-    def add(self, stream: faust.Stream, event: object, partition: int, outputs: Outputs | None) -> None:
-        self.stream = stream
-        self.events.append(event)
+    def add(self, partition: int, outputs: Outputs | None) -> None:
         if outputs is not None:
             self.touched.add(partition)
             if outputs.dead_letters or outputs.examples:
                 self.records += output_records(outputs)
             self.cuts += outputs.batches
 
+
+class _Checkpointing:
+    """The pipeline's side of the checkpoint protocol (streams/checkpoint.py).
+
+    A checkpoint pickles whole partition states, so it is written every checkpoint interval
+    (by a timer, which also runs while Faust drains on shutdown). The state snapshot and the
+    records it covers are taken with no await in between; then the cut batches are published,
+    the outputs delivered, the snapshot written, and only then are the records acknowledged.
+    File and store writes (and the snapshot's compression) run in a thread, beside the agent;
+    so do restores, which may rebuild a partition from the archive. A revocation waits for a
+    checkpoint or a restore under way, so that a write never lands after the next owner of
+    the partition restored it, nor a restored state after its revocation."""
+
+    def __init__(self, live: LivePipeline, emitter: Emitter, publish: Callable[[CutBatch], BatchEmitted]) -> None:
+        self.live = live
+        self.emitter = emitter
+        self.publish = publish
+        self.unacked: Unacked[_Produced] = Unacked(live.checkpoints.consumer)
+
+    async def restore(self, partitions: set[int]) -> None:
+        """Restore the partitions of a batch that this worker holds no state of yet."""
+        missing = partitions - self.live.pipelines.partitions.keys()
+        if missing:
+            async with self.unacked.lock:
+                self.live.pipelines.partitions.update(await asyncio.to_thread(self.live.restore, missing))
+
+    def handle(self, stream: faust.Stream, batch: list) -> None:
+        produced = _Produced()
+        for event in batch:  # no await in here: the next snapshot must hold these outputs' records
+            message = event.message
+            produced.add(message.partition, self.live.handle(message.partition, message.offset, message.value))
+        self.unacked.add(stream, batch, produced)
+
     async def flush(self) -> None:
-        async with self.lock:
-            events, touched, records, cuts = self.events, self.touched, self.records, self.cuts
-            snapshots = self.live.snapshot(touched)
-            self.events, self.touched, self.records, self.cuts = [], set(), [], []
-            try:
-                emitted = await asyncio.to_thread(self._publish, cuts) if cuts else []
-                await self.emitter.deliver(records + emitted_records(emitted))
-                if snapshots:
-                    await asyncio.to_thread(self.live.commit, snapshots)
-            except BaseException:
-                # Nothing committed: the next checkpoint retries all of it (publishing is
-                # idempotent, consumers de-duplicate by id), so no later one can skip it.
-                self.events, self.records, self.cuts = events + self.events, records + self.records, cuts + self.cuts
-                self.touched |= touched
-                raise
-            for event in events:
-                await self.stream.ack(event)
+        await self.unacked.flush(self._write)
+
+    async def _write(self, produced: list[_Produced]) -> None:
+        # Nothing is committed unless all of it is: the next checkpoint retries all of it
+        # (publishing is idempotent, consumers de-duplicate by id), so no later one can skip it.
+        snapshots = self.live.snapshot(set().union(*(p.touched for p in produced)))  # before the first await
+        cuts = [cut for p in produced for cut in p.cuts]
+        emitted = await asyncio.to_thread(self._publish, cuts) if cuts else []
+        await self.emitter.deliver([r for p in produced for r in p.records] + emitted_records(emitted))
+        if snapshots:
+            await asyncio.to_thread(self.live.commit, snapshots)
 
     def _publish(self, cuts: list[CutBatch]) -> list[BatchEmitted]:
         return [self.publish(cut) for cut in cuts]
@@ -124,19 +139,17 @@ def register_pipeline(
     control = app.topic(CONTROL.name, **raw)
 
     publish = partial(publish_batch, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
-    pending = _PendingCheckpoint(live, Emitter(app.producer), publish)
+    checkpointing = _Checkpointing(live, Emitter(app.producer), publish)
 
     @app.agent(events, name="pipeline")
     async def pipeline(stream: faust.Stream) -> None:
         async for batch in stream.noack_take(TAKE_MAX, within=TAKE_WITHIN_S):
-            for event in batch:  # no await in here: see _PendingCheckpoint
-                message = event.message
-                pending.add(stream, event, message.partition,
-                            live.handle(message.partition, message.offset, message.value))
+            await checkpointing.restore({event.message.partition for event in batch})
+            checkpointing.handle(stream, batch)
 
     @app.timer(interval=checkpoint_interval_s)
     async def checkpoint() -> None:
-        await pending.flush()
+        await checkpointing.flush()
 
     @app.timer(interval=idle_tick_s)
     async def tick() -> None:
@@ -163,5 +176,5 @@ def register_pipeline(
 
     @app.on_partitions_revoked.connect
     async def forget(sender: object, revoked: set, **kwargs: object) -> None:
-        async with pending.lock:
+        async with checkpointing.unacked.lock:
             live.revoke({tp.partition for tp in revoked if tp.topic == EVENTS.name})

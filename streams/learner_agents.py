@@ -4,7 +4,9 @@
   -> drift alarms and A/B verdicts on ``feedloop.control.v1``, review requests on
   ``feedloop.review.v1``. Records are acknowledged only after a checkpoint covers them.
 - ``checkpoint``: a timer that saves the state to the store and, when the router changed,
-  publishes a router snapshot there for the gateway (``app.routing``).
+  publishes a router snapshot there for the gateway (``app.routing``), by the protocol of
+  :mod:`streams.checkpoint` (shared with the pipeline: a failed checkpoint is retried at
+  the next interval; one that cannot be read is rebuilt from the archive).
 
 The state is global, not per partition: the gateway needs one routing distribution, and the
 A/B test and the review budget are global. It runs in its own Faust app (consumer group
@@ -13,7 +15,7 @@ scale out by partition and would each get a slice of the examples: run exactly O
 It reads every partition of the examples topic and the control topic in one agent, so one
 coroutine owns the state and no lock is needed.
 
-Why a checkpoint in the store (as streams/live.py does) and not a Faust Table:
+Why a checkpoint in the store (as the pipeline's) and not a Faust Table:
 
 - exactly-once in effect: the checkpoint row holds the state *and* the last offset handled per
   input partition, written in one transaction, and records are acknowledged after it. A
@@ -28,17 +30,21 @@ Why a checkpoint in the store (as streams/live.py does) and not a Faust Table:
 
 from __future__ import annotations
 
-import pickle
-import zlib
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
 
 import faust
 import structlog
 from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
+from streams.archive import ArchivedRecord
+from streams.checkpoint import Checkpoints, Position, Rebuild, Unacked, pickled
 from streams.config import LearnerSettings
-from streams.store import RouterSnapshot, StreamCheckpoint
+from streams.store import RouterSnapshot
 from streams.learning import LearnerOutputs, LearnerState
+from streams.learning import RouterSnapshot as Snapshot
 from streams.topics import CONTROL, EXAMPLES, REVIEW, control_key
 
 log = structlog.get_logger(__name__)
@@ -47,50 +53,73 @@ TAKE_MAX = 1000
 TAKE_WITHIN_S = 0.2
 # The learner state is one row of stream_checkpoints: it is not per partition.
 STATE_ROW = 0
+# The format of the pickled LearnerState: bump it when a class in it moves or changes
+# meaning, and the next start rebuilds the state from the archive.
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class _Taken:
+    """A checkpoint as of one moment: what it writes, taken on the event loop."""
+
+    handled: int
+    version: int
+    positions: dict[Position, int]
+    state: bytes | None  # the pickled LearnerState, when it changed
+    snapshot: Snapshot | None  # when the router moved since the last one published
 
 
 class LiveLearner:
     """The learner state with its checkpoint and the router snapshots it publishes."""
 
-    def __init__(self, config: LearnerSettings, sessions: sessionmaker, *, consumer: str, cluster_id: str,
-                 snapshots_kept: int) -> None:
+    def __init__(self, config: LearnerSettings, sessions: sessionmaker, *, archive_dir: Path, consumer: str,
+                 cluster_id: str, snapshots_kept: int) -> None:
         self.sessions = sessions
         self.consumer = consumer
-        self.cluster_id = cluster_id
         self.snapshots_kept = snapshots_kept
-        self.state = self._restore() or LearnerState(config)
-        self._dirty = False
+        self.checkpoints = Checkpoints(sessions, archive_dir, consumer=consumer, cluster_id=cluster_id,
+                                       format_version=STATE_FORMAT)  # fmt: skip
+        restored = self.checkpoints.load(STATE_ROW, _rebuild(config))
+        if restored is not None:
+            log.info("learners.restored", version=restored.version, examples=restored.examples,
+                     arms=restored.router.arms)  # fmt: skip
+        self.state = restored or LearnerState(config)
+        self._handled = self._saved = 0  # records handled; as of the last checkpoint written
         self._published: int | None = None  # so a (re)started learner publishes what it holds
-
-    def _restore(self) -> LearnerState | None:
-        with self.sessions() as session:
-            row = session.get(StreamCheckpoint, (self.consumer, STATE_ROW))
-        if row is None:
-            return None
-        state: LearnerState = pickle.loads(zlib.decompress(row.state))
-        if row.cluster_id != self.cluster_id:
-            state.positions.clear()  # a new broker life restarts offsets at zero
-        log.info("learners.restored", version=state.version, examples=state.examples, arms=state.router.arms,
-                 from_cluster=row.cluster_id)  # fmt: skip
-        return state
 
     def handle(self, topic: str, partition: int, offset: int, value: bytes) -> LearnerOutputs | None:
         outputs = self.state.handle(topic, partition, offset, value)
-        self._dirty |= outputs is not None
+        self._handled += outputs is not None
         return outputs
 
-    def save(self) -> None:
-        """Checkpoint what changed and publish the router if it moved, in one transaction."""
-        publish = self._published != self.state.version
-        if not (self._dirty or publish):
+    async def save(self) -> None:
+        """Checkpoint what changed and publish the router if it moved, in one transaction.
+
+        The state is pickled here, on the event loop; compressing and writing run in a thread."""
+        taken = self._take()
+        if taken is None:
             return
+        await asyncio.to_thread(self._write, taken)
+        self._saved = taken.handled
+        if taken.snapshot is not None:
+            self._published = taken.version
+            log.info("learners.snapshot_published", version=taken.version, examples=taken.snapshot.examples,
+                     arms=taken.snapshot.arms)  # fmt: skip
+
+    def _take(self) -> _Taken | None:
+        changed = self._handled != self._saved
+        publish = self._published != self.state.version
+        if not (changed or publish):
+            return None
+        return _Taken(self._handled, self.state.version, dict(self.state.positions),
+                      pickled(self.state) if changed else None, self.state.snapshot() if publish else None)
+
+    def _write(self, taken: _Taken) -> None:
         with self.sessions.begin() as session:
-            if self._dirty:
-                state = zlib.compress(pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL), 1)
-                session.merge(StreamCheckpoint(consumer=self.consumer, partition=STATE_ROW, cluster_id=self.cluster_id,
-                                               offset=self.state.version, state=state))  # fmt: skip
-            if publish:
-                snapshot = self.state.snapshot()
+            if taken.state is not None:
+                self.checkpoints.put(session, STATE_ROW, offset=taken.version, positions=taken.positions,
+                                     state=taken.state)  # fmt: skip
+            if (snapshot := taken.snapshot) is not None:
                 session.add(RouterSnapshot(learner=self.consumer, version=snapshot.version, examples=snapshot.examples,
                                            arms=list(snapshot.arms), state=snapshot.data))  # fmt: skip
                 session.flush()
@@ -98,11 +127,20 @@ class LiveLearner:
                                              .offset(self.snapshots_kept - 1).limit(1))  # fmt: skip
                 if oldest_kept is not None:
                     session.execute(delete(RouterSnapshot).where(RouterSnapshot.id < oldest_kept))
-        self._dirty = False
-        if publish:
-            self._published = self.state.version
-            log.info("learners.snapshot_published", version=self.state.version, examples=self.state.examples,
-                     arms=self.state.router.arms)  # fmt: skip
+
+
+def _rebuild(config: LearnerSettings) -> Rebuild[LearnerState]:
+    """The learner state folded from the archived examples and control events."""
+
+    def fold(state: LearnerState, record: ArchivedRecord) -> None:
+        state.handle(record.topic, record.partition, record.offset, record.value or b"")
+
+    def place(state: LearnerState, positions: dict[Position, int]) -> None:
+        state.positions.clear()
+        state.positions.update(positions)
+
+    return Rebuild(topics=(EXAMPLES.name, CONTROL.name), partition=None, fresh=lambda: LearnerState(config),
+                   fold=fold, place=place)  # fmt: skip
 
 
 def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interval_s: float) -> None:
@@ -111,7 +149,7 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
     control = app.topic(CONTROL.name, **raw)
     reviews = app.topic(REVIEW.name, **raw)
 
-    pending: list[tuple[faust.Stream, object]] = []  # handled, not yet covered by a checkpoint
+    unacked: Unacked[None] = Unacked(learner.consumer)  # handled, not yet covered by a checkpoint
 
     @app.agent(inputs, name="learners")
     async def learners(stream: faust.Stream) -> None:
@@ -124,12 +162,8 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
                         await control.send(key=control_key(record), value=record.model_dump_json().encode())
                     for pick in outputs.reviews:
                         await reviews.send(key=pick.example.example_id.encode(), value=pick.model_dump_json().encode())
-                pending.append((stream, event))
+                unacked.add(stream, [event])
 
     @app.timer(interval=checkpoint_interval_s)
     async def checkpoint() -> None:
-        covered = pending[:]
-        pending.clear()
-        learner.save()
-        for stream, event in covered:
-            await stream.ack(event)
+        await unacked.flush(lambda _: learner.save())

@@ -1,50 +1,33 @@
 """The pipeline as the live worker runs it: checkpointed state, records acknowledged late.
 
-Per partition the state is one :class:`~streams.pipeline.PartitionPipeline`. Every checkpoint
-interval the worker snapshots the state of every partition it touched (pickled, with the last
-offset), waits until the outputs of the records it covers are on the broker, writes it to the
-store (zlib-compressed), and only *then* acknowledges the records to the broker. So the
-committed offset never passes the checkpoint: a worker that crashes and
-restarts (or a partition that moves to another worker) loads the checkpoint, is redelivered
-the records after the committed offset, and skips those the checkpoint already holds. No
-record is lost or counted twice; outputs produced again after a crash carry the same ids
-(batches are byte-identical and published idempotently).
-
-Offsets are only meaningful within one broker life: a checkpoint from another cluster id
-keeps its state (sessions and windows go on) but not its offset.
+Per partition the state is one :class:`~streams.pipeline.PartitionPipeline`, checkpointed by
+the protocol of :mod:`streams.checkpoint`: every checkpoint interval the worker snapshots the
+state of every partition it touched (pickled, with its last offset), waits until the outputs
+of the records it covers are on the broker, writes it to the store, and only *then*
+acknowledges the records. A worker that crashes and restarts (or a partition that moves to
+another worker) loads the checkpoint, is redelivered the records after the committed offset,
+and skips those the checkpoint already holds. No record is lost or counted twice; outputs
+produced again after a crash carry the same ids (batches are byte-identical and published
+idempotently). A checkpoint that cannot be read is rebuilt from the archived records of its
+partition, exactly: the pipeline is deterministic.
 """
 
 from __future__ import annotations
 
-import pickle
 import time
-import zlib
-from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
-import structlog
-from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from streams.store import StreamCheckpoint
+from streams.archive import ArchivedRecord
+from streams.checkpoint import Checkpoints, Position, Rebuild, pickled
 from streams.pipeline import Outputs, PartitionPipeline, PipelineSet
+from streams.topics import EVENTS
 
-log = structlog.get_logger(__name__)
-
-
-def checkpointed_stats(sessions: sessionmaker, consumer: str) -> tuple[Counter, Counter, int]:
-    """Counts, PII replacements and buffered records over every partition's last checkpoint."""
-    counts: Counter = Counter()
-    pii: Counter = Counter()
-    buffered = 0
-    with sessions() as session:
-        rows = session.scalars(select(StreamCheckpoint).where(StreamCheckpoint.consumer == consumer))
-        for row in rows:
-            pipeline: PartitionPipeline = pickle.loads(zlib.decompress(row.state))
-            counts.update(pipeline.stats.counts)
-            pii.update(pipeline.stats.pii)
-            buffered += len(pipeline.curator.buffer)
-    return counts, pii, buffered
+# The format of the pickled PartitionPipeline: bump it when a class in it moves or changes
+# meaning, and the next start rebuilds every partition from the archive.
+STATE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -55,31 +38,36 @@ class Snapshot:
 
 
 class LivePipeline:
-    def __init__(self, pipelines: PipelineSet, sessions: sessionmaker, *, consumer: str, cluster_id: str) -> None:
+    def __init__(self, pipelines: PipelineSet, sessions: sessionmaker, *, archive_dir: Path, consumer: str,
+                 cluster_id: str) -> None:
         self.pipelines = pipelines
         self.sessions = sessions
-        self.consumer = consumer
-        self.cluster_id = cluster_id
+        self.checkpoints = Checkpoints(sessions, archive_dir, consumer=consumer, cluster_id=cluster_id,
+                                       format_version=STATE_FORMAT)  # fmt: skip
         self.last_record_at: dict[int, float] = {}  # wall time, to tick idle partitions
 
-    def _restore(self, partition: int) -> PartitionPipeline | None:
-        with self.sessions() as session:
-            row = session.get(StreamCheckpoint, (self.consumer, partition))
-        if row is None:
-            return None
-        pipeline: PartitionPipeline = pickle.loads(zlib.decompress(row.state))
-        if row.cluster_id != self.cluster_id:
-            pipeline.offset = -1  # a new broker life restarts offsets at zero
-        log.info("pipeline.restored", partition=partition, offset=pipeline.offset, from_cluster=row.cluster_id)
-        return pipeline
+    def restore(self, partitions: set[int]) -> dict[int, PartitionPipeline]:
+        """The checkpointed state of those of these partitions that have one (blocking: it may
+        rebuild from the archive; the caller adds it to ``pipelines``)."""
+        restored = {p: self.checkpoints.load(p, self._rebuild(p)) for p in sorted(partitions)}
+        return {p: state for p, state in restored.items() if state is not None}
+
+    def _rebuild(self, partition: int) -> Rebuild[PartitionPipeline]:
+        pipelines = self.pipelines
+
+        def fold(pipeline: PartitionPipeline, record: ArchivedRecord) -> None:
+            pipeline.process(record.offset, record.value or b"", scrubber=pipelines.scrubber,
+                             pseudonyms=pipelines.pseudonyms)  # fmt: skip
+
+        def place(pipeline: PartitionPipeline, positions: dict[Position, int]) -> None:
+            pipeline.offset = positions.get((EVENTS.name, partition), -1)
+
+        return Rebuild(topics=(EVENTS.name,), partition=partition, fold=fold, place=place,
+                       fresh=lambda: PartitionPipeline(partition, pipelines.config))  # fmt: skip
 
     def handle(self, partition: int, offset: int, value: bytes) -> Outputs | None:
         """Run one record; None when the restored state already holds it."""
         self.last_record_at[partition] = time.monotonic()
-        if partition not in self.pipelines.partitions:
-            restored = self._restore(partition)
-            if restored is not None:
-                self.pipelines.partitions[partition] = restored
         pipeline = self.pipelines.partitions.get(partition)
         if pipeline is not None and offset <= pipeline.offset:
             return None
@@ -88,7 +76,7 @@ class LivePipeline:
     def snapshot(self, partitions: set[int]) -> list[Snapshot]:
         """The state of these partitions as of now (the caller must not await in between)."""
         return [
-            Snapshot(partition, pipeline.offset, pickle.dumps(pipeline, protocol=pickle.HIGHEST_PROTOCOL))
+            Snapshot(partition, pipeline.offset, pickled(pipeline))
             for partition in sorted(partitions)
             if (pipeline := self.pipelines.partitions.get(partition)) is not None
         ]
@@ -96,9 +84,8 @@ class LivePipeline:
     def commit(self, snapshots: list[Snapshot]) -> None:
         with self.sessions.begin() as session:
             for snapshot in snapshots:
-                session.merge(StreamCheckpoint(consumer=self.consumer, partition=snapshot.partition,
-                                               cluster_id=self.cluster_id, offset=snapshot.offset,
-                                               state=zlib.compress(snapshot.state, 1)))
+                self.checkpoints.put(session, snapshot.partition, offset=snapshot.offset, state=snapshot.state,
+                                     positions={(EVENTS.name, snapshot.partition): snapshot.offset})  # fmt: skip
 
     def revoke(self, partitions: set[int]) -> None:
         """Forget partitions this worker no longer owns; their next owner restores them."""

@@ -107,7 +107,7 @@ class Experiment(Base):
 
 
 class StreamCheckpoint(Base):
-    """The pipeline state of one partition after a given offset (pickled, compressed).
+    """A stream worker's state after the records it covers (pickled, compressed): streams/checkpoint.py.
 
     The worker acknowledges records to the broker only after the checkpoint that includes them
     is written, so a restarted worker loads this and skips what it already holds.
@@ -120,6 +120,10 @@ class StreamCheckpoint(Base):
     cluster_id: Mapped[str] = mapped_column(String(128))
     offset: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[bytes] = mapped_column(LargeBinary)
+    format_version: Mapped[int] = mapped_column(Integer, server_default="1", doc="The format of ``state``.")
+    positions: Mapped[list[list[Any]] | None] = mapped_column(
+        JSON, nullable=True, doc="[topic, partition, last offset handled] per input; none in rows from before 0004."
+    )
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )

@@ -1,12 +1,16 @@
 """The same migrations build, and tear down, the store on SQLite and on PostgreSQL."""
 
+import pickle
+import zlib
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 import migrations
-from streams.store import Adapter, Base, Batch, make_engine, make_sessionmaker
+from streams.checkpoint import decode
+from streams.store import Adapter, Base, Batch, StreamCheckpoint, make_engine, make_sessionmaker
 
 TABLES = {"archive_segments", "adapters", "batches", "experiments", "stream_checkpoints", "router_snapshots"}
 
@@ -28,7 +32,7 @@ def tables(url: str) -> set[str]:
 
 def test_upgrade_then_downgrade(url):
     migrations.upgrade(url)
-    assert migrations.current(url) == "0003"
+    assert migrations.current(url) == "0004"
     assert tables(url) == TABLES
     migrations.downgrade(url, "base")
     assert migrations.current(url) is None
@@ -66,6 +70,25 @@ def test_registry_rows_round_trip_with_lineage(url):
             assert adapter.lineage == {"batch_ids": ["b1"], "epsilon": 2.5}
             assert adapter.created_at is not None
             assert session.get(Batch, "b1").adapter == "a-0001"
+    finally:
+        engine.dispose()
+        migrations.downgrade(url, "base")
+
+
+def test_checkpoints_from_before_format_versions_read_as_format_one(url):
+    migrations.upgrade(url, "0003")
+    engine = make_engine(url)
+    state = {"any": ["picklable", 3]}
+    try:
+        with engine.begin() as connection:
+            connection.execute(text('INSERT INTO stream_checkpoints (consumer, partition, cluster_id, "offset", state) '
+                                    "VALUES ('old', 0, 'c1', 5, :state)"),
+                               {"state": zlib.compress(pickle.dumps(state))})  # fmt: skip
+        migrations.upgrade(url)
+        with make_sessionmaker(engine)() as session:
+            old = session.get(StreamCheckpoint, ("old", 0))
+        assert (old.format_version, old.positions) == (1, None)
+        assert decode(old, 1) == state
     finally:
         engine.dispose()
         migrations.downgrade(url, "base")

@@ -2,29 +2,30 @@
 
 Checks the outputs (examples, signals, dead letters, batches), that no PII canary reaches a
 batch file, that `replay --offline` of the archive produces byte-identical batches, and that
-killing the worker mid-stream loses and doubles nothing.
+killing the worker mid-stream loses and doubles nothing, even when a checkpoint it left
+cannot be read by the restarted worker (it is rebuilt from the archive).
 """
 
 import asyncio
 import hashlib
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
 import uuid
-import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.broker import EmbeddedBroker
-from streams.store import Batch, StreamCheckpoint, make_engine, make_sessionmaker
+from streams.checkpoint import decode
+from streams.live import STATE_FORMAT
+from streams.store import ArchiveSegment, Batch, StreamCheckpoint, make_engine, make_sessionmaker
 from streams.contract import DriftAlarm
 from streams.topics import CONTROL, EVENTS
 from streams.training_data import read_batch
@@ -186,9 +187,15 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(tmp_path, own_
     total = 2000
     try:
         await post(stack.base_url, traffic(total))
-        await wait_for(lambda: batches(stack), 90, "a first batch")
+        await wait_for(lambda: batches(stack) and _checkpoints(settings), 90, "a first batch and checkpoint")
         stop_worker(worker, kill=True)  # SIGKILL: no chance to checkpoint or commit
         assert _examples(settings) < total, "the worker finished before the kill: nothing was tested"
+        # A checkpoint the restarted worker cannot read (as after a class moved): it rebuilds
+        # that partition from the archive, once the archive holds what the checkpoint covered.
+        with stack.sessions.begin() as session:
+            spoiled = session.scalars(select(StreamCheckpoint).order_by(StreamCheckpoint.partition)).first()
+            spoiled.format_version = 999
+        await wait_for(lambda: _archived_to(stack, spoiled.partition) >= spoiled.offset, 30, "the archive")
         worker = start_worker(settings)
         await wait_for(lambda: _examples_done(settings, total), 180, "every example after the restart")
         await asyncio.sleep(3)  # let a doubled batch show up, if there were one
@@ -198,11 +205,23 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(tmp_path, own_
     live = batches(stack)
     assert len(live) >= total // 40
     assert replay_offline(settings, tmp_path / "replayed") == live
+    log = (settings.data_dir.parent / "worker.log").read_text()  # JSON lines, some behind terminal codes
+    logged = {event: f'"event": "checkpoint.{event}"' in log for event in ("unreadable", "rebuilt", "rebuild_short")}
+    assert logged == {"unreadable": True, "rebuilt": True, "rebuild_short": False}
+
+
+def _archived_to(stack, partition: int) -> int:
+    with stack.sessions() as session:
+        last = session.scalar(select(func.max(ArchiveSegment.last_offset))
+                              .where(ArchiveSegment.topic == EVENTS.name, ArchiveSegment.partition == partition))
+    return -1 if last is None else last
 
 
 def _checkpoints(settings) -> list:
+    """The readable checkpoints: a spoiled one counts once the worker has rewritten it."""
     with make_sessionmaker(make_engine(settings.store_url))() as session:
-        return [pickle.loads(zlib.decompress(r.state)) for r in session.scalars(select(StreamCheckpoint))]
+        rows = session.scalars(select(StreamCheckpoint).where(StreamCheckpoint.format_version == STATE_FORMAT))
+        return [decode(row, STATE_FORMAT) for row in rows]
 
 
 def _examples(settings) -> int:

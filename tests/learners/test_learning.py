@@ -431,15 +431,16 @@ def test_a_snapshot_restores_the_router_exactly(environment):
         restore(data.replace(b'"format": 1', b'"format": 9', 1), np.random.default_rng(0))
 
 
-def test_the_learner_checkpoints_publishes_snapshots_and_restores(sessions, environment):
-    learner = LiveLearner(CONFIG, sessions, consumer="learners", cluster_id="c1", snapshots_kept=3)
-    learner.save()  # a (re)started learner publishes what it holds
+async def test_the_learner_checkpoints_publishes_snapshots_and_restores(tmp_path, sessions, environment):
+    learner = LiveLearner(CONFIG, sessions, archive_dir=tmp_path, consumer="learners", cluster_id="c1",
+                          snapshots_kept=3)  # fmt: skip
+    await learner.save()  # a (re)started learner publishes what it holds
     stream = records(environment)
     for chunk in range(0, len(stream), 100):
         for record in stream[chunk : chunk + 100]:
             learner.handle(*record)
-        learner.save()
-    learner.save()  # nothing changed: nothing written
+        await learner.save()
+    await learner.save()  # nothing changed: nothing written
     with sessions() as session:
         rows = session.scalars(select(RouterSnapshot).order_by(RouterSnapshot.id)).all()
         total = session.scalar(select(func.max(RouterSnapshot.id)))
@@ -447,25 +448,26 @@ def test_the_learner_checkpoints_publishes_snapshots_and_restores(sessions, envi
     assert rows[-1].version == learner.state.version and rows[-1].state == learner.state.snapshot().data
     assert rows[-1].arms == ["general", "coder", "mathy"]
 
-    again = LiveLearner(CONFIG, sessions, consumer="learners", cluster_id="c1", snapshots_kept=3)
+    again = LiveLearner(CONFIG, sessions, archive_dir=tmp_path, consumer="learners", cluster_id="c1", snapshots_kept=3)
     assert again.state.snapshot() == learner.state.snapshot()
     assert again.handle(*stream[-1]) is None, "a redelivered record is skipped"
-    other_broker = LiveLearner(CONFIG, sessions, consumer="learners", cluster_id="c2", snapshots_kept=3)
+    other_broker = LiveLearner(CONFIG, sessions, archive_dir=tmp_path, consumer="learners", cluster_id="c2",
+                               snapshots_kept=3)  # fmt: skip
     assert other_broker.state.positions == {} and other_broker.state.version == learner.state.version
 
 
-def test_the_gateway_router_starts_cold_and_picks_up_newer_snapshots(sessions, environment):
+async def test_the_gateway_router_starts_cold_and_picks_up_newer_snapshots(tmp_path, sessions, environment):
     routing = RoutingService(LearnerSettings(initial_arms=["general"], route_seed=1), sessions)
     context = Context(domain="code", cohort="a")
     cold = routing.decide(context, "app-a")
     assert cold.adapter == "general" and cold.probabilities == {"general": 1.0} and cold.snapshot_version == 0
     assert routing.refresh() is False  # no snapshot yet
 
-    learner = LiveLearner(CONFIG.model_copy(update={"ab_min_samples": 10_000, "ab_max_samples": None}), sessions, consumer="learners",
-                          cluster_id="c1", snapshots_kept=3)  # fmt: skip
+    learner = LiveLearner(CONFIG.model_copy(update={"ab_min_samples": 10_000, "ab_max_samples": None}), sessions,
+                          archive_dir=tmp_path, consumer="learners", cluster_id="c1", snapshots_kept=3)  # fmt: skip
     for record in records(environment, n=2000):
         learner.handle(*record)
-    learner.save()
+    await learner.save()
     assert routing.refresh() is True and routing.refresh() is False
     decisions = [routing.decide(context, "app-a") for _ in range(300)]
     expected = learner.state.router.probabilities(route_features(context, "app-a"))
@@ -485,10 +487,11 @@ class _NoBroker:
 
 async def test_route_endpoint_answers_from_memory_and_checks_the_key(tmp_path, sessions, environment):
     url = str(sessions.kw["bind"].url)
-    learner = LiveLearner(CONFIG, sessions, consumer="learners", cluster_id="c1", snapshots_kept=3)
+    learner = LiveLearner(CONFIG, sessions, archive_dir=tmp_path, consumer="learners", cluster_id="c1",
+                          snapshots_kept=3)  # fmt: skip
     for record in records(environment, n=300):
         learner.handle(*record)
-    learner.save()
+    await learner.save()
     settings = Settings(database_url=url, data_dir=tmp_path, embedded_broker_port=1,  # nothing listens there
                         api_keys={"app-a": SecretStr("key-a-0123456789")})  # fmt: skip
     auth = {"Authorization": "Bearer key-a-0123456789"}
