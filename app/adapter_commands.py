@@ -9,13 +9,14 @@ of as an ignored event.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from learners.router import LinUCBRouter
 from streams.store import Adapter, RouterSnapshot
 from streams.contract import AdapterPinned, AdapterPromoted, AdapterRolledBack, utcnow
 from trainer.serving import BASE_ALIAS
@@ -57,8 +58,8 @@ def current_routing(sessions: sessionmaker) -> Routing | None:
         newest = session.scalar(select(RouterSnapshot).order_by(RouterSnapshot.id.desc()).limit(1))
     if newest is None:
         return None
-    header = json.loads(newest.state.partition(b"\n")[0])
-    return Routing(list(newest.arms), header.get("caps", {}), header.get("pinned"))
+    router = LinUCBRouter.from_bytes(newest.state, np.random.default_rng())  # read, never drawn from
+    return Routing(list(newest.arms), router.caps, router.pinned)
 
 
 def _live(sessions: sessionmaker, name: str, action: str) -> Adapter | None:

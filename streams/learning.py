@@ -10,19 +10,17 @@ the same records in the same order give the same state and the same outputs, liv
 replay. The Faust worker (``streams.learner_agents``) only decodes, calls this and emits.
 
 The gateway never sees this object: it routes with a :class:`RouterSnapshot`, a portable,
-pickle-free copy of the router's numbers (``snapshot``/``restore``).
+pickle-free copy of the router's numbers (``LinUCBRouter.to_bytes``/``from_bytes``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Union
 
-import numpy as np
 import structlog
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
@@ -32,7 +30,6 @@ from learners.active_learning import ReviewCandidate, ReviewSelector
 from learners.drift import DriftAlarm as Detected
 from learners.drift import DriftMonitor
 from learners.loss_weights import LossWeights
-from learners.ridge import OnlineRidge
 from learners.router import LinUCBRouter
 from streams.contract import (
     CONTROL_EVENT_ADAPTER,
@@ -49,7 +46,6 @@ from streams.topics import EXAMPLES
 log = structlog.get_logger(__name__)
 
 SOURCE = "learners"
-SNAPSHOT_FORMAT = 1
 
 Feature = Union[str, int, float, bool]
 
@@ -359,11 +355,7 @@ class LearnerState:
     # --- the router for the gateway --------------------------------------------------------------
 
     def snapshot(self) -> RouterSnapshot:
-        return RouterSnapshot(self.version, self.examples, self.router.arms, snapshot_router(self.router))
-
-
-# The snapshot reads and rebuilds the router's and ridge models' internals; this is the one
-# place that does, and tests/learners/test_learning.py checks the round trip is exact.
+        return RouterSnapshot(self.version, self.examples, self.router.arms, self.router.to_bytes())
 
 
 def _canary_cleared(decision: ABDecision, min_samples: int) -> bool:
@@ -373,48 +365,3 @@ def _canary_cleared(decision: ABDecision, min_samples: int) -> bool:
     (as a progressive rollout steps up a canary whose metrics look healthy); the test goes on
     to its verdict."""
     return min(decision.n_champion, decision.n_challenger) >= min_samples and decision.lift >= 0
-
-
-def snapshot_router(router: LinUCBRouter) -> bytes:
-    """A JSON header line, then per arm ``A^-1``, ``b`` and ``w`` as little-endian float64.
-
-    Not pickle: the gateway faces the internet and must not run code it reads from the store.
-    The bytes depend only on the router's numbers, so equal states give equal snapshots."""
-    models: dict[str, OnlineRidge] = router._models
-    header = {"format": SNAPSHOT_FORMAT, "alpha": router.alpha, "floor": router.floor, "l2": router.l2,
-              "dim": router.featurizer.dim, "arms": [[arm, m.n] for arm, m in models.items()],
-              "caps": router.caps, "pinned": router.pinned}  # fmt: skip
-    arrays = b"".join(np.asarray(a, dtype="<f8").tobytes()
-                      for m in models.values() for a in (m._a_inv, m._b, m.weights))  # fmt: skip
-    return json.dumps(header, sort_keys=True).encode() + b"\n" + arrays
-
-
-def restore(data: bytes, rng: np.random.Generator) -> LinUCBRouter:
-    """The router of a snapshot, drawing its decisions from ``rng``.
-
-    The caller's RNG, not one from the snapshot: the learner never draws, so every snapshot
-    holds the same RNG state, and a gateway restarting it at each reload would repeat the
-    same draws after every reload."""
-    head, _, arrays = data.partition(b"\n")
-    header = json.loads(head)
-    if header["format"] != SNAPSHOT_FORMAT:
-        raise ValueError(f"router snapshot format {header['format']} is not {SNAPSHOT_FORMAT}")
-    dim = header["dim"]
-    router = LinUCBRouter((), alpha=header["alpha"], floor=header["floor"], dim=dim, l2=header["l2"])
-    router._rng = rng
-    values = np.frombuffer(arrays, dtype="<f8")
-    per_arm = dim * dim + 2 * dim
-    if values.size != per_arm * len(header["arms"]):
-        raise ValueError("router snapshot is truncated")
-    for i, (arm, n) in enumerate(header["arms"]):
-        chunk = values[i * per_arm : (i + 1) * per_arm]
-        model = OnlineRidge(dim, header["l2"])
-        model._a_inv = chunk[: dim * dim].reshape(dim, dim).copy()  # copies: frombuffer is read-only
-        model._b = chunk[dim * dim : dim * dim + dim].copy()
-        model.weights = chunk[dim * dim + dim :].copy()
-        model.n = n
-        router._models[arm] = model
-    for arm, share in header["caps"].items():
-        router.set_cap(arm, share)
-    router.pin(header["pinned"])
-    return router

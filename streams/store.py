@@ -139,7 +139,7 @@ class RouterSnapshot(Base):
     version: Mapped[int] = mapped_column(BigInteger, doc="Changes the learner state had applied.")
     examples: Mapped[int] = mapped_column(BigInteger, doc="Examples the router had learned from.")
     arms: Mapped[list[str]] = mapped_column(JSON)
-    state: Mapped[bytes] = mapped_column(LargeBinary, doc="streams.learning.snapshot_router bytes.")
+    state: Mapped[bytes] = mapped_column(LargeBinary, doc="learners.router.LinUCBRouter.to_bytes.")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

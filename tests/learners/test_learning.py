@@ -33,7 +33,8 @@ from streams.contract import (
     DriftAlarm,
 )
 from streams.learner_agents import LiveLearner
-from streams.learning import LearnerState, combined_reward, restore, route_features, snapshot_router
+from learners.router import LinUCBRouter
+from streams.learning import LearnerState, combined_reward, route_features
 from streams.topics import CONTROL, EXAMPLES
 
 T0 = datetime(2026, 11, 21, tzinfo=timezone.utc)
@@ -228,7 +229,7 @@ def test_a_new_adapter_is_a_canary_until_promoted_and_a_pin_takes_all_traffic():
     state.apply_control(AdapterPinned(event_id="pin-event-2", occurred_at=T0, source="ops", adapter="nobody"))
     assert state.router.pinned == "base", "an unknown adapter cannot be pinned"
     # Pins and caps travel with the snapshot the gateway routes with.
-    restored = restore(state.snapshot().data, np.random.default_rng(0))
+    restored = LinUCBRouter.from_bytes(state.snapshot().data, np.random.default_rng(0))
     assert restored.pinned == "base" and restored.caps == {"code-v1": 0.1}
     state.apply_control(AdapterPinned(event_id="pin-event-3", occurred_at=T0, source="ops", adapter=None))
     state.apply_control(AdapterPromoted(event_id="promote-code-v1", occurred_at=T0, source="ops", adapter="code-v1"))
@@ -256,7 +257,7 @@ def test_a_canary_not_behind_the_champion_after_min_samples_is_no_longer_capped(
     share = state.router.probabilities(features)["code-v1"]
     # Cleared, the router's estimates decide: the better arm is the greedy choice.
     assert share == (pytest.approx(0.95) if cleared else pytest.approx(0.05))
-    assert restore(state.snapshot().data, np.random.default_rng(0)).caps == state.router.caps
+    assert LinUCBRouter.from_bytes(state.snapshot().data, np.random.default_rng(0)).caps == state.router.caps
 
 
 def test_a_reward_drift_alarm_ends_the_running_experiment():
@@ -412,23 +413,6 @@ def test_review_picks_stay_within_the_hourly_budget_and_skip_users_who_opted_out
 
 
 # --- the snapshot the gateway routes with ----------------------------------------------------------
-
-
-def test_a_snapshot_restores_the_router_exactly(environment):
-    state = LearnerState(CONFIG)
-    run(state, records(environment))
-    data = state.snapshot().data
-    first, second = restore(data, np.random.default_rng(7)), restore(data, np.random.default_rng(7))
-    context = route_features(Context(domain="math", cohort="b"), "app-a")
-    assert first.probabilities(context) == state.router.probabilities(context)
-    assert [first.decide(context) for _ in range(20)] == [second.decide(context) for _ in range(20)]
-    # Every number came across: both go on learning to the same state.
-    for router in (first, state.router):
-        router.learn_one("coder", context, 1.0)
-    assert restore(data, np.random.default_rng(0)).arms == state.router.arms
-    assert snapshot_router(first) == snapshot_router(state.router)
-    with pytest.raises(ValueError, match="format"):
-        restore(data.replace(b'"format": 1', b'"format": 9', 1), np.random.default_rng(0))
 
 
 def test_the_learner_checkpoints_publishes_snapshots_and_restores(sessions, environment):
