@@ -60,9 +60,7 @@ class Adapter(Base):
     __tablename__ = "adapters"
 
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    state: Mapped[str] = mapped_column(
-        String(32), doc="ready, loaded, challenger, champion, retired, superseded, failed or rolled_back"
-    )
+    state: Mapped[str] = mapped_column(String(32), doc="A streams.contract.AdapterState value.")
     path: Mapped[str] = mapped_column(String(1024))
     sha256: Mapped[str] = mapped_column(String(64))
     base_model_sha256: Mapped[str] = mapped_column(String(64))
