@@ -9,15 +9,16 @@ of as an ignored event.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from learners.router import LinUCBRouter
 from streams.store import Adapter, RouterSnapshot
-from streams.contract import AdapterPinned, AdapterPromoted, AdapterRolledBack, utcnow
+from streams.contract import AdapterPinned, AdapterPromoted, AdapterRolledBack, AdapterState, utcnow
 from trainer.serving import BASE_ALIAS
 
 SOURCE = "operator"
@@ -57,8 +58,8 @@ def current_routing(sessions: sessionmaker) -> Routing | None:
         newest = session.scalar(select(RouterSnapshot).order_by(RouterSnapshot.id.desc()).limit(1))
     if newest is None:
         return None
-    header = json.loads(newest.state.partition(b"\n")[0])
-    return Routing(list(newest.arms), header.get("caps", {}), header.get("pinned"))
+    router = LinUCBRouter.from_bytes(newest.state, np.random.default_rng())  # read, never drawn from
+    return Routing(list(newest.arms), router.caps, router.pinned)
 
 
 def _live(sessions: sessionmaker, name: str, action: str) -> Adapter | None:
@@ -73,17 +74,17 @@ def _live(sessions: sessionmaker, name: str, action: str) -> Adapter | None:
         row = session.get(Adapter, name)
     if row is None:
         raise OperatorError(f"no adapter {name!r}; `feedloop adapters list` shows them")
-    if row.state not in ("challenger", "champion"):
+    if row.state not in (AdapterState.CHALLENGER, AdapterState.CHAMPION):
         raise OperatorError(f"cannot {action} {name!r}: it is {row.state}, not serving")
     return row
 
 
 def promote(sessions: sessionmaker, name: str) -> AdapterPromoted:
     row = _live(sessions, name, "promote")
-    if row is not None and row.state == "champion":
+    if row is not None and row.state == AdapterState.CHAMPION:
         raise OperatorError(f"{name!r} is already the champion")
     with sessions() as session:
-        previous = session.scalar(select(Adapter.name).where(Adapter.state == "champion"))
+        previous = session.scalar(select(Adapter.name).where(Adapter.state == AdapterState.CHAMPION))
     if row is None and previous is None:
         raise OperatorError("the base model is already the champion")
     return AdapterPromoted(event_id=f"operator-{uuid.uuid4().hex}", occurred_at=utcnow(), source=SOURCE,
@@ -97,10 +98,10 @@ def rollback(sessions: sessionmaker, name: str, reason: str) -> AdapterRolledBac
         row = session.get(Adapter, name)
     if row is None:
         raise OperatorError(f"no adapter {name!r}; `feedloop adapters list` shows them")
-    if row.state == "champion":
+    if row.state == AdapterState.CHAMPION:
         raise OperatorError(f"{name!r} is the champion: promote another live adapter first, "
                             "then it is retired and unloaded")  # fmt: skip
-    if row.state not in ("ready", "challenger"):
+    if row.state not in (AdapterState.READY, AdapterState.CHALLENGER):
         raise OperatorError(f"cannot roll back {name!r}: it is {row.state}")
     return AdapterRolledBack(event_id=f"operator-{uuid.uuid4().hex}", occurred_at=utcnow(), source=SOURCE,
                              adapter=name, reason=f"operator: {reason}")  # fmt: skip

@@ -14,11 +14,12 @@ Cheap enough to call every few seconds: segments are immutable once sealed, so e
 read once, in the order it was sealed, and folded into running totals (:class:`ArchiveFold`);
 a call reads only the segments sealed since the previous call plus a few small store queries.
 
-The A/B figures are recomputed from the archived examples and control events with the
-learner's own rules (``streams.learning``: loss-weighted rewards, an ``ABTest`` per challenger
-against the champion, restarted when the champion changes), not read from the learner
-process. They match the learner's up to the interleaving of the examples and control topics,
-which the log does not record (docs/learners.md, "Replay").
+The adapter roles and the A/B figures are recomputed from the archived examples and control
+events through the learner's own machine (``streams.lifecycle``: an ``ABTest`` per challenger
+against the champion, restarted when the champion changes; ended adapters stay ended) and its
+loss-weighted rewards (``streams.learning``), not read from the learner process. They match
+the learner's up to the interleaving of the examples and control topics, which the log does
+not record (docs/learners.md, "Replay").
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ from streams.contract import (
     AdapterPromoted,
     AdapterReady,
     AdapterRolledBack,
+    AdapterState,
     AnnotatedExample,
     BatchEmitted,
     DriftAlarm,
 )
 from streams.learning import combined_reward
+from streams.lifecycle import Lifecycle, Transition
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
 
 log = structlog.get_logger(__name__)
@@ -65,6 +68,7 @@ PIPELINE_CONSUMER = "feedloop-pipeline"  # app.runtime.PIPELINE_CONSUMER, which 
 RECENT = 20  # dead letters and drift alarms listed
 RECENT_BATCHES = 30
 SMOOTHING_BUCKETS = 6  # buckets averaged into each traffic and reward point
+PROMOTED = "promoted"  # the one timeline entry that is not a state the adapter entered
 
 
 def _timestamp(value: str | datetime) -> float:
@@ -129,7 +133,7 @@ def _keep_later(_earlier: Any, later: Any) -> Any:
 @dataclass
 class LifecycleEvent:
     at: str
-    kind: str  # ready, loaded, promoted, retired, rolled_back, failed
+    kind: str  # PROMOTED, or the AdapterState entered: ready, loaded, retired, rolled_back, failed
     detail: str = ""
 
 
@@ -251,8 +255,6 @@ def _json_safe(value: Any) -> Any:
 @dataclass
 class _Experiment:
     key: int  # names its points in ``ab_paths``: the same pair may be tested again later
-    challenger: str
-    champion: str
     test: ABTest
     status: str = "running"
     # Newest closed_at it has seen. Its points are placed there: examples arrive in partition
@@ -263,15 +265,15 @@ class _Experiment:
 class ArchiveFold:
     """Running totals over the archive, one record at a time, in the order segments were sealed.
 
-    The adapter roles follow ``streams.learning.LearnerState`` (docs/learners.md, "Where arms
-    come from"): ``adapter_loaded`` adds a live arm and an experiment against the champion,
-    ``adapter_promoted`` swaps the champion and retires the old one, ``adapter_rolled_back``
-    removes the arm; an A/B verdict reached here is applied at once, as the learner does.
-    Drift alarms are taken from the log, not recomputed.
+    The adapter roles and the A/B tests are the learner's own lifecycle (``streams.lifecycle``,
+    docs/learners.md, "Where arms come from"), fed the archived control events and rewards as
+    the learner is fed them, so a verdict reached here is applied at once, as the learner
+    does. Reward drift alarms are taken from the log, not recomputed, and applied as the
+    learner applied them when it raised them. On top of the lifecycle the fold keeps only what
+    the dashboard draws: each adapter's timeline, each test's path, the tests that ended.
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.learners = settings.learners
         self.records_by_topic: Counter = Counter()
         self.events_accepted: Counter = Counter()
         self.dead_letters: Counter = Counter()
@@ -285,13 +287,11 @@ class ArchiveFold:
         self.rewards = TimeBuckets(_add_counts)  # combined reward per adapter (closed_at)
         self.ab_paths = TimeBuckets(_keep_later)  # newest decision per experiment (its newest closed_at)
         self.loss_weights = LossWeights()
-        self.live = list(self.learners.initial_arms)
-        self.champion = self.live[0]
-        self.experiments: dict[str, _Experiment] = {}  # challenger -> its running experiment
+        self.lifecycle = Lifecycle(settings.learners)
+        self.running: dict[str, _Experiment] = {}  # challenger -> the view of its test in the lifecycle
         self.concluded: list[_Experiment] = []
         self._started = 0
-        self.lifecycle: dict[str, list[LifecycleEvent]] = {}
-        self.roles: dict[str, str] = {}  # adapter -> state as the log has it
+        self.timelines: dict[str, list[LifecycleEvent]] = {}
 
     def fold(self, record: ArchivedRecord) -> None:
         self.records_by_topic[record.topic] += 1
@@ -331,21 +331,11 @@ class ArchiveFold:
             return
         at = example.closed_at.timestamp()
         self.rewards.put(at, example.adapter, (1, reward))
-        if example.adapter not in self.live:
-            return  # late feedback for a retired adapter: the learner drops it too
-        for experiment in list(self.experiments.values()):
-            # As in the learner: a promotion earlier in this loop restarted the others' tests.
-            current = self.experiments.get(experiment.challenger) is experiment
-            if not current or example.adapter not in (experiment.champion, experiment.challenger):
-                continue
-            experiment.test.update(example.adapter, reward, cohort=example.cohort)
-            decision = experiment.test.decision()
+        for outcome in self.lifecycle.observe(example.adapter, reward, example.cohort):
+            experiment = self.running[outcome.test.challenger]
             experiment.frontier = max(experiment.frontier, at)
-            self.ab_paths.put(experiment.frontier, experiment.key, decision)
-            if decision.verdict == "promote":
-                self._promote(experiment.challenger, at)
-            elif decision.verdict in ("rollback", "inconclusive"):
-                self._roll_back(experiment.challenger, at)
+            self.ab_paths.put(experiment.frontier, experiment.key, outcome.decision)
+            self._follow(outcome.transition, at)
 
     def _control(self, event: Any) -> None:
         at = event.occurred_at.timestamp()
@@ -356,86 +346,47 @@ class ArchiveFold:
             self.recent_drift_alarms.append({"detected_at": _clock(event.detected_at.timestamp()),
                                              "signal": event.signal, "detector": event.detector,
                                              **event.details})  # fmt: skip
-            fallback = self.learners.initial_arms[0]
-            if event.preferences_moved and fallback in self.experiments:  # the learner tests it afresh
-                self._end(fallback, "restarted")
-                self.experiments[fallback] = self._new_experiment(fallback)
-            elif event.preferences_moved and fallback not in self.live:  # the learner tests the base model again
-                self._note(fallback, at, "loaded", f"back as an arm: {event.signal} drifted")
-                self._add_challenger(fallback)
+            if event.preferences_moved:
+                moved = self.lifecycle.preferences_moved(event.signal)
+                for adapter in moved.joined:  # the base model, tested again
+                    self._note(adapter, at, AdapterState.LOADED, f"back as an arm: {event.signal} drifted")
+                self._follow(moved, at)
         elif isinstance(event, AdapterReady):
-            self._note(event.adapter, at, "ready", f"from {event.parent or 'base model'}")
-            self.roles.setdefault(event.adapter, "ready")
+            self._note(event.adapter, at, AdapterState.READY, f"from {event.parent or 'base model'}")
         elif isinstance(event, AdapterLoaded):
-            self._note(event.adapter, at, "loaded", ", ".join(event.replicas))
-            if event.adapter not in self.live:
-                self._add_challenger(event.adapter)
-        elif isinstance(event, AdapterPromoted):
-            self._promote(event.adapter, at)
-        elif isinstance(event, AdapterRolledBack):
-            self._roll_back(event.adapter, at, event.reason)
+            self._note(event.adapter, at, AdapterState.LOADED, ", ".join(event.replicas))
+            self._follow(self.lifecycle.apply(event), at)
+        elif isinstance(event, (AdapterPromoted, AdapterRolledBack)):
+            self._follow(self.lifecycle.apply(event), at)
 
-    def _add_challenger(self, adapter: str) -> None:
-        self.live.append(adapter)
-        self.experiments[adapter] = self._new_experiment(adapter)
-        self.roles[adapter] = "challenger"
-
-    def _promote(self, adapter: str, at: float) -> None:
-        if adapter == self.champion or adapter not in self.live:
-            return  # the learner's own verdict coming back, or an adapter never loaded
-        self._end(adapter, "promote")
-        retired = self.champion
-        self._note(adapter, at, "promoted", f"over {retired}")
-        self._note(retired, at, "retired", f"replaced by {adapter}")
-        self.roles[retired] = "retired"
-        self._set_champion(adapter)
-        self.live.remove(retired)
-
-    def _roll_back(self, adapter: str, at: float, reason: str = "ab_test") -> None:
-        if adapter not in self.live and adapter not in self.experiments:
-            return
-        self._end(adapter, "rollback")
-        self._note(adapter, at, "rolled_back", reason)
-        if adapter not in self.live or len(self.live) == 1:
-            return  # the last arm is never removed: every request needs one
-        self.roles[adapter] = "rolled_back"
-        self.live.remove(adapter)
-        if adapter == self.champion:
-            self._set_champion(self.live[0])
-
-    def _set_champion(self, adapter: str) -> None:
-        # Experiments against the old champion start again against the new one, as the learner's do.
-        self.champion = adapter
-        self.roles[adapter] = "champion"
-        for challenger in [c for c in self.experiments if c != adapter]:
-            self._end(challenger, "restarted")
-            self.experiments[challenger] = self._new_experiment(challenger)
-        self.experiments.pop(adapter, None)
-
-    def _new_experiment(self, challenger: str) -> _Experiment:
-        c = self.learners
-        test = ABTest(self.champion, challenger, alpha=c.ab_alpha, min_samples=c.ab_min_samples, tau=c.ab_tau,
-                      max_samples=c.ab_max_samples)
-        self._started += 1
-        return _Experiment(self._started, challenger, self.champion, test)
-
-    def _end(self, challenger: str, status: str) -> None:
-        experiment = self.experiments.pop(challenger, None)
-        if experiment is not None:
-            experiment.status = status
+    def _follow(self, transition: Transition, at: float) -> None:
+        """What the dashboard draws of a transition: the adapters' timelines, and which test
+        views end and begin."""
+        if transition.promoted is not None:
+            self._note(transition.promoted, at, PROMOTED, f"over {transition.retired}")
+            self._note(transition.retired, at, AdapterState.RETIRED, f"replaced by {transition.promoted}")
+        for adapter, reason in transition.rolled_back.items():
+            self._note(adapter, at, AdapterState.ROLLED_BACK, reason)
+        for test, how in transition.ended:
+            experiment = self.running.pop(test.challenger)
+            experiment.status = how
             self.concluded.append(experiment)
+        for test in transition.started:
+            self._started += 1
+            self.running[test.challenger] = _Experiment(self._started, test)
 
     def _note(self, adapter: str, at: float, kind: str, detail: str = "") -> None:
-        self.lifecycle.setdefault(adapter, []).append(LifecycleEvent(_clock(at), kind, detail))
+        self.timelines.setdefault(adapter, []).append(LifecycleEvent(_clock(at), kind, detail))
 
     # --- views ---------------------------------------------------------------------------
 
     def experiment_views(self) -> list[ExperimentView]:
         rows = self.ab_paths.rows()
         views = []
-        for experiment in [*self.concluded, *self.experiments.values()]:
-            decision = experiment.test.decision()
-            view = ExperimentView(experiment.challenger, experiment.champion, experiment.status,
+        for experiment in [*self.concluded, *self.running.values()]:
+            test = experiment.test
+            decision = test.decision()
+            view = ExperimentView(test.challenger, test.champion, experiment.status,
                                   _finite(decision.lift), _finite(decision.lower), _finite(decision.upper),
                                   decision.n_champion, decision.n_challenger)  # fmt: skip
             for start, cells in rows:
@@ -561,8 +512,8 @@ class OverviewSource:
             recent_dead_letters=list(reversed(fold.recent_dead_letters)),
             examples=fold.examples,
             undecodable=fold.undecodable,
-            champion=fold.champion,
-            challengers=sorted(fold.experiments),
+            champion=fold.lifecycle.champion,
+            challengers=sorted(fold.lifecycle.experiments),
             adapters=self._adapters(adapters),
             traffic_share=fold.traffic_share(),
             reward_mean=fold.reward_mean(),
@@ -581,25 +532,27 @@ class OverviewSource:
     def _adapters(self, rows: list[Adapter]) -> list[AdapterView]:
         """Registry rows and the adapters the log names (the initial arms have no row).
 
-        State: the control log's (as the learner applies it) where it has one, since it moves
-        first; else the registry's (e.g. ready, failed)."""
+        State: the lifecycle's (the control log as the learner applies it) where it has one,
+        since it moves first; else the registry's (e.g. ready, failed, superseded)."""
         fold = self._fold
+        lifecycle = fold.lifecycle
         views = {}
         for row in rows:
             swap = (row.lineage or {}).get("serving", {}) if isinstance(row.lineage, dict) else {}
             swap_ms = swap.get("swap_ms") if isinstance(swap, dict) else None
-            events = list(fold.lifecycle.get(row.name, []))
-            if row.state == "failed":
-                events.append(LifecycleEvent(_clock_of(row.updated_at) or "", "failed", row.reason or ""))
+            events = list(fold.timelines.get(row.name, []))
+            if row.state == AdapterState.FAILED:
+                events.append(LifecycleEvent(_clock_of(row.updated_at) or "", AdapterState.FAILED, row.reason or ""))
             views[row.name] = AdapterView(
-                name=row.name, state=fold.roles.get(row.name, row.state), parent=row.parent, reason=row.reason,
+                name=row.name, state=lifecycle.state_of(row.name) or row.state, parent=row.parent, reason=row.reason,
                 swap_ms=float(swap_ms) if isinstance(swap_ms, (int, float)) else None,
                 created_at=_clock_of(row.created_at), events=events,
             )  # fmt: skip
-        for name in [*fold.lifecycle, *fold.live]:
+        for name in [*fold.timelines, *lifecycle.live]:
             if name not in views:
-                state = fold.roles.get(name) or ("champion" if name == fold.champion else "loaded")
-                views[name] = AdapterView(name=name, state=state, events=list(fold.lifecycle.get(name, [])))
+                # Without a row, the lifecycle knows it unless the log only announced it ready.
+                views[name] = AdapterView(name=name, state=lifecycle.state_of(name) or AdapterState.READY,
+                                          events=list(fold.timelines.get(name, [])))  # fmt: skip
         return list(views.values())
 
     def _lag(self, session: Any) -> list[LagView]:

@@ -28,7 +28,7 @@ from streams.config import LearnerSettings
 from streams.store import RouterSnapshot
 from learners.router import LinUCBRouter
 from streams.contract import Context
-from streams.learning import LearnerState, restore, route_features
+from streams.learning import LearnerState, route_features
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +56,7 @@ class RoutingService:
         self.sessions = sessions
         self._rng = np.random.default_rng(config.route_seed)
         initial = LearnerState(config).snapshot()
-        self._current = _Loaded(restore(initial.data, self._rng), initial.version, None)
+        self._current = _Loaded(LinUCBRouter.from_bytes(initial.data, self._rng), initial.version, None)
         self._last_error: str | None = None
 
     @property
@@ -75,7 +75,7 @@ class RoutingService:
             newest = session.scalar(select(RouterSnapshot).order_by(RouterSnapshot.id.desc()).limit(1))
         if newest is None or newest.id == self._current.snapshot_id:
             return False
-        self._current = _Loaded(restore(newest.state, self._rng), newest.version, newest.id)
+        self._current = _Loaded(LinUCBRouter.from_bytes(newest.state, self._rng), newest.version, newest.id)
         log.info("routing.snapshot_loaded", version=newest.version, examples=newest.examples, arms=newest.arms)
         return True
 

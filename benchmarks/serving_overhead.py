@@ -40,7 +40,7 @@ import migrations  # noqa: E402
 from app.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from streams.store import Adapter, make_engine, make_sessionmaker  # noqa: E402
-from streams.contract import AdapterReady, utcnow  # noqa: E402
+from streams.contract import AdapterReady, AdapterState, utcnow  # noqa: E402
 from trainer.adapter_validation import AdapterValidator, adapter_sha256  # noqa: E402
 from trainer.hot_swap import SwapController  # noqa: E402
 from trainer.replicas import AdapterSet, HotSwapper, ReplicaClient  # noqa: E402
@@ -71,7 +71,7 @@ def swaps(controller: SwapController, sessions, zero, adapters_dir: Path, count:
         shutil.copytree(zero.path, path)  # a fresh, immutable adapter: the zero-delta files renamed
         sha = adapter_sha256(path)
         with sessions.begin() as session:
-            session.add(Adapter(name=name, state="ready", path=str(path), sha256=sha,
+            session.add(Adapter(name=name, state=AdapterState.READY, path=str(path), sha256=sha,
                                 base_model_sha256=zero.base_model_sha256, lineage={}))  # fmt: skip
         event = AdapterReady(event_id=f"adapter-ready-{name}", occurred_at=utcnow(), source="bench", adapter=name,
                              path=str(path), sha256=sha, base_model_sha256=zero.base_model_sha256)  # fmt: skip

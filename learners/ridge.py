@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -31,6 +33,9 @@ class OnlineRidge:
     ...     model.learn_one(np.array([1.0, -1.0]), -1.0)
     >>> round(model.predict(np.array([1.0, 0.0])), 2)
     1.0
+    >>> copy = OnlineRidge.from_array(model.to_array(), n=model.n, l2=0.01)
+    >>> copy.predict(np.array([3.0, -1.0])) == model.predict(np.array([3.0, -1.0]))
+    True
     """
 
     def __init__(self, dim: int, l2: float = 1.0, prior_mean: np.ndarray | None = None):
@@ -54,3 +59,22 @@ class OnlineRidge:
         self._b += y * x
         self.weights = self._a_inv @ self._b
         self.n += 1
+
+    def to_array(self) -> np.ndarray:
+        """``A^-1``, ``b`` and ``w`` in one float64 vector of length ``d^2 + 2d``: with ``n``
+        and ``l2``, all ``from_array`` needs to rebuild the model exactly. ``w`` is kept, not
+        recomputed from the others, so the copy predicts bit for bit what the model does."""
+        return np.concatenate([self._a_inv.ravel(), self._b, self.weights])
+
+    @classmethod
+    def from_array(cls, values: np.ndarray, n: int, l2: float) -> OnlineRidge:
+        dim = math.isqrt(values.size + 1) - 1  # values.size = d^2 + 2d = (d + 1)^2 - 1
+        if values.size != dim * dim + 2 * dim:
+            raise ValueError(f"{values.size} values are no ridge model's A^-1, b and w")
+        model = cls(dim, l2)
+        # Copies: the values may be a read-only view of the bytes they were read from.
+        model._a_inv = values[: dim * dim].reshape(dim, dim).copy()
+        model._b = values[dim * dim : dim * dim + dim].copy()
+        model.weights = values[dim * dim + dim :].copy()
+        model.n = n
+        return model

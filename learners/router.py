@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from learners.features import Context, HashingFeaturizer
 from learners.ridge import OnlineRidge
+
+FORMAT = 1  # of ``LinUCBRouter.to_bytes``; ``from_bytes`` refuses any other
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class LinUCBRouter:
     confidence bound would otherwise make it the greedy choice for almost all traffic).
     ``pin(arm)`` sends everything to one arm (an operator's freeze), ``pin(None)`` lifts it.
     Propensities are always those of the distribution actually sampled.
+
+    ``to_bytes`` and ``from_bytes`` carry a router from the learner to the gateway.
 
     River's ``LinUCBDisjoint`` is not used: it returns a single arm without propensities, has
     no way to retire an arm or warm-start one, and updates through dict-based Bayesian
@@ -74,6 +79,9 @@ class LinUCBRouter:
     >>> router.set_cap("code-v2", 0.2)
     >>> router.probabilities(context)["code-v2"]
     0.2
+    >>> copy = LinUCBRouter.from_bytes(router.to_bytes(), np.random.default_rng(7))
+    >>> copy.probabilities(context) == router.probabilities(context), copy.caps
+    (True, {'code-v2': 0.2})
     >>> router.pin("base")
     >>> router.decide(context).arm
     'base'
@@ -178,6 +186,44 @@ class LinUCBRouter:
         model = self._models.get(arm)
         if model is not None:
             model.learn_one(self.featurizer.transform(context), reward)
+
+    def to_bytes(self) -> bytes:
+        """A JSON header line (format, parameters, arms with their counts, caps, pin), then per
+        arm ``A^-1``, ``b`` and ``w`` as little-endian float64.
+
+        Not pickle: the gateway faces the internet and must not run code it reads from the
+        store. The bytes depend only on the router's numbers, so equal states give equal
+        bytes; the RNG is left out (see ``from_bytes``)."""
+        header = {"format": FORMAT, "alpha": self.alpha, "floor": self.floor, "l2": self.l2,
+                  "dim": self.featurizer.dim, "arms": [[arm, m.n] for arm, m in self._models.items()],
+                  "caps": self._caps, "pinned": self.pinned}  # fmt: skip
+        arrays = b"".join(model.to_array().astype("<f8").tobytes() for model in self._models.values())
+        return json.dumps(header, sort_keys=True).encode() + b"\n" + arrays
+
+    @classmethod
+    def from_bytes(cls, data: bytes, rng: np.random.Generator) -> LinUCBRouter:
+        """The router ``to_bytes`` wrote, drawing its decisions from ``rng``.
+
+        The caller's RNG, not one from the bytes: the learner never draws, so every snapshot
+        would hold the same RNG state, and a gateway restarting it at each reload would repeat
+        the same draws after every reload."""
+        head, _, arrays = data.partition(b"\n")
+        header = json.loads(head)
+        if header["format"] != FORMAT:
+            raise ValueError(f"router format {header['format']} is not {FORMAT}")
+        dim, l2 = header["dim"], header["l2"]
+        router = cls((), alpha=header["alpha"], floor=header["floor"], dim=dim, l2=l2)
+        router._rng = rng
+        values = np.frombuffer(arrays, dtype="<f8")
+        per_arm = dim * dim + 2 * dim
+        if values.size != per_arm * len(header["arms"]):
+            raise ValueError("router bytes are truncated")
+        for i, (arm, n) in enumerate(header["arms"]):
+            router._models[arm] = OnlineRidge.from_array(values[i * per_arm : (i + 1) * per_arm], n=n, l2=l2)
+        for arm, share in header["caps"].items():
+            router.set_cap(arm, share)
+        router.pin(header["pinned"])
+        return router
 
 
 def _capped(probabilities: dict[str, float], caps: dict[str, float]) -> dict[str, float]:

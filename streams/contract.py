@@ -14,6 +14,7 @@ typo never silently loses data; app-specific extras go in ``metadata``.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -189,6 +190,28 @@ class BatchEmitted(_ControlEvent):
     example_count: int = Field(ge=0)
     trigger: Literal["size", "time", "drift", "manual"]
     loss_weights: dict[str, float] = Field(default_factory=dict)
+
+
+class AdapterState(StrEnum):
+    """Where an adapter is in its life: its ``state`` in the registry (``adapters`` table) and
+    its role in the learner's lifecycle (``streams.lifecycle``), one set of names for both.
+    A StrEnum, so the stored rows and the JSON hold the plain values.
+
+    Trained and past the gate it is ``ready``; served under an A/B test it is a
+    ``challenger``; promoted, the ``champion``; replaced by a promotion, ``retired``. It is
+    ``rolled_back`` when its test (or an operator, or a reward drift alarm) ends it,
+    ``superseded`` when a fresher adapter was served while it waited, and ``failed`` when the
+    gate or the hot-swap controller refused it. ``loaded``: an arm the router serves beside the
+    champion without a test (an initial arm other than the first)."""
+
+    READY = "ready"
+    LOADED = "loaded"
+    CHALLENGER = "challenger"
+    CHAMPION = "champion"
+    RETIRED = "retired"
+    SUPERSEDED = "superseded"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
 
 
 class AdapterReady(_ControlEvent):

@@ -55,7 +55,8 @@ TAKE_WITHIN_S = 0.2
 STATE_ROW = 0
 # The format of the pickled LearnerState: bump it when a class in it moves or changes
 # meaning, and the next start rebuilds the state from the archive.
-STATE_FORMAT = 1
+# 2: the adapter lifecycle moved into streams.lifecycle.AdapterLifecycle (LearnerState.lifecycle).
+STATE_FORMAT = 2
 
 
 @dataclass(frozen=True)

@@ -1,28 +1,28 @@
 """The online learners as the live system runs them, as plain deterministic Python.
 
 One :class:`LearnerState` holds everything the learners know: the router (which adapter
-serves whom), a drift monitor, one A/B test per running experiment, the review selector and
-the loss weights that combine reward channels. It reads two topics: annotated examples
-(``learn_one``) and control events (``apply_control``: adapters loaded, promoted, rolled
-back), and returns what the system must hear about: control events (drift alarms, A/B
-verdicts) and review requests. Times come from the examples, never from the wall clock, so
-the same records in the same order give the same state and the same outputs, live or in a
-replay. The Faust worker (``streams.learner_agents``) only decodes, calls this and emits.
+serves whom), the adapter lifecycle (champion, challengers and their A/B tests, ended
+adapters: ``streams.lifecycle``, whose transitions the router follows), a drift monitor, the
+review selector and the loss weights that combine reward channels. It reads two topics:
+annotated examples (``learn_one``) and control events (``apply_control``: adapters loaded,
+promoted, rolled back, pinned), and returns what the system must hear about: control events
+(drift alarms, A/B verdicts) and review requests. Times come from the examples, never from
+the wall clock, so the same records in the same order give the same state and the same
+outputs, live or in a replay. The Faust worker (``streams.learner_agents``) only decodes,
+calls this and emits.
 
 The gateway never sees this object: it routes with a :class:`RouterSnapshot`, a portable,
-pickle-free copy of the router's numbers (``snapshot``/``restore``).
+pickle-free copy of the router's numbers (``LinUCBRouter.to_bytes``/``from_bytes``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Union
 
-import numpy as np
 import structlog
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
@@ -32,11 +32,9 @@ from learners.active_learning import ReviewCandidate, ReviewSelector
 from learners.drift import DriftAlarm as Detected
 from learners.drift import DriftMonitor
 from learners.loss_weights import LossWeights
-from learners.ridge import OnlineRidge
 from learners.router import LinUCBRouter
 from streams.contract import (
     CONTROL_EVENT_ADAPTER,
-    AdapterLoaded,
     AdapterPinned,
     AdapterPromoted,
     AdapterRolledBack,
@@ -44,12 +42,12 @@ from streams.contract import (
     Context,
     DriftAlarm,
 )
+from streams.lifecycle import ROLLBACK, Lifecycle, Transition
 from streams.topics import EXAMPLES
 
 log = structlog.get_logger(__name__)
 
 SOURCE = "learners"
-SNAPSHOT_FORMAT = 1
 
 Feature = Union[str, int, float, bool]
 
@@ -121,8 +119,8 @@ class RouterSnapshot:
 class LearnerState:
     """All learner state; pickles whole (the worker checkpoints it).
 
-    ``version`` counts the changes applied (examples learned, arms added or removed), so a
-    snapshot or checkpoint names the state it holds. ``positions`` is the last offset handled
+    ``version`` counts the changes applied (examples learned, lifecycle transitions, pins), so
+    a snapshot or checkpoint names the state it holds. ``positions`` is the last offset handled
     per (topic, partition), so records redelivered after a crash are recognized and skipped.
     """
 
@@ -130,10 +128,8 @@ class LearnerState:
         self.config = config
         self.router = LinUCBRouter(config.initial_arms, alpha=config.alpha, floor=config.floor,
                                    dim=config.feature_dim, l2=config.l2, seed=config.seed)  # fmt: skip
-        self.champion = config.initial_arms[0]  # always a live arm: the last arm is never removed
+        self.lifecycle = Lifecycle(config)  # its live arms are the router's, in the same order
         self.drift = DriftMonitor(recent_window=config.drift_recent_window, features=config.drift_features)
-        self.experiments: dict[str, ABTest] = {}  # challenger -> its test against the champion
-        self.ended: set[str] = set()  # retired or rolled back: names are never reused, never re-added
         self.review = ReviewSelector(config.review_budget_per_hour)
         self.loss_weights = LossWeights()
         self.version = 0
@@ -177,8 +173,7 @@ class LearnerState:
             self.router.learn_one(example.adapter, features, reward)
             if alarm := self.drift.update_reward(example.adapter, reward, at):
                 out.control.append(self._drift_event(alarm, example))
-                out.control += self._end_experiments(alarm.what, example.closed_at)
-                self._reopen_fallback()
+                out.control += self._preferences_moved(alarm.what, example.closed_at)
             out.control += self._feed_experiments(example, reward)
         if example.training_consent:  # review feeds training: never for users who opted out
             present = {c: r for c, r in example.rewards.items() if r is not None}
@@ -200,146 +195,85 @@ class LearnerState:
 
     def _feed_experiments(self, example: AnnotatedExample, reward: float) -> list[ControlOut]:
         verdicts = []
-        for test in list(self.experiments.values()):
-            # A verdict earlier in this loop may have replaced the test (a promotion restarts
-            # the others against the new champion): the old one must not decide anything.
-            current = self.experiments.get(test.challenger) is test
-            if not current or example.adapter not in (test.champion, test.challenger):
-                continue
-            test.update(example.adapter, reward, cohort=example.cohort)
-            decision = test.decision()
+        for outcome in self.lifecycle.observe(example.adapter, reward, example.cohort):
+            test, decision = outcome.test, outcome.decision
             if decision.verdict != "continue":
-                verdicts.append(self._conclude(test, decision, example.closed_at))
+                verdicts.append(self._verdict(test, decision, outcome.transition, example.closed_at,
+                                              decision.verdict))  # fmt: skip
+                self._follow(outcome.transition)
             elif test.challenger in self.router.caps and _canary_cleared(decision, test.min_samples):
                 self.router.set_cap(test.challenger, None)
                 log.info("learners.canary_cleared", challenger=test.challenger, lift=decision.lift,
                          n_challenger=decision.n_challenger)  # fmt: skip
         return verdicts
 
-    def _end_experiments(self, signal: str, at: datetime) -> list[ControlOut]:
-        """The users' preferences moved under the running tests (a reward drift alarm): their
-        challengers were trained on feedback from before, and their sums mix two populations
-        under changing traffic shares. They are rolled back, which frees the experiment slot
-        for adapters trained after the shift. A test of the fallback (opened by an earlier
-        alarm) starts afresh instead: it is the test that asks what the new preferences say."""
-        reason = f"drift: {signal} moved during the test; the challenger learned from feedback before it"
-        fallback = self.config.initial_arms[0]
-        if fallback in self.experiments:
-            self.experiments[fallback] = self._new_test(fallback)
-            self.drift.forget_reward(fallback)
-        return [self._conclude(test, test.decision(), at, ended_by=reason)
-                for test in list(self.experiments.values()) if test.challenger != fallback]  # fmt: skip
+    def _preferences_moved(self, signal: str, at: datetime) -> list[ControlOut]:
+        """A reward drift alarm: the lifecycle rolls the tests back and reopens the base model
+        (``Lifecycle.preferences_moved`` says why). The learner publishes the rollbacks, and
+        forgets the base model's rewards when its test starts afresh: those from before the
+        shift are another population's."""
+        moved = self.lifecycle.preferences_moved(signal)
+        if any(test.challenger == self.lifecycle.fallback for test in moved.started):
+            self.drift.forget_reward(self.lifecycle.fallback)
+        self._follow(moved)
+        return [self._verdict(test, test.decision(), moved, at, "ended_by_drift")
+                for test, how in moved.ended if how == ROLLBACK]  # fmt: skip
 
-    def _reopen_fallback(self) -> None:
-        """The champion, too, learned from feedback before the preferences moved. The fallback
-        (the first initial arm: the base model, which is always served) comes back as a
-        challenger with its reward detector reset, so that the router can send traffic back
-        to it, and its A/B test decides under the new preferences whether the champion is
-        still better than no adaptation at all."""
-        fallback = self.config.initial_arms[0]
-        if fallback in self.router.arms:
-            return
-        self.ended.discard(fallback)
-        self.drift.forget_reward(fallback)  # its rewards from before the shift are another population's
-        self._load(fallback)
-        self._changed()
-
-    def _conclude(self, test: ABTest, decision: ABDecision, at: datetime, ended_by: str | None = None) -> ControlOut:
+    def _verdict(self, test: ABTest, decision: ABDecision, transition: Transition, at: datetime,
+                 verdict: str) -> ControlOut:  # fmt: skip
+        """The control event of a test the lifecycle has ended; applied already, so that when it
+        comes back on the control topic it is a no-op and it is never published twice."""
         evidence = {k: float(v) for k, v in (("lift", decision.lift), ("lower", decision.lower),
                     ("upper", decision.upper), ("n_champion", decision.n_champion),
                     ("n_challenger", decision.n_challenger)) if math.isfinite(v)}  # fmt: skip
-        if ended_by is None and decision.verdict == "promote":
+        if transition.promoted == test.challenger:
             event: ControlOut = AdapterPromoted(
                 event_id=_event_id("promote", test.challenger), occurred_at=at, source=SOURCE,
                 adapter=test.challenger, previous_champion=test.champion, evidence=evidence,
             )  # fmt: skip
         else:
-            if ended_by is not None:
-                reason = ended_by
-            elif decision.verdict == "inconclusive":
-                reason = f"ab_test: no significant lift over {test.champion} after {test.max_samples} rewards each"
-            else:
-                where = f"in cohorts {', '.join(decision.harmed_cohorts)}" if decision.harmed_cohorts else "overall"
-                reason = f"ab_test: challenger worse than {test.champion} {where}"
             event = AdapterRolledBack(
                 event_id=_event_id("rollback", test.challenger), occurred_at=at, source=SOURCE,
-                adapter=test.challenger, reason=reason, evidence=evidence,
+                adapter=test.challenger, reason=transition.rolled_back[test.challenger], evidence=evidence,
             )  # fmt: skip
-        log.info("learners.ab_verdict", verdict="ended_by_drift" if ended_by else decision.verdict,
-                 challenger=test.challenger, champion=test.champion, **evidence)  # fmt: skip
-        # The same transition as when the event comes back on the control topic (then a
-        # no-op), so the verdict is in the state at once and is never published twice.
-        self.apply_control(event)
+        log.info("learners.ab_verdict", verdict=verdict, challenger=test.challenger, champion=test.champion,
+                 **evidence)  # fmt: skip
         return event
 
     # --- adapter lifecycle ---------------------------------------------------------------------
 
     def apply_control(self, event: object) -> None:
-        """Adapters loaded, promoted, rolled back or pinned; other control events do not
-        concern the learners. Idempotent: an event seen twice (or the learner's own verdict
-        coming back) changes nothing the second time."""
-        if isinstance(event, AdapterLoaded):
-            changed = self._load(event.adapter)
-        elif isinstance(event, AdapterPromoted):
-            changed = self._promote(event.adapter)
-        elif isinstance(event, AdapterRolledBack):
-            changed = self._retire(event.adapter)
-        elif isinstance(event, AdapterPinned):
-            changed = self._pin(event.adapter)
+        """Adapters loaded, promoted or rolled back (the lifecycle's rules) or pinned (the
+        router's); other control events do not concern the learners. Drift alarms are the
+        learner's own, applied when it raised them. Idempotent: an event seen twice (or the
+        learner's own verdict coming back) changes nothing the second time."""
+        if isinstance(event, AdapterPinned):
+            if self._pin(event.adapter):
+                self._changed()
         else:
-            changed = False
-        if changed:
-            self._changed()
+            self._follow(self.lifecycle.apply(event))
+
+    def _follow(self, transition: Transition) -> None:
+        """The router serves what the lifecycle has live: an arm that joined as a canary (at
+        most ``canary_share`` of traffic) warm-started at the champion's weights, which it
+        was trained from; a promoted one uncapped."""
+        if transition.refused is not None:
+            log.warning("learners.lifecycle_refused", why=transition.refused)
+        if not transition:
+            return
+        for arm in transition.left:
+            self.router.remove_arm(arm)
+        for arm in transition.joined:
+            self.router.add_arm(arm, warm_start_from=self.lifecycle.champion)
+            self.router.set_cap(arm, self.config.canary_share)
+        if transition.promoted is not None:
+            self.router.set_cap(transition.promoted, None)
+        self._changed()
 
     def _changed(self) -> None:
         self.version += 1
-        log.info("learners.arms", arms=self.router.arms, champion=self.champion,
-                 experiments=sorted(self.experiments))  # fmt: skip
-
-    def _new_test(self, challenger: str) -> ABTest:
-        c = self.config
-        return ABTest(self.champion, challenger, alpha=c.ab_alpha, min_samples=c.ab_min_samples, tau=c.ab_tau,
-                      max_samples=c.ab_max_samples)
-
-    def _load(self, adapter: str) -> bool:
-        """A new adapter joins the router as a canary (at most ``canary_share`` of traffic),
-        warm-started at the champion's weights (it was trained from it), and an experiment
-        against the champion starts. An adapter already live (replicas reloaded) starts nothing."""
-        if adapter in self.router.arms or adapter in self.ended:
-            return False
-        self.router.add_arm(adapter, warm_start_from=self.champion)
-        self.router.set_cap(adapter, self.config.canary_share)
-        self.experiments[adapter] = self._new_test(adapter)
-        return True
-
-    def _promote(self, adapter: str) -> bool:
-        """The challenger replaces the champion: the old champion is retired from routing."""
-        if adapter == self.champion:
-            return False
-        if adapter not in self.router.arms:
-            log.warning("learners.promote_unknown_adapter", adapter=adapter)
-            return False
-        retired = self.champion
-        self.experiments.pop(adapter, None)
-        self._set_champion(adapter)
-        self.router.set_cap(adapter, None)
-        self.router.remove_arm(retired)
-        self.ended.add(retired)
-        return True
-
-    def _retire(self, adapter: str) -> bool:
-        ended = self.experiments.pop(adapter, None) is not None
-        if adapter not in self.router.arms:
-            self.ended.add(adapter)  # a late adapter_loaded must not bring it back
-            return ended
-        if len(self.router.arms) == 1:
-            log.warning("learners.last_arm_kept", adapter=adapter)  # every request needs an arm
-            return ended
-        self.router.remove_arm(adapter)
-        self.ended.add(adapter)
-        if adapter == self.champion:
-            self._set_champion(self.router.arms[0])  # the oldest live arm
-        return True
+        log.info("learners.arms", arms=self.router.arms, champion=self.lifecycle.champion,
+                 experiments=sorted(self.lifecycle.experiments))  # fmt: skip
 
     def _pin(self, adapter: str | None) -> bool:
         if adapter is not None and adapter not in self.router.arms:
@@ -350,20 +284,10 @@ class LearnerState:
         self.router.pin(adapter)
         return True
 
-    def _set_champion(self, adapter: str) -> None:
-        # Running experiments compared their challengers with the old champion, whose rewards
-        # stop now: they start again against the new one.
-        self.champion = adapter
-        self.experiments = {c: self._new_test(c) for c in self.experiments if c != adapter}
-
     # --- the router for the gateway --------------------------------------------------------------
 
     def snapshot(self) -> RouterSnapshot:
-        return RouterSnapshot(self.version, self.examples, self.router.arms, snapshot_router(self.router))
-
-
-# The snapshot reads and rebuilds the router's and ridge models' internals; this is the one
-# place that does, and tests/learners/test_learning.py checks the round trip is exact.
+        return RouterSnapshot(self.version, self.examples, self.router.arms, self.router.to_bytes())
 
 
 def _canary_cleared(decision: ABDecision, min_samples: int) -> bool:
@@ -373,48 +297,3 @@ def _canary_cleared(decision: ABDecision, min_samples: int) -> bool:
     (as a progressive rollout steps up a canary whose metrics look healthy); the test goes on
     to its verdict."""
     return min(decision.n_champion, decision.n_challenger) >= min_samples and decision.lift >= 0
-
-
-def snapshot_router(router: LinUCBRouter) -> bytes:
-    """A JSON header line, then per arm ``A^-1``, ``b`` and ``w`` as little-endian float64.
-
-    Not pickle: the gateway faces the internet and must not run code it reads from the store.
-    The bytes depend only on the router's numbers, so equal states give equal snapshots."""
-    models: dict[str, OnlineRidge] = router._models
-    header = {"format": SNAPSHOT_FORMAT, "alpha": router.alpha, "floor": router.floor, "l2": router.l2,
-              "dim": router.featurizer.dim, "arms": [[arm, m.n] for arm, m in models.items()],
-              "caps": router.caps, "pinned": router.pinned}  # fmt: skip
-    arrays = b"".join(np.asarray(a, dtype="<f8").tobytes()
-                      for m in models.values() for a in (m._a_inv, m._b, m.weights))  # fmt: skip
-    return json.dumps(header, sort_keys=True).encode() + b"\n" + arrays
-
-
-def restore(data: bytes, rng: np.random.Generator) -> LinUCBRouter:
-    """The router of a snapshot, drawing its decisions from ``rng``.
-
-    The caller's RNG, not one from the snapshot: the learner never draws, so every snapshot
-    holds the same RNG state, and a gateway restarting it at each reload would repeat the
-    same draws after every reload."""
-    head, _, arrays = data.partition(b"\n")
-    header = json.loads(head)
-    if header["format"] != SNAPSHOT_FORMAT:
-        raise ValueError(f"router snapshot format {header['format']} is not {SNAPSHOT_FORMAT}")
-    dim = header["dim"]
-    router = LinUCBRouter((), alpha=header["alpha"], floor=header["floor"], dim=dim, l2=header["l2"])
-    router._rng = rng
-    values = np.frombuffer(arrays, dtype="<f8")
-    per_arm = dim * dim + 2 * dim
-    if values.size != per_arm * len(header["arms"]):
-        raise ValueError("router snapshot is truncated")
-    for i, (arm, n) in enumerate(header["arms"]):
-        chunk = values[i * per_arm : (i + 1) * per_arm]
-        model = OnlineRidge(dim, header["l2"])
-        model._a_inv = chunk[: dim * dim].reshape(dim, dim).copy()  # copies: frombuffer is read-only
-        model._b = chunk[dim * dim : dim * dim + dim].copy()
-        model.weights = chunk[dim * dim + dim :].copy()
-        model.n = n
-        router._models[arm] = model
-    for arm, share in header["caps"].items():
-        router.set_cap(arm, share)
-    router.pin(header["pinned"])
-    return router

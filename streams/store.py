@@ -60,9 +60,7 @@ class Adapter(Base):
     __tablename__ = "adapters"
 
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    state: Mapped[str] = mapped_column(
-        String(32), doc="ready, loaded, challenger, champion, retired, superseded, failed or rolled_back"
-    )
+    state: Mapped[str] = mapped_column(String(32), doc="A streams.contract.AdapterState value.")
     path: Mapped[str] = mapped_column(String(1024))
     sha256: Mapped[str] = mapped_column(String(64))
     base_model_sha256: Mapped[str] = mapped_column(String(64))
@@ -143,7 +141,7 @@ class RouterSnapshot(Base):
     version: Mapped[int] = mapped_column(BigInteger, doc="Changes the learner state had applied.")
     examples: Mapped[int] = mapped_column(BigInteger, doc="Examples the router had learned from.")
     arms: Mapped[list[str]] = mapped_column(JSON)
-    state: Mapped[bytes] = mapped_column(LargeBinary, doc="streams.learning.snapshot_router bytes.")
+    state: Mapped[bytes] = mapped_column(LargeBinary, doc="learners.router.LinUCBRouter.to_bytes.")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

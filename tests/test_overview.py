@@ -9,21 +9,23 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import delete, func, select
 
-from app.overview import PIPELINE_CONSUMER, PRIVACY_LEDGER_FILE, OverviewSource, TimeBuckets
+from app.overview import PIPELINE_CONSUMER, PRIVACY_LEDGER_FILE, ArchiveFold, OverviewSource, TimeBuckets
 from app.settings import Settings
 from streams.config import LearnerSettings
 from streams.store import ArchiveSegment, StreamCheckpoint
 from learners.ab_test import ABTest
-from streams.archive import encode_record, segment_path, write_segment
+from streams.archive import ArchivedRecord, encode_record, segment_path, write_segment
 from streams.contract import (
     AdapterLoaded,
     AdapterPromoted,
     AdapterReady,
     AdapterRolledBack,
+    AdapterState,
     AnnotatedExample,
     Context,
     DriftAlarm,
 )
+from streams.learning import LearnerState
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
 from tests.factories import feedback, interaction
 
@@ -134,6 +136,9 @@ def test_promotion_retires_the_champion_and_rollback_ends_the_experiment(session
     overview = source.read()
     assert overview.challengers == [] and state_of(overview, "other") == "rolled_back"
     assert overview.experiments[-1].status == "rollback"
+    seal(sessions, settings, CONTROL.name, [loaded("other")])  # a restarted swap controller announcing again
+    overview = source.read()
+    assert overview.challengers == [] and state_of(overview, "other") == "rolled_back", "the learner refuses it too"
 
 
 def test_two_challengers_ready_on_the_same_reward_promote_only_the_first_as_the_learner_does(sessions, settings):
@@ -202,3 +207,92 @@ def test_time_buckets_coarsen_without_losing_counts():
     assert len(rows) <= 50 and buckets.width_s > 10
     assert sum(cells["arm"] for _, cells in rows) == 1000
     assert [start for start, _ in rows] == sorted(start for start, _ in rows)
+
+
+# --- the learner and the overview fold the same log to the same roles ----------------------------
+
+ONE_LOG = LearnerSettings(initial_arms=["champ"], ab_min_samples=100)
+
+
+def recorded_log() -> list[tuple[str, bytes]]:
+    """What the archive holds after a live run, in the order the learner handled it: examples,
+    the operator's and the swap controller's control events, and what the learner published,
+    right after the example that made it publish (as it comes back on the control topic).
+
+    The story: two adapters under test; the operator promotes one while the other's test runs
+    (restarted against the new champion, which it then loses); a restarted swap controller
+    announces the rolled-back one again; a third adapter's rewards drift, which ends its test
+    and brings the base model back, and the base model wins its test against the champion."""
+    live = LearnerState(ONE_LOG)
+    rng = random.Random(11)
+    log = []
+
+    def control(event) -> None:
+        log.append((CONTROL.name, event.model_dump_json().encode()))
+        live.apply_control(event)
+
+    def serve(arm: str, p: float) -> None:
+        turn = example(arm, len(log), float(rng.random() < p))
+        log.append((EXAMPLES.name, turn.model_dump_json().encode()))
+        log.extend((CONTROL.name, e.model_dump_json().encode()) for e in live.learn_one(turn).control)
+
+    def until(done, p: dict[str, float], limit: int = 5000) -> None:
+        """Serve the live arms in turn until ``done()``."""
+        for i in range(limit):
+            if done():
+                return
+            arms = live.router.arms
+            serve(arms[i % len(arms)], p[arms[i % len(arms)]])
+        raise AssertionError("the story did not happen")
+
+    lifecycle = live.lifecycle
+    control(loaded("a"))
+    control(loaded("b"))
+    until(lambda: len(log) > 150, {"champ": 0.5, "a": 0.5, "b": 0.5})
+    assert set(lifecycle.experiments) == {"a", "b"}
+    control(AdapterPromoted(event_id="operator-promote-a", occurred_at=T0, source="operator", adapter="a"))
+    until(lambda: "b" in lifecycle.ended, {"a": 0.9, "b": 0.1})
+    serve("b", 1.0)  # late feedback
+    control(loaded("b"))  # the swap controller, restarted, announces what it served again
+    control(loaded("c"))
+    until(lambda: lifecycle.experiments["c"].decision().n_challenger >= 300, {"a": 0.6, "c": 0.6})
+    until(lambda: "champ" in lifecycle.experiments, {"a": 0.6, "c": 0.1})  # c's users change their minds
+    until(lambda: lifecycle.champion == "champ", {"a": 0.6, "champ": 0.8})
+    for _ in range(20):  # rewards after the story
+        serve("champ", 0.8)
+    return log
+
+
+def test_the_learner_and_the_overview_fold_one_control_log_to_the_same_roles(tmp_path):
+    log = recorded_log()
+    events = [json.loads(value) for topic, value in log if topic == CONTROL.name]
+    kinds = [(e["type"], e.get("adapter") or e.get("signal")) for e in events]
+    rolled_back_b = kinds.index(("adapter_rolled_back", "b"))
+    assert ("adapter_loaded", "b") in kinds[rolled_back_b:], "a late adapter_loaded after the rollback"
+    assert kinds.index(("adapter_promoted", "a")) < rolled_back_b, "a promotion while b's test ran"
+    assert ("drift_alarm", "reward:c") in kinds and ("adapter_rolled_back", "c") in kinds
+    assert ("adapter_promoted", "champ") in kinds, "a verdict the overview reaches too"
+
+    learner = LearnerState(ONE_LOG)
+    fold = ArchiveFold(Settings(data_dir=tmp_path, learners=ONE_LOG))
+    offsets: dict[str, int] = {}
+
+    def roles(lifecycle) -> tuple:
+        return (lifecycle.champion, list(lifecycle.live), {c: t.champion for c, t in lifecycle.experiments.items()},
+                dict(lifecycle.ended))  # fmt: skip
+
+    for i, (topic, value) in enumerate(log):
+        offsets[topic] = offsets.get(topic, -1) + 1
+        learner.handle(topic, 0, offsets[topic], value)
+        fold.fold(ArchivedRecord(topic, 0, offsets[topic], 0, None, value, {}))
+        if i + 1 == len(log) or log[i + 1][0] == EXAMPLES.name:  # the outputs of an example are in
+            assert roles(fold.lifecycle) == roles(learner.lifecycle), f"after record {i}"
+            assert learner.router.arms == tuple(learner.lifecycle.live)
+    assert roles(fold.lifecycle) == ("champ", ["champ"], {}, {"a": AdapterState.RETIRED, "b": AdapterState.ROLLED_BACK,
+                                                              "c": AdapterState.ROLLED_BACK})  # fmt: skip
+    assert fold.undecodable == 0
+    # The dashboard's view of the same: b stays rolled back, whatever the late announcement said.
+    views = {(v.challenger, v.champion): v.status for v in fold.experiment_views()}
+    assert views[("b", "champ")] == "restarted" and views[("b", "a")] == "rollback"
+    assert views[("c", "a")] == "rollback" and views[("champ", "a")] == "promote"
+    assert [e.kind for e in fold.timelines["b"]][-2:] == ["rolled_back", "loaded"]

@@ -57,6 +57,7 @@ from streams.contract import (
     AdapterReady,
     AdapterRefused,
     AdapterRolledBack,
+    AdapterState,
     AdapterUnloaded,
     DriftAlarm,
     utcnow,
@@ -68,9 +69,7 @@ from trainer.replicas import AdapterSet, HotSwapper, ReconcileReport
 log = structlog.get_logger(__name__)
 
 SOURCE = "swap"
-READY, CHALLENGER, CHAMPION = "ready", "challenger", "champion"
-RETIRED, ROLLED_BACK, FAILED, SUPERSEDED = "retired", "rolled_back", "failed", "superseded"
-LIVE = (CHALLENGER, CHAMPION)
+LIVE = (AdapterState.CHALLENGER, AdapterState.CHAMPION)
 
 Announcement = AdapterLoaded | AdapterRefused | AdapterUnloaded
 
@@ -142,7 +141,7 @@ class SwapController:
 
     def _ready(self, event: AdapterReady) -> list[Announcement]:
         row = self._row(event.adapter)
-        if row is not None and row.state not in (READY, *LIVE):
+        if row is not None and row.state not in (AdapterState.READY, *LIVE):
             log.info("swap.ready_skipped", adapter=event.adapter, state=row.state)  # retired, failed...
             return []
         if event.adapter in self.waiting:
@@ -181,37 +180,38 @@ class SwapController:
     def _under_test(self) -> int:
         """Challengers in the registry, and adapters admitted but not yet loaded."""
         with self.sessions() as session:
-            challengers = set(session.scalars(select(Adapter.name).where(Adapter.state == CHALLENGER)))
-            loading = {name for name in self.pending if (row := session.get(Adapter, name)) is None or row.state == READY}
+            challengers = set(session.scalars(select(Adapter.name).where(Adapter.state == AdapterState.CHALLENGER)))
+            loading = {name for name in self.pending
+                       if (row := session.get(Adapter, name)) is None or row.state == AdapterState.READY}  # fmt: skip
         return len(challengers | loading)
 
     def _supersede(self, name: str, detail: str) -> AdapterRefused:
         with self.sessions.begin() as session:
             row = session.get(Adapter, name)
             if row is not None:
-                row.state, row.reason = SUPERSEDED, detail
+                row.state, row.reason = AdapterState.SUPERSEDED, detail
         log.info("swap.superseded", adapter=name, detail=detail)
         return AdapterRefused(event_id=f"adapter-refused-{name}", occurred_at=utcnow(), source=SOURCE, adapter=name,
-                              reason="superseded", detail=detail)  # fmt: skip
+                              reason=AdapterState.SUPERSEDED, detail=detail)  # fmt: skip
 
     def _promote(self, event: AdapterPromoted) -> None:
         with self.sessions.begin() as session:
             new = session.get(Adapter, event.adapter)
-            if new is not None and new.state == CHAMPION:
+            if new is not None and new.state == AdapterState.CHAMPION:
                 return
-            if new is not None and new.state != CHALLENGER:
+            if new is not None and new.state != AdapterState.CHALLENGER:
                 # A late verdict (or an operator's) for an adapter already rolled back, retired,
                 # superseded or never loaded: made champion, no replica would serve it.
                 log.error("swap.promote_refused", adapter=event.adapter, state=new.state, source=event.source)
                 return
             if new is None and event.adapter in self.adapters:
                 log.warning("swap.promote_unregistered", adapter=event.adapter)
-            old = session.scalars(select(Adapter).where(Adapter.state == CHAMPION)).all()
+            old = session.scalars(select(Adapter).where(Adapter.state == AdapterState.CHAMPION)).all()
             for previous in old:
-                previous.state = RETIRED
+                previous.state = AdapterState.RETIRED
                 self._drain(previous.name)
             if new is not None:
-                new.state = CHAMPION
+                new.state = AdapterState.CHAMPION
                 new.reason = None
         log.info("swap.promoted", adapter=event.adapter, retired=[a.name for a in old], source=event.source)
 
@@ -219,9 +219,9 @@ class SwapController:
         with self.sessions.begin() as session:
             row = session.get(Adapter, event.adapter)
             if row is not None:
-                if row.state in (ROLLED_BACK, FAILED):
+                if row.state in (AdapterState.ROLLED_BACK, AdapterState.FAILED):
                     return
-                row.state, row.reason = ROLLED_BACK, event.reason
+                row.state, row.reason = AdapterState.ROLLED_BACK, event.reason
         if self.pending.pop(event.adapter, None) is not None:
             self.adapters.retire(event.adapter)  # never loaded: nothing to drain
         else:
@@ -253,7 +253,7 @@ class SwapController:
         unloaded now."""
         with self.sessions() as session:
             rows = session.scalars(
-                select(Adapter).where(Adapter.state.in_((READY, *LIVE))).order_by(Adapter.created_at)
+                select(Adapter).where(Adapter.state.in_((AdapterState.READY, *LIVE))).order_by(Adapter.created_at)
             ).all()
         out: list[Announcement] = []
         for row in rows:
@@ -261,7 +261,7 @@ class SwapController:
                 continue
             spec = AdapterSpec(row.name, row.path, row.sha256, row.base_model_sha256)
             try:
-                if row.state == READY:
+                if row.state == AdapterState.READY:
                     self.adapters.validator.validate(spec)
                     self.waiting[row.name] = spec
                     continue
@@ -307,8 +307,8 @@ class SwapController:
         swap_ms = (now - admitted).total_seconds() * 1000
         with self.sessions.begin() as session:
             row = session.get(Adapter, name)
-            if row is not None and row.state == READY:  # the first load, not a resumed one
-                row.state = CHALLENGER
+            if row is not None and row.state == AdapterState.READY:  # the first load, not a resumed one
+                row.state = AdapterState.CHALLENGER
                 ready = row.lineage.get("registered_at")
                 waited_ms = (admitted - datetime.fromisoformat(ready)).total_seconds() * 1000 if ready else None
                 row.lineage = {**row.lineage, "serving": {"loaded_at": now.isoformat(), "swap_ms": swap_ms,
@@ -329,7 +329,7 @@ class SwapController:
         with self.sessions.begin() as session:
             row = session.get(Adapter, name)
             if row is not None:
-                row.state, row.reason = FAILED, f"{reason}: {detail}"
+                row.state, row.reason = AdapterState.FAILED, f"{reason}: {detail}"
         log.error("swap.refused", adapter=name, reason=reason, detail=detail)
         return AdapterRefused(event_id=f"adapter-refused-{name}", occurred_at=utcnow(), source=SOURCE,
                               adapter=name, reason=reason, detail=detail)  # fmt: skip

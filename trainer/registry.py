@@ -29,13 +29,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from streams.store import Adapter, Batch
-from streams.contract import AdapterReady
+from streams.contract import AdapterReady, AdapterState
 from streams.training_data import BatchManifest
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 NAME = re.compile(r"^adapter-(\d{6})-[0-9a-f]{8}$")
-READY, FAILED = "ready", "failed"
-EMITTED, TRAINING, TRAINED = "emitted", "training", "trained"
+EMITTED, TRAINING, TRAINED, FAILED = "emitted", "training", "trained", "failed"  # Batch.status
+READY = AdapterState.READY  # trainer.recipe imports it from here
 
 
 def sha256_file(path: Path) -> str:
@@ -137,10 +137,10 @@ class Registry:
     def publish(self, candidate: Path, row: dict[str, Any], batch_id: str) -> Adapter:
         """Move the candidate to its final place and register it with its batch, crash-safely.
 
-        ``row`` holds the Adapter columns except path; ``state`` "ready" publishes it for
-        serving, "failed" files it under _rejected/ with its reason.
+        ``row`` holds the Adapter columns except path; ``state`` ready publishes it for
+        serving, failed files it under _rejected/ with its reason.
         """
-        final = self.dir / ("_rejected" if row["state"] == FAILED else "") / row["name"]
+        final = self.dir / ("_rejected" if row["state"] == AdapterState.FAILED else "") / row["name"]
         row = {**row, "path": str(final)}
         intent = self.staging(batch_id) / "publish.json"
         intent.write_text(json.dumps(row))
@@ -159,7 +159,7 @@ class Registry:
             adapter = session.get(Adapter, row["name"]) or Adapter(**row)
             session.add(adapter)
             batch = session.get(Batch, batch_id)
-            batch.status = TRAINED if row["state"] == READY else FAILED
+            batch.status = TRAINED if row["state"] == AdapterState.READY else FAILED
             batch.adapter = row["name"]
         self.clean_staging(batch_id)
         return adapter

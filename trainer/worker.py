@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from streams.contract import AdapterReady, BatchEmitted
+from streams.contract import AdapterReady, AdapterState, BatchEmitted
 from streams.control_consumer import ControlConsumer
 from streams.kafka import KafkaSettings
 from streams.store import Adapter
@@ -51,7 +51,7 @@ def parent_for_next(sessions: sessionmaker) -> str | None:
     with sessions() as session:
         return session.scalar(
             select(Adapter.name)
-            .where(Adapter.state.in_(("ready", "challenger", "champion")))
+            .where(Adapter.state.in_((AdapterState.READY, AdapterState.CHALLENGER, AdapterState.CHAMPION)))
             .order_by(Adapter.created_at.desc(), Adapter.name.desc())  # names count up: ties in a second
             .limit(1)
         )

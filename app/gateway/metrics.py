@@ -26,11 +26,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.gateway.auth import ApiKeys
 from app.overview import Overview, OverviewSource
+from streams.contract import AdapterState
 
 log = structlog.get_logger(__name__)
 
 # Listed so that each has a series (at 0) before the first adapter or batch reaches it.
-ADAPTER_STATES = ("ready", "loaded", "challenger", "champion", "retired", "superseded", "failed", "rolled_back")
+ADAPTER_STATES = tuple(AdapterState)
 BATCH_STATUSES = ("emitted", "training", "trained", "failed")
 # A decision is a few matrix products (tens of microseconds); a swap loads weights (seconds).
 ROUTE_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)

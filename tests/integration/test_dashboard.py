@@ -108,14 +108,16 @@ async def run_the_loop(stack) -> Run:
         route = await http.post("/v1/route", json={"context": {"domain": "code"}}, headers=AUTH)
         assert route.status_code == 200
 
-    # The trainer and the hot-swap controller: an adapter ready and loaded, a drift alarm.
+    # The trainer and the hot-swap controller: an adapter ready and loaded; the learner: a drift
+    # alarm on the context mix (one on a reward would end the test the A/B panel draws, as the
+    # learner ends it).
     control = [
         AdapterReady(event_id=f"ready-{marker}", occurred_at=T0, source="trainer", adapter=challenger,
                      path=f"adapters/{challenger}", sha256="0" * 64, base_model_sha256="1" * 64),
         AdapterLoaded(event_id=f"loaded-{marker}", occurred_at=T0 + timedelta(seconds=5), source="serving",
                       adapter=challenger, replicas=["vllm-0"]),
         DriftAlarm(event_id=f"drift-{marker}", occurred_at=T0 + timedelta(seconds=400), source="learners",
-                   signal=f"reward:{challenger}", detector="ADWIN", detected_at=T0 + timedelta(seconds=400),
+                   signal="feature:domain=code", detector="ADWIN", detected_at=T0 + timedelta(seconds=400),
                    details={"mean_before": 0.5, "mean_after": 0.7}),
     ]  # fmt: skip
     await produce(settings, CONTROL.name, control)

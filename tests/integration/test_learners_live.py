@@ -22,7 +22,8 @@ from app.broker import EmbeddedBroker
 from streams.config import LearnerSettings
 from streams.store import RouterSnapshot, make_engine, make_sessionmaker
 from streams.contract import AdapterLoaded, Context, utcnow
-from streams.learning import restore, route_features
+from learners.router import LinUCBRouter
+from streams.learning import route_features
 from streams.topics import CONTROL, REVIEW
 from tests.conftest import free_port, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
@@ -126,8 +127,8 @@ async def test_learners_route_learn_decide_and_survive_sigkill(tmp_path, own_bro
         assert after.state == before.state
         for domain in ("code", "chat", "math"):
             features = route_features(Context(domain=domain, cohort="b"), "app-a")
-            decide = [restore(s.state, np.random.default_rng(11)).decide(features) for s in (before, after)]
-            assert decide[0] == decide[1]
+            routers = [LinUCBRouter.from_bytes(s.state, np.random.default_rng(11)) for s in (before, after)]
+            assert routers[0].decide(features) == routers[1].decide(features)
         await asyncio.sleep(2)  # redelivered records, if any, must not be learned twice
         assert newest_snapshot(sessions).version == before.version
         reloaded = await wait_for_route(http, lambda b: b["snapshot_version"] == before.version)

@@ -33,7 +33,8 @@ from streams.contract import (
     DriftAlarm,
 )
 from streams.learner_agents import LiveLearner
-from streams.learning import LearnerState, combined_reward, restore, route_features, snapshot_router
+from learners.router import LinUCBRouter
+from streams.learning import LearnerState, combined_reward, route_features
 from streams.topics import CONTROL, EXAMPLES
 
 T0 = datetime(2026, 11, 21, tzinfo=timezone.utc)
@@ -166,22 +167,23 @@ def test_arms_follow_the_adapter_lifecycle_and_events_are_idempotent():
     for _ in range(20):
         state.learn_one(example(0, "base", CODE, {"explicit": 1.0}))
     state.apply_control(loaded("code-v1"))
-    assert state.router.arms == ("base", "code-v1") and set(state.experiments) == {"code-v1"}
+    assert state.router.arms == ("base", "code-v1") and set(state.lifecycle.experiments) == {"code-v1"}
     # Warm start: the new arm predicts what the champion learned.
     x = state.router.featurizer.transform(route_features(Context(**CODE), "app-a"))
     models = state.router._models
     assert models["code-v1"].predict(x) == pytest.approx(models["base"].predict(x))
     version = state.version
     state.apply_control(loaded("code-v1"))  # replicas reloaded: nothing changes
-    assert state.version == version and state.experiments["code-v1"] is not None
+    assert state.version == version and state.lifecycle.experiments["code-v1"] is not None
     state.apply_control(loaded("chat-v1"))
     state.apply_control(AdapterRolledBack(event_id="rollback-chat-v1", occurred_at=T0, source="ops", adapter="chat-v1",
                                           reason="manual"))  # fmt: skip
-    assert state.router.arms == ("base", "code-v1") and set(state.experiments) == {"code-v1"}
+    assert state.router.arms == ("base", "code-v1") and set(state.lifecycle.experiments) == {"code-v1"}
     state.apply_control(loaded("chat-v1"))  # the swap controller announces again after a restart
     assert "chat-v1" not in state.router.arms, "a rolled-back adapter never comes back"
     state.apply_control(AdapterPromoted(event_id="promote-code-v1", occurred_at=T0, source="ops", adapter="code-v1"))
-    assert state.router.arms == ("code-v1",) and state.champion == "code-v1" and not state.experiments
+    assert state.router.arms == ("code-v1",) and state.lifecycle.champion == "code-v1"
+    assert not state.lifecycle.experiments
     state.apply_control(AdapterRolledBack(event_id="rollback-code-v1", occurred_at=T0, source="ops", adapter="code-v1",
                                           reason="manual"))  # fmt: skip
     assert state.router.arms == ("code-v1",), "the last arm must stay: every request needs one"
@@ -192,8 +194,8 @@ def test_promoting_one_challenger_restarts_the_other_experiments_against_the_new
     state.apply_control(loaded("a-v1"))
     state.apply_control(loaded("b-v1"))
     state.apply_control(AdapterPromoted(event_id="promote-a-v1", occurred_at=T0, source="ops", adapter="a-v1"))
-    assert state.champion == "a-v1" and state.router.arms == ("a-v1", "b-v1")
-    assert state.experiments["b-v1"].champion == "a-v1"
+    assert state.lifecycle.champion == "a-v1" and state.router.arms == ("a-v1", "b-v1")
+    assert state.lifecycle.experiments["b-v1"].champion == "a-v1"
 
 
 def test_two_challengers_ready_on_the_same_reward_promote_one_and_the_other_restarts():
@@ -211,8 +213,8 @@ def test_two_challengers_ready_on_the_same_reward_promote_one_and_the_other_rest
         i += 1
         assert i < 500, "no verdict"
     assert [(type(e), e.adapter) for e in published] == [(AdapterPromoted, "b-v1")]
-    assert state.champion == "b-v1" and state.router.arms == ("b-v1", "c-v1")
-    fresh = state.experiments["c-v1"]
+    assert state.lifecycle.champion == "b-v1" and state.router.arms == ("b-v1", "c-v1")
+    fresh = state.lifecycle.experiments["c-v1"]
     assert fresh.champion == "b-v1" and fresh.decision().n_champion == 0
 
 
@@ -228,7 +230,7 @@ def test_a_new_adapter_is_a_canary_until_promoted_and_a_pin_takes_all_traffic():
     state.apply_control(AdapterPinned(event_id="pin-event-2", occurred_at=T0, source="ops", adapter="nobody"))
     assert state.router.pinned == "base", "an unknown adapter cannot be pinned"
     # Pins and caps travel with the snapshot the gateway routes with.
-    restored = restore(state.snapshot().data, np.random.default_rng(0))
+    restored = LinUCBRouter.from_bytes(state.snapshot().data, np.random.default_rng(0))
     assert restored.pinned == "base" and restored.caps == {"code-v1": 0.1}
     state.apply_control(AdapterPinned(event_id="pin-event-3", occurred_at=T0, source="ops", adapter=None))
     state.apply_control(AdapterPromoted(event_id="promote-code-v1", occurred_at=T0, source="ops", adapter="code-v1"))
@@ -251,12 +253,12 @@ def test_a_canary_not_behind_the_champion_after_min_samples_is_no_longer_capped(
     assert state.router.caps == {"code-v1": 0.1}
     for i in range(38, 40):
         state.learn_one(example(i, ("base", "code-v1")[i % 2], CODE, {"explicit": reward(i)}))
-    assert "code-v1" in state.experiments, "the test goes on to its verdict"
+    assert "code-v1" in state.lifecycle.experiments, "the test goes on to its verdict"
     assert state.router.caps == ({} if cleared else {"code-v1": 0.1})
     share = state.router.probabilities(features)["code-v1"]
     # Cleared, the router's estimates decide: the better arm is the greedy choice.
     assert share == (pytest.approx(0.95) if cleared else pytest.approx(0.05))
-    assert restore(state.snapshot().data, np.random.default_rng(0)).caps == state.router.caps
+    assert LinUCBRouter.from_bytes(state.snapshot().data, np.random.default_rng(0)).caps == state.router.caps
 
 
 def test_a_reward_drift_alarm_ends_the_running_experiment():
@@ -277,7 +279,7 @@ def test_a_reward_drift_alarm_ends_the_running_experiment():
     rolled_back = published[-1]
     assert isinstance(rolled_back, AdapterRolledBack) and rolled_back.adapter == "code-v1"
     assert rolled_back.reason.startswith("drift: reward:base moved during the test")
-    assert state.router.arms == ("base",) and not state.experiments and "code-v1" in state.ended
+    assert state.router.arms == ("base",) and not state.lifecycle.experiments and "code-v1" in state.lifecycle.ended
 
 
 def test_after_the_champions_reward_drifts_the_base_model_is_tested_against_it_again():
@@ -285,7 +287,7 @@ def test_after_the_champions_reward_drifts_the_base_model_is_tested_against_it_a
     state = LearnerState(LearnerSettings(initial_arms=["base"], ab_min_samples=40, ab_tau=0.2, floor=0.2))
     state.apply_control(loaded("code-v1"))
     state.apply_control(AdapterPromoted(event_id="promote-code-v1", occurred_at=T0, source="ops", adapter="code-v1"))
-    assert state.router.arms == ("code-v1",) and "base" in state.ended
+    assert state.router.arms == ("code-v1",) and "base" in state.lifecycle.ended
     published, i = [], 0
     while not any(isinstance(e, DriftAlarm) for e in published):  # the users change their minds about it
         p = 0.9 if i < 300 else 0.1
@@ -295,17 +297,17 @@ def test_after_the_champions_reward_drifts_the_base_model_is_tested_against_it_a
     assert i > 300
     # The base model is a canary again, under test against the champion, its old rewards forgotten.
     assert state.router.arms == ("code-v1", "base") and state.router.caps["base"] == state.config.canary_share
-    assert state.experiments["base"].champion == "code-v1" and "base" not in state.ended
+    assert state.lifecycle.experiments["base"].champion == "code-v1" and "base" not in state.lifecycle.ended
     for j in range(i, i + 600):  # now the base model suits them better than the champion does
         arm = ("code-v1", "base")[j % 2]
         p = 0.1 if arm == "code-v1" else 0.6
         published += state.learn_one(example(j, arm, CODE, {"explicit": float(rng.random() < p)})).control
-        if state.champion == "base":
+        if state.lifecycle.champion == "base":
             break
     promoted = published[-1]
     assert isinstance(promoted, AdapterPromoted) and promoted.adapter == "base"
     assert promoted.previous_champion == "code-v1"
-    assert state.router.arms == ("base",) and "code-v1" in state.ended
+    assert state.router.arms == ("base",) and "code-v1" in state.lifecycle.ended
 
 
 def test_a_second_reward_alarm_restarts_the_base_models_test_instead_of_ending_it():
@@ -319,14 +321,14 @@ def test_a_second_reward_alarm_restarts_the_base_models_test_instead_of_ending_i
         p = 0.9 if i < 300 or i >= 1500 else 0.1  # the users change their minds twice
         published += state.learn_one(example(i, arm, CODE, {"explicit": float(rng.random() < p)})).control
         alarms = sum(isinstance(e, DriftAlarm) for e in published)
-        if alarms == 1 and "base" in state.experiments:
-            first_test = state.experiments["base"]
+        if alarms == 1 and "base" in state.lifecycle.experiments:
+            first_test = state.lifecycle.experiments["base"]
         if alarms == 2:
             break
     assert alarms == 2, "two drift alarms"
     assert not any(isinstance(e, AdapterRolledBack) for e in published), "the base model's test is not ended"
-    assert state.router.arms == ("code-v1", "base") and state.experiments["base"] is not first_test
-    fresh = state.experiments["base"].decision()
+    assert state.router.arms == ("code-v1", "base") and state.lifecycle.experiments["base"] is not first_test
+    fresh = state.lifecycle.experiments["base"].decision()
     assert fresh.n_champion + fresh.n_challenger <= 1  # at most the example that raised the alarm
 
 
@@ -341,7 +343,7 @@ def test_an_experiment_without_a_verdict_ends_and_the_champion_stays():
         published += [e for e in out.control if not isinstance(e, DriftAlarm)]
     (event,) = published
     assert isinstance(event, AdapterRolledBack) and "no significant lift over base after 120" in event.reason
-    assert state.router.arms == ("base",) and state.champion == "base" and not state.experiments
+    assert state.router.arms == ("base",) and state.lifecycle.champion == "base" and not state.lifecycle.experiments
 
 
 @pytest.mark.parametrize("challenger_reward, verdict", [(0.9, AdapterPromoted), (0.1, AdapterRolledBack)])
@@ -359,10 +361,10 @@ def test_an_ab_verdict_is_published_once_and_applied(challenger_reward, verdict)
     event = published[0]
     assert event.adapter == "code-v1" and event.source == "learners"
     assert event.evidence["n_challenger"] >= 50
-    assert not state.experiments
+    assert not state.lifecycle.experiments
     if verdict is AdapterPromoted:
         assert event.previous_champion == "base" and event.evidence["lower"] > 0
-        assert state.champion == "code-v1" and state.router.arms == ("code-v1",)
+        assert state.lifecycle.champion == "code-v1" and state.router.arms == ("code-v1",)
     else:
         assert event.evidence["upper"] < 0 and state.router.arms == ("base",)
     # The verdict comes back on the control topic: a no-op.
@@ -412,23 +414,6 @@ def test_review_picks_stay_within_the_hourly_budget_and_skip_users_who_opted_out
 
 
 # --- the snapshot the gateway routes with ----------------------------------------------------------
-
-
-def test_a_snapshot_restores_the_router_exactly(environment):
-    state = LearnerState(CONFIG)
-    run(state, records(environment))
-    data = state.snapshot().data
-    first, second = restore(data, np.random.default_rng(7)), restore(data, np.random.default_rng(7))
-    context = route_features(Context(domain="math", cohort="b"), "app-a")
-    assert first.probabilities(context) == state.router.probabilities(context)
-    assert [first.decide(context) for _ in range(20)] == [second.decide(context) for _ in range(20)]
-    # Every number came across: both go on learning to the same state.
-    for router in (first, state.router):
-        router.learn_one("coder", context, 1.0)
-    assert restore(data, np.random.default_rng(0)).arms == state.router.arms
-    assert snapshot_router(first) == snapshot_router(state.router)
-    with pytest.raises(ValueError, match="format"):
-        restore(data.replace(b'"format": 1', b'"format": 9', 1), np.random.default_rng(0))
 
 
 async def test_the_learner_checkpoints_publishes_snapshots_and_restores(tmp_path, sessions, environment):

@@ -117,7 +117,7 @@ def test_promotion_retires_the_champion_and_rollback_unloads_after_the_drain(set
     promoted = AdapterPromoted(event_id="promote-concise", occurred_at=utcnow(), source="learners", adapter=concise,
                                previous_champion="base")  # fmt: skip
     apply(learner, [promoted, *controller.handle(promoted)])
-    assert state(sessions, concise).state == "champion" and learner.champion == concise
+    assert state(sessions, concise).state == "champion" and learner.lifecycle.champion == concise
     apply(learner, controller.handle(trained.detailed))
     assert learner.router.arms == (concise, detailed)
 
