@@ -306,7 +306,7 @@ class ArchiveFold:
                 self._example(AnnotatedExample.model_validate_json(record.value))
             elif record.topic == CONTROL.name:
                 self._control(CONTROL_EVENT_ADAPTER.validate_json(record.value))
-        except (ValueError, KeyError, TypeError, AttributeError):  # ValueError covers pydantic's errors
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # pydantic's errors are ValueErrors
             # Another producer's bad record is kept in the archive; it must not stop the view.
             self.undecodable += 1
 

@@ -29,7 +29,7 @@ from streams.contract import CONTROL_EVENT_ADAPTER, BatchEmitted, CurationTrigge
 from streams.curator import CutBatch
 from streams.emitter import Emitter, Record, emitted_records, output_records
 from streams.live import LivePipeline
-from streams.pipeline import Outputs
+from streams.pipeline import Outputs, receive_time
 from streams.topics import CONTROL, EVENTS
 
 log = structlog.get_logger(__name__)
@@ -131,8 +131,9 @@ def register_pipeline(
         async for batch in stream.noack_take(TAKE_MAX, within=TAKE_WITHIN_S):
             for event in batch:  # no await in here: see _PendingCheckpoint
                 message = event.message
+                received = receive_time(message.headers, message.timestamp)
                 pending.add(stream, event, message.partition,
-                            live.handle(message.partition, message.offset, message.value))
+                            live.handle(message.partition, message.offset, message.value, received))
 
     @app.timer(interval=checkpoint_interval_s)
     async def checkpoint() -> None:

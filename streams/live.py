@@ -27,7 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from streams.store import StreamCheckpoint
-from streams.pipeline import Outputs, PartitionPipeline, PipelineSet
+from streams.pipeline import Outputs, PartitionPipeline, PipelineSet, Received
 
 log = structlog.get_logger(__name__)
 
@@ -73,8 +73,10 @@ class LivePipeline:
         log.info("pipeline.restored", partition=partition, offset=pipeline.offset, from_cluster=row.cluster_id)
         return pipeline
 
-    def handle(self, partition: int, offset: int, value: bytes) -> Outputs | None:
-        """Run one record; None when the restored state already holds it."""
+    def handle(
+        self, partition: int, offset: int, value: bytes | None, received: Received | None = None
+    ) -> Outputs | None:
+        """Run one record (``received``: its receive time); None when the restored state already holds it."""
         self.last_record_at[partition] = time.monotonic()
         if partition not in self.pipelines.partitions:
             restored = self._restore(partition)
@@ -83,7 +85,7 @@ class LivePipeline:
         pipeline = self.pipelines.partitions.get(partition)
         if pipeline is not None and offset <= pipeline.offset:
             return None
-        return self.pipelines.process(partition, offset, value)
+        return self.pipelines.process(partition, offset, value, received)
 
     def snapshot(self, partitions: set[int]) -> list[Snapshot]:
         """The state of these partitions as of now (the caller must not await in between)."""

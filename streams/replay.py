@@ -23,7 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from streams.archive import ArchivedRecord, decode_record, read_segment, segments
 from streams.batches import publish_batch
 from streams.contract import BatchEmitted
-from streams.pipeline import PipelineSet
+from streams.pipeline import PipelineSet, receive_time
 from streams.topics import EVENTS
 
 
@@ -114,7 +114,8 @@ def replay_offline(
 ) -> ReplaySummary:
     summary = ReplaySummary()
     for record in records:
-        outputs = pipelines.process(record.partition, record.offset, record.value or b"")
+        received = receive_time(record.headers, record.timestamp_ms / 1000)
+        outputs = pipelines.process(record.partition, record.offset, record.value, received)
         summary.records += 1
         summary.examples += len(outputs.examples)
         for letter in outputs.dead_letters:
