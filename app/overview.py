@@ -76,9 +76,16 @@ def _timestamp(value: str | datetime) -> float:
     return moment.timestamp()
 
 
+# The calendar's ends as timestamps: an event dated at them (written straight to the topic; the
+# gateway and the pipeline refuse such dates) is drawn at the edge instead of breaking the view.
+_FIRST_S = datetime(1, 1, 2, tzinfo=timezone.utc).timestamp()
+_LAST_S = datetime(9999, 12, 30, tzinfo=timezone.utc).timestamp()
+
+
 def _clock(seconds: float) -> str:
     """UTC time as Plotly reads dates (it ignores zone suffixes, so none is written)."""
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    moment = datetime.fromtimestamp(min(max(seconds, _FIRST_S), _LAST_S), timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _finite(value: float) -> float | None:
@@ -306,7 +313,7 @@ class ArchiveFold:
                 self._example(AnnotatedExample.model_validate_json(record.value))
             elif record.topic == CONTROL.name:
                 self._control(CONTROL_EVENT_ADAPTER.validate_json(record.value))
-        except (ValueError, KeyError, TypeError, AttributeError):  # ValueError covers pydantic's errors
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # pydantic's errors are ValueErrors
             # Another producer's bad record is kept in the archive; it must not stop the view.
             self.undecodable += 1
 

@@ -120,7 +120,9 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
             update={"data_dir": data_dir, "database_url": None, "key_dir": settings.keys_path}
         )
         migrations.upgrade(output.store_url)
-        pipelines = PipelineSet(output.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(output.keys_path)))
+        pipelines = PipelineSet(output.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(output.keys_path)),
+                                max_event_bytes=output.max_event_bytes,
+                                dead_letter_max_raw_bytes=output.dead_letter_max_raw_bytes)
         summary = replay_offline(records, pipelines, data_dir=output.data_dir, batches_dir=output.batches_dir,
                                  sessions=make_sessionmaker(make_engine(output.store_url)), on_record=on_record,
                                  close_at_end=closing, import_run=import_run)  # fmt: skip

@@ -88,7 +88,9 @@ def build_pipeline_app(settings: Settings, cluster: str):
     from streams.pseudonyms import FileKeyStore, Pseudonymizer
 
     sessions = make_sessionmaker(make_engine(settings.store_url))
-    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)))
+    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)),
+                            max_event_bytes=settings.max_event_bytes,
+                            dead_letter_max_raw_bytes=settings.dead_letter_max_raw_bytes)
     live = LivePipeline(pipelines, sessions, archive_dir=settings.archive_dir, consumer=PIPELINE_CONSUMER,
                         cluster_id=cluster)
     app = make_faust_app(settings)

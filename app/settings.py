@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.config import LearnerSettings, PipelineSettings
+from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
 from streams.kafka import KafkaSettings
 from trainer.config import ServingSettings, TrainerConfig
 
@@ -59,13 +60,17 @@ class Settings(BaseSettings):
         description='Per-app API keys as JSON, e.g. FEEDLOOP_API_KEYS=\'{"chat-web": "s3cret"}\'.',
     )
     max_body_bytes: int = Field(8 * MIB, description="Largest request body accepted (413 above).")
-    max_event_bytes: int = Field(256 * KIB, description="Largest single event accepted.")
+    max_event_bytes: int = Field(
+        DEFAULT_MAX_EVENT_BYTES, ge=1, description="Largest single event accepted (by the gateway and the pipeline)."
+    )
     max_events_per_request: int = Field(10_000, description="Most events in one request.")
     publish_timeout_s: float = Field(
         10.0, gt=0, description="How long the gateway waits for the broker before answering 503."
     )
     dead_letter_max_raw_bytes: int = Field(
-        512 * KIB, description="Raw bytes kept with a dead-letter record; longer input is truncated."
+        DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, ge=0, le=largest_raw_bytes(),
+        description="Raw bytes kept with a dead-letter record (gateway and pipeline); longer input is truncated. "
+        "Bounded so that its base64 and the rest of the record fit one 1 MB Kafka message.",
     )
 
     # --- archive ----------------------------------------------------------------------------

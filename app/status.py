@@ -1,8 +1,13 @@
-"""`feedloop status`: the dashboard's essentials as rich tables in the terminal."""
+"""`feedloop status`: the dashboard's essentials as rich tables in the terminal.
+
+Text that came from the log (dead-letter reasons and details, drift signals) is escaped: rich
+reads square brackets as markup, and a rejected event's own text ends up in its detail.
+"""
 
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from app.overview import Overview, Series
@@ -37,6 +42,7 @@ def render_status(overview: Overview, console: Console) -> None:
     accepted = overview.events_accepted
     summary.add_row("events accepted", f"{sum(accepted.values())} ({', '.join(f'{k} {v}' for k, v in accepted.items())})")
     summary.add_row("dead letters", str(sum(overview.dead_letters.values())))
+    summary.add_row("undecodable records", str(overview.undecodable))
     summary.add_row("examples", str(overview.examples))
     summary.add_row("champion", overview.champion)
     summary.add_row("challengers", ", ".join(overview.challengers) or "none")
@@ -75,7 +81,7 @@ def render_status(overview: Overview, console: Console) -> None:
     for d in reversed(overview.recent_dead_letters):
         latest_detail[d["reason"]] = d.get("detail") or ""
     for reason, count in overview.dead_letters.items():
-        letters.add_row(reason, str(count), latest_detail.get(reason, "")[:80])
+        letters.add_row(escape(str(reason)), str(count), escape(str(latest_detail.get(reason, "") or "")[:80]))
     _print(console, letters)
 
     batches = Table(title="batches: " + (", ".join(f"{s} {n}" for s, n in sorted(overview.batches_by_status.items()))
@@ -91,7 +97,7 @@ def render_status(overview: Overview, console: Console) -> None:
     drift.add_column("signal")
     drift.add_column("alarms", justify="right")
     for signal, count in overview.drift_alarms.items():
-        drift.add_row(signal, str(count))
+        drift.add_row(escape(str(signal)), str(count))
     _print(console, drift)
 
     lag = Table(title="pipeline lag (archived offset - checkpointed offset)")

@@ -32,7 +32,7 @@ from streams.contract import CONTROL_EVENT_ADAPTER, BatchEmitted, CurationTrigge
 from streams.curator import CutBatch
 from streams.emitter import Emitter, Record, emitted_records, output_records
 from streams.live import LivePipeline
-from streams.pipeline import Outputs
+from streams.pipeline import Outputs, receive_time
 from streams.topics import CONTROL, EVENTS
 
 log = structlog.get_logger(__name__)
@@ -91,7 +91,8 @@ class _Checkpointing:
         produced = _Produced()
         for event in batch:  # no await in here: the next snapshot must hold these outputs' records
             message = event.message
-            produced.add(message.partition, self.live.handle(message.partition, message.offset, message.value))
+            received = receive_time(message.headers, message.timestamp)
+            produced.add(message.partition, self.live.handle(message.partition, message.offset, message.value, received))
         self.unacked.add(stream, batch, produced)
 
     async def flush(self) -> None:

@@ -19,6 +19,11 @@ class PipelineSettings(BaseModel):
     implicit_window_s: float = Field(300, gt=0, description="Implicit signals count this long after the interaction.")
     explicit_window_s: float = Field(1800, gt=0, description="Explicit feedback counts this long; then the example is emitted.")
     allowed_lateness_s: float = Field(60, ge=0, description="Out-of-order slack before event time moves on.")
+    max_clock_skew_s: float = Field(
+        300, gt=0,
+        description="An event dated more than this after it was received is dead-lettered (clock_skew), "
+        "so a wrong clock cannot move event time.",
+    )  # fmt: skip
     idle_tick_s: float = Field(5, gt=0, description="An idle partition gets a watermark tick after this much wall time.")
     checkpoint_interval_s: float = Field(
         2, gt=0, description="How often the worker saves partition state; records are acknowledged after it."
@@ -35,6 +40,12 @@ class PipelineSettings(BaseModel):
         20_000, ge=1, description="Prompts each partition remembers for the repeat filters; the oldest are forgotten."
     )
     seed: int = Field(0, description="Seed of the curator's sampling.")
+
+    @property
+    def event_time_span_s(self) -> float:
+        """How far either side of an event's time the pipeline computes (windows, lateness,
+        batch wait): an ``occurred_at`` nearer the ends of the calendar is refused."""
+        return self.explicit_window_s + self.implicit_window_s + self.allowed_lateness_s + self.batch_max_wait_s
 
 
 class LearnerSettings(BaseModel):

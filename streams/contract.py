@@ -374,12 +374,17 @@ class DeadLetter(_Record):
     stage: str = Field(description="Where it was rejected, e.g. 'gateway'.")
     app_id: str | None = None
     event_id: str | None = Field(None, description="The event's id if one could be read.")
-    reason: str = Field(description="Short code, e.g. 'invalid_json', 'schema_violation'.")
-    detail: str = Field(description="What was wrong and what to do about it.")
-    issues: list[ValidationIssue] = Field(default_factory=list)
-    raw_b64: str = Field(description="The input bytes, base64 (truncated if raw_truncated).")
+    reason: str = Field(
+        description="Short code, e.g. 'invalid_json', 'schema_violation', 'clock_skew' (docs/events.md lists them)."
+    )
+    detail: str = Field(description="What was wrong and what to do about it (at most 1,000 characters).")
+    issues: list[ValidationIssue] = Field(default_factory=list, description="The first 20 field-level errors.")
+    raw_b64: str = Field(
+        description="The input bytes, base64: at most FEEDLOOP_DEAD_LETTER_MAX_RAW_BYTES of them, so that the "
+        "record always fits one Kafka message (raw_truncated says when that cut it short)."
+    )
     raw_size: int = Field(ge=0, description="Size of the whole input in bytes.")
-    raw_truncated: bool = False
+    raw_truncated: bool = Field(False, description="raw_b64 holds only the first bytes of the input.")
 
 
 USER_EVENT_ADAPTER: TypeAdapter[Interaction | Feedback | Annotation] = TypeAdapter(UserEvent)

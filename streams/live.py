@@ -22,7 +22,7 @@ from sqlalchemy.orm import sessionmaker
 
 from streams.archive import ArchivedRecord
 from streams.checkpoint import Checkpoints, Position, Rebuild, pickled
-from streams.pipeline import Outputs, PartitionPipeline, PipelineSet
+from streams.pipeline import Outputs, PartitionPipeline, PipelineSet, Received, receive_time
 from streams.topics import EVENTS
 
 # The format of the pickled PartitionPipeline: bump it when a class in it moves or changes
@@ -56,22 +56,25 @@ class LivePipeline:
         pipelines = self.pipelines
 
         def fold(pipeline: PartitionPipeline, record: ArchivedRecord) -> None:
+            received = receive_time(record.headers, record.timestamp_ms / 1000)  # as the worker saw it
             pipeline.process(record.offset, record.value or b"", scrubber=pipelines.scrubber,
-                             pseudonyms=pipelines.pseudonyms)  # fmt: skip
+                             pseudonyms=pipelines.pseudonyms, received=received)  # fmt: skip
 
         def place(pipeline: PartitionPipeline, positions: dict[Position, int]) -> None:
             pipeline.offset = positions.get((EVENTS.name, partition), -1)
 
         return Rebuild(topics=(EVENTS.name,), partition=partition, fold=fold, place=place,
-                       fresh=lambda: PartitionPipeline(partition, pipelines.config))  # fmt: skip
+                       fresh=lambda: PartitionPipeline(partition, pipelines.config, pipelines.checks))  # fmt: skip
 
-    def handle(self, partition: int, offset: int, value: bytes) -> Outputs | None:
-        """Run one record; None when the restored state already holds it."""
+    def handle(
+        self, partition: int, offset: int, value: bytes | None, received: Received | None = None
+    ) -> Outputs | None:
+        """Run one record (``received``: its receive time); None when the restored state already holds it."""
         self.last_record_at[partition] = time.monotonic()
         pipeline = self.pipelines.partitions.get(partition)
         if pipeline is not None and offset <= pipeline.offset:
             return None
-        return self.pipelines.process(partition, offset, value)
+        return self.pipelines.process(partition, offset, value, received)
 
     def snapshot(self, partitions: set[int]) -> list[Snapshot]:
         """The state of these partitions as of now (the caller must not await in between)."""

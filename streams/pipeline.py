@@ -1,6 +1,7 @@
 """The pipeline for one partition of the events topic, as plain deterministic Python.
 
-For each record, in offset order: validate -> de-duplicate by event id -> drop erased users'
+For each record, in offset order: validate (size, nesting, contract, event time within the
+clock-skew bound of its receive time) -> de-duplicate by event id -> drop erased users'
 old events -> anonymize (scrub PII, pseudonymize the user) -> quality filters -> join
 feedback to its interaction. When the partition's event time closes an interaction's window:
 rewards per channel -> annotated example -> training signals -> curator -> batches.
@@ -8,14 +9,16 @@ rewards per channel -> annotated example -> training signals -> curator -> batch
 The live worker, ``feedloop replay --offline`` and the tests all drive this same class, so
 the same records in the same order produce the same examples and byte-identical batches.
 Nothing is dropped silently: every record that does not become part of an example comes out
-as a dead letter with its reason, and is counted in :class:`PipelineStats`.
+as a dead letter with its reason, and is counted in :class:`PipelineStats`. No record stops
+it either: any bytes (oversized, binary, deeply nested, dated decades ahead) become a dead
+letter that fits in one Kafka message (docs/pipeline.md, "Poison").
 """
 
 from __future__ import annotations
 
-import base64
 import heapq
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -35,7 +38,16 @@ from streams.contract import (
     WatermarkTick,
 )
 from streams.curator import Buffered, Curator, CutBatch
-from streams.intake import classify_error
+from streams.intake import (
+    DEFAULT_DEAD_LETTER_MAX_RAW_BYTES,
+    DEFAULT_MAX_EVENT_BYTES,
+    classify_error,
+    dead_letter,
+    event_time_problem,
+    excess_depth,
+    issues_of,
+    too_deeply_nested_detail,
+)
 from streams.join import OpenInteraction, SessionJoin, Unjoined
 from streams.pii import Scrubber
 from streams.pseudonyms import Pseudonymizer
@@ -45,6 +57,59 @@ from streams.signals import training_records
 
 STAGE = "pipeline"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+RECEIVED_AT_HEADER = "received_at"  # written by the gateway (app/publisher.py)
+
+
+@dataclass(frozen=True)
+class Received:
+    """When a record was received (by the gateway, else by the broker), and what says so."""
+
+    at: datetime
+    source: str
+
+
+def receive_time(headers: Mapping | Iterable | None, timestamp_s: float | None) -> Received | None:
+    """A record's receive time: the gateway's ``received_at`` header, or the Kafka record
+    timestamp for records produced straight to the topic; the earlier of the two when both
+    are there (a producer that writes a header of its own cannot move it later). None when
+    neither is readable. Both are in the log, so replay finds the same time."""
+    header = None
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    for name, value in pairs:
+        if name in (RECEIVED_AT_HEADER, RECEIVED_AT_HEADER.encode()):
+            try:
+                parsed = datetime.fromisoformat(value.decode() if isinstance(value, bytes) else value)
+            except (ValueError, TypeError, UnicodeDecodeError):
+                break
+            header = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+            break
+    stamp = None
+    if timestamp_s is not None and timestamp_s > 0:
+        try:
+            stamp = datetime.fromtimestamp(timestamp_s, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            stamp = None
+    if header is not None and (stamp is None or header <= stamp):
+        return Received(header, "its received_at header")
+    if stamp is not None:
+        return Received(stamp, "its Kafka record timestamp")
+    return None
+
+
+@dataclass(frozen=True)
+class RecordChecks:
+    """The bounds every record is held to before it is an event. Settings, not state: the
+    :class:`PipelineSet` hands its own to each partition on every record, so a restored
+    checkpoint runs with the settings of the worker that restored it."""
+
+    max_clock_skew: timedelta
+    event_time_span: timedelta  # PipelineSettings.event_time_span_s
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    dead_letter_max_raw_bytes: int = DEFAULT_DEAD_LETTER_MAX_RAW_BYTES
+
+    @classmethod
+    def of(cls, config: PipelineSettings, **limits: int) -> RecordChecks:
+        return cls(timedelta(seconds=config.max_clock_skew_s), timedelta(seconds=config.event_time_span_s), **limits)
 
 
 @dataclass
@@ -63,9 +128,12 @@ class Outputs:
 class PartitionPipeline:
     """All pipeline state of one partition; pickles whole (the worker checkpoints it)."""
 
-    def __init__(self, partition: int, config: PipelineSettings) -> None:
+    checks = RecordChecks.of(PipelineSettings())  # for states pickled before checks existed; set per record
+
+    def __init__(self, partition: int, config: PipelineSettings, checks: RecordChecks | None = None) -> None:
         self.partition = partition
         self.config = config
+        self.checks = checks or RecordChecks.of(config)
         self.join = SessionJoin(
             explicit_window=timedelta(seconds=config.explicit_window_s),
             implicit_window=timedelta(seconds=config.implicit_window_s),
@@ -94,15 +162,31 @@ class PartitionPipeline:
 
     # --- one record ----------------------------------------------------------------------
 
-    def process(self, offset: int, value: bytes, *, scrubber: Scrubber, pseudonyms: Pseudonymizer) -> Outputs:
+    def process(self, offset: int, value: bytes | None, *, scrubber: Scrubber, pseudonyms: Pseudonymizer,
+                received: Received | None = None) -> Outputs:
+        """One record. ``received``: its receive time (:func:`receive_time`); without one,
+        event time is not checked against the clock-skew bound."""
         self.offset = offset
         out = Outputs()
         self.stats.counts["records"] += 1
+        value = value or b""  # a tombstone (null value) is an empty record
+        received_at = received.at if received else None
+        if len(value) > self.checks.max_event_bytes:
+            limit = self.checks.max_event_bytes
+            detail = f"record is {len(value)} bytes; the limit is {limit} (FEEDLOOP_MAX_EVENT_BYTES): split it"
+            out.dead_letters.append(self._dead("event_too_large", detail, value, None, received_at))
+            return out
         try:
             event = EVENTS_TOPIC_ADAPTER.validate_json(value)
         except ValidationError as error:
-            reason, detail = classify_error(error)
-            out.dead_letters.append(self._dead(reason, detail, value, None))
+            if depth := excess_depth(value):
+                reason, detail, issues = "too_deeply_nested", too_deeply_nested_detail(depth), ()
+            else:
+                (reason, detail), issues = classify_error(error), issues_of(error)
+            out.dead_letters.append(self._dead(reason, detail, value, None, received_at, issues))
+            return out
+        if problem := self._time_problem(event, received):
+            out.dead_letters.append(self._dead(*problem, value, event, received_at))
             return out
         occurred_at = self.join.observe(event.occurred_at)
         if isinstance(event, WatermarkTick):
@@ -135,6 +219,12 @@ class PartitionPipeline:
             out.dead_letters += [self._unjoined(u) for u in self.join.add_signal(self._scrub_signal(event, scrubber))]
         self.advance(out, pseudonyms)
         return out
+
+    def _time_problem(self, event: object, received: Received | None) -> tuple[str, str] | None:
+        """``clock_skew`` or ``occurred_at_out_of_range`` (intake.event_time_problem), checked
+        before the record's time can move the watermark."""
+        return event_time_problem(event.occurred_at, received and received.at, received and received.source,
+                                  max_skew=self.checks.max_clock_skew, span=self.checks.event_time_span)
 
     def _interaction(self, event: Interaction, occurred_at: datetime, value: bytes, scrubber: Scrubber,
                      pseudonyms: Pseudonymizer) -> list[DeadLetter]:
@@ -267,19 +357,24 @@ class PartitionPipeline:
 
     # --- dead letters ---------------------------------------------------------------------------
 
-    def _dead(self, reason: str, detail: str, raw: bytes, event: object | None) -> DeadLetter:
+    def _dead(self, reason: str, detail: str, raw: bytes, event: object | None,
+              received_at: datetime | None = None, issues=()) -> DeadLetter:
+        """A dead letter of at most ``dead_letter_max_raw_bytes`` of raw input (it always fits
+        in one message). ``received_at``: the record's receive time, for records whose own
+        event time is missing or not to be trusted."""
         self.stats.counts[reason] += 1
-        return DeadLetter(
+        return dead_letter(
             dead_letter_id=f"p{self.partition}-{self.offset}-{reason}",
-            # Event time, not wall time: a replay must produce the same record.
-            received_at=getattr(event, "occurred_at", None) or self.join.watermark or _EPOCH,
+            # Times from the log, not the wall clock: a replay must produce the same record.
+            received_at=received_at or getattr(event, "occurred_at", None) or self.join.watermark or _EPOCH,
             stage=STAGE,
             app_id=getattr(event, "app_id", None),
             event_id=getattr(event, "event_id", None),
             reason=reason,
             detail=detail,
-            raw_b64=base64.b64encode(raw).decode("ascii"),
-            raw_size=len(raw),
+            issues=issues,
+            raw=raw,
+            max_raw_bytes=self.checks.dead_letter_max_raw_bytes,
         )
 
     def _unjoined(self, unjoined: Unjoined) -> DeadLetter:
@@ -304,19 +399,27 @@ def pseudonyms_erased(pseudonyms: Pseudonymizer):
 
 
 class PipelineSet:
-    """One :class:`PartitionPipeline` per partition, created on first sight."""
+    """One :class:`PartitionPipeline` per partition, created on first sight.
 
-    def __init__(self, config: PipelineSettings, scrubber: Scrubber, pseudonyms: Pseudonymizer) -> None:
+    ``max_event_bytes`` and ``dead_letter_max_raw_bytes`` are the deployment's
+    (``FEEDLOOP_MAX_EVENT_BYTES``, ``FEEDLOOP_DEAD_LETTER_MAX_RAW_BYTES``), shared with the gateway."""
+
+    def __init__(self, config: PipelineSettings, scrubber: Scrubber, pseudonyms: Pseudonymizer, *,
+                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                 dead_letter_max_raw_bytes: int = DEFAULT_DEAD_LETTER_MAX_RAW_BYTES) -> None:
         self.config = config
         self.scrubber = scrubber
         self.pseudonyms = pseudonyms
+        self.checks = RecordChecks.of(config, max_event_bytes=max_event_bytes,
+                                      dead_letter_max_raw_bytes=dead_letter_max_raw_bytes)
         self.partitions: dict[int, PartitionPipeline] = {}
 
-    def process(self, partition: int, offset: int, value: bytes) -> Outputs:
+    def process(self, partition: int, offset: int, value: bytes | None, received: Received | None = None) -> Outputs:
         pipeline = self.partitions.get(partition)
         if pipeline is None:
-            pipeline = self.partitions[partition] = PartitionPipeline(partition, self.config)
-        return pipeline.process(offset, value, scrubber=self.scrubber, pseudonyms=self.pseudonyms)
+            pipeline = self.partitions[partition] = PartitionPipeline(partition, self.config, self.checks)
+        pipeline.checks = self.checks  # a restored state runs with this worker's settings
+        return pipeline.process(offset, value, scrubber=self.scrubber, pseudonyms=self.pseudonyms, received=received)
 
     def finish(self) -> Outputs:
         """:meth:`PartitionPipeline.finish` of every partition, in partition order."""

@@ -28,7 +28,7 @@ from streams.archive import ArchivedRecord, decode_record, read_segment, segment
 from streams.batches import publish_batch
 from streams.contract import BatchEmitted
 from streams.importer import for_run
-from streams.pipeline import Outputs, PipelineSet
+from streams.pipeline import Outputs, PipelineSet, receive_time
 from streams.topics import EVENTS
 
 
@@ -163,7 +163,8 @@ def replay_offline(
             summary.batches.append(publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions))
 
     for record in records:
-        take(pipelines.process(record.partition, record.offset, record.value or b""))
+        received = receive_time(record.headers, record.timestamp_ms / 1000)
+        take(pipelines.process(record.partition, record.offset, record.value or b"", received))
         summary.records += 1
         if on_record is not None:
             on_record(summary.records)

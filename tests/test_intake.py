@@ -5,9 +5,31 @@ import json
 
 import pytest
 
-from streams.contract import utcnow
-from streams.intake import Accepted, BodyRejected, Limits, Rejected, check_body, dead_letter, split_body
+from datetime import datetime, timedelta, timezone
+
+from pydantic import ValidationError
+
+from app.settings import Settings
+from streams.config import PipelineSettings
+from streams.contract import ValidationIssue, utcnow
+from streams.intake import (
+    ISSUES_MAX,
+    MAX_JSON_DEPTH,
+    PRODUCER_MAX_REQUEST_BYTES,
+    Accepted,
+    BodyRejected,
+    Limits,
+    Rejected,
+    TooDeeplyNested,
+    check_body,
+    dead_letter,
+    dead_letter_max_bytes,
+    largest_raw_bytes,
+    parse_json,
+    split_body,
+)
 from tests.factories import ANY_TURN, feedback, interaction
+from tests.poison import FAR_FUTURE, corpus
 
 LIMITS = Limits(max_event_bytes=4096, max_events=50, dead_letter_max_raw_bytes=64)
 
@@ -91,3 +113,79 @@ def test_dead_letter_keeps_raw_bytes_and_says_when_truncated():
     assert record.raw_size == 512 and record.raw_truncated
     whole = dead_letter(reason="r", detail="d", raw=b"abc", received_at=utcnow(), stage="gateway", max_raw_bytes=64)
     assert base64.b64decode(whole.raw_b64) == b"abc" and not whole.raw_truncated
+
+
+NOW = datetime(2026, 11, 21, 10, 0, 30, tzinfo=timezone.utc)
+GATEWAY_LIMITS = Limits(max_event_bytes=256 * 1024, max_events=50, dead_letter_max_raw_bytes=512 * 1024,
+                        max_clock_skew_s=300, event_time_span_s=PipelineSettings().event_time_span_s)
+
+
+@pytest.mark.parametrize("case", corpus(), ids=lambda case: case.name)
+def test_poison_bodies_are_rejected_with_a_reason_and_their_dead_letters_fit(case):
+    status, reason = case.gateway
+    try:
+        results = check_body(case.value, "application/json", "app-a", GATEWAY_LIMITS, NOW)
+    except BodyRejected as whole:
+        assert (422, whole.reason) == (status, reason)
+        rejected = [Rejected(0, whole.reason, whole.detail, case.value)]
+    else:
+        assert status == 202 and [r.reason for r in results] == [reason] * len(results)
+        rejected = results
+    for r in rejected:
+        letter = dead_letter(reason=r.reason, detail=r.detail, raw=r.raw, received_at=NOW, stage="gateway",
+                             max_raw_bytes=GATEWAY_LIMITS.dead_letter_max_raw_bytes, event_id=r.event_id,
+                             issues=r.issues)
+        assert len(letter.model_dump_json().encode()) <= dead_letter_max_bytes(GATEWAY_LIMITS.dead_letter_max_raw_bytes)
+
+
+def test_a_dead_letter_fits_the_worker_producer_whatever_it_carries():
+    control = "\x01" * 10_000  # each character JSON-escaped to six bytes
+    default_raw = Settings.model_construct().dead_letter_max_raw_bytes
+    letter = dead_letter(reason=control, detail=control, raw=b"\xff" * 2_000_000, received_at=NOW, stage=control,
+                         max_raw_bytes=default_raw, app_id=control, event_id=control, dead_letter_id=control,
+                         issues=[ValidationIssue(loc=control, msg=control)] * 1000)
+    assert len(letter.model_dump_json().encode()) <= dead_letter_max_bytes(default_raw) < PRODUCER_MAX_REQUEST_BYTES
+    assert letter.raw_truncated and letter.raw_size == 2_000_000 and len(letter.issues) == ISSUES_MAX
+    assert len(letter.detail) <= 1000 and len(letter.event_id) <= 128
+
+
+def test_the_raw_bytes_kept_are_bounded_by_what_fits_one_message():
+    largest = largest_raw_bytes()
+    assert dead_letter_max_bytes(largest) < PRODUCER_MAX_REQUEST_BYTES
+    Settings(dead_letter_max_raw_bytes=largest)
+    with pytest.raises(ValidationError, match="dead_letter_max_raw_bytes"):
+        Settings(dead_letter_max_raw_bytes=largest + 1)
+
+
+def test_nesting_is_refused_before_parsing_and_brackets_in_strings_do_not_count():
+    deep = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    with pytest.raises(TooDeeplyNested):
+        parse_json(deep)
+    assert parse_json("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH) is not None
+    # Brackets inside strings (escaped quotes too) are text: this event is valid and accepted.
+    chatty = interaction(response='quote \\" then ' + "[{" * 5000)
+    (result,) = check_body(json.dumps([chatty]).encode(), "application/json", "app-a", GATEWAY_LIMITS)
+    assert isinstance(result, Accepted)
+    # json.loads also reads UTF-16: the scan decodes as it does, so nothing hides in the bytes.
+    with pytest.raises(BodyRejected) as error:
+        split_body(("[" * 5000 + "]" * 5000).encode("utf-16"), "application/json")
+    assert error.value.reason == "too_deeply_nested" and "5000 levels" in error.value.detail
+
+
+def test_a_deep_json_line_is_rejected_alone():
+    good = json.dumps(interaction())
+    body = "\n".join([good, "[" * 5000, good]).encode()
+    results = check_body(body, "application/x-ndjson", "app-a", GATEWAY_LIMITS)
+    assert [r.reason if isinstance(r, Rejected) else "ok" for r in results] == ["ok", "too_deeply_nested", "ok"]
+
+
+def test_events_dated_ahead_of_the_gateway_clock_are_clock_skew():
+    ahead = interaction(occurred_at=FAR_FUTURE)
+    near = interaction(occurred_at=(NOW + timedelta(seconds=299)).isoformat())
+    results = check_body(json.dumps([ahead, near]).encode(), "application/json", "app-a", GATEWAY_LIMITS, NOW)
+    assert [r.reason if isinstance(r, Rejected) else "ok" for r in results] == ["clock_skew", "ok"]
+    assert FAR_FUTURE in results[0].detail and NOW.isoformat() in results[0].detail
+    assert results[0].event_id == ahead["event_id"]
+    # Without a receive time (or a bound) nothing is checked.
+    assert isinstance(check_body(json.dumps([ahead]).encode(), "application/json", "app-a", GATEWAY_LIMITS)[0],
+                      Accepted)

@@ -28,6 +28,7 @@ from streams.contract import (
 from streams.learning import LearnerState
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
 from tests.factories import feedback, interaction
+from tests.poison import corpus
 
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)
 CLUSTER = "cluster-1"
@@ -40,12 +41,12 @@ def settings(tmp_path, sessions) -> Settings:
 
 
 def seal(sessions, settings: Settings, topic: str, values: list, partition: int = 0) -> None:
-    """Archive ``values`` (models, dicts or raw strings) as one segment, as the archiver does."""
+    """Archive ``values`` (models, dicts, raw strings or bytes) as one segment, as the archiver does."""
     with sessions() as session:
         last = session.scalar(select(func.max(ArchiveSegment.last_offset))
                               .where(ArchiveSegment.topic == topic, ArchiveSegment.partition == partition))
     first = 0 if last is None else last + 1
-    raw = [v.model_dump_json().encode() if hasattr(v, "model_dump_json")
+    raw = [v if isinstance(v, bytes | None) else v.model_dump_json().encode() if hasattr(v, "model_dump_json")
            else (v if isinstance(v, str) else json.dumps(v)).encode() for v in values]  # fmt: skip
     lines = [encode_record(topic, partition, first + i, 0, None, value) for i, value in enumerate(raw)]
     relative = segment_path(CLUSTER, topic, partition, first)
@@ -296,3 +297,45 @@ def test_the_learner_and_the_overview_fold_one_control_log_to_the_same_roles(tmp
     assert views[("b", "champ")] == "restarted" and views[("b", "a")] == "rollback"
     assert views[("c", "a")] == "rollback" and views[("champ", "a")] == "promote"
     assert [e.kind for e in fold.timelines["b"]][-2:] == ["rolled_back", "loaded"]
+
+
+# Events at the ends of the calendar: the pipeline and the gateway refuse them, but a producer
+# writing straight to the topic can still put them in the archive, and the traffic chart must
+# still draw (at the calendar's edge).
+CALENDAR_ENDS = ("start_of_calendar", "first_day", "end_of_calendar")
+
+
+def test_the_overview_and_status_render_an_archive_of_poison(sessions, settings):
+    import io
+
+    from rich.console import Console
+
+    from app.status import render_status
+    from streams.intake import dead_letter
+
+    poison = [case.value for case in corpus() if case.name not in CALENDAR_ENDS]
+    seal(sessions, settings, EVENTS.name, [*poison, None, interaction(adapter="champ")])
+    markup = dead_letter(reason="unknown_type", detail="Input tag '[/x]' found", raw=b"", received_at=T0,
+                         stage="pipeline", max_raw_bytes=0)
+    seal(sessions, settings, DEAD_LETTER.name, [markup, b"[" * 5000, b"\xff"])
+
+    overview = OverviewSource(settings, sessions).read()
+
+    assert overview.records_by_topic[EVENTS.name] == len(poison) + 2
+    assert overview.dead_letters == {"unknown_type": 1}
+    # Not JSON, nested past the parser's recursion limit, or not an object; the other poison parses,
+    # and the fold counts only what it reads (the pipeline is what rejects it). Then the two dead letters.
+    unreadable = {"oversized_garbage", "binary", "invalid_utf8", "nested_arrays", "nested_objects", "unclosed",
+                  "empty", "null", "number", "string", "array_of_numbers", "huge_integer"}
+    assert overview.undecodable == len(unreadable) + 2
+    out = io.StringIO()
+    render_status(overview, Console(file=out, width=200))
+    assert "[/x]" in out.getvalue() and "undecodable records" in out.getvalue()
+    json.dumps(overview.to_json(), allow_nan=False)
+
+
+def test_the_overview_renders_events_at_the_ends_of_the_calendar(sessions, settings):
+    seal(sessions, settings, EVENTS.name, [case.value for case in corpus() if case.name in CALENDAR_ENDS])
+    overview = OverviewSource(settings, sessions).read()
+    times = overview.traffic_share.times
+    assert times and min(times) >= "0001-01-02" and max(times) <= "9999-12-30 23:59:59"

@@ -96,6 +96,9 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         max_event_bytes=settings.max_event_bytes,
         max_events=settings.max_events_per_request,
         dead_letter_max_raw_bytes=settings.dead_letter_max_raw_bytes,
+        # The pipeline's bounds on event time, applied at the door.
+        max_clock_skew_s=settings.pipeline.max_clock_skew_s,
+        event_time_span_s=settings.pipeline.event_time_span_s,
     )
     for router in (
         dashboard_router(keys, overview),

@@ -4,7 +4,8 @@ The body is a JSON array (or JSON lines) of events, sent with an app's API key; 
 is 202 with how many were accepted and why each rejected one was rejected. Rejected input is
 never dropped: each rejected event, or the whole body when it cannot be read, is published to
 the dead-letter topic with its reason and raw bytes. Errors: 401 no or unknown API key, 413
-body too large, 422 body unreadable, 503 broker down. The checks are ``streams.intake``'s;
+body too large, 422 body unreadable (not JSON, not an array, nested too deep), 503 broker
+down; no input answers 500. The checks are ``streams.intake``'s;
 this router reads the request and publishes what they decide.
 """
 
@@ -91,7 +92,7 @@ def events_router(keys: ApiKeys, publisher: Publisher, limits: Limits, max_body_
             return error(413, "body_too_large", detail)
         content_type = request.headers.get("content-type", "application/json")
         try:
-            results = check_body(body, content_type, app_id, limits)
+            results = check_body(body, content_type, app_id, limits, received_at)
         except BodyRejected as exc:
             await dead_letter_only(
                 dead_letter(
@@ -100,6 +101,16 @@ def events_router(keys: ApiKeys, publisher: Publisher, limits: Limits, max_body_
                 ),  # fmt: skip
             )
             return error(422, exc.reason, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - no input may answer 500: a sender would retry it forever
+            log.exception("gateway.intake_failed", app_id=app_id, size=len(body))
+            detail = f"the gateway could not read this body ({type(exc).__name__}); it was dead-lettered"
+            await dead_letter_only(
+                dead_letter(
+                    reason="unprocessable", detail=detail, raw=body, received_at=received_at,
+                    stage=STAGE, max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
+                ),  # fmt: skip
+            )
+            return error(422, "unprocessable", detail)
         accepted = [r for r in results if isinstance(r, Accepted)]
         rejected = [r for r in results if isinstance(r, Rejected)]
         dead = [

@@ -9,6 +9,7 @@ writes it, and the store is a real (SQLite) one.
 import asyncio
 import json
 import zlib
+from datetime import datetime
 from functools import partial
 from types import SimpleNamespace
 
@@ -32,7 +33,7 @@ from tests.learners.conftest import ContextualEnvironment
 from tests.learners.test_learning import CONFIG as LEARNERS
 from tests.learners.test_learning import records as learner_records
 from tests.learners.test_learning import run
-from tests.streams.test_pipeline import CONFIG, signal, tick, turn
+from tests.streams.test_pipeline import CONFIG, at, signal, tick, turn
 
 PIPELINE = CONFIG.model_copy(update={"batch_size": 8, "explicit_window_s": 100})
 
@@ -51,10 +52,13 @@ def traffic() -> list[tuple[str, int, int, bytes]]:
 
 def archive(sessions, archive_dir, cluster: str, stream, per_segment: int = 25) -> None:
     """Seal ``stream`` as the archiver would: per topic partition, in segments; the broker
-    timestamp of each record is its place in the stream (the order the worker saw)."""
+    timestamp of each record is its place in the stream (the order the worker saw), counted
+    in milliseconds from a receive time after every event's (the worker, fed without one,
+    checks no clock skew; the rebuild, which reads it, must find none either)."""
+    received_ms = int(datetime.fromisoformat(at(10**6)).timestamp() * 1000)
     runs: dict[tuple[str, int], list] = {}
-    for at, (topic, partition, offset, value) in enumerate(stream):
-        runs.setdefault((topic, partition), []).append((offset, at, value))
+    for place, (topic, partition, offset, value) in enumerate(stream):
+        runs.setdefault((topic, partition), []).append((offset, received_ms + place, value))
     with sessions.begin() as session:
         for (topic, partition), run_ in runs.items():
             for i in range(0, len(run_), per_segment):
@@ -218,7 +222,7 @@ async def test_a_failed_pipeline_checkpoint_keeps_its_records_and_the_next_one_c
     producer = Producer()
     publish = partial(publish_batch, data_dir=tmp_path, batches_dir=tmp_path / "batches", sessions=sessions)
     checkpointing = _Checkpointing(live, Emitter(producer), publish)
-    events = [SimpleNamespace(message=SimpleNamespace(partition=p, offset=o, value=v)) for _, p, o, v in stream]
+    events = [SimpleNamespace(message=SimpleNamespace(partition=p, offset=o, value=v, headers=[], timestamp=None)) for _, p, o, v in stream]
     agent = Stream()
 
     checkpointing.handle(agent, events[:40])

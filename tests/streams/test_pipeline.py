@@ -9,10 +9,12 @@ import pytest
 from streams.config import PipelineSettings
 from streams.contract import AnnotatedExample
 from streams.pii import Scrubber
-from streams.pipeline import PartitionPipeline, PipelineSet
+from streams.intake import PRODUCER_MAX_REQUEST_BYTES, dead_letter_max_bytes
+from streams.pipeline import PartitionPipeline, PipelineSet, Received, receive_time
 from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.training_data import LabelRecord, PreferenceRecord, SftRecord
 from tests.factories import feedback, interaction
+from tests.poison import FAR_FUTURE, OVERSIZED, corpus
 
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=timezone.utc)
 CONFIG = PipelineSettings(implicit_window_s=60, explicit_window_s=600, allowed_lateness_s=0,
@@ -56,10 +58,12 @@ class Run:
         self.batches = []
         self.offset = 0
 
-    def feed(self, *events):
+    def feed(self, *events, received=None):
+        """Process ``events`` (dicts, or raw bytes); ``received``: their receive time."""
         for event in events:
             raw = event if isinstance(event, bytes) else json.dumps(event).encode()
-            out = self.pipeline.process(self.offset, raw, scrubber=self.scrubber, pseudonyms=self.pseudonyms)
+            out = self.pipeline.process(self.offset, raw, scrubber=self.scrubber, pseudonyms=self.pseudonyms,
+                                        received=received)
             self.offset += 1
             self.examples += out.examples
             self.dead += out.dead_letters
@@ -302,3 +306,73 @@ def test_pipeline_set_routes_by_partition(pseudonyms):
     pipelines.process(3, 0, json.dumps(turn(0)).encode())
     assert sorted(pipelines.partitions) == [0, 3]
     assert pipelines.counts()["records"] == 2
+
+
+def test_every_poison_record_is_one_dead_letter_that_fits_and_the_partition_goes_on(pseudonyms):
+    run = Run(pseudonyms)
+    received = Received(T0, "test")
+    cases = corpus()
+    run.feed(*(case.value for case in cases), received=received)
+    assert [(d.dead_letter_id, d.reason) for d in run.dead] == [
+        (f"p0-{i}-{case.reason}", case.reason) for i, case in enumerate(cases)
+    ]
+    bound = dead_letter_max_bytes(run.pipeline.checks.dead_letter_max_raw_bytes)
+    assert bound < PRODUCER_MAX_REQUEST_BYTES
+    for letter in run.dead:
+        assert len(letter.model_dump_json().encode()) <= bound
+        assert letter.detail and letter.stage == "pipeline"
+    oversized = [d for d in run.dead if d.reason == "event_too_large"]
+    assert all(d.raw_truncated and d.raw_size >= OVERSIZED for d in oversized) and len(oversized) == 2
+    skewed = next(d for d in run.dead if d.reason == "clock_skew")
+    assert FAR_FUTURE in skewed.detail and T0.isoformat() in skewed.detail
+    assert skewed.received_at == T0  # the receive time, not the event's own
+    assert run.pipeline.join.watermark is None, "no poison record moved event time"
+    # The same partition still joins and closes windows.
+    a = turn(0)
+    run.feed(a, signal(a, "thumbs", 5), received=Received(T0 + timedelta(seconds=5), "test"))
+    run.feed(tick(600), received=Received(T0 + timedelta(seconds=600), "test"))
+    (example,) = run.examples
+    assert example.example_id == a["interaction_id"] and example.feedback_kinds == ["thumbs"]
+
+
+def test_an_event_dated_decades_ahead_is_clock_skew_and_never_moves_event_time(pseudonyms):
+    received = Received(T0 + timedelta(seconds=3), "test")
+    a = turn(0)
+    future = interaction(occurred_at=FAR_FUTURE, session_id=a["session_id"])
+    run = Run(pseudonyms).feed(a, future, received=received)
+    (dead,) = run.dead
+    assert dead.reason == "clock_skew" and dead.event_id == future["event_id"]
+    assert FAR_FUTURE in dead.detail and received.at.isoformat() in dead.detail
+    assert run.pipeline.join.watermark == T0  # the interaction's, not 2096
+    run.feed(signal(a, "rating", 10, value=5), a, received=received)  # and a re-sent interaction
+    assert run.reasons() == ["clock_skew", "duplicate_event"], "the de-duplication memory was kept"
+    run.feed(tick(600), received=Received(T0 + timedelta(seconds=600), "test"))
+    (example,) = run.examples
+    assert example.example_id == a["interaction_id"] and example.feedback_kinds == ["rating"]
+    # Within the bound is not skew: a client clock a little ahead.
+    b = turn(1_000)
+    run.feed(b, received=Received(T0 + timedelta(seconds=1_000 - CONFIG.max_clock_skew_s), "test"))
+    assert run.reasons() == ["clock_skew", "duplicate_event"]
+
+
+def test_a_restored_state_runs_with_the_current_settings(pseudonyms):
+    """A checkpoint keeps the bounds it was made with only until the next record: the
+    PipelineSet's own are handed over (and a state pickled before bounds existed works)."""
+    old = PartitionPipeline(0, CONFIG)
+    del old.__dict__["checks"]
+    restored = pickle.loads(pickle.dumps(old))
+    strict = PipelineSet(CONFIG.model_copy(update={"max_clock_skew_s": 1}), Scrubber(), pseudonyms)
+    strict.partitions[0] = restored
+    near = turn(60)
+    (dead,) = strict.process(0, 0, json.dumps(near).encode(), Received(T0, "test")).dead_letters
+    assert dead.reason == "clock_skew"
+
+
+def test_receive_time_is_the_earlier_of_the_gateway_header_and_the_record_timestamp():
+    header = (T0 + timedelta(seconds=1)).isoformat().encode()
+    stamp = (T0 + timedelta(seconds=2)).timestamp()
+    assert receive_time([("received_at", header)], stamp).at == T0 + timedelta(seconds=1)
+    assert receive_time({"received_at": header}, T0.timestamp()).at == T0  # a header later than the broker's
+    assert receive_time([("received_at", b"garbage")], stamp).at == T0 + timedelta(seconds=2)
+    assert receive_time(None, stamp).source == "its Kafka record timestamp"
+    assert receive_time([], None) is None and receive_time(None, -1) is None
