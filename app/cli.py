@@ -536,8 +536,8 @@ def demo(ctx: click.Context, events: int, minutes: float, drift_at: float | None
 
     Starts broker, store, archive, gateway, vLLM, worker, learner, trainer and hot-swap
     controller; exits 0 when every target in the report is met (runs/latest/report.json)."""
-    from app.demo import run_demo
-    from app.population import PopulationConfig
+    from demo.driver import run_demo
+    from demo.population import PopulationConfig
 
     users = PopulationConfig(interactions=events, **({} if drift_at is None else {"drift_fraction": drift_at}))
     sys.exit(run_demo(_settings(ctx), users, minutes=minutes))

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from trainer import rehearsal
-from trainer.synthetic_chats import RARE_DOMAIN, generate_chats
+from demo.synthetic_chats import RARE_DOMAIN, generate_chats
 from trainer.tokenizer import IM_END, train_tokenizer
 
 log = structlog.get_logger(__name__)

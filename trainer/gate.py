@@ -31,7 +31,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.config import GateConfig
-from trainer.synthetic_chats import DOMAINS, RARE_DOMAIN, STYLES, answer_style, make_chat, units_multiple_choice
+from demo.synthetic_chats import DOMAINS, RARE_DOMAIN, STYLES, answer_style, make_chat, units_multiple_choice
 from trainer.tokenizer import IM_END
 
 COMMON_DOMAINS = tuple(d for d in DOMAINS if d != RARE_DOMAIN)

@@ -40,7 +40,7 @@ from trainer.privacy import LEDGER_FILE, PrivacyLedger, dp_sft, plan
 from trainer.progress import ProgressHook, ProgressReporter
 from trainer.registry import FAILED, READY, TRAINED, Registry
 from trainer.stages import DPO, KTO, SFT, StageResult, run_stage
-from trainer.synthetic_chats import STYLES, answer_style
+from demo.synthetic_chats import STYLES, answer_style
 from trainer.weighting import snapshot_lora
 
 log = structlog.get_logger(__name__)

@@ -23,7 +23,7 @@ from trainer.adapter_validation import AdapterSpec, AdapterValidator, adapter_sh
 from trainer.config import GateConfig, StageConfig, TrainerConfig  # noqa: E402
 from trainer.replicas import ReplicaClient  # noqa: E402
 from trainer.serving import ensure_zero_delta_adapter  # noqa: E402
-from trainer.synthetic_chats import CONCISE, DETAILED, generate_chats  # noqa: E402
+from demo.synthetic_chats import CONCISE, DETAILED, generate_chats  # noqa: E402
 from trainer.vllm_server import VllmServer, VllmServerConfig, find_vllm_python, free_port  # noqa: E402
 
 SERVED_NAME = "feedloop-base"

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from trainer.base_model import METADATA_FILE, BaseModelConfig, build_base_model, weights_sha256
-from trainer.synthetic_chats import DOMAINS, STYLES, generate_chats, make_chat
+from demo.synthetic_chats import DOMAINS, STYLES, generate_chats, make_chat
 from trainer.tokenizer import CHAT_TEMPLATE, IM_END
 
 # Enough pretraining to learn the chat format (~10-20 s on 2 shared cores).

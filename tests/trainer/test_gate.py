@@ -1,6 +1,6 @@
 from trainer.config import GateConfig
 from trainer.gate import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE, build_suites, is_well_formed, judge
-from trainer.synthetic_chats import RARE_DOMAIN, generate_chats
+from demo.synthetic_chats import RARE_DOMAIN, generate_chats
 
 PARENT = {PREFERRED_STYLE_RATE: 0.5, WELL_FORMED_RATE: 1.0, RARE_SKILL_ACCURACY: 0.60}
 

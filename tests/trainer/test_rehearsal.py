@@ -3,7 +3,7 @@
 from trainer import rehearsal
 from trainer.config import GateConfig
 from trainer.gate import build_suites
-from trainer.synthetic_chats import RARE_DOMAIN, generate_chats
+from demo.synthetic_chats import RARE_DOMAIN, generate_chats
 
 
 def test_the_base_model_keeps_its_rare_skill_chats_for_rehearsal(trained_base):

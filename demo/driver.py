@@ -4,12 +4,12 @@ In this process: the embedded broker, the SQLite store, the archiver and the gat
 it: a vLLM server (CPU) and `feedloop worker`, `learn`, `train` and `swap`, all with the
 same settings (``app.processes``). The tiny base model is built first if it is missing.
 
-Then a simulated chat-app population (``app.population``: cohorts with hidden preferences
+Then a simulated chat-app population (``demo.population``: cohorts with hidden preferences
 that shift halfway, a rare skill, PII in some prompts) talks to the OpenAI-compatible gateway
 and reacts to every answer with feedback. Nothing else is done by hand: the pipeline curates
 batches, the trainer trains adapters, the controller hot-swaps them, and the A/B test
 promotes or rolls them back. At the end the live champion and the static base model answer
-held-out prompts for the blind judge, and the report (``app.report``) goes to
+held-out prompts for the blind judge, and the report (``demo.report``) goes to
 ``runs/<timestamp>/`` and ``runs/latest/``: a table, report.json and plots.
 
 The demo shortens the loop's windows and thresholds (``DEMO_DEFAULTS``) unless a
@@ -43,10 +43,10 @@ import migrations
 from app.broker import EmbeddedBroker
 from app.logs import configure_logging
 from app.overview import OverviewSource
-from app.population import Population, PopulationConfig, style_profile
+from demo.population import Population, PopulationConfig, style_profile
 from app.processes import Child
-from app.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
-from app.report import loaded_so_far, routing_regret, win_rate, write_report
+from demo.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
+from demo.report import loaded_so_far, routing_regret, win_rate, write_report
 from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
 from streams.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker

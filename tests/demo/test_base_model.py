@@ -6,7 +6,7 @@ import pytest
 from rich.console import Console
 
 import trainer.base_model
-from app.demo import ensure_base_model
+from demo.driver import ensure_base_model
 from app.settings import Settings
 
 
