@@ -187,15 +187,17 @@ def train(ctx: click.Context) -> None:
     """Train each emitted batch into an adapter and announce it (adapter_ready), until Ctrl-C."""
     import migrations
     from streams.store import make_engine, make_sessionmaker
+    from trainer.gate import load_suites
     from trainer.worker import TrainerWorker
 
     settings = _settings(ctx)
     migrations.upgrade(settings.store_url)
+    suites = load_suites(settings.trainer.gate.suites)  # a misnamed suite fails here, not mid-batch
 
     async def build() -> TrainerWorker:
         return TrainerWorker(settings.trainer, settings.kafka, make_sessionmaker(make_engine(settings.store_url)),
                              data_dir=settings.data_dir, base_model_dir=settings.model_path,
-                             adapters_dir=settings.adapters_path)  # fmt: skip
+                             adapters_dir=settings.adapters_path, suites=suites)  # fmt: skip
 
     _serve_until_signal(build)
 

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 
 from streams.contract import AdapterReady  # noqa: E402
 from trainer.adapter_validation import AdapterSpec, AdapterValidator, adapter_sha256  # noqa: E402
-from trainer.config import GateConfig, StageConfig, TrainerConfig  # noqa: E402
+from trainer.config import StageConfig, TrainerConfig  # noqa: E402
 from trainer.replicas import ReplicaClient  # noqa: E402
 from trainer.serving import ensure_zero_delta_adapter  # noqa: E402
 from demo.synthetic_chats import CONCISE, DETAILED, generate_chats  # noqa: E402
@@ -117,14 +117,10 @@ class Trained:
     store_file: Path
 
 
-# Quick, and a permissive gate: gating is the trainer tests' subject, serving needs two
-# adapters whose answers differ. No rehearsal: its chats, in both styles, would blur the two
-# styles in so short a training.
-TRAIN_FAST = TrainerConfig(
-    num_threads=2, log_every=1000, sft=StageConfig(epochs=3), rehearsal_per_batch=0,
-    gate=GateConfig(heldout_prompts=5, rare_skill_items=10, max_new_tokens=24, max_rare_skill_drop=1.0,
-                    max_preference_drop=1.0, max_well_formed_drop=1.0),
-)  # fmt: skip
+# Quick, and no evaluation suites (the gate checks only soundness): gating is the trainer
+# tests' subject, serving needs two adapters whose answers differ. No rehearsal: its chats,
+# in both styles, would blur the two styles in so short a training.
+TRAIN_FAST = TrainerConfig(num_threads=2, log_every=1000, sft=StageConfig(epochs=3), rehearsal_per_batch=0)
 
 
 @pytest.fixture(scope="session")
