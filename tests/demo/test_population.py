@@ -24,9 +24,9 @@ from demo.population import (
     normalized,
     style_profile,
 )
+from demo.synthetic_chats import CONCISE, DETAILED, STYLES, UNITS
 from streams.contract import Feedback, FeedbackKind, Interaction
 from streams.pii import PiiType, Scrubber
-from demo.synthetic_chats import CONCISE, DETAILED, STYLES, UNITS
 
 SCRUBBER = Scrubber()
 POPULATION = Population(PopulationConfig(seed=11, interactions=3000))

@@ -11,9 +11,9 @@ from peft import PeftModel
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM
 
+from demo.suites import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE, toy_suites
 from streams.store import Adapter, Batch
 from streams.contract import AdapterReady
-from demo.suites import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE, toy_suites
 from tests.trainer import batches
 from trainer.adapter_validation import adapter_sha256
 from trainer.config import PrivacyConfig, StageConfig, TrainerConfig
