@@ -343,7 +343,9 @@ def schema_export(directory: Path) -> None:
 
 @main.group()
 def model() -> None:
-    """The base model (built offline; nothing is ever downloaded)."""
+    """The demo's tiny base model (built offline; nothing is ever downloaded).
+
+    A real model needs no command: name its directory in FEEDLOOP_BASE_MODEL_PATH."""
 
 
 @model.command("init")
@@ -355,19 +357,21 @@ def model() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if the model directory exists.")
 @click.pass_context
 def model_init(ctx: click.Context, seed: int, detailed_share: float, phrased_share: float, force: bool) -> None:
-    """Build feedloop's own tiny chat model at FEEDLOOP_BASE_MODEL_PATH."""
+    """Build the tiny chat model of the demo's toy world at FEEDLOOP_BASE_MODEL_PATH."""
     from rich.progress import Progress
 
-    from trainer.base_model import METADATA_FILE, BaseModelConfig, build_base_model
+    from demo.base_model import ToyChats, build_tiny_model
+    from trainer.base_model import METADATA_FILE, BaseModelConfig
 
     target = _settings(ctx.parent).model_path
     if (target / METADATA_FILE).exists() and not force:
         click.echo(f"{target} already holds a model; --force rebuilds it")
         return
-    config = BaseModelConfig(seed=seed, detailed_share=detailed_share, phrased_share=phrased_share)
+    config = BaseModelConfig(seed=seed)
+    chats = ToyChats(detailed_share=detailed_share, phrased_share=phrased_share)
     with Progress() as progress:
         task = progress.add_task("pretraining", total=config.train_steps)
-        build_base_model(target, config, on_step=lambda step, loss: progress.update(task, completed=step))
+        build_tiny_model(target, chats, config, on_step=lambda step, loss: progress.update(task, completed=step))
     click.echo(f"base model ready at {target}")
 
 

@@ -46,6 +46,7 @@ from app.overview import OverviewSource
 from app.processes import Child
 from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
+from demo.base_model import ensure_base_model
 from demo.population import Population, PopulationConfig, style_profile
 from demo.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
 from demo.report import loaded_so_far, routing_regret, win_rate, write_report
@@ -82,13 +83,6 @@ DEMO_DEFAULTS: dict[str, object] = {
                 "gate": {"suites": [{"component": "demo.suites:toy_suites", "options": {"heldout_prompts": 20}}]},
                 "sft": {"epochs": 4}, "dpo": {"epochs": 4}, "kto": {"enabled": False}},
 }  # fmt: skip
-# The demo's own base model (data_dir/models/demo-base unless FEEDLOOP_BASE_MODEL_PATH is set)
-# writes concise answers three times out of four: what a population comes to want is rarely
-# what a base model does by habit (docs/demo.md, "The base model").
-DEMO_BASE_DETAILED_SHARE = 0.25
-# Pretrained on prompts worded as the population words them: a model never shown "Hi! ...
-# Thanks!" answered such prompts detailed half the time, whatever its style mix.
-DEMO_BASE_PHRASED_SHARE = PopulationConfig().phrasing_share
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -308,25 +302,6 @@ def _vllm(settings: Settings, log_path: Path):
                               port=urlsplit(settings.vllm_urls[0]).port or 8000, max_lora_rank=serving.max_lora_rank,
                               max_loras=serving.max_loras, log_path=log_path)  # fmt: skip
     return VllmServer(config)
-
-
-def ensure_base_model(settings: Settings, console: Console) -> None:
-    """Build the demo's base model if it is missing, or if it is the demo's own and was built
-    with another recipe (an older checkout's): the report's figures hold only for this one.
-    A model named by FEEDLOOP_BASE_MODEL_PATH is never rebuilt."""
-    from trainer.base_model import METADATA_FILE, BaseModelConfig, build_base_model
-
-    config = BaseModelConfig(detailed_share=DEMO_BASE_DETAILED_SHARE, phrased_share=DEMO_BASE_PHRASED_SHARE)
-    if (settings.model_path / "config.json").exists():
-        metadata = settings.model_path / METADATA_FILE
-        own = "FEEDLOOP_BASE_MODEL_PATH" not in os.environ
-        if not own or (metadata.exists() and json.loads(metadata.read_text())["config"] == config.model_dump()):
-            return
-        console.print(f"{settings.model_path} was built with another recipe: rebuilding it")
-    with Progress(TextColumn("[bold]building the tiny base model"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:  # fmt: skip
-        task = progress.add_task("pretraining", total=config.train_steps)
-        build_base_model(settings.model_path, config, on_step=lambda step, loss: progress.update(task, completed=step))
 
 
 # --- reading the log back ------------------------------------------------------------------------
