@@ -187,15 +187,17 @@ def train(ctx: click.Context) -> None:
     """Train each emitted batch into an adapter and announce it (adapter_ready), until Ctrl-C."""
     import migrations
     from streams.store import make_engine, make_sessionmaker
+    from trainer.gate import load_suites
     from trainer.worker import TrainerWorker
 
     settings = _settings(ctx)
     migrations.upgrade(settings.store_url)
+    suites = load_suites(settings.trainer.gate.suites)  # a misnamed suite fails here, not mid-batch
 
     async def build() -> TrainerWorker:
         return TrainerWorker(settings.trainer, settings.kafka, make_sessionmaker(make_engine(settings.store_url)),
                              data_dir=settings.data_dir, base_model_dir=settings.model_path,
-                             adapters_dir=settings.adapters_path)  # fmt: skip
+                             adapters_dir=settings.adapters_path, suites=suites)  # fmt: skip
 
     _serve_until_signal(build)
 
@@ -365,7 +367,9 @@ def schema_export(directory: Path) -> None:
 
 @main.group()
 def model() -> None:
-    """The base model (built offline; nothing is ever downloaded)."""
+    """The demo's tiny base model (built offline; nothing is ever downloaded).
+
+    A real model needs no command: name its directory in FEEDLOOP_BASE_MODEL_PATH."""
 
 
 @model.command("init")
@@ -377,19 +381,21 @@ def model() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if the model directory exists.")
 @click.pass_context
 def model_init(ctx: click.Context, seed: int, detailed_share: float, phrased_share: float, force: bool) -> None:
-    """Build feedloop's own tiny chat model at FEEDLOOP_BASE_MODEL_PATH."""
+    """Build the tiny chat model of the demo's toy world at FEEDLOOP_BASE_MODEL_PATH."""
     from rich.progress import Progress
 
-    from trainer.base_model import METADATA_FILE, BaseModelConfig, build_base_model
+    from demo.base_model import ToyChats, build_tiny_model
+    from trainer.base_model import METADATA_FILE, BaseModelConfig
 
     target = _settings(ctx.parent).model_path
     if (target / METADATA_FILE).exists() and not force:
         click.echo(f"{target} already holds a model; --force rebuilds it")
         return
-    config = BaseModelConfig(seed=seed, detailed_share=detailed_share, phrased_share=phrased_share)
+    config = BaseModelConfig(seed=seed)
+    chats = ToyChats(detailed_share=detailed_share, phrased_share=phrased_share)
     with Progress() as progress:
         task = progress.add_task("pretraining", total=config.train_steps)
-        build_base_model(target, config, on_step=lambda step, loss: progress.update(task, completed=step))
+        build_tiny_model(target, chats, config, on_step=lambda step, loss: progress.update(task, completed=step))
     click.echo(f"base model ready at {target}")
 
 
@@ -560,8 +566,8 @@ def demo(ctx: click.Context, events: int, minutes: float, drift_at: float | None
 
     Starts broker, store, archive, gateway, vLLM, worker, learner, trainer and hot-swap
     controller; exits 0 when every target in the report is met (runs/latest/report.json)."""
-    from app.demo import run_demo
-    from app.population import PopulationConfig
+    from demo.driver import run_demo
+    from demo.population import PopulationConfig
 
     users = PopulationConfig(interactions=events, **({} if drift_at is None else {"drift_fraction": drift_at}))
     sys.exit(run_demo(_settings(ctx), users, minutes=minutes))

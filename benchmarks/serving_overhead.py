@@ -162,10 +162,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     gateway = None
     try:
-        from trainer.base_model import BaseModelConfig, build_base_model
+        from demo.base_model import ToyChats, build_tiny_model
+        from trainer.base_model import BaseModelConfig
 
         print("building a tiny base model ...", flush=True)
-        model = build_base_model(work / "base", BaseModelConfig(num_chats=300, train_steps=40, batch_size=8))
+        model = build_tiny_model(work / "base", ToyChats(count=300), BaseModelConfig(train_steps=40, batch_size=8))
         adapters_dir = work / "adapters"
         adapters_dir.mkdir()
         zero = ensure_zero_delta_adapter(model, adapters_dir)

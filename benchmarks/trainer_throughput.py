@@ -29,9 +29,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import DPOTrainer, SFTTrainer  # noqa: E402
 
 from app.logs import configure_logging  # noqa: E402
+from demo.base_model import build_tiny_model  # noqa: E402
 from tests.trainer import batches  # noqa: E402
 from trainer import data  # noqa: E402
-from trainer.base_model import BaseModelConfig, build_base_model  # noqa: E402
 from trainer.config import StageConfig, TrainerConfig  # noqa: E402
 from trainer.lora import add_lora  # noqa: E402
 from trainer.progress import ProgressReporter  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = args.base or build_base_model(Path(tmp) / "base", BaseModelConfig())
+        base = args.base or build_tiny_model(Path(tmp) / "base")
         tokenizer = AutoTokenizer.from_pretrained(base)
         records = batches.preference_records(seed=11, sft=args.records, pairs=args.records, labels=0)
         datasets = {

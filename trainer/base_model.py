@@ -1,15 +1,21 @@
-"""Build feedloop's own tiny chat base model, offline, in well under a minute on a CPU.
+"""Build a tiny chat base model from scratch, offline, in well under a minute on a CPU.
+
+    build_base_model(out_dir, chats, config, rehearsal=..., data=..., on_step=...) -> Path
+
+The chats are handed in: what a model is pretrained on is its maker's choice, not the
+trainer's. feedloop's own tiny model is the demo's, pretrained on its toy world
+(``demo.base_model``); a production deployment configures a real model by path instead.
 
 Recipe:
-  1. generate seeded synthetic chats
-  2. train a byte-level BPE chat tokenizer on them
-  3. create a small randomly initialised Llama
-  4. pretrain it (full fine-tune, next-token loss on whole chats)
-  5. save model + tokenizer + generation config + ``feedloop_model.json``, and its training
-     chats of the rare skill as ``rehearsal.jsonl`` (``trainer.rehearsal``)
+  1. train a byte-level BPE chat tokenizer on the chats
+  2. create a small randomly initialised Llama
+  3. pretrain it (full fine-tune, next-token loss on whole chats)
+  4. save model + tokenizer + generation config + ``feedloop_model.json`` (the config and
+     ``data``, the caller's account of the chats), and the ``rehearsal`` chats, the skills
+     its adapters must keep, as ``rehearsal.jsonl`` (``trainer.rehearsal``)
 
 The output is a standard Hugging Face Llama directory, loadable by transformers and
-servable by vLLM. The same seed gives bit-identical weights on the same machine.
+servable by vLLM. The same chats and seed give bit-identical weights on the same machine.
 """
 
 import contextlib
@@ -17,8 +23,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 import tokenizers
@@ -28,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from trainer import rehearsal
-from trainer.synthetic_chats import RARE_DOMAIN, generate_chats
+from trainer.rehearsal import Chat
 from trainer.tokenizer import IM_END, train_tokenizer
 
 log = structlog.get_logger(__name__)
@@ -38,18 +45,12 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class BaseModelConfig(BaseModel):
-    """Everything that determines the base model; the defaults build in ~30 s on 2 CPU cores."""
+    """Everything but the chats that determines the base model; the defaults build the demo's
+    in ~30 s on 2 CPU cores."""
 
     model_config = ConfigDict(frozen=True)
 
-    seed: int = Field(0, description="Seeds data, tokenizer corpus, weight init and data order.")
-    num_chats: int = Field(2000, description="Synthetic chats to pretrain on.")
-    detailed_share: float = Field(
-        0.5, ge=0, le=1, description="Share of those chats answered in the detailed style; the rest are concise."
-    )
-    phrased_share: float = Field(
-        0.0, ge=0, le=1, description="Share of their prompts worded with an opener or closer ('Hi! ... Thanks!')."
-    )
+    seed: int = Field(0, description="Seeds weight init and data order.")
     vocab_size: int = Field(1024, description="Upper bound on the BPE vocabulary (a small corpus may stop short).")
     hidden_size: int = Field(128, description="Model width.")
     intermediate_size: int = Field(384, description="MLP width (about 3x hidden, as in Llama).")
@@ -69,28 +70,35 @@ StepCallback = Callable[[int, float], None]
 
 
 def build_base_model(
-    out_dir: str | Path, config: BaseModelConfig = BaseModelConfig(), on_step: StepCallback | None = None
+    out_dir: str | Path,
+    chats: Sequence[Chat],
+    config: BaseModelConfig = BaseModelConfig(),
+    *,
+    rehearsal_chats: Sequence[Chat] = (),
+    data: Mapping[str, Any] | None = None,
+    on_step: StepCallback | None = None,
 ) -> Path:
-    """Build, pretrain and save the base model into ``out_dir``; returns its path.
+    """Build, pretrain on ``chats`` and save the base model into ``out_dir``; returns its path.
 
-    ``on_step(step, loss)`` is called after every optimizer step (progress bars, tests).
+    ``rehearsal_chats`` go to ``rehearsal.jsonl`` (none: no rehearsal); ``data``,
+    recorded in ``feedloop_model.json``, says what the chats are, so that their maker can
+    tell its own model from another. ``on_step(step, loss)`` is called after every optimizer
+    step (progress bars, tests).
     """
     out_dir = Path(out_dir)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.monotonic()
 
     with _deterministic(config.seed):
-        # 1-2. Data and tokenizer.
-        chats = generate_chats(config.num_chats, config.seed, detailed_share=config.detailed_share,
-                               phrased_share=config.phrased_share)
+        # 1. Tokenizer.
         tokenizer = train_tokenizer(
-            (text for chat in chats for text in (chat.prompt, chat.answer)),
+            (message["content"] for chat in chats for message in chat),
             vocab_size=config.vocab_size,
             model_max_length=config.max_position_embeddings,
         )
-        examples = [tokenizer.apply_chat_template(chat.messages, return_dict=True)["input_ids"] for chat in chats]
+        examples = [tokenizer.apply_chat_template(chat, return_dict=True)["input_ids"] for chat in chats]
 
-        # 3. Model. Untied embeddings: opacus ghost clipping (DP-SGD later) breaks on tied ones.
+        # 2. Model. Untied embeddings: opacus ghost clipping (DP-SGD later) breaks on tied ones.
         model_config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=config.hidden_size,
@@ -109,19 +117,19 @@ def build_base_model(
             "base_model_created", parameters=model.num_parameters(), vocab_size=len(tokenizer), device=str(device)
         )
 
-        # 4. Pretraining.
+        # 3. Pretraining.
         losses = _pretrain(model, examples, tokenizer.pad_token_id, config, device, on_step)
 
-    # 5. Save. vLLM and transformers read the stop token from generation_config.json.
+    # 4. Save. vLLM and transformers read the stop token from generation_config.json.
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END), pad_token_id=tokenizer.pad_token_id
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    # What adapters must keep able to do: the rare skill, which feedback seldom exercises.
-    rehearsal.save(out_dir, [chat.messages for chat in chats if chat.domain == RARE_DOMAIN])
+    rehearsal.save(out_dir, list(rehearsal_chats))
     metadata = {
         "config": config.model_dump(),
+        "data": dict(data or {}),
         "seed": config.seed,
         "weights_sha256": weights_sha256(out_dir),
         "parameters": model.num_parameters(),

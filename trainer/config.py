@@ -5,6 +5,8 @@ Defaults suit the tiny base model on CPU; a real model wants lower learning rate
 models are frozen, so one config object can be shared by concurrent readers.
 """
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -34,23 +36,20 @@ class StageConfig(_Frozen):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warm-up share of the steps.")
 
 
-class GateConfig(_Frozen):
-    """The evaluation gate that stands between a trained candidate and the registry."""
+class SuiteSpec(_Frozen):
+    """One evaluation component of the gate, named by import path (trainer.gate.load_suites)."""
 
-    seed: int = Field(9_001, description="Seed of the held-out suites; never used for training data.")
-    heldout_prompts: int = Field(60, ge=1, description="Held-out prompts, spread over the common domains.")
-    rare_skill_items: int = Field(120, ge=1, description="Items of the rare-skill (units) regression suite.")
-    max_new_tokens: int = Field(64, ge=1, description="Generation budget per held-out prompt.")
-    max_rare_skill_drop: float = Field(
-        0.02,
-        ge=0,
-        description="Reject when rare-skill accuracy falls more than this below the base model's (2 points).",
+    component: str = Field(
+        pattern=r"^[\w.]+:[\w.]+$", description="`package.module:factory`; the factory returns the suites it builds."
     )
-    max_preference_drop: float = Field(
-        0.05, ge=0, description="Reject when the preferred-style rate falls more than this below the parent."
-    )
-    max_well_formed_drop: float = Field(
-        0.05, ge=0, description="Reject when fewer generations end cleanly in <|im_end|> without looping."
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the factory.")
+
+
+class GateConfig(_Frozen):
+    """The evaluation gate that stands between a trained candidate and the registry (trainer.gate)."""
+
+    suites: tuple[SuiteSpec, ...] = Field(
+        (), description="Evaluation suites plugged into the gate; none: it checks only that a candidate is sound."
     )
 
 
@@ -94,9 +93,6 @@ class TrainerConfig(_Frozen):
     )
     gate: GateConfig = Field(default_factory=GateConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
-    preferred_style: str | None = Field(
-        None, description="Style the gate scores as preferred; None infers it from the batch's chosen answers."
-    )
     num_threads: int = Field(
         1, ge=1, description="torch CPU threads while training: leaves cores for the stream processors."
     )

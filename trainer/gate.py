@@ -1,155 +1,99 @@
 """The evaluation gate: a candidate adapter must not be worse than its parent where it counts.
 
-Two suites, generated deterministically from ``synthetic_chats`` with the gate's own seed
-(never a training seed), so they are the same for every candidate:
+What counts is the deployment's, not the trainer's, so the gate holds no suite of its own.
+Evaluation suites are components plugged into it (:class:`EvalSuite`): each measures one
+figure of a model, higher is better, the same way for every candidate. The gate holds the
+rule that compares them:
 
-- **held-out prompts** over the common domains, answered by sampling (seeded): the
-  *preferred-style rate* (``answer_style`` of the answer is the batch's preferred style)
-  and the *well-formed rate* (the answer ends in ``<|im_end|>`` within the budget and does
-  not loop). Margins alone miss preference collapse; generated text does not.
-- **rare skill** (``units``): the correct answer against three near misses (wrong unit, wrong
-  amount, wrong factor) by log-likelihood; *accuracy* is the share of (item, near miss)
-  comparisons the correct answer wins (the default base model scores ~0.7, chance is 0.5).
-  The base model cannot generate correct conversions, so exact match would read 0 for
-  every model; likelihood ranking is measurable and moves when the skill is forgotten.
+- a **protected** suite is a skill to keep. The candidate may fall at most the suite's
+  ``tolerance`` below the **base model**'s score: a fixed floor, so the losses of a chain of
+  adapters cannot add up. Not below the parent's: an adapter a few items above the base
+  holds no skill its child must keep, and measured in the demo, that check rejected the two
+  adapters that had learned the users' new preference best, both well above the floor.
+- any other suite is the app's **objective** (a preference): the candidate may fall at most
+  its ``tolerance`` below its **parent**, so that no adapter moves away from what the users
+  want. Doing better is not required: the A/B test measures that on real traffic.
 
-The verdict compares the candidate's style and well-formed rates with its parent's, and its
-rare skill with the base model's: a fixed floor, so the losses of a chain of adapters cannot
-add up. Not with the parent's: an adapter a few items above the base on the suite holds no
-skill its child must keep, and measured in the demo, that check rejected the two adapters
-that had learned the users' new preference best, both well above the floor.
+Whatever is plugged in, the candidate must be numerically sound (:func:`faults`): every
+stage's training loss finite, every LoRA weight finite, every score a number. With no suites
+that is all the gate checks: it cannot know a deployment's skills or objective, and a
+generic stand-in (say, "answers end within N tokens") would reject a real model's long
+answers. A sound candidate then passes, and the A/B test, which serves it to a canary share
+before anyone else, judges it.
+
+Suites are named in ``GateConfig.suites`` by import path, torchtune-style (``module:factory``
+and its options), and built once when the trainer starts (:func:`load_suites`), so a
+deployment adds its own without the trainer importing them; the demo plugs in its toy
+world's (``demo.suites``) that way.
 """
 
-import hashlib
-import json
-import random
-import re
-from collections import Counter
+import importlib
+import math
+import operator
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.config import GateConfig
-from trainer.synthetic_chats import DOMAINS, RARE_DOMAIN, STYLES, answer_style, make_chat, units_multiple_choice
-from trainer.tokenizer import IM_END
+from trainer.config import SuiteSpec
 
-COMMON_DOMAINS = tuple(d for d in DOMAINS if d != RARE_DOMAIN)
-PREFERRED_STYLE_RATE = "preferred_style_rate"
-WELL_FORMED_RATE = "well_formed_rate"
-RARE_SKILL_ACCURACY = "rare_skill_accuracy"
+# A batch's records by signal ("sft", "pairs", "labels"), as streams.training_data.read_batch gives them.
+Records = Mapping[str, Sequence[Any]]
 
 
-@dataclass(frozen=True)
-class Suites:
-    prompts: tuple[str, ...]
-    rare_skill: tuple  # of synthetic_chats.MultipleChoice
+class EvalSuite(Protocol):
+    """One figure of a model, higher is better, measured the same way for every candidate."""
 
-    @property
-    def version(self) -> str:
-        """Hash of the suites' content: metrics are only comparable under the same version."""
-        payload = json.dumps([self.prompts, [(m.prompt, m.correct, m.wrong) for m in self.rare_skill]])
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    name: str  # the figure's name in the lineage and in the verdict's reasons
+    protected: bool  # a skill to keep (held to the base model) or the objective (held to the parent)
+    tolerance: float  # how far below its reference the candidate may fall
+    version: str  # hash of what the suite asks: scores compare only under one version
+    prompts: Collection[str]  # its questions: rehearsal never trains on a chat that holds one
 
-
-def build_suites(config: GateConfig) -> Suites:
-    rng = random.Random(config.seed)
-    prompts = tuple(
-        make_chat(COMMON_DOMAINS[i % len(COMMON_DOMAINS)], STYLES[0], rng).prompt for i in range(config.heldout_prompts)
-    )
-    return Suites(prompts, tuple(units_multiple_choice(rng) for _ in range(config.rare_skill_items)))
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Records) -> float:
+        """The figure of ``model`` (in eval mode, no gradients). ``records`` are the batch being
+        trained, for an objective that depends on it (the style its feedback favours)."""
+        ...
 
 
-def is_well_formed(completion: str) -> bool:
-    """Ends the turn with <|im_end|> and does not repeat itself (the collapse symptom)."""
-    if IM_END not in completion:
-        return False
-    words = completion.split(IM_END)[0].split()
-    if not words:
-        return False
-    trigrams = Counter(zip(words, words[1:], words[2:]))
-    return not trigrams or max(trigrams.values()) < 3
+# What a SuiteSpec names: called with the spec's options, it returns the suites it builds
+# (several can share one source: a file, a seeded draw).
+SuiteFactory = Callable[..., Iterable[EvalSuite]]
+
+
+def load_suites(specs: Sequence[SuiteSpec]) -> tuple[EvalSuite, ...]:
+    """The suites ``specs`` name: each factory imported by its path and called with its options."""
+    suites: list[EvalSuite] = []
+    for spec in specs:
+        module, _, attribute = spec.component.partition(":")
+        factory: SuiteFactory = operator.attrgetter(attribute)(importlib.import_module(module))
+        suites.extend(factory(**spec.options))
+    return tuple(suites)
 
 
 @torch.no_grad()
-def generate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: tuple[str, ...], config: GateConfig
-) -> list[str]:
-    """Seeded sampled answers (temperature 1), decoded with special tokens kept."""
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        output = model.generate(
-            **encoded,
-            max_new_tokens=config.max_new_tokens,
-            do_sample=True,
-            top_k=0,
-            eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    completions = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=False)
-    # Padding after <|im_end|> is not part of the answer.
-    return [re.sub(re.escape(tokenizer.pad_token) + "+$", "", c) for c in completions]
-
-
-@torch.no_grad()
-def answer_logprobs(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
-) -> torch.Tensor:
-    """Total log-probability of each (prompt, answer) pair's answer, its <|im_end|> included."""
-    scores = []
-    for start in range(0, len(pairs), batch_size):
-        prefixes, sequences = [], []
-        for prompt, answer in pairs[start : start + batch_size]:
-            prefix = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
-            )["input_ids"]
-            prefixes.append(len(prefix))
-            sequences.append(prefix + tokenizer(answer + IM_END, add_special_tokens=False)["input_ids"])
-        width = max(map(len, sequences))
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=model.device)
-        # Only answer tokens count: position t predicts token t + 1.
-        mask = torch.tensor(
-            [[int(p - 1 <= t < len(s) - 1) for t in range(width - 1)] for p, s in zip(prefixes, sequences)],
-            device=model.device,
-        )
-        logits = model(input_ids=input_ids, attention_mask=(input_ids != pad).long()).logits[:, :-1].float()
-        token_logprobs = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        scores.append((token_logprobs * mask).sum(-1))
-    return torch.cat(scores)
-
-
 def evaluate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    suites: Suites,
-    config: GateConfig,
-    preferred_style: str,
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, suites: Sequence[EvalSuite], records: Records
 ) -> dict[str, float]:
+    """Every suite's score of ``model``, by suite name."""
     model.eval()
-    completions = generate(model, tokenizer, suites.prompts, config)
-    answers = [c.split(IM_END)[0].strip() for c in completions]
-    return {
-        PREFERRED_STYLE_RATE: sum(answer_style(a) == preferred_style for a in answers) / len(answers),
-        WELL_FORMED_RATE: sum(map(is_well_formed, completions)) / len(completions),
-        RARE_SKILL_ACCURACY: rare_skill_accuracy(model, tokenizer, suites),
-    }
+    scores = {suite.name: suite.score(model, tokenizer, records) for suite in suites}
+    if len(scores) < len(suites):
+        raise ValueError(f"two suites share a name: {[suite.name for suite in suites]}")
+    return scores
 
 
-def rare_skill_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, suites: Suites) -> float:
-    """Share of (item, near miss) comparisons in which the correct answer is likelier."""
-    model.eval()
-    choices = 1 + len(suites.rare_skill[0].wrong)
-    pairs = [(item.prompt, answer) for item in suites.rare_skill for answer in (item.correct, *item.wrong)]
-    scores = answer_logprobs(model, tokenizer, pairs).view(-1, choices)
-    # The correct answer comes first in each row; count the near misses it beats.
-    return (scores[:, :1] > scores[:, 1:]).float().mean().item()
+def faults(model: torch.nn.Module, losses: Mapping[str, float]) -> tuple[str, ...]:
+    """Why the candidate is numerically unsound; empty when it is sound. ``losses``: each
+    stage's training loss. A diverged run ends in NaN weights that load, serve and answer
+    garbage; no suite is needed to see it."""
+    reasons = [f"the {stage} stage's training loss is {loss}"
+               for stage, loss in losses.items() if not math.isfinite(loss)]  # fmt: skip
+    if not all(torch.isfinite(weight).all() for name, weight in model.named_parameters() if "lora_" in name):
+        reasons.append("the candidate's LoRA weights are not all finite")
+    return tuple(reasons)
 
 
 @dataclass(frozen=True)
@@ -163,22 +107,24 @@ class Verdict:
 
 
 def judge(
-    parent: dict[str, float], candidate: dict[str, float], config: GateConfig, base_rare_skill: float | None = None
+    suites: Sequence[EvalSuite],
+    candidate: Mapping[str, float],
+    parent: Mapping[str, float],
+    base: Mapping[str, float],
+    unsound: Sequence[str] = (),
 ) -> Verdict:
-    """Pass unless the style or well-formed rate fell by more than its allowed drop below the
-    parent's, or the rare skill by more than its drop below the base model's (the parent's
-    when it is the base model; ``base_rare_skill`` when it is an adapter)."""
-    references = [
-        ("", parent[PREFERRED_STYLE_RATE], PREFERRED_STYLE_RATE, config.max_preference_drop),
-        ("", parent[WELL_FORMED_RATE], WELL_FORMED_RATE, config.max_well_formed_drop),
-        ("the base model's " if base_rare_skill is not None else "",
-         parent[RARE_SKILL_ACCURACY] if base_rare_skill is None else base_rare_skill,
-         RARE_SKILL_ACCURACY, config.max_rare_skill_drop),
-    ]  # fmt: skip
-    reasons = tuple(
-        f"{metric} fell from {whose}{reference:.3f} to {candidate[metric]:.3f} (allowed drop {limit:.3f})"
-        for whose, reference, metric, limit in references
+    """Pass unless the candidate is ``unsound`` (:func:`faults`) or a suite's score fell by more than its
+    tolerance below its reference: ``base`` (the base model's scores; the parent's own when
+    the parent is the base model) for a protected suite, ``parent`` for the objective."""
+    reasons = list(unsound)
+    for suite in suites:
+        score = candidate[suite.name]
+        whose, reference = (("the base model's", base[suite.name]) if suite.protected
+                            else ("the parent's", parent[suite.name]))  # fmt: skip
+        if not math.isfinite(score):
+            reasons.append(f"{suite.name} is {score}")
         # A small epsilon keeps float noise (0.5 - 0.48 = 0.0200000001) from tripping an exact limit.
-        if reference - candidate[metric] > limit + 1e-9
-    )
-    return Verdict(not reasons, reasons)
+        elif reference - score > suite.tolerance + 1e-9:
+            reasons.append(f"{suite.name} fell from {whose} {reference:.3f} to {score:.3f} "
+                           f"(allowed drop {suite.tolerance:.3f})")  # fmt: skip
+    return Verdict(not reasons, tuple(reasons))

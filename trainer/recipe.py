@@ -1,15 +1,19 @@
 """The LoRA training recipe: one batch directory in, at most one registered adapter out.
 
-    train_batch(batch_dir, config, sessions, base_model_dir=..., adapters_dir=...) -> TrainResult
+    train_batch(batch_dir, config, sessions, base_model_dir=..., adapters_dir=..., suites=...) -> TrainResult
+
+Configuration is handed in (``TrainerConfig``), and so are the components that judge the
+result: the gate's evaluation suites (``trainer.gate.EvalSuite``), which the caller builds
+from ``config.gate.suites``. The recipe knows no suite; with none the gate checks soundness.
 
 Stages, in order (each a small module):
   0. read and verify the batch (streams.training_data.read_batch); exactly-once bookkeeping
      and the privacy budget (registry, privacy)
   1. load the policy: base model + parent adapter (or a fresh zero-delta LoRA)
-  2. evaluate the parent on the gate's held-out suites (gate)
+  2. score the parent on the suites, and the base model on the protected ones (gate)
   3. train one adapter through the stages (stages): SFT (with rehearsal chats of the base
      model's protected skills, rehearsal) -> DPO -> KTO, or DP-SGD SFT alone when privacy is on
-  4. save the candidate to staging; evaluate it as served: reloaded from its files (gate)
+  4. save the candidate to staging; score it as served: reloaded from its files (gate)
   5. gate: reject (filed under _rejected/, batch failed, reason recorded) or
      6. publish atomically and register adapter + batch in one transaction (registry)
      7. return the AdapterReady event for the caller to publish
@@ -17,8 +21,7 @@ Stages, in order (each a small module):
 
 import contextlib
 import json
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +43,6 @@ from trainer.privacy import LEDGER_FILE, PrivacyLedger, dp_sft, plan
 from trainer.progress import ProgressHook, ProgressReporter
 from trainer.registry import FAILED, READY, TRAINED, Registry
 from trainer.stages import DPO, KTO, SFT, StageResult, run_stage
-from trainer.synthetic_chats import STYLES, answer_style
 from trainer.weighting import snapshot_lora
 
 log = structlog.get_logger(__name__)
@@ -70,14 +72,16 @@ def train_batch(
     base_model_dir: str | Path,
     adapters_dir: str | Path,
     parent: str | None = None,
+    suites: Sequence[gate.EvalSuite] = (),
     on_progress: ProgressHook | None = None,
 ) -> TrainResult:
     """Train one batch into one adapter, exactly once; see the module doc for the stages.
 
     ``parent`` names the adapter to continue from and to compare with (the current champion,
-    usually); None starts from, and compares with, the base model. Calling it again for a
-    batch that is done returns the recorded result; for a batch left "training" by a crash,
-    it trains again from scratch. Raises PrivacyBudgetExceeded (batch left "emitted").
+    usually); None starts from, and compares with, the base model. ``suites`` are what the
+    gate scores (trainer.gate). Calling it again for a batch that is done returns the
+    recorded result; for a batch left "training" by a crash, it trains again from scratch.
+    Raises PrivacyBudgetExceeded (batch left "emitted").
     """
     batch_dir, adapters_dir, base_model_dir = Path(batch_dir), Path(adapters_dir), Path(base_model_dir)
     # 0. The batch, verified against its manifest's checksums.
@@ -113,23 +117,24 @@ def train_batch(
         model = _policy(base_model_dir, parent_row.path if parent_row else None, config, device)
         anchor = snapshot_lora(model)
 
-        # 2. The parent's scores on the gate's suites.
-        suites = gate.build_suites(config.gate)
-        preferred = config.preferred_style or _preferred_style(records)
-        parent_metrics = gate.evaluate(model, tokenizer, suites, config.gate, preferred)
-        base_rare_skill = None
-        if parent_row is not None:  # the rare skill's floor is the base model's, not the parent's
+        # 2. The parent's scores, and the base model's on the protected suites: their floor
+        # (the parent's own when the parent is the base model).
+        parent_metrics = gate.evaluate(model, tokenizer, suites, records)
+        protected = [suite for suite in suites if suite.protected]
+        if parent_row is None:
+            base_metrics = {suite.name: parent_metrics[suite.name] for suite in protected}
+        else:
             with model.disable_adapter():
-                base_rare_skill = gate.rare_skill_accuracy(model, tokenizer, suites)
+                base_metrics = gate.evaluate(model, tokenizer, protected, records)
 
         # 3. Train: SFT -> DPO -> KTO, one adapter throughout (or DP-SGD SFT only). The
-        # rehearsal chats join SFT only, never the gate's own items.
+        # rehearsal chats join SFT only, never with a question of the gate's suites.
         chats = rehearsal.load(base_model_dir)
         if config.rehearsal_per_batch and not chats:
             log.warning("rehearsal_missing", base_model=str(base_model_dir),
                         hint=f"put chats of the skills adapters must keep in {rehearsal.FILE} there (docs/trainer.md)")
         rehearsed = rehearsal.draw(chats, config.rehearsal_per_batch, batch_id,
-                                   exclude={item.prompt for item in suites.rare_skill})  # fmt: skip
+                                   exclude={prompt for suite in suites for prompt in suite.prompts})  # fmt: skip
         results: list[StageResult] = []
         if dp.enabled:
             if records["sft"]:
@@ -148,10 +153,11 @@ def train_batch(
         model.save_pretrained(candidate_dir)
         del model
         served = _policy(base_model_dir, candidate_dir, config, device)
-        candidate_metrics = gate.evaluate(served, tokenizer, suites, config.gate, preferred)
+        candidate_metrics = gate.evaluate(served, tokenizer, suites, records)
 
         # 5. Gate, then 6. publish + register (or file the rejection).
-        verdict = gate.judge(parent_metrics, candidate_metrics, config.gate, base_rare_skill)
+        unsound = gate.faults(served, {result.stage: result.train_loss for result in results})
+        verdict = gate.judge(suites, candidate_metrics, parent_metrics, base_metrics, unsound)
         weights_sha = registry.sha256_file(candidate_dir / registry.ADAPTER_FILES[0])
         name = store.next_name(weights_sha)
         lineage = {
@@ -167,11 +173,10 @@ def train_batch(
             "skipped": [s for s in ("pairs", "labels") if dp.enabled and records[s]],
             "privacy": {"epsilon": epsilon, "delta": dp.delta} if dp.enabled else None,
             "eval": {
-                "suites": suites.version,
-                "preferred_style": preferred,
+                "suites": {suite.name: suite.version for suite in suites},
                 "parent": parent_metrics,
                 "candidate": candidate_metrics,
-                "base_rare_skill_accuracy": base_rare_skill if parent_row else parent_metrics[gate.RARE_SKILL_ACCURACY],
+                "base": base_metrics,  # the protected suites' floor
             },
             "gate": {"passed": verdict.passed, "reasons": list(verdict.reasons)},
             "files_sha256": {f: registry.sha256_file(candidate_dir / f) for f in registry.ADAPTER_FILES},
@@ -231,13 +236,6 @@ def _policy(
     else:
         model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     return model.to(device)
-
-
-def _preferred_style(records: dict[str, list]) -> str:
-    """The style the batch's feedback favours: majority over chosen and desirable answers."""
-    votes = Counter(answer_style(r.chosen) for r in records["pairs"])
-    votes.update(answer_style(r.completion) for r in records["labels"] if r.desirable)
-    return votes.most_common(1)[0][0] if votes else STYLES[0]
 
 
 def _base_sha256(base_model_dir: Path) -> str:

@@ -17,6 +17,7 @@ The parent of each new adapter is the newest one still in line to serve
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -29,6 +30,7 @@ from streams.control_consumer import ControlConsumer
 from streams.kafka import KafkaSettings
 from streams.store import Adapter
 from trainer.config import TrainerConfig
+from trainer.gate import EvalSuite
 from trainer.privacy import PrivacyBudgetExceeded
 from trainer.recipe import train_batch
 
@@ -61,12 +63,15 @@ class TrainerWorker:
     """Trains what the control topic announces.
 
     ``data_dir`` is what a ``batch_emitted`` event's path is relative to; ``base_model_dir``
-    and ``adapters_dir`` are where the base model is read and adapters are written."""
+    and ``adapters_dir`` are where the base model is read and adapters are written; ``suites``
+    are the gate's evaluation suites (``trainer.gate.load_suites(config.gate.suites)``)."""
 
     def __init__(self, config: TrainerConfig, kafka: KafkaSettings, sessions: sessionmaker, *, data_dir: Path,
-                 base_model_dir: Path, adapters_dir: Path, group: str = GROUP) -> None:  # fmt: skip
+                 base_model_dir: Path, adapters_dir: Path, suites: Sequence[EvalSuite] = (),
+                 group: str = GROUP) -> None:  # fmt: skip
         self.config = config
         self.sessions = sessions
+        self.suites = tuple(suites)
         self.data_dir, self.base_model_dir, self.adapters_dir = data_dir, base_model_dir, adapters_dir
         self.consumer = ControlConsumer(kafka, group, self.handle, max_poll_interval_s=MAX_TRAINING_S)
 
@@ -78,7 +83,7 @@ class TrainerWorker:
             result = await asyncio.to_thread(
                 train_batch, batch_dir, self.config, self.sessions,
                 base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir,
-                parent=parent_for_next(self.sessions),
+                parent=parent_for_next(self.sessions), suites=self.suites,
             )  # fmt: skip
         except PrivacyBudgetExceeded as exc:
             log.error("trainer.budget_exceeded", batch_id=event.batch_id, error=str(exc),

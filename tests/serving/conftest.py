@@ -18,12 +18,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
+from demo.synthetic_chats import CONCISE, DETAILED, generate_chats  # noqa: E402
 from streams.contract import AdapterReady  # noqa: E402
 from trainer.adapter_validation import AdapterSpec, AdapterValidator, adapter_sha256  # noqa: E402
-from trainer.config import GateConfig, StageConfig, TrainerConfig  # noqa: E402
+from trainer.config import StageConfig, TrainerConfig  # noqa: E402
 from trainer.replicas import ReplicaClient  # noqa: E402
 from trainer.serving import ensure_zero_delta_adapter  # noqa: E402
-from trainer.synthetic_chats import CONCISE, DETAILED, generate_chats  # noqa: E402
 from trainer.vllm_server import VllmServer, VllmServerConfig, find_vllm_python, free_port  # noqa: E402
 
 SERVED_NAME = "feedloop-base"
@@ -80,12 +80,13 @@ def save_random_adapter(base_dir: Path, out: Path, seed: int, rank: int = MAX_LO
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> Models:
-    from trainer.base_model import BaseModelConfig, build_base_model
+    from demo.base_model import ToyChats, build_tiny_model
+    from trainer.base_model import BaseModelConfig
 
     root = tmp_path_factory.mktemp("serving")
     # Small and quick; it only has to produce text that differs between adapters.
-    base_dir = build_base_model(
-        root / "base", BaseModelConfig(seed=0, num_chats=300, train_steps=40, batch_size=8, log_every=1000)
+    base_dir = build_tiny_model(
+        root / "base", ToyChats(count=300), BaseModelConfig(seed=0, train_steps=40, batch_size=8, log_every=1000)
     )
     adapters_dir = root / "adapters"
     adapters_dir.mkdir()
@@ -117,14 +118,10 @@ class Trained:
     store_file: Path
 
 
-# Quick, and a permissive gate: gating is the trainer tests' subject, serving needs two
-# adapters whose answers differ. No rehearsal: its chats, in both styles, would blur the two
-# styles in so short a training.
-TRAIN_FAST = TrainerConfig(
-    num_threads=2, log_every=1000, sft=StageConfig(epochs=3), rehearsal_per_batch=0,
-    gate=GateConfig(heldout_prompts=5, rare_skill_items=10, max_new_tokens=24, max_rare_skill_drop=1.0,
-                    max_preference_drop=1.0, max_well_formed_drop=1.0),
-)  # fmt: skip
+# Quick, and no evaluation suites (the gate checks only soundness): gating is the trainer
+# tests' subject, serving needs two adapters whose answers differ. No rehearsal: its chats,
+# in both styles, would blur the two styles in so short a training.
+TRAIN_FAST = TrainerConfig(num_threads=2, log_every=1000, sft=StageConfig(epochs=3), rehearsal_per_batch=0)
 
 
 @pytest.fixture(scope="session")

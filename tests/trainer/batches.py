@@ -3,9 +3,9 @@
 import random
 from pathlib import Path
 
+from demo.synthetic_chats import CONCISE, DETAILED, DOMAINS, RARE_DOMAIN, make_chat, units_multiple_choice
 from streams.contract import Message
 from streams.training_data import LabelRecord, PreferenceRecord, SftRecord, write_batch
-from trainer.synthetic_chats import CONCISE, DETAILED, DOMAINS, RARE_DOMAIN, make_chat, units_multiple_choice
 
 COMMON = [d for d in DOMAINS if d != RARE_DOMAIN]
 

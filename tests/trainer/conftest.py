@@ -7,15 +7,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
-from trainer.base_model import BaseModelConfig, build_base_model  # noqa: E402
+from demo.base_model import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def trained_base(tmp_path_factory):
-    """The default base model (what `feedloop model init` builds), once per session (~40 s quiet).
+    """The default tiny model (what `feedloop model init` builds), once per session (~40 s quiet).
 
     The recipe tests need its full pretraining: only then is the rare skill clearly above
     chance (~0.7 pairwise; half the pretraining gives ~0.53), so forgetting it is visible.
     """
-    return build_base_model(tmp_path_factory.mktemp("trained-base"), BaseModelConfig())
+    return build_tiny_model(tmp_path_factory.mktemp("trained-base"))
 

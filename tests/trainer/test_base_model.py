@@ -7,14 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from demo.synthetic_chats import DOMAINS, STYLES, generate_chats, make_chat
+from trainer import rehearsal
 from trainer.base_model import METADATA_FILE, BaseModelConfig, build_base_model, weights_sha256
-from trainer.synthetic_chats import DOMAINS, STYLES, generate_chats, make_chat
 from trainer.tokenizer import CHAT_TEMPLATE, IM_END
 
+# The builder takes any chats; the toy world's are at hand.
+CHATS = [chat.messages for chat in generate_chats(800, seed=7)]
 # Enough pretraining to learn the chat format (~10-20 s on 2 shared cores).
-SMALL = BaseModelConfig(seed=7, num_chats=800, train_steps=120)
+SMALL = BaseModelConfig(seed=7, train_steps=120)
 # Only for weight-hash checks: a few steps suffice for the hash to depend on everything.
-TINY = BaseModelConfig(num_chats=100, train_steps=3)
+TINY = BaseModelConfig(train_steps=3)
 
 
 def words(text: str) -> list[str]:
@@ -25,7 +28,8 @@ def words(text: str) -> list[str]:
 def built(tmp_path_factory):
     """The SMALL model, built once, with the loss of every pretraining step."""
     losses = []
-    path = build_base_model(tmp_path_factory.mktemp("base"), SMALL, on_step=lambda step, loss: losses.append(loss))
+    path = build_base_model(tmp_path_factory.mktemp("base"), CHATS, SMALL, rehearsal_chats=CHATS[:3],
+                            data={"source": "test"}, on_step=lambda step, loss: losses.append(loss))  # fmt: skip
     return path, losses
 
 
@@ -54,9 +58,10 @@ def test_loads_back_as_a_standard_servable_llama(built, loaded):
 
     metadata = json.loads((path / METADATA_FILE).read_text())
     assert metadata["seed"] == SMALL.seed
-    assert BaseModelConfig(**metadata["config"]) == SMALL
+    assert BaseModelConfig(**metadata["config"]) == SMALL and metadata["data"] == {"source": "test"}
     assert metadata["weights_sha256"] == weights_sha256(path)
     assert metadata["parameters"] == model.num_parameters()
+    assert rehearsal.load(path) == CHATS[:3]
 
 
 def test_saved_weights_are_the_trained_ones(loaded):
@@ -104,15 +109,17 @@ def test_generation_is_well_formed_and_on_topic(loaded):
     assert statistics.mean(on_topic_fractions) >= 0.8, on_topic_fractions
 
 
-def test_same_seed_same_weights_different_seed_different_weights(tmp_path):
-    first = weights_sha256(build_base_model(tmp_path / "first", TINY))
-    again = weights_sha256(build_base_model(tmp_path / "again", TINY))
-    other = weights_sha256(build_base_model(tmp_path / "other", TINY.model_copy(update={"seed": TINY.seed + 1})))
+def test_same_chats_and_seed_same_weights_different_seed_or_chats_different_weights(tmp_path):
+    chats = CHATS[:100]
+    first = weights_sha256(build_base_model(tmp_path / "first", chats, TINY))
+    again = weights_sha256(build_base_model(tmp_path / "again", chats, TINY))
+    other = weights_sha256(build_base_model(tmp_path / "other", chats, TINY.model_copy(update={"seed": TINY.seed + 1})))
+    others = weights_sha256(build_base_model(tmp_path / "others", CHATS[100:200], TINY))
     assert first == again
-    assert first != other
+    assert first != other and first != others
 
 
 def test_determinism_flag_is_restored(tmp_path):
     torch.use_deterministic_algorithms(False)
-    build_base_model(tmp_path / "model", TINY)
+    build_base_model(tmp_path / "model", CHATS[:100], TINY)
     assert not torch.are_deterministic_algorithms_enabled()

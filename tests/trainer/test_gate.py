@@ -1,49 +1,94 @@
-from trainer.config import GateConfig
-from trainer.gate import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE, build_suites, is_well_formed, judge
-from trainer.synthetic_chats import RARE_DOMAIN, generate_chats
+"""The gate's rule on suites plugged in: protected suites floored at the base model, the objective at the parent."""
 
-PARENT = {PREFERRED_STYLE_RATE: 0.5, WELL_FORMED_RATE: 1.0, RARE_SKILL_ACCURACY: 0.60}
+import math
+from dataclasses import dataclass
 
+import pytest
+import torch
 
-def test_suites_are_deterministic_and_follow_the_gate_seed():
-    config = GateConfig()
-    suites = build_suites(config)
-    assert suites == build_suites(config) and suites.version == build_suites(config).version
-    assert build_suites(GateConfig(seed=1)).version != suites.version
-    assert len(suites.prompts) == config.heldout_prompts and len(suites.rare_skill) == config.rare_skill_items
-    assert all(item.prompt.startswith("Convert ") and item.correct not in item.wrong for item in suites.rare_skill)
+from trainer.config import GateConfig, SuiteSpec
+from trainer.gate import evaluate, faults, judge, load_suites
 
 
-def test_rare_skill_drop_beyond_two_points_is_rejected_with_a_reason():
-    assert judge(PARENT, {**PARENT, RARE_SKILL_ACCURACY: 0.58}, GateConfig()).passed  # exactly 2 points
-    verdict = judge(PARENT, {**PARENT, RARE_SKILL_ACCURACY: 0.575}, GateConfig())
-    assert not verdict.passed and verdict.reason.startswith("rare_skill_accuracy fell from 0.600 to 0.575")
+@dataclass(frozen=True)
+class Fixed:
+    """A suite that reads a fixed figure off the model, for the rule alone."""
+
+    name: str
+    protected: bool
+    tolerance: float
+    version: str = "v1"
+    prompts: tuple[str, ...] = ()
+
+    def score(self, model, tokenizer, records) -> float:
+        return model.figures[self.name]
 
 
-def test_collapse_and_preference_loss_are_rejected():
-    assert not judge(PARENT, {**PARENT, WELL_FORMED_RATE: 0.9}, GateConfig()).passed
-    assert not judge(PARENT, {**PARENT, PREFERRED_STYLE_RATE: 0.4}, GateConfig()).passed
-    assert judge(PARENT, {**PARENT, PREFERRED_STYLE_RATE: 0.9, RARE_SKILL_ACCURACY: 0.7}, GateConfig()).passed
+def fixed_suites(tolerance: float = 0.02) -> list[Fixed]:
+    """A suite factory as a config names one: tests.trainer.test_gate:fixed_suites."""
+    return [Fixed("objective", protected=False, tolerance=0.05), Fixed("skill", protected=True, tolerance=tolerance)]
 
 
-def test_well_formed_means_terminated_and_not_looping():
-    assert is_well_formed("Cats eat fish and meat.<|im_end|>")
-    assert not is_well_formed("Cats eat fish and meat.")  # ran out of budget
-    assert not is_well_formed("<|im_end|>")  # empty
-    assert not is_well_formed("to the to the to the to the to the<|im_end|>")
+SUITES = fixed_suites()
+PARENT = {"objective": 0.5, "skill": 0.60}
 
 
-def test_rare_domain_is_the_one_the_suite_checks():
-    assert RARE_DOMAIN == "units" and any(c.domain == RARE_DOMAIN for c in generate_chats(200, seed=0))
+def test_a_protected_suite_may_not_fall_beyond_its_tolerance_below_the_base_model():
+    base = {"skill": 0.60}
+    assert judge(SUITES, {**PARENT, "skill": 0.58}, PARENT, base).passed  # exactly its 2 points
+    verdict = judge(SUITES, {**PARENT, "skill": 0.575}, PARENT, base)
+    assert not verdict.passed
+    assert verdict.reasons == ("skill fell from the base model's 0.600 to 0.575 (allowed drop 0.020)",)
 
 
-def test_rare_skill_is_held_to_the_base_model_not_to_the_parent():
+def test_the_floor_is_the_base_models_not_the_parents():
     # Two points below the parent each time would add up over a chain of promotions.
-    step = {**PARENT, RARE_SKILL_ACCURACY: 0.59}
-    assert judge(PARENT, step, GateConfig()).passed
-    verdict = judge(step, {**PARENT, RARE_SKILL_ACCURACY: 0.575}, GateConfig(), base_rare_skill=0.6)
-    assert verdict.reasons == ("rare_skill_accuracy fell from the base model's 0.600 to 0.575 (allowed drop 0.020)",)
-    assert judge(step, {**PARENT, RARE_SKILL_ACCURACY: 0.58}, GateConfig(), base_rare_skill=0.6).passed
+    step = {**PARENT, "skill": 0.59}
+    assert not judge(SUITES, {**PARENT, "skill": 0.575}, step, {"skill": 0.6}).passed
     # A parent above the base model may lose its gain, down to the floor.
-    above = {**PARENT, RARE_SKILL_ACCURACY: 0.65}
-    assert judge(above, {**PARENT, RARE_SKILL_ACCURACY: 0.58}, GateConfig(), base_rare_skill=0.6).passed
+    above = {**PARENT, "skill": 0.65}
+    assert judge(SUITES, {**PARENT, "skill": 0.58}, above, {"skill": 0.6}).passed
+
+
+def test_the_objective_is_held_to_the_parent():
+    base = {"skill": 0.60}
+    verdict = judge(SUITES, {**PARENT, "objective": 0.4}, {**PARENT, "objective": 0.5}, base)
+    assert verdict.reasons == ("objective fell from the parent's 0.500 to 0.400 (allowed drop 0.050)",)
+    assert judge(SUITES, {**PARENT, "objective": 0.9, "skill": 0.7}, PARENT, base).passed
+
+
+def test_an_unsound_candidate_or_a_score_that_is_no_number_fails_whatever_the_suites():
+    assert not judge([], {}, {}, {}, unsound=("the sft stage's training loss is nan",)).passed
+    verdict = judge(SUITES, {**PARENT, "skill": math.nan}, PARENT, {"skill": 0.6})
+    assert verdict.reasons == ("skill is nan",)
+
+
+def test_with_no_suites_a_sound_candidate_passes():
+    assert judge([], {}, {}, {}, faults(torch.nn.Linear(2, 2), {"sft": 0.7, "dpo": 0.4})).passed
+
+
+def test_faults_are_non_finite_losses_and_lora_weights():
+    model = torch.nn.Module()
+    model.lora_A = torch.nn.Parameter(torch.tensor([1.0, math.inf]))
+    assert faults(model, {"sft": 0.5, "dpo": math.nan}) == (
+        "the dpo stage's training loss is nan",
+        "the candidate's LoRA weights are not all finite",
+    )
+
+
+def test_suites_are_built_from_the_components_the_config_names():
+    spec = SuiteSpec(component="tests.trainer.test_gate:fixed_suites", options={"tolerance": 0.1})
+    config = GateConfig(suites=[spec])
+    suites = load_suites(config.suites)
+    assert [(s.name, s.protected, s.tolerance) for s in suites] == [("objective", False, 0.05), ("skill", True, 0.1)]
+    assert load_suites(GateConfig().suites) == ()
+    with pytest.raises(ValueError):
+        SuiteSpec(component="not a path")
+
+
+def test_evaluate_scores_every_suite_and_refuses_two_of_one_name():
+    model = torch.nn.Linear(1, 1)
+    model.figures = {"objective": 0.3, "skill": 0.7}
+    assert evaluate(model, None, SUITES, {}) == model.figures and not model.training
+    with pytest.raises(ValueError, match="share a name"):
+        evaluate(model, None, SUITES + SUITES[:1], {})

@@ -6,7 +6,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from trainer.base_model import BaseModelConfig, build_base_model
+from demo.base_model import ToyChats, build_tiny_model
+from trainer.base_model import BaseModelConfig
 from trainer.lora import LoraSettings, save_zero_delta_adapter
 
 LLAMA_LINEAR_LAYERS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -14,7 +15,7 @@ LLAMA_LINEAR_LAYERS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    return build_base_model(tmp_path_factory.mktemp("base"), BaseModelConfig(num_chats=100, train_steps=3))
+    return build_tiny_model(tmp_path_factory.mktemp("base"), ToyChats(count=100), BaseModelConfig(train_steps=3))
 
 
 @pytest.fixture(scope="module")

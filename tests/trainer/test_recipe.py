@@ -1,4 +1,6 @@
-"""The recipe end to end on the real base model, store and batch format (CPU, small configs)."""
+"""The recipe end to end on the real base model, store and batch format (CPU, small configs).
+
+The gate scores the toy world's suites (demo.suites), plugged in as a deployment plugs in its own."""
 
 import re
 import stat
@@ -12,20 +14,19 @@ from peft import PeftModel
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM
 
+from demo.suites import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE, toy_suites
 from streams.store import Adapter, Batch
 from streams.contract import AdapterReady
 from tests.trainer import batches
 from trainer.adapter_validation import adapter_sha256
-from trainer.config import GateConfig, PrivacyConfig, StageConfig, TrainerConfig
-from trainer.gate import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE
+from trainer.config import PrivacyConfig, StageConfig, TrainerConfig
 from trainer.privacy import LEDGER_FILE, PrivacyBudgetExceeded, PrivacyLedger
 from trainer.recipe import train_batch
 from trainer.registry import sha256_file
 
-# Tests whose point is not the gate's resolution run smaller suites.
-FAST = TrainerConfig(
-    num_threads=2, sft=StageConfig(epochs=1), log_every=5, gate=GateConfig(heldout_prompts=20, rare_skill_items=40)
-)
+# Tests whose point is not the gate plug in no suites: the gate then checks soundness alone.
+FAST = TrainerConfig(num_threads=2, sft=StageConfig(epochs=1), log_every=5)
+SUITES = toy_suites()
 
 
 def rows(sessions, model):
@@ -41,12 +42,15 @@ def test_preference_batch_moves_style_keeps_rare_skill_and_registers_one_adapter
     batch = batches.write(tmp_path, "batch-pref", batches.preference_records(seed=1, sft=60, pairs=48, labels=48))
     adapters = tmp_path / "adapters"
 
-    result = train_batch(batch, TrainerConfig(num_threads=2), sessions, base_model_dir=trained_base, adapters_dir=adapters)
+    result = train_batch(batch, TrainerConfig(num_threads=2), sessions, base_model_dir=trained_base,
+                         adapters_dir=adapters, suites=SUITES)  # fmt: skip
 
     assert result.status == "trained", result.reason
     (row,) = rows(sessions, Adapter)
     parent, candidate = row.lineage["eval"]["parent"], row.lineage["eval"]["candidate"]
-    assert row.lineage["eval"]["preferred_style"] == "concise"
+    assert row.lineage["eval"]["suites"] == {suite.name: suite.version for suite in SUITES}
+    # The parent is the base model: its scores are the protected suites' floor.
+    assert row.lineage["eval"]["base"] == {name: parent[name] for name in (WELL_FORMED_RATE, RARE_SKILL_ACCURACY)}
     assert candidate[PREFERRED_STYLE_RATE] >= parent[PREFERRED_STYLE_RATE] + 0.20, (parent, candidate)
     assert candidate[RARE_SKILL_ACCURACY] >= parent[RARE_SKILL_ACCURACY] - 0.02, (parent, candidate)
     assert candidate[WELL_FORMED_RATE] >= 0.95, candidate
@@ -81,7 +85,8 @@ def test_preference_batch_moves_style_keeps_rare_skill_and_registers_one_adapter
     assert not torch.allclose(before, after)
 
     # Trained exactly once: asking again returns the recorded adapter.
-    again = train_batch(batch, TrainerConfig(num_threads=2), sessions, base_model_dir=trained_base, adapters_dir=adapters)
+    again = train_batch(batch, TrainerConfig(num_threads=2), sessions, base_model_dir=trained_base,
+                        adapters_dir=adapters, suites=SUITES)  # fmt: skip
     assert again.adapter == row.name and again.event == event and len(rows(sessions, Adapter)) == 1
 
 
@@ -91,7 +96,7 @@ def test_batch_that_teaches_the_rare_skill_wrong_is_rejected_with_a_reason(train
     # The gate alone, without rehearsal's correct conversions to soften the batch.
     config = TrainerConfig(num_threads=2, sft=StageConfig(epochs=3, learning_rate=1e-2), rehearsal_per_batch=0)
 
-    result = train_batch(batch, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
+    result = train_batch(batch, config, sessions, base_model_dir=trained_base, adapters_dir=adapters, suites=SUITES)
 
     assert result.status == "rejected" and result.event is None
     assert RARE_SKILL_ACCURACY in result.reason
@@ -133,6 +138,8 @@ def test_crash_mid_batch_then_restart_trains_it_exactly_once(trained_base, sessi
     assert result.status == "trained", result.reason
     (row,) = rows(sessions, Adapter)
     assert row.lineage["attempt"] == 2 and published(adapters) == [row.name]
+    # No suites: a sound candidate passes, with nothing scored.
+    assert row.lineage["eval"] == {"suites": {}, "parent": {}, "candidate": {}, "base": {}} and result.metrics == {}
     assert train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters).adapter == row.name
     assert len(rows(sessions, Adapter)) == 1 and rows(sessions, Batch)[0].status == "trained"
     assert not list((adapters / "_staging").iterdir())

@@ -1,9 +1,8 @@
 """Rehearsal chats: written with the base model, drawn per batch, never the gate's items."""
 
+from demo.suites import toy_suites
+from demo.synthetic_chats import RARE_DOMAIN, generate_chats
 from trainer import rehearsal
-from trainer.config import GateConfig
-from trainer.gate import build_suites
-from trainer.synthetic_chats import RARE_DOMAIN, generate_chats
 
 
 def test_the_base_model_keeps_its_rare_skill_chats_for_rehearsal(trained_base):
@@ -14,7 +13,7 @@ def test_the_base_model_keeps_its_rare_skill_chats_for_rehearsal(trained_base):
 
 def test_a_batch_draws_the_same_chats_each_time_and_never_a_gate_item(trained_base):
     chats = rehearsal.load(trained_base)
-    gate_prompts = {item.prompt for item in build_suites(GateConfig()).rare_skill}
+    gate_prompts = {prompt for suite in toy_suites() for prompt in suite.prompts}
     assert any(chat[0]["content"] in gate_prompts for chat in chats), "the fact space is shared: exclusion matters"
     first = rehearsal.draw(chats, 20, "batch-p0-000001", exclude=gate_prompts)
     assert len(first) == 20 and first == rehearsal.draw(chats, 20, "batch-p0-000001", exclude=gate_prompts)

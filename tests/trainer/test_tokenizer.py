@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.synthetic_chats import generate_chats
+from demo.synthetic_chats import generate_chats
 from trainer.tokenizer import IM_END, IM_START, PAD, train_tokenizer
 
 CHATS = generate_chats(300, seed=0)

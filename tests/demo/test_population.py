@@ -9,9 +9,9 @@ from typing import get_args
 import pytest
 from pydantic import ValidationError
 
-import app.population
+import demo.population
 from app.gateway.chat import ChatExtras
-from app.population import (
+from demo.population import (
     AFTER_DRIFT,
     BEFORE_DRIFT,
     CANARY_TYPES,
@@ -24,9 +24,9 @@ from app.population import (
     normalized,
     style_profile,
 )
+from demo.synthetic_chats import CONCISE, DETAILED, STYLES, UNITS
 from streams.contract import Feedback, FeedbackKind, Interaction
 from streams.pii import PiiType, Scrubber
-from trainer.synthetic_chats import CONCISE, DETAILED, STYLES, UNITS
 
 SCRUBBER = Scrubber()
 POPULATION = Population(PopulationConfig(seed=11, interactions=3000))
@@ -46,7 +46,7 @@ def feedback(turn, action) -> Feedback:
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(app.population)
+    result = doctest.testmod(demo.population)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -275,7 +275,7 @@ def test_the_projects_scrubber_catches_every_canary_and_leaves_clean_prompts_alo
 
 
 def test_card_and_iban_canaries_are_valid_numbers():
-    def luhn_ok(number):  # independent of app.population
+    def luhn_ok(number):  # independent of demo.population
         digits = [int(c) for c in number if c.isdigit()][::-1]
         return sum(d if i % 2 == 0 else sum(divmod(d * 2, 10)) for i, d in enumerate(digits)) % 10 == 0
 

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from trainer.synthetic_chats import (
+from demo.synthetic_chats import (
     CLOSERS,
     CONCISE,
     DETAILED,

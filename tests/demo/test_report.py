@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 import pytest
 from rich.console import Console
 
-import app.report
-from app.population import AFTER_DRIFT, BEFORE_DRIFT, Population, PopulationConfig
-from app.report import (
+import demo.report
+from demo.population import AFTER_DRIFT, BEFORE_DRIFT, Population, PopulationConfig
+from demo.report import (
     PLOT_FILES,
     ABPoint,
     Decision,
@@ -25,7 +25,7 @@ from app.report import (
     win_rate,
     write_report,
 )
-from trainer.synthetic_chats import CONCISE, DETAILED
+from demo.synthetic_chats import CONCISE, DETAILED
 
 REQUIRED_KEYS = [
     "events_sent", "events_archived", "events_lost", "dead_lettered", "pii_canaries_seeded", "pii_canaries_leaked",
@@ -48,7 +48,7 @@ GOOD = DemoReport(
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(app.report)
+    result = doctest.testmod(demo.report)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -257,6 +257,6 @@ def test_plots_of_an_empty_series_are_still_written(tmp_path):
 
 def test_the_table_marks_missed_targets():
     console = Console(record=True, width=120)
-    console.print(app.report.report_table(dataclasses.replace(GOOD, pii_canaries_leaked=2)))
+    console.print(demo.report.report_table(dataclasses.replace(GOOD, pii_canaries_leaked=2)))
     line = next(line for line in console.export_text().splitlines() if "pii_canaries_leaked" in line)
     assert "not met" in line

@@ -4,12 +4,12 @@ In this process: the embedded broker, the SQLite store, the archiver and the gat
 it: a vLLM server (CPU) and `feedloop worker`, `learn`, `train` and `swap`, all with the
 same settings (``app.processes``). The tiny base model is built first if it is missing.
 
-Then a simulated chat-app population (``app.population``: cohorts with hidden preferences
+Then a simulated chat-app population (``demo.population``: cohorts with hidden preferences
 that shift halfway, a rare skill, PII in some prompts) talks to the OpenAI-compatible gateway
 and reacts to every answer with feedback. Nothing else is done by hand: the pipeline curates
 batches, the trainer trains adapters, the controller hot-swaps them, and the A/B test
 promotes or rolls them back. At the end the live champion and the static base model answer
-held-out prompts for the blind judge, and the report (``app.report``) goes to
+held-out prompts for the blind judge, and the report (``demo.report``) goes to
 ``runs/<timestamp>/`` and ``runs/latest/``: a table, report.json and plots.
 
 The demo shortens the loop's windows and thresholds (``DEMO_DEFAULTS``) unless a
@@ -43,12 +43,14 @@ import migrations
 from app.broker import EmbeddedBroker
 from app.logs import configure_logging
 from app.overview import OverviewSource
-from app.population import Population, PopulationConfig, style_profile
 from app.processes import Child
-from app.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
-from app.report import loaded_so_far, routing_regret, win_rate, write_report
 from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
+from demo.base_model import ensure_base_model
+from demo.population import Population, PopulationConfig, style_profile
+from demo.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
+from demo.report import loaded_so_far, routing_regret, win_rate, write_report
+from demo.suites import RARE_SKILL_ACCURACY
 from streams.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker
 from streams.agents import PIPELINE_RECORD_KEYS
 from streams.archive import read_segment, segments, verify_archive
@@ -69,6 +71,7 @@ JUDGING_S = 75  # judging 3 x 60 prompts and the report: ~50 s on 2 cores
 # the traffic on each arm of a test, so verdicts come within a minute or two. Four epochs of
 # SFT and DPO: a batch of ~150 records moves the tiny model's style by tens of points. No KTO:
 # on the demo's batches it moved the style the wrong way and cost the rare skill (docs/demo.md).
+# The gate scores the toy world's suites (demo.suites), on 20 held-out prompts instead of 60.
 DEMO_DEFAULTS: dict[str, object] = {
     "topic_partitions": 1,
     "pipeline": {"implicit_window_s": 4, "explicit_window_s": 8, "allowed_lateness_s": 1, "idle_tick_s": 1,
@@ -76,16 +79,10 @@ DEMO_DEFAULTS: dict[str, object] = {
     "learners": {"ab_min_samples": 40, "ab_max_samples": 150, "ab_tau": 0.2, "floor": 0.2, "canary_share": 0.5,
                  "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
     "serving": {"drain_s": 3, "reconcile_interval_s": 10, "max_loras": 3},
-    "trainer": {"num_threads": 1, "log_every": 50, "gate": {"heldout_prompts": 20},
+    "trainer": {"num_threads": 1, "log_every": 50,
+                "gate": {"suites": [{"component": "demo.suites:toy_suites", "options": {"heldout_prompts": 20}}]},
                 "sft": {"epochs": 4}, "dpo": {"epochs": 4}, "kto": {"enabled": False}},
 }  # fmt: skip
-# The demo's own base model (data_dir/models/demo-base unless FEEDLOOP_BASE_MODEL_PATH is set)
-# writes concise answers three times out of four: what a population comes to want is rarely
-# what a base model does by habit (docs/demo.md, "The base model").
-DEMO_BASE_DETAILED_SHARE = 0.25
-# Pretrained on prompts worded as the population words them: a model never shown "Hi! ...
-# Thanks!" answered such prompts detailed half the time, whatever its style mix.
-DEMO_BASE_PHRASED_SHARE = PopulationConfig().phrasing_share
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -307,25 +304,6 @@ def _vllm(settings: Settings, log_path: Path):
     return VllmServer(config)
 
 
-def ensure_base_model(settings: Settings, console: Console) -> None:
-    """Build the demo's base model if it is missing, or if it is the demo's own and was built
-    with another recipe (an older checkout's): the report's figures hold only for this one.
-    A model named by FEEDLOOP_BASE_MODEL_PATH is never rebuilt."""
-    from trainer.base_model import METADATA_FILE, BaseModelConfig, build_base_model
-
-    config = BaseModelConfig(detailed_share=DEMO_BASE_DETAILED_SHARE, phrased_share=DEMO_BASE_PHRASED_SHARE)
-    if (settings.model_path / "config.json").exists():
-        metadata = settings.model_path / METADATA_FILE
-        own = "FEEDLOOP_BASE_MODEL_PATH" not in os.environ
-        if not own or (metadata.exists() and json.loads(metadata.read_text())["config"] == config.model_dump()):
-            return
-        console.print(f"{settings.model_path} was built with another recipe: rebuilding it")
-    with Progress(TextColumn("[bold]building the tiny base model"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:  # fmt: skip
-        task = progress.add_task("pretraining", total=config.train_steps)
-        build_base_model(settings.model_path, config, on_step=lambda step, loss: progress.update(task, completed=step))
-
-
 # --- reading the log back ------------------------------------------------------------------------
 
 
@@ -423,8 +401,9 @@ async def _judge(settings: Settings, population: Population, champion: str) -> t
 def _rare_skill(rows: list[Adapter], champion: str) -> tuple[float | None, float | None]:
     """Accuracy on the gate's rare-skill suite of the base model and of the champion."""
     evals = {r.name: r.lineage["eval"] for r in rows if (r.lineage or {}).get("eval")}
-    start = next((e["base_rare_skill_accuracy"] for e in evals.values() if "base_rare_skill_accuracy" in e), None)
-    end = evals[champion]["candidate"]["rare_skill_accuracy"] if champion in evals else start
+    start = next((e["base"][RARE_SKILL_ACCURACY] for e in evals.values()
+                  if RARE_SKILL_ACCURACY in e.get("base", {})), None)  # fmt: skip
+    end = evals[champion]["candidate"][RARE_SKILL_ACCURACY] if champion in evals else start
     return start, end
 
 

@@ -14,7 +14,7 @@ uploaded or fetched from another machine, which links often do not) and prints t
 
 Series (what the plots are drawn from) is filled by the demo as the stream runs, all
 positions being *event indices*: the index of the stream's turn (``Turn.index`` of
-``app.population``) an observation belongs to.
+``demo.population``) an observation belongs to.
 
 >>> series = Series(rewards=[RewardPoint(0, "base", 1.0)], shift_index=2000)
 >>> series.decisions.append(Decision(0, "base", "a", 0, ("base",)))

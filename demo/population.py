@@ -6,7 +6,7 @@ answer back to :meth:`Population.react` and posts the actions it returns as feed
 At the end it asks the blind judge (:meth:`Population.prefer`) to compare the live champion
 with the static base model on held-out prompts.
 
-The world is the tiny model's (``trainer/synthetic_chats.py``): every prompt is a topic of
+The world is the tiny model's (``demo/synthetic_chats.py``): every prompt is a topic of
 ``general``, ``code``, ``math``, ``travel`` or the rare skill ``units``, and the simulation
 knows its answer in both styles (``concise`` and ``detailed``). What users want is hidden
 from feedloop and only shows through their feedback:
@@ -73,7 +73,7 @@ from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainer.synthetic_chats import (
+from demo.synthetic_chats import (
     CODE,
     CONCISE,
     DETAILED,
