@@ -54,6 +54,7 @@ from demo.suites import RARE_SKILL_ACCURACY
 from streams.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker
 from streams.agents import PIPELINE_RECORD_KEYS
 from streams.archive import read_segment, segments, verify_archive
+from streams.contract import AdapterState
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS
 
 log = structlog.get_logger(__name__)
@@ -437,12 +438,13 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
                 driver.arms = live_arms(sessions) or driver.arms
                 rows = registry(sessions)
                 states = Counter(r.state for r in rows)
+                promoted = states[AdapterState.CHAMPION] + states[AdapterState.RETIRED]
                 turns_done = len({s.index for s in driver.traffic.served})
                 rate = driver.traffic.satisfaction
                 phase = "before drift" if turns_done < population.shift_index else "after drift"
                 progress.update(task, completed=turns_done, status=(
-                    f"{phase} | adapters {len(rows)} trained, {states['champion'] + states['retired']} promoted, "
-                    f"{states['rolled_back']} rolled back | arms {', '.join(driver.arms)} | "
+                    f"{phase} | adapters {len(rows)} trained, {promoted} promoted, "
+                    f"{states[AdapterState.ROLLED_BACK]} rolled back | arms {', '.join(driver.arms)} | "
                     f"satisfied {'-' if rate is None else f'{rate:.0%}'} (last 100)"))  # fmt: skip
                 await asyncio.wait([traffic], timeout=1.0)
             traffic.result()
@@ -457,7 +459,7 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
             await asyncio.sleep(0.5)
         await loop.stop_adapter_changes()
         rows = registry(sessions)
-        champion = next((r.name for r in rows if r.state == "champion"), "base")
+        champion = next((r.name for r in rows if r.state == AdapterState.CHAMPION), "base")
         judgements, per_cohort = await _judge(settings, population, champion)
         await driver.close()
         report = _report(settings, sessions, before, population, driver.traffic, rows, champion, judgements,
@@ -506,8 +508,8 @@ def _report(settings, sessions, before, population, traffic: Traffic, rows, cham
         rare_skill_accuracy_start=start,
         rare_skill_accuracy_end=end,
         adapters_trained=len(rows),
-        adapters_promoted=sum(r.state in ("champion", "retired") for r in rows),
-        adapters_rolled_back=sum(r.state == "rolled_back" for r in rows),
+        adapters_promoted=sum(r.state in (AdapterState.CHAMPION, AdapterState.RETIRED) for r in rows),
+        adapters_rolled_back=sum(r.state == AdapterState.ROLLED_BACK for r in rows),
         hot_swap_p50_ms=median(swaps) if swaps else None,
         wall_seconds=round(wall_s, 1),
     )
