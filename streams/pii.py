@@ -173,9 +173,10 @@ def _lower(text: str) -> str:
 
 
 @lru_cache(maxsize=8)
-def _words(text: str) -> frozenset[str]:
-    """The lowercased text's whitespace-separated words (punctuation attached), for set tests."""
-    return frozenset(_lower(text).split())
+def _words(text: str) -> list[str]:
+    """The lowercased text's whitespace-separated words (punctuation attached), for set tests
+    such as KEYWORDS.isdisjoint(_words(text)). Shared by the detectors: do not modify."""
+    return _lower(text).split()
 
 
 _LETTER_RUN = re.compile(r"[a-z]+")
@@ -769,7 +770,6 @@ _SSN_AFTER_KEYWORD = re.compile(
         \s*(?:\#|number|no\.?)?\s*(?:is|was|:|=|-)?\s*
         (?P<ssn>\d{3}(?P<sep>[ -]?)\d{2}(?P=sep)\d{4})(?![\w-]|[.,/]\d)"""
 )
-_SSN_SHAPES = ("999-99-9999",)
 
 
 def _is_ssn(digits: str) -> bool:
@@ -792,7 +792,7 @@ def _scrub_ssns(text: str) -> tuple[str, int]:
         spans = [m.span("ssn") for m in matches if _is_ssn(m.group("ssn").replace("-", "").replace(" ", ""))]
         if spans:
             text, total = _replace_spans(text, spans, PiiType.SSN.placeholder)
-    if _has_any(_shape(text), _SSN_SHAPES):
+    if "999-99-9999" in _shape(text):
         text, count = _substitute(_SSN_DASHED, text, _ssn_dashed)
         total += count
     return text, total
@@ -879,6 +879,9 @@ _BIRTH_ROOTS = ("born", "birth", "date of birth", "dob", "d.o.b")
 
 
 def _scrub_birth_dates(text: str) -> tuple[str, int]:
+    lower = _lower(text)
+    if "born" not in lower and "birth" not in lower and "dob" not in lower and "d.o.b" not in lower:
+        return text, 0
     spans = [m.span("date") for m in _matches_at_words(_BIRTH_DATE, text, _BIRTH_ROOTS) if _is_birth_date(m)]
     return _replace_spans(text, spans, PiiType.DATE_OF_BIRTH.placeholder) if spans else (text, 0)
 
@@ -992,7 +995,6 @@ _PHONE_CONTEXT_WORDS = frozenset(
     "dial landline".split()
 )
 _BARE_PHONE_SHAPES = ("9999999999", "99999 99999", "99999-99999")
-_PHONE_NUMBER_IS_HINTS = ("num", "no.", " no ", "#")
 _POSSESSIVE_WORDS = frozenset("my his her their our your".split())
 
 
@@ -1068,12 +1070,12 @@ def _scrub_phones(text: str) -> tuple[str, int]:
         text, count = _substitute(_PHONE_AFTER_KEYWORD, text, _phone_after_keyword)
         total += count
         lower = _lower(text)
-    if _has_any(lower, _PHONE_NUMBER_IS_HINTS) and (
+    if ("num" in lower or "no." in lower or " no " in lower or "#" in lower) and (
         not _POSSESSIVE_WORDS.isdisjoint(_words(text)) or "'s " in lower or "’s " in lower
     ):
         text, count = _substitute(_PHONE_NUMBER_IS, text, _phone_number_is)
         total += count
-    if _has_any(_shape(text), _BARE_PHONE_SHAPES):
+    if "99999" in _shape(text) and _has_any(_shape(text), _BARE_PHONE_SHAPES):
         text, count = _substitute(_PHONE_BARE, text, _bare_phone)
         total += count
     return text, total
@@ -1276,35 +1278,42 @@ _STREET_PREFIXES = frozenset(
 
 
 def _address_patterns(text: str) -> list[_AddressPattern]:
-    """The address patterns that could match `text`, found by substring and word-set tests."""
-    shape = _case_shape(text)
+    """The address patterns that could match `text`, found by word-set and substring tests."""
     words = _words(text)
+    lower = _lower(text)
     patterns = []
-    number_word = "9 A" in shape or "9A A" in shape or "9, A" in shape or "9a A" in shape
-    if number_word and (not _STREET_TYPE_WORDS.isdisjoint(words) or "way" in text or "gate" in text):
-        patterns.append(_NUMBER_FIRST)  # "gate", "way": 12 Moorgate, 63 Kingsway
-    elif (number_word or "9 a" in shape) and not _ROMANCE_TYPES.isdisjoint(words):  # 12 rue de la Paix
+    if not _STREET_TYPE_WORDS.isdisjoint(words) or "way" in lower or "gate" in lower:  # 63 Kingsway, 12 Moorgate
+        shape = _case_shape(text)
+        if "9 A" in shape or "9A A" in shape or "9, A" in shape or "9a A" in shape:
+            patterns.append(_NUMBER_FIRST)  # a house number and a capitalised street name
+        if "9 a" in shape:
+            patterns.append(_LOWERCASE)
+    elif not _ROMANCE_TYPES.isdisjoint(words):  # 12 rue de la Paix
         patterns.append(_NUMBER_FIRST)
-    if "9 a" in shape and not _STREET_TYPE_WORDS.isdisjoint(words):
-        patterns.append(_LOWERCASE)
-    if "box" in _lower(text):
+    if "box" in lower:
         patterns.append(_BOX)
     if ("No" in text or "Num" in text or "#" in text) and _HOUSE_NUMBER_PREFIX.search(text):
         patterns.append(_PREFIXED_NUMBER)
-    position = shape.find(" 9")
-    if position >= 0:
-        if not _STREET_PREFIXES.isdisjoint(words):
-            patterns.append(_NAME_FIRST)
-        else:
-            while position >= 0:  # "Hauptstraße 12": the capitalised word before a number ends like a street
-                word_start = text.rfind(" ", 0, position) + 1
-                if shape[word_start] in "A?" and text[word_start:position].lower().rstrip(",").endswith(
-                    _COMPOUND_SUFFIXES
-                ):
-                    patterns.append(_NAME_FIRST)
-                    break
-                position = shape.find(" 9", position + 2)
+    if not _STREET_PREFIXES.isdisjoint(words) or _compound_street_before_number(text):
+        patterns.append(_NAME_FIRST)
     return patterns
+
+
+def _compound_street_before_number(text: str) -> bool:
+    """"Hauptstraße 12": a capitalised word that ends like a street, then a number."""
+    if text.islower():  # no capital at all
+        return False
+    shape = _shape(text)
+    position = shape.find(" 9")
+    while position >= 0:
+        word_start = text.rfind(" ", 0, position) + 1
+        first = text[word_start]
+        if (first.isupper() or not first.isascii()) and text[word_start:position].lower().rstrip(",").endswith(
+            _COMPOUND_SUFFIXES
+        ):
+            return True
+        position = shape.find(" 9", position + 2)
+    return False
 
 
 # --- person names --------------------------------------------------------------------------------
@@ -1360,7 +1369,6 @@ _OTHER_NAME_TRIGGER = re.compile(
     r"(?:(?:full|first|last|real|middle|maiden|given|legal|nick)\s*)?(?:name|surname)(?:\s+is|['’]s)\s+",
     re.I,
 )
-_OTHER_NAME_HINTS = ("name is", "name's", "name’s")
 # The word right before a name in a loose context is one of these.
 _LOOSE_LAST_WORDS = (
     _MEETING_VERBS
@@ -1603,7 +1611,8 @@ def _scrub_person_names(text: str) -> tuple[str, int]:
                 continue
             spans.append(span[:2])
             last_end = span[1]
-    if _has_any(_lower(text), _OTHER_NAME_HINTS):
+    lower = _lower(text)
+    if "name" in lower and ("name is" in lower or "name's" in lower or "name’s" in lower):
         for trigger in _OTHER_NAME_TRIGGER.finditer(text):
             owner = trigger.group("owner")
             if owner is not None and owner.lower() not in _PEOPLE:
