@@ -236,7 +236,90 @@ PERSON = _canaries(
     ],
 )
 
-CANARIES: list[Canary] = EMAIL + PHONE + CARD + IBAN + IP + URL_SECRET + SECRET + PERSON
+ADDRESS = _canaries(
+    PiiType.ADDRESS,
+    [
+        ("58 Larkspur Avenue", "My landlord at 58 Larkspur Avenue won't return the deposit."),
+        ("9 Alder Close, Reading RG1 7QT", "Post the forms to 9 Alder Close, Reading RG1 7QT please"),
+        ("4410 Cedar Springs Rd, Dallas, TX 75219", "new address: 4410 Cedar Springs Rd, Dallas, TX 75219"),
+        ("Lindenstraße 47, 50674 Köln", "Ich wohne in der Lindenstraße 47, 50674 Köln."),
+        ("8 avenue Victor Hugo, 69002 Lyon", "Livraison au 8 avenue Victor Hugo, 69002 Lyon"),
+        ("PO Box 3307", "Mail the cheque to PO Box 3307 instead."),
+        ("126 Marlowe Street", "is 126 Marlowe Street in a flood zone?"),
+        ("31 Birchwood Drive", "We bought 31 Birchwood Drive last spring and the roof leaks."),
+        ("Prinsengracht 263", "Meet me at Prinsengracht 263 at noon"),
+        ("705 Granville St, Vancouver, BC V6Z 1K9", "Store pickup at 705 Granville St, Vancouver, BC V6Z 1K9."),
+        ("Calle de Alcalá 42", "El piso está en Calle de Alcalá 42, tercero."),
+    ],
+)
+
+SSN = _canaries(
+    PiiType.SSN,
+    [
+        ("341-22-7810", "My SSN is 341-22-7810 and the portal rejects it"),
+        ("258-61-0043", "Fix this letter: Re: account of John, SSN 258-61-0043."),
+        ("189 40 2261", "social security number 189 40 2261"),
+        ("620-08-5517", "The IRS letter mentions 620-08-5517, is that mine?"),
+        ("433-90-1182", "ssn: 433-90-1182"),
+        ("071-35-6624", "Employee record: 071-35-6624, start date Monday"),
+        ("529114478", "SSN 529114478 (no dashes, as the form asks)"),
+        ("744-27-3090", "my social is 744-27-3090, don't share it"),
+        ("316-52-8801", "Which box gets 316-52-8801 on the W-4?"),
+        ("205-71-4436", "Her Social Security No. 205-71-4436 was stolen"),
+    ],
+)
+
+DATE_OF_BIRTH = _canaries(
+    PiiType.DATE_OF_BIRTH,
+    [
+        ("17 September 1991", "I was born on 17 September 1991 in Porto."),
+        ("1962-05-30", "DOB: 1962-05-30"),
+        ("08/14/2003", "Date of birth 08/14/2003 on the enrolment form"),
+        ("March 2, 1977", "My date of birth is March 2, 1977."),
+        ("21.01.1989", "geboren am... sorry, born 21.01.1989"),
+        ("3rd of May 1995", "my birthday is the 3rd of May 1995"),
+        ("29 Feb 1992", "D.O.B. 29 Feb 1992, is that a leap day?"),
+        ("1948/11/07", "Birthdate: 1948/11/07"),
+        ("December 24th, 1985", "He was born on December 24th, 1985, on Christmas Eve."),
+        ("10-30-1970", "dob 10-30-1970, male"),
+    ],
+)
+
+PASSPORT = _canaries(
+    PiiType.PASSPORT,
+    [
+        ("L8829014", "passport number L8829014, expiring 2031"),
+        ("561209734", "My passport no. 561209734 was flagged at the border"),
+        ("C4RJ77K31", "Reisepass / passport: C4RJ77K31"),
+        ("N6102293", "Fill the ESTA with passport # N6102293"),
+        ("18FR66210", "her passport number is 18FR66210"),
+        ("PA3301927", "Passport No: PA3301927"),
+        ("330918472", "the passport was 330918472 before I renewed it"),
+        ("T9047718", "Use passport T9047718 for the booking"),
+        ("GB7720145", "passport id: GB7720145"),
+        ("RK551903", "my new passport number RK551903 isn't in the airline app"),
+    ],
+)
+
+HANDLE = _canaries(
+    PiiType.HANDLE,
+    [
+        ("@mika_draws", "follow me on insta @mika_draws for the sketches"),
+        ("@devon.runs", "My Instagram is @devon.runs"),
+        ("@quietquokka42", "DM me on twitter @quietquokka42"),
+        ("ravi.k.music", "my tiktok is ravi.k.music"),
+        ("@hollowpine_games", "Our studio's Twitter @hollowpine_games posts the patch notes"),
+        ("sk8r_lena", "add me on snapchat: sk8r_lena"),
+        ("u/ferngully_77", "that's my reddit, u/ferngully_77"),
+        ("@mariaperez.arq", "tag @mariaperez.arq on Instagram in the post"),
+        ("nightowl#2290", "my discord username is nightowl#2290"),
+        ("@bea_codes", "You can find me on X as @bea_codes"),
+    ],
+)
+
+CANARIES: list[Canary] = (
+    EMAIL + PHONE + CARD + IBAN + IP + URL_SECRET + SECRET + PERSON + ADDRESS + SSN + DATE_OF_BIRTH + PASSPORT + HANDLE
+)
 
 NEAR_MISSES: list[str] = [
     # numbers that are not phones or cards

@@ -1,9 +1,11 @@
 import copy
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from streams.pii import PiiType, Scrubber
+from streams.pii import PiiType, Scrubber, Span
 from tests.streams.pii_canaries import CANARIES, NEAR_MISSES, Canary
 
 SCRUBBER = Scrubber()
@@ -182,3 +184,180 @@ def test_scrub_messages_over_canary_conversation_leaks_nothing():
     contents = "\n".join(message["content"] for message in result.messages)
     assert [c.secret for c in CANARIES if c.secret in contents] == []
     assert result.counts == Counter(canary.pii_type for canary in CANARIES)
+
+
+# --- the sentence corpus (tests/streams/pii_corpus) ------------------------------------------------
+
+CORPUS = Path(__file__).parent / "pii_corpus"
+
+
+def _jsonl(name: str) -> list[dict]:
+    with open(CORPUS / name, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+PII_SENTENCES = _jsonl("pii.jsonl")
+ORDINARY_SENTENCES = [row["text"] for row in _jsonl("ordinary.jsonl")]
+
+
+def _values(row: dict) -> list[str]:
+    return [row["pii"]] if isinstance(row["pii"], str) else row["pii"]
+
+
+def _removed(row: dict, scrubbed: str) -> bool:
+    """Every PII value of the sentence is gone and its class's placeholder is there."""
+    return all(value not in scrubbed for value in _values(row)) and PiiType(row["type"]).placeholder in scrubbed
+
+
+def test_sentence_corpus_is_well_formed_and_covers_every_class():
+    assert len(PII_SENTENCES) >= 150 and len(ORDINARY_SENTENCES) >= 300
+    assert {PiiType(row["type"]) for row in PII_SENTENCES} == set(PiiType)
+    for row in PII_SENTENCES:
+        assert all(value and value in row["text"] for value in _values(row)), row
+    texts = [row["text"] for row in PII_SENTENCES] + ORDINARY_SENTENCES
+    assert len(texts) == len(set(texts))
+
+
+def test_recall_on_the_sentence_corpus_is_at_least_95_percent_per_class():
+    totals: Counter[str] = Counter()
+    removed: Counter[str] = Counter()
+    missed = []
+    for row in PII_SENTENCES:
+        scrubbed = SCRUBBER.scrub(row["text"]).text
+        totals[row["type"]] += 1
+        if _removed(row, scrubbed):
+            removed[row["type"]] += 1
+        else:
+            missed.append(scrubbed)
+    recall = {kind: removed[kind] / totals[kind] for kind in totals}
+    report = ", ".join(f"{kind} {removed[kind]}/{totals[kind]}" for kind in sorted(totals))
+    assert min(recall.values()) >= 0.95, f"{report}; missed: {missed}"
+
+
+def test_ordinary_sentences_of_the_corpus_are_left_unchanged():
+    changed = {text: SCRUBBER.scrub(text).text for text in ORDINARY_SENTENCES}
+    assert {text: out for text, out in changed.items() if out != text} == {}
+
+
+def test_scrubbing_the_scrubbed_corpus_changes_nothing():
+    for row in PII_SENTENCES:
+        once = SCRUBBER.scrub(row["text"]).text
+        assert SCRUBBER.scrub(once).text == once, row["text"]
+
+
+# --- validation of the new classes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("valid", "invalid"),
+    [
+        ("SSN 219-09-9999 ok", "SSN 000-09-9999 ok"),  # area 000
+        ("SSN 665-12-3456 ok", "SSN 666-12-3456 ok"),  # area 666
+        ("the W-2 shows 412-58-3307 ok", "the W-2 shows 912-58-3307 ok"),  # area 9xx (ITINs)
+        ("ssn 412-58-3307 ok", "ssn 412-00-3307 ok"),  # group 00
+        ("ssn 412-58-3307 ok", "ssn 412-58-0000 ok"),  # serial 0000
+        ("born on 29 February 1984", "born on 29 February 1985"),  # leap years only
+        ("born on 30 April 1990", "born on 31 April 1990"),
+        ("DOB: 1985-03-12", "DOB: 1985-13-12"),  # no 13th month
+        ("date of birth 12/25/1990", "date of birth 25/25/1990"),  # day-first or month-first
+        ("my number is 555-0199", "my number is 555-019"),  # 7 digits at least
+        ("passport number X1234567", "passport number X1234"),  # too short
+        ("passport number P4401876", "passport number PASSWORD"),  # needs digits
+        ("the pin is 4821", "the pin is 48"),
+    ],
+)
+def test_new_classes_validate_what_they_replace(valid: str, invalid: str):
+    counts = SCRUBBER.scrub(valid).counts
+    assert sum(counts.values()) == 1, valid
+    (pii_type,) = counts
+    # Not taken for that class (000-09-9999 is still a trunk-0 phone number to the phone detector).
+    assert pii_type not in SCRUBBER.scrub(invalid).counts
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("SSN 341-22-7810", "SSN <SSN>"),
+        ("passport no. 533912847 expires", "passport no. <PASSPORT> expires"),
+        ("born on 12 March 1985 in Lyon", "born on <DATE_OF_BIRTH> in Lyon"),
+        ("follow me on twitter @jess_codes_22", "follow me on twitter <HANDLE>"),
+        ("my insta is lena.travels, I post there", "my insta is <HANDLE>, I post there"),
+        ("maria dot lopez at gmail dot com", "<EMAIL>"),
+        ("mail j.harrow [at] fastmail [dot] com", "mail <EMAIL>"),
+        ("my password is hunter2, why", "my password is <SECRET>, why"),
+        ("I met Tobias Fennimore there", "I met <PERSON> there"),
+        ("their name is Harriet Quinlan", "their name is <PERSON>"),
+        ("Ship to 27 Oak Avenue, Denver, CO 80203 today", "Ship to <ADDRESS> today"),
+        ("webhook https://hooks.slack.com/services/T0/B0/AbCdEf123456", "webhook <URL_SECRET>"),
+        ("my mobile is 9876543210", "my mobile is <PHONE>"),
+    ],
+)
+def test_new_detectors_replace_only_the_value(text: str, expected: str):
+    assert SCRUBBER.scrub(text).text == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "@dataclass(frozen=True) and @property on a class",  # decorators without a platform
+        "my insta is private",  # describes the account
+        "look at example.com for a sample",  # a website, not an address
+        "download it at python dot org",
+        "the password is wrong, it says invalid",
+        "the password must be 12 characters",
+        "I have 3 Google Drive accounts",
+        "I met Google's CEO at the booth",
+        "Our cat's name is Pepper.",
+        "Compute 9876543210 divided by 7.",  # ten digits, no phone word
+        "My order number is 5829301174.",
+        "The subnet mask is 255.255.255.0.",
+    ],
+)
+def test_near_misses_of_the_new_classes_are_left_alone(text: str):
+    assert SCRUBBER.scrub(text).text == text
+
+
+def test_ten_digits_are_a_phone_only_with_a_phone_word_in_the_sentence():
+    assert SCRUBBER.scrub("it's 6505550178, text me").text == "it's <PHONE>, text me"
+    assert SCRUBBER.scrub("it's 6505550178, thanks").text == "it's 6505550178, thanks"
+
+
+# --- optional second pass --------------------------------------------------------------------------
+
+
+def _find(word: str, pii_type: PiiType | str):
+    def second_pass(text: str):
+        start = text.find(word)
+        return [] if start < 0 else [(start, start + len(word), pii_type)]
+
+    return second_pass
+
+
+def test_second_pass_is_off_by_default():
+    assert Scrubber().second_pass is None
+    text = "I talked to Zorblax yesterday."
+    assert SCRUBBER.scrub(text).text == text
+
+
+def test_second_pass_spans_are_replaced_and_counted_after_the_built_in_detectors():
+    scrubber = Scrubber(second_pass=_find("Zorblax", "PERSON"))
+    result = scrubber.scrub("I talked to Zorblax, mail z@example.com")
+    assert result.text == "I talked to <PERSON>, mail <EMAIL>"
+    assert result.counts == {PiiType.PERSON: 1, PiiType.EMAIL: 1}
+
+    spans = Scrubber(second_pass=lambda text: [Span(0, 3, PiiType.ADDRESS)])
+    assert spans.scrub("Elm Road").text == "<ADDRESS> Road"
+
+
+def test_second_pass_cannot_break_placeholders_or_add_disabled_types():
+    over_placeholder = Scrubber(second_pass=_find("EMAIL", PiiType.PERSON))
+    assert over_placeholder.scrub("mail z@example.com").text == "mail <EMAIL>"
+    emails_only = Scrubber(enabled=[PiiType.EMAIL], second_pass=_find("Zorblax", PiiType.PERSON))
+    assert emails_only.scrub("I talked to Zorblax").text == "I talked to Zorblax"
+    overlapping = Scrubber(second_pass=lambda text: [(0, 7, "PERSON"), (4, 11, "PERSON")])
+    assert overlapping.scrub("Zorblax Quinn").text == "<PERSON> Quinn"
+
+
+def test_second_pass_span_outside_the_text_is_an_error():
+    with pytest.raises(ValueError, match="outside"):
+        Scrubber(second_pass=lambda text: [(0, len(text) + 1, "PERSON")]).scrub("short")
