@@ -252,7 +252,10 @@ def test_canaries_of_every_type_are_seeded_and_recorded():
     population = Population(PopulationConfig(seed=3, interactions=2000, pii_share=0.2))
     carrying = [t for t in population.turns() if t.canary]
     assert 0.15 < len(carrying) / 2000 < 0.25
-    assert {t.canary.pii_type for t in carrying} == set(CANARY_TYPES) == {str(t) for t in PiiType}
+    # The population seeds the types it has templates for (the scrubber knows more since the
+    # address, SSN, date-of-birth, passport and handle detectors: tests/streams/pii_corpus);
+    # adding templates would change every seeded run of the demo.
+    assert {t.canary.pii_type for t in carrying} == set(CANARY_TYPES) < {str(t) for t in PiiType}
     assert population.canaries_seeded == list(dict.fromkeys(t.canary.value for t in carrying))
     assert all(t.canary.value in t.text and t.canary.sentence in t.text for t in carrying)
     assert Population(PopulationConfig(interactions=500, pii_share=0)).canaries_seeded == []
