@@ -262,7 +262,8 @@ async def test_feedloop_curate_cuts_a_batch_in_every_partition_from_what_it_hold
     # batch is then exactly what its curator held.
     worker = start_worker(settings, {"FEEDLOOP_PIPELINE__BATCH_SIZE": "1000",
                                      "FEEDLOOP_PIPELINE__BATCH_MAX_WAIT_S": str(10**8),
-                                     "FEEDLOOP_PIPELINE__MAX_GROUP_SHARE": "1", "FEEDLOOP_PIPELINE__REPLAY_FRACTION": "0"})
+                                     "FEEDLOOP_PIPELINE__MAX_GROUP_SHARE": "1",
+                                     "FEEDLOOP_PIPELINE__REPLAY_FRACTION": "0"})
     try:
         await post(stack.base_url, traffic(16))
         await wait_for(lambda: _examples(settings) >= 16, 90, "the examples")

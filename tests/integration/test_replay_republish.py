@@ -36,7 +36,8 @@ async def test_republish_sends_the_archived_events_of_the_window_back_to_the_eve
     try:
         for minute, event in enumerate(events):
             await producer.send_and_wait(EVENTS.name, json.dumps(event).encode(), key=event["session_id"].encode(),
-                                         headers=[("app_id", b"app-a")], timestamp_ms=ms(T0 + timedelta(minutes=minute)))
+                                         headers=[("app_id", b"app-a")],
+                                         timestamp_ms=ms(T0 + timedelta(minutes=minute)))
     finally:
         await producer.stop()
 
