@@ -46,15 +46,4 @@ def channel_rewards(feedback: list[Feedback], annotations: list[Annotation]) -> 
     }
 
 
-def combined_reward(rewards: dict[str, float | None], weights: dict[str, float]) -> float | None:
-    """Mean of the channels present, weighted by the current loss weights."""
-    present = {c: r for c, r in rewards.items() if r is not None}
-    if not present:
-        return None
-    total = sum(weights.get(c, 0.0) for c in present)
-    if total <= 0:
-        return fmean(present.values())
-    return sum(r * weights.get(c, 0.0) for c, r in present.items()) / total
-
-
 EXPLICIT_KINDS = frozenset(_EXPLICIT)

@@ -25,7 +25,7 @@ from streams.contract import AdapterLoaded, Context, utcnow
 from learners.router import LinUCBRouter
 from streams.learning import route_features
 from streams.topics import CONTROL, REVIEW
-from tests.conftest import free_port, make_settings, start_stack, wait_until_archived
+from tests.conftest import archived_records, free_port, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
 from tests.integration.test_pipeline_live import AUTH, at, start_worker, stop_worker, wait_for
 
@@ -109,7 +109,10 @@ async def test_learners_route_learn_decide_and_survive_sigkill(tmp_path, own_bro
         # Wait for the records themselves: the archive may hold other control events first.
         promoted = [json.loads(r.value) for r in
                     await wait_until_archived(stack, CONTROL.name, 1, where=control_of("adapter_promoted"))]
-        assert [(e["adapter"], e["previous_champion"], e["source"]) for e in promoted] == [("code-v1", "base", "learners")]
+        seen = [(e["type"], e.get("adapter") or e.get("signal"), e.get("reason", ""))
+                for e in (json.loads(r.value) for r in archived_records(stack, CONTROL.name))]  # fmt: skip
+        assert [(e["adapter"], e["previous_champion"], e["source"]) for e in promoted] == [
+            ("code-v1", "base", "learners")], seen
         assert await wait_until_archived(stack, CONTROL.name, 1, where=control_of("drift_alarm", "feature:domain="))
         best = {d: await wait_for_route(http, lambda b: "base" not in b["probabilities"], {"domain": d, "cohort": "a"})
                 for d in ("code", "chat", "math")}  # fmt: skip

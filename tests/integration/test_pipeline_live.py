@@ -259,3 +259,48 @@ async def test_a_drift_alarm_reaches_the_curator_of_every_partition(tmp_path, ow
     assert triggered
     assert sum(p.stats.counts["trigger_drift"] for p in _checkpoints(settings)) == settings.topic_partitions
     assert sum(p.stats.counts["duplicate_event"] for p in _checkpoints(settings)) == settings.topic_partitions
+
+
+def feedloop(settings, *args: str) -> subprocess.CompletedProcess:
+    """`feedloop <args>` as an operator runs it, against this test's broker and data dir."""
+    env = {**os.environ, "FEEDLOOP_EMBEDDED_BROKER_PORT": str(settings.embedded_broker_port),
+           "FEEDLOOP_DATA_DIR": str(settings.data_dir)}
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _held(settings) -> set[str]:
+    """Example ids of the records the curators of the last checkpoints hold, waiting for a batch."""
+    return {b.record.example_id for p in _checkpoints(settings) for b in p.curator.buffer}
+
+
+async def test_feedloop_curate_cuts_a_batch_in_every_partition_from_what_it_holds(tmp_path, own_broker):
+    settings = make_settings(tmp_path, own_broker.port)
+    stack, stop = await start_stack(settings)
+    # Neither size nor time cuts a batch here: only the command can. No cap and no replay: a
+    # batch is then exactly what its curator held.
+    worker = start_worker(settings, {"FEEDLOOP_PIPELINE__BATCH_SIZE": "1000",
+                                     "FEEDLOOP_PIPELINE__BATCH_MAX_WAIT_S": str(10**8),
+                                     "FEEDLOOP_PIPELINE__MAX_GROUP_SHARE": "1",
+                                     "FEEDLOOP_PIPELINE__REPLAY_FRACTION": "0"})
+    try:
+        await post(stack.base_url, traffic(16))
+        await wait_for(lambda: _examples(settings) >= 16, 90, "the examples")
+        held = _held(settings)
+        assert held and batches(stack) == {}, "cut before the command: nothing is tested"
+        done = await asyncio.to_thread(feedloop, settings, "curate", "--cause", "test")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"asked {settings.topic_partitions} partitions for a batch" in done.stdout
+        await wait_for(lambda: not _held(settings) and batches(stack), 60, "the batches cut on the command")
+        await asyncio.sleep(3)  # a batch written twice, or one more, would show up meanwhile
+    finally:
+        stop_worker(worker)
+        await stop()
+    with stack.sessions() as session:
+        cut = session.scalars(select(Batch)).all()
+    assert {b.trigger for b in cut} == {"manual"}
+    records = [r for b in cut for rs in read_batch(settings.batches_dir / b.batch_id)[1].values() for r in rs]
+    assert sorted(r.example_id for r in records) == sorted(held), "each held record in one batch, once"
+    partitions = _checkpoints(settings)
+    assert sum(p.stats.counts["trigger_manual"] for p in partitions) == settings.topic_partitions
+    assert len(cut) == sum(p.stats.counts["batch_manual"] for p in partitions)

@@ -1,5 +1,6 @@
 """The partition pipeline, offline: joins, windows, signals, dead letters, batches, erasure."""
 
+import base64
 import json
 import pickle
 from datetime import datetime, timedelta, timezone
@@ -376,3 +377,40 @@ def test_receive_time_is_the_earlier_of_the_gateway_header_and_the_record_timest
     assert receive_time([("received_at", b"garbage")], stamp).at == T0 + timedelta(seconds=2)
     assert receive_time(None, stamp).source == "its Kafka record timestamp"
     assert receive_time([], None) is None and receive_time(None, -1) is None
+
+
+def test_an_interaction_id_received_again_under_another_event_id_is_a_dead_letter(pseudonyms):
+    first = turn(0, response="The first answer.")
+    # A client that retried with a fresh event id: same interaction, other event id, other text.
+    again = {**first, "event_id": "retry-" + first["event_id"], "response": "A second answer."}
+    run = Run(pseudonyms).feed(first, signal(first, "thumbs", 1), again)
+    assert run.reasons() == ["duplicate_interaction"]
+    (dead,) = run.dead
+    assert dead.event_id == again["event_id"] and first["interaction_id"] in dead.detail
+    assert json.loads(base64.b64decode(dead.raw_b64)) == again  # kept whole, for an operator to look at
+    run.feed(tick(600))
+    (example,) = run.examples
+    assert example.response == "The first answer." and example.event_ids[0] == first["event_id"]
+    # Still known after its window closed (late feedback is still plausible): refused again.
+    late = {**first, "event_id": "late-" + first["event_id"], "occurred_at": at(650)}
+    run.feed(late)
+    assert run.reasons() == ["duplicate_interaction", "duplicate_interaction"]
+    assert len(run.examples) == 1 and run.pipeline.stats.counts["duplicate_interaction"] == 2
+
+
+def test_a_batch_is_cut_by_time_once_the_oldest_record_has_waited_max_wait_in_event_time(pseudonyms):
+    # Records join the buffer when their window closes (600 s); they wait from their interaction's time.
+    config = CONFIG.model_copy(update={"batch_max_wait_s": 1000, "allowed_lateness_s": 30})
+    old, newer = turn(0), turn(300)
+    run = Run(pseudonyms, config).feed(old, signal(old, "thumbs", 1), newer, signal(newer, "thumbs", 301))
+    run.feed(tick(1000))  # the watermark is 970: both closed, the oldest has waited 970 s
+    assert len(run.examples) == 2 and run.batches == [] and len(run.pipeline.curator.buffer) >= 2
+    run.feed(tick(1029))  # 999 s
+    assert run.batches == []
+    run.feed(tick(1030))  # the watermark reaches 1000 s after the oldest record
+    (batch,) = run.batches
+    assert batch.trigger == "time" and batch.event_time == T0 + timedelta(seconds=1000)
+    assert {r.example_id.split(":")[0] for r in batch.records} == {old["interaction_id"], newer["interaction_id"]}
+    assert not run.pipeline.curator.buffer and run.pipeline.stats.counts["batch_time"] == 1
+    run.feed(tick(5000))
+    assert len(run.batches) == 1, "an empty buffer is never cut"
