@@ -105,7 +105,7 @@ def train_batch(
         attempt = store.start_attempt(batch_id)
         if attempt > config.max_attempts:
             store.fail_batch(batch_id)
-            raise RuntimeError(f"batch {batch_id} crashed {attempt - 1} times; marked failed")
+            raise registry.BatchNotTrainable(f"batch {batch_id} crashed {attempt - 1} times; marked failed")
         log.info("train_batch_started", batch_id=batch_id, attempt=attempt, counts=manifest.counts, parent=parent)
 
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))

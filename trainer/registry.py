@@ -35,6 +35,13 @@ from streams.training_data import BatchManifest
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 NAME = re.compile(r"^adapter-(\d{6})-[0-9a-f]{8}$")
 EMITTED, TRAINING, TRAINED, FAILED = "emitted", "training", "trained", "failed"  # Batch.status
+
+
+class BatchNotTrainable(RuntimeError):
+    """This batch will not be trained: it is already trained or failed, or out of attempts.
+
+    The trainer worker logs it and goes on to the next batch: raised out of its handler, it
+    would stop the worker on the same record at every restart."""
 READY = AdapterState.READY  # trainer.recipe imports it from here
 
 
@@ -94,7 +101,7 @@ class Registry:
                 )
                 session.add(row)
             if row.status in (TRAINED, FAILED):
-                raise RuntimeError(f"batch {manifest.batch_id} is already {row.status}")
+                raise BatchNotTrainable(f"batch {manifest.batch_id} is already {row.status}")
             row.status = TRAINING
 
     def fail_batch(self, batch_id: str) -> None:

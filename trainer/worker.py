@@ -32,6 +32,7 @@ from streams.store import Adapter
 from trainer.config import TrainerConfig
 from trainer.gate import EvalSuite
 from trainer.privacy import PrivacyBudgetExceeded
+from trainer.registry import BatchNotTrainable
 from trainer.recipe import train_batch
 
 log = structlog.get_logger(__name__)
@@ -85,6 +86,10 @@ class TrainerWorker:
                 base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir,
                 parent=parent_for_next(self.sessions), suites=self.suites,
             )  # fmt: skip
+        except BatchNotTrainable as exc:
+            log.error("trainer.batch_not_trainable", batch_id=event.batch_id, reason=str(exc),
+                      hint="the batch stays as it is in the registry (feedloop status); later batches go on")  # fmt: skip
+            return []
         except PrivacyBudgetExceeded as exc:
             log.error("trainer.budget_exceeded", batch_id=event.batch_id, error=str(exc),
                       hint="raise FEEDLOOP_TRAINER__PRIVACY__BUDGET_EPSILON or drop the batch")  # fmt: skip

@@ -109,9 +109,8 @@ def small_base(tmp_path_factory):
 
 
 # A gate that passes whatever the small base model's adapter answers, and no rehearsal chats.
-QUICK = FAST.model_copy(update={"rehearsal_per_batch": 0, "gate": GateConfig(
-    heldout_prompts=5, rare_skill_items=10, max_new_tokens=24,
-    max_rare_skill_drop=1.0, max_preference_drop=1.0, max_well_formed_drop=1.0)})
+# No suites plugged in: the gate checks only that a candidate is sound (finite losses and weights).
+QUICK = FAST.model_copy(update={"rehearsal_per_batch": 0, "gate": GateConfig()})
 
 
 def new_worker(settings, sessions, group: str) -> TrainerWorker:
@@ -178,9 +177,6 @@ async def test_a_batch_whose_training_crashes_is_restarted_up_to_max_attempts_th
     assert rows(sessions, Adapter) == [] and not list(settings.adapters_path.glob("adapter-*"))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: once a batch is marked failed, handling its batch_emitted again raises "
-                   "('is already failed') before the offset is committed, so the restarted worker dies on the same "
-                   "record every time and never reaches the next batch")
 async def test_a_batch_marked_failed_does_not_keep_the_worker_from_the_next_batch(sessions, tmp_path, own_broker):
     empty = tmp_path / "no-model"
     empty.mkdir()
