@@ -22,10 +22,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 import migrations
 from app.broker import ensure_topics
+from app.replay import batches_table
 from app.runtime import tune_gc
 from app.settings import Settings
 from streams import kafka
@@ -162,14 +162,7 @@ def run_import(settings: Settings, *, source: str, run: str | None) -> int:
     progress.summary = _summary_json(summary)
     progress.save()
     seconds = time.monotonic() - started
-    table = Table(title=f"import {run}: {summary.records} records in {seconds:.1f} s")
-    table.add_column("batch")
-    table.add_column("records", justify="right")
-    table.add_column("trigger")
-    table.add_column("manifest sha256")
-    for batch in summary.batches:
-        table.add_row(batch.batch_id, str(batch.example_count), batch.trigger, batch.manifest_sha256[:16])
-    console.print(table)
+    console.print(batches_table(f"import {run}: {summary.records} records in {seconds:.1f} s", summary.batches))
     console.print(f"examples: {summary.examples} ({summary.closed_at_end} closed at the end of the input) "
                   f"on {EXAMPLES.name}; dead letters: {dict(sorted(summary.dead_letters.items()))}")  # fmt: skip
     console.print(f"PII replaced: {dict(sorted(summary.pii_scrubbed.items()))}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -17,6 +17,7 @@ from app.runtime import tune_gc
 from app.settings import Settings
 from streams import kafka
 from streams.archive import ArchivedRecord
+from streams.contract import BatchEmitted
 from streams.pii import Scrubber
 from streams.importer import archived_run, archived_runs
 from streams.pipeline import PipelineSet
@@ -128,15 +129,8 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
                                  close_at_end=closing, import_run=import_run)  # fmt: skip
         progress.update(task, completed=summary.records)
     seconds = time.monotonic() - started
-    table = Table(title=f"replay --offline: {summary.records} records in {seconds:.1f} s "
-                        f"({summary.records / max(seconds, 1e-9):,.0f}/s)")
-    table.add_column("batch")
-    table.add_column("records", justify="right")
-    table.add_column("trigger")
-    table.add_column("manifest sha256")
-    for batch in summary.batches:
-        table.add_row(batch.batch_id, str(batch.example_count), batch.trigger, batch.manifest_sha256[:16])
-    console.print(table)
+    console.print(batches_table(f"replay --offline: {summary.records} records in {seconds:.1f} s "
+                                f"({summary.records / max(seconds, 1e-9):,.0f}/s)", summary.batches))
     console.print(f"examples: {summary.examples}; dead letters: {dict(sorted(summary.dead_letters.items()))}")
     if closing:
         console.print(f"closed at the end of the input: {summary.closed_at_end} interactions (one example each)")
@@ -149,3 +143,15 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
     console.print(f"PII replaced: {dict(sorted(summary.pii_scrubbed.items()))}")
     console.print(f"batches written under {output.batches_dir}")
     return 0
+
+
+def batches_table(title: str, batches: Iterable[BatchEmitted]) -> Table:
+    """The batches a replay or an import cut, one row each."""
+    table = Table(title=title)
+    table.add_column("batch")
+    table.add_column("records", justify="right")
+    table.add_column("trigger")
+    table.add_column("manifest sha256")
+    for batch in batches:
+        table.add_row(batch.batch_id, str(batch.example_count), batch.trigger, batch.manifest_sha256[:16])
+    return table

@@ -138,14 +138,11 @@ class Answering:
 
 
 @dataclass(frozen=True)
-class PreferredStyleRate:
-    """Share of held-out answers in the preferred style: the demo's objective."""
+class _AnsweredSuite:
+    """A suite scored on the sampled answers to its held-out prompts."""
 
     answering: Answering
     tolerance: float
-    preferred: str | None = None  # None: the batch's
-    name: ClassVar[str] = PREFERRED_STYLE_RATE
-    protected: ClassVar[bool] = False
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -154,6 +151,15 @@ class PreferredStyleRate:
     @property
     def version(self) -> str:
         return self.answering.version
+
+
+@dataclass(frozen=True)
+class PreferredStyleRate(_AnsweredSuite):
+    """Share of held-out answers in the preferred style: the demo's objective."""
+
+    preferred: str | None = None  # None: the batch's
+    name: ClassVar[str] = PREFERRED_STYLE_RATE
+    protected: ClassVar[bool] = False
 
     def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Records) -> float:
         style = self.preferred or preferred_style(records)
@@ -162,21 +168,11 @@ class PreferredStyleRate:
 
 
 @dataclass(frozen=True)
-class WellFormedRate:
+class WellFormedRate(_AnsweredSuite):
     """Share of held-out answers that end cleanly: what preference collapse destroys first."""
 
-    answering: Answering
-    tolerance: float
     name: ClassVar[str] = WELL_FORMED_RATE
     protected: ClassVar[bool] = True
-
-    @property
-    def prompts(self) -> tuple[str, ...]:
-        return self.answering.prompts
-
-    @property
-    def version(self) -> str:
-        return self.answering.version
 
     def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Records) -> float:
         completions = self.answering.completions(model, tokenizer)

@@ -81,36 +81,26 @@ def events_router(keys: ApiKeys, publisher: Publisher, limits: Limits, max_body_
                 ),  # fmt: skip
             )
             return error(401, "unauthenticated", f"{UNAUTHENTICATED_DETAIL} or 'X-API-Key: <key>'")
+
+        async def refuse(status: int, reason: str, detail: str) -> Any:
+            """The whole body refused: kept as one dead letter, answered with its reason."""
+            await dead_letter_only(dead_letter(
+                reason=reason, detail=detail, raw=body, received_at=received_at,
+                stage=STAGE, max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
+            ))  # fmt: skip
+            return error(status, reason, detail)
+
         if too_large:
-            detail = f"request body exceeds {max_body_bytes} bytes; send smaller batches"
-            await dead_letter_only(
-                dead_letter(
-                    reason="body_too_large", detail=detail, raw=body, received_at=received_at,
-                    stage=STAGE, max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
-                ),  # fmt: skip
-            )
-            return error(413, "body_too_large", detail)
+            return await refuse(413, "body_too_large", f"request body exceeds {max_body_bytes} bytes; send smaller batches")
         content_type = request.headers.get("content-type", "application/json")
         try:
             results = check_body(body, content_type, app_id, limits, received_at)
         except BodyRejected as exc:
-            await dead_letter_only(
-                dead_letter(
-                    reason=exc.reason, detail=exc.detail, raw=body, received_at=received_at,
-                    stage=STAGE, max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
-                ),  # fmt: skip
-            )
-            return error(422, exc.reason, exc.detail)
+            return await refuse(422, exc.reason, exc.detail)
         except Exception as exc:  # noqa: BLE001 - no input may answer 500: a sender would retry it forever
             log.exception("gateway.intake_failed", app_id=app_id, size=len(body))
-            detail = f"the gateway could not read this body ({type(exc).__name__}); it was dead-lettered"
-            await dead_letter_only(
-                dead_letter(
-                    reason="unprocessable", detail=detail, raw=body, received_at=received_at,
-                    stage=STAGE, max_raw_bytes=limits.dead_letter_max_raw_bytes, app_id=app_id,
-                ),  # fmt: skip
-            )
-            return error(422, "unprocessable", detail)
+            return await refuse(422, "unprocessable",
+                                f"the gateway could not read this body ({type(exc).__name__}); it was dead-lettered")
         accepted = [r for r in results if isinstance(r, Accepted)]
         rejected = [r for r in results if isinstance(r, Rejected)]
         dead = [
