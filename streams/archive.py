@@ -123,15 +123,20 @@ class PartitionBuffer:
     lines: list[str] = field(default_factory=list)
     first_offset: int = -1
     last_offset: int = -1
+    # The segment's time range, earliest and latest: not its first and last record's times, since
+    # producers set record timestamps (CreateTime) and one partition's are not in order.
     first_timestamp_ms: int = 0
     last_timestamp_ms: int = 0
     opened_at: float = 0.0  # monotonic time of the first buffered line
 
     def add(self, offset: int, timestamp_ms: int, line: str, now: float) -> None:
         if not self.lines:
-            self.first_offset, self.first_timestamp_ms, self.opened_at = offset, timestamp_ms, now
+            self.first_offset, self.opened_at = offset, now
+            self.first_timestamp_ms = self.last_timestamp_ms = timestamp_ms
         self.lines.append(line)
-        self.last_offset, self.last_timestamp_ms = offset, timestamp_ms
+        self.last_offset = offset
+        self.first_timestamp_ms = min(self.first_timestamp_ms, timestamp_ms)
+        self.last_timestamp_ms = max(self.last_timestamp_ms, timestamp_ms)
 
     def due(self, now: float, max_events: int, max_seconds: float) -> bool:
         return bool(self.lines) and (

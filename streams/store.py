@@ -49,8 +49,8 @@ class ArchiveSegment(Base):
     path: Mapped[str] = mapped_column(String(1024), doc="Relative to the archive directory.")
     sha256: Mapped[str] = mapped_column(String(64), doc="Of the compressed file's bytes.")
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    first_timestamp_ms: Mapped[int] = mapped_column(BigInteger)
-    last_timestamp_ms: Mapped[int] = mapped_column(BigInteger)
+    first_timestamp_ms: Mapped[int] = mapped_column(BigInteger, doc="Earliest record timestamp in the segment.")
+    last_timestamp_ms: Mapped[int] = mapped_column(BigInteger, doc="Latest record timestamp in the segment.")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

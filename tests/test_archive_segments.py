@@ -75,3 +75,13 @@ def test_verify_finds_missing_tampered_and_miscounted_segments(tmp_path):
     assert "missing" in report.problems[0]
     assert "checksum" in report.problems[1]
     assert "recorded 11" in report.problems[2]
+
+
+def test_a_segments_time_range_spans_out_of_order_record_timestamps():
+    # Producers stamp records (CreateTime): one partition may hold a 2021 record after a 2026
+    # one, and a replay's --since/--until picks segments by this range.
+    buffer = PartitionBuffer("t", 0)
+    for offset, stamp in enumerate([1_700_000_000_000, 1_600_000_000_000, 1_800_000_000_000, 1_650_000_000_000]):
+        buffer.add(offset, stamp, "{}", now=0.0)
+    assert (buffer.first_timestamp_ms, buffer.last_timestamp_ms) == (1_600_000_000_000, 1_800_000_000_000)
+    assert (buffer.first_offset, buffer.last_offset) == (0, 3)

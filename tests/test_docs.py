@@ -67,6 +67,8 @@ def parse_default(cell: str) -> object:
 def plain(value: object) -> object:
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, tuple):  # documented as the JSON list an environment variable takes
+        return [plain(v) for v in value]
     if isinstance(value, dict):
         return {k: plain(v.get_secret_value() if isinstance(v, SecretStr) else v) for k, v in value.items()}
     return value

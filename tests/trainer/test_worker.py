@@ -8,6 +8,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from app.broker import EmbeddedBroker, ensure_topics
+from demo.base_model import ToyChats, build_tiny_model
 from streams import kafka
 from streams.store import Adapter, Batch
 from streams.contract import BatchEmitted, utcnow
@@ -15,7 +16,7 @@ from streams.topics import CONTROL, control_key
 from tests.conftest import free_port, make_settings
 from tests.trainer import batches
 from tests.trainer.test_recipe import FAST, rows
-from trainer.base_model import BaseModelConfig, build_base_model
+from trainer.base_model import BaseModelConfig
 from trainer.config import GateConfig
 from trainer.recipe import train_batch
 from trainer.worker import TrainerWorker, parent_for_next
@@ -104,8 +105,8 @@ def own_broker():
 @pytest.fixture(scope="module")
 def small_base(tmp_path_factory):
     """A base model pretrained briefly (seconds): these tests need an adapter trained, not a good one."""
-    config = BaseModelConfig(seed=0, num_chats=300, train_steps=40, batch_size=8, log_every=1000)
-    return build_base_model(tmp_path_factory.mktemp("small-base"), config)
+    config = BaseModelConfig(seed=0, train_steps=40, batch_size=8, log_every=1000)
+    return build_tiny_model(tmp_path_factory.mktemp("small-base"), ToyChats(count=300), config)
 
 
 # A gate that passes whatever the small base model's adapter answers, and no rehearsal chats.
