@@ -128,9 +128,9 @@ def run_faust(settings: Settings, total: int, with_pipeline: bool) -> None:
 
         original = LivePipeline.handle
 
-        def timed(self, partition, offset, value):  # time every record the worker handles
+        def timed(self, *record):  # time every record the worker handles
             marks.append(now())
-            return original(self, partition, offset, value)
+            return original(self, *record)
 
         LivePipeline.handle = timed
         app = build_pipeline_app(settings, cluster="bench")

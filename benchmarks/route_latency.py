@@ -51,7 +51,7 @@ def contexts(rng: np.random.Generator, n: int) -> list[Context]:
 
 def trained_store(url: str, data_dir: Path, arms: list[str], examples: int) -> LearnerSettings:
     """A store holding the snapshot of a router trained on ``examples`` simulated examples."""
-    config = LearnerSettings(initial_arms=arms, ab_min_samples=10**9)
+    config = LearnerSettings(initial_arms=arms, ab_min_samples=10**9, ab_max_samples=None)
     migrations.upgrade(url)
     learner = LiveLearner(config, make_sessionmaker(make_engine(url)), archive_dir=data_dir / "archive",
                           consumer="bench", cluster_id="bench", snapshots_kept=1)  # fmt: skip
