@@ -39,6 +39,13 @@ def broker() -> Iterator[EmbeddedBroker]:
         yield running
 
 
+@pytest.fixture
+def own_broker() -> Iterator[EmbeddedBroker]:
+    """A broker of the test's own: for tests that count every record on a topic, or stop it."""
+    with EmbeddedBroker(free_port()) as running:
+        yield running
+
+
 def make_settings(tmp_path: Path, broker_port: int, **overrides) -> Settings:
     values = dict(
         broker="embedded",

@@ -76,13 +76,6 @@ async def test_archive_survives_broker_kill_and_continues_on_a_new_broker(tmp_pa
         assert verify_archive(session, settings.archive_dir).records == 500
 
 
-@pytest.fixture
-def own_broker():
-    """A broker of the test's own: these tests count every record on the topics."""
-    with EmbeddedBroker(free_port()) as broker:
-        yield broker
-
-
 def archived_ids(settings) -> list[str]:
     """Event ids of the archived user events, as often as each was archived."""
     engine = make_engine(settings.store_url)

@@ -15,16 +15,14 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import select
 
-from app.broker import EmbeddedBroker
 from streams.contract import BatchEmitted
 from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.store import Batch
 from streams.topics import CONTROL, DEAD_LETTER, EXAMPLES, IMPORTS
-from tests.conftest import archived_records, free_port, make_settings, start_stack, wait_until_archived
+from tests.conftest import archived_records, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
 from tests.integration.test_pipeline_live import PIPELINE_ENV, _checkpoints, post, start_worker, stop_worker, wait_for
 
@@ -92,12 +90,6 @@ def live_records(settings) -> int:
 
 def with_header(run: str):
     return lambda record: record.headers.get("feedloop-import-run") == run.encode()
-
-
-@pytest.fixture
-def own_broker():
-    with EmbeddedBroker(free_port()) as broker:
-        yield broker
 
 
 async def test_a_month_old_log_imported_during_live_traffic_joins_every_feedback(tmp_path, own_broker):

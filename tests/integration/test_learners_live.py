@@ -14,18 +14,16 @@ import subprocess
 
 import httpx
 import numpy as np
-import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import select
 
-from app.broker import EmbeddedBroker
 from streams.config import LearnerSettings
 from streams.store import RouterSnapshot, make_engine, make_sessionmaker
 from streams.contract import AdapterLoaded, Context, utcnow
 from learners.router import LinUCBRouter
 from streams.learning import route_features
 from streams.topics import CONTROL, REVIEW
-from tests.conftest import archived_records, free_port, make_settings, start_stack, wait_until_archived
+from tests.conftest import archived_records, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
 from tests.integration.test_pipeline_live import AUTH, at, start_worker, stop_worker, wait_for
 
@@ -41,12 +39,6 @@ LEARNERS = {"initial_arms": ["base", "chat-v1"], "ab_min_samples": 15, "review_b
 LEARNER_ENV = {f"FEEDLOOP_LEARNERS__{k.upper()}": json.dumps(v) for k, v in LEARNERS.items()}
 # Which adapter answers well where: code-v1 for code and math, chat-v1 for chat, base nowhere.
 GOOD = {("code-v1", "code"), ("code-v1", "math"), ("chat-v1", "chat")}
-
-
-@pytest.fixture
-def own_broker():
-    with EmbeddedBroker(free_port()) as broker:
-        yield broker
 
 
 def start_learner(settings) -> subprocess.Popen:

@@ -18,18 +18,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
-import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import func, select
 
-from app.broker import EmbeddedBroker
 from streams.checkpoint import decode
 from streams.live import STATE_FORMAT
 from streams.store import ArchiveSegment, Batch, StreamCheckpoint, make_engine, make_sessionmaker
 from streams.contract import DriftAlarm
 from streams.topics import CONTROL, EVENTS
 from streams.training_data import read_batch
-from tests.conftest import API_KEYS, free_port, make_settings, start_stack, wait_until_archived
+from tests.conftest import API_KEYS, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
 from tests.streams.pii_canaries import CANARIES
 
@@ -122,12 +120,6 @@ def replay_offline(settings, out_dir: Path) -> dict[str, str]:
     assert done.returncode == 0, done.stderr[-2000:]
     return {p.name: hashlib.sha256((p / "manifest.json").read_bytes()).hexdigest()
             for p in (out_dir / "batches").iterdir() if (p / "manifest.json").exists()}
-
-
-@pytest.fixture
-def own_broker():
-    with EmbeddedBroker(free_port()) as broker:
-        yield broker
 
 
 async def test_live_pipeline_outputs_and_replay_gives_identical_batches(tmp_path, own_broker):

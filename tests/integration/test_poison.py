@@ -8,30 +8,21 @@ that fits in one message, and the interaction becomes an example with its feedba
 to the gateway gets 4xx or 202-with-errors, never 5xx, each rejection dead-lettered.
 """
 
-import asyncio
 import base64
 import json
 import uuid
 
 import httpx
-import pytest
 
-from app.broker import EmbeddedBroker
 from streams import kafka
 from streams.intake import PRODUCER_MAX_REQUEST_BYTES, dead_letter_max_bytes
 from streams.topics import DEAD_LETTER, EVENTS, EXAMPLES
-from tests.conftest import API_KEYS, archived_records, free_port, make_settings, start_stack, wait_until_archived
+from tests.conftest import API_KEYS, archived_records, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
 from tests.integration.test_pipeline_live import at, start_worker, stop_worker
 from tests.poison import FAR_FUTURE, OVERSIZED, corpus
 
 AUTH = {"Authorization": f"Bearer {API_KEYS['app-a']}", "Content-Type": "application/json"}
-
-
-@pytest.fixture
-def own_broker():
-    with EmbeddedBroker(free_port()) as broker:
-        yield broker
 
 
 async def test_poison_on_the_events_topic_never_stops_the_worker(tmp_path, own_broker):

@@ -7,13 +7,13 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from app.broker import EmbeddedBroker, ensure_topics
+from app.broker import ensure_topics
 from demo.base_model import ToyChats, build_tiny_model
 from streams import kafka
 from streams.store import Adapter, Batch
 from streams.contract import BatchEmitted, utcnow
 from streams.topics import CONTROL, control_key
-from tests.conftest import free_port, make_settings
+from tests.conftest import make_settings
 from tests.trainer import batches
 from tests.trainer.test_recipe import FAST, rows
 from trainer.base_model import BaseModelConfig
@@ -94,12 +94,6 @@ def test_the_next_adapter_continues_from_the_newest_still_in_line_to_serve(sessi
 # is replaced by a new one in the same consumer group, which re-reads what was not committed.
 # Each test has a broker of its own: a new group reads the control topic from the start, and
 # other tests' batch_emitted events (of batches in their own directories) must not be in it.
-
-
-@pytest.fixture
-def own_broker():
-    with EmbeddedBroker(free_port()) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
