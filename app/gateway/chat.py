@@ -49,7 +49,7 @@ from app.gateway.http import read_limited
 from app.publisher import Publisher, PublishError
 from app.routing import RouteDecision, RoutingService
 from streams.contract import Context, Id, Interaction, utcnow
-from streams.intake import Accepted
+from streams.intake import Accepted, parse_json
 from trainer.adapter_validation import base_model_sha256
 from trainer.config import ServingSettings
 from trainer.serving import BASE_ALIAS, model_for, zero_delta_name
@@ -339,7 +339,7 @@ def chat_router(keys: ApiKeys, chat: ChatService, max_body_bytes: int) -> APIRou
         if too_large:
             return _openai_error(413, "body_too_large", f"request body exceeds {max_body_bytes} bytes")
         try:
-            ask = json.loads(body)
+            ask = parse_json(body)  # the events path's parser: nesting past its limit is refused, not recursed into
         except ValueError as exc:
             return _openai_error(422, "invalid_json", f"the body is not JSON: {exc}")
         if not isinstance(ask, dict):
