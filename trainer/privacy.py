@@ -42,7 +42,10 @@ class PrivacyBudgetExceeded(RuntimeError):
 
 
 def plan(examples: int, config: PrivacyConfig) -> tuple[float, int, float]:
-    """(epsilon, steps, sample rate) of a DP run over ``examples`` records."""
+    """(epsilon, steps, sample rate) of a DP run over ``examples`` records; over none, no
+    run: nothing is trained on, so nothing is spent (a batch of only pairs or labels)."""
+    if examples == 0:
+        return 0.0, 0, 0.0
     sample_rate = min(1.0, config.batch_size / examples)
     steps = max(1, math.ceil(config.epochs / sample_rate))
     accountant = RDPAccountant()

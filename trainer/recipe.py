@@ -85,7 +85,10 @@ def train_batch(
     """
     batch_dir, adapters_dir, base_model_dir = Path(batch_dir), Path(adapters_dir), Path(base_model_dir)
     # 0. The batch, verified against its manifest's checksums.
-    manifest, records = read_batch(batch_dir)
+    try:
+        manifest, records = read_batch(batch_dir)
+    except (OSError, ValueError) as exc:  # gone, or not what its manifest says (ValidationError is a ValueError)
+        raise registry.BatchNotTrainable(f"batch {batch_dir} cannot be read: {exc}") from exc
     batch_id = manifest.batch_id
     store = Registry(sessions, adapters_dir)
     with registry.exclusive(adapters_dir), _threads(config.num_threads):

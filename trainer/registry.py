@@ -35,6 +35,8 @@ from streams.training_data import BatchManifest
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 NAME = re.compile(r"^adapter-(\d{6})-[0-9a-f]{8}$")
 EMITTED, TRAINING, TRAINED, FAILED = "emitted", "training", "trained", "failed"  # Batch.status
+# A batch id as the curator makes them (<run>.batch-p<partition>-<n>): one path component, never "..".
+SAFE_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*")
 
 
 class BatchNotTrainable(RuntimeError):
@@ -115,6 +117,8 @@ class Registry:
     # --- staging ---------------------------------------------------------------------------
 
     def staging(self, batch_id: str) -> Path:
+        if not SAFE_BATCH_ID.fullmatch(batch_id):  # it names a directory that is emptied
+            raise BatchNotTrainable(f"batch id {batch_id!r} is not a plain name ({SAFE_BATCH_ID.pattern})")
         return self.dir / "_staging" / batch_id
 
     def start_attempt(self, batch_id: str) -> int:

@@ -79,7 +79,12 @@ class TrainerWorker:
     async def handle(self, event: BaseModel) -> list[AdapterReady]:
         if not isinstance(event, BatchEmitted):
             return []
-        batch_dir = self.data_dir / event.path
+        root = self.data_dir.resolve()
+        batch_dir = (root / event.path).resolve()  # an absolute path or ".." would leave it
+        if not batch_dir.is_relative_to(root):
+            log.error("trainer.batch_path_refused", batch_id=event.batch_id, path=event.path,
+                      hint="a batch_emitted path must lie inside the data directory; this batch is ignored")  # fmt: skip
+            return []
         try:
             result = await asyncio.to_thread(
                 train_batch, batch_dir, self.config, self.sessions,

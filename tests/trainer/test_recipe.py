@@ -219,5 +219,14 @@ def test_dp_run_adds_noise_reports_epsilon_and_the_budget_refuses_the_next_run(t
     assert {b.batch_id: b.status for b in rows(sessions, Batch)} == {"batch-dp-1": result_status(result)}
 
 
+def test_a_dp_batch_with_no_sft_records_trains_nothing_and_spends_nothing(trained_base, sessions, tmp_path):
+    adapters = tmp_path / "adapters"
+    config = FAST.model_copy(update={"privacy": PrivacyConfig(enabled=True, batch_size=16, epochs=1.0)})
+    only_pairs = batches.write(tmp_path, "batch-dp-0", batches.preference_records(seed=4, sft=0, pairs=8, labels=0))
+    result = train_batch(only_pairs, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
+    assert result.epsilon == 0.0
+    assert PrivacyLedger(adapters / LEDGER_FILE, config.privacy).spent() == 0.0
+    assert {b.batch_id for b in rows(sessions, Batch)} == {"batch-dp-0"}
+
 def result_status(result):
     return "trained" if result.status == "trained" else "failed"

@@ -244,3 +244,41 @@ async def test_a_trained_adapter_whose_announcement_was_lost_is_announced_on_res
     assert batch_status(sessions, emitted.batch_id) == "trained"
     assert sorted(p.name for p in settings.adapters_path.glob("adapter-*")) == [adapter.name]
     assert not (settings.adapters_path / "_staging" / emitted.batch_id).exists()
+
+
+def _never_trained(*args, **kwargs):
+    raise AssertionError("train_batch was called")
+
+
+@pytest.mark.parametrize("path", ["../elsewhere/batch-p0-000001", "/etc", "batches/../../elsewhere"])
+async def test_a_batch_path_that_leaves_the_data_directory_is_refused_untrained(sessions, tmp_path, monkeypatch,
+                                                                                caplog, path):  # fmt: skip
+    # Anyone who can write to the control topic could otherwise point the trainer anywhere.
+    settings = make_settings(tmp_path, 1)
+    monkeypatch.setattr("trainer.worker.train_batch", _never_trained)
+    emitted = BatchEmitted(event_id="b.emitted", occurred_at=utcnow(), source="test", batch_id="b", path=path,
+                           manifest_sha256="x" * 64, example_count=1, trigger="manual")  # fmt: skip
+    assert await new_worker(settings, sessions, "g").handle(emitted) == []
+    assert "trainer.batch_path_refused" in [r.msg["event"] for r in caplog.records if isinstance(r.msg, dict)]
+
+
+async def test_a_missing_or_corrupt_batch_is_not_trainable_and_the_worker_goes_on(sessions, tmp_path, caplog):
+    settings = make_settings(tmp_path, 1)
+    kept = batches.write(settings.data_dir / "batches", "batch-p0-000001", batches.sft_records(seed=3, count=4))
+    (kept / "sft.jsonl").write_text("tampered\n")
+    for i, path in enumerate(("batches/batch-p0-000001", "batches/never-written")):
+        emitted = BatchEmitted(event_id=f"b{i}.emitted", occurred_at=utcnow(), source="test", batch_id="b",
+                               path=path, manifest_sha256="x" * 64, example_count=1, trigger="manual")  # fmt: skip
+        assert await new_worker(settings, sessions, "g").handle(emitted) == []
+    events = [r.msg["event"] for r in caplog.records if isinstance(r.msg, dict)]
+    assert events.count("trainer.batch_not_trainable") == 2
+
+
+def test_a_batch_id_that_is_not_a_plain_name_never_names_a_staging_directory(sessions, tmp_path):
+    from trainer.registry import BatchNotTrainable, Registry
+
+    store = Registry(sessions, tmp_path / "adapters")
+    assert store.staging("run-1.batch-p0-000001").parent == tmp_path / "adapters" / "_staging"
+    for bad in ("../x", "a/../../b", "/abs", "..", "a/b"):
+        with pytest.raises(BatchNotTrainable, match="not a plain name"):
+            store.staging(bad)
