@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,13 +73,23 @@ class _Checkpointing:
     File and store writes (and the snapshot's compression) run in a thread, beside the agent;
     so do restores, which may rebuild a partition from the archive. A revocation waits for a
     checkpoint or a restore under way, so that a write never lands after the next owner of
-    the partition restored it, nor a restored state after its revocation."""
+    the partition restored it, nor a restored state after its revocation.
 
-    def __init__(self, live: LivePipeline, emitter: Emitter, publish: Callable[[CutBatch], BatchEmitted]) -> None:
+    The snapshot is the one step that holds the event loop, and its cost grows with the
+    state, not with the traffic: with large states a checkpoint every interval would spend a
+    fifth of the worker's time pickling. So after a snapshot that took ``t``, the next one
+    waits at least ``t * (1 / max_loop_share - 1)`` (Flink's minimum pause between
+    checkpoints, derived from the snapshot's own cost): snapshots take at most that share of
+    the loop, and the interval stretches only while states are large."""
+
+    def __init__(self, live: LivePipeline, emitter: Emitter, publish: Callable[[CutBatch], BatchEmitted],
+                 max_loop_share: float = 1.0) -> None:  # fmt: skip
         self.live = live
         self.emitter = emitter
         self.publish = publish
+        self.max_loop_share = max_loop_share
         self.unacked: Unacked[_Produced] = Unacked(live.checkpoints.consumer)
+        self._next_snapshot_at = 0.0  # time.monotonic()
 
     async def restore(self, partitions: set[int]) -> None:
         """Restore the partitions of a batch that this worker holds no state of yet."""
@@ -96,12 +107,16 @@ class _Checkpointing:
         self.unacked.add(stream, batch, produced)
 
     async def flush(self) -> None:
-        await self.unacked.flush(self._write)
+        if time.monotonic() >= self._next_snapshot_at:
+            await self.unacked.flush(self._write)
 
     async def _write(self, produced: list[_Produced]) -> None:
         # Nothing is committed unless all of it is: the next checkpoint retries all of it
         # (publishing is idempotent, consumers de-duplicate by id), so no later one can skip it.
+        started = time.monotonic()
         snapshots = self.live.snapshot(set().union(*(p.touched for p in produced)))  # before the first await
+        took = time.monotonic() - started
+        self._next_snapshot_at = started + took / self.max_loop_share
         cuts = [cut for p in produced for cut in p.cuts]
         emitted = await asyncio.to_thread(self._publish, cuts) if cuts else []
         await self.emitter.deliver([r for p in produced for r in p.records] + emitted_records(emitted))
@@ -133,6 +148,7 @@ def register_pipeline(
     sessions: sessionmaker,
     idle_tick_s: float,
     checkpoint_interval_s: float,
+    checkpoint_max_loop_share: float,
     partitions: int,
 ) -> None:
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
@@ -140,7 +156,7 @@ def register_pipeline(
     control = app.topic(CONTROL.name, **raw)
 
     publish = partial(publish_batch, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
-    checkpointing = _Checkpointing(live, Emitter(app.producer), publish)
+    checkpointing = _Checkpointing(live, Emitter(app.producer), publish, max_loop_share=checkpoint_max_loop_share)
 
     @app.agent(events, name="pipeline")
     async def pipeline(stream: faust.Stream) -> None:

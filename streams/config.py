@@ -28,6 +28,11 @@ class PipelineSettings(BaseModel):
     checkpoint_interval_s: float = Field(
         2, gt=0, description="How often the worker saves partition state; records are acknowledged after it."
     )
+    checkpoint_max_loop_share: float = Field(
+        0.05, gt=0, le=1,
+        description="At most this share of the worker's time goes to checkpoint snapshots: after one that took t, "
+        "the next waits at least t/share, so large states stretch checkpoint_interval_s.",
+    )  # fmt: skip
     batch_size: int = Field(256, ge=1, description="Cut a batch when this many new training records are buffered.")
     batch_max_wait_s: float = Field(3600, gt=0, description="... or when the oldest has waited this long (event time).")
     max_group_share: float = Field(0.5, gt=0, le=1, description="Largest share of one cohort/domain in a batch.")

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
@@ -60,8 +61,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 RECEIVED_AT_HEADER = "received_at"  # written by the gateway (app/publisher.py)
 
 
-@dataclass(frozen=True)
-class Received:
+class Received(NamedTuple):  # a tuple: one is made per record
     """When a record was received (by the gateway, else by the broker), and what says so."""
 
     at: datetime

@@ -8,6 +8,7 @@ writes it, and the store is a real (SQLite) one.
 
 import asyncio
 import json
+import time
 import zlib
 from datetime import datetime
 from functools import partial
@@ -243,6 +244,36 @@ async def test_a_failed_pipeline_checkpoint_keeps_its_records_and_the_next_one_c
     again = live_pipeline(sessions, tmp_path, pseudonyms).restore({0})[0]
     assert again.stats.counts == live.pipelines.partitions[0].stats.counts
 
+
+
+async def test_a_slow_snapshot_pauses_the_next_checkpoint_in_proportion(sessions, tmp_path, pseudonyms, monkeypatch):
+    stream = traffic()
+    live = live_pipeline(sessions, tmp_path, pseudonyms)
+    publish = partial(publish_batch, data_dir=tmp_path, batches_dir=tmp_path / "batches", sessions=sessions)
+    checkpointing = _Checkpointing(live, Emitter(Producer()), publish, max_loop_share=0.25)
+    events = [SimpleNamespace(message=SimpleNamespace(partition=p, offset=o, value=v, headers=[], timestamp=None))
+              for _, p, o, v in stream]  # fmt: skip
+    agent = Stream()
+    snapshot = live.snapshot
+
+    def slow_snapshot(partitions):
+        time.sleep(0.2)  # a large state: the snapshot holds the loop 0.2 s
+        return snapshot(partitions)
+
+    monkeypatch.setattr(live, "snapshot", slow_snapshot)
+    checkpointing.handle(agent, events[:40])
+    await checkpointing.flush()
+    assert agent.acked == events[:40]
+    checkpointing.handle(agent, events[40:])
+    paused_from = time.monotonic()
+    await checkpointing.flush()  # at once: within the pause of at least 0.6 s a 0.2 s snapshot asks for
+    assert agent.acked == events[:40], "no snapshot before the pause is over"
+    while agent.acked != events and time.monotonic() - paused_from < 10:  # the timer, every 50 ms
+        await asyncio.sleep(0.05)
+        await checkpointing.flush()
+    assert agent.acked == events
+    assert time.monotonic() - paused_from >= 0.55, "the pause is at least 3 times the snapshot (share 0.25)"
+    assert row(sessions, "pipeline", 0).offset == len(stream) - 1
 
 # --- the learner ----------------------------------------------------------------------------------
 
