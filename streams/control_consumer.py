@@ -3,7 +3,7 @@
 The trainer (``feedloop train``) and the hot-swap controller (``feedloop swap``) both read
 ``feedloop.control.v1`` in their own consumer group. For each record: decode it (records
 that are not control events are skipped), ``await handle(event)``, publish the control
-events it returns (acks=all), and only then commit the offset: a crash re-reads the record,
+events it returns (and the dead letters of what it refused; acks=all), and only then commit the offset: a crash re-reads the record,
 and handlers are idempotent (stable event ids, registry states). ``tick`` runs between polls
 for work driven by time (drains, replica retries).
 """
@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable, Sequence
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from streams.contract import CONTROL_EVENT_ADAPTER
+from streams.contract import CONTROL_EVENT_ADAPTER, DeadLetter
 from streams import kafka
 from streams.kafka import KafkaSettings
-from streams.topics import CONTROL, control_key
+from streams.topics import CONTROL, DEAD_LETTER, control_key, dead_letter_key
 
 log = structlog.get_logger(__name__)
 
@@ -50,8 +50,13 @@ class ControlConsumer:
         self.producer = kafka.producer(kafka_settings)
 
     async def publish(self, events: Sequence[BaseModel]) -> None:
+        """Control events onto the control topic; dead letters (a record refused) onto theirs."""
         for event in events:
-            await self.producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=control_key(event))
+            if isinstance(event, DeadLetter):
+                topic, key = DEAD_LETTER.name, dead_letter_key(event)
+            else:
+                topic, key = CONTROL.name, control_key(event)
+            await self.producer.send_and_wait(topic, event.model_dump_json().encode(), key=key)
 
     async def run(self) -> None:
         await self.consumer.start()

@@ -25,8 +25,9 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from streams.contract import AdapterReady, AdapterState, BatchEmitted
+from streams.contract import AdapterReady, AdapterState, BatchEmitted, DeadLetter, utcnow
 from streams.control_consumer import ControlConsumer
+from streams.intake import dead_letter
 from streams.kafka import KafkaSettings
 from streams.store import Adapter
 from trainer.config import TrainerConfig
@@ -63,28 +64,36 @@ def parent_for_next(sessions: sessionmaker) -> str | None:
 class TrainerWorker:
     """Trains what the control topic announces.
 
-    ``data_dir`` is what a ``batch_emitted`` event's path is relative to; ``base_model_dir``
-    and ``adapters_dir`` are where the base model is read and adapters are written; ``suites``
-    are the gate's evaluation suites (``trainer.gate.load_suites(config.gate.suites)``)."""
+    ``data_dir`` is what a ``batch_emitted`` event's path is relative to, and the batch must
+    lie in ``batches_dir`` (default ``data_dir/batches``): anyone who can write to the control
+    topic could otherwise point the trainer at any directory, so a path that leaves it is
+    refused with a dead letter. ``base_model_dir`` and ``adapters_dir`` are where the base
+    model is read and adapters are written; ``suites`` are the gate's evaluation suites
+    (``trainer.gate.load_suites(config.gate.suites)``)."""
 
     def __init__(self, config: TrainerConfig, kafka: KafkaSettings, sessions: sessionmaker, *, data_dir: Path,
-                 base_model_dir: Path, adapters_dir: Path, suites: Sequence[EvalSuite] = (),
-                 group: str = GROUP) -> None:  # fmt: skip
+                 base_model_dir: Path, adapters_dir: Path, batches_dir: Path | None = None,
+                 suites: Sequence[EvalSuite] = (), group: str = GROUP) -> None:  # fmt: skip
         self.config = config
         self.sessions = sessions
         self.suites = tuple(suites)
         self.data_dir, self.base_model_dir, self.adapters_dir = data_dir, base_model_dir, adapters_dir
+        self.batches_dir = batches_dir or data_dir / "batches"
         self.consumer = ControlConsumer(kafka, group, self.handle, max_poll_interval_s=MAX_TRAINING_S)
 
-    async def handle(self, event: BaseModel) -> list[AdapterReady]:
+    async def handle(self, event: BaseModel) -> list[AdapterReady | DeadLetter]:
         if not isinstance(event, BatchEmitted):
             return []
-        root = self.data_dir.resolve()
-        batch_dir = (root / event.path).resolve()  # an absolute path or ".." would leave it
-        if not batch_dir.is_relative_to(root):
+        batch_dir = (self.data_dir / event.path).resolve()  # an absolute path or ".." would leave it
+        if not batch_dir.is_relative_to(self.batches_dir.resolve()) or batch_dir == self.batches_dir.resolve():
+            detail = (f"batch {event.batch_id}: path {event.path!r} is not a batch directory under "
+                      f"{self.batches_dir}; the trainer reads batches only there")  # fmt: skip
             log.error("trainer.batch_path_refused", batch_id=event.batch_id, path=event.path,
-                      hint="a batch_emitted path must lie inside the data directory; this batch is ignored")  # fmt: skip
-            return []
+                      hint="dead-lettered and skipped; batch_emitted events come from the curator, check who else "
+                           "writes to the control topic")  # fmt: skip
+            return [dead_letter(reason="batch_path_refused", detail=detail, raw=event.model_dump_json().encode(),
+                                received_at=utcnow(), stage="trainer", max_raw_bytes=64 * 1024,
+                                event_id=event.event_id, dead_letter_id=f"trainer-{event.event_id}")]  # fmt: skip
         try:
             result = await asyncio.to_thread(
                 train_batch, batch_dir, self.config, self.sessions,

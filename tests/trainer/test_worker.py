@@ -11,8 +11,8 @@ from app.broker import ensure_topics
 from demo.base_model import ToyChats, build_tiny_model
 from streams import kafka
 from streams.store import Adapter, Batch
-from streams.contract import BatchEmitted, utcnow
-from streams.topics import CONTROL, control_key
+from streams.contract import BatchEmitted, DeadLetter, utcnow
+from streams.topics import CONTROL, DEAD_LETTER, control_key
 from tests.conftest import make_settings
 from tests.trainer import batches
 from tests.trainer.test_recipe import FAST, rows
@@ -250,16 +250,49 @@ def _never_trained(*args, **kwargs):
     raise AssertionError("train_batch was called")
 
 
-@pytest.mark.parametrize("path", ["../elsewhere/batch-p0-000001", "/etc", "batches/../../elsewhere"])
-async def test_a_batch_path_that_leaves_the_data_directory_is_refused_untrained(sessions, tmp_path, monkeypatch,
-                                                                                caplog, path):  # fmt: skip
+@pytest.mark.parametrize("path", ["../elsewhere/batch-p0-000001", "/etc", "batches/../../elsewhere", "models/base",
+                                  "batches", "batches/../keys"])
+async def test_a_batch_path_outside_the_batches_directory_is_dead_lettered_untrained(sessions, tmp_path, monkeypatch,
+                                                                                     path):  # fmt: skip
     # Anyone who can write to the control topic could otherwise point the trainer anywhere.
     settings = make_settings(tmp_path, 1)
     monkeypatch.setattr("trainer.worker.train_batch", _never_trained)
     emitted = BatchEmitted(event_id="b.emitted", occurred_at=utcnow(), source="test", batch_id="b", path=path,
                            manifest_sha256="x" * 64, example_count=1, trigger="manual")  # fmt: skip
-    assert await new_worker(settings, sessions, "g").handle(emitted) == []
-    assert "trainer.batch_path_refused" in [r.msg["event"] for r in caplog.records if isinstance(r.msg, dict)]
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
+                           base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+                           batches_dir=settings.batches_dir)  # fmt: skip
+    (refused,) = await worker.handle(emitted)
+    assert isinstance(refused, DeadLetter) and refused.reason == "batch_path_refused" and refused.stage == "trainer"
+    assert refused.event_id == "b.emitted" and path in refused.detail
+
+
+async def test_the_trainer_publishes_its_dead_letters_on_the_dead_letter_topic(sessions, tmp_path, own_broker):
+    settings = make_settings(tmp_path, own_broker.port)
+    await ensure_topics(settings)
+    emitted = BatchEmitted(event_id="b.emitted", occurred_at=utcnow(), source="test", batch_id="b", path="/etc",
+                           manifest_sha256="x" * 64, example_count=1, trigger="manual")  # fmt: skip
+    producer = kafka.producer(settings.kafka)
+    await producer.start()
+    try:
+        await producer.send_and_wait(CONTROL.name, emitted.model_dump_json().encode(), key=control_key(emitted))
+    finally:
+        await producer.stop()
+    consumer = kafka.consumer(settings.kafka, DEAD_LETTER.name, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    found: list[DeadLetter] = []
+    try:
+        worker = new_worker(settings, sessions, f"trainer-{uuid.uuid4().hex[:8]}")
+        task = asyncio.create_task(worker.run())
+        deadline = asyncio.get_running_loop().time() + 60
+        while not found and asyncio.get_running_loop().time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                found += [DeadLetter.model_validate_json(r.value) for r in records]
+        worker.stop()
+        await asyncio.wait([task], timeout=30)
+    finally:
+        await consumer.stop()
+    assert [(d.reason, d.event_id) for d in found] == [("batch_path_refused", "b.emitted")]
 
 
 async def test_a_missing_or_corrupt_batch_is_not_trainable_and_the_worker_goes_on(sessions, tmp_path, caplog):
