@@ -10,12 +10,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
-from streams.kafka import KafkaSettings
+from streams.kafka import KafkaSecurity, KafkaSettings
 from trainer.config import ServingSettings, TrainerConfig
 
 KIB = 1024
@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     broker_session_timeout_s: float = Field(
         6.0, description="Consumer-group session timeout; Tansu holds each JoinGroup for half of it."
     )
+    kafka_security: KafkaSecurity = Field(
+        default_factory=KafkaSecurity, validation_alias=AliasChoices("kafka_security", "feedloop_kafka"),
+        description="TLS and SASL for every Kafka client, FEEDLOOP_KAFKA__*; see docs/deployment.md.",
+    )  # fmt: skip
 
     # --- storage ----------------------------------------------------------------------------
     data_dir: Path = Field(
@@ -135,7 +139,8 @@ class Settings(BaseSettings):
     @cached_property
     def kafka(self) -> KafkaSettings:
         """What every Kafka client is built from (``streams.kafka``)."""
-        return KafkaSettings(bootstrap_servers=self.bootstrap_servers, session_timeout_s=self.broker_session_timeout_s)
+        return KafkaSettings(bootstrap_servers=self.bootstrap_servers, session_timeout_s=self.broker_session_timeout_s,
+                             security=self.kafka_security)  # fmt: skip
 
     @property
     def uses_embedded_broker(self) -> bool:

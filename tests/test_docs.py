@@ -15,12 +15,20 @@ from streams.topics import ALL_TOPICS
 DOCS = Path(__file__).parents[1] / "docs"
 
 
+def variable_of(prefix: str, name: str, field) -> str:
+    """A field's environment variable: FEEDLOOP_<NAME>, nested groups joined by '__', or the
+    FEEDLOOP_ alias a top-level field names instead (FEEDLOOP_KAFKA for kafka_security)."""
+    if prefix == "FEEDLOOP":
+        aliases = getattr(field.validation_alias, "choices", ())
+        return next((a.upper() for a in aliases if str(a).startswith("feedloop_")), f"FEEDLOOP_{name.upper()}")
+    return f"{prefix}__{name.upper()}"
+
+
 def variables(model: type[BaseModel], prefix: str = "FEEDLOOP") -> list[str]:
     """Every environment variable a settings model reads, nested groups joined by '__'."""
     names = []
     for name, field in model.model_fields.items():
-        separator = "_" if prefix == "FEEDLOOP" else "__"
-        variable = f"{prefix}{separator}{name.upper()}"
+        variable = variable_of(prefix, name, field)
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             names += variables(field.annotation, variable)
         else:
@@ -33,9 +41,8 @@ def defaults(model: BaseModel, prefix: str = "FEEDLOOP") -> dict[str, object]:
     group's defaults are those of the instance its parent builds (DPO's learning rate is not
     StageConfig's)."""
     out = {}
-    for name in type(model).model_fields:
-        separator = "_" if prefix == "FEEDLOOP" else "__"
-        variable = f"{prefix}{separator}{name.upper()}"
+    for name, field in type(model).model_fields.items():
+        variable = variable_of(prefix, name, field)
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             out |= defaults(value, variable)

@@ -55,3 +55,17 @@ def test_the_check_sees_a_lazy_upward_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from app.settings import Settings\n    import demo.driver\n")
     assert imported_packages(module) == [(2, "app"), (3, "demo")]
+
+
+def test_only_the_client_factory_builds_kafka_clients() -> None:
+    # A client built elsewhere would miss the TLS and SASL settings (streams/kafka.py).
+    clients = {"AIOKafkaProducer", "AIOKafkaConsumer", "AIOKafkaAdminClient"}
+    factory = ROOT / "streams" / "kafka.py"
+    builders = []
+    for package in ("learners", "streams", "trainer", "app", "demo", "migrations"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                name = getattr(getattr(node, "func", None), "id", None) or getattr(getattr(node, "func", None), "attr", None)
+                if isinstance(node, ast.Call) and name in clients and path != factory:
+                    builders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert builders == [], f"build these with streams.kafka.producer/consumer/admin: {builders}"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
 from datetime import datetime, timezone
 
 import pytest
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+from pydantic import ValidationError
 
 from streams import kafka
 from streams.contract import AdapterPromoted, BatchEmitted, DriftAlarm
-from streams.kafka import KafkaSettings
+from streams.kafka import KafkaSecurity, KafkaSettings
 from streams.topics import control_key
 
 AT = datetime(2026, 12, 1, tzinfo=timezone.utc)
@@ -84,3 +87,55 @@ def test_control_events_are_keyed_by_their_subject() -> None:
     alarm = DriftAlarm(event_id="drift-0001", occurred_at=AT, source="t", signal="reward:base", detector="adwin",
                        detected_at=AT, details={})  # fmt: skip
     assert [control_key(e) for e in (promoted, emitted, alarm)] == [b"ad-3", b"b-1", b"reward:base"]
+
+
+SASL_SSL = KafkaSecurity(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="feedloop",
+                         sasl_password="s3cret")  # fmt: skip
+
+
+def test_every_client_and_faust_talk_sasl_over_tls_with_the_same_credentials(built) -> None:
+    secured = SETTINGS.model_copy(update={"security": SASL_SSL})
+    kafka.producer(secured)
+    kafka.consumer(secured, "topic-a", group_id="g")
+    kafka.admin(secured)
+    faust_options = credentials_to_aiokafka_auth(kafka.faust_broker_options(secured)["broker_credentials"])
+    for options in [o for _, _, o in built] + [faust_options]:
+        assert options["security_protocol"] == "SASL_SSL"
+        assert (options["sasl_mechanism"], options["sasl_plain_username"]) == ("SCRAM-SHA-512", "feedloop")
+        assert options["sasl_plain_password"] == "s3cret"
+        assert options["ssl_context"] is SASL_SSL.ssl_context and options["ssl_context"].check_hostname
+
+
+def test_tls_without_sasl_and_the_plaintext_default() -> None:
+    tls = SETTINGS.model_copy(update={"security": KafkaSecurity(security_protocol="SSL")})
+    assert kafka.connection_options(tls)["ssl_context"].verify_mode == ssl.CERT_REQUIRED
+    assert "sasl_mechanism" not in kafka.connection_options(tls)
+    assert credentials_to_aiokafka_auth(kafka.faust_broker_options(tls)["broker_credentials"])["security_protocol"] == "SSL"
+    assert kafka.connection_options(SETTINGS) == {"bootstrap_servers": "k1:9092,k2:9092", "security_protocol": "PLAINTEXT"}
+    assert kafka.faust_broker_options(SETTINGS)["broker_credentials"] is None
+
+
+def test_secrets_come_from_files_and_a_missing_piece_says_what_to_set(tmp_path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("from-a-file\n")
+    security = KafkaSecurity(security_protocol="SASL_PLAINTEXT", sasl_username="u", sasl_password_file=secret)
+    assert security.sasl_password.get_secret_value() == "from-a-file"
+    with pytest.raises(ValidationError, match="not both"):
+        KafkaSecurity(security_protocol="SASL_PLAINTEXT", sasl_username="u", sasl_password="x", sasl_password_file=secret)
+    with pytest.raises(ValidationError, match="FEEDLOOP_KAFKA__SASL_PASSWORD"):
+        KafkaSecurity(security_protocol="SASL_SSL", sasl_username="u")
+    with pytest.raises(ValidationError, match="No such file"):
+        KafkaSecurity(security_protocol="SASL_SSL", sasl_username="u", sasl_password_file=tmp_path / "absent")
+    with pytest.raises(ValidationError, match="SSL_KEYFILE"):
+        KafkaSecurity(security_protocol="SSL", ssl_certfile=secret)
+
+
+def test_settings_read_the_security_from_feedloop_kafka_variables(monkeypatch, tmp_path) -> None:
+    from app.settings import Settings
+
+    for name, value in {"SECURITY_PROTOCOL": "SASL_SSL", "SASL_MECHANISM": "SCRAM-SHA-256", "SASL_USERNAME": "app",
+                        "SASL_PASSWORD": "pw"}.items():  # fmt: skip
+        monkeypatch.setenv(f"FEEDLOOP_KAFKA__{name}", value)
+    settings = Settings(data_dir=tmp_path)
+    assert settings.kafka.security.sasl_mechanism == "SCRAM-SHA-256"
+    assert kafka.connection_options(settings.kafka)["sasl_plain_password"] == "pw"
