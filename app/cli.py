@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -34,7 +35,19 @@ def main(ctx: click.Context) -> None:
     except Exception as exc:  # pydantic's message names the bad variable
         raise click.ClickException(f"invalid configuration: {exc}") from exc
     configure_logging(settings.log_level, settings.log_format)
+    if settings.private_files:
+        keep_files_private(settings.data_dir)
     ctx.obj = settings
+
+
+def keep_files_private(data_dir: Path) -> None:
+    """Files this process creates are its user's alone (0600, directories 0700), and so is
+    the data dir: it holds prompts, keys and checkpoints. Adapters are the exception the
+    registry makes (0644/0755, for a vLLM running as another user; keep FEEDLOOP_ADAPTER_DIR
+    outside the data dir then, as docker/compose.yaml does)."""
+    os.umask(0o077)
+    if data_dir.is_dir():
+        data_dir.chmod(0o700)
 
 
 def _serve_until_signal(build) -> None:

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path("data"), validate_default=True, description="Archive, batches, models and keys live here."
     )
+    private_files: bool = Field(
+        True,
+        description="Every feedloop process creates its files 0600 and directories 0700 (umask 077), and the "
+        "data dir is made 0700: it holds user text and keys. Adapters stay readable (vLLM may run as another user).",
+    )
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL of the store. Default: a SQLite file in data_dir. "

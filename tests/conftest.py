@@ -32,6 +32,16 @@ API_KEYS = {"app-a": "key-a-0123456789", "app-b": "key-b-0123456789"}
 configure_logging("warning", "console")
 
 
+@pytest.fixture(autouse=True)
+def _umask() -> Iterator[None]:
+    """The CLI sets umask 077 (FEEDLOOP_PRIVATE_FILES); a command invoked in-process must not
+    carry it into the tests that follow."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[EmbeddedBroker]:
     """One embedded broker for the session; tests that kill a broker start their own."""

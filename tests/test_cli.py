@@ -1,8 +1,13 @@
 """The `feedloop` command line, run as a user runs it."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import migrations
@@ -34,3 +39,15 @@ def test_invalid_configuration_is_a_clear_error(monkeypatch):
     result = CliRunner().invoke(main, ["db", "current"])
     assert result.exit_code != 0
     assert "invalid configuration" in result.output and "kafka://host:port" in result.output
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_a_process_keeps_the_data_dir_and_its_files_private(tmp_path, private):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    env = {**os.environ, "FEEDLOOP_DATA_DIR": str(data), "FEEDLOOP_PRIVATE_FILES": str(private).lower()}
+    env.pop("FEEDLOOP_DATABASE_URL", None)
+    subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, check=True, capture_output=True,
+                   umask=0o022)  # fmt: skip
+    modes = (stat.S_IMODE(data.stat().st_mode), stat.S_IMODE((data / "feedloop.db").stat().st_mode))
+    assert modes == ((0o700, 0o600) if private else (0o755, 0o644))
