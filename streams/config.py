@@ -80,6 +80,11 @@ class LearnerSettings(BaseModel):
         2000, ge=1, description="A/B test: rewards per variant after which a test with no verdict ends; the champion stays."
     )
     review_budget_per_hour: int = Field(20, ge=0, description="Most examples sent to human review per hour (event time).")
+    example_memory: int = Field(
+        20_000, ge=1,
+        description="Example ids the learner remembers, so an example the pipeline emits again (after a failed "
+        "checkpoint) is not learned, nor counted in an A/B test, twice.",
+    )  # fmt: skip
     checkpoint_interval_s: float = Field(
         1.0, gt=0, description="How often the learner saves its state and publishes a router snapshot."
     )

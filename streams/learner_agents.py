@@ -56,7 +56,8 @@ STATE_ROW = 0
 # The format of the pickled LearnerState: bump it when a class in it moves or changes
 # meaning, and the next start rebuilds the state from the archive.
 # 2: the adapter lifecycle moved into streams.lifecycle.AdapterLifecycle (LearnerState.lifecycle).
-STATE_FORMAT = 2
+# 3: LearnerState.seen_examples, the example ids it de-duplicates by.
+STATE_FORMAT = 3
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,10 @@ class LearnerState:
         self.version = 0
         self.examples = 0
         self.positions: dict[tuple[str, int], int] = {}
+        # The last example_memory example ids, oldest first (a dict: an ordered set). Offsets
+        # alone miss an example emitted again at a new offset, which the pipeline does when a
+        # checkpoint fails after its outputs went out.
+        self.seen_examples: dict[str, None] = {}
 
     # --- records as they come off the topics -------------------------------------------------
 
@@ -152,6 +156,13 @@ class LearnerState:
                       error=str(error)[:500])  # fmt: skip
             return LearnerOutputs()
         if isinstance(record, AnnotatedExample):
+            if record.example_id in self.seen_examples:
+                log.info("learners.duplicate_example", example_id=record.example_id, topic=topic, partition=partition,
+                         offset=offset)  # fmt: skip
+                return LearnerOutputs()
+            self.seen_examples[record.example_id] = None
+            if len(self.seen_examples) > self.config.example_memory:
+                del self.seen_examples[next(iter(self.seen_examples))]
             return self.learn_one(record)
         self.apply_control(record)
         return LearnerOutputs()

@@ -149,6 +149,25 @@ def test_a_restored_checkpoint_goes_on_as_if_never_stopped_and_skips_redelivered
     assert after.examples == sum(1 for r in stream if r[0] == EXAMPLES.name)
 
 
+def test_an_example_emitted_again_at_a_new_offset_is_learned_once(environment):
+    # The pipeline emits a window's examples again when a checkpoint failed after they went out.
+    stream = records(environment)
+    once = LearnerState(CONFIG)
+    expected = run(once, stream)
+    examples = [r for r in stream if r[0] == EXAMPLES.name]
+    offsets: dict[int, int] = {}
+    for topic, partition, offset, _ in stream:
+        offsets[partition] = max(offsets.get(partition, -1), offset) if topic == EXAMPLES.name else offsets.get(partition, -1)
+    again = [(topic, partition, offsets[partition] + 1 + i, value)
+             for i, (topic, partition, _, value) in enumerate(examples[100:160])]  # fmt: skip
+    twice = LearnerState(CONFIG)
+    assert run(twice, stream + again) == expected
+    assert twice.snapshot() == once.snapshot() and twice.examples == once.examples
+    # Memory is bounded: with room for 10 ids, the oldest re-emitted ones are learned again.
+    forgetful = LearnerState(CONFIG.model_copy(update={"example_memory": 10}))
+    run(forgetful, stream + again)
+    assert len(forgetful.seen_examples) == 10 and forgetful.examples == once.examples + len(again)
+
 def test_the_router_learns_which_adapter_suits_which_context(environment):
     # No verdict (all arms stay) and no canary cap (it would hide what the router learned).
     state = LearnerState(CONFIG.model_copy(update={"ab_min_samples": 10_000, "ab_max_samples": None, "canary_share": 1.0}))
