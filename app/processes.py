@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 from pydantic import SecretStr
 
-from app.settings import Settings
+from app.settings import Settings, env_name
 
 log = structlog.get_logger(__name__)
 
@@ -39,14 +39,14 @@ def _plain(value):
 def settings_env(settings: Settings) -> dict[str, str]:
     """FEEDLOOP_* variables that rebuild ``settings`` in another process."""
     env = {}
-    for name in type(settings).model_fields:
+    for name, field in type(settings).model_fields.items():
         value = getattr(settings, name)
         if value is None:
             continue
         if hasattr(value, "model_dump"):
-            value = value.model_dump(mode="json")
+            value = value.model_dump()  # not mode="json": that would mask the secrets
         value = _plain(value)
-        env[f"FEEDLOOP_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        env[env_name(name, field)] = value if isinstance(value, str) else json.dumps(value)
     return env
 
 

@@ -22,6 +22,13 @@ KIB = 1024
 MIB = 1024 * KIB
 
 
+def env_name(name: str, field) -> str:
+    """The environment variable of a top-level setting: ``FEEDLOOP_<NAME>``, or the
+    ``FEEDLOOP_`` alias the field names instead (``FEEDLOOP_KAFKA`` for ``kafka_security``)."""
+    aliases = getattr(field.validation_alias, "choices", ())
+    return next((str(a).upper() for a in aliases if str(a).startswith("feedloop_")), f"FEEDLOOP_{name.upper()}")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FEEDLOOP_", env_file=".env", extra="ignore", env_nested_delimiter="__"

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 def _secret_from_file(value: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:
-    """A secret given as itself or as a file holding it (Docker and Kubernetes secrets)."""
+    """A secret given as itself or as a file holding it (Docker and Kubernetes secrets). Once
+    read, only the secret is kept: a child process gets it as such (app.processes)."""
     if path is None:
         return value
     if value is not None:
@@ -65,6 +66,8 @@ class KafkaSecurity(BaseModel):
                            _secret_from_file(self.sasl_password, self.sasl_password_file, "sasl_password"))  # fmt: skip
         object.__setattr__(self, "ssl_key_password",
                            _secret_from_file(self.ssl_key_password, self.ssl_key_password_file, "ssl_key_password"))  # fmt: skip
+        object.__setattr__(self, "sasl_password_file", None)
+        object.__setattr__(self, "ssl_key_password_file", None)
         if self.uses_sasl and (not self.sasl_username or self.sasl_password is None):
             raise ValueError(f"security_protocol {self.security_protocol} needs FEEDLOOP_KAFKA__SASL_USERNAME and "
                              "FEEDLOOP_KAFKA__SASL_PASSWORD (or FEEDLOOP_KAFKA__SASL_PASSWORD_FILE)")  # fmt: skip

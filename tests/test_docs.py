@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, SecretStr
 
-from app.settings import Settings
+from app.settings import Settings, env_name
 from streams.contract import ControlEvent
 from streams.topics import ALL_TOPICS
 
@@ -16,12 +16,8 @@ DOCS = Path(__file__).parents[1] / "docs"
 
 
 def variable_of(prefix: str, name: str, field) -> str:
-    """A field's environment variable: FEEDLOOP_<NAME>, nested groups joined by '__', or the
-    FEEDLOOP_ alias a top-level field names instead (FEEDLOOP_KAFKA for kafka_security)."""
-    if prefix == "FEEDLOOP":
-        aliases = getattr(field.validation_alias, "choices", ())
-        return next((a.upper() for a in aliases if str(a).startswith("feedloop_")), f"FEEDLOOP_{name.upper()}")
-    return f"{prefix}__{name.upper()}"
+    """A field's environment variable (nested groups joined by '__')."""
+    return env_name(name, field) if prefix == "FEEDLOOP" else f"{prefix}__{name.upper()}"
 
 
 def variables(model: type[BaseModel], prefix: str = "FEEDLOOP") -> list[str]:

@@ -8,20 +8,29 @@ from pydantic import SecretStr
 
 from app.processes import Child, settings_env
 from app.settings import Settings
+from streams.kafka import KafkaSecurity
 from streams.config import LearnerSettings
 from trainer.config import ServingSettings
 from tests.conftest import free_port
 
 
 def test_settings_survive_the_trip_through_the_environment(tmp_path):
+    password = tmp_path / "kafka-password"
+    password.write_text("from-a-secret-file\n")
+    kafka = KafkaSecurity(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="feedloop",
+                          sasl_password_file=password)  # fmt: skip
     settings = Settings(data_dir=tmp_path, api_keys={"app": SecretStr("s3cret")}, vllm_urls=["http://h:1", "http://h:2"],
-                        serving=ServingSettings(drain_s=3), learners=LearnerSettings(canary_share=0.4))  # fmt: skip
+                        serving=ServingSettings(drain_s=3), learners=LearnerSettings(canary_share=0.4),
+                        kafka_security=kafka)  # fmt: skip
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("FEEDLOOP_")}
-    code = "from app.settings import Settings; print(Settings().model_dump_json())"
+    code = ("from app.settings import Settings; s = Settings(); print(s.kafka.security.sasl_password.get_secret_value()); "
+            "print(s.model_dump_json())")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], env={**env, **settings_env(settings)}, cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-    rebuilt = Settings.model_validate_json(out.strip().splitlines()[-1])
-    assert rebuilt.model_dump(exclude={"api_keys"}) == settings.model_dump(exclude={"api_keys"})
+    secret, dumped = out.strip().splitlines()[-2:]
+    rebuilt = Settings.model_validate_json(dumped)
+    assert rebuilt.model_dump(exclude={"api_keys", "kafka_security"}) == settings.model_dump(exclude={"api_keys", "kafka_security"})
+    assert rebuilt.kafka_security.sasl_mechanism == "SCRAM-SHA-512" and secret == "from-a-secret-file"
     assert settings_env(settings)["FEEDLOOP_API_KEYS"] == '{"app": "s3cret"}', "secrets travel in clear, to children only"
 
 
