@@ -210,6 +210,15 @@ def issues_of(error: ValidationError) -> tuple[ValidationIssue, ...]:
     )
 
 
+def why_invalid(error: ValidationError, raw: bytes) -> tuple[str, str, tuple[ValidationIssue, ...]]:
+    """Reason, detail and issues of a record that failed validation; nesting past the limit
+    is named as such (pydantic's parser only says it recursed too deep)."""
+    if depth := excess_depth(raw):
+        return "too_deeply_nested", too_deeply_nested_detail(depth), ()
+    reason, detail = classify_error(error)
+    return reason, detail, issues_of(error)
+
+
 def classify_error(error: ValidationError) -> tuple[str, str]:
     """Reason code and a one-line, actionable message (at most ``DETAIL_MAX_CHARS``)."""
     reason, detail = _classify(error)

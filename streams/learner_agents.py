@@ -2,8 +2,10 @@
 
 - ``learners``: annotated examples and control events -> :class:`~streams.learning.LearnerState`
   -> drift alarms and A/B verdicts on ``feedloop.control.v1``, review requests on
-  ``feedloop.review.v1``. Records are acknowledged only after a checkpoint covers them.
-- ``checkpoint``: a timer that saves the state to the store and, when the router changed,
+  ``feedloop.review.v1``, a dead letter for an input record it cannot read. Records are
+  acknowledged only after a checkpoint covers them.
+- ``checkpoint``: a timer that waits until the broker confirmed those outputs, then saves
+  the state to the store and, when the router changed,
   publishes a router snapshot there for the gateway (``app.routing``), by the protocol of
   :mod:`streams.checkpoint` (shared with the pipeline: a failed checkpoint is retried at
   the next interval; one that cannot be read is rebuilt from the archive).
@@ -45,7 +47,7 @@ from streams.config import LearnerSettings
 from streams.store import RouterSnapshot
 from streams.learning import LearnerOutputs, LearnerState
 from streams.learning import RouterSnapshot as Snapshot
-from streams.topics import CONTROL, EXAMPLES, REVIEW, control_key
+from streams.topics import CONTROL, DEAD_LETTER, EXAMPLES, REVIEW, control_key, dead_letter_key
 
 log = structlog.get_logger(__name__)
 
@@ -89,8 +91,9 @@ class LiveLearner:
         self._handled = self._saved = 0  # records handled; as of the last checkpoint written
         self._published: int | None = None  # so a (re)started learner publishes what it holds
 
-    def handle(self, topic: str, partition: int, offset: int, value: bytes) -> LearnerOutputs | None:
-        outputs = self.state.handle(topic, partition, offset, value)
+    def handle(self, topic: str, partition: int, offset: int, value: bytes | None,
+               timestamp_s: float | None = None) -> LearnerOutputs | None:  # fmt: skip
+        outputs = self.state.handle(topic, partition, offset, value, timestamp_s)
         self._handled += outputs is not None
         return outputs
 
@@ -135,7 +138,7 @@ def _rebuild(config: LearnerSettings) -> Rebuild[LearnerState]:
     """The learner state folded from the archived examples and control events."""
 
     def fold(state: LearnerState, record: ArchivedRecord) -> None:
-        state.handle(record.topic, record.partition, record.offset, record.value or b"")
+        state.handle(record.topic, record.partition, record.offset, record.value, record.timestamp_ms / 1000)
 
     def place(state: LearnerState, positions: dict[Position, int]) -> None:
         state.positions.clear()
@@ -151,21 +154,63 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
     control = app.topic(CONTROL.name, **raw)
     reviews = app.topic(REVIEW.name, **raw)
 
+    dead_letters = app.topic(DEAD_LETTER.name, **raw)
+
     unacked: Unacked[None] = Unacked(learner.consumer)  # handled, not yet covered by a checkpoint
+    deliveries = _Deliveries()
 
     @app.agent(inputs, name="learners")
     async def learners(stream: faust.Stream) -> None:
         async for batch in stream.noack_take(TAKE_MAX, within=TAKE_WITHIN_S):
             for event in batch:
                 message = event.message
-                outputs = learner.handle(message.topic, message.partition, message.offset, message.value)
+                outputs = learner.handle(message.topic, message.partition, message.offset, message.value,
+                                         message.timestamp)  # fmt: skip
                 if outputs is not None:
                     for record in outputs.control:
-                        await control.send(key=control_key(record), value=record.model_dump_json().encode())
+                        await deliveries.send(control, control_key(record), record.model_dump_json().encode())
                     for pick in outputs.reviews:
-                        await reviews.send(key=pick.example.example_id.encode(), value=pick.model_dump_json().encode())
+                        await deliveries.send(reviews, pick.example.example_id.encode(), pick.model_dump_json().encode())
+                    for dead in outputs.dead_letters:
+                        await deliveries.send(dead_letters, dead_letter_key(dead), dead.model_dump_json().encode())
                 unacked.add(stream, [event])
+
+    async def confirm_then_save(_: object) -> None:
+        await deliveries.confirm()  # a verdict the broker lost must not be in a saved state
+        await learner.save()
 
     @app.timer(interval=checkpoint_interval_s)
     async def checkpoint() -> None:
-        await unacked.flush(lambda _: learner.save())
+        await unacked.flush(confirm_then_save)
+
+
+class UnconfirmedOutputs(RuntimeError):
+    """Outputs the broker did not confirm: sent again, and the checkpoint waits for them."""
+
+
+class _Deliveries:
+    """The learner's outputs sent since the last checkpoint, with their delivery futures.
+
+    ``send`` only enqueues (Faust answers with a future); a checkpoint first waits until the
+    broker confirmed every output of the records it covers, so a crash after it never loses
+    a promote/rollback verdict or a drift alarm. One that failed is sent again (event ids are
+    stable, so a duplicate is harmless) and the checkpoint is retried at the next interval."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[faust.types.TopicT, bytes, bytes, asyncio.Future]] = []
+
+    async def send(self, topic: faust.types.TopicT, key: bytes, value: bytes) -> None:
+        self.pending.append((topic, key, value, await topic.send(key=key, value=value)))
+
+    async def confirm(self) -> None:
+        pending, self.pending = self.pending, []
+        failed = []
+        for topic, key, value, future in pending:
+            try:
+                await future
+            except Exception:  # noqa: BLE001 - any delivery error: send it again
+                failed.append((topic, key, value))
+        for topic, key, value in failed:
+            await self.send(topic, key, value)
+        if failed:
+            raise UnconfirmedOutputs(f"{len(failed)} learner outputs were not confirmed by the broker; sent again")

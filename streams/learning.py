@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Literal, Union
 
 import structlog
@@ -40,14 +40,18 @@ from streams.contract import (
     AdapterRolledBack,
     AnnotatedExample,
     Context,
+    DeadLetter,
     DriftAlarm,
 )
+from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, dead_letter, why_invalid
 from streams.lifecycle import ROLLBACK, Lifecycle, Transition
 from streams.topics import EXAMPLES
 
 log = structlog.get_logger(__name__)
 
 SOURCE = "learners"
+STAGE = "learner"  # of its dead letters
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 Feature = Union[str, int, float, bool]
 
@@ -104,6 +108,7 @@ ControlOut = Union[DriftAlarm, AdapterPromoted, AdapterRolledBack]
 class LearnerOutputs:
     control: list[ControlOut] = field(default_factory=list)
     reviews: list[ReviewRequest] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)  # input records it could not read
 
 
 @dataclass(frozen=True)
@@ -142,19 +147,27 @@ class LearnerState:
 
     # --- records as they come off the topics -------------------------------------------------
 
-    def handle(self, topic: str, partition: int, offset: int, value: bytes) -> LearnerOutputs | None:
-        """One record of the examples or the control topic; None when the state already holds it."""
+    def handle(self, topic: str, partition: int, offset: int, value: bytes | None,
+               timestamp_s: float | None = None) -> LearnerOutputs | None:  # fmt: skip
+        """One record of the examples or the control topic (``timestamp_s``: its broker
+        timestamp); None when the state already holds it."""
         if offset <= self.positions.get((topic, partition), -1):
             return None
         self.positions[(topic, partition)] = offset
+        value = value or b""
         try:
             record = (AnnotatedExample.model_validate_json(value) if topic == EXAMPLES.name
                       else CONTROL_EVENT_ADAPTER.validate_json(value))  # fmt: skip
         except ValidationError as error:
-            # Another producer's bad record must not stop learning; it stays in the archive.
-            log.error("learners.undecodable", topic=topic, partition=partition, offset=offset,
-                      error=str(error)[:500])  # fmt: skip
-            return LearnerOutputs()
+            # Another producer's bad record must not stop learning: it becomes a dead letter.
+            reason, detail, issues = why_invalid(error, value)
+            log.error("learners.undecodable", topic=topic, partition=partition, offset=offset, reason=reason)
+            received = datetime.fromtimestamp(timestamp_s, timezone.utc) if timestamp_s else _EPOCH
+            return LearnerOutputs(dead_letters=[dead_letter(
+                reason=reason, detail=f"{topic} record: {detail}", raw=value, received_at=received, stage=STAGE,
+                max_raw_bytes=DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, issues=issues,
+                dead_letter_id=f"learner-{topic}-{partition}-{offset}",
+            )])  # fmt: skip
         if isinstance(record, AnnotatedExample):
             if record.example_id in self.seen_examples:
                 log.info("learners.duplicate_example", example_id=record.example_id, topic=topic, partition=partition,

@@ -42,12 +42,9 @@ from streams.curator import Buffered, Curator, CutBatch
 from streams.intake import (
     DEFAULT_DEAD_LETTER_MAX_RAW_BYTES,
     DEFAULT_MAX_EVENT_BYTES,
-    classify_error,
     dead_letter,
     event_time_problem,
-    excess_depth,
-    issues_of,
-    too_deeply_nested_detail,
+    why_invalid,
 )
 from streams.join import OpenInteraction, SessionJoin, Unjoined
 from streams.pii import Scrubber
@@ -179,10 +176,7 @@ class PartitionPipeline:
         try:
             event = EVENTS_TOPIC_ADAPTER.validate_json(value)
         except ValidationError as error:
-            if depth := excess_depth(value):
-                reason, detail, issues = "too_deeply_nested", too_deeply_nested_detail(depth), ()
-            else:
-                (reason, detail), issues = classify_error(error), issues_of(error)
+            reason, detail, issues = why_invalid(error, value)
             out.dead_letters.append(self._dead(reason, detail, value, None, received_at, issues))
             return out
         if problem := self._time_problem(event, received):

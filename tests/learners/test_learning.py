@@ -514,3 +514,25 @@ async def test_route_endpoint_answers_from_memory_and_checks_the_key(tmp_path, s
         assert mismatch.status_code == 422 and mismatch.json()["reason"] == "app_id_mismatch"
         bad = await client.post("/v1/route", json={"context": {"domain": 3}}, headers=auth)
         assert bad.status_code == 422 and bad.json()["reason"] == "invalid_request"
+
+
+@pytest.mark.parametrize("value, reason", [
+    (b"\xff\xfe not json", "invalid_json"),
+    (b"[" * 5000 + b"]" * 5000, "too_deeply_nested"),
+    (b'{"type": "nonsense"}', None),
+    (b"", "invalid_json"),
+])  # fmt: skip
+def test_a_record_the_learner_cannot_read_becomes_a_dead_letter_and_learning_goes_on(environment, value, reason):
+    stream = records(environment)
+    state = LearnerState(CONFIG)
+    run(state, stream[:100])
+    for topic in (EXAMPLES.name, CONTROL.name):
+        out = state.handle(topic, 99, 0, value, timestamp_s=1_700_000_000.0)  # a partition of its own
+        (dead,) = out.dead_letters
+        assert dead.stage == "learner" and dead.dead_letter_id == f"learner-{topic}-99-0"
+        assert reason is None or dead.reason == reason
+        assert dead.received_at.timestamp() == 1_700_000_000.0 and out.control == [] and out.reviews == []
+    whole = LearnerState(CONFIG)
+    run(whole, stream)
+    run(state, stream[100:])
+    assert state.snapshot() == whole.snapshot(), "the bad records changed nothing else"
