@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.rate_limit import RateLimit
 from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
 from streams.kafka import KafkaSecurity, KafkaSettings
@@ -74,6 +75,11 @@ class Settings(BaseSettings):
     api_keys: dict[str, SecretStr] = Field(
         default_factory=dict,
         description='Per-app API keys as JSON, e.g. FEEDLOOP_API_KEYS=\'{"chat-web": "s3cret"}\'.',
+    )
+    rate_limits: dict[str, RateLimit] = Field(
+        default_factory=dict,
+        description='Requests per app key before 429 with Retry-After, as JSON; "*" for every app without its own '
+        'entry, e.g. FEEDLOOP_RATE_LIMITS=\'{"*": {"requests_per_s": 50, "burst": 100}}\'. Default: no limit.',
     )
     max_body_bytes: int = Field(8 * MIB, description="Largest request body accepted (413 above).")
     max_event_bytes: int = Field(

@@ -37,8 +37,9 @@ from app.gateway.dashboard import dashboard_router
 from app.gateway.erase import erase_router
 from app.gateway.events import events_router
 from app.gateway.health import health_router
-from app.gateway.metrics import GatewayMetrics
+from app.gateway.metrics import GatewayMetrics, RefusedRequests
 from app.gateway.openapi import with_components
+from app.rate_limit import RateLimiter
 from app.gateway.request_id import RequestIdMiddleware
 from app.gateway.route import ROUTE_REQUEST, route_router
 from app.gateway.schemas import schemas_router
@@ -56,6 +57,7 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAPI:
     """The gateway's ASGI app. Pass a publisher to share one; else it makes its own."""
     keys = ApiKeys(settings.api_keys)
+    limiter = RateLimiter(settings.rate_limits)
     owns_publisher = publisher is None
     pub = publisher if publisher is not None else Publisher(
         settings.kafka, max_request_bytes=settings.max_body_bytes, timeout_s=settings.publish_timeout_s
@@ -103,14 +105,15 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     for router in (
         dashboard_router(keys, overview),
         metrics.router(keys),
-        events_router(keys, pub, limits, settings.max_body_bytes),
-        route_router(keys, routing, metrics.route_latency),
-        chat_router(keys, chat, settings.max_body_bytes),
-        erase_router(keys, settings.keys_path),
+        events_router(keys, limiter, pub, limits, settings.max_body_bytes),
+        route_router(keys, limiter, routing, metrics.route_latency),
+        chat_router(keys, limiter, chat, settings.max_body_bytes),
+        erase_router(keys, limiter, settings.keys_path),
         schemas_router(),
         health_router(),
     ):
         app.include_router(router)
+    app.add_middleware(RefusedRequests, counter=metrics.refused)
     app.add_middleware(RequestIdMiddleware)
     with_components(app, USER_EVENT_ADAPTER, ROUTE_REQUEST)
     return app

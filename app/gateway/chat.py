@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from app.gateway.auth import ApiKeys
+from app.rate_limit import RateLimiter
 from app.gateway.http import read_limited
 from app.publisher import Publisher, PublishError
 from app.routing import RouteDecision, RoutingService
@@ -316,12 +317,13 @@ class ChatService:
         return headers
 
 
-def _openai_error(status: int, reason: str, detail: str) -> JSONResponse:
+def _openai_error(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     # The shape OpenAI clients parse into their exceptions.
-    return JSONResponse({"error": {"message": detail, "type": reason, "code": reason}}, status_code=status)
+    return JSONResponse({"error": {"message": detail, "type": reason, "code": reason}}, status_code=status,
+                        headers=headers)  # fmt: skip
 
 
-def chat_router(keys: ApiKeys, chat: ChatService, max_body_bytes: int) -> APIRouter:
+def chat_router(keys: ApiKeys, limiter: RateLimiter, chat: ChatService, max_body_bytes: int) -> APIRouter:
     router = APIRouter()
 
     @router.post(
@@ -335,6 +337,8 @@ def chat_router(keys: ApiKeys, chat: ChatService, max_body_bytes: int) -> APIRou
         app_id = keys.app_for_header(request)
         if app_id is None:
             return _openai_error(401, "unauthenticated", "use your app's feedloop API key as the OpenAI api_key")
+        if wait := limiter.wait_s(app_id):  # OpenAI's code for it; its SDK waits Retry-After and retries
+            return _openai_error(429, "rate_limit_exceeded", limiter.detail(app_id, wait), limiter.retry_after(wait))
         body, too_large = await read_limited(request, max_body_bytes)
         if too_large:
             return _openai_error(413, "body_too_large", f"request body exceeds {max_body_bytes} bytes")

@@ -4,8 +4,10 @@ The body is a JSON array (or JSON lines) of events, sent with an app's API key; 
 is 202 with how many were accepted and why each rejected one was rejected. Rejected input is
 never dropped: each rejected event, or the whole body when it cannot be read, is published to
 the dead-letter topic with its reason and raw bytes. Errors: 401 no or unknown API key, 413
-body too large, 422 body unreadable (not JSON, not an array, nested too deep), 503 broker
-down; no input answers 500. The checks are ``streams.intake``'s;
+body too large, 422 body unreadable (not JSON, not an array, nested too deep), 429 over the
+app's rate limit, 503 broker down; no input answers 500. A request without a valid key is
+answered before its body is read and is not dead-lettered (anyone can send one, so keeping
+them would let anyone fill the disk): ``/metrics`` counts them. The checks are ``streams.intake``'s;
 this router reads the request and publishes what they decide.
 """
 
@@ -18,7 +20,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from app.gateway.auth import ApiKeys
-from app.gateway.http import UNAUTHENTICATED_DETAIL, ErrorBody, error, read_limited
+from app.gateway.http import UNAUTHENTICATED_DETAIL, ErrorBody, error, over_limit, read_limited
+from app.rate_limit import RateLimiter
 from app.gateway.openapi import body_schema, raw_body
 from app.publisher import Publisher, PublishError
 from streams.contract import USER_EVENT_ADAPTER, DeadLetter, utcnow
@@ -26,8 +29,6 @@ from streams.intake import Accepted, BodyRejected, Limits, Rejected, check_body,
 
 log = structlog.get_logger(__name__)
 
-# An unauthenticated request is dead-lettered too, but only its first bytes: anyone can send one.
-UNAUTHENTICATED_RAW_BYTES = 4096
 STAGE = "gateway"
 
 
@@ -44,7 +45,8 @@ class IngestResult(BaseModel):
     errors: list[RejectedEvent]
 
 
-def events_router(keys: ApiKeys, publisher: Publisher, limits: Limits, max_body_bytes: int) -> APIRouter:
+def events_router(keys: ApiKeys, limiter: RateLimiter, publisher: Publisher, limits: Limits,
+                  max_body_bytes: int) -> APIRouter:  # fmt: skip
     router = APIRouter()
 
     async def dead_letter_only(record: DeadLetter) -> None:
@@ -59,7 +61,7 @@ def events_router(keys: ApiKeys, publisher: Publisher, limits: Limits, max_body_
         response_model=IngestResult,
         responses={
             401: {"model": ErrorBody}, 413: {"model": ErrorBody},
-            422: {"model": ErrorBody}, 503: {"model": ErrorBody},
+            422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody},
         },  # fmt: skip
         openapi_extra=raw_body({
             "application/json": {"schema": {"type": "array", "items": body_schema(USER_EVENT_ADAPTER)}},
@@ -70,17 +72,11 @@ def events_router(keys: ApiKeys, publisher: Publisher, limits: Limits, max_body_
     async def post_events(request: Request) -> Any:
         received_at = utcnow()
         app_id = keys.app_for_header(request)
-        body, too_large = await read_limited(request, max_body_bytes)
-        if app_id is None:
-            await dead_letter_only(
-                dead_letter(
-                    reason="unauthenticated",
-                    detail="no or unknown API key",
-                    raw=body, received_at=received_at, stage=STAGE,
-                    max_raw_bytes=UNAUTHENTICATED_RAW_BYTES,
-                ),  # fmt: skip
-            )
+        if app_id is None:  # the body is not read: anyone can send these (counted in /metrics)
             return error(401, "unauthenticated", f"{UNAUTHENTICATED_DETAIL} or 'X-API-Key: <key>'")
+        if (refused := over_limit(limiter, app_id)) is not None:
+            return refused
+        body, too_large = await read_limited(request, max_body_bytes)
 
         async def refuse(status: int, reason: str, detail: str) -> Any:
             """The whole body refused: kept as one dead letter, answered with its reason."""

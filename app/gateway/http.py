@@ -12,6 +12,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from app.rate_limit import RateLimiter
+
 UNAUTHENTICATED_DETAIL = "send your app's API key as 'Authorization: Bearer <key>'"
 
 
@@ -20,8 +22,16 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-def error(status: int, reason: str, detail: str) -> JSONResponse:
-    return JSONResponse({"reason": reason, "detail": detail}, status_code=status)
+def error(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"reason": reason, "detail": detail}, status_code=status, headers=headers)
+
+
+def over_limit(limiter: RateLimiter, app_id: str) -> JSONResponse | None:
+    """429 with Retry-After when the app is over its rate limit (a token is taken otherwise)."""
+    wait = limiter.wait_s(app_id)
+    if not wait:
+        return None
+    return error(429, "rate_limited", limiter.detail(app_id, wait), headers=limiter.retry_after(wait))
 
 
 async def read_limited(request: Request, limit: int) -> tuple[bytes, bool]:

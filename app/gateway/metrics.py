@@ -13,13 +13,14 @@ not share or collide in the global one.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+from collections import Counter as Tally
 from collections.abc import Iterator
+from typing import Any
 
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
@@ -90,7 +91,7 @@ def store_gauges(snapshot: Overview) -> Iterator[Metric]:
     yield lag
     yield _labelled(GaugeMetricFamily("feedloop_batches", "Training batches by status.", labels=["status"]),
                     {**dict.fromkeys(BATCH_STATUSES, 0), **snapshot.batches_by_status})  # fmt: skip
-    states = Counter(adapter.state for adapter in snapshot.adapters)
+    states = Tally(adapter.state for adapter in snapshot.adapters)
     yield _labelled(GaugeMetricFamily("feedloop_adapters", "Adapters (training runs) by state.", labels=["state"]),
                     {**dict.fromkeys(ADAPTER_STATES, 0), **states})  # fmt: skip
     yield swap_latency(snapshot)
@@ -119,12 +120,16 @@ def swap_latency(snapshot: Overview) -> HistogramMetricFamily:
 
 
 class GatewayMetrics:
-    """The gateway's registry: the route-latency histogram and the overview collector."""
+    """The gateway's registry: the route-latency histogram, the refused-requests counter and
+    the overview collector."""
 
     def __init__(self, overview: OverviewSource) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.route_latency = Histogram("feedloop_route_latency_seconds", "Time to decide a /v1/route request.",
                                        buckets=ROUTE_BUCKETS_S, registry=self.registry)  # fmt: skip
+        self.refused = Counter("feedloop_gateway_refused_requests", "Requests answered 401 (no or unknown key) or "
+                               "429 (over the app's rate limit), by endpoint; in this gateway process since its start.",
+                               ["endpoint", "status"], registry=self.registry)  # fmt: skip
         self.registry.register(OverviewCollector(overview))
 
     def router(self, keys: ApiKeys) -> APIRouter:
@@ -139,3 +144,37 @@ class GatewayMetrics:
             return Response(body, media_type=CONTENT_TYPE_LATEST)
 
         return router
+
+
+# The endpoints a refusal is counted under; any other path is "other" (a label per user id
+# or per scanner's guess would grow without bound).
+_ENDPOINTS = ("/v1/events", "/v1/route", "/v1/chat/completions", "/v1/overview", "/metrics", "/dashboard")
+
+
+def endpoint_of(path: str) -> str:
+    if path in _ENDPOINTS:
+        return path
+    if path.startswith("/v1/users/") and path.endswith("/erase"):
+        return "/v1/users/{user_id}/erase"
+    return "other"
+
+
+class RefusedRequests:
+    """ASGI middleware: counts the responses with status 401 or 429 in ``counter``. Refused
+    requests are counted, not kept: anyone can send them."""
+
+    def __init__(self, app: Any, counter: Counter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting(message: dict) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (401, 429):
+                self.counter.labels(endpoint_of(scope["path"]), str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting)

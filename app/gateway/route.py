@@ -15,7 +15,8 @@ from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from app.gateway.auth import ApiKeys
-from app.gateway.http import UNAUTHENTICATED_DETAIL, ErrorBody, error, read_limited
+from app.gateway.http import UNAUTHENTICATED_DETAIL, ErrorBody, error, over_limit, read_limited
+from app.rate_limit import RateLimiter
 from app.gateway.openapi import body_schema, raw_body
 from app.routing import RoutingService
 from streams.contract import Context
@@ -45,14 +46,15 @@ class RouteAnswer(BaseModel):
 ROUTE_REQUEST = TypeAdapter(RouteRequest)
 
 
-def route_router(keys: ApiKeys, routing: RoutingService, latency: Histogram) -> APIRouter:
+def route_router(keys: ApiKeys, limiter: RateLimiter, routing: RoutingService, latency: Histogram) -> APIRouter:
     """``latency`` times each decision (``feedloop_route_latency_seconds``)."""
     router = APIRouter()
 
     @router.post(
         "/v1/route",
         response_model=RouteAnswer,
-        responses={401: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+        responses={401: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody},
+                   429: {"model": ErrorBody}},
         openapi_extra=raw_body({"application/json": {"schema": body_schema(ROUTE_REQUEST)}}),
         summary="Choose the adapter that serves a request (in memory; never waits on the broker)",
     )  # fmt: skip
@@ -60,6 +62,8 @@ def route_router(keys: ApiKeys, routing: RoutingService, latency: Histogram) -> 
         app_id = keys.app_for_header(request)
         if app_id is None:
             return error(401, "unauthenticated", UNAUTHENTICATED_DETAIL)
+        if (refused := over_limit(limiter, app_id)) is not None:
+            return refused
         body, too_large = await read_limited(request, ROUTE_MAX_BODY_BYTES)
         if too_large:
             return error(413, "body_too_large", f"a route request is at most {ROUTE_MAX_BODY_BYTES} bytes")
