@@ -120,13 +120,24 @@ async def emit_batch(settings, records: list) -> BatchEmitted:
     emitted = BatchEmitted(event_id=f"{batch_id}.emitted", occurred_at=utcnow(), source="test", batch_id=batch_id,
                            path=str(batch_dir.relative_to(settings.data_dir)), manifest_sha256="x" * 64,
                            example_count=len(records), trigger="manual")
+    await announce(settings, emitted)
+    return emitted
+
+
+async def announce(settings, emitted: BatchEmitted) -> None:
+    """The batch_emitted on the control topic, as the curator publishes it."""
     producer = kafka.producer(settings.kafka)
     await producer.start()
     try:
         await producer.send_and_wait(CONTROL.name, emitted.model_dump_json().encode(), key=control_key(emitted))
     finally:
         await producer.stop()
-    return emitted
+
+
+def emitted_at(path: str, event_id: str = "b.emitted") -> BatchEmitted:
+    """A batch_emitted for ``path`` (relative to the data dir), as anyone on the control topic could send it."""
+    return BatchEmitted(event_id=event_id, occurred_at=utcnow(), source="test", batch_id="b", path=path,
+                        manifest_sha256="x" * 64, example_count=1, trigger="manual")  # fmt: skip
 
 
 async def run_until(worker: TrainerWorker, done, timeout_s: float = 120) -> BaseException | None:
@@ -257,8 +268,7 @@ async def test_a_batch_path_outside_the_batches_directory_is_dead_lettered_untra
     # Anyone who can write to the control topic could otherwise point the trainer anywhere.
     settings = make_settings(tmp_path, 1)
     monkeypatch.setattr("trainer.worker.train_batch", _never_trained)
-    emitted = BatchEmitted(event_id="b.emitted", occurred_at=utcnow(), source="test", batch_id="b", path=path,
-                           manifest_sha256="x" * 64, example_count=1, trigger="manual")  # fmt: skip
+    emitted = emitted_at(path)
     worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
                            base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
                            batches_dir=settings.batches_dir)  # fmt: skip
@@ -270,14 +280,7 @@ async def test_a_batch_path_outside_the_batches_directory_is_dead_lettered_untra
 async def test_the_trainer_publishes_its_dead_letters_on_the_dead_letter_topic(sessions, tmp_path, own_broker):
     settings = make_settings(tmp_path, own_broker.port)
     await ensure_topics(settings)
-    emitted = BatchEmitted(event_id="b.emitted", occurred_at=utcnow(), source="test", batch_id="b", path="/etc",
-                           manifest_sha256="x" * 64, example_count=1, trigger="manual")  # fmt: skip
-    producer = kafka.producer(settings.kafka)
-    await producer.start()
-    try:
-        await producer.send_and_wait(CONTROL.name, emitted.model_dump_json().encode(), key=control_key(emitted))
-    finally:
-        await producer.stop()
+    await announce(settings, emitted_at("/etc"))
     consumer = kafka.consumer(settings.kafka, DEAD_LETTER.name, group_id=None, auto_offset_reset="earliest")
     await consumer.start()
     found: list[DeadLetter] = []
@@ -300,8 +303,7 @@ async def test_a_missing_or_corrupt_batch_is_not_trainable_and_the_worker_goes_o
     kept = batches.write(settings.data_dir / "batches", "batch-p0-000001", batches.sft_records(seed=3, count=4))
     (kept / "sft.jsonl").write_text("tampered\n")
     for i, path in enumerate(("batches/batch-p0-000001", "batches/never-written")):
-        emitted = BatchEmitted(event_id=f"b{i}.emitted", occurred_at=utcnow(), source="test", batch_id="b",
-                               path=path, manifest_sha256="x" * 64, example_count=1, trigger="manual")  # fmt: skip
+        emitted = emitted_at(path, event_id=f"b{i}.emitted")
         assert await new_worker(settings, sessions, "g").handle(emitted) == []
     events = [r.msg["event"] for r in caplog.records if isinstance(r.msg, dict)]
     assert events.count("trainer.batch_not_trainable") == 2
