@@ -160,7 +160,7 @@ async def test_auth_and_size_limits(stack):
 
 
 async def test_an_app_over_its_rate_limit_gets_429_with_retry_after_and_others_go_on(tmp_path, broker):
-    limits = {"app-a": RateLimit(requests_per_s=0.2, burst=2), "*": RateLimit(requests_per_s=100, burst=100)}
+    limits = {"app-a": RateLimit(requests_per_s=0.05, burst=2), "*": RateLimit(requests_per_s=100, burst=100)}
     running, stop = await start_stack(make_settings(tmp_path, broker.port, rate_limits=limits))
     try:
         a, b = {"X-API-Key": API_KEYS["app-a"]}, {"X-API-Key": API_KEYS["app-b"]}
