@@ -9,6 +9,7 @@ import json
 import uuid
 
 import httpx
+import pytest
 from aiokafka import AIOKafkaConsumer
 
 from app.client import FeedloopClient, FeedloopError
@@ -243,3 +244,23 @@ async def test_python_client_routes_through_the_gateway(stack):
             assert error.status == 401
         else:
             raise AssertionError("a bad key must raise")
+
+
+async def test_the_openai_package_sees_a_rate_limited_app_as_its_own_rate_limit_error(tmp_path, broker):
+    import openai
+
+    limits = {"app-a": RateLimit(requests_per_s=0.05, burst=1)}
+    settings = make_settings(tmp_path, broker.port, rate_limits=limits, vllm_urls=["http://127.0.0.1:9"])
+    running, stop = await start_stack(settings)
+    try:
+        client = openai.AsyncOpenAI(base_url=f"{running.base_url}/v1", api_key=API_KEYS["app-a"], max_retries=0)
+        ask = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+        with pytest.raises(openai.APIError) as first:  # the token is taken; no vLLM answers behind it
+            await client.chat.completions.create(**ask)
+        assert not isinstance(first.value, openai.RateLimitError)
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(**ask)
+        assert limited.value.code == "rate_limit_exceeded" and int(limited.value.response.headers["retry-after"]) >= 1
+        await client.close()
+    finally:
+        await stop()
