@@ -3,9 +3,10 @@
 The trainer (``feedloop train``) and the hot-swap controller (``feedloop swap``) both read
 ``feedloop.control.v1`` in their own consumer group. For each record: decode it (records
 that are not control events are skipped), ``await handle(event)``, publish the control
-events it returns (and the dead letters of what it refused; acks=all), and only then commit the offset: a crash re-reads the record,
-and handlers are idempotent (stable event ids, registry states). ``tick`` runs between polls
-for work driven by time (drains, replica retries).
+events it returns and the dead letters of what it refused (acks=all), and only then commit
+the offset: a crash re-reads the record, and handlers are idempotent (stable event ids,
+registry states). ``tick`` runs between polls for work driven by time (drains, replica
+retries).
 """
 
 from __future__ import annotations
