@@ -43,7 +43,7 @@ from streams.contract import (
     DeadLetter,
     DriftAlarm,
 )
-from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, dead_letter, why_invalid
+from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, EPOCH, dead_letter, why_invalid
 from streams.lifecycle import ROLLBACK, Lifecycle, Transition
 from streams.topics import EXAMPLES
 
@@ -51,7 +51,6 @@ log = structlog.get_logger(__name__)
 
 SOURCE = "learners"
 STAGE = "learner"  # of its dead letters
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 Feature = Union[str, int, float, bool]
 
@@ -162,7 +161,7 @@ class LearnerState:
             # Another producer's bad record must not stop learning: it becomes a dead letter.
             reason, detail, issues = why_invalid(error, value)
             log.error("learners.undecodable", topic=topic, partition=partition, offset=offset, reason=reason)
-            received = datetime.fromtimestamp(timestamp_s, timezone.utc) if timestamp_s else _EPOCH
+            received = datetime.fromtimestamp(timestamp_s, timezone.utc) if timestamp_s else EPOCH
             return LearnerOutputs(dead_letters=[dead_letter(
                 reason=reason, detail=f"{topic} record: {detail}", raw=value, received_at=received, stage=STAGE,
                 max_raw_bytes=DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, issues=issues,

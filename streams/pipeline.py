@@ -42,6 +42,7 @@ from streams.curator import Buffered, Curator, CutBatch
 from streams.intake import (
     DEFAULT_DEAD_LETTER_MAX_RAW_BYTES,
     DEFAULT_MAX_EVENT_BYTES,
+    EPOCH,
     dead_letter,
     event_time_problem,
     why_invalid,
@@ -54,7 +55,6 @@ from streams.rewards import channel_rewards
 from streams.signals import training_records
 
 STAGE = "pipeline"
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 RECEIVED_AT_HEADER = "received_at"  # written by the gateway (app/publisher.py)
 
 
@@ -360,7 +360,7 @@ class PartitionPipeline:
         return dead_letter(
             dead_letter_id=f"p{self.partition}-{self.offset}-{reason}",
             # Times from the log, not the wall clock: a replay must produce the same record.
-            received_at=received_at or getattr(event, "occurred_at", None) or self.join.watermark or _EPOCH,
+            received_at=received_at or getattr(event, "occurred_at", None) or self.join.watermark or EPOCH,
             stage=STAGE,
             app_id=getattr(event, "app_id", None),
             event_id=getattr(event, "event_id", None),

@@ -27,7 +27,7 @@ from sqlalchemy.orm import sessionmaker
 
 from streams.contract import AdapterReady, AdapterState, BatchEmitted, DeadLetter, utcnow
 from streams.control_consumer import ControlConsumer
-from streams.intake import dead_letter
+from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, dead_letter
 from streams.kafka import KafkaSettings
 from streams.store import Adapter
 from trainer.config import TrainerConfig
@@ -78,21 +78,21 @@ class TrainerWorker:
         self.sessions = sessions
         self.suites = tuple(suites)
         self.data_dir, self.base_model_dir, self.adapters_dir = data_dir, base_model_dir, adapters_dir
-        self.batches_dir = batches_dir or data_dir / "batches"
+        self.batches_dir = (batches_dir or data_dir / "batches").resolve()
         self.consumer = ControlConsumer(kafka, group, self.handle, max_poll_interval_s=MAX_TRAINING_S)
 
     async def handle(self, event: BaseModel) -> list[AdapterReady | DeadLetter]:
         if not isinstance(event, BatchEmitted):
             return []
         batch_dir = (self.data_dir / event.path).resolve()  # an absolute path or ".." would leave it
-        if not batch_dir.is_relative_to(self.batches_dir.resolve()) or batch_dir == self.batches_dir.resolve():
+        if batch_dir == self.batches_dir or not batch_dir.is_relative_to(self.batches_dir):
             detail = (f"batch {event.batch_id}: path {event.path!r} is not a batch directory under "
                       f"{self.batches_dir}; the trainer reads batches only there")  # fmt: skip
             log.error("trainer.batch_path_refused", batch_id=event.batch_id, path=event.path,
                       hint="dead-lettered and skipped; batch_emitted events come from the curator, check who else "
                            "writes to the control topic")  # fmt: skip
             return [dead_letter(reason="batch_path_refused", detail=detail, raw=event.model_dump_json().encode(),
-                                received_at=utcnow(), stage="trainer", max_raw_bytes=64 * 1024,
+                                received_at=utcnow(), stage="trainer", max_raw_bytes=DEFAULT_DEAD_LETTER_MAX_RAW_BYTES,
                                 event_id=event.event_id, dead_letter_id=f"trainer-{event.event_id}")]  # fmt: skip
         try:
             result = await asyncio.to_thread(
