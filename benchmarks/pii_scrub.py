@@ -10,7 +10,7 @@ burst of other work on the machine falls on both; each figure is the median over
 
 Text mixes (all texts are scrubbed through ``Scrubber().scrub``):
 
-- ``population``: prompts of the demo's simulated users (``app.population``, 5% carry a PII
+- ``population``: prompts of the demo's simulated users (``demo.population``, 5% carry a PII
   canary): short, mostly clean chat;
 - ``pipeline``: the texts that the pipeline benchmark's events carry (benchmarks/
   pipeline_throughput.py: prompts "question N about topic M please", answers "answer N", one
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from app.population import Population, PopulationConfig  # noqa: E402
+from demo.population import Population, PopulationConfig  # noqa: E402
 from pipeline_throughput import make_events  # noqa: E402
 from streams import pii  # noqa: E402
 from tests.streams.pii_canaries import CANARIES, NEAR_MISSES  # noqa: E402

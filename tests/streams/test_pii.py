@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from streams import pii
 from streams.pii import PiiType, Scrubber, Span
 from tests.streams.pii_canaries import CANARIES, NEAR_MISSES, Canary
 
@@ -361,3 +362,55 @@ def test_second_pass_cannot_break_placeholders_or_add_disabled_types():
 def test_second_pass_span_outside_the_text_is_an_error():
     with pytest.raises(ValueError, match="outside"):
         Scrubber(second_pass=lambda text: [(0, len(text) + 1, "PERSON")]).scrub("short")
+
+
+# --- the cue scan ----------------------------------------------------------------------------------
+# Scrubber skips a detector whose cue a text lacks (streams.pii._CueScan). These tests run every
+# detector on every text regardless and hold the scan to it.
+
+_ALL_TEXTS = [c.text for c in CANARIES] + list(NEAR_MISSES) + [r["text"] for r in PII_SENTENCES]
+_ALL_TEXTS += ORDINARY_SENTENCES
+_CASINGS = {"as written": str, "lower": str.lower, "upper": str.upper, "title": str.title, "swapcase": str.swapcase}
+
+
+def _every_detector(text: str) -> tuple[str, dict[PiiType, int]]:
+    counts = {}
+    for pii_type, detector, _cue in pii._DETECTORS:
+        text, count = detector(text)
+        if count:
+            counts[pii_type] = count
+    return text, counts
+
+
+@pytest.mark.parametrize("casing", _CASINGS.values(), ids=_CASINGS.keys())
+def test_skipping_detectors_without_their_cue_changes_no_result(casing):
+    differ = {}
+    for text in map(casing, _ALL_TEXTS):
+        result = SCRUBBER.scrub(text)
+        expected = _every_detector(text)
+        if (result.text, result.counts) != expected:
+            differ[text] = (result.text, expected[0])
+    assert differ == {}
+
+
+@pytest.mark.parametrize("casing", _CASINGS.values(), ids=_CASINGS.keys())
+def test_every_detector_that_finds_something_has_its_cue_in_the_text(casing):
+    missing = []
+    for text in map(casing, _ALL_TEXTS):
+        cues = pii._CUE_SCAN(text)
+        for index, (pii_type, detector, _cue) in enumerate(pii._DETECTORS):
+            if detector(text)[1] and not cues >> index & 1:
+                missing.append((pii_type, text))
+    assert missing == []
+    assert len(_ALL_TEXTS) > 900
+
+
+def test_a_cue_is_found_in_the_text_its_lowercased_form_or_its_shape_and_in_words():
+    scan = pii._CueScan(
+        [pii._Cue(text=("Dr",)), pii._Cue(lower=("born",)), pii._Cue(shape=("9.9",)), pii._Cue(words=frozenset({"met"}))]
+    )
+    assert scan("Dr Who") == 0b0001 and scan("dr who") == 0
+    assert scan("BORN in May") == 0b0010
+    assert scan("version 1.2") == 0b0100 and scan("1. 2") == 0
+    assert scan("I MET him") == 0b1000 and scan("metal") == 0
+    assert scan("Dr, born 1.2, met") == 0b1111
