@@ -22,7 +22,6 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from app.settings import Settings
 from streams import kafka
-from streams.kafka import KafkaSettings
 from streams.topics import ALL_TOPICS
 
 log = structlog.get_logger(__name__)
@@ -54,7 +53,7 @@ class EmbeddedBroker:
 
     def __init__(self, port: int, log_path: Path | None = None) -> None:
         self.port = port
-        self.cluster_id = f"feedloop-{uuid.uuid4().hex[:12]}"
+        self.cluster_id = ""  # each start() names a new one: the broker comes back empty
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -64,6 +63,7 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 15.0) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
+        self.cluster_id = f"feedloop-{uuid.uuid4().hex[:12]}"
         command = [
             str(tansu_binary()), "broker",
             "--listener-url", url,
@@ -126,16 +126,6 @@ def _accepts_connections(port: int) -> bool:
         return True
     except OSError:
         return False
-
-
-async def cluster_id(kafka_settings: KafkaSettings) -> str:
-    """The broker's cluster id: offsets are only meaningful within one cluster."""
-    admin = kafka.admin(kafka_settings)
-    await admin.start()
-    try:
-        return (await admin.describe_cluster())["cluster_id"]
-    finally:
-        await admin.close()
 
 
 async def ensure_topics(settings: Settings) -> None:

@@ -158,8 +158,9 @@ def _run_faust(settings: Settings, build) -> None:
     import faust
 
     import migrations
-    from app.broker import cluster_id, ensure_topics
+    from app.broker import ensure_topics
     from app.runtime import tune_gc
+    from streams.broker_life import cluster_id
 
     migrations.upgrade(settings.store_url)
     asyncio.run(ensure_topics(settings))

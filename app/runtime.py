@@ -11,11 +11,12 @@ import asyncio
 import structlog
 import uvicorn
 
-from app.broker import cluster_id, ensure_topics
+from app.broker import ensure_topics
 from app.gateway import create_app
 from app.settings import Settings
 from streams.store import make_engine, make_sessionmaker
 from streams.archive import Archiver
+from streams.broker_life import BrokerLife, cluster_id
 from streams.topics import ARCHIVED_TOPICS
 
 log = structlog.get_logger(__name__)
@@ -42,9 +43,10 @@ def tune_gc(batch: bool = False) -> None:
 
 async def build_archiver(settings: Settings) -> Archiver:
     await ensure_topics(settings)
+    cluster = await cluster_id(settings.kafka)
     return Archiver(
         kafka_settings=settings.kafka,
-        cluster_id=await cluster_id(settings.kafka),
+        life=BrokerLife(settings.kafka, cluster, "archiver"),
         topics=ARCHIVED_TOPICS,
         archive_dir=settings.archive_dir,
         sessions=make_sessionmaker(make_engine(settings.store_url)),
@@ -99,7 +101,7 @@ def build_pipeline_app(settings: Settings, cluster: str):
         idle_tick_s=settings.pipeline.idle_tick_s,
         checkpoint_interval_s=settings.pipeline.checkpoint_interval_s,
         checkpoint_max_loop_share=settings.pipeline.checkpoint_max_loop_share,
-        partitions=settings.topic_partitions,
+        partitions=settings.topic_partitions, life=BrokerLife(settings.kafka, cluster, "worker"),
     )  # fmt: skip
     return app
 
@@ -114,5 +116,6 @@ def build_learner_app(settings: Settings, cluster: str):
     learner = LiveLearner(config, sessions, archive_dir=settings.archive_dir, consumer="feedloop-learners",
                           cluster_id=cluster, snapshots_kept=config.snapshots_kept)  # fmt: skip
     app = make_faust_app(settings, name="feedloop-learners")
-    register_learners(app, learner, checkpoint_interval_s=config.checkpoint_interval_s)
+    register_learners(app, learner, checkpoint_interval_s=config.checkpoint_interval_s,
+                      life=BrokerLife(settings.kafka, cluster, "learner"))
     return app

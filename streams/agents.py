@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import sessionmaker
 
 from streams.batches import publish_batch
+from streams.broker_life import BrokerLife, NewBrokerLife
 from streams.checkpoint import Unacked
 from streams.contract import CONTROL_EVENT_ADAPTER, BatchEmitted, CurationTrigger, DriftAlarm, WatermarkTick
 from streams.curator import CutBatch
@@ -83,12 +84,12 @@ class _Checkpointing:
     the loop, and the interval stretches only while states are large."""
 
     def __init__(self, live: LivePipeline, emitter: Emitter, publish: Callable[[CutBatch], BatchEmitted],
-                 max_loop_share: float = 1.0) -> None:  # fmt: skip
+                 max_loop_share: float = 1.0, life: BrokerLife | None = None) -> None:  # fmt: skip
         self.live = live
         self.emitter = emitter
         self.publish = publish
         self.max_loop_share = max_loop_share
-        self.unacked: Unacked[_Produced] = Unacked(live.checkpoints.consumer)
+        self.unacked: Unacked[_Produced] = Unacked(live.checkpoints.consumer, life)
         self._next_snapshot_at = 0.0  # time.monotonic()
 
     async def restore(self, partitions: set[int]) -> None:
@@ -100,11 +101,14 @@ class _Checkpointing:
 
     def handle(self, stream: faust.Stream, batch: list) -> None:
         produced = _Produced()
+        seen = False
         for event in batch:  # no await in here: the next snapshot must hold these outputs' records
             message = event.message
             received = receive_time(message.headers, message.timestamp)
-            produced.add(message.partition, self.live.handle(message.partition, message.offset, message.value, received))
-        self.unacked.add(stream, batch, produced)
+            outputs = self.live.handle(message.partition, message.offset, message.value, received)
+            seen |= outputs is None
+            produced.add(message.partition, outputs)
+        self.unacked.add(stream, batch, produced, seen=seen)
 
     async def flush(self) -> None:
         if time.monotonic() >= self._next_snapshot_at:
@@ -150,13 +154,15 @@ def register_pipeline(
     checkpoint_interval_s: float,
     checkpoint_max_loop_share: float,
     partitions: int,
+    life: BrokerLife | None = None,
 ) -> None:
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(EVENTS.name, **raw)
     control = app.topic(CONTROL.name, **raw)
 
     publish = partial(publish_batch, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
-    checkpointing = _Checkpointing(live, Emitter(app.producer), publish, max_loop_share=checkpoint_max_loop_share)
+    checkpointing = _Checkpointing(live, Emitter(app.producer), publish, max_loop_share=checkpoint_max_loop_share,
+                                   life=life)
 
     @app.agent(events, name="pipeline")
     async def pipeline(stream: faust.Stream) -> None:
@@ -166,7 +172,11 @@ def register_pipeline(
 
     @app.timer(interval=checkpoint_interval_s)
     async def checkpoint() -> None:
-        await checkpointing.flush()
+        try:
+            await checkpointing.flush()
+        except NewBrokerLife as error:
+            error.log()
+            await app.crash(error)  # the worker exits non-zero; started again, it reads the new broker
 
     @app.timer(interval=idle_tick_s)
     async def tick() -> None:

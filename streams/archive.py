@@ -36,6 +36,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from streams import kafka
+from streams.broker_life import BrokerLife, NewBrokerLife
 from streams.kafka import KafkaSettings
 from streams.store import ArchiveSegment
 
@@ -236,6 +237,11 @@ class Archiver:
     """Consumes the given topics and seals them into archive segments.
 
     Run with ``await archiver.run()``; ``archiver.stop()`` seals what is buffered and returns.
+    On a new broker life (streams/broker_life.py: checked whenever partitions are assigned,
+    and when a record comes at or below an offset already taken) ``run`` raises
+    :class:`~streams.broker_life.NewBrokerLife` before sealing or committing anything of it:
+    the segments carry the life they were read from, and a new life's records filed under
+    the old one would overwrite its segments.
     """
 
     group_id = "feedloop-archive"
@@ -244,14 +250,15 @@ class Archiver:
         self,
         *,
         kafka_settings: KafkaSettings,
-        cluster_id: str,
+        life: BrokerLife,
         topics: tuple[str, ...],
         archive_dir: Path,
         sessions: sessionmaker,
         flush_events: int,
         flush_seconds: float,
     ) -> None:
-        self.cluster_id = cluster_id
+        self.life = life
+        self.cluster_id = life.started_on
         self.topics = topics
         self.archive_dir = archive_dir
         self.sessions = sessions
@@ -259,6 +266,8 @@ class Archiver:
         self.flush_seconds = flush_seconds
         self.buffers: dict[TopicPartition, PartitionBuffer] = {}
         self.sealed_records = 0
+        self._next_offsets: dict[TopicPartition, int] = {}  # what each partition should deliver next
+        self._new_life: NewBrokerLife | None = None  # found by the rebalance listener, raised by run()
         self._stopping = asyncio.Event()
         self.consumer = kafka.consumer(kafka_settings, group_id=self.group_id, max_poll_records=flush_events)
 
@@ -273,7 +282,13 @@ class Archiver:
             )
 
     async def _resume_positions(self, assigned: set[TopicPartition]) -> None:
+        try:
+            await self.life.confirm()  # a broker that restarted empty assigns partitions again
+        except NewBrokerLife as error:
+            self._new_life = error  # aiokafka logs and drops what a listener raises
+            return
         for tp in assigned:
+            self._next_offsets.pop(tp, None)
             last = self.last_archived_offset(tp)
             if last is None:
                 continue
@@ -282,9 +297,10 @@ class Archiver:
                 # Sealed but not committed before a crash: skip it, and tell the group so.
                 self.consumer.seek(tp, last + 1)
                 await self.consumer.commit({tp: last + 1})
+                self._next_offsets[tp] = last + 1
                 log.info("archive.resume", topic=tp.topic, partition=tp.partition, offset=last + 1)
 
-    async def seal(self, tp: TopicPartition) -> None:
+    async def seal(self, tp: TopicPartition, commit: bool = True) -> None:
         """Write the partition's buffer as a segment, record it, then commit its offset."""
         buffer = self.buffers.get(tp)
         if buffer is None or not buffer.lines:
@@ -309,7 +325,8 @@ class Archiver:
                     last_timestamp_ms=buffer.last_timestamp_ms,
                 )
             )
-        await self.consumer.commit({tp: buffer.last_offset + 1})
+        if commit:
+            await self.consumer.commit({tp: buffer.last_offset + 1})
         self.sealed_records += len(buffer.lines)
         log.info(
             "archive.segment_sealed", topic=tp.topic, partition=tp.partition,
@@ -335,6 +352,7 @@ class Archiver:
         try:
             while not self._stopping.is_set():
                 batches = await self.consumer.getmany(timeout_ms=100, max_records=self.flush_events)
+                await self._same_life(batches)
                 now = time.monotonic()
                 for tp, records in batches.items():
                     buffer = self.buffers.setdefault(tp, PartitionBuffer(tp.topic, tp.partition))
@@ -343,6 +361,7 @@ class Archiver:
                             r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, r.headers
                         )
                         buffer.add(r.offset, r.timestamp, line, now)
+                    self._next_offsets[tp] = records[-1].offset + 1
                     log.debug("archive.buffered", topic=tp.topic, partition=tp.partition,
                               last_offset=buffer.last_offset, records=len(buffer.lines))  # fmt: skip
                 for tp, buffer in list(self.buffers.items()):
@@ -350,9 +369,20 @@ class Archiver:
                         await self.seal(tp)
             for tp in list(self.buffers):
                 await self.seal(tp)
+        except NewBrokerLife as error:
+            error.log()
+            for tp in list(self.buffers):  # records of the old life: archived, their offsets not committed
+                await self.seal(tp, commit=False)
+            raise
         finally:
             await self.consumer.stop()
             log.info("archive.stopped", sealed_records=self.sealed_records)
+
+    async def _same_life(self, batches: dict[TopicPartition, list]) -> None:
+        if self._new_life is not None:
+            raise self._new_life
+        if any(records[0].offset < self._next_offsets.get(tp, 0) for tp, records in batches.items() if records):
+            await self.life.confirm()
 
     def stop(self) -> None:
         self._stopping.set()

@@ -62,6 +62,7 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from streams.archive import ArchivedRecord, read_segment, segments
+from streams.broker_life import BrokerLife, NewBrokerLife
 from streams.store import ArchiveSegment, StreamCheckpoint
 
 log = structlog.get_logger(__name__)
@@ -202,32 +203,43 @@ class Unacked(Generic[T]):
     """Records handled since the last written checkpoint, acknowledged once one covers them.
 
     The worker adds each handled batch of records with what it produced for the checkpoint
-    to deliver (or None). :meth:`flush` hands that to ``write``, which must take its snapshot
-    of the state before its first await. The lock also keeps a revocation or a restore from
-    running in the middle of a checkpoint."""
+    to deliver (or None), and whether the state already held one of them (``seen``: a
+    redelivery, or the first records of a new broker life, which ``life`` tells apart before
+    any is acknowledged: streams/broker_life.py). :meth:`flush` hands that to ``write``, which
+    must take its snapshot of the state before its first await. The lock also keeps a
+    revocation or a restore from running in the middle of a checkpoint."""
 
-    def __init__(self, consumer: str) -> None:
+    def __init__(self, consumer: str, life: BrokerLife | None = None) -> None:
         self.consumer = consumer
+        self.life = life
         self.lock = asyncio.Lock()
         self._events: list[tuple[Any, list[object]]] = []  # (the stream that acks them, events)
         self._produced: list[T] = []
+        self._seen = False
 
-    def add(self, stream: Any, events: Iterable[object], produced: T | None = None) -> None:
+    def add(self, stream: Any, events: Iterable[object], produced: T | None = None, seen: bool = False) -> None:
         self._events.append((stream, list(events)))
         if produced is not None:
             self._produced.append(produced)
+        self._seen |= seen
 
     async def flush(self, write: Callable[[list[T]], Awaitable[None]]) -> None:
-        """Write a checkpoint covering every record added; acknowledge them if it is written."""
+        """Write a checkpoint covering every record added; acknowledge them if it is written.
+
+        Raises :class:`~streams.broker_life.NewBrokerLife` (nothing acknowledged) when records
+        the state held came from a new broker life."""
         async with self.lock:
-            events, produced = self._events, self._produced
-            self._events, self._produced = [], []
+            events, produced, seen = self._events, self._produced, self._seen
+            self._events, self._produced, self._seen = [], [], False
             try:
+                if seen and self.life is not None:
+                    await self.life.confirm()
                 await write(produced)
             except BaseException as error:
                 self._events, self._produced = events + self._events, produced + self._produced
-                if not isinstance(error, Exception):
-                    raise  # cancelled: shutting down
+                self._seen |= seen
+                if not isinstance(error, Exception) or isinstance(error, NewBrokerLife):
+                    raise  # cancelled (shutting down), or a new broker: the process stops
                 log.warning("checkpoint.write_failed", consumer=self.consumer, exc_info=True,
                             unacknowledged=sum(len(e) for _, e in self._events),
                             action="the records stay unacknowledged and the next checkpoint retries them; "

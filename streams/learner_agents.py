@@ -42,6 +42,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from streams.archive import ArchivedRecord
+from streams.broker_life import BrokerLife, NewBrokerLife
 from streams.checkpoint import Checkpoints, Position, Rebuild, Unacked, pickled
 from streams.config import LearnerSettings
 from streams.store import RouterSnapshot
@@ -148,7 +149,8 @@ def _rebuild(config: LearnerSettings) -> Rebuild[LearnerState]:
                    fold=fold, place=place)  # fmt: skip
 
 
-def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interval_s: float) -> None:
+def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interval_s: float,
+                      life: BrokerLife | None = None) -> None:
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(EXAMPLES.name, CONTROL.name, **raw)
     control = app.topic(CONTROL.name, **raw)
@@ -156,7 +158,7 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
 
     dead_letters = app.topic(DEAD_LETTER.name, **raw)
 
-    unacked: Unacked[None] = Unacked(learner.consumer)  # handled, not yet covered by a checkpoint
+    unacked: Unacked[None] = Unacked(learner.consumer, life)  # handled, not yet covered by a checkpoint
     deliveries = _Deliveries()
 
     @app.agent(inputs, name="learners")
@@ -173,7 +175,7 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
                         await deliveries.send(reviews, pick.example.example_id.encode(), pick.model_dump_json().encode())
                     for dead in outputs.dead_letters:
                         await deliveries.send(dead_letters, dead_letter_key(dead), dead.model_dump_json().encode())
-                unacked.add(stream, [event])
+                unacked.add(stream, [event], seen=outputs is None)
 
     async def confirm_then_save(_: object) -> None:
         await deliveries.confirm()  # a verdict the broker lost must not be in a saved state
@@ -181,7 +183,11 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
 
     @app.timer(interval=checkpoint_interval_s)
     async def checkpoint() -> None:
-        await unacked.flush(confirm_then_save)
+        try:
+            await unacked.flush(confirm_then_save)
+        except NewBrokerLife as error:
+            error.log()
+            await app.crash(error)  # the learner exits non-zero; started again, it reads the new broker
 
 
 class UnconfirmedOutputs(RuntimeError):

@@ -112,6 +112,7 @@ class Stack:
 
     settings: Settings
     archiver: Archiver
+    archive_task: asyncio.Task
     base_url: str
     sessions: object
 
@@ -131,6 +132,7 @@ async def start_stack(settings: Settings) -> tuple[Stack, callable]:
     stack = Stack(
         settings=settings,
         archiver=archiver,
+        archive_task=archive_task,
         base_url=f"http://127.0.0.1:{settings.gateway_port}",
         sessions=make_sessionmaker(make_engine(settings.store_url)),
     )
