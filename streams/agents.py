@@ -101,14 +101,11 @@ class _Checkpointing:
 
     def handle(self, stream: faust.Stream, batch: list) -> None:
         produced = _Produced()
-        seen = False
         for event in batch:  # no await in here: the next snapshot must hold these outputs' records
             message = event.message
             received = receive_time(message.headers, message.timestamp)
-            outputs = self.live.handle(message.partition, message.offset, message.value, received)
-            seen |= outputs is None
-            produced.add(message.partition, outputs)
-        self.unacked.add(stream, batch, produced, seen=seen)
+            produced.add(message.partition, self.live.handle(message.partition, message.offset, message.value, received))
+        self.unacked.add(stream, batch, produced)
 
     async def flush(self) -> None:
         if time.monotonic() >= self._next_snapshot_at:
@@ -175,7 +172,7 @@ def register_pipeline(
         try:
             await checkpointing.flush()
         except NewBrokerLife as error:
-            error.log()
+            error.log(await asyncio.to_thread(live.checkpoints.unprocessed, (EVENTS.name,)))
             await app.crash(error)  # the worker exits non-zero; started again, it reads the new broker
 
     @app.timer(interval=idle_tick_s)

@@ -237,8 +237,8 @@ class Archiver:
     """Consumes the given topics and seals them into archive segments.
 
     Run with ``await archiver.run()``; ``archiver.stop()`` seals what is buffered and returns.
-    On a new broker life (streams/broker_life.py: checked whenever partitions are assigned,
-    and when a record comes at or below an offset already taken) ``run`` raises
+    On a new broker life (streams/broker_life.py: checked before every commit, whenever
+    partitions are assigned, and when a record comes below an offset already taken) ``run`` raises
     :class:`~streams.broker_life.NewBrokerLife` before sealing or committing anything of it:
     the segments carry the life they were read from, and a new life's records filed under
     the old one would overwrite its segments.
@@ -364,9 +364,12 @@ class Archiver:
                     self._next_offsets[tp] = records[-1].offset + 1
                     log.debug("archive.buffered", topic=tp.topic, partition=tp.partition,
                               last_offset=buffer.last_offset, records=len(buffer.lines))  # fmt: skip
-                for tp, buffer in list(self.buffers.items()):
-                    if buffer.due(now, self.flush_events, self.flush_seconds):
-                        await self.seal(tp)
+                due = [tp for tp, b in self.buffers.items() if b.due(now, self.flush_events, self.flush_seconds)]
+                if due:
+                    await self.life.confirm()  # sealing commits: never an offset into a new broker life
+                for tp in due:
+                    await self.seal(tp)
+            await self.life.confirm()
             for tp in list(self.buffers):
                 await self.seal(tp)
         except NewBrokerLife as error:
@@ -375,6 +378,7 @@ class Archiver:
                 await self.seal(tp, commit=False)
             raise
         finally:
+            await self.life.close()
             await self.consumer.stop()
             log.info("archive.stopped", sealed_records=self.sealed_records)
 

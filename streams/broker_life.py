@@ -8,10 +8,13 @@ would take the new life's first records for redeliveries of records it already h
 offsets are at or below its positions) and drop them, and the archiver would file them under
 the old life's name, over its segments.
 
-So a process asks the broker again before it acknowledges a record whose offset it had seen
-already (a redelivery after a crash looks the same: one request per checkpoint that holds
-one), and the archiver whenever partitions are assigned to it. On a new life the process
-stops with :class:`NewBrokerLife` before acknowledging anything of it. Started again (compose
+So a process asks the broker again before every acknowledgement: the worker and the learner
+before each checkpoint acknowledges its records, the archiver before each commit and whenever
+partitions are assigned to it; one request per checkpoint on a client kept open. (Asking only
+when a record came at or below a held offset is not enough: Faust itself drops records below
+the offset it last read, so after the broker's restart the first records that reach the agent
+can be new-looking ones above it.) On a new life the process stops with
+:class:`NewBrokerLife` before acknowledging anything of it. Started again (compose
 and systemd do), it reads the new id; its checkpoint keeps the state and forgets the old life's
 positions, and it reads the new life from the start. What the old life held and no one
 archived is gone with it: that is why production runs Kafka (docs/operations.md).
@@ -19,7 +22,11 @@ archived is gone with it: that is why production runs Kafka (docs/operations.md)
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import structlog
+
+from aiokafka.admin import AIOKafkaAdminClient
 
 from streams import kafka
 from streams.kafka import KafkaSettings
@@ -44,9 +51,13 @@ class NewBrokerLife(RuntimeError):
         super().__init__(f"{process}: the broker is not the one it started on (cluster {started_on}, now {now})")
         self.process, self.started_on, self.now = process, started_on, now
 
-    def log(self, **unprocessed: object) -> None:
+    def log(self, unprocessed: tuple[dict[str, int], int | None] = ({}, None)) -> None:
+        """Say so, with what the archive holds of the old life that this process's checkpoints
+        do not (``Checkpoints.unprocessed``) and the command that puts it back."""
+        counts, earliest_ms = unprocessed
+        since = None if earliest_ms is None else datetime.fromtimestamp(earliest_ms / 1000, timezone.utc).isoformat()
         log.error("broker.new_life", process=self.process, started_on=self.started_on, now=self.now,
-                  **unprocessed,
+                  unprocessed=counts, republish=since and f"feedloop replay --republish --since {since}",
                   action="the broker restarted empty or was replaced; this process acknowledged nothing "
                          "of the new one and stops: start it again (compose restarts it) and it reads the "
                          "new broker from its start. Records the old broker held that the archive does "
@@ -60,10 +71,23 @@ class BrokerLife:
         self.kafka_settings = kafka_settings
         self.started_on = started_on
         self.process = process
+        self._admin: AIOKafkaAdminClient | None = None
 
     async def confirm(self) -> None:
         """Raise :class:`NewBrokerLife` if the broker's cluster id changed (errors reaching the
         broker propagate: the caller acknowledges nothing and tries again)."""
-        now = await cluster_id(self.kafka_settings)
+        try:
+            if self._admin is None:
+                self._admin = kafka.admin(self.kafka_settings)
+                await self._admin.start()
+            now = (await self._admin.describe_cluster())["cluster_id"]
+        except BaseException:
+            await self.close()  # a fresh client next time
+            raise
         if now != self.started_on:
             raise NewBrokerLife(self.process, self.started_on, now)
+
+    async def close(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.close()

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from streams.archive import ArchivedRecord, read_segment, segments
@@ -145,6 +146,27 @@ class Checkpoints:
             rebuild.place(state, {})  # a new broker life restarts offsets at zero
         return state
 
+    def unprocessed(self, topics: Iterable[str]) -> tuple[dict[str, int], int | None]:
+        """What the archive holds of these topics in this broker life after this consumer's
+        checkpoints (a new life will not redeliver it): the count per ``topic:partition``, and
+        the broker timestamp (ms) of the earliest, for ``feedloop replay --republish --since``."""
+        wanted = set(topics)
+        with self.sessions() as session:
+            rows = session.scalars(select(StreamCheckpoint).where(StreamCheckpoint.consumer == self.consumer))
+            positions = {(t, p): o for row in rows if row.cluster_id == self.cluster_id for t, p, o in row.positions or ()}
+            chosen = [s for s in segments(session) if s.cluster_id == self.cluster_id and s.topic in wanted
+                      and s.last_offset > positions.get((s.topic, s.partition), -1)]  # fmt: skip
+        counts: dict[str, int] = {}
+        earliest: int | None = None
+        for segment in chosen:
+            after = positions.get((segment.topic, segment.partition), -1)
+            for record in read_segment(self.archive_dir / segment.path):
+                if record.offset > after:
+                    key = f"{record.topic}:{record.partition}"
+                    counts[key] = counts.get(key, 0) + 1
+                    earliest = record.timestamp_ms if earliest is None else min(earliest, record.timestamp_ms)
+        return counts, earliest
+
     def _rebuild(self, key: int, rebuild: Rebuild[S], cluster_id: str, positions: dict[Position, int] | None) -> S:
         state = rebuild.fresh()
         reached: dict[Position, int] = {}
@@ -203,11 +225,10 @@ class Unacked(Generic[T]):
     """Records handled since the last written checkpoint, acknowledged once one covers them.
 
     The worker adds each handled batch of records with what it produced for the checkpoint
-    to deliver (or None), and whether the state already held one of them (``seen``: a
-    redelivery, or the first records of a new broker life, which ``life`` tells apart before
-    any is acknowledged: streams/broker_life.py). :meth:`flush` hands that to ``write``, which
-    must take its snapshot of the state before its first await. The lock also keeps a
-    revocation or a restore from running in the middle of a checkpoint."""
+    to deliver (or None). :meth:`flush` first confirms the broker life (``life``:
+    streams/broker_life.py), so that nothing of a new one is ever acknowledged, then hands
+    that to ``write``, which must take its snapshot of the state before its first await. The
+    lock also keeps a revocation or a restore from running in the middle of a checkpoint."""
 
     def __init__(self, consumer: str, life: BrokerLife | None = None) -> None:
         self.consumer = consumer
@@ -215,29 +236,26 @@ class Unacked(Generic[T]):
         self.lock = asyncio.Lock()
         self._events: list[tuple[Any, list[object]]] = []  # (the stream that acks them, events)
         self._produced: list[T] = []
-        self._seen = False
 
-    def add(self, stream: Any, events: Iterable[object], produced: T | None = None, seen: bool = False) -> None:
+    def add(self, stream: Any, events: Iterable[object], produced: T | None = None) -> None:
         self._events.append((stream, list(events)))
         if produced is not None:
             self._produced.append(produced)
-        self._seen |= seen
 
     async def flush(self, write: Callable[[list[T]], Awaitable[None]]) -> None:
         """Write a checkpoint covering every record added; acknowledge them if it is written.
 
-        Raises :class:`~streams.broker_life.NewBrokerLife` (nothing acknowledged) when records
-        the state held came from a new broker life."""
+        Raises :class:`~streams.broker_life.NewBrokerLife` (nothing acknowledged) when the
+        broker is no longer the one the process started on."""
         async with self.lock:
-            events, produced, seen = self._events, self._produced, self._seen
-            self._events, self._produced, self._seen = [], [], False
+            events, produced = self._events, self._produced
+            self._events, self._produced = [], []
             try:
-                if seen and self.life is not None:
+                if events and self.life is not None:
                     await self.life.confirm()
                 await write(produced)
             except BaseException as error:
                 self._events, self._produced = events + self._events, produced + self._produced
-                self._seen |= seen
                 if not isinstance(error, Exception) or isinstance(error, NewBrokerLife):
                     raise  # cancelled (shutting down), or a new broker: the process stops
                 log.warning("checkpoint.write_failed", consumer=self.consumer, exc_info=True,

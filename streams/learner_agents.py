@@ -175,7 +175,7 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
                         await deliveries.send(reviews, pick.example.example_id.encode(), pick.model_dump_json().encode())
                     for dead in outputs.dead_letters:
                         await deliveries.send(dead_letters, dead_letter_key(dead), dead.model_dump_json().encode())
-                unacked.add(stream, [event], seen=outputs is None)
+                unacked.add(stream, [event])
 
     async def confirm_then_save(_: object) -> None:
         await deliveries.confirm()  # a verdict the broker lost must not be in a saved state
@@ -186,7 +186,8 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
         try:
             await unacked.flush(confirm_then_save)
         except NewBrokerLife as error:
-            error.log()
+            counts, _ = await asyncio.to_thread(learner.checkpoints.unprocessed, (EXAMPLES.name, CONTROL.name))
+            error.log((counts, None))  # examples and control events: republishing events does not bring them back
             await app.crash(error)  # the learner exits non-zero; started again, it reads the new broker
 
 

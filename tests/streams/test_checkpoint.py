@@ -216,6 +216,25 @@ def test_a_row_of_an_earlier_broker_life_is_rebuilt_from_that_life_only(sessions
     assert rebuilt.stats.counts == live.pipelines.partitions[0].stats.counts
 
 
+def test_what_the_archive_holds_after_the_checkpoints_is_counted_with_its_earliest_time(sessions, tmp_path,
+                                                                                       pseudonyms):
+    stream = traffic()
+    live = live_pipeline(sessions, tmp_path, pseudonyms)
+    assert live.checkpoints.unprocessed((EVENTS.name,)) == ({}, None)
+    feed(live, stream[:40])
+    live.commit(live.snapshot({0}))  # covers offsets 0-39
+    feed(live, stream[40:50])  # handled, not yet checkpointed: a new broker life would lose these
+    archive(sessions, tmp_path / "archive", "c1", stream[:52])
+    archive(sessions, tmp_path / "archive", "c0", stream)  # another life: not this one's business
+    archive(sessions, tmp_path / "archive", "c1", [("other.topic", 0, 0, b"{}")])  # not read by this consumer
+    counts, earliest_ms = live.checkpoints.unprocessed((EVENTS.name,))
+    assert counts == {f"{EVENTS.name}:0": 12}
+    with sessions() as session:
+        first_of_second = min(s.first_timestamp_ms for s in session.scalars(select(ArchiveSegment))
+                              if s.cluster_id == "c1" and s.first_offset == 25)  # fmt: skip
+    assert earliest_ms == first_of_second + 15  # offset 40: the 16th of the segment from 25
+
+
 async def test_a_failed_pipeline_checkpoint_keeps_its_records_and_the_next_one_covers_them(sessions, tmp_path,
                                                                                            pseudonyms, caplog):
     stream = traffic()
