@@ -287,6 +287,8 @@ class Archiver:
         except NewBrokerLife as error:
             self._new_life = error  # aiokafka logs and drops what a listener raises
             return
+        except Exception:  # noqa: BLE001 - unconfirmed: every commit confirms again before it goes out
+            log.warning("archive.broker_unconfirmed", exc_info=True)
         for tp in assigned:
             self._next_offsets.pop(tp, None)
             last = self.last_archived_offset(tp)
@@ -365,22 +367,34 @@ class Archiver:
                     log.debug("archive.buffered", topic=tp.topic, partition=tp.partition,
                               last_offset=buffer.last_offset, records=len(buffer.lines))  # fmt: skip
                 due = [tp for tp, b in self.buffers.items() if b.due(now, self.flush_events, self.flush_seconds)]
-                if due:
-                    await self.life.confirm()  # sealing commits: never an offset into a new broker life
+                if due and not await self._confirmed():
+                    due = []  # the next round tries again; the buffers wait
                 for tp in due:
                     await self.seal(tp)
-            await self.life.confirm()
-            for tp in list(self.buffers):
-                await self.seal(tp)
+            confirmed = await self._confirmed()
+            for tp in list(self.buffers):  # unconfirmed: archived, the offsets not committed
+                await self.seal(tp, commit=confirmed)
         except NewBrokerLife as error:
             error.log()
             for tp in list(self.buffers):  # records of the old life: archived, their offsets not committed
                 await self.seal(tp, commit=False)
             raise
         finally:
-            await self.life.close()
             await self.consumer.stop()
             log.info("archive.stopped", sealed_records=self.sealed_records)
+
+    async def _confirmed(self) -> bool:
+        """Whether the broker is still this archiver's (sealing commits: never an offset into
+        a new broker life); False when it cannot be asked. Raises NewBrokerLife."""
+        try:
+            await self.life.confirm()
+        except NewBrokerLife:
+            raise
+        except Exception:  # noqa: BLE001 - the broker is away: seal later
+            log.warning("archive.broker_unconfirmed", exc_info=True,
+                        action="the archiver seals once the broker answers; check the broker if this repeats")
+            return False
+        return True
 
     async def _same_life(self, batches: dict[TopicPartition, list]) -> None:
         if self._new_life is not None:

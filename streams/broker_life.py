@@ -10,7 +10,7 @@ the old life's name, over its segments.
 
 So a process asks the broker again before every acknowledgement: the worker and the learner
 before each checkpoint acknowledges its records, the archiver before each commit and whenever
-partitions are assigned to it; one request per checkpoint on a client kept open. (Asking only
+partitions are assigned to it; one request per checkpoint. (Asking only
 when a record came at or below a held offset is not enough: Faust itself drops records below
 the offset it last read, so after the broker's restart the first records that reach the agent
 can be new-looking ones above it.) On a new life the process stops with
@@ -25,8 +25,6 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import structlog
-
-from aiokafka.admin import AIOKafkaAdminClient
 
 from streams import kafka
 from streams.kafka import KafkaSettings
@@ -71,23 +69,11 @@ class BrokerLife:
         self.kafka_settings = kafka_settings
         self.started_on = started_on
         self.process = process
-        self._admin: AIOKafkaAdminClient | None = None
 
     async def confirm(self) -> None:
         """Raise :class:`NewBrokerLife` if the broker's cluster id changed (errors reaching the
-        broker propagate: the caller acknowledges nothing and tries again)."""
-        try:
-            if self._admin is None:
-                self._admin = kafka.admin(self.kafka_settings)
-                await self._admin.start()
-            now = (await self._admin.describe_cluster())["cluster_id"]
-        except BaseException:
-            await self.close()  # a fresh client next time
-            raise
+        broker propagate: the caller acknowledges nothing and tries again). A client per call:
+        one kept open was shared by concurrent callers and failed with NodeNotReadyError."""
+        now = await cluster_id(self.kafka_settings)
         if now != self.started_on:
             raise NewBrokerLife(self.process, self.started_on, now)
-
-    async def close(self) -> None:
-        admin, self._admin = self._admin, None
-        if admin is not None:
-            await admin.close()
