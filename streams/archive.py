@@ -288,7 +288,8 @@ class Archiver:
             self._new_life = error  # aiokafka logs and drops what a listener raises
             return
         except Exception:  # noqa: BLE001 - unconfirmed: every commit confirms again before it goes out
-            log.warning("archive.broker_unconfirmed", exc_info=True)
+            log.warning("archive.broker_unconfirmed", exc_info=True,
+                        action="resuming anyway; every seal asks the broker again before it commits")
         for tp in assigned:
             self._next_offsets.pop(tp, None)
             last = self.last_archived_offset(tp)

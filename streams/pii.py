@@ -220,8 +220,8 @@ class _Cue:
     """What every match of a detector holds, one of: a substring of the text as written
     (`text`), of the lowercased text (`lower`), of its shape (`shape`, see _shape), or a word of
     the lowercased text (`words`, punctuation attached, as _words splits it); `digit`: and a
-    digit. A text with none is skipped by that detector (_CueScan). Each detector's pre-checks
-    test the same constants, to pick which of its patterns to run."""
+    digit. A text with none is skipped by that detector (_CueScan). Detectors with several
+    patterns test the same constants again to pick which of them to run."""
 
     text: tuple[str, ...] = ()
     lower: tuple[str, ...] = ()
