@@ -50,9 +50,17 @@ def keep_files_private(data_dir: Path) -> None:
         data_dir.chmod(0o700)
 
 
-def _serve_until_signal(build) -> None:
+def _heartbeat(settings: Settings, process: str, **reports):
+    from app.liveness import Heartbeat
+    from streams.store import make_engine, make_sessionmaker
+
+    return Heartbeat(process, make_sessionmaker(make_engine(settings.store_url)), settings.liveness, **reports)
+
+
+def _serve_until_signal(settings: Settings, process: str, build) -> None:
     """``await build()`` gives a service with ``run()`` and ``stop()``: run it until it ends
-    or SIGINT/SIGTERM, then stop it and wait for it to finish what it holds."""
+    or SIGINT/SIGTERM, then stop it and wait for it to finish what it holds. Its heartbeat
+    (app/liveness.py) beats meanwhile, with the service's ``liveness_detail()`` if it has one."""
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -60,10 +68,16 @@ def _serve_until_signal(build) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         service = await build()
+        heartbeat = _heartbeat(settings, process, detail=getattr(service, "liveness_detail", dict))
+        beating = asyncio.create_task(heartbeat.run())
         task = asyncio.create_task(service.run())
-        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-        service.stop()
-        await task
+        try:
+            await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            service.stop()
+            await task
+        finally:
+            heartbeat.stop()
+            await beating
 
     asyncio.run(serve())
 
@@ -150,11 +164,23 @@ def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
 
     settings = _settings(ctx)
     updates = {k: v for k, v in (("gateway_host", host), ("gateway_port", port)) if v is not None}
-    asyncio.run(gateway_server(settings.model_copy(update=updates)).serve())
+    server = gateway_server(settings.model_copy(update=updates))
+
+    async def serve() -> None:
+        heartbeat = _heartbeat(settings, "gateway", ready=lambda: server.started)
+        beating = asyncio.create_task(heartbeat.run())
+        try:
+            await server.serve()
+        finally:
+            heartbeat.stop()
+            await beating
+
+    asyncio.run(serve())
 
 
-def _run_faust(settings: Settings, build) -> None:
-    """Migrate the store, create the topics, then run the Faust app ``build(settings, cluster)``."""
+def _run_faust(settings: Settings, process: str, build) -> None:
+    """Migrate the store, create the topics, then run the Faust app ``build(settings, cluster)``
+    with its heartbeat: ready once it has joined its consumer group and is not rebalancing."""
     import faust
 
     import migrations
@@ -165,13 +191,26 @@ def _run_faust(settings: Settings, build) -> None:
     migrations.upgrade(settings.store_url)
     asyncio.run(ensure_topics(settings))
     app = build(settings, asyncio.run(cluster_id(settings.kafka)))
+
+    def partitions() -> dict[str, list[int]]:
+        held: dict[str, list[int]] = {}
+        for tp in app.consumer.assignment():
+            held.setdefault(tp.topic, []).append(tp.partition)
+        return {"partitions": {topic: sorted(numbers) for topic, numbers in sorted(held.items())}}
+
+    heartbeat = _heartbeat(settings, process, ready=lambda: app.rebalancing_count > 0 and not app.rebalancing,
+                           detail=partitions)
+    app.timer(settings.liveness.interval_s, name="liveness")(heartbeat.beat_once)
     tune_gc()
 
     class Worker(faust.Worker):
         def _setup_logging(self) -> None:  # keep feedloop's structlog set-up
             configure_logging(settings.log_level, settings.log_format)
 
-    Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False).execute_from_commandline()
+    try:
+        Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False).execute_from_commandline()
+    finally:
+        heartbeat.stopped()
 
 
 @main.command()
@@ -180,7 +219,7 @@ def worker(ctx: click.Context) -> None:
     """Run the stream pipeline (a Faust worker) until Ctrl-C; start several to scale out."""
     from app.runtime import build_pipeline_app
 
-    _run_faust(_settings(ctx), build_pipeline_app)
+    _run_faust(_settings(ctx), "worker", build_pipeline_app)
 
 
 @main.command()
@@ -192,7 +231,7 @@ def learn(ctx: click.Context) -> None:
     does not scale out: a second one would split the examples between two routers."""
     from app.runtime import build_learner_app
 
-    _run_faust(_settings(ctx), build_learner_app)
+    _run_faust(_settings(ctx), "learner", build_learner_app)
 
 
 @main.command()
@@ -214,7 +253,7 @@ def train(ctx: click.Context) -> None:
                              adapters_dir=settings.adapters_path, batches_dir=settings.batches_dir,
                              suites=suites)  # fmt: skip
 
-    _serve_until_signal(build)
+    _serve_until_signal(settings, "trainer", build)
 
 
 @main.group()
@@ -232,7 +271,7 @@ def archive_run(ctx: click.Context) -> None:
     settings = _settings(ctx.parent)
     migrations.upgrade(settings.store_url)
 
-    _serve_until_signal(lambda: build_archiver(settings))
+    _serve_until_signal(settings, "archiver", lambda: build_archiver(settings))
 
 
 @archive.command("verify")
@@ -275,6 +314,38 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(overview.to_json(), indent=2))
     else:
         render_status(overview, Console())
+
+
+@main.command()
+@click.argument("process", type=click.Choice(["worker", "learner", "trainer", "swap", "archiver", "gateway"]))
+@click.option("--host", default=None, help="Whose heartbeat to check. Default: this host (a container's own).")
+@click.pass_context
+def health(ctx: click.Context, process: str, host: str | None) -> None:
+    """Exit 0 if PROCESS on this host beats its heartbeat (a Docker health check), 1 if not.
+
+    It reads the store (app/liveness.py): the process reports itself there every
+    FEEDLOOP_LIVENESS__INTERVAL_S and is down once silent for FEEDLOOP_LIVENESS__DOWN_AFTER_S."""
+    import socket
+
+    from app.liveness import UP, process_views
+    from streams.store import make_engine, make_sessionmaker
+
+    settings = _settings(ctx)
+    host = host or socket.gethostname()
+    engine = make_engine(settings.store_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            views = [v for v in process_views(session, settings.liveness, processes=[process]) if v.host == host]
+    finally:
+        engine.dispose()
+    if not views:
+        raise click.ClickException(f"no heartbeat of {process} on {host} in the store; is it running, and does it "
+                                   "reach FEEDLOOP_DATABASE_URL?")
+    newest = views[-1]
+    click.echo(f"{process} {newest.host}:{newest.pid} {newest.state} (last beat {newest.beat_age_s:.0f} s ago)"
+               + (f": {newest.why}" if newest.why else ""))
+    if newest.state != UP:
+        raise SystemExit(1)
 
 
 @main.command()
@@ -464,7 +535,7 @@ def swap(ctx: click.Context) -> None:
     async def build() -> ControlConsumer:
         return ControlConsumer(settings.kafka, "feedloop-swap", handle, tick=tick)
 
-    _serve_until_signal(build)
+    _serve_until_signal(settings, "swap", build)
 
 
 @main.group()

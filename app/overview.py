@@ -7,7 +7,7 @@ One :class:`OverviewSource` gathers them, so the three never disagree:
   examples (traffic per serving adapter, rewards per adapter, the A/B confidence sequences);
 - the store: the adapter registry (state, swap latency), batches (size, strata, channel
   weights), the newest router snapshot, and the pipeline's checkpointed offsets against the
-  archived ones (consumer lag);
+  archived ones (consumer lag), and every process's last heartbeat (app/liveness.py);
 - the trainer's privacy ledger (epsilon spent against the budget).
 
 Cheap enough to call every few seconds: segments are immutable once sealed, so each one is
@@ -38,6 +38,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
+from app.liveness import ProcessView, process_views
 from app.settings import Settings
 from streams.store import Adapter, ArchiveSegment, Batch, RouterSnapshot, StreamCheckpoint, make_engine, make_sessionmaker
 from learners.ab_test import ABTest
@@ -238,6 +239,7 @@ class Overview:
     batches_by_status: dict[str, int]
     recent_batches: list[BatchView]
     lag: list[LagView]
+    processes: list[ProcessView]
     privacy: PrivacyView
     router: RouterView | None
 
@@ -510,6 +512,7 @@ class OverviewSource:
                 .order_by(RouterSnapshot.id.desc()).limit(1)
             ).first()  # fmt: skip
             lag = self._lag(session)
+            processes = process_views(session, self.settings.liveness)
         return Overview(
             generated_at=_clock(datetime.now(timezone.utc).timestamp()),
             segments=len(self._folded),
@@ -531,6 +534,7 @@ class OverviewSource:
             batches_by_status=batches_by_status,
             recent_batches=[_batch_view(b) for b in reversed(batches)],
             lag=lag,
+            processes=processes,
             privacy=self._privacy(),
             router=None if router is None else RouterView(router.version, router.examples, list(router.arms),
                                                           _clock_of(router.created_at)),  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.liveness import LivenessSettings
 from app.rate_limit import RateLimit
 from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
@@ -126,6 +127,11 @@ class Settings(BaseSettings):
         None, description="Local path of the base model. Default: data_dir/models/base."
     )
     adapter_dir: Path | None = Field(None, description="Where adapters live. Default: data_dir/adapters.")
+
+    # --- operations -------------------------------------------------------------------------
+    liveness: LivenessSettings = Field(
+        default_factory=LivenessSettings, description="Process heartbeats, FEEDLOOP_LIVENESS__*; docs/operations.md."
+    )
 
     # --- logging ----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")

@@ -55,6 +55,16 @@ def render_status(overview: Overview, console: Console) -> None:
                     + ("" if privacy.enabled else " (DP training off)"))
     console.print(summary)
 
+    processes = Table(title="processes (heartbeats; down = stopped, or silent past FEEDLOOP_LIVENESS__DOWN_AFTER_S)")
+    for column in ("process", "instance", "state", "last beat", "started", "doing"):
+        processes.add_column(column)
+    for p in overview.processes:
+        state = {"up": "[green]up[/green]", "starting": "[yellow]starting[/yellow]"}.get(p.state, "[red]down[/red]")
+        doing = p.why if p.state != "up" else ", ".join(f"{k} {v}" for k, v in sorted(p.detail.items()))
+        processes.add_row(p.process, escape(f"{p.host}:{p.pid}"), state, f"{p.beat_age_s:.0f} s ago", p.started_at,
+                          escape(doing))
+    _print(console, processes)
+
     traffic, reward = _latest(overview.traffic_share), _latest(overview.reward_mean)
     adapters = Table(title="adapters")
     for column in ("adapter", "state", "parent", "traffic share", "reward", "swap ms", "last event", "reason"):

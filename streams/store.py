@@ -1,8 +1,9 @@
 """The relational store: what feedloop records outside the event log.
 
 Archive segments (where each stretch of the log is kept on disk), the adapter registry,
-curated batches, A/B experiments, stream checkpoints and router snapshots. Each row is derived from events and can be rebuilt by
-replaying the log. The schema is created and changed only by the Alembic migrations in
+curated batches, A/B experiments, stream checkpoints and router snapshots: each derived from
+events and rebuilt by replaying the log. Process heartbeats are the one exception: they say
+which processes run now, which no log can tell. The schema is created and changed only by the Alembic migrations in
 ``migrations/`` (``feedloop db upgrade``); SQLite by default, PostgreSQL in production.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -143,6 +145,26 @@ class RouterSnapshot(Base):
     arms: Mapped[list[str]] = mapped_column(JSON)
     state: Mapped[bytes] = mapped_column(LargeBinary, doc="learners.router.LinUCBRouter.to_bytes.")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ProcessHeartbeat(Base):
+    """One running feedloop process, as it last reported itself (app/liveness.py).
+
+    Each long-running process writes its row every few seconds and marks it stopped when it
+    ends; a row whose last beat is older than the liveness timeout is a process that died.
+    """
+
+    __tablename__ = "process_heartbeats"
+
+    instance: Mapped[str] = mapped_column(String(255), primary_key=True, doc="process@host:pid")
+    process: Mapped[str] = mapped_column(String(64), doc="worker, learner, trainer, swap, archiver, gateway")
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ready: Mapped[bool] = mapped_column(Boolean, default=False, doc="Doing its work (not starting up).")
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="What the process says it is doing.")
 
 
 def make_engine(url: str) -> Engine:

@@ -541,6 +541,24 @@ def check_healthchecks(compose: Compose, docs: str) -> list[str]:
     return problems
 
 
+# The name each long-running command beats its heartbeat under (app/cli.py).
+HEARTBEATS = {("worker",): "worker", ("learn",): "learner", ("train",): "trainer", ("swap",): "swap",
+              ("archive", "run"): "archiver"}
+
+
+def check_liveness(compose: Compose) -> list[str]:
+    """Each process without HTTP is health-checked by `feedloop health` on its own heartbeat."""
+    problems = []
+    for name, service in feedloop_services(compose).items():
+        process = HEARTBEATS.get(tuple(argv(service.get("command"))))
+        if process is None:
+            continue
+        test = argv((service.get("healthcheck") or {}).get("test"))
+        if test != ["CMD", "feedloop", "health", process]:
+            problems.append(f"{name}: health check {test}, not `feedloop health {process}`")
+    return problems
+
+
 def check_scaling(compose: Compose) -> list[str]:
     """Worker replicas fit the partitions; the online learner runs exactly once."""
     services = compose["services"]
@@ -566,6 +584,7 @@ CHECKS: dict[str, Callable[[Compose], list[str]]] = {
     "volumes": check_volumes,
     "gpus": check_gpus,
     "healthchecks": lambda compose: check_healthchecks(compose, DEPLOYMENT_DOC.read_text()),
+    "liveness": check_liveness,
     "scaling": check_scaling,
 }
 
@@ -672,8 +691,11 @@ BROKEN = {
     "undocumented disabled check": ("healthchecks", "vllm: health check disabled",
                                     put("vllm.healthcheck", {"disable": True})),
     "no restart policy": ("healthchecks", "restart policy", put("postgres.restart", None)),
-    "waiting on an unchecked service": ("healthchecks", "never reports",
-                                        put("gateway.depends_on.worker", {"condition": "service_healthy"})),
+    "waiting on an unchecked service": ("healthchecks", "never reports", lambda compose: [
+        put("worker.healthcheck", {"disable": True})(compose),
+        put("gateway.depends_on.worker", {"condition": "service_healthy"})(compose)]),
+    "a heartbeat checked under another name": ("liveness", "not `feedloop health trainer`",
+                                               put("trainer.healthcheck.test.3", "worker")),
     "idle workers": ("scaling", "would idle", put("worker.deploy.replicas", 13)),
     "two learners": ("scaling", "exactly one", put("learner.deploy.replicas", 2)),
 }

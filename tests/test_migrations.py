@@ -12,7 +12,8 @@ import migrations
 from streams.checkpoint import decode
 from streams.store import Adapter, Base, Batch, StreamCheckpoint, make_engine, make_sessionmaker
 
-TABLES = {"archive_segments", "adapters", "batches", "experiments", "stream_checkpoints", "router_snapshots"}
+TABLES = {"archive_segments", "adapters", "batches", "experiments", "stream_checkpoints", "router_snapshots",
+          "process_heartbeats"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -32,7 +33,7 @@ def tables(url: str) -> set[str]:
 
 def test_upgrade_then_downgrade(url):
     migrations.upgrade(url)
-    assert migrations.current(url) == "0004"
+    assert migrations.current(url) == "0005"
     assert tables(url) == TABLES
     migrations.downgrade(url, "base")
     assert migrations.current(url) is None

@@ -80,6 +80,7 @@ class TrainerWorker:
         self.data_dir, self.base_model_dir, self.adapters_dir = data_dir, base_model_dir, adapters_dir
         self.batches_dir = (batches_dir or data_dir / "batches").resolve()
         self.consumer = ControlConsumer(kafka, group, self.handle, max_poll_interval_s=MAX_TRAINING_S)
+        self.training: str | None = None
 
     async def handle(self, event: BaseModel) -> list[AdapterReady | DeadLetter]:
         if not isinstance(event, BatchEmitted):
@@ -94,6 +95,7 @@ class TrainerWorker:
             return [dead_letter(reason="batch_path_refused", detail=detail, raw=event.model_dump_json().encode(),
                                 received_at=utcnow(), stage="trainer", max_raw_bytes=DEFAULT_DEAD_LETTER_MAX_RAW_BYTES,
                                 event_id=event.event_id, dead_letter_id=f"trainer-{event.event_id}")]  # fmt: skip
+        self.training = event.batch_id
         try:
             result = await asyncio.to_thread(
                 train_batch, batch_dir, self.config, self.sessions,
@@ -108,11 +110,17 @@ class TrainerWorker:
             log.error("trainer.budget_exceeded", batch_id=event.batch_id, error=str(exc),
                       hint="raise FEEDLOOP_TRAINER__PRIVACY__BUDGET_EPSILON or drop the batch")  # fmt: skip
             return []
+        finally:
+            self.training = None
         if result.event is None:
             log.warning("trainer.rejected", batch_id=event.batch_id, adapter=result.adapter, reason=result.reason)
             return []
         log.info("trainer.adapter_ready", batch_id=event.batch_id, adapter=result.adapter, metrics=result.metrics)
         return [result.event]
+
+    def liveness_detail(self) -> dict[str, str]:
+        """What its heartbeat says it does (app/liveness.py): the batch in training, if any."""
+        return {"training": self.training} if self.training else {}
 
     async def run(self) -> None:
         await self.consumer.run()

@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import main
+from app.liveness import Heartbeat
 from streams.config import LearnerSettings
 from streams.store import Adapter, Batch
 from streams.contract import AdapterLoaded, AdapterReady, AnnotatedExample, Context, DriftAlarm
@@ -165,6 +166,12 @@ async def test_dashboard_shows_the_loop_in_a_browser(stack, tmp_path):
     from playwright.async_api import async_playwright
 
     run = await run_the_loop(stack)
+    training = Heartbeat("trainer", stack.sessions, stack.settings.liveness, detail=lambda: {"training": "b-0042"},
+                         host="gpu-1", pid=11)  # fmt: skip
+    training.beat()
+    stopped = Heartbeat("worker", stack.sessions, stack.settings.liveness, host="cpu-1", pid=12)
+    stopped.beat()
+    stopped.stopped()
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
         assert (await http.get("/dashboard")).status_code == 401
         assert (await http.get("/dashboard", params={"key": "wrong"})).status_code == 401
@@ -185,6 +192,8 @@ async def test_dashboard_shows_the_loop_in_a_browser(stack, tmp_path):
             charts = await page.evaluate("""() => Object.fromEntries(
                 ['adapters', 'traffic', 'reward', 'ab', 'batches', 'deadletters', 'privacy'].map(id => [id,
                  document.getElementById('chart-' + id).data.map(t => ({name: t.name, x: t.x, y: t.y, value: t.value}))]))""")
+            processes = await page.evaluate("""() => [...document.querySelectorAll('#table-processes tr')].slice(1)
+                .map(tr => [...tr.cells].map(td => td.textContent))""")
             screenshot = tmp_path / "dashboard.png"
             await page.screenshot(path=str(screenshot), full_page=True)
             print(f"dashboard screenshot: {screenshot}")
@@ -216,6 +225,9 @@ async def test_dashboard_shows_the_loop_in_a_browser(stack, tmp_path):
     reasons = dict(zip(charts["deadletters"][0]["y"], charts["deadletters"][0]["x"]))
     assert {"unknown_type", "schema_violation", "invalid_json"} <= set(reasons)
     assert charts["privacy"][0]["value"] == pytest.approx(run.epsilon_spent)
+    rows = {row[0]: row for row in processes}
+    assert rows["trainer"][1:3] == ["gpu-1:11", "up"] and rows["trainer"][5] == 'training "b-0042"'
+    assert rows["worker"][1:3] == ["cpu-1:12", "down"] and rows["worker"][5].startswith("stopped at")
 
 
 def archive_counts(stack) -> tuple[Counter, Counter]:

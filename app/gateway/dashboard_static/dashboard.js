@@ -8,6 +8,7 @@ const PALETTE = ["#1c7ed6", "#f08c00", "#2f9e44", "#ae3ec9", "#e03131", "#0c8599
 const STATE_COLORS = {
   champion: "#2f9e44", challenger: "#1c7ed6", loaded: "#1971c2", ready: "#868e96",
   retired: "#adb5bd", superseded: "#ced4da", failed: "#e03131", rolled_back: "#f76707",
+  up: "#2f9e44", starting: "#f59f00", down: "#e03131",  // processes
 };
 const EVENT_SYMBOLS = {
   ready: "circle-open", loaded: "circle", promoted: "star", retired: "x", rolled_back: "triangle-down", failed: "x-thin-open",
@@ -242,6 +243,14 @@ function drawLag(o) {
             o.lag.map((l) => [l.consumer, l.partition, l.archived_offset, l.checkpointed_offset, l.lag]));
 }
 
+function drawProcesses(o) {
+  fillTable("table-processes", ["process", "instance", "state", "last beat", "started", "doing"],
+            o.processes.map((p) => [p.process, `${p.host}:${p.pid}`, badge(p.state),
+                                    `${Math.round(p.beat_age_s)} s ago`, p.started_at.replace("T", " ").slice(0, 19),
+                                    p.state === "up" ? Object.entries(p.detail).map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(", ")
+                                                     : p.why]));
+}
+
 function draw(o) {
   const color = colorFor([...o.adapters.map((a) => a.name), ...Object.keys(o.traffic_share.values),
                           ...Object.keys(o.reward_mean.values)]);
@@ -255,6 +264,7 @@ function draw(o) {
   drawDrift(o);
   drawPrivacy(o);
   drawLag(o);
+  drawProcesses(o);
 }
 
 async function refresh() {
