@@ -235,9 +235,14 @@ def learn(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option("--retry", "retry", default=None, metavar="BATCH",
+              help="Put the failed BATCH back in line for the running trainer, then exit.")
 @click.pass_context
-def train(ctx: click.Context) -> None:
-    """Train each emitted batch into an adapter and announce it (adapter_ready), until Ctrl-C."""
+def train(ctx: click.Context, retry: str | None) -> None:
+    """Train each emitted batch into an adapter and announce it (adapter_ready), until Ctrl-C.
+
+    A batch that cannot be trained is marked failed with its reason (`feedloop status`); fix
+    the cause, then `feedloop train --retry BATCH`."""
     import migrations
     from streams.store import make_engine, make_sessionmaker
     from trainer.gate import load_suites
@@ -245,6 +250,9 @@ def train(ctx: click.Context) -> None:
 
     settings = _settings(ctx)
     migrations.upgrade(settings.store_url)
+    if retry is not None:
+        _retry_batch(settings, retry)
+        return
     suites = load_suites(settings.trainer.gate.suites)  # a misnamed suite fails here, not mid-batch
 
     async def build() -> TrainerWorker:
@@ -254,6 +262,42 @@ def train(ctx: click.Context) -> None:
                              suites=suites)  # fmt: skip
 
     _serve_until_signal(settings, "trainer", build)
+
+
+def _retry_batch(settings: Settings, batch_id: str) -> None:
+    from streams import kafka
+    from streams.store import make_engine, make_sessionmaker
+    from streams.topics import CONTROL, control_key
+    from trainer.worker import retry_batch
+
+    from trainer.registry import Registry
+
+    engine = make_engine(settings.store_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        event = retry_batch(sessions, settings.adapters_path, batch_id)
+    except (LookupError, ValueError) as exc:
+        engine.dispose()
+        raise click.ClickException(str(exc)) from exc
+
+    async def publish() -> None:
+        producer = kafka.producer(settings.kafka)
+        await producer.start()
+        try:
+            await producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=control_key(event))
+        finally:
+            await producer.stop()
+
+    try:
+        asyncio.run(publish())
+    except Exception as exc:  # the row goes back to failed: a retry without its event would wait forever
+        Registry(sessions, settings.adapters_path).fail_batch(batch_id, f"the retry was not published ({exc})")
+        raise click.ClickException(f"cannot publish the retry of {batch_id} ({exc}); is the broker up? "
+                                   "then run the same command again") from exc
+    finally:
+        engine.dispose()
+    click.echo(f"batch {batch_id} is back in line ({event.event_id}); the trainer takes it next "
+               "(`feedloop status` shows how it goes)")
 
 
 @main.group()
@@ -533,7 +577,7 @@ def swap(ctx: click.Context) -> None:
         return await asyncio.to_thread(controller.tick)
 
     async def build() -> ControlConsumer:
-        return ControlConsumer(settings.kafka, "feedloop-swap", handle, tick=tick)
+        return ControlConsumer(settings.kafka, "feedloop-swap", handle, stage="swap", tick=tick)
 
     _serve_until_signal(settings, "swap", build)
 

@@ -40,7 +40,7 @@ from sqlalchemy.orm import sessionmaker
 
 from app.liveness import ProcessView, process_views
 from app.settings import Settings
-from streams.store import Adapter, ArchiveSegment, Batch, RouterSnapshot, StreamCheckpoint, make_engine, make_sessionmaker
+from streams.store import Adapter, ArchiveSegment, Batch, BatchStatus, RouterSnapshot, StreamCheckpoint, make_engine, make_sessionmaker
 from learners.ab_test import ABTest
 from learners.loss_weights import LossWeights
 from streams.archive import ArchivedRecord, read_segment
@@ -190,6 +190,7 @@ class BatchView:
     created_at: str | None
     strata: dict[str, int]
     loss_weights: dict[str, float]
+    reason: str | None = None  # why it failed
 
 
 @dataclass
@@ -238,6 +239,7 @@ class Overview:
     batches_emitted: int
     batches_by_status: dict[str, int]
     recent_batches: list[BatchView]
+    failed_batches: list[BatchView]  # the newest, with why; `feedloop train --retry BATCH`
     lag: list[LagView]
     processes: list[ProcessView]
     privacy: PrivacyView
@@ -507,6 +509,9 @@ class OverviewSource:
             batches_by_status = dict(session.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
             batches = list(session.scalars(select(Batch).order_by(Batch.created_at.desc(), Batch.batch_id.desc())
                                            .limit(RECENT_BATCHES)))  # fmt: skip
+            failed = list(session.scalars(select(Batch).where(Batch.status == BatchStatus.FAILED)
+                                          .order_by(Batch.created_at.desc(), Batch.batch_id.desc())
+                                          .limit(RECENT_BATCHES)))  # fmt: skip
             router = session.execute(
                 select(RouterSnapshot.version, RouterSnapshot.examples, RouterSnapshot.arms, RouterSnapshot.created_at)
                 .order_by(RouterSnapshot.id.desc()).limit(1)
@@ -533,6 +538,7 @@ class OverviewSource:
             batches_emitted=fold.batches_emitted,
             batches_by_status=batches_by_status,
             recent_batches=[_batch_view(b) for b in reversed(batches)],
+            failed_batches=[_batch_view(b) for b in failed],
             lag=lag,
             processes=processes,
             privacy=self._privacy(),
@@ -615,4 +621,5 @@ def _batch_view(batch: Batch) -> BatchView:
     manifest = batch.manifest or {}
     return BatchView(batch_id=batch.batch_id, size=batch.example_count, status=batch.status, trigger=batch.trigger,
                      adapter=batch.adapter, created_at=_clock_of(batch.created_at),
-                     strata=dict(manifest.get("strata", {})), loss_weights=dict(manifest.get("loss_weights", {})))
+                     strata=dict(manifest.get("strata", {})), loss_weights=dict(manifest.get("loss_weights", {})),
+                     reason=batch.reason)

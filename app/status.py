@@ -103,6 +103,14 @@ def render_status(overview: Overview, console: Console) -> None:
                         ", ".join(f"{c} {w:.2f}" for c, w in sorted(b.loss_weights.items())))
     _print(console, batches)
 
+    if overview.failed_batches:
+        failed = Table(title="failed batches (fix the cause, then `feedloop train --retry BATCH`)")
+        for column in ("batch", "size", "created", "reason"):
+            failed.add_column(column)
+        for b in overview.failed_batches:
+            failed.add_row(b.batch_id, str(b.size), b.created_at or "", escape(b.reason or "(no reason recorded)"))
+        console.print(failed)
+
     drift = Table(title="drift alarms by signal")
     drift.add_column("signal")
     drift.add_column("alarms", justify="right")

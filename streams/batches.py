@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 from sqlalchemy.orm import sessionmaker
 
-from streams.store import Batch
+from streams.store import Batch, BatchStatus
 from streams.contract import BatchEmitted
 from streams.curator import CutBatch
 from streams.training_data import MANIFEST, write_batch
@@ -54,7 +54,7 @@ def publish_batch(cut: CutBatch, *, data_dir: Path, batches_dir: Path, sessions:
     with sessions.begin() as session:
         if session.get(Batch, cut.batch_id) is None:
             session.add(Batch(batch_id=cut.batch_id, path=relative, manifest_sha256=digest,
-                              example_count=len(cut.records), trigger=cut.trigger, status="emitted",
+                              example_count=len(cut.records), trigger=cut.trigger, status=BatchStatus.EMITTED,
                               manifest=manifest.model_dump(mode="json")))
     log.info("batch.published", batch_id=cut.batch_id, records=len(cut.records), trigger=cut.trigger,
              strata=len(manifest.strata), replayed=manifest.replayed)

@@ -1,12 +1,12 @@
 """A worker on the control topic: each control event handled, what it answers published, then committed.
 
 The trainer (``feedloop train``) and the hot-swap controller (``feedloop swap``) both read
-``feedloop.control.v1`` in their own consumer group. For each record: decode it (records
-that are not control events are skipped), ``await handle(event)``, publish the control
-events it returns and the dead letters of what it refused (acks=all), and only then commit
-the offset: a crash re-reads the record, and handlers are idempotent (stable event ids,
-registry states). ``tick`` runs between polls for work driven by time (drains, replica
-retries).
+``feedloop.control.v1`` in their own consumer group. For each record: decode it (a record
+that is no control event becomes this reader's dead letter, ``streams.intake.refused_record``),
+``await handle(event)``, publish the control events it returns and the dead letters of what it
+refused (acks=all), and only then commit the offset: a crash re-reads the record, and
+handlers are idempotent (stable event ids, registry states). ``tick`` runs between polls for
+work driven by time (drains, replica retries).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from streams.contract import CONTROL_EVENT_ADAPTER, DeadLetter
+from streams.intake import refused_record
 from streams import kafka
 from streams.kafka import KafkaSettings
 from streams.topics import CONTROL, DEAD_LETTER, control_key, dead_letter_key
@@ -35,10 +36,11 @@ class ControlConsumer:
         group: str,
         handle: Handler,
         *,
+        stage: str,
         tick: Ticker | None = None,
         max_poll_interval_s: float = 300.0,
     ) -> None:
-        self.handle = handle
+        self.handle, self.stage = handle, stage  # stage: who refused, in its dead letters
         self.tick = tick
         self._stopping = asyncio.Event()
         self.consumer = kafka.consumer(
@@ -69,10 +71,16 @@ class ControlConsumer:
                 batches = await self.consumer.getmany(timeout_ms=500, max_records=1)
                 for tp, records in batches.items():
                     for record in records:
+                        value = record.value or b""
                         try:
-                            event = CONTROL_EVENT_ADAPTER.validate_json(record.value)
+                            event = CONTROL_EVENT_ADAPTER.validate_json(value)
                         except ValidationError as error:
-                            log.warning("control.undecodable", offset=record.offset, error=str(error)[:300])
+                            refused = refused_record(error, value, topic=tp.topic, partition=tp.partition,
+                                                     offset=record.offset, timestamp_s=record.timestamp / 1000,
+                                                     stage=self.stage)  # fmt: skip
+                            log.warning("control.undecodable", offset=record.offset, reason=refused.reason,
+                                        hint="dead-lettered and skipped; find who writes it to the control topic")
+                            await self.publish([refused])
                         else:
                             await self.publish(await self.handle(event))
                         await self.consumer.commit({tp: record.offset + 1})

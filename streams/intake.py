@@ -379,6 +379,23 @@ def largest_raw_bytes(record_limit: int = PRODUCER_MAX_REQUEST_BYTES) -> int:
     return (record_limit - RECORD_OVERHEAD_BYTES - DEAD_LETTER_ENVELOPE_BYTES) // 4 * 3
 
 
+def refused_record(error: ValidationError, value: bytes, *, topic: str, partition: int, offset: int,
+                   timestamp_s: float | None, stage: str) -> DeadLetter:  # fmt: skip
+    """The dead letter of a record that a reader (``stage``) of ``topic`` cannot decode.
+
+    Every reader of a topic that anyone can produce to refuses what it cannot read this way
+    and keeps going: the learner (examples, control), the trainer and the swap controller
+    (control). Its id names the reader and the record, so a redelivered record gives the same
+    dead letter, and each reader's refusal is its own."""
+    reason, detail, issues = why_invalid(error, value)
+    received = datetime.fromtimestamp(timestamp_s, timezone.utc) if timestamp_s else EPOCH
+    return dead_letter(
+        reason=reason, detail=f"{topic} record: {detail}", raw=value, received_at=received, stage=stage,
+        max_raw_bytes=DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, issues=issues,
+        dead_letter_id=f"{stage}-{topic}-{partition}-{offset}",
+    )  # fmt: skip
+
+
 def dead_letter(
     *,
     reason: str,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Literal, Union
 
 import structlog
@@ -43,7 +43,7 @@ from streams.contract import (
     DeadLetter,
     DriftAlarm,
 )
-from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, EPOCH, dead_letter, why_invalid
+from streams.intake import refused_record
 from streams.lifecycle import ROLLBACK, Lifecycle, Transition
 from streams.topics import EXAMPLES
 
@@ -159,14 +159,10 @@ class LearnerState:
                       else CONTROL_EVENT_ADAPTER.validate_json(value))  # fmt: skip
         except ValidationError as error:
             # Another producer's bad record must not stop learning: it becomes a dead letter.
-            reason, detail, issues = why_invalid(error, value)
-            log.error("learners.undecodable", topic=topic, partition=partition, offset=offset, reason=reason)
-            received = datetime.fromtimestamp(timestamp_s, timezone.utc) if timestamp_s else EPOCH
-            return LearnerOutputs(dead_letters=[dead_letter(
-                reason=reason, detail=f"{topic} record: {detail}", raw=value, received_at=received, stage=STAGE,
-                max_raw_bytes=DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, issues=issues,
-                dead_letter_id=f"learner-{topic}-{partition}-{offset}",
-            )])  # fmt: skip
+            refused = refused_record(error, value, topic=topic, partition=partition, offset=offset,
+                                     timestamp_s=timestamp_s, stage=STAGE)  # fmt: skip
+            log.error("learners.undecodable", topic=topic, partition=partition, offset=offset, reason=refused.reason)
+            return LearnerOutputs(dead_letters=[refused])
         if isinstance(record, AnnotatedExample):
             if record.example_id in self.seen_examples:
                 log.info("learners.duplicate_example", example_id=record.example_id, topic=topic, partition=partition,

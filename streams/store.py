@@ -10,6 +10,7 @@ which processes run now, which no log can tell. The schema is created and change
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -75,6 +76,17 @@ class Adapter(Base):
     )
 
 
+class BatchStatus(StrEnum):
+    """A batch's way through the trainer: emitted -> training -> trained | failed. A crash
+    leaves it training (the trainer retries it); ``feedloop train --retry`` puts a failed one
+    back to emitted."""
+
+    EMITTED = "emitted"
+    TRAINING = "training"
+    TRAINED = "trained"
+    FAILED = "failed"
+
+
 class Batch(Base):
     """A curated training batch and its manifest."""
 
@@ -85,7 +97,8 @@ class Batch(Base):
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     example_count: Mapped[int] = mapped_column(Integer)
     trigger: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), doc="emitted, training, trained or failed")
+    status: Mapped[str] = mapped_column(String(16), doc="A BatchStatus.")
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True, doc="Why it failed, and what to do.")
     adapter: Mapped[str | None] = mapped_column(ForeignKey("adapters.name"), nullable=True)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -33,7 +33,7 @@ def tables(url: str) -> set[str]:
 
 def test_upgrade_then_downgrade(url):
     migrations.upgrade(url)
-    assert migrations.current(url) == "0005"
+    assert migrations.current(url) == "0006"
     assert tables(url) == TABLES
     migrations.downgrade(url, "base")
     assert migrations.current(url) is None

@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import sessionmaker
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from streams.contract import AdapterReady
+from streams.contract import AdapterReady, AdapterState
+from streams.store import BatchStatus
 from streams.training_data import MANIFEST, read_batch
 from trainer import data, gate, registry, rehearsal
 from trainer.adapter_validation import adapter_sha256
@@ -41,7 +42,7 @@ from trainer.config import TrainerConfig
 from trainer.lora import add_lora
 from trainer.privacy import LEDGER_FILE, PrivacyLedger, dp_sft, plan
 from trainer.progress import ProgressHook, ProgressReporter
-from trainer.registry import FAILED, READY, TRAINED, Registry
+from trainer.registry import Registry
 from trainer.stages import DPO, KTO, SFT, StageResult, run_stage
 from trainer.weighting import snapshot_lora
 
@@ -93,7 +94,7 @@ def train_batch(
     store = Registry(sessions, adapters_dir)
     with registry.exclusive(adapters_dir), _threads(config.num_threads):
         done = store.batch(batch_id)
-        if done is not None and done.status in (TRAINED, FAILED) and done.adapter:
+        if done is not None and done.status in (BatchStatus.TRAINED, BatchStatus.FAILED) and done.adapter:
             store.clean_staging(batch_id)
             return _result(store.adapter(done.adapter), batch_id)
         if store.pending_publish(batch_id):  # crashed after publishing, before registering
@@ -107,8 +108,9 @@ def train_batch(
         store.claim(manifest, registry.sha256_file(batch_dir / MANIFEST), batch_dir)
         attempt = store.start_attempt(batch_id)
         if attempt > config.max_attempts:
-            store.fail_batch(batch_id)
-            raise registry.BatchNotTrainable(f"batch {batch_id} crashed {attempt - 1} times; marked failed")
+            raise registry.BatchNotTrainable(
+                f"batch {batch_id} crashed {attempt - 1} times (FEEDLOOP_TRAINER__MAX_ATTEMPTS); the trainer log "
+                "of those attempts says why")  # fmt: skip
         log.info("train_batch_started", batch_id=batch_id, attempt=attempt, counts=manifest.counts, parent=parent)
 
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -192,7 +194,7 @@ def train_batch(
             candidate_dir,
             {
                 "name": name,
-                "state": READY if verdict.passed else FAILED,
+                "state": AdapterState.READY if verdict.passed else AdapterState.FAILED,
                 # What the hot-swap controller checks before serving it: config and weights.
                 "sha256": adapter_sha256(candidate_dir),
                 "base_model_sha256": lineage["base_model_sha256"],
@@ -213,7 +215,7 @@ def train_batch(
 
 
 def _result(row, batch_id: str) -> TrainResult:  # noqa: ANN001
-    passed = row.state != FAILED
+    passed = row.state != AdapterState.FAILED
     privacy = row.lineage.get("privacy") or {}
     return TrainResult(
         batch_id=batch_id,

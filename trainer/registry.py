@@ -28,23 +28,25 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from streams.store import Adapter, Batch
+from streams.store import Adapter, Batch, BatchStatus
 from streams.contract import AdapterReady, AdapterState
 from streams.training_data import BatchManifest
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 NAME = re.compile(r"^adapter-(\d{6})-[0-9a-f]{8}$")
-EMITTED, TRAINING, TRAINED, FAILED = "emitted", "training", "trained", "failed"  # Batch.status
 # A batch id as the curator makes them (<run>.batch-p<partition>-<n>): one path component, never "..".
 SAFE_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*")
 
 
 class BatchNotTrainable(RuntimeError):
-    """This batch will not be trained: it is already trained or failed, or out of attempts.
+    """This batch cannot be trained: unreadable, out of attempts, or its id is no plain name.
 
-    The trainer worker logs it and goes on to the next batch: raised out of its handler, it
-    would stop the worker on the same record at every restart."""
-READY = AdapterState.READY  # trainer.recipe imports it from here
+    The trainer worker marks it failed with this message and goes on to the next batch:
+    raised out of its handler, it would stop the worker on the same record at every restart."""
+
+
+class BatchAlreadyDone(BatchNotTrainable):
+    """This batch is trained or failed already (its batch_emitted was read again)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -102,13 +104,27 @@ class Registry:
                     manifest=manifest.model_dump(mode="json"),
                 )
                 session.add(row)
-            if row.status in (TRAINED, FAILED):
-                raise BatchNotTrainable(f"batch {manifest.batch_id} is already {row.status}")
-            row.status = TRAINING
+            if row.status in (BatchStatus.TRAINED, BatchStatus.FAILED):
+                raise BatchAlreadyDone(f"batch {manifest.batch_id} is already {row.status}")
+            row.status = BatchStatus.TRAINING
 
-    def fail_batch(self, batch_id: str) -> None:
+    def fail_batch(self, batch_id: str, reason: str) -> None:
+        """Mark it failed, with why (a batch the curator never recorded has no row to mark)."""
         with self.sessions.begin() as session:
-            session.get(Batch, batch_id).status = FAILED
+            if (row := session.get(Batch, batch_id)) is not None:
+                row.status, row.reason = BatchStatus.FAILED, reason
+
+    def reopen(self, batch_id: str) -> Batch:
+        """A failed batch back to emitted, its attempts forgotten: ``feedloop train --retry``."""
+        with self.sessions.begin() as session:
+            row = session.get(Batch, batch_id)
+            if row is None:
+                raise LookupError(f"no batch {batch_id!r} in the store (feedloop status lists the recent ones)")
+            if row.status != BatchStatus.FAILED:
+                raise ValueError(f"batch {batch_id} is {row.status}, not failed: only a failed batch is retried")
+            row.status, row.reason, row.adapter = BatchStatus.EMITTED, None, None
+        self.clean_staging(batch_id)
+        return row
 
     def adapter(self, name: str) -> Adapter | None:
         with self.sessions() as session:
@@ -170,7 +186,9 @@ class Registry:
             adapter = session.get(Adapter, row["name"]) or Adapter(**row)
             session.add(adapter)
             batch = session.get(Batch, batch_id)
-            batch.status = TRAINED if row["state"] == AdapterState.READY else FAILED
+            passed = row["state"] == AdapterState.READY
+            batch.status = BatchStatus.TRAINED if passed else BatchStatus.FAILED
+            batch.reason = None if passed else f"the gate refused {row['name']}: {row['reason']}"
             batch.adapter = row["name"]
         self.clean_staging(batch_id)
         return adapter

@@ -17,6 +17,7 @@ The parent of each new adapter is the newest one still in line to serve
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from streams.store import Adapter
 from trainer.config import TrainerConfig
 from trainer.gate import EvalSuite
 from trainer.privacy import PrivacyBudgetExceeded
-from trainer.registry import BatchNotTrainable
+from trainer.registry import BatchAlreadyDone, BatchNotTrainable, Registry
 from trainer.recipe import train_batch
 
 log = structlog.get_logger(__name__)
@@ -61,6 +62,17 @@ def parent_for_next(sessions: sessionmaker) -> str | None:
         )
 
 
+def retry_batch(sessions: sessionmaker, adapters_dir: Path, batch_id: str) -> BatchEmitted:
+    """A failed batch back in line (``feedloop train --retry``): its row to emitted, its attempts
+    forgotten, and the ``batch_emitted`` to publish again. The event id is new, so no reader
+    takes it for the original redelivered; the batch keeps its id, files and trigger."""
+    row = Registry(sessions, adapters_dir).reopen(batch_id)
+    return BatchEmitted(event_id=f"{batch_id}.retry-{uuid.uuid4().hex[:8]}", occurred_at=utcnow(), source="operator",
+                        batch_id=row.batch_id, path=row.path, manifest_sha256=row.manifest_sha256,
+                        example_count=row.example_count, trigger=row.trigger,
+                        loss_weights=dict((row.manifest or {}).get("loss_weights", {})))  # fmt: skip
+
+
 class TrainerWorker:
     """Trains what the control topic announces.
 
@@ -79,7 +91,8 @@ class TrainerWorker:
         self.suites = tuple(suites)
         self.data_dir, self.base_model_dir, self.adapters_dir = data_dir, base_model_dir, adapters_dir
         self.batches_dir = (batches_dir or data_dir / "batches").resolve()
-        self.consumer = ControlConsumer(kafka, group, self.handle, max_poll_interval_s=MAX_TRAINING_S)
+        self.consumer = ControlConsumer(kafka, group, self.handle, stage="trainer",
+                                        max_poll_interval_s=MAX_TRAINING_S)
         self.training: str | None = None
 
     async def handle(self, event: BaseModel) -> list[AdapterReady | DeadLetter]:
@@ -102,13 +115,17 @@ class TrainerWorker:
                 base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir,
                 parent=parent_for_next(self.sessions), suites=self.suites,
             )  # fmt: skip
-        except BatchNotTrainable as exc:
-            log.error("trainer.batch_not_trainable", batch_id=event.batch_id, reason=str(exc),
-                      hint="the batch stays as it is in the registry (feedloop status); later batches go on")  # fmt: skip
+        except BatchAlreadyDone as exc:
+            log.info("trainer.batch_done_already", batch_id=event.batch_id, reason=str(exc))
             return []
-        except PrivacyBudgetExceeded as exc:
-            log.error("trainer.budget_exceeded", batch_id=event.batch_id, error=str(exc),
-                      hint="raise FEEDLOOP_TRAINER__PRIVACY__BUDGET_EPSILON or drop the batch")  # fmt: skip
+        except (BatchNotTrainable, PrivacyBudgetExceeded) as exc:
+            # Marked failed with its reason (feedloop status shows it); later batches go on.
+            budget = isinstance(exc, PrivacyBudgetExceeded)
+            log.error("trainer.budget_exceeded" if budget else "trainer.batch_not_trainable",
+                      batch_id=event.batch_id, reason=str(exc),
+                      hint=("raise FEEDLOOP_TRAINER__PRIVACY__BUDGET_EPSILON" if budget else "fix the cause")
+                      + f", then `feedloop train --retry {event.batch_id}`; later batches go on")  # fmt: skip
+            await asyncio.to_thread(Registry(self.sessions, self.adapters_dir).fail_batch, event.batch_id, str(exc))
             return []
         finally:
             self.training = None

@@ -1,4 +1,4 @@
-"""Poison on the real broker: no record stops the pipeline worker, no body makes the gateway fail.
+"""Poison on the real broker: no record stops a reader of any topic, no body makes the gateway fail.
 
 The corpus (tests/poison.py) is produced straight to the events topic while a `feedloop worker`
 runs, then a valid interaction, an event dated 2096, its feedback and a resent copy of the
@@ -8,19 +8,26 @@ that fits in one message, and the interaction becomes an example with its feedba
 to the gateway gets 4xx or 202-with-errors, never 5xx, each rejection dead-lettered.
 """
 
+import asyncio
 import base64
 import json
 import uuid
 
 import httpx
+from click.testing import CliRunner
 
+from app.cli import main
+from app.processes import settings_env
+from demo.base_model import ToyChats, build_tiny_model
 from streams import kafka
 from streams.intake import PRODUCER_MAX_REQUEST_BYTES, dead_letter_max_bytes
-from streams.topics import DEAD_LETTER, EVENTS, EXAMPLES
-from tests.conftest import API_KEYS, archived_records, make_settings, start_stack, wait_until_archived
+from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES, REVIEW, control_key
+from tests.conftest import API_KEYS, archived_records, free_port, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
 from tests.integration.test_pipeline_live import at, start_worker, stop_worker
 from tests.poison import FAR_FUTURE, OVERSIZED, corpus
+from tests.trainer.test_worker import emitted_at
+from trainer.base_model import BaseModelConfig
 
 AUTH = {"Authorization": f"Bearer {API_KEYS['app-a']}", "Content-Type": "application/json"}
 
@@ -102,3 +109,60 @@ async def test_poison_bodies_get_4xx_or_202_with_errors_and_are_dead_lettered(tm
     assert b"[" * 5000 + b"]" * 5000 in kept
     garbage = next(letter for letter in letters if letter["raw_size"] == OVERSIZED)
     assert garbage["raw_truncated"] and len(base64.b64decode(garbage["raw_b64"])) == settings.dead_letter_max_raw_bytes
+
+
+async def test_poison_on_every_other_input_topic_is_dead_lettered_by_each_reader(tmp_path, own_broker):
+    """The corpus on the examples, control and review topics while the worker, the learner, the
+    trainer and the swap controller run: each reader of a topic dead-letters every record it
+    cannot read (the learner: examples and control; the trainer and the swap controller:
+    control), all of them keep running and keep working (the trainer still refuses a bad
+    batch path after the corpus; a valid interaction and its feedback still become an
+    example), and `feedloop status` renders an archive that holds it all."""
+    settings = make_settings(tmp_path, own_broker.port)
+    build_tiny_model(settings.model_path, ToyChats(count=40), BaseModelConfig(train_steps=1, log_every=1000))
+    stack, stop = await start_stack(settings)
+    elsewhere = {"FEEDLOOP_VLLM_URLS": f'["http://127.0.0.1:{free_port()}"]'}
+    readers = {command: start_worker(settings, elsewhere, command=command) for command in ("learn", "train", "swap")}
+    worker = start_worker(settings)
+    readers_of = {EXAMPLES.name: ("learner",), CONTROL.name: ("learner", "trainer", "swap"), REVIEW.name: ()}
+    expected: dict[str, str] = {}  # dead_letter_id -> reason, by the reader's own decoding
+    producer = kafka.producer(settings.kafka, max_request_size=2_000_000)
+    await producer.start()
+    try:
+        for topic, stages in readers_of.items():
+            for case in corpus():
+                sent = await producer.send_and_wait(topic, case.value, key=b"poison")
+                for stage in stages:
+                    expected[f"{stage}-{topic}-{sent.partition}-{sent.offset}"] = topic
+            await producer.send_and_wait(topic, None, key=b"poison")  # a tombstone
+        refused = emitted_at("../../etc", event_id=f"after-poison-{uuid.uuid4().hex[:8]}")
+        await producer.send_and_wait(CONTROL.name, refused.model_dump_json().encode(), key=control_key(refused))
+        expected[f"trainer-{refused.event_id}"] = "batch_path_refused"
+        turn = interaction(occurred_at=at(0))
+        for event in (turn, feedback(turn, "thumbs", occurred_at=at(5))):
+            await producer.send_and_wait(EVENTS.name, json.dumps(event).encode(), key=turn["session_id"].encode())
+
+        examples = await wait_until_archived(stack, EXAMPLES.name, 1, timeout_s=180,
+                                             where=lambda r: turn["interaction_id"].encode() in (r.value or b""))
+        ids = set(expected)
+        dead = await wait_until_archived(stack, DEAD_LETTER.name, len(ids), timeout_s=180,
+                                         where=lambda r: json.loads(r.value)["dead_letter_id"] in ids)
+        for command, process in {**readers, "worker": worker}.items():
+            assert process.poll() is None, f"`feedloop {command}` stopped"
+    finally:
+        await producer.stop()
+        for process in (*readers.values(), worker):
+            stop_worker(process)
+        shown = await asyncio.to_thread(CliRunner().invoke, main, ["status"], env=settings_env(settings))
+        await stop()
+
+    assert len(examples) == 1
+    letters = {json.loads(r.value)["dead_letter_id"]: json.loads(r.value) for r in dead}
+    assert set(letters) == set(expected), "one dead letter per reader and record, none twice"
+    for letter_id, letter in letters.items():
+        assert letter["stage"] == letter_id.split("-")[0] and letter["reason"] and letter["detail"]
+        assert len(json.dumps(letter)) <= dead_letter_max_bytes(settings.dead_letter_max_raw_bytes)
+    assert letters[f"trainer-{refused.event_id}"]["reason"] == "batch_path_refused"
+    nested = [x for x in letters.values() if x["raw_size"] == 10_000 and x["reason"] == "too_deeply_nested"]
+    assert len(nested) == 4, "the learner twice, the trainer and the swap controller once each"
+    assert shown.exit_code == 0 and "dead letters" in shown.output, shown.output[-2000:]

@@ -19,7 +19,8 @@ from tests.trainer.test_recipe import FAST, rows
 from trainer.base_model import BaseModelConfig
 from trainer.config import GateConfig
 from trainer.recipe import train_batch
-from trainer.worker import TrainerWorker, parent_for_next
+from trainer.registry import Registry
+from trainer.worker import TrainerWorker, parent_for_next, retry_batch
 
 
 async def control_events(settings, kind: str, count: int, where=lambda e: True, timeout_s: float = 300) -> list[dict]:
@@ -317,3 +318,76 @@ def test_a_batch_id_that_is_not_a_plain_name_never_names_a_staging_directory(ses
     for bad in ("../x", "a/../../b", "/abs", "..", "a/b"):
         with pytest.raises(BatchNotTrainable, match="not a plain name"):
             store.staging(bad)
+
+
+def curated(settings, sessions, batch_id: str, records: list) -> BatchEmitted:
+    """A batch as the curator leaves it: files, its ``emitted`` row, and its batch_emitted."""
+    batch_dir = batches.write(settings.data_dir / "batches", batch_id, records)
+    path = str(batch_dir.relative_to(settings.data_dir))
+    with sessions.begin() as session:
+        session.add(Batch(batch_id=batch_id, path=path, manifest_sha256="x" * 64, example_count=len(records),
+                          trigger="size", status="emitted", manifest={"loss_weights": {"explicit": 1.0}}))
+    return BatchEmitted(event_id=f"{batch_id}.emitted", occurred_at=utcnow(), source="curator", batch_id=batch_id,
+                        path=path, manifest_sha256="x" * 64, example_count=len(records), trigger="size")
+
+
+async def test_a_failed_batch_keeps_its_reason_and_trains_once_retried(small_base, sessions, tmp_path):
+    settings = make_settings(tmp_path, 1, base_model_path=small_base, trainer=QUICK, adapter_dir=tmp_path / "adapters")
+    records = batches.sft_records(seed=3, count=12)
+    emitted = curated(settings, sessions, "run.batch-p0-000001", records)
+    sft = settings.data_dir / emitted.path / "sft.jsonl"
+    good = sft.read_bytes()
+    sft.write_text("tampered\n")
+    worker = new_worker(settings, sessions, "g")
+    assert await worker.handle(emitted) == []
+    with sessions() as session:
+        row = session.get(Batch, emitted.batch_id)
+        assert row.status == "failed" and "cannot be read" in row.reason
+    assert await worker.handle(emitted) == [], "read again, it stays failed"
+
+    sft.write_bytes(good)  # the operator mends the cause, then retries
+    retry = retry_batch(sessions, settings.adapters_path, emitted.batch_id)
+    assert (retry.batch_id, retry.path, retry.trigger, retry.source) == (emitted.batch_id, emitted.path, "size", "operator")
+    assert retry.event_id != emitted.event_id and retry.loss_weights == {"explicit": 1.0}
+    with sessions() as session:
+        row = session.get(Batch, emitted.batch_id)
+        assert (row.status, row.reason) == ("emitted", None)
+    (ready,) = await worker.handle(retry)
+    assert ready.batch_ids == [emitted.batch_id] and batch_status(sessions, emitted.batch_id) == "trained"
+    with pytest.raises(ValueError, match="is trained, not failed"):
+        retry_batch(sessions, settings.adapters_path, emitted.batch_id)
+    with pytest.raises(LookupError, match="no batch"):
+        retry_batch(sessions, settings.adapters_path, "never-emitted")
+
+
+async def test_a_batch_over_the_privacy_budget_is_marked_failed_with_what_to_raise(sessions, tmp_path):
+    dp = FAST.privacy.model_copy(update={"enabled": True, "budget_epsilon": 1e-6})
+    settings = make_settings(tmp_path, 1, trainer=FAST.model_copy(update={"privacy": dp}),
+                             adapter_dir=tmp_path / "adapters")
+    emitted = curated(settings, sessions, "run.batch-p0-000002", batches.sft_records(seed=3, count=12))
+    assert await new_worker(settings, sessions, "g").handle(emitted) == []
+    with sessions() as session:
+        row = session.get(Batch, emitted.batch_id)
+        assert row.status == "failed" and "budget" in row.reason
+
+
+async def test_train_retry_puts_the_batch_back_on_the_control_topic(sessions, tmp_path, own_broker, monkeypatch):
+    from click.testing import CliRunner
+
+    from app.cli import main
+    from app.processes import settings_env
+
+    settings = make_settings(tmp_path, own_broker.port, database_url=str(sessions.kw["bind"].url),
+                             adapter_dir=tmp_path / "adapters")
+    await ensure_topics(settings)
+    emitted = curated(settings, sessions, "run.batch-p0-000003", batches.sft_records(seed=3, count=4))
+    Registry(sessions, settings.adapters_path).fail_batch(emitted.batch_id, "gone for a test")
+    env = settings_env(settings)
+    done = await asyncio.to_thread(CliRunner().invoke, main, ["train", "--retry", emitted.batch_id], env=env)
+    assert done.exit_code == 0 and "back in line" in done.output, done.output
+    (event,) = await control_events(settings, "batch_emitted", 1, where=lambda e: e["batch_id"] == emitted.batch_id,
+                                    timeout_s=30)
+    assert event["source"] == "operator" and event["path"] == emitted.path
+    assert batch_status(sessions, emitted.batch_id) == "emitted"
+    again = await asyncio.to_thread(CliRunner().invoke, main, ["train", "--retry", emitted.batch_id], env=env)
+    assert again.exit_code == 1 and "not failed" in again.output

@@ -207,6 +207,8 @@ function drawBatches(o) {
     yaxis: {title: {text: "records"}}, yaxis2: {overlaying: "y", side: "right", range: [0, 1], title: {text: "weight"}},
   });
   Plotly.react("chart-batches", traces, noData(layout, batches.length > 0), CONFIG);
+  fillTable("table-failed-batches", ["failed batch", "reason", "retry with"],
+            o.failed_batches.map((b) => [b.batch_id, b.reason, `feedloop train --retry ${b.batch_id}`]));
 }
 
 function drawDeadLetters(o) {
