@@ -265,35 +265,21 @@ def train(ctx: click.Context, retry: str | None) -> None:
 
 
 def _retry_batch(settings: Settings, batch_id: str) -> None:
-    from streams import kafka
     from streams.store import make_engine, make_sessionmaker
-    from streams.topics import CONTROL, control_key
-    from trainer.worker import retry_batch
-
     from trainer.registry import Registry
+    from trainer.worker import retry_batch
 
     engine = make_engine(settings.store_url)
     sessions = make_sessionmaker(engine)
     try:
         event = retry_batch(sessions, settings.adapters_path, batch_id)
-    except (LookupError, ValueError) as exc:
-        engine.dispose()
-        raise click.ClickException(str(exc)) from exc
-
-    async def publish() -> None:
-        producer = kafka.producer(settings.kafka)
-        await producer.start()
         try:
-            await producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=control_key(event))
-        finally:
-            await producer.stop()
-
-    try:
-        asyncio.run(publish())
-    except Exception as exc:  # the row goes back to failed: a retry without its event would wait forever
-        Registry(sessions, settings.adapters_path).fail_batch(batch_id, f"the retry was not published ({exc})")
-        raise click.ClickException(f"cannot publish the retry of {batch_id} ({exc}); is the broker up? "
-                                   "then run the same command again") from exc
+            _send_control(settings, event)
+        except click.ClickException as error:  # back to failed: a retry without its event would wait forever
+            Registry(sessions, settings.adapters_path).fail_batch(batch_id, f"its retry was not published: {error}")
+            raise click.ClickException(f"{error}; then run the same command again") from error
+    except (LookupError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
     finally:
         engine.dispose()
     click.echo(f"batch {batch_id} is back in line ({event.event_id}); the trainer takes it next "
@@ -593,7 +579,8 @@ def _sessions(settings: Settings):
     return make_sessionmaker(make_engine(settings.store_url))
 
 
-def _publish_control(settings: Settings, event) -> None:
+def _send_control(settings: Settings, event) -> None:
+    """One control event onto the control topic (acks=all), or a ClickException saying what to check."""
     from streams import kafka
     from streams.topics import CONTROL, control_key
 
@@ -609,6 +596,10 @@ def _publish_control(settings: Settings, event) -> None:
         asyncio.run(send())
     except Exception as exc:
         raise click.ClickException(f"could not publish to {settings.bootstrap_servers} ({exc}); is the broker up?")
+
+
+def _publish_control(settings: Settings, event) -> None:
+    _send_control(settings, event)
     click.echo(f"published {event.type} {event.adapter or '(unpin)'} ({event.event_id})")
 
 

@@ -133,7 +133,10 @@ def run_faust(settings: Settings, total: int, with_pipeline: bool) -> None:
             return original(self, *record)
 
         LivePipeline.handle = timed
-        app = build_pipeline_app(settings, cluster="bench")
+        from streams.broker_life import cluster_id
+
+        # The broker's own id: the worker confirms it before every acknowledgement.
+        app = build_pipeline_app(settings, cluster=asyncio.run(cluster_id(settings.kafka)))
     else:
         app = make_faust_app(settings, name=f"bench-bare-{uuid.uuid4().hex}")
         topic = app.topic(EVENTS.name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
