@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from app.liveness import STARTING, UP
 from app.overview import Overview, Series
 
 RECENT_ROWS = 5
@@ -59,8 +60,8 @@ def render_status(overview: Overview, console: Console) -> None:
     for column in ("process", "instance", "state", "last beat", "started", "doing"):
         processes.add_column(column)
     for p in overview.processes:
-        state = {"up": "[green]up[/green]", "starting": "[yellow]starting[/yellow]"}.get(p.state, "[red]down[/red]")
-        doing = p.why if p.state != "up" else ", ".join(f"{k} {v}" for k, v in sorted(p.detail.items()))
+        state = f"[{ {UP: 'green', STARTING: 'yellow'}.get(p.state, 'red') }]{p.state}[/]"
+        doing = p.why if p.state != UP else ", ".join(f"{k} {v}" for k, v in sorted(p.detail.items()))
         processes.add_row(p.process, escape(f"{p.host}:{p.pid}"), state, f"{p.beat_age_s:.0f} s ago", p.started_at,
                           escape(doing))
     _print(console, processes)
