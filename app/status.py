@@ -36,6 +36,18 @@ def _print(console: Console, table: Table) -> None:
         console.print(f"[dim]{table.title}: none yet[/dim]")
 
 
+def _doing(detail: dict) -> str:
+    """A heartbeat's detail in words: ``partitions feedloop.events.v1 0,2``, ``training b-7``."""
+    def plain(value) -> str:
+        if isinstance(value, dict):
+            return "; ".join(f"{k} {plain(v)}" for k, v in sorted(value.items()))
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        return str(value)
+
+    return ", ".join(f"{k} {plain(v)}" for k, v in sorted(detail.items()))
+
+
 def render_status(overview: Overview, console: Console) -> None:
     summary = Table(title=f"feedloop at {overview.generated_at} UTC", show_header=False)
     summary.add_column(style="bold")
@@ -61,7 +73,7 @@ def render_status(overview: Overview, console: Console) -> None:
         processes.add_column(column)
     for p in overview.processes:
         state = f"[{ {UP: 'green', STARTING: 'yellow'}.get(p.state, 'red') }]{p.state}[/]"
-        doing = p.why if p.state != UP else ", ".join(f"{k} {v}" for k, v in sorted(p.detail.items()))
+        doing = p.why if p.state != UP else _doing(p.detail)
         processes.add_row(p.process, escape(f"{p.host}:{p.pid}"), state, f"{p.beat_age_s:.0f} s ago", p.started_at,
                           escape(doing))
     _print(console, processes)

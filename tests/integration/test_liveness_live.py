@@ -56,6 +56,7 @@ def test_every_process_reports_itself_and_shows_down_soon_after_it_stops(tmp_pat
         shown = CliRunner().invoke(main, ["status"], env=env)
         assert shown.exit_code == 0 and "processes" in shown.output
         assert all(f"{name}" in shown.output for name in COMMANDS)
+        assert f"partitions feedloop.events.v1 {','.join(map(str, range(settings.topic_partitions)))}" in shown.output
 
         for name, child in children.items():
             signalled = time.monotonic()
