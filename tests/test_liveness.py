@@ -92,3 +92,11 @@ def test_health_exits_by_the_heartbeat_of_this_host(tmp_path, monkeypatch):
     engine.dispose()
     down = runner.invoke(main, ["health", "worker", "--host", "h1"])
     assert down.exit_code == 1 and "down" in down.output and "stopped at" in down.output
+
+
+def test_status_says_what_a_process_does_in_words():
+    from app.status import _doing
+
+    assert _doing({"partitions": {"feedloop.events.v1": [0, 2], "feedloop.control.v1": [0]}}) == \
+        "partitions feedloop.control.v1 0; feedloop.events.v1 0,2"
+    assert _doing({"training": "b-7"}) == "training b-7" and _doing({}) == ""
