@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import structlog
 
+from app.liveness import PROCESSES
 from app.logs import configure_logging
 from app.settings import Settings
 
@@ -52,9 +53,8 @@ def keep_files_private(data_dir: Path) -> None:
 
 def _heartbeat(settings: Settings, process: str, **reports):
     from app.liveness import Heartbeat
-    from streams.store import make_engine, make_sessionmaker
 
-    return Heartbeat(process, make_sessionmaker(make_engine(settings.store_url)), settings.liveness, **reports)
+    return Heartbeat(process, _sessions(settings), settings.liveness, **reports)
 
 
 def _serve_until_signal(settings: Settings, process: str, build) -> None:
@@ -68,16 +68,11 @@ def _serve_until_signal(settings: Settings, process: str, build) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         service = await build()
-        heartbeat = _heartbeat(settings, process, detail=getattr(service, "liveness_detail", dict))
-        beating = asyncio.create_task(heartbeat.run())
-        task = asyncio.create_task(service.run())
-        try:
+        async with _heartbeat(settings, process, detail=getattr(service, "liveness_detail", dict)):
+            task = asyncio.create_task(service.run())
             await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
             service.stop()
             await task
-        finally:
-            heartbeat.stop()
-            await beating
 
     asyncio.run(serve())
 
@@ -167,13 +162,8 @@ def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
     server = gateway_server(settings.model_copy(update=updates))
 
     async def serve() -> None:
-        heartbeat = _heartbeat(settings, "gateway", ready=lambda: server.started)
-        beating = asyncio.create_task(heartbeat.run())
-        try:
+        async with _heartbeat(settings, "gateway", ready=lambda: server.started):
             await server.serve()
-        finally:
-            heartbeat.stop()
-            await beating
 
     asyncio.run(serve())
 
@@ -265,23 +255,19 @@ def train(ctx: click.Context, retry: str | None) -> None:
 
 
 def _retry_batch(settings: Settings, batch_id: str) -> None:
-    from streams.store import make_engine, make_sessionmaker
     from trainer.registry import Registry
     from trainer.worker import retry_batch
 
-    engine = make_engine(settings.store_url)
-    sessions = make_sessionmaker(engine)
+    sessions = _sessions(settings)
     try:
         event = retry_batch(sessions, settings.adapters_path, batch_id)
-        try:
-            _send_control(settings, event)
-        except click.ClickException as error:  # back to failed: a retry without its event would wait forever
-            Registry(sessions, settings.adapters_path).fail_batch(batch_id, f"its retry was not published: {error}")
-            raise click.ClickException(f"{error}; then run the same command again") from error
     except (LookupError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    finally:
-        engine.dispose()
+    try:
+        _send_control(settings, event)
+    except click.ClickException as error:  # back to failed: a retry without its event would wait forever
+        Registry(sessions, settings.adapters_path).fail_batch(batch_id, f"its retry was not published: {error}")
+        raise click.ClickException(f"{error}; then run the same command again") from error
     click.echo(f"batch {batch_id} is back in line ({event.event_id}); the trainer takes it next "
                "(`feedloop status` shows how it goes)")
 
@@ -347,7 +333,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("process", type=click.Choice(["worker", "learner", "trainer", "swap", "archiver", "gateway"]))
+@click.argument("process", type=click.Choice(PROCESSES))
 @click.option("--host", default=None, help="Whose heartbeat to check. Default: this host (a container's own).")
 @click.pass_context
 def health(ctx: click.Context, process: str, host: str | None) -> None:
@@ -358,16 +344,11 @@ def health(ctx: click.Context, process: str, host: str | None) -> None:
     import socket
 
     from app.liveness import UP, process_views
-    from streams.store import make_engine, make_sessionmaker
 
     settings = _settings(ctx)
     host = host or socket.gethostname()
-    engine = make_engine(settings.store_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            views = [v for v in process_views(session, settings.liveness, processes=[process]) if v.host == host]
-    finally:
-        engine.dispose()
+    with _sessions(settings)() as session:
+        views = [v for v in process_views(session, settings.liveness, processes=[process]) if v.host == host]
     if not views:
         raise click.ClickException(f"no heartbeat of {process} on {host} in the store; is it running, and does it "
                                    "reach FEEDLOOP_DATABASE_URL?")

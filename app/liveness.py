@@ -29,11 +29,13 @@ from pydantic import BaseModel, Field
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from streams.contract import utcnow
 from streams.store import ProcessHeartbeat
 
 log = structlog.get_logger(__name__)
 
 UP, STARTING, DOWN = "up", "starting", "down"
+PROCESSES = ("worker", "learner", "trainer", "swap", "archiver", "gateway")  # the names they beat under
 
 
 class LivenessSettings(BaseModel):
@@ -44,10 +46,6 @@ class LivenessSettings(BaseModel):
         10.0, gt=0, description="A process whose last beat is older than this is down (several missed beats).")
     forget_after_s: float = Field(
         86_400.0, gt=0, description="Rows down for longer than this are no longer shown (a host that went away).")
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _aware(moment: datetime) -> datetime:
@@ -114,6 +112,15 @@ class Heartbeat:
         except Exception as error:  # noqa: BLE001 - see the class docstring
             log.warning("liveness.beat_failed", process=self.process, error=str(error)[:300],
                         hint="check FEEDLOOP_DATABASE_URL; the process goes on and beats again")  # fmt: skip
+
+    async def __aenter__(self) -> Heartbeat:
+        """``async with heartbeat:`` beats beside the block and marks the row stopped after it."""
+        self._beating = asyncio.create_task(self.run())
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.stop()
+        await self._beating
 
     async def run(self) -> None:
         """Beat every ``interval_s`` until :meth:`stop`, then mark the row stopped."""

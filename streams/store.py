@@ -3,8 +3,9 @@
 Archive segments (where each stretch of the log is kept on disk), the adapter registry,
 curated batches, A/B experiments, stream checkpoints and router snapshots: each derived from
 events and rebuilt by replaying the log. Process heartbeats are the one exception: they say
-which processes run now, which no log can tell. The schema is created and changed only by the Alembic migrations in
-``migrations/`` (``feedloop db upgrade``); SQLite by default, PostgreSQL in production.
+which processes run now, which no log can tell. The schema is created and changed only by the
+Alembic migrations in ``migrations/`` (``feedloop db upgrade``); SQLite by default, PostgreSQL
+in production.
 """
 
 from __future__ import annotations

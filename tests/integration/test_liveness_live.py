@@ -5,12 +5,14 @@ Real processes, broker and store; the swap controller gets a tiny base model of 
 no vLLM to talk to (its heartbeat does not depend on the replicas it reconciles).
 """
 
+import io
 import json
 import os
 import signal
 import time
 
 from click.testing import CliRunner
+from rich.console import Console
 
 import migrations
 
@@ -18,6 +20,7 @@ from app.cli import main
 from app.liveness import DOWN, UP
 from app.overview import OverviewSource
 from app.processes import Child, settings_env
+from app.status import render_status
 from demo.base_model import ToyChats, build_tiny_model
 from tests.conftest import free_port, make_settings
 from trainer.base_model import BaseModelConfig
@@ -52,10 +55,14 @@ def test_every_process_reports_itself_and_shows_down_soon_after_it_stops(tmp_pat
         assert {n: up.get(n, ("absent",))[0] for n in COMMANDS} == dict.fromkeys(COMMANDS, UP), \
             {n: children[n].log_tail(5) for n in COMMANDS if up.get(n, ("",))[0] != UP}
 
-        env = {**settings_env(settings), "COLUMNS": "200"}
-        shown = CliRunner().invoke(main, ["status"], env=env)
-        assert shown.exit_code == 0 and "processes" in shown.output
-        assert all(f"{name}" in shown.output for name in COMMANDS)
+        env = settings_env(settings)
+        assert CliRunner().invoke(main, ["status"], env=env).exit_code == 0
+        console = Console(width=240, record=True, file=io.StringIO())
+        render_status(source.read(), console)
+        rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines()
+                if line.count("│") > 6 and line.split("│")[1].strip() in COMMANDS}
+        assert set(rows) == set(COMMANDS) and all(" up " in row for row in rows.values())
+        assert f"feedloop.events.v1 {','.join(map(str, range(settings.topic_partitions)))}" in rows["worker"]
 
         for name, child in children.items():
             signalled = time.monotonic()

@@ -107,6 +107,7 @@ def test_batch_that_teaches_the_rare_skill_wrong_is_rejected_with_a_reason(train
     assert drop > 0.02
     (batch_row,) = rows(sessions, Batch)
     assert (batch_row.status, batch_row.adapter) == ("failed", row.name)
+    assert batch_row.reason == f"the gate refused {row.name}: {result.reason}"
     # Never published where the hot-swapper looks; kept aside for inspection.
     assert published(adapters) == [] and (adapters / "_rejected" / row.name / "adapter_model.safetensors").exists()
 
