@@ -428,14 +428,17 @@ def curate(ctx: click.Context, cause: str) -> None:
 
 @main.command()
 @click.argument("user_id")
+@click.option("--app", "app_id", required=True, help="The app the user belongs to: a user id means something only "
+              "within its app.")  # fmt: skip
 @click.pass_context
-def erase(ctx: click.Context, user_id: str) -> None:
-    """Erase a user: shred their pseudonym key; no later batch will hold anything of theirs."""
-    from streams.pseudonyms import FileKeyStore, Pseudonymizer
+def erase(ctx: click.Context, user_id: str, app_id: str) -> None:
+    """Erase a user of an app: shred their pseudonym key; no later batch will hold anything of theirs."""
+    from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
 
+    user = user_identity(app_id, user_id)
     pseudonyms = Pseudonymizer(FileKeyStore(_settings(ctx).keys_path))
-    pseudonyms.erase(user_id)
-    click.echo(f"erased at {pseudonyms.erased_at(user_id).isoformat()}: their events before then are "
+    pseudonyms.erase(user)
+    click.echo(f"erased {app_id}'s user at {pseudonyms.erased_at(user).isoformat()}: their events before then are "
                "dropped from every later batch and replay")
 
 

@@ -7,6 +7,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import structlog
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -25,6 +27,10 @@ from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.replay import TimeRange, archive_records, file_records, replay_offline
 from streams.store import make_engine, make_sessionmaker
 from streams.topics import EVENTS, IMPORTS
+
+log = structlog.get_logger(__name__)
+REPUBLISH_CHUNK = 1000
+REPUBLISH_ATTEMPTS = 5
 
 
 def _source(settings: Settings, source: str, window: TimeRange) -> tuple[Iterator[ArchivedRecord], int | None]:
@@ -53,20 +59,39 @@ async def _republish(settings: Settings, records: Iterator[ArchivedRecord], on_r
     await producer.start()
     sent = 0
     try:
-        pending = []
+        chunk: list[ArchivedRecord] = []
         for record in records:
-            pending.append(await producer.send(
-                EVENTS.name, record.value, key=record.key, headers=list(record.headers.items())
-            ))
-            sent += 1
-            on_record(sent)
-            if len(pending) >= 1000:
-                await asyncio.gather(*pending)
-                pending = []
-        await asyncio.gather(*pending)
+            chunk.append(record)
+            if len(chunk) == REPUBLISH_CHUNK:
+                sent += await _send_chunk(producer, chunk)
+                on_record(sent)
+                chunk = []
+        sent += await _send_chunk(producer, chunk)
+        on_record(sent)
     finally:
         await producer.stop()
     return sent
+
+
+async def _send_chunk(producer, chunk: list[ArchivedRecord]) -> int:
+    """Send ``chunk`` until the broker has taken all of it, a few tries apart. A record sent
+    twice is harmless (the worker drops it by event id); a broker that has just restarted
+    refuses produce requests for a moment (UnknownError), and one refusal must not end the
+    republish with the rest unsent."""
+    attempt = 1
+    while True:
+        try:
+            pending = [await producer.send(EVENTS.name, r.value, key=r.key, headers=list(r.headers.items()))
+                       for r in chunk]  # fmt: skip
+            await asyncio.gather(*pending)
+            return len(chunk)
+        except KafkaError as error:
+            if attempt == REPUBLISH_ATTEMPTS:
+                raise SystemExit(f"the broker refused the republish {attempt} times ({error!r}): check the broker, "
+                                 "then run the same command again (records sent twice are dropped by event id)") from error
+            log.warning("replay.republish_retry", attempt=attempt, error=repr(error), records=len(chunk))
+            await asyncio.sleep(attempt)
+            attempt += 1
 
 
 def _closing(settings: Settings, source: str, data_dir: Path | None, close_at_end: bool | None,

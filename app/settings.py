@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.liveness import LivenessSettings
@@ -76,6 +76,17 @@ class Settings(BaseSettings):
     api_keys: dict[str, SecretStr] = Field(
         default_factory=dict,
         description='Per-app API keys as JSON, e.g. FEEDLOOP_API_KEYS=\'{"chat-web": "s3cret"}\'.',
+    )
+    operator_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='Operator keys by operator name as JSON, e.g. FEEDLOOP_OPERATOR_KEYS=\'{"ops": "s3cret"}\': the '
+        "dashboard, /v1/overview, /metrics and erasing any app's users need one (app keys reach their own app only).",
+    )
+    adapter_choice: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='Apps that may name the adapter in a chat request\'s "model", and which ones ("*": any live '
+        'adapter), e.g. FEEDLOOP_ADAPTER_CHOICE=\'{"eval-harness": ["*"]}\'. Others naming one get 403; any other "model" '
+        "is routed.",
     )
     rate_limits: dict[str, RateLimit] = Field(
         default_factory=dict,
@@ -145,6 +156,13 @@ class Settings(BaseSettings):
         if value != "embedded" and not value.startswith("kafka://"):
             raise ValueError("broker must be 'embedded' or 'kafka://host:port[,host:port...]'")
         return value
+
+    @model_validator(mode="after")
+    def _one_role_per_key(self) -> Settings:
+        apps = {secret.get_secret_value() for secret in self.api_keys.values()}
+        if shared := sorted(n for n, secret in self.operator_keys.items() if secret.get_secret_value() in apps):
+            raise ValueError(f"operator key(s) {', '.join(shared)} are also app keys: give operators keys of their own")
+        return self
 
     @field_validator("data_dir", "key_dir", "base_model_path", "adapter_dir")
     @classmethod

@@ -36,16 +36,16 @@ from streams.signals import TrainingRecord
 @dataclass(frozen=True)
 class Buffered:
     record: TrainingRecord
-    user_id: str  # the app's id, kept in state only, to honour erasure; never in batch files
+    user: str  # streams.pseudonyms.user_identity, kept in state only, to honour erasure; never in batch files
     occurred_at: datetime  # as a streams.join.utc() key: compared with the watermark per record
 
     def __reduce__(self):
         # Reservoir records outlive many checkpoints: pickle each record once.
-        return _restore_buffered, (for_state(self, "record"), self.user_id, self.occurred_at)
+        return _restore_buffered, (for_state(self, "record"), self.user, self.occurred_at)
 
 
-def _restore_buffered(record: object, user_id: str, occurred_at: datetime) -> Buffered:
-    return Buffered(from_state(record), user_id, occurred_at)
+def _restore_buffered(record: object, user: str, occurred_at: datetime) -> Buffered:
+    return Buffered(from_state(record), user, occurred_at)
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,10 @@ class Curator:
     ) -> CutBatch:
         taken, self.buffer = self.buffer[: self.batch_size], self.buffer[self.batch_size :]
         self.early_trigger = None
-        kept = [b for b in taken if not is_erased(b.user_id, b.occurred_at)]
+        kept = [b for b in taken if not is_erased(b.user, b.occurred_at)]
         erased = len(taken) - len(kept)
         for stratum in self.reservoir:
-            self.reservoir[stratum] = [b for b in self.reservoir[stratum] if not is_erased(b.user_id, b.occurred_at)]
+            self.reservoir[stratum] = [b for b in self.reservoir[stratum] if not is_erased(b.user, b.occurred_at)]
 
         groups: dict[str, list[Buffered]] = defaultdict(list)
         for b in kept:

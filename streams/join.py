@@ -6,6 +6,9 @@ for ``explicit_window`` after the interaction occurred, implicit signals only fo
 the partition's watermark is the latest ``occurred_at`` seen minus ``allowed_lateness``, so
 the same records in the same order always close the same windows, live or in replay.
 
+Interactions are keyed by (app id, interaction id): feedback joins an interaction of its own
+app only, so an app cannot attach its feedback (and so training data) to another's answers.
+
 Feedback that arrives before its interaction waits as an *orphan* until the interaction comes
 or the window passes. Feedback for an interaction already closed is *late*. Neither is
 dropped silently: both come back as :class:`Unjoined` with a reason.
@@ -64,20 +67,23 @@ class Unjoined:
     detail: str
 
 
+Key = tuple[str, str]  # (app id, interaction id)
+
+
 @dataclass
 class SessionJoin:
     explicit_window: timedelta
     implicit_window: timedelta
     allowed_lateness: timedelta
-    open: dict[str, OpenInteraction] = field(default_factory=dict)
-    orphans: dict[str, list[Feedback | Annotation]] = field(default_factory=dict)
-    closed: dict[str, datetime] = field(default_factory=dict)  # interaction id -> closed at
+    open: dict[Key, OpenInteraction] = field(default_factory=dict)
+    orphans: dict[Key, list[Feedback | Annotation]] = field(default_factory=dict)
+    closed: dict[Key, datetime] = field(default_factory=dict)  # interaction -> closed at
     watermark: datetime | None = None
     watermark_key: datetime | None = None  # utc(watermark)
     _max_seen: datetime | None = None
-    _closing: list[tuple[datetime, str]] = field(default_factory=list)  # heap of (utc closes at, id)
-    _orphan_expiry: list[tuple[datetime, str]] = field(default_factory=list)  # heap of (utc expires, id)
-    _forget: list[tuple[datetime, str]] = field(default_factory=list)  # heap of (utc closed at, id)
+    _closing: list[tuple[datetime, Key]] = field(default_factory=list)  # heap of (utc closes at, key)
+    _orphan_expiry: list[tuple[datetime, Key]] = field(default_factory=list)  # heap of (utc expires, key)
+    _forget: list[tuple[datetime, Key]] = field(default_factory=list)  # heap of (utc closed at, key)
 
     def observe(self, occurred_at: datetime) -> datetime:
         """Move event time forward (never back); returns ``utc(occurred_at)``."""
@@ -89,36 +95,38 @@ class SessionJoin:
             self.watermark_key = watermark_key
         return at
 
-    def knows(self, interaction_id: str) -> bool:
-        return interaction_id in self.open or interaction_id in self.closed
+    def knows(self, app_id: str, interaction_id: str) -> bool:
+        key = (app_id, interaction_id)
+        return key in self.open or key in self.closed
 
     def add_interaction(self, interaction: Interaction, pseudonym: str, occurred_at: datetime) -> list[Unjoined]:
         """Open an interaction (the caller checks ``knows`` first) and attach its orphans.
 
         ``occurred_at`` is ``utc(interaction.occurred_at)``, as :meth:`observe` returned it."""
-        iid = interaction.interaction_id
+        key = (interaction.app_id, interaction.interaction_id)
         entry = OpenInteraction(interaction, pseudonym, occurred_at)
-        self.open[iid] = entry
-        heapq.heappush(self._closing, (occurred_at + self.explicit_window, iid))
+        self.open[key] = entry
+        heapq.heappush(self._closing, (occurred_at + self.explicit_window, key))
         unjoined = []
-        for waiting in self.orphans.pop(iid, []):
+        for waiting in self.orphans.pop(key, []):
             unjoined += self._attach(entry, waiting)
         return unjoined
 
     def add_signal(self, event: Feedback | Annotation) -> list[Unjoined]:
         iid = event.interaction_id
-        if iid in self.open:
-            return self._attach(self.open[iid], event)
-        if iid in self.closed:
-            return [Unjoined(event, "late_feedback", f"interaction {iid} closed at {self.closed[iid].isoformat()}")]
+        key = (event.app_id, iid)
+        if key in self.open:
+            return self._attach(self.open[key], event)
+        if key in self.closed:
+            return [Unjoined(event, "late_feedback", f"interaction {iid} closed at {self.closed[key].isoformat()}")]
         expires = utc(event.occurred_at) + self.explicit_window
         if self.watermark_key is not None and expires <= self.watermark_key:
             # Too old to join anything still open, whether or not its interaction was seen.
             return [Unjoined(event, "late_feedback", f"{event.occurred_at.isoformat()} is behind event time "
                              f"{self.watermark.isoformat()} by more than the window")]
-        if iid not in self.orphans:
-            heapq.heappush(self._orphan_expiry, (expires, iid))
-        self.orphans.setdefault(iid, []).append(event)
+        if key not in self.orphans:
+            heapq.heappush(self._orphan_expiry, (expires, key))
+        self.orphans.setdefault(key, []).append(event)
         return []
 
     def _attach(self, entry: OpenInteraction, event: Feedback | Annotation) -> list[Unjoined]:
@@ -146,16 +154,16 @@ class SessionJoin:
             return [], []
         closed = []
         while self._closing and self._closing[0][0] <= mark:
-            closes_at, iid = heapq.heappop(self._closing)
-            entry = self.open.pop(iid)
+            closes_at, key = heapq.heappop(self._closing)
+            entry = self.open.pop(key)
             closed.append(entry)
-            self.closed[iid] = entry.interaction.occurred_at + self.explicit_window
-            heapq.heappush(self._forget, (closes_at, iid))
+            self.closed[key] = entry.interaction.occurred_at + self.explicit_window
+            heapq.heappush(self._forget, (closes_at, key))
         expired = []
         while self._orphan_expiry and self._orphan_expiry[0][0] <= mark:
-            _, iid = heapq.heappop(self._orphan_expiry)
-            for event in self.orphans.pop(iid, []):
-                expired.append(Unjoined(event, "orphan_feedback", f"interaction {iid} never arrived"))
+            _, key = heapq.heappop(self._orphan_expiry)
+            for event in self.orphans.pop(key, []):
+                expired.append(Unjoined(event, "orphan_feedback", f"interaction {key[1]} never arrived"))
         # Remember closed ids only as long as late feedback for them is plausible.
         horizon = mark - self.explicit_window
         while self._forget and self._forget[0][0] <= horizon:

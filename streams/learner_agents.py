@@ -60,7 +60,8 @@ STATE_ROW = 0
 # meaning, and the next start rebuilds the state from the archive.
 # 2: the adapter lifecycle moved into streams.lifecycle.AdapterLifecycle (LearnerState.lifecycle).
 # 3: LearnerState.seen_examples, the example ids it de-duplicates by.
-STATE_FORMAT = 3
+# 4: seen_examples keyed by (app id, example id).
+STATE_FORMAT = 4
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ class LearnerState:
         # The last example_memory example ids, oldest first (a dict: an ordered set). Offsets
         # alone miss an example emitted again at a new offset, which the pipeline does when a
         # checkpoint fails after its outputs went out.
-        self.seen_examples: dict[str, None] = {}
+        self.seen_examples: dict[tuple[str, str], None] = {}  # (app id, example id)
 
     # --- records as they come off the topics -------------------------------------------------
 
@@ -164,11 +164,12 @@ class LearnerState:
             log.error("learners.undecodable", topic=topic, partition=partition, offset=offset, reason=refused.reason)
             return LearnerOutputs(dead_letters=[refused])
         if isinstance(record, AnnotatedExample):
-            if record.example_id in self.seen_examples:
+            key = (record.app_id, record.example_id)  # an example id is its app's interaction id
+            if key in self.seen_examples:
                 log.info("learners.duplicate_example", example_id=record.example_id, topic=topic, partition=partition,
                          offset=offset)  # fmt: skip
                 return LearnerOutputs()
-            self.seen_examples[record.example_id] = None
+            self.seen_examples[key] = None
             if len(self.seen_examples) > self.config.example_memory:
                 del self.seen_examples[next(iter(self.seen_examples))]
             return self.learn_one(record)

@@ -27,7 +27,8 @@ from streams.topics import EVENTS
 
 # The format of the pickled PartitionPipeline: bump it when a class in it moves or changes
 # meaning, and the next start rebuilds every partition from the archive.
-STATE_FORMAT = 1
+# 2: the join, de-duplication and users keyed by app (streams.pipeline, streams.join).
+STATE_FORMAT = 2
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from streams.intake import (
 )
 from streams.join import OpenInteraction, SessionJoin, Unjoined
 from streams.pii import Scrubber
-from streams.pseudonyms import Pseudonymizer
+from streams.pseudonyms import Pseudonymizer, user_identity
 from streams.quality import QualityFilter
 from streams.rewards import channel_rewards
 from streams.signals import training_records
@@ -148,11 +148,13 @@ class PartitionPipeline:
             seed=config.seed,
         )
         self.loss_weights = LossWeights()
-        self.seen: set[str] = set()  # event ids, for de-duplication
-        self._seen_expiry: list[tuple[datetime, str]] = []  # heap of (utc(occurred_at), event id)
+        # Ids are an app's own: every key below is (app id, the app's id), so one app's ids
+        # never collide with, join or de-duplicate another's.
+        self.seen: set[tuple[str, str]] = set()  # event ids, for de-duplication
+        self._seen_expiry: list[tuple[datetime, tuple[str, str]]] = []  # heap of (utc(occurred_at), event key)
         # Closed examples (with utc(occurred_at), for the sweep), to pair regenerations.
-        self.recent: dict[str, tuple[datetime, AnnotatedExample]] = {}
-        self.user_of: dict[str, str] = {}  # interaction id -> app user id (state only)
+        self.recent: dict[tuple[str, str], tuple[datetime, AnnotatedExample]] = {}
+        self.user_of: dict[tuple[str, str], str] = {}  # interaction -> user_identity (state only)
         self.stats = PipelineStats()
         self.offset = -1  # last offset processed, for checkpoints
         self._next_sweep: datetime | None = None
@@ -187,12 +189,13 @@ class PartitionPipeline:
             self.stats.counts["ticks"] += 1
             self.advance(out, pseudonyms)
             return out
-        if event.event_id in self.seen:
+        seen_key = (getattr(event, "app_id", ""), event.event_id)  # a curation trigger has no app
+        if seen_key in self.seen:
             out.dead_letters.append(self._dead("duplicate_event", f"event {event.event_id} was already processed",
                                                value, event))
             return out
-        self.seen.add(event.event_id)
-        heapq.heappush(self._seen_expiry, (occurred_at, event.event_id))
+        self.seen.add(seen_key)
+        heapq.heappush(self._seen_expiry, (occurred_at, seen_key))
         if isinstance(event, CurationTrigger):
             self.stats.counts[f"trigger_{event.trigger}"] += 1
             if event.preferences_moved:
@@ -201,8 +204,9 @@ class PartitionPipeline:
                 self.curator.request_early(event.trigger)
             self.advance(out, pseudonyms)
             return out
-        user_id = event.user_id if isinstance(event, Interaction) else self.user_of.get(event.interaction_id)
-        erased_at = pseudonyms.erased_at(user_id) if user_id else None
+        user = (user_identity(event.app_id, event.user_id) if isinstance(event, Interaction)
+                else self.user_of.get((event.app_id, event.interaction_id)))  # fmt: skip
+        erased_at = pseudonyms.erased_at(user) if user else None
         if erased_at is not None and event.occurred_at <= erased_at:
             out.dead_letters.append(self._dead("user_erased", "the user asked to be erased after this event",
                                                b"", event))  # the raw text is not kept for erased users
@@ -222,7 +226,7 @@ class PartitionPipeline:
 
     def _interaction(self, event: Interaction, occurred_at: datetime, value: bytes, scrubber: Scrubber,
                      pseudonyms: Pseudonymizer) -> list[DeadLetter]:
-        if self.join.knows(event.interaction_id):
+        if self.join.knows(event.app_id, event.interaction_id):
             return [self._dead("duplicate_interaction", f"interaction {event.interaction_id} was already received "
                                "under another event id", value, event)]
         prompt = [self._scrub_message(m, scrubber) for m in event.prompt]
@@ -232,8 +236,8 @@ class PartitionPipeline:
             scrubbed = event.model_copy(update={"prompt": prompt, "response": response})
         else:
             scrubbed = event
-        self.user_of[event.interaction_id] = event.user_id
-        pseudonym = pseudonyms.pseudonym(event.user_id)
+        user = self.user_of[(event.app_id, event.interaction_id)] = user_identity(event.app_id, event.user_id)
+        pseudonym = pseudonyms.pseudonym(user)
         return [self._unjoined(u) for u in self.join.add_interaction(scrubbed, pseudonym, occurred_at)]
 
     def _scrub(self, text: str, scrubber: Scrubber) -> str:
@@ -317,12 +321,12 @@ class PartitionPipeline:
         )
         self.loss_weights.learn_one(example.rewards)
         occurred_at = entry.occurred_at
-        replaced = self.recent.get(example.regenerates) if example.regenerates else None
+        replaced = self.recent.get((example.app_id, example.regenerates)) if example.regenerates else None
         records = training_records(example, replaced[1] if replaced else None, self.loss_weights.weights())
         if records and self.quality.near_duplicate(event):
             example = example.model_copy(update={"filtered": "near_duplicate"})
             records = []
-        self.recent[example.example_id] = (occurred_at, example)
+        self.recent[(example.app_id, example.example_id)] = (occurred_at, example)
         counts = self.stats.counts
         counts["examples"] += 1
         counts["no_consent"] += not example.training_consent
@@ -330,8 +334,8 @@ class PartitionPipeline:
             counts[f"filtered_{example.filtered}"] += 1
         for record in records:
             counts[f"records_{record.source}"] += 1
-        user_id = self.user_of.pop(example.example_id)
-        self.curator.add([Buffered(r, user_id, occurred_at) for r in records])
+        user = self.user_of.pop((example.app_id, example.example_id))
+        self.curator.add([Buffered(r, user, occurred_at) for r in records])
         return example
 
     def _forget_old(self) -> None:
@@ -377,16 +381,16 @@ class PartitionPipeline:
 
 
 def pseudonyms_erased(pseudonyms: Pseudonymizer):
-    """``is_erased(user_id, occurred_at)`` for one cut: erased after the record's event.
+    """``is_erased(user, occurred_at)`` for one cut: erased after the record's event.
 
     Each user's erasure time is looked up once per cut (a cut checks every buffered and
     reservoir record, and users have many)."""
     erasures: dict[str, datetime | None] = {}
 
-    def is_erased(user_id: str, occurred_at: datetime) -> bool:
-        if user_id not in erasures:
-            erasures[user_id] = pseudonyms.erased_at(user_id)
-        erased_at = erasures[user_id]
+    def is_erased(user: str, occurred_at: datetime) -> bool:
+        if user not in erasures:
+            erasures[user] = pseudonyms.erased_at(user)
+        erased_at = erasures[user]
         return erased_at is not None and occurred_at <= erased_at
 
     return is_erased

@@ -1,6 +1,10 @@
 """Pseudonymous user ids with one random key per user, so a user can be crypto-shredded.
 
-pseudonym(user_id) = HMAC-SHA256(key_of(user_id), user_id). The keys live in a KeyStore that is
+A user is (app, user id): two apps sharing a deployment may both have a user "42", and each
+is their own person, with their own key and their own erasure. :func:`user_identity` names
+that pair once; everything here takes the identity it returns.
+
+pseudonym(identity) = HMAC-SHA256(key_of(identity), identity). The keys live in a KeyStore that is
 never written to the event log or Kafka. Deleting a user's key makes every pseudonym already in
 the log unlinkable to that user; a key is random (not derived from a master secret), so nothing
 can regenerate it. Keys are persisted and reused, which keeps pseudonyms stable across restarts
@@ -20,29 +24,37 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 KEY_BYTES = 32
-_PSEUDONYM_CONTEXT = b"feedloop-pseudonym-v1:"  # versioned so the derivation can change safely
+_PSEUDONYM_CONTEXT = b"feedloop-pseudonym-v2:"  # v2: of (app, user); v1 was of the user id alone
 _PSEUDONYM_HEX_CHARS = 32  # 128 bits: collisions between independent random keys are negligible
 
 
 _RECHECK_S = 0.1
+_SEPARATOR = "\x1f"  # no app or user id holds it (streams.contract.Id)
+
+
+def user_identity(app_id: str, user_id: str) -> str:
+    """The user ``user_id`` of app ``app_id``: what keys, pseudonyms and erasures are of."""
+    if not app_id or not user_id:
+        raise ValueError("a user is an app id and a user id, both non-empty")
+    return f"{app_id}{_SEPARATOR}{user_id}"
 
 
 class KeyStore(ABC):
-    """Holds one secret key per user id, plus a record of erasures."""
+    """Holds one secret key per user (a :func:`user_identity`), plus a record of erasures."""
 
     @abstractmethod
-    def get_or_create_key(self, user_id: str) -> bytes:
+    def get_or_create_key(self, user: str) -> bytes:
         """The user's key; a new random one if the user has none (never had one, or erased)."""
 
     @abstractmethod
-    def has_key(self, user_id: str) -> bool: ...
+    def has_key(self, user: str) -> bool: ...
 
     @abstractmethod
-    def delete_key(self, user_id: str) -> None:
+    def delete_key(self, user: str) -> None:
         """Drop the user's key for good and record when. Idempotent."""
 
     @abstractmethod
-    def erased_at(self, user_id: str) -> datetime | None:
+    def erased_at(self, user: str) -> datetime | None:
         """When the user's key was last deleted, kept after a new key is issued."""
 
 
@@ -61,7 +73,7 @@ def _fsync_directory(directory: Path) -> None:
 class FileKeyStore(KeyStore):
     """A directory of per-user key files, owner-only (dirs 0700, files 0600).
 
-    Layout: keys/<ab>/<sha256(user_id)>.key holds 32 raw bytes; erased/<ab>/<sha256(user_id)>
+    Layout: keys/<ab>/<sha256(user)>.key holds 32 raw bytes; erased/<ab>/<sha256(user)>
     holds the erasure time. File names are hashes, so a directory listing shows no user ids.
     Safe for several processes: a key is published with link(), which fails if another process
     created it first, and the loser then reads the winner's key.
@@ -120,8 +132,8 @@ class FileKeyStore(KeyStore):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_keys": {}, "_erased": {}, "_generation": None, "_checked_at": -_RECHECK_S}
 
-    def _path(self, kind: str, user_id: str, suffix: str = "") -> Path:
-        digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+    def _path(self, kind: str, user: str, suffix: str = "") -> Path:
+        digest = hashlib.sha256(user.encode("utf-8")).hexdigest()
         return self.root / kind / digest[:2] / f"{digest}{suffix}"
 
     def _write_new_file(self, directory: Path, content: bytes) -> str:
@@ -138,15 +150,15 @@ class FileKeyStore(KeyStore):
             raise
         return temp_path
 
-    def get_or_create_key(self, user_id: str) -> bytes:
+    def get_or_create_key(self, user: str) -> bytes:
         self._refresh()
-        if user_id in self._keys:
-            return self._keys[user_id]
-        self._keys[user_id] = key = self._load_or_create_key(user_id)
+        if user in self._keys:
+            return self._keys[user]
+        self._keys[user] = key = self._load_or_create_key(user)
         return key
 
-    def _load_or_create_key(self, user_id: str) -> bytes:
-        path = self._path("keys", user_id, ".key")
+    def _load_or_create_key(self, user: str) -> bytes:
+        path = self._path("keys", user, ".key")
         try:
             return self._read_key(path)
         except FileNotFoundError:
@@ -172,16 +184,16 @@ class FileKeyStore(KeyStore):
             raise ValueError(f"corrupt key file {path}: {len(key)} bytes")
         return key
 
-    def has_key(self, user_id: str) -> bool:
-        return self._path("keys", user_id, ".key").exists()
+    def has_key(self, user: str) -> bool:
+        return self._path("keys", user, ".key").exists()
 
-    def delete_key(self, user_id: str) -> None:
+    def delete_key(self, user: str) -> None:
         # Record the erasure before deleting: a crash in between leaves the key in place and
         # is_erased() false, so the caller retries rather than believing it is done.
-        tombstone = self._path("erased", user_id)
+        tombstone = self._path("erased", user)
         temp_path = self._write_new_file(tombstone.parent, self._clock().isoformat().encode())
         os.replace(temp_path, tombstone)
-        key_path = self._path("keys", user_id, ".key")
+        key_path = self._path("keys", user, ".key")
         key_path.unlink(missing_ok=True)
         _fsync_directory(tombstone.parent)
         if key_path.parent.exists():
@@ -194,14 +206,14 @@ class FileKeyStore(KeyStore):
         self._checked_at = -_RECHECK_S
         self._refresh()
 
-    def erased_at(self, user_id: str) -> datetime | None:
+    def erased_at(self, user: str) -> datetime | None:
         self._refresh()
-        if user_id not in self._erased:
+        if user not in self._erased:
             try:
-                self._erased[user_id] = datetime.fromisoformat(self._path("erased", user_id).read_text())
+                self._erased[user] = datetime.fromisoformat(self._path("erased", user).read_text())
             except FileNotFoundError:
-                self._erased[user_id] = None
-        return self._erased[user_id]
+                self._erased[user] = None
+        return self._erased[user]
 
 
 class Pseudonymizer:
@@ -209,32 +221,39 @@ class Pseudonymizer:
 
     def __init__(self, key_store: KeyStore) -> None:
         self.key_store = key_store
-        self._pseudonyms: dict[str, tuple[bytes, str]] = {}  # user id -> (key, pseudonym)
+        self._pseudonyms: dict[str, tuple[bytes, str]] = {}  # user -> (key, pseudonym)
 
-    def pseudonym(self, user_id: str) -> str:
-        """Same value for the same user while their key exists; a new one after erase()."""
-        if not user_id:
-            raise ValueError("user_id must be a non-empty string")
-        key = self.key_store.get_or_create_key(user_id)
-        cached = self._pseudonyms.get(user_id)
+    def pseudonym(self, user: str) -> str:
+        """Same value for the same user (a :func:`user_identity`) while their key exists; a new
+        one after erase()."""
+        if not user:
+            raise ValueError("user must be a non-empty user_identity()")
+        key = self.key_store.get_or_create_key(user)
+        cached = self._pseudonyms.get(user)
         if cached is not None and cached[0] == key:  # the HMAC is the cost; the key decides it
             return cached[1]
-        digest = hmac.new(key, _PSEUDONYM_CONTEXT + user_id.encode("utf-8"), hashlib.sha256)
+        digest = hmac.new(key, _PSEUDONYM_CONTEXT + user.encode("utf-8"), hashlib.sha256)
         pseudonym = "u_" + digest.hexdigest()[:_PSEUDONYM_HEX_CHARS]
-        self._pseudonyms[user_id] = (key, pseudonym)
+        self._pseudonyms[user] = (key, pseudonym)
         return pseudonym
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pseudonyms": {}}  # like FileKeyStore: no key in a pickle
 
-    def erase(self, user_id: str) -> None:
+    def erase(self, user: str) -> None:
         """Crypto-shred the user: their existing pseudonym can never be recomputed."""
-        self.key_store.delete_key(user_id)
+        self.key_store.delete_key(user)
 
-    def is_erased(self, user_id: str) -> bool:
+    def is_erased(self, user: str) -> bool:
         """True from erase() until the user is given a new key by a later pseudonym() call."""
-        return self.key_store.erased_at(user_id) is not None and not self.key_store.has_key(user_id)
+        return self.erased_at(user) is not None and not self.key_store.has_key(user)
 
-    def erased_at(self, user_id: str) -> datetime | None:
-        """Last erasure time; replays drop the user's events from before it (docs/privacy.md)."""
-        return self.key_store.erased_at(user_id)
+    def erased_at(self, user: str) -> datetime | None:
+        """Last erasure time; replays drop the user's events from before it (docs/privacy.md).
+
+        An erasure recorded before users were per app named the bare user id, in every app: it
+        still counts, or a replay after the upgrade would bring that user's events back."""
+        own = self.key_store.erased_at(user)
+        _, separator, user_id = user.partition(_SEPARATOR)
+        before_apps = self.key_store.erased_at(user_id) if separator else None
+        return max((t for t in (own, before_apps) if t is not None), default=None)

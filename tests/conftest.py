@@ -28,6 +28,8 @@ from trainer.vllm_server import free_port  # noqa: F401 (tests and benchmarks im
 
 POSTGRES_ADMIN_URL = os.environ.get("FEEDLOOP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 API_KEYS = {"app-a": "key-a-0123456789", "app-b": "key-b-0123456789"}
+OPERATOR_KEY = "ops-key-0123456789"
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 
 configure_logging("warning", "console")
 
@@ -63,6 +65,7 @@ def make_settings(tmp_path: Path, broker_port: int, **overrides) -> Settings:
         data_dir=tmp_path / "data",
         gateway_port=free_port(),
         api_keys={app: SecretStr(key) for app, key in API_KEYS.items()},
+        operator_keys={"ops": SecretStr(OPERATOR_KEY)},
         archive_flush_seconds=0.2,
         publish_timeout_s=3.0,
     )

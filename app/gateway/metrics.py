@@ -19,13 +19,14 @@ from typing import Any
 
 import structlog
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.gateway.auth import ApiKeys
+from app.gateway.http import error
 from app.overview import Overview, OverviewSource
 from streams.contract import AdapterState
 
@@ -137,9 +138,8 @@ class GatewayMetrics:
 
         @router.get("/metrics", summary="Prometheus metrics (docs/operations.md)")
         async def metrics(request: Request) -> Response:
-            if keys.operator(request) is None:
-                return JSONResponse({"reason": "unauthenticated", "detail": "send an app's API key as "
-                                     "'Authorization: Bearer <key>'"}, status_code=401)  # fmt: skip
+            if (refused := keys.refusal(request)) is not None:
+                return error(*refused)
             body = await asyncio.to_thread(generate_latest, self.registry)  # the collector reads the store
             return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -30,7 +30,7 @@ from streams.config import LearnerSettings
 from streams.store import Adapter, Batch
 from streams.contract import AdapterLoaded, AdapterReady, AnnotatedExample, Context, DriftAlarm
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
-from tests.conftest import API_KEYS, archived_records, make_settings, wait_until_archived
+from tests.conftest import API_KEYS, OPERATOR, OPERATOR_KEY, archived_records, make_settings, wait_until_archived
 from tests.factories import feedback, interaction
 
 KEY = API_KEYS["app-a"]
@@ -176,6 +176,9 @@ async def test_dashboard_shows_the_loop_in_a_browser(stack, tmp_path):
         assert (await http.get("/dashboard")).status_code == 401
         assert (await http.get("/dashboard", params={"key": "wrong"})).status_code == 401
         assert (await http.get("/v1/overview")).status_code == 401
+        # An app's key opens no operator view: other apps' traffic and dead letters are on it.
+        assert (await http.get("/dashboard", params={"key": KEY})).status_code == 403
+        assert (await http.get("/v1/overview", headers=AUTH)).json()["reason"] == "forbidden"
 
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=chromium_path(), headless=True)
@@ -184,10 +187,10 @@ async def test_dashboard_shows_the_loop_in_a_browser(stack, tmp_path):
             problems: list[str] = []
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(str(e)))
-            await page.goto(f"{stack.base_url}/dashboard?key={KEY}")
+            await page.goto(f"{stack.base_url}/dashboard?key={OPERATOR_KEY}")
             assert page.url == f"{stack.base_url}/dashboard"  # the key left the address bar
             cookie = next(c for c in await page.context.cookies() if c["name"] == "feedloop_dashboard")
-            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and KEY not in cookie["value"]
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and OPERATOR_KEY not in cookie["value"]
             await page.wait_for_function("() => window.feedloopDashboard.updates > 0", timeout=60_000)
             charts = await page.evaluate("""() => Object.fromEntries(
                 ['adapters', 'traffic', 'reward', 'ab', 'batches', 'deadletters', 'privacy'].map(id => [id,
@@ -252,7 +255,7 @@ async def test_metrics_and_status_match_the_archive(stack, monkeypatch):
         # archive reads the same before and after the scrape.
         for _ in range(50):
             before = archive_counts(stack)
-            response = await http.get("/metrics", headers=AUTH)
+            response = await http.get("/metrics", headers=OPERATOR)
             if archive_counts(stack) == before:
                 break
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")

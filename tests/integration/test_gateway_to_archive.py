@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer
 from app.client import FeedloopClient, FeedloopError
 from streams.topics import DEAD_LETTER, EVENTS
 from app.rate_limit import RateLimit
-from tests.conftest import API_KEYS, archived_records, make_settings, start_stack, wait_until_archived
+from tests.conftest import API_KEYS, OPERATOR, archived_records, make_settings, start_stack, wait_until_archived
 from tests.factories import annotation, feedback, interaction
 
 AUTH = {"Authorization": f"Bearer {API_KEYS['app-a']}"}
@@ -156,7 +156,7 @@ async def test_auth_and_size_limits(stack):
     await asyncio.sleep(1.0)  # the archiver's flush interval is 0.2 s: a nokey letter would be in by now
     assert [x["reason"] for x in await marked_dead_letters(stack, marker, 2)] == ["body_too_large"]
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
-        metrics = (await http.get("/metrics", headers=AUTH)).text
+        metrics = (await http.get("/metrics", headers=OPERATOR)).text
     assert 'feedloop_gateway_refused_requests_total{endpoint="/v1/events",status="401"} 2.0' in metrics
 
 
@@ -172,7 +172,7 @@ async def test_an_app_over_its_rate_limit_gets_429_with_retry_after_and_others_g
             events = await http.post("/v1/events", json=[interaction(app_id="app-a")], headers=a)
             assert events.status_code == 429, "one bucket per app, whatever the endpoint"
             assert (await http.post("/v1/route", json={"context": {}}, headers=b)).status_code == 200
-            metrics = (await http.get("/metrics", headers=b)).text
+            metrics = (await http.get("/metrics", headers=OPERATOR)).text
         assert 'feedloop_gateway_refused_requests_total{endpoint="/v1/route",status="429"} 1.0' in metrics
     finally:
         await stop()
@@ -217,17 +217,18 @@ async def test_openapi_and_schemas_are_served(stack):
 
 
 async def test_erase_endpoint_shreds_the_users_key(stack):
-    from streams.pseudonyms import FileKeyStore, Pseudonymizer
+    from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
 
+    user = user_identity("app-a", "user-to-erase")  # AUTH is app-a's key
     pseudonyms = Pseudonymizer(FileKeyStore(stack.settings.keys_path))
-    before = pseudonyms.pseudonym("user-to-erase")
+    before = pseudonyms.pseudonym(user)
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
         assert (await http.post("/v1/users/user-to-erase/erase")).status_code == 401
         response = await http.post("/v1/users/user-to-erase/erase", headers=AUTH)
-    assert response.status_code == 202 and response.json()["erased_at"]
+    assert response.status_code == 202 and response.json()["erased_at"] and response.json()["app_id"] == "app-a"
     fresh = Pseudonymizer(FileKeyStore(stack.settings.keys_path))
-    assert fresh.erased_at("user-to-erase") is not None
-    assert fresh.pseudonym("user-to-erase") != before
+    assert fresh.erased_at(user) is not None
+    assert fresh.pseudonym(user) != before
 
 
 async def test_python_client_routes_through_the_gateway(stack):

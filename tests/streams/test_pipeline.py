@@ -12,7 +12,7 @@ from streams.contract import AnnotatedExample
 from streams.pii import Scrubber
 from streams.intake import PRODUCER_MAX_REQUEST_BYTES, dead_letter_max_bytes
 from streams.pipeline import PartitionPipeline, PipelineSet, Received, receive_time
-from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
 from streams.training_data import LabelRecord, PreferenceRecord, SftRecord
 from tests.factories import feedback, interaction
 from tests.poison import FAR_FUTURE, OVERSIZED, corpus
@@ -241,7 +241,7 @@ def test_erased_users_never_reach_a_later_batch(tmp_path):
     before = [keep, erase, signal(keep, "thumbs", 2), signal(erase, "thumbs", 3), tick(700)]
     run = Run(pseudonyms).feed(*before)
     (old_pseudonym,) = {e.user for e in run.examples if e.example_id == erase["interaction_id"]}
-    pseudonyms.erase("erase-me")
+    pseudonyms.erase(user_identity(erase["app_id"], "erase-me"))
     run.pipeline.curator.request_early("manual")
     run.feed(tick(800))
     ids = {r.example_id.split(":")[0] for r in run.records()}
@@ -414,3 +414,22 @@ def test_a_batch_is_cut_by_time_once_the_oldest_record_has_waited_max_wait_in_ev
     assert not run.pipeline.curator.buffer and run.pipeline.stats.counts["batch_time"] == 1
     run.feed(tick(5000))
     assert len(run.batches) == 1, "an empty buffer is never cut"
+
+
+def test_apps_sharing_a_deployment_never_join_or_dedupe_each_others_events(pseudonyms):
+    """App B's feedback naming app A's interaction id never joins it (it would have been SFT data
+    for A); the same interaction and event ids in two apps are two interactions; the same user id
+    in two apps is two pseudonyms."""
+    a = turn(0, app_id="app-a", user_id="42", interaction_id="shared-id", event_id="event-shared-1")
+    b = turn(1, app_id="app-b", user_id="42", interaction_id="shared-id", event_id="event-shared-1",
+             session_id=a["session_id"])  # one partition, as their session keys could share one
+    poison = signal(a, "edit", 2, app_id="app-b", text="app B's words in app A's mouth")
+    run = Run(pseudonyms).feed(a, poison, signal(a, "thumbs", 3, value=1), tick(700))
+    (example_a,) = run.examples
+    assert example_a.app_id == "app-a" and example_a.edit is None and example_a.feedback_kinds == ["thumbs"]
+    assert [(d.reason, d.app_id) for d in run.dead] == [("orphan_feedback", "app-b")]  # B's, unjoined
+    run.feed(b, tick(1400))
+    assert run.reasons() == ["orphan_feedback"], "B's turn is not a duplicate of A's (same ids, other app)"
+    assert [e.app_id for e in run.examples] == ["app-a", "app-b"]
+    assert example_a.user != run.examples[1].user
+    assert not [r for r in run.records() if isinstance(r, SftRecord) and r.source == "edit"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.pseudonyms import KEY_BYTES, FileKeyStore, Pseudonymizer
+from streams.pseudonyms import KEY_BYTES, FileKeyStore, Pseudonymizer, user_identity
 
 ERASED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -158,8 +158,34 @@ def test_an_erasure_by_another_process_is_seen_within_a_tenth_of_a_second(tmp_pa
 
 
 def test_bad_inputs_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="user_id must be a non-empty string"):
+    with pytest.raises(ValueError, match="user must be a non-empty"):
         _pseudonymizer(tmp_path / "keys").pseudonym("")
+    for app_id, user_id in (("", "u"), ("app", "")):
+        with pytest.raises(ValueError, match="both non-empty"):
+            user_identity(app_id, user_id)
     short_rng = FileKeyStore(tmp_path / "other", random_bytes=lambda n: b"\x00" * (n - 1))
     with pytest.raises(ValueError, match=f"expected {KEY_BYTES}"):
         short_rng.get_or_create_key("mallory")
+
+
+def test_the_same_user_id_in_two_apps_is_two_users(tmp_path):
+    """Each app's "42" has a key, a pseudonym and an erasure of its own."""
+    pseudonyms = _pseudonymizer(tmp_path / "keys")
+    a, b = user_identity("app-a", "42"), user_identity("app-b", "42")
+    before_a, before_b = pseudonyms.pseudonym(a), pseudonyms.pseudonym(b)
+    assert before_a != before_b
+    pseudonyms.erase(b)
+    assert pseudonyms.is_erased(b) and not pseudonyms.is_erased(a)
+    assert pseudonyms.pseudonym(a) == before_a and pseudonyms.pseudonym(b) != before_b
+    assert user_identity("a", "b:c") != user_identity("a:b", "c")  # ids may hold ':' but never the separator
+
+
+def test_an_erasure_from_before_users_were_per_app_still_counts(tmp_path):
+    """It named the bare user id and applied in every app; a replay must keep dropping them."""
+    store = FileKeyStore(tmp_path / "keys", clock=lambda: ERASED_AT)
+    store.delete_key("u-7")  # how erase() recorded it before (app, user) identities
+    pseudonyms = Pseudonymizer(store)
+    for app_id in ("app-a", "app-b"):
+        assert pseudonyms.erased_at(user_identity(app_id, "u-7")) == ERASED_AT
+        assert pseudonyms.is_erased(user_identity(app_id, "u-7"))
+    assert pseudonyms.erased_at(user_identity("app-a", "u-8")) is None
