@@ -69,6 +69,7 @@ from streams.learner_agents import STATE_FORMAT as LEARNER_FORMAT  # noqa: E402
 from streams.live import STATE_FORMAT as WORKER_FORMAT  # noqa: E402
 from streams.store import Batch, BatchStatus, StreamCheckpoint, make_engine, make_sessionmaker  # noqa: E402
 from streams.topics import EVENTS, EXAMPLES  # noqa: E402
+from streams.training_data import read_batch  # noqa: E402
 from tests.conftest import API_KEYS, free_port, make_settings  # noqa: E402
 from tests.factories import feedback, interaction  # noqa: E402
 from trainer.base_model import BaseModelConfig  # noqa: E402
@@ -76,6 +77,9 @@ from trainer.base_model import BaseModelConfig  # noqa: E402
 COMMANDS = {"gateway": ["gateway"], "archiver": ["archive", "run"], "worker": ["worker"], "learner": ["learn"],
             "trainer": ["train"], "swap": ["swap"]}
 FAULTS = ("worker", "learner", "trainer", "swap", "archiver", "gateway", "broker")
+# Stop on a new broker life and are started again (streams/broker_life.py): until their new
+# instance is up, the loop has not recovered from a broker restart.
+RESTART_ON_NEW_LIFE = ("worker", "learner", "archiver")
 AUTH = {"Authorization": f"Bearer {API_KEYS['app-a']}", "Content-Type": "application/json"}
 # Windows longer than a fault lasts: a feedback retried while the gateway is down still joins.
 # A batch's wait counts from its oldest record's event time, which reaches the curator only
@@ -140,10 +144,10 @@ class Loop:
         self.faults.append((started, target))
         acked = load.acked_at
         if target == "broker":
+            pids = {name: self.children[name].process.pid for name in RESTART_ON_NEW_LIFE}
             self.broker.stop()
             self.broker.start()  # empty, with a new cluster id
             waiting = COMMANDS
-            pids = {}
         else:
             pid = self.children[target].process.pid
             os.killpg(pid, signal.SIGKILL)
@@ -235,7 +239,10 @@ class Tally:
     learner_examples: int
     batches: int
     batch_records: int
-    replay_identical: bool
+    fresh_records_doubled: int
+    fresh_records_missing: int  # in the offline replay's batches, in no live batch
+    fresh_records_extra: int  # in a live batch, in none of the replay's
+    replay_identical: bool  # byte for byte; a republish reorders the log, so not after a broker restart
     lost_before: str  # the fault that followed each lost event's acknowledgement
     trained: int
     failed: int
@@ -271,19 +278,39 @@ def tally(loop: Loop, load: Load) -> Tally:
                     examples[json.loads(record.value)["example_id"]] += 1
         rows = list(session.scalars(select(Batch)))
     live = {b.batch_id: b.manifest_sha256 for b in rows}
+    live_fresh = fresh_records([loop.settings.data_dir / b.path for b in rows])
+    replayed = replay(loop)
+    replay_fresh = fresh_records([loop.root / "replayed" / "batches" / name for name in replayed])
     status = Counter(b.status for b in rows)
+    lost = sent - set(events)
     lost_before = Counter(next((what for when, what in loop.faults if when >= load.ack_times[event_id]), "none")
-                          for event_id in sent - set(events))  # fmt: skip
+                          for event_id in lost)  # fmt: skip
+    (loop.root / "lost.json").write_text(json.dumps({
+        "events": sorted(lost), "interactions": sorted(interactions - set(examples)),
+        "faults": [[when, what] for when, what in loop.faults],
+        "acked_at": {event_id: load.ack_times[event_id] for event_id in lost}}, indent=1))
     return Tally(
         sent=len(sent), archived=len(sent & set(events)), lost_events=len(sent - set(events)),
         redelivered=sum(events.values()) - len(events), interactions=len(interactions),
         examples=len(examples), lost_examples=len(interactions - set(examples)),
         example_redeliveries=sum(examples.values()) - len(examples), worker_examples=worker_state(loop)[0],
         learner_examples=learner_examples(loop), batches=len(rows), batch_records=sum(b.example_count for b in rows),
-        replay_identical=bool(live) and replay(loop) == live,
+        fresh_records_doubled=sum(live_fresh.values()) - len(live_fresh),
+        fresh_records_missing=len(set(replay_fresh) - set(live_fresh)),
+        fresh_records_extra=len(set(live_fresh) - set(replay_fresh)), replay_identical=bool(live) and replayed == live,
         lost_before=" ".join(f"{what}:{n}" for what, n in sorted(lost_before.items())) or "-", trained=status[BatchStatus.TRAINED],
         failed=status[BatchStatus.FAILED], waiting_for_trainer=status[BatchStatus.EMITTED] + status[BatchStatus.TRAINING],
     )  # fmt: skip
+
+
+def fresh_records(directories: list[Path]) -> Counter:
+    """How often each training record appears in these batches, not counting replayed copies
+    (the curator mixes older records back in on purpose)."""
+    seen: Counter = Counter()
+    for directory in directories:
+        _, records = read_batch(directory)
+        seen.update(r.example_id for signal in records.values() for r in signal if not r.replay)
+    return seen
 
 
 def replay(loop: Loop) -> dict[str, str]:
@@ -354,10 +381,12 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=10.0, help="Steady load between two faults.")
     parser.add_argument("--recover-timeout-s", type=float, default=90.0)
     parser.add_argument("--faults", default=",".join(FAULTS), help="Which faults, in this order, each round.")
+    parser.add_argument("--keep", type=Path, help="Run in this (new) directory and keep it: logs, store, archive.")
     args = parser.parse_args()
     faults = args.faults.split(",")
 
-    with tempfile.TemporaryDirectory(prefix="feedloop-chaos-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="feedloop-chaos-") as scratch:
+        tmp = args.keep or scratch
         print(f"faults: {args.rounds} rounds of {', '.join(faults)} at {args.rate:g} interactions/s", flush=True)
         faulted, recoveries, load, restarts = asyncio.run(
             run(Path(tmp) / "faults", args.rate, faults * args.rounds, args.settle_s, None,

@@ -233,6 +233,11 @@ def verify_archive(session: Session, archive_dir: Path) -> VerifyReport:
 # --- the archiver process ------------------------------------------------------------------
 
 
+class ResumeUnconfirmed(RuntimeError):
+    """Partitions were assigned while the broker could not say which life it is: where to
+    resume is unknown, so the archiver stops and is started again."""
+
+
 class Archiver:
     """Consumes the given topics and seals them into archive segments.
 
@@ -268,6 +273,7 @@ class Archiver:
         self.sealed_records = 0
         self._next_offsets: dict[TopicPartition, int] = {}  # what each partition should deliver next
         self._new_life: NewBrokerLife | None = None  # found by the rebalance listener, raised by run()
+        self._unconfirmed: ResumeUnconfirmed | None = None  # likewise
         self._stopping = asyncio.Event()
         self.consumer = kafka.consumer(kafka_settings, group_id=self.group_id, max_poll_records=flush_events)
 
@@ -282,26 +288,35 @@ class Archiver:
             )
 
     async def _resume_positions(self, assigned: set[TopicPartition]) -> None:
+        """Start each assigned partition where the archive of this broker life ends, or at
+        its beginning when this life has no segment of it yet. The group's committed offset is
+        not asked: an archiver of the last life may have committed its old positions into the
+        new broker before it noticed the restart (the new life's first records would be
+        skipped), and a crash between sealing and committing leaves it behind the archive."""
         try:
             await self.life.confirm()  # a broker that restarted empty assigns partitions again
         except NewBrokerLife as error:
             self._new_life = error  # aiokafka logs and drops what a listener raises
             return
-        except Exception:  # noqa: BLE001 - unconfirmed: every commit confirms again before it goes out
-            log.warning("archive.broker_unconfirmed", exc_info=True,
-                        action="resuming anyway; every seal asks the broker again before it commits")
+        except Exception as error:  # noqa: BLE001 - which life these offsets belong to is unknown
+            self._unconfirmed = ResumeUnconfirmed(f"{self.life.process}: partitions were assigned while the broker "
+                                                  f"could not be asked which life it is ({error!r})")  # fmt: skip
+            return
+        resumed = {}
         for tp in assigned:
             self._next_offsets.pop(tp, None)
             last = self.last_archived_offset(tp)
-            if last is None:
+            if last is None:  # offset 0, or the earliest retained (auto_offset_reset) where Kafka expired it
+                self.consumer.seek(tp, 0)
                 continue
-            committed = await self.consumer.committed(tp)
-            if committed is None or committed <= last:
-                # Sealed but not committed before a crash: skip it, and tell the group so.
-                self.consumer.seek(tp, last + 1)
-                await self.consumer.commit({tp: last + 1})
-                self._next_offsets[tp] = last + 1
-                log.info("archive.resume", topic=tp.topic, partition=tp.partition, offset=last + 1)
+            self.consumer.seek(tp, last + 1)
+            self._next_offsets[tp] = resumed[tp] = last + 1
+            log.info("archive.resume", topic=tp.topic, partition=tp.partition, offset=last + 1)
+        try:
+            if resumed:
+                await self.consumer.commit(resumed)  # only tells the group (its lag) where the archive is
+        except Exception:  # noqa: BLE001 - positions come from the archive, not from this commit
+            log.warning("archive.resume_commit_failed", exc_info=True, action="none: the next seal commits")
 
     async def seal(self, tp: TopicPartition, commit: bool = True) -> None:
         """Write the partition's buffer as a segment, record it, then commit its offset."""
@@ -343,8 +358,14 @@ class Archiver:
 
         class _Listener(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+                # Sealed either way; committed only into the life they were read from (the
+                # assignment that follows resumes from the archive, not from the commit).
+                try:
+                    commit = await archiver._confirmed()
+                except NewBrokerLife as error:
+                    archiver._new_life, commit = error, False
                 for tp in revoked:
-                    await archiver.seal(tp)
+                    await archiver.seal(tp, commit=commit)
 
             async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
                 await archiver._resume_positions(assigned)
@@ -380,6 +401,13 @@ class Archiver:
             for tp in list(self.buffers):  # records of the old life: archived, their offsets not committed
                 await self.seal(tp, commit=False)
             raise
+        except ResumeUnconfirmed as error:
+            log.error("archive.resume_unconfirmed", error=str(error),
+                      action="the archiver stops rather than guess where to resume; start it again (compose "
+                             "restarts it) once the broker answers")  # fmt: skip
+            for tp in list(self.buffers):
+                await self.seal(tp, commit=False)
+            raise
         finally:
             await self.consumer.stop()
             log.info("archive.stopped", sealed_records=self.sealed_records)
@@ -400,6 +428,8 @@ class Archiver:
     async def _same_life(self, batches: dict[TopicPartition, list]) -> None:
         if self._new_life is not None:
             raise self._new_life
+        if self._unconfirmed is not None:
+            raise self._unconfirmed
         if any(records[0].offset < self._next_offsets.get(tp, 0) for tp, records in batches.items() if records):
             await self.life.confirm()
 
