@@ -385,6 +385,8 @@ class DeadLetter(_Record):
     )
     raw_size: int = Field(ge=0, description="Size of the whole input in bytes.")
     raw_truncated: bool = Field(False, description="raw_b64 holds only the first bytes of the input.")
+    raw_scrubbed: bool = Field(
+        False, description="PII in raw_b64 was replaced by placeholders (as in events) before it was kept.")
 
 
 USER_EVENT_ADAPTER: TypeAdapter[Interaction | Feedback | Annotation] = TypeAdapter(UserEvent)

@@ -21,7 +21,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from functools import cached_property
+from functools import cache, cached_property
 from itertools import accumulate
 
 from pydantic import TypeAdapter, ValidationError
@@ -35,6 +35,7 @@ from streams.contract import (
     Interaction,
     ValidationIssue,
 )
+from streams.pii import Scrubber
 
 UserEventModel = Interaction | Feedback | Annotation
 USER_EVENT_LIST_ADAPTER: TypeAdapter[list[UserEventModel]] = TypeAdapter(list[UserEvent])
@@ -61,6 +62,8 @@ DEAD_LETTER_ENVELOPE_BYTES = 64 * 1024
 PRODUCER_MAX_REQUEST_BYTES = 1_000_000
 # Kafka's per-record overhead (batch header, key, headers) that must fit beside the value.
 RECORD_OVERHEAD_BYTES = 4096
+# How far past the kept prefix raw input is scrubbed (longer than any value a detector takes).
+SCRUB_MARGIN_BYTES = 4096
 # A dead letter's received_at when nothing about its record says a time (replay must agree).
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -409,11 +412,16 @@ def dead_letter(
     issues: tuple[ValidationIssue, ...] | list[ValidationIssue] = (),
     dead_letter_id: str | None = None,
 ) -> DeadLetter:
-    """A dead-letter record keeping (up to ``max_raw_bytes`` of) the raw input.
+    """A dead-letter record keeping (up to ``max_raw_bytes`` of) the raw input, its PII
+    replaced (:func:`scrub_raw`): dead letters are kept and archived like events, and shown to
+    operators, so they must not be where an app's users' phone numbers and keys end up.
 
     Every part is bounded (detail, issues, ids), so the record serializes to at most
     :func:`dead_letter_max_bytes` whatever the input was."""
-    kept = raw[:max_raw_bytes]
+    # Scrubbed a little past the cut, so that no value straddling it is kept half.
+    window = raw[: max_raw_bytes + SCRUB_MARGIN_BYTES]
+    scrubbed = scrub_raw(window)
+    kept = scrubbed[:max_raw_bytes]
     return DeadLetter(
         dead_letter_id=clip(dead_letter_id or uuid.uuid4().hex, ID_MAX_CHARS),
         received_at=received_at,
@@ -425,5 +433,19 @@ def dead_letter(
         issues=[_issue(i.loc, i.msg) for i in list(issues)[:ISSUES_MAX]],
         raw_b64=base64.b64encode(kept).decode("ascii"),
         raw_size=len(raw),
-        raw_truncated=len(kept) < len(raw),
+        raw_truncated=len(kept) < len(scrubbed) or len(window) < len(raw),
+        raw_scrubbed=scrubbed != window,
     )
+
+
+@cache
+def _scrubber() -> Scrubber:
+    return Scrubber()  # the pipeline's: every detector
+
+
+def scrub_raw(raw: bytes) -> bytes:
+    """``raw`` with PII replaced as the pipeline replaces it in events. Bytes that are not
+    UTF-8 stay as they are around the text (surrogateescape), so binary input keeps its shape."""
+    text = raw.decode("utf-8", errors="surrogateescape")
+    scrubbed = _scrubber().scrub(text).text
+    return raw if scrubbed == text else scrubbed.encode("utf-8", errors="surrogateescape")

@@ -265,6 +265,8 @@ class PartitionPipeline:
         closed, expired = self.join.close_due()
         out.dead_letters += [self._unjoined(u) for u in expired]
         for entry in closed:
+            if self._erased_while_open(entry, pseudonyms):
+                continue  # no example: its text would reach the examples topic, the learner and the archive
             out.examples.append(self._close(entry))
         self._forget_old()
         while trigger := self.curator.due(self.join.watermark_key):
@@ -292,6 +294,17 @@ class PartitionPipeline:
             self.join.observe(self.curator.buffer[0].occurred_at + self.curator.max_wait + lateness)
             self.advance(out, pseudonyms)
         return out
+
+    def _erased_while_open(self, entry: OpenInteraction, pseudonyms: Pseudonymizer) -> bool:
+        """The user asked to be erased after this interaction opened: forget it."""
+        event = entry.interaction
+        user = self.user_of[(event.app_id, event.interaction_id)]
+        erased_at = pseudonyms.erased_at(user)
+        if erased_at is None or event.occurred_at > erased_at:
+            return False
+        del self.user_of[(event.app_id, event.interaction_id)]
+        self.stats.counts["erased_while_open"] += 1
+        return True
 
     def _close(self, entry: OpenInteraction) -> AnnotatedExample:
         """The annotated example of a closed interaction; its training records go to the curator."""

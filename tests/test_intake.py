@@ -13,6 +13,7 @@ from app.settings import Settings
 from streams.config import PipelineSettings
 from streams.contract import ValidationIssue, utcnow
 from streams.intake import (
+    EPOCH,
     ISSUES_MAX,
     MAX_JSON_DEPTH,
     PRODUCER_MAX_REQUEST_BYTES,
@@ -189,3 +190,22 @@ def test_events_dated_ahead_of_the_gateway_clock_are_clock_skew():
     # Without a receive time (or a bound) nothing is checked.
     assert isinstance(check_body(json.dumps([ahead]).encode(), "application/json", "app-a", GATEWAY_LIMITS)[0],
                       Accepted)
+
+
+def test_a_dead_letter_keeps_no_pii_of_its_raw_input():
+    """Dead letters are archived and shown to operators: their raw bytes are scrubbed like
+    events, bytes that are not UTF-8 kept as they were, and a value cut by the size bound is
+    not kept half."""
+    raw = b'{"type": "interaction", "prompt": "call me on +1 415 555 0134 or jane.doe@example.com", \xff\xfe'
+    letter = dead_letter(reason="invalid_json", detail="-", raw=raw, received_at=EPOCH, stage="t", max_raw_bytes=1024)
+    kept = base64.b64decode(letter.raw_b64)
+    assert b"555 0134" not in kept and b"jane.doe" not in kept and b"<EMAIL>" in kept
+    assert kept.endswith(b"\xff\xfe") and letter.raw_scrubbed and not letter.raw_truncated
+    clean = dead_letter(reason="invalid_json", detail="-", raw=b"not json", received_at=EPOCH, stage="t",
+                        max_raw_bytes=1024)  # fmt: skip
+    assert base64.b64decode(clean.raw_b64) == b"not json" and not clean.raw_scrubbed
+
+    cut = b"x" * 95 + b" jane.doe@example.com and more"  # the address straddles the 100-byte bound
+    letter = dead_letter(reason="invalid_json", detail="-", raw=cut, received_at=EPOCH, stage="t", max_raw_bytes=100)
+    kept = base64.b64decode(letter.raw_b64)
+    assert len(kept) == 100 and b"jane" not in kept and letter.raw_truncated and letter.raw_size == len(cut)

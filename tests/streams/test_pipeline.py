@@ -433,3 +433,17 @@ def test_apps_sharing_a_deployment_never_join_or_dedupe_each_others_events(pseud
     assert [e.app_id for e in run.examples] == ["app-a", "app-b"]
     assert example_a.user != run.examples[1].user
     assert not [r for r in run.records() if isinstance(r, SftRecord) and r.source == "edit"]
+
+
+def test_a_user_erased_while_their_interaction_is_open_gets_no_example(tmp_path):
+    """Its text would otherwise reach the examples topic, the learner and the archive after
+    the user asked to be forgotten; the other user's example comes out as usual."""
+    erased_at = T0 + timedelta(seconds=100)
+    pseudonyms = Pseudonymizer(FileKeyStore(tmp_path / "keys", clock=lambda: erased_at))
+    keep, erase = turn(0, user_id="keep-me"), turn(1, user_id="erase-me")
+    run = Run(pseudonyms).feed(keep, erase, signal(erase, "edit", 2, text="my secret words"))
+    pseudonyms.erase(user_identity(erase["app_id"], "erase-me"))
+    run.feed(tick(700))
+    assert [e.example_id for e in run.examples] == [keep["interaction_id"]]
+    assert run.pipeline.stats.counts["erased_while_open"] == 1
+    assert not run.pipeline.user_of  # nothing of theirs kept in state either
