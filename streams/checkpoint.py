@@ -251,7 +251,7 @@ class Unacked(Generic[T]):
             events, produced = self._events, self._produced
             self._events, self._produced = [], []
             try:
-                if events and self.life is not None:
+                if self.life is not None:  # idle too: a broker restart is noticed without new records
                     await self.life.confirm()
                 await write(produced)
             except BaseException as error:
