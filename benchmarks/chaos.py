@@ -243,7 +243,7 @@ class Tally:
     fresh_records_missing: int  # in the offline replay's batches, in no live batch
     fresh_records_extra: int  # in a live batch, in none of the replay's
     replay_identical: bool  # byte for byte; a republish reorders the log, so not after a broker restart
-    lost_before: str  # the fault that followed each lost event's acknowledgement
+    lost_near: str  # the fault nearest each lost event's acknowledgement (- before it, + after)
     trained: int
     failed: int
     waiting_for_trainer: int
@@ -283,8 +283,11 @@ def tally(loop: Loop, load: Load) -> Tally:
     replay_fresh = fresh_records([loop.root / "replayed" / "batches" / name for name in replayed])
     status = Counter(b.status for b in rows)
     lost = sent - set(events)
-    lost_before = Counter(next((what for when, what in loop.faults if when >= load.ack_times[event_id]), "none")
-                          for event_id in lost)  # fmt: skip
+    near = []  # each lost event by the fault nearest its acknowledgement, and how far from it
+    for event_id in lost:
+        acked = load.ack_times[event_id]
+        when, what = min(loop.faults, key=lambda fault: abs(fault[0] - acked), default=(acked, "no fault"))
+        near.append(f"{what} {acked - when:+.0f} s")
     (loop.root / "lost.json").write_text(json.dumps({
         "events": sorted(lost), "interactions": sorted(interactions - set(examples)),
         "faults": [[when, what] for when, what in loop.faults],
@@ -298,7 +301,7 @@ def tally(loop: Loop, load: Load) -> Tally:
         fresh_records_doubled=sum(live_fresh.values()) - len(live_fresh),
         fresh_records_missing=len(set(replay_fresh) - set(live_fresh)),
         fresh_records_extra=len(set(live_fresh) - set(replay_fresh)), replay_identical=bool(live) and replayed == live,
-        lost_before=" ".join(f"{what}:{n}" for what, n in sorted(lost_before.items())) or "-", trained=status[BatchStatus.TRAINED],
+        lost_near=", ".join(sorted(near)) or "-", trained=status[BatchStatus.TRAINED],
         failed=status[BatchStatus.FAILED], waiting_for_trainer=status[BatchStatus.EMITTED] + status[BatchStatus.TRAINING],
     )  # fmt: skip
 
@@ -397,7 +400,9 @@ def main() -> None:
 
     print(f"\n{'':<38}{'faults':>10}{'fault-free':>12}")
     for name in Tally.__dataclass_fields__:
-        print(f"{name.replace('_', ' '):<38}{getattr(faulted, name)!s:>10}{getattr(clean, name)!s:>12}")
+        if name != "lost_near":
+            print(f"{name.replace('_', ' '):<38}{getattr(faulted, name)!s:>10}{getattr(clean, name)!s:>12}")
+    print(f"{'lost events, acknowledged near':<38}{faulted.lost_near}")
     print(f"{'client retries':<38}{load.retries:>10}")
     print(f"{'process restarts':<38}{sum(restarts.values()):>10}  ({dict(restarts)})")
     print("\nseconds to recover, per fault (max over rounds; every round):")
