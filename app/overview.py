@@ -293,6 +293,7 @@ class ArchiveFold:
         self.recent_drift_alarms: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.batches_emitted = 0
         self.examples = 0
+        self.seen_examples: set[tuple[str, str]] = set()  # (app id, example id): as the learner de-duplicates
         self.undecodable = 0
         self.traffic = TimeBuckets(_add_counts)  # interactions per serving adapter (occurred_at)
         self.rewards = TimeBuckets(_add_counts)  # combined reward per adapter (closed_at)
@@ -335,6 +336,10 @@ class ArchiveFold:
                                                                    "event_id", "detail")})  # fmt: skip
 
     def _example(self, example: AnnotatedExample) -> None:
+        key = (example.app_id, example.example_id)
+        if key in self.seen_examples:
+            return  # emitted again (a checkpoint that failed after its outputs went out): counted once
+        self.seen_examples.add(key)
         self.examples += 1
         self.loss_weights.learn_one(example.rewards)
         reward = combined_reward(example.rewards, self.loss_weights.weights())

@@ -41,6 +41,7 @@ from sqlalchemy import func, select
 
 import migrations
 from app.broker import EmbeddedBroker
+from app.liveness import Heartbeat
 from app.logs import configure_logging
 from app.overview import OverviewSource
 from app.processes import Child
@@ -237,6 +238,7 @@ class Loop:
         self.vllm = None
         self.children: list[Child] = []
         self.server = self.gateway_task = self.archiver = self.archive_task = None
+        self.heartbeats: list[tuple[Heartbeat, asyncio.Task]] = []  # of the gateway and the archiver here
 
     async def start(self) -> None:
         settings = self.settings
@@ -253,6 +255,10 @@ class Loop:
         self.server = gateway_server(settings)
         self.gateway_task = asyncio.create_task(self.server.serve())
         await wait_started(self.server, self.gateway_task)
+        sessions = make_sessionmaker(make_engine(settings.store_url))
+        for heartbeat in (Heartbeat("archiver", sessions, settings.liveness),
+                          Heartbeat("gateway", sessions, settings.liveness, ready=lambda: self.server.started)):
+            self.heartbeats.append((heartbeat, asyncio.create_task(heartbeat.run())))  # as `feedloop status` shows them
         for command in ("worker", "learn", "train", "swap"):
             self.children.append(Child([command], settings, self.logs / f"{command}.log").start())
 
@@ -281,6 +287,9 @@ class Loop:
         if self.archiver is not None:
             self.archiver.stop()
         await asyncio.gather(*(t for t in (self.gateway_task, self.archive_task) if t), return_exceptions=True)
+        for heartbeat, _ in self.heartbeats:
+            heartbeat.stop()
+        await asyncio.gather(*(beating for _, beating in self.heartbeats), return_exceptions=True)
 
     def stop_processes(self) -> None:
         """The child processes, vLLM and the broker. Synchronous, so that it runs to the end

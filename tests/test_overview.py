@@ -94,7 +94,8 @@ def test_counts_roles_and_the_ab_sequence_follow_the_log(sessions, settings):
     seal(sessions, settings, CONTROL.name, [ready("chall"), loaded("chall")])
     rng = random.Random(3)
     rewards = [(arm, float(rng.random() < p)) for _ in range(30) for arm, p in (("champ", 0.3), ("chall", 0.6))]
-    seal(sessions, settings, EXAMPLES.name, [example(arm, i, r) for i, (arm, r) in enumerate(rewards)])
+    sent = [example(arm, i, r) for i, (arm, r) in enumerate(rewards)]
+    seal(sessions, settings, EXAMPLES.name, sent + sent[:7])  # seven emitted again: the learner counts them once
 
     overview = OverviewSource(settings, sessions).read()
 
@@ -102,6 +103,7 @@ def test_counts_roles_and_the_ab_sequence_follow_the_log(sessions, settings):
     assert overview.undecodable == 1  # the garbage line; the tick is not a user event
     assert overview.dead_letters == {"schema_violation": 2, "invalid_json": 1}
     assert overview.records_by_topic[EVENTS.name] == 6
+    assert overview.examples == len(rewards)
     assert (overview.champion, overview.challengers) == ("champ", ["chall"])
     assert (state_of(overview, "champ"), state_of(overview, "chall")) == ("champion", "challenger")
     assert [e.kind for e in next(a for a in overview.adapters if a.name == "chall").events] == ["ready", "loaded"]
