@@ -336,10 +336,9 @@ class ArchiveFold:
                                                                    "event_id", "detail")})  # fmt: skip
 
     def _example(self, example: AnnotatedExample) -> None:
-        key = (example.app_id, example.example_id)
-        if key in self.seen_examples:
+        if example.key in self.seen_examples:
             return  # emitted again (a checkpoint that failed after its outputs went out): counted once
-        self.seen_examples.add(key)
+        self.seen_examples.add(example.key)
         self.examples += 1
         self.loss_weights.learn_one(example.rewards)
         reward = combined_reward(example.rewards, self.loss_weights.weights())

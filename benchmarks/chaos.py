@@ -138,6 +138,9 @@ class Loop:
             await asyncio.sleep(0.25)
         return None
 
+    async def tend_for(self, seconds: float) -> None:
+        await self.until(lambda: False, seconds)
+
     async def fault(self, target: str, load: Load, timeout_s: float) -> float | None:
         """Inflict one fault; seconds until the loop is whole again."""
         started = time.monotonic()
@@ -358,23 +361,21 @@ async def run(root: Path, rate: float, faults: list[str], settle_s: float, inter
         load = Load(rate=rate, interactions=interactions)
         stopping = asyncio.Event()
         sending = asyncio.create_task(load.run(loop.base_url, stopping))
-        await loop.until(lambda: False, settle_s)
+        await loop.tend_for(settle_s)
         for target in faults:
             recovered = await loop.fault(target, load, recover_timeout_s)
             recoveries.append((target, recovered))
             print(f"  {target:<9} back in {recovered:.1f} s" if recovered is not None
                   else f"  {target:<9} not back within {recover_timeout_s:.0f} s", flush=True)  # fmt: skip
-            await loop.until(lambda: False, settle_s)
+            await loop.tend_for(settle_s)
         if interactions is None:
             stopping.set()
-        while not sending.done():
-            await loop.until(lambda: sending.done(), 5)
+        await loop.until(sending.done, float("inf"))
         await sending
         await drain(loop, load, timeout_s=300)
-        loop.stop()
-        return tally(loop, load), recoveries, load, loop.restarts
     finally:
         loop.stop()
+    return tally(loop, load), recoveries, load, loop.restarts
 
 
 def main() -> None:

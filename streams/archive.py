@@ -237,6 +237,11 @@ class ResumeUnconfirmed(RuntimeError):
     """Partitions were assigned while the broker could not say which life it is: where to
     resume is unknown, so the archiver stops and is started again."""
 
+    def log(self) -> None:
+        log.error("archive.resume_unconfirmed", error=str(self),
+                  action="the archiver stops rather than guess where to resume; start it again (compose "
+                         "restarts it) once the broker answers")  # fmt: skip
+
 
 class Archiver:
     """Consumes the given topics and seals them into archive segments.
@@ -272,8 +277,9 @@ class Archiver:
         self.buffers: dict[TopicPartition, PartitionBuffer] = {}
         self.sealed_records = 0
         self._next_offsets: dict[TopicPartition, int] = {}  # what each partition should deliver next
-        self._new_life: NewBrokerLife | None = None  # found by the rebalance listener, raised by run()
-        self._unconfirmed: ResumeUnconfirmed | None = None  # likewise
+        # Why the rebalance listener found it must stop (aiokafka logs and drops what a listener
+        # raises), raised by run().
+        self._must_stop: NewBrokerLife | ResumeUnconfirmed | None = None
         self._stopping = asyncio.Event()
         self.consumer = kafka.consumer(kafka_settings, group_id=self.group_id, max_poll_records=flush_events)
 
@@ -296,10 +302,10 @@ class Archiver:
         try:
             await self.life.confirm()  # a broker that restarted empty assigns partitions again
         except NewBrokerLife as error:
-            self._new_life = error  # aiokafka logs and drops what a listener raises
+            self._must_stop = error
             return
         except Exception as error:  # noqa: BLE001 - which life these offsets belong to is unknown
-            self._unconfirmed = ResumeUnconfirmed(f"{self.life.process}: partitions were assigned while the broker "
+            self._must_stop = ResumeUnconfirmed(f"{self.life.process}: partitions were assigned while the broker "
                                                   f"could not be asked which life it is ({error!r})")  # fmt: skip
             return
         resumed = {}
@@ -363,7 +369,7 @@ class Archiver:
                 try:
                     commit = await archiver._confirmed()
                 except NewBrokerLife as error:
-                    archiver._new_life, commit = error, False
+                    archiver._must_stop, commit = error, False
                 for tp in revoked:
                     await archiver.seal(tp, commit=commit)
 
@@ -396,16 +402,9 @@ class Archiver:
             confirmed = await self._confirmed()
             for tp in list(self.buffers):  # unconfirmed: archived, the offsets not committed
                 await self.seal(tp, commit=confirmed)
-        except NewBrokerLife as error:
+        except (NewBrokerLife, ResumeUnconfirmed) as error:
             error.log()
-            for tp in list(self.buffers):  # records of the old life: archived, their offsets not committed
-                await self.seal(tp, commit=False)
-            raise
-        except ResumeUnconfirmed as error:
-            log.error("archive.resume_unconfirmed", error=str(error),
-                      action="the archiver stops rather than guess where to resume; start it again (compose "
-                             "restarts it) once the broker answers")  # fmt: skip
-            for tp in list(self.buffers):
+            for tp in list(self.buffers):  # records read before it: archived, their offsets not committed
                 await self.seal(tp, commit=False)
             raise
         finally:
@@ -426,10 +425,8 @@ class Archiver:
         return True
 
     async def _same_life(self, batches: dict[TopicPartition, list]) -> None:
-        if self._new_life is not None:
-            raise self._new_life
-        if self._unconfirmed is not None:
-            raise self._unconfirmed
+        if self._must_stop is not None:
+            raise self._must_stop
         if any(records[0].offset < self._next_offsets.get(tp, 0) for tp, records in batches.items() if records):
             await self.life.confirm()
 

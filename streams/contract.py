@@ -354,6 +354,11 @@ class AnnotatedExample(_Record):
     closed_at: AwareDatetime = Field(description="Event time at which its window closed.")
     event_ids: list[str]
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """What tells examples apart: an example id is its app's interaction id, unique in that app."""
+        return self.app_id, self.example_id
+
 
 # --- dead letters ------------------------------------------------------------------------
 
@@ -389,6 +394,7 @@ class DeadLetter(_Record):
         False, description="PII in raw_b64 was replaced by placeholders (as in events) before it was kept.")
 
 
+ID_ADAPTER: TypeAdapter[str] = TypeAdapter(Id)  # an id an event can carry, checked on its own
 USER_EVENT_ADAPTER: TypeAdapter[Interaction | Feedback | Annotation] = TypeAdapter(UserEvent)
 # What the pipeline reads from the events topic: user events, and the worker's ticks and triggers.
 EVENTS_TOPIC_ADAPTER: TypeAdapter[Any] = TypeAdapter(

@@ -164,8 +164,7 @@ class LearnerState:
             log.error("learners.undecodable", topic=topic, partition=partition, offset=offset, reason=refused.reason)
             return LearnerOutputs(dead_letters=[refused])
         if isinstance(record, AnnotatedExample):
-            key = (record.app_id, record.example_id)  # an example id is its app's interaction id
-            if key in self.seen_examples:
+            if (key := record.key) in self.seen_examples:
                 log.info("learners.duplicate_example", example_id=record.example_id, topic=topic, partition=partition,
                          offset=offset)  # fmt: skip
                 return LearnerOutputs()

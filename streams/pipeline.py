@@ -49,7 +49,7 @@ from streams.intake import (
 )
 from streams.join import OpenInteraction, SessionJoin, Unjoined
 from streams.pii import Scrubber
-from streams.pseudonyms import Pseudonymizer, user_identity
+from streams.pseudonyms import Pseudonymizer, erased_by, user_identity
 from streams.quality import QualityFilter
 from streams.rewards import channel_rewards
 from streams.signals import training_records
@@ -206,8 +206,7 @@ class PartitionPipeline:
             return out
         user = (user_identity(event.app_id, event.user_id) if isinstance(event, Interaction)
                 else self.user_of.get((event.app_id, event.interaction_id)))  # fmt: skip
-        erased_at = pseudonyms.erased_at(user) if user else None
-        if erased_at is not None and event.occurred_at <= erased_at:
+        if user and erased_by(pseudonyms.erased_at(user), event.occurred_at):
             out.dead_letters.append(self._dead("user_erased", "the user asked to be erased after this event",
                                                b"", event))  # the raw text is not kept for erased users
             return out
@@ -298,11 +297,10 @@ class PartitionPipeline:
     def _erased_while_open(self, entry: OpenInteraction, pseudonyms: Pseudonymizer) -> bool:
         """The user asked to be erased after this interaction opened: forget it."""
         event = entry.interaction
-        user = self.user_of[(event.app_id, event.interaction_id)]
-        erased_at = pseudonyms.erased_at(user)
-        if erased_at is None or event.occurred_at > erased_at:
+        key = (event.app_id, event.interaction_id)
+        if not erased_by(pseudonyms.erased_at(self.user_of[key]), event.occurred_at):
             return False
-        del self.user_of[(event.app_id, event.interaction_id)]
+        del self.user_of[key]
         self.stats.counts["erased_while_open"] += 1
         return True
 
@@ -339,7 +337,7 @@ class PartitionPipeline:
         if records and self.quality.near_duplicate(event):
             example = example.model_copy(update={"filtered": "near_duplicate"})
             records = []
-        self.recent[(example.app_id, example.example_id)] = (occurred_at, example)
+        self.recent[example.key] = (occurred_at, example)
         counts = self.stats.counts
         counts["examples"] += 1
         counts["no_consent"] += not example.training_consent
@@ -347,7 +345,7 @@ class PartitionPipeline:
             counts[f"filtered_{example.filtered}"] += 1
         for record in records:
             counts[f"records_{record.source}"] += 1
-        user = self.user_of.pop((example.app_id, example.example_id))
+        user = self.user_of.pop(example.key)
         self.curator.add([Buffered(r, user, occurred_at) for r in records])
         return example
 
@@ -403,8 +401,7 @@ def pseudonyms_erased(pseudonyms: Pseudonymizer):
     def is_erased(user: str, occurred_at: datetime) -> bool:
         if user not in erasures:
             erasures[user] = pseudonyms.erased_at(user)
-        erased_at = erasures[user]
-        return erased_at is not None and occurred_at <= erased_at
+        return erased_by(erasures[user], occurred_at)
 
     return is_erased
 

@@ -39,6 +39,11 @@ def user_identity(app_id: str, user_id: str) -> str:
     return f"{app_id}{_SEPARATOR}{user_id}"
 
 
+def erased_by(erased_at: datetime | None, occurred_at: datetime) -> bool:
+    """The rule of erasure: what occurred up to a user's last erasure is never trained on."""
+    return erased_at is not None and occurred_at <= erased_at
+
+
 class KeyStore(ABC):
     """Holds one secret key per user (a :func:`user_identity`), plus a record of erasures."""
 

@@ -44,14 +44,14 @@ import httpx
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.gateway.auth import ApiKeys
 from app.rate_limit import RateLimiter
 from app.gateway.http import read_limited
 from app.publisher import Publisher, PublishError
 from app.routing import RouteDecision, RoutingService
-from streams.contract import Context, Id, Interaction, utcnow
+from streams.contract import ID_ADAPTER, Context, Id, Interaction, utcnow
 from streams.intake import Accepted, parse_json
 from trainer.adapter_validation import base_model_sha256
 from trainer.config import ServingSettings
@@ -64,7 +64,6 @@ ADAPTER_HEADER = "X-Feedloop-Adapter"
 RECORDED_HEADER = "X-Feedloop-Recorded"
 # Roles the event contract knows; newer OpenAI roles map onto them.
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
-_ID = TypeAdapter(Id)
 
 
 class ChatExtras(BaseModel):
@@ -203,7 +202,7 @@ class ChatService:
             adapter = decision.adapter
         user_id = extras.user_id or body.get("user") or "anonymous"
         try:
-            user_id = _ID.validate_python(user_id)
+            user_id = ID_ADAPTER.validate_python(user_id)
         except ValidationError as exc:
             raise ChatRequestError(422, "invalid_request", f"user: {exc.errors(include_url=False)[0]['msg']}") from exc
         turn = _Turn(app_id=app_id, extras=extras, user_id=user_id, messages=prompt, decision=decision,

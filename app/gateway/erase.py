@@ -17,16 +17,15 @@ from typing import Any
 
 import structlog
 from fastapi import APIRouter, Request
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from app.gateway.auth import ApiKeys
 from app.gateway.http import UNAUTHENTICATED_DETAIL, ErrorBody, error, over_limit
 from app.rate_limit import RateLimiter
-from streams.contract import Id
+from streams.contract import ID_ADAPTER
 from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
 
 log = structlog.get_logger(__name__)
-_ID: TypeAdapter[str] = TypeAdapter(Id)
 
 
 def erase_router(keys: ApiKeys, limiter: RateLimiter, key_dir: Path) -> APIRouter:
@@ -54,8 +53,8 @@ def erase_router(keys: ApiKeys, limiter: RateLimiter, key_dir: Path) -> APIRoute
         elif app_id is None:
             return error(422, "invalid_request", "an operator erases a user of one app: add ?app_id=<app>")
         try:
-            _ID.validate_python(user_id)
-            _ID.validate_python(app_id)
+            ID_ADAPTER.validate_python(user_id)
+            ID_ADAPTER.validate_python(app_id)
         except ValidationError as exc:
             return error(422, "invalid_request", f"not an id events can carry: {exc.errors(include_url=False)[0]['msg']}")
         user = user_identity(app_id, user_id)
