@@ -68,6 +68,18 @@ class Message(BaseModel):
     content: str
 
 
+GATEWAY_SESSION_PREFIX = "chat-"
+
+
+def gateway_session_id(interaction_id: str) -> str:
+    """The session the chat gateway records an interaction under when the app named none.
+
+    The gateway mints interaction ids ``<uuid>`` (one choice) or ``<uuid>.<i>`` (choice ``i``
+    of ``n``); all choices of one answer share the session ``chat-<uuid>``. Feedback that
+    leaves out ``session_id`` gets this one, so it lands on its interaction's partition."""
+    return GATEWAY_SESSION_PREFIX + interaction_id.split(".", 1)[0]
+
+
 class Context(BaseModel):
     """Features the router and the curator use: who asked, about what, from where."""
 

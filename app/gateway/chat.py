@@ -51,7 +51,7 @@ from app.rate_limit import RateLimiter
 from app.gateway.http import read_limited
 from app.publisher import Publisher, PublishError
 from app.routing import RouteDecision, RoutingService
-from streams.contract import ID_ADAPTER, Context, Id, Interaction, utcnow
+from streams.contract import ID_ADAPTER, Context, Id, Interaction, gateway_session_id, utcnow
 from streams.intake import Accepted, parse_json
 from trainer.adapter_validation import base_model_sha256
 from trainer.config import ServingSettings
@@ -291,7 +291,7 @@ class ChatService:
             occurred_at=turn.received_at,
             app_id=turn.app_id,
             user_id=turn.user_id,
-            session_id=extras.session_id or f"chat-{turn.interaction_id}",
+            session_id=extras.session_id or gateway_session_id(turn.interaction_id),
             interaction_id=turn.interaction_id,
             adapter=turn.adapter,
             propensity=turn.decision.propensity if turn.decision is not None else None,
