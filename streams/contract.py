@@ -61,11 +61,30 @@ class _Event(_Record):
 # --- user events ---------------------------------------------------------------------------
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(max_length=256)
+    arguments: str = Field(description="The arguments as the model wrote them (JSON text, not checked).")
+
+
+class ToolCall(BaseModel):
+    """A tool call an assistant turn made, as in OpenAI's chat API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str = Field(description="The text; empty for an assistant turn that only called tools.")
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the tools it called.")
+    tool_call_id: str | None = Field(None, max_length=256, description="tool: the call this message answers.")
 
 
 GATEWAY_SESSION_PREFIX = "chat-"
@@ -115,6 +134,9 @@ class Interaction(_Event):
     )
     regenerates: Id | None = Field(
         None, description="interaction_id of the response this one replaced (user pressed regenerate)."
+    )
+    tool_calls: list[ToolCall] = Field(
+        default_factory=list, description="Tools the response called (its text may then be empty)."
     )
 
 
