@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     adapter_choice: dict[str, list[str]] = Field(
         default_factory=dict,
         description='Apps that may name the adapter in a chat request\'s "model", and which ones ("*": any live '
-        'adapter), e.g. FEEDLOOP_ADAPTER_CHOICE=\'{"eval-harness": ["*"]}\'. Others naming one get 403; any other "model" '
-        "is routed.",
+        'adapter), e.g. FEEDLOOP_ADAPTER_CHOICE=\'{"eval-harness": ["*"]}\'. Others naming one get 403; "model": "auto" is '
+        "routed, any other name is 404 model_not_found. GET /v1/models lists what an app may name.",
     )
     rate_limits: dict[str, RateLimit] = Field(
         default_factory=dict,

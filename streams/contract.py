@@ -99,6 +99,11 @@ def gateway_session_id(interaction_id: str) -> str:
     return GATEWAY_SESSION_PREFIX + interaction_id.split(".", 1)[0]
 
 
+# The metadata key the chat gateway sets on an interaction whose client left mid-stream: what
+# was recorded is what the user saw, not the whole answer (kept out of training).
+STREAM_INTERRUPTED = "stream_interrupted"
+
+
 class Context(BaseModel):
     """Features the router and the curator use: who asked, about what, from where."""
 
@@ -378,6 +383,8 @@ class AnnotatedExample(_Record):
     context: Context
     prompt: list[Message] = Field(description="PII scrubbed.")
     response: str = Field(description="PII scrubbed.")
+    tool_calls: list[ToolCall] = Field(default_factory=list, description="The tools the response called; "
+                                       "arguments PII scrubbed.")  # fmt: skip
     edit: str | None = Field(None, description="The user's correction, PII scrubbed.")
     regenerates: str | None = None
     rewards: dict[str, float | None] = Field(description="explicit, implicit, self_eval in [0, 1].")

@@ -36,6 +36,7 @@ from streams.contract import (
     Feedback,
     Interaction,
     Message,
+    ToolCall,
     WatermarkTick,
 )
 from streams.curator import Buffered, Curator, CutBatch
@@ -230,9 +231,11 @@ class PartitionPipeline:
                                "under another event id", value, event)]
         prompt = [self._scrub_message(m, scrubber) for m in event.prompt]
         response = self._scrub(event.response, scrubber)
+        tool_calls = self._scrub_calls(event.tool_calls, scrubber)
         # Models are copied only when the scrubber replaced something: most text has no PII.
-        if response != event.response or any(new is not old for new, old in zip(prompt, event.prompt)):
-            scrubbed = event.model_copy(update={"prompt": prompt, "response": response})
+        if (response != event.response or tool_calls is not event.tool_calls
+                or any(new is not old for new, old in zip(prompt, event.prompt))):  # fmt: skip
+            scrubbed = event.model_copy(update={"prompt": prompt, "response": response, "tool_calls": tool_calls})
         else:
             scrubbed = event
         user = self.user_of[(event.app_id, event.interaction_id)] = user_identity(event.app_id, event.user_id)
@@ -247,7 +250,21 @@ class PartitionPipeline:
 
     def _scrub_message(self, message: Message, scrubber: Scrubber) -> Message:
         content = self._scrub(message.content, scrubber)
-        return message if content == message.content else message.model_copy(update={"content": content})
+        calls = self._scrub_calls(message.tool_calls, scrubber) if message.tool_calls else message.tool_calls
+        if content == message.content and calls is message.tool_calls:
+            return message
+        return message.model_copy(update={"content": content, "tool_calls": calls})
+
+    def _scrub_calls(self, calls: list[ToolCall], scrubber: Scrubber) -> list[ToolCall]:
+        """Tool calls with their arguments scrubbed (a model passes on what the user told it);
+        the same list when nothing changed."""
+        scrubbed = []
+        for call in calls:
+            arguments = self._scrub(call.function.arguments, scrubber)
+            if arguments != call.function.arguments:
+                call = call.model_copy(update={"function": call.function.model_copy(update={"arguments": arguments})})
+            scrubbed.append(call)
+        return calls if all(new is old for new, old in zip(scrubbed, calls)) else scrubbed
 
     def _scrub_signal(self, event: Feedback | Annotation, scrubber: Scrubber) -> Feedback | Annotation:
         field_name = "text" if isinstance(event, Feedback) else "notes"
@@ -320,6 +337,7 @@ class PartitionPipeline:
             context=event.context,
             prompt=event.prompt,
             response=event.response,
+            tool_calls=event.tool_calls,
             edit=edits[-1] if edits else None,
             regenerates=event.regenerates,
             rewards=channel_rewards(entry.feedback, entry.annotations),

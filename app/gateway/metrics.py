@@ -148,7 +148,8 @@ class GatewayMetrics:
 
 # The endpoints a refusal is counted under; any other path is "other" (a label per user id
 # or per scanner's guess would grow without bound).
-_ENDPOINTS = ("/v1/events", "/v1/route", "/v1/chat/completions", "/v1/overview", "/metrics", "/dashboard")
+_ENDPOINTS = ("/v1/events", "/v1/route", "/v1/chat/completions", "/v1/models", "/v1/overview", "/metrics",
+              "/dashboard")
 
 
 def endpoint_of(path: str) -> str:

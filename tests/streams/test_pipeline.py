@@ -78,6 +78,31 @@ class Run:
         return [r for b in self.batches for r in b.records]
 
 
+def test_tool_turns_and_interrupted_streams_count_but_are_never_trained_on(pseudonyms):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "send_mail", "arguments": '{"to": "ann.lee@example.com"}'}}  # fmt: skip
+    tool_answer = turn(0, response="", tool_calls=[call])
+    tool_result = turn(0, prompt=[{"role": "user", "content": "Mail Ann"},
+                                  {"role": "assistant", "content": "", "tool_calls": [call]},
+                                  {"role": "tool", "content": "sent", "tool_call_id": "call_1"}])  # fmt: skip
+    cut_short = turn(0, metadata={"stream_interrupted": True})
+    plain = turn(0)
+    events = [tool_answer, tool_result, cut_short, plain]
+    run = Run(pseudonyms).feed(*events, *[signal(e, "thumbs", 5) for e in events], tick(700))
+    by_id = {e.example_id: e for e in run.examples}
+    assert {i: e.filtered for i, e in by_id.items()} == {
+        tool_answer["interaction_id"]: "tool_use", tool_result["interaction_id"]: "tool_use",
+        cut_short["interaction_id"]: "interrupted", plain["interaction_id"]: None}  # fmt: skip
+    assert all(e.rewards["explicit"] == 1.0 for e in by_id.values()), "they still count for the router"
+    run.pipeline.curator.request_early("manual")
+    run.feed(tick(701))
+    assert {r.example_id.split(":")[0] for r in run.records()} == {plain["interaction_id"]}
+    (answered,) = by_id[tool_answer["interaction_id"]].tool_calls
+    (asked,) = by_id[tool_result["interaction_id"]].prompt[1].tool_calls
+    for scrubbed in (answered.function.arguments, asked.function.arguments):
+        assert "ann.lee@example.com" not in scrubbed and "<EMAIL>" in scrubbed, scrubbed
+
+
 def test_feedback_joins_its_interaction_and_the_window_closes_in_event_time(pseudonyms):
     a = turn(0)
     run = Run(pseudonyms).feed(a, signal(a, "thumbs", 5), signal(a, "copy", 10))
