@@ -506,7 +506,7 @@ def model_init(ctx: click.Context, seed: int, detailed_share: float, phrased_sha
 def serve(ctx: click.Context, port: int | None, dtype: str) -> None:
     """Run a vLLM replica of the base model with runtime LoRA loading, on 127.0.0.1.
 
-    Its served name, --max-lora-rank and --max-loras come from FEEDLOOP_SERVING__*."""
+    Its served name, --max-lora-rank, --max-loras and --tool-call-parser come from FEEDLOOP_SERVING__*."""
     from urllib.parse import urlsplit
 
     from trainer.vllm_server import VllmServerConfig, serve as serve_vllm
@@ -516,7 +516,7 @@ def serve(ctx: click.Context, port: int | None, dtype: str) -> None:
     port = port or urlsplit(settings.vllm_urls[0]).port or 8000
     serve_vllm(VllmServerConfig(model_path=settings.model_path, served_model_name=serving.served_model_name,
                                 port=port, max_lora_rank=serving.max_lora_rank, max_loras=serving.max_loras,
-                                dtype=dtype))  # fmt: skip
+                                tool_call_parser=serving.tool_call_parser, dtype=dtype))  # fmt: skip
 
 
 @main.command()

@@ -110,6 +110,10 @@ class ServingSettings(BaseModel):
     served_model_name: str = Field("base", description="Name vLLM serves the base model under (--served-model-name).")
     max_lora_rank: int = Field(8, ge=1, description="vLLM --max-lora-rank; adapters of a higher rank are refused.")
     max_loras: int = Field(4, ge=1, description="vLLM --max-loras: adapters batched together.")
+    tool_call_parser: str | None = Field(
+        None, description="vLLM --tool-call-parser (with --enable-auto-tool-choice) for chat apps that send tools, "
+        "e.g. 'hermes' for ChatML models; the one your model's chat template writes. Unset: vLLM refuses tools (400).",
+    )  # fmt: skip
     max_challengers: int = Field(
         1, ge=1, description="Adapters under A/B test at once; newer ones wait, and only the newest is loaded next."
     )

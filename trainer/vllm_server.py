@@ -86,6 +86,7 @@ class VllmServerConfig:
     dtype: str = "float32"  # bfloat16 on hardware that has it
     kv_cache_space_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE; ignored by the CUDA build
     seed: int = 0
+    tool_call_parser: str | None = None  # how vLLM reads tool calls from the model's output
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     python: str | None = None  # default: find_vllm_python()
@@ -106,6 +107,8 @@ class VllmServerConfig:
             "--max-model-len", str(self.max_model_len),
             "--dtype", self.dtype,
             "--seed", str(self.seed),
+            *(("--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser)
+              if self.tool_call_parser else ()),
             *self.extra_args,
         ]  # fmt: skip
 

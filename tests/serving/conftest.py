@@ -168,6 +168,7 @@ def server_config(models: Models, port: int, log_path: Path) -> VllmServerConfig
         max_cpu_loras=8,
         max_model_len=512,
         dtype="float32",
+        tool_call_parser="hermes",  # the tiny model's template is ChatML; test_chat_gateway calls a tool
         log_path=log_path,
     )
 

@@ -22,8 +22,10 @@ from trainer.config import ServingSettings
 from streams.store import RouterSnapshot
 from streams.contract import AdapterLoaded, utcnow
 from streams.learning import LearnerState
-from streams.topics import EVENTS
+from streams.topics import EVENTS, EXAMPLES
 from tests.conftest import API_KEYS, make_settings, start_stack, wait_until_archived
+from tests.factories import feedback
+from tests.integration.test_pipeline_live import start_worker, stop_worker
 from tests.serving.conftest import MAX_LORA_RANK, SERVED_NAME, Models, Trained, registry_copy
 from trainer.hot_swap import SwapController
 from trainer.replicas import AdapterSet, HotSwapper
@@ -87,7 +89,7 @@ async def chat(models: Models, trained: Trained, server, broker, tmp_path):
         tmp_path, broker.port, vllm_urls=[server.url], base_model_path=models.base_dir,
         adapter_dir=models.adapters_dir,
         serving=ServingSettings(served_model_name=SERVED_NAME, max_lora_rank=MAX_LORA_RANK),
-        learners=LearnerSettings(snapshot_poll_s=0.1, canary_share=0.5),
+        learners=LearnerSettings(snapshot_poll_s=0.1, canary_share=0.5), adapter_choice={"app-a": ["*"]},
     )  # fmt: skip
     stack, stop = await start_stack(settings)
     controller = SwapController(registry_copy(trained, tmp_path), HotSwapper(AdapterSet(models.validator(), models.zero),
@@ -209,3 +211,84 @@ async def test_a_route_to_an_adapter_no_replica_has_falls_back_to_the_base_model
     assert response.json()["choices"][0]["message"]["content"] == expected[QUESTIONS[1]]
     (event,) = await interactions(stack, [response.headers["x-feedloop-interaction-id"]])
     assert event["adapter"] == "base" and event["propensity"] is None, "not the router's choice: no propensity"
+
+
+async def test_models_n_choices_refused_streams_and_feedback_by_the_body_id(chat, server, models, trained):
+    """What a chat UI does with the unchanged openai package: list the models, name one, ask
+    for two answers, overflow the context in a stream, and rate an answer by the id in the body."""
+    stack, _, _ = chat
+    worker = start_worker(stack.settings, {"FEEDLOOP_PIPELINE__EXPLICIT_WINDOW_S": "2",
+                                           "FEEDLOOP_PIPELINE__IMPLICIT_WINDOW_S": "2"})  # fmt: skip
+    client = openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=KEY, max_retries=0)
+    try:
+        listed = [m.id for m in (await client.models.list()).data]
+        assert sorted(listed) == sorted(["auto", "base", trained.concise.adapter])
+        named = await client.chat.completions.create(model=trained.concise.adapter, messages=messages(QUESTIONS[2]),
+                                                     max_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+        assert named.model == named.feedloop["adapter"] == trained.concise.adapter
+        assert named.choices[0].message.content == (await served_alone(server.url, trained.concise.adapter))[QUESTIONS[2]]
+
+        # n=2, not streamed and streamed: each choice its own interaction, never joined.
+        two = await client.chat.completions.create(model="auto", messages=messages(QUESTIONS[1]), n=2,
+                                                   max_tokens=MAX_TOKENS, temperature=1.0, seed=5)  # fmt: skip
+        texts = {two.feedloop["interaction_ids"][c.index]: c.message.content for c in two.choices}
+        parts = [part async for part in await client.chat.completions.create(
+            model="auto", messages=messages(QUESTIONS[3]), n=2, max_tokens=MAX_TOKENS, temperature=1.0, seed=6,
+            stream=True)]  # fmt: skip
+        ids, streamed = parts[0].feedloop["interaction_ids"], {}
+        for c in (c for part in parts for c in part.choices):
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+        texts.update({ids[i]: text for i, text in streamed.items()})
+        assert len(texts) == 4
+        events = {e["interaction_id"]: e for e in await interactions(stack, list(texts))}
+        assert {i: e["response"] for i, e in events.items()} == texts
+        assert len({events[i]["session_id"] for i in two.feedloop["interaction_ids"]}) == 1
+
+        # A prompt past max_model_len (512): vLLM refuses the stream before it starts.
+        session_id = f"s-{uuid.uuid4().hex}"
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="auto", messages=messages("cat " * 2000), stream=True,
+                                                 max_tokens=MAX_TOKENS, extra_body={"feedloop": {"session_id": session_id}})  # fmt: skip
+        after = await client.chat.completions.create(model="auto", messages=messages(QUESTIONS[0]), max_tokens=4,
+                                                     extra_body={"feedloop": {"session_id": session_id}})  # fmt: skip
+        (only,) = await wait_until_archived(stack, EVENTS.name, 1,
+                                            where=lambda r: json.loads(r.value).get("session_id") == session_id)  # fmt: skip
+        assert json.loads(only.value)["interaction_id"] == after.feedloop["interaction_id"], "the refused one is not recorded"
+
+        # Feedback by the id the body gave joins its interaction.
+        turn = {"interaction_id": after.feedloop["interaction_id"], "session_id": after.feedloop["session_id"]}
+        async with httpx.AsyncClient(base_url=stack.base_url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            sent = await http.post("/v1/events", json=[feedback(turn, "thumbs", value=-1,
+                                                                occurred_at=utcnow().isoformat())])
+        assert sent.status_code == 202, sent.text
+        (example,) = await wait_until_archived(stack, EXAMPLES.name, 1, timeout_s=60,
+                                               where=lambda r: json.loads(r.value)["example_id"] == turn["interaction_id"])  # fmt: skip
+        example = json.loads(example.value)
+        assert example["feedback_kinds"] == ["thumbs"] and example["rewards"]["explicit"] == 0.0
+    finally:
+        await client.close()
+        stop_worker(worker)
+
+
+async def test_a_conversation_with_tool_calls_is_recorded_with_them(chat):
+    """The prompt side of tools on the real server: an earlier assistant turn's tool call and the
+    tool's result are recorded as such, not flattened to text.
+
+    The answer side (a response that calls a tool, streamed in pieces) runs against a mock
+    server in tests/integration/test_chat_path.py: with this vLLM (CPU) a named ``tool_choice``
+    constrains only the call's frame (``<tool_call>{"name": "lookup", "arguments": ``), and
+    the tiny model then writes digits until ``max_tokens`` (measured: ``2.1111...``), so vLLM
+    never returns a parsed tool call."""
+    stack, _, _ = chat
+    lookup = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"animal": {"type": "string"}}, "required": ["animal"]}}}  # fmt: skip
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"animal": "cat"}'}}
+    history = [{"role": "user", "content": QUESTIONS[1]}, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "fish"}]  # fmt: skip
+    async with openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=KEY, max_retries=0) as client:
+        completion = await client.chat.completions.create(model="auto", messages=history, tools=[lookup],
+                                                          tool_choice="none", max_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+    (event,) = await interactions(stack, [completion.feedloop["interaction_id"]])
+    assert event["prompt"][1]["tool_calls"] == [call] and event["prompt"][1]["content"] == ""
+    assert event["prompt"][2] == {"role": "tool", "content": "fish", "tool_calls": None, "tool_call_id": "call_1"}
+    assert event["response"] == completion.choices[0].message.content and event["tool_calls"] == []
