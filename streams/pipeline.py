@@ -152,7 +152,9 @@ class PartitionPipeline:
         # never collide with, join or de-duplicate another's.
         self.seen: set[tuple[str, str]] = set()  # event ids, for de-duplication
         self._seen_expiry: list[tuple[datetime, tuple[str, str]]] = []  # heap of (utc(occurred_at), event key)
-        # Closed examples (with utc(occurred_at), for the sweep), to pair regenerations.
+        # Closed examples, to pair regenerations, with the utc time their window closed: the
+        # sweep keeps each one more window, as long as the interaction that regenerates it can
+        # still be open.
         self.recent: dict[tuple[str, str], tuple[datetime, AnnotatedExample]] = {}
         self.user_of: dict[tuple[str, str], str] = {}  # interaction -> user_identity (state only)
         self.stats = PipelineStats()
@@ -337,7 +339,7 @@ class PartitionPipeline:
         if records and self.quality.near_duplicate(event):
             example = example.model_copy(update={"filtered": "near_duplicate"})
             records = []
-        self.recent[example.key] = (occurred_at, example)
+        self.recent[example.key] = (occurred_at + self.join.explicit_window, example)
         counts = self.stats.counts
         counts["examples"] += 1
         counts["no_consent"] += not example.training_consent

@@ -447,3 +447,21 @@ def test_a_user_erased_while_their_interaction_is_open_gets_no_example(tmp_path)
     assert [e.example_id for e in run.examples] == [keep["interaction_id"]]
     assert run.pipeline.stats.counts["erased_while_open"] == 1
     assert not run.pipeline.user_of  # nothing of theirs kept in state either
+
+
+def cut(run: Run, seconds: float) -> list:
+    """Close every window by ``seconds`` and cut what is buffered; the training records."""
+    run.feed(tick(seconds))
+    run.pipeline.curator.request_early("manual")
+    run.feed(tick(seconds + 1))
+    return run.records()
+
+
+def test_a_regeneration_pairs_with_the_answer_it_replaced_though_that_closed_first(pseudonyms):
+    a = turn(0)
+    b = turn(20, session_id=a["session_id"], regenerates=a["interaction_id"], prompt=a["prompt"],
+             response="A clearer answer.")
+    run = Run(pseudonyms).feed(a, signal(a, "regenerate", 19), b, signal(b, "thumbs", 30), tick(605))
+    assert [e.example_id for e in run.examples] == [a["interaction_id"]]  # a closed, b still open
+    (pair,) = [r for r in cut(run, 700) if r.source == "regenerate"]
+    assert (pair.chosen, pair.rejected) == ("A clearer answer.", a["response"])
