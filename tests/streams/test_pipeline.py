@@ -457,6 +457,47 @@ def cut(run: Run, seconds: float) -> list:
     return run.records()
 
 
+def test_a_flipped_thumb_replaces_the_first_and_both_events_stay_consumed(pseudonyms):
+    a = turn(0)
+    up, down = signal(a, "thumbs", 5, value=1), signal(a, "thumbs", 9, value=-1)
+    run = Run(pseudonyms).feed(a, up, down, up, tick(600))  # the up sent again: still a duplicate
+    (example,) = run.examples
+    assert example.rewards["explicit"] == 0.0, "a single down, not the 0.5 of up and down"
+    assert example.event_ids == [a["event_id"], up["event_id"], down["event_id"]]
+    assert run.reasons() == ["duplicate_event"]
+
+
+@pytest.mark.parametrize("late_first", [False, True])
+def test_the_latest_occurred_at_wins_whatever_the_log_order(pseudonyms, late_first):
+    a = turn(0)
+    rated = [signal(a, "rating", 5, value=2), signal(a, "rating", 30, value=5)]
+    run = Run(pseudonyms).feed(a, *(rated[::-1] if late_first else rated), tick(600))
+    assert run.examples[0].rewards["explicit"] == 1.0
+    assert sorted(run.examples[0].event_ids) == sorted([a["event_id"], *(r["event_id"] for r in rated)])
+
+
+def test_upserts_are_per_user_and_kind_ties_go_to_the_log_and_feedback_id_keys_any_kind(pseudonyms):
+    a = turn(0)
+    run = Run(pseudonyms).feed(
+        a,
+        signal(a, "thumbs", 5, value=1), signal(a, "thumbs", 5, value=-1),  # a tie: the later record wins
+        signal(a, "thumbs", 6, value=1, user_id="reviewer-2"),  # another user's thumb is one more signal
+        signal(a, "rating", 7, value=5),  # another kind too
+        signal(a, "report", 8, feedback_id="fb-1"), signal(a, "report", 9, feedback_id="fb-1", text="rude"),
+        tick(600),
+    )
+    (example,) = run.examples
+    assert example.rewards["explicit"] == pytest.approx((0 + 1 + 1 + 0) / 4)
+    assert len(example.event_ids) == 7
+
+
+def test_replay_of_upserts_gives_the_same_example(pseudonyms):
+    a = turn(0)
+    log = [a, signal(a, "thumbs", 5, value=1), signal(a, "thumbs", 9, value=-1), tick(600)]
+    first, second = Run(pseudonyms).feed(*log), Run(pseudonyms).feed(*log)
+    assert first.examples == second.examples
+
+
 def test_a_regeneration_pairs_with_the_answer_it_replaced_though_that_closed_first(pseudonyms):
     a = turn(0)
     b = turn(20, session_id=a["session_id"], regenerates=a["interaction_id"], prompt=a["prompt"],
