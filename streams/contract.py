@@ -163,18 +163,19 @@ _FEEDBACK_RULES: dict[str, dict[str, str]] = {
 }
 
 
-def _session_of_interaction(data: Any) -> Any:
+def with_default_session(data: Any) -> Any:
     """Feedback or an annotation that leaves out ``session_id`` is in its interaction's
-    gateway session (:func:`gateway_session_id`). A before-validator, so every path that
-    builds the event (the gateway, the pipeline, replay, import) fills in the same session,
-    and the canonical JSON on the topic carries it."""
+    gateway session (:func:`gateway_session_id`). The models' before-validator, so every path
+    that builds the event (the gateway, the pipeline, replay, import) fills in the same
+    session and the canonical JSON on the topic carries it; and what partitions raw events
+    before they are parsed (a replayed file of bare events) applies it too."""
     if isinstance(data, dict) and "session_id" not in data and isinstance(data.get("interaction_id"), str):
         return {**data, "session_id": gateway_session_id(data["interaction_id"])}
     return data
 
 
 def _absent_from_schema(schema: dict[str, Any]) -> None:
-    schema.pop("default", None)  # filled by _session_of_interaction, never null
+    schema.pop("default", None)  # filled by with_default_session, never null
 
 
 _SESSION_DEFAULT = (
@@ -210,7 +211,7 @@ class Feedback(_Event):
         "replaces it. Absent: thumbs and rating replace per (kind, user), a score per (name, user).",
     )
 
-    _default_session = model_validator(mode="before")(classmethod(lambda cls, data: _session_of_interaction(data)))
+    _default_session = model_validator(mode="before")(classmethod(lambda cls, data: with_default_session(data)))
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> Feedback:
@@ -250,7 +251,7 @@ class Annotation(_Event):
     confidence: float | None = Field(None, ge=0, le=1)
     notes: str | None = None
 
-    _default_session = model_validator(mode="before")(classmethod(lambda cls, data: _session_of_interaction(data)))
+    _default_session = model_validator(mode="before")(classmethod(lambda cls, data: with_default_session(data)))
 
 
 UserEvent = Annotated[Union[Interaction, Feedback, Annotation], Field(discriminator="type")]
