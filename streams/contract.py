@@ -208,7 +208,8 @@ class Feedback(_Event):
     feedback_id: Id | None = Field(
         None,
         description="The app's id of this piece of feedback: a later one with the same id on the same interaction "
-        "replaces it. Absent: thumbs and rating replace per (kind, user), a score per (name, user).",
+        "replaces it. Absent: thumbs and rating replace per (kind, user), a score per (name, user), a pairwise "
+        "choice per (rejected_interaction_id, user).",
     )
 
     _default_session = model_validator(mode="before")(classmethod(lambda cls, data: with_default_session(data)))

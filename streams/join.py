@@ -46,8 +46,9 @@ def utc(at: datetime) -> datetime:
 def upsert_key(feedback: Feedback, interaction_user: str) -> tuple[str, ...] | None:
     """What makes two feedback events on one interaction the same piece of feedback, so the
     later replaces the earlier: the app's ``feedback_id``; else a thumbs or a rating per
-    (kind, user) and a score per (name, user), the user being the interaction's when the
-    feedback names none. Other kinds accumulate (each copy, each dwell is one more signal)."""
+    (kind, user), a score per (name, user) and a pairwise choice per (rejected interaction,
+    user), the user being the interaction's when the feedback names none. Other kinds
+    accumulate (each copy, each dwell is one more signal)."""
     if feedback.feedback_id is not None:
         return ("id", feedback.feedback_id)
     user = feedback.user_id or interaction_user
@@ -55,6 +56,8 @@ def upsert_key(feedback: Feedback, interaction_user: str) -> tuple[str, ...] | N
         return (feedback.kind, user)
     if feedback.kind == "score":
         return ("score", feedback.name, user)
+    if feedback.kind == "pairwise":  # the same choice sent twice is one pair, not two
+        return ("pairwise", feedback.rejected_interaction_id, user)
     return None
 
 

@@ -558,6 +558,8 @@ def test_a_pairwise_choice_becomes_a_preference_pair(pseudonyms):
     assert {a["event_id"], b["event_id"], choice["event_id"]} <= set(pair.event_ids)
     by_id = {e.example_id: e for e in run.examples}
     assert by_id[b["interaction_id"]].rewards["explicit"] is None, "a choice is no scalar reward"
+    again = Run(pseudonyms).feed(a, b, choice, {**choice, "event_id": "resent-0001"})  # a client retry, new id
+    assert [r.source for r in cut(again, 700)].count("pairwise") == 1
     assert by_id[b["interaction_id"]].feedback_kinds == ["pairwise"]
 
 
