@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
+from streams.contract import Id
+from streams.rewards import ScoreRule
+
 
 class PipelineSettings(BaseModel):
     """The stream pipeline's windows, filters and batch curation (docs/pipeline.md).
@@ -45,6 +48,12 @@ class PipelineSettings(BaseModel):
         20_000, ge=1, description="Prompts each partition remembers for the repeat filters; the oldest are forgotten."
     )
     seed: int = Field(0, description="Seed of the curator's sampling.")
+    scores: dict[Id, ScoreRule] = Field(
+        default_factory=dict,
+        description="Reward rule per custom score name, as JSON: numeric (min, max), boolean (inverted) or "
+        "categorical (labels), each on a channel (explicit, the default, or implicit). A score without a rule "
+        "gives no reward.",
+    )
 
     @property
     def event_time_span_s(self) -> float:

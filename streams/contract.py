@@ -146,53 +146,100 @@ class Interaction(_Event):
 
 
 FeedbackKind = Literal[
-    "thumbs", "rating", "edit", "report", "regenerate", "copy", "abandon", "dwell", "rephrase"
+    "thumbs", "rating", "edit", "report", "regenerate", "copy", "abandon", "dwell", "rephrase", "score", "pairwise"
 ]
 
-# What `value` and `text` must hold for each kind: (value rule, text rule).
-_FEEDBACK_RULES: dict[str, tuple[str, str]] = {
-    "thumbs": ("required: 1 (up) or -1 (down)", "forbidden"),
-    "rating": ("required: 1 to 5", "forbidden"),
-    "edit": ("forbidden", "required: the corrected response"),
-    "report": ("forbidden", "optional: the reason"),
-    "regenerate": ("forbidden", "forbidden"),
-    "copy": ("forbidden", "forbidden"),
-    "abandon": ("forbidden", "forbidden"),
-    "dwell": ("required: seconds >= 0", "forbidden"),
-    "rephrase": ("forbidden", "optional: the rephrased prompt"),
+# The fields whose use depends on the kind, and what each kind needs in them. A field a kind
+# does not list is forbidden for it, so a misplaced field is caught early. "either": exactly
+# one of the kind's "either" fields (a score is a number or a label).
+_KIND_FIELDS = ("value", "text", "name", "label", "rejected_interaction_id")
+_FEEDBACK_RULES: dict[str, dict[str, str]] = {
+    "thumbs": {"value": "required: 1 (up) or -1 (down)"},
+    "rating": {"value": "required: 1 to 5"},
+    "edit": {"text": "required: the corrected response"},
+    "report": {"text": "optional: the reason"},
+    "regenerate": {},
+    "copy": {},
+    "abandon": {},
+    "dwell": {"value": "required: seconds >= 0"},
+    "rephrase": {"text": "optional: the rephrased prompt"},
+    "score": {"name": "required: the score's name", "value": "either: a number", "label": "either: a label"},
+    "pairwise": {"rejected_interaction_id": "required: the interaction not chosen"},
 }
 
 
+def with_default_session(data: Any) -> Any:
+    """Feedback or an annotation that leaves out ``session_id`` is in its interaction's
+    gateway session (:func:`gateway_session_id`). The models' before-validator, so every path
+    that builds the event (the gateway, the pipeline, replay, import) fills in the same
+    session and the canonical JSON on the topic carries it; and what partitions raw events
+    before they are parsed (a replayed file of bare events) applies it too."""
+    if isinstance(data, dict) and "session_id" not in data and isinstance(data.get("interaction_id"), str):
+        return {**data, "session_id": gateway_session_id(data["interaction_id"])}
+    return data
+
+
+def _absent_from_schema(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # filled by with_default_session, never null
+
+
+_SESSION_DEFAULT = (
+    "The interaction's session: routes it beside the interaction. Absent: the chat gateway's session of "
+    "the interaction, 'chat-' + interaction_id up to its first '.'."
+)
+
+
 class Feedback(_Event):
-    """An explicit (thumbs, rating, edit, report) or implicit signal about one interaction."""
+    """An explicit (thumbs, rating, edit, report, score, pairwise) or implicit signal about one interaction."""
 
     type: Literal["feedback"] = "feedback"
     app_id: Id
-    session_id: Id = Field(description="The interaction's session: routes feedback beside it.")
-    interaction_id: Id
+    session_id: Id = Field(None, description=_SESSION_DEFAULT, json_schema_extra=_absent_from_schema)
+    interaction_id: Id = Field(description="The interaction it is about; pairwise: the one chosen.")
     user_id: Id | None = Field(None, description="Who gave it, if not the interaction's user.")
     kind: FeedbackKind
-    value: float | None = Field(None, description="thumbs: 1/-1; rating: 1-5; dwell: seconds.")
+    value: float | None = Field(None, description="thumbs: 1/-1; rating: 1-5; dwell: seconds; score: a number.")
     text: str | None = Field(None, description="edit: corrected text; rephrase/report: optional.")
+    comment: str | None = Field(
+        None, max_length=4000, description="Any kind: the user's words about it ('why thumbs down'). Never trained on."
+    )
+    name: Id | None = Field(None, description="score: the score's name, e.g. 'helpfulness'.")
+    label: str | None = Field(
+        None, min_length=1, max_length=128, description="score: a categorical or boolean value, e.g. 'true'."
+    )
+    rejected_interaction_id: Id | None = Field(
+        None, description="pairwise: the interaction not chosen (same session and user as interaction_id)."
+    )
+    feedback_id: Id | None = Field(
+        None,
+        description="The app's id of this piece of feedback: a later one with the same id on the same interaction "
+        "replaces it. Absent: thumbs and rating replace per (kind, user), a score per (name, user), a pairwise "
+        "choice per (rejected_interaction_id, user).",
+    )
+
+    _default_session = model_validator(mode="before")(classmethod(lambda cls, data: with_default_session(data)))
 
     @model_validator(mode="after")
-    def _value_fits_kind(self) -> Feedback:
-        value_rule, text_rule = _FEEDBACK_RULES[self.kind]
-        if value_rule.startswith("required") and self.value is None:
-            raise ValueError(f"feedback kind '{self.kind}' needs value ({value_rule})")
-        if value_rule == "forbidden" and self.value is not None:
-            raise ValueError(f"feedback kind '{self.kind}' takes no value")
-        if text_rule.startswith("required") and not self.text:
-            raise ValueError(f"feedback kind '{self.kind}' needs text ({text_rule})")
-        if text_rule == "forbidden" and self.text is not None:
-            raise ValueError(f"feedback kind '{self.kind}' takes no text")
+    def _fields_fit_kind(self) -> Feedback:
+        rules = _FEEDBACK_RULES[self.kind]
+        for name in _KIND_FIELDS:
+            rule, given = rules.get(name, "forbidden"), getattr(self, name)
+            if rule.startswith("required") and given in (None, ""):
+                raise ValueError(f"feedback kind '{self.kind}' needs {name} ({rule})")
+            if rule == "forbidden" and given is not None:
+                raise ValueError(f"feedback kind '{self.kind}' takes no {name}")
+        either = [name for name in _KIND_FIELDS if rules.get(name, "").startswith("either")]
+        if either and sum(getattr(self, name) is not None for name in either) != 1:
+            raise ValueError(f"feedback kind '{self.kind}' needs exactly one of {' or '.join(either)}")
         bad_value = (
             (self.kind == "thumbs" and self.value not in (1, -1))
             or (self.kind == "rating" and not 1 <= self.value <= 5)
             or (self.kind == "dwell" and self.value < 0)
         )
         if bad_value:
-            raise ValueError(f"feedback kind '{self.kind}': value {self.value} ({value_rule})")
+            raise ValueError(f"feedback kind '{self.kind}': value {self.value} ({rules['value']})")
+        if self.rejected_interaction_id == self.interaction_id:
+            raise ValueError("feedback kind 'pairwise': the rejected interaction is the chosen one")
         return self
 
 
@@ -201,7 +248,7 @@ class Annotation(_Event):
 
     type: Literal["annotation"] = "annotation"
     app_id: Id
-    session_id: Id
+    session_id: Id = Field(None, description=_SESSION_DEFAULT, json_schema_extra=_absent_from_schema)
     interaction_id: Id
     annotator: Id = Field(description="Reviewer id or judge model name.")
     source: Literal["human", "model"]
@@ -209,6 +256,8 @@ class Annotation(_Event):
     score: float | None = Field(None, ge=0, le=1, description="Quality score, 1 is best.")
     confidence: float | None = Field(None, ge=0, le=1)
     notes: str | None = None
+
+    _default_session = model_validator(mode="before")(classmethod(lambda cls, data: with_default_session(data)))
 
 
 UserEvent = Annotated[Union[Interaction, Feedback, Annotation], Field(discriminator="type")]
@@ -386,9 +435,12 @@ class AnnotatedExample(_Record):
     tool_calls: list[ToolCall] = Field(default_factory=list, description="The tools the response called; "
                                        "arguments PII scrubbed.")  # fmt: skip
     edit: str | None = Field(None, description="The user's correction, PII scrubbed.")
+    comments: list[str] = Field(
+        default_factory=list, description="Its feedback's comments, PII scrubbed: for people and metrics, not training."
+    )
     regenerates: str | None = None
     rewards: dict[str, float | None] = Field(description="explicit, implicit, self_eval in [0, 1].")
-    feedback_kinds: list[str]
+    feedback_kinds: list[str] = Field(description="The kinds of its feedback; a score is 'score:<name>'.")
     training_consent: bool
     filtered: str | None = Field(None, description="Quality filter that kept it out of training.")
     occurred_at: AwareDatetime

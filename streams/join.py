@@ -9,6 +9,12 @@ the same records in the same order always close the same windows, live or in rep
 Interactions are keyed by (app id, interaction id): feedback joins an interaction of its own
 app only, so an app cannot attach its feedback (and so training data) to another's answers.
 
+Feedback *replaces* earlier feedback with the same upsert key (:func:`upsert_key`) on the
+same interaction: a user who flips a thumb from up to down has said "down", not "0.5". The
+latest ``occurred_at`` wins, ties go to the later record in the log, and the replaced
+event's id stays among those the interaction consumed (``event_ids``), so de-duplication and a
+replay see the same events and reach the same state.
+
 Feedback that arrives before its interaction waits as an *orphan* until the interaction comes
 or the window passes. Feedback for an interaction already closed is *late*. Neither is
 dropped silently: both come back as :class:`Unjoined` with a reason.
@@ -37,17 +43,57 @@ def utc(at: datetime) -> datetime:
     return at.astimezone(timezone.utc)
 
 
+def upsert_key(feedback: Feedback, interaction_user: str) -> tuple[str, ...] | None:
+    """What makes two feedback events on one interaction the same piece of feedback, so the
+    later replaces the earlier: the app's ``feedback_id``; else a thumbs or a rating per
+    (kind, user), a score per (name, user) and a pairwise choice per (rejected interaction,
+    user), the user being the interaction's when the feedback names none. Other kinds
+    accumulate (each copy, each dwell is one more signal)."""
+    if feedback.feedback_id is not None:
+        return ("id", feedback.feedback_id)
+    user = feedback.user_id or interaction_user
+    if feedback.kind in ("thumbs", "rating"):
+        return (feedback.kind, user)
+    if feedback.kind == "score":
+        return ("score", feedback.name, user)
+    if feedback.kind == "pairwise":  # the same choice sent twice is one pair, not two
+        return ("pairwise", feedback.rejected_interaction_id, user)
+    return None
+
+
+Key = tuple[str, str]  # (app id, interaction id)
+
+
 @dataclass
 class OpenInteraction:
     interaction: Interaction  # text already scrubbed
     pseudonym: str
     occurred_at: datetime  # utc(interaction.occurred_at)
-    feedback: list[Feedback] = field(default_factory=list)
+    feedback: list[Feedback] = field(default_factory=list)  # the feedback in force, replaced ones left out
     annotations: list[Annotation] = field(default_factory=list)
+    consumed: list[str] = field(default_factory=list)  # every joined feedback's event id, replaced or not
+
+    @property
+    def key(self) -> Key:
+        return self.interaction.app_id, self.interaction.interaction_id
 
     @property
     def event_ids(self) -> list[str]:
-        return [self.interaction.event_id, *(f.event_id for f in self.feedback), *(a.event_id for a in self.annotations)]
+        return [self.interaction.event_id, *self.consumed, *(a.event_id for a in self.annotations)]
+
+    def upsert(self, event: Feedback) -> None:
+        """Add ``event``, or let it replace the feedback it is a new version of (the latest
+        ``occurred_at`` wins; on a tie the later record, which this one is)."""
+        self.consumed.append(event.event_id)
+        user = self.interaction.user_id
+        if (key := upsert_key(event, user)) is not None:
+            for i, held in enumerate(self.feedback):
+                if upsert_key(held, user) == key:
+                    if held.occurred_at > event.occurred_at:
+                        return  # an older version, come late: it changes nothing
+                    del self.feedback[i]
+                    break
+        self.feedback.append(event)
 
     def __getstate__(self) -> dict:
         # An interaction stays open through many checkpoints: pickle it once (feedback changes).
@@ -65,9 +111,6 @@ class Unjoined:
     event: Feedback | Annotation
     reason: str  # orphan_feedback, late_feedback or outside_implicit_window
     detail: str
-
-
-Key = tuple[str, str]  # (app id, interaction id)
 
 
 @dataclass
@@ -134,7 +177,7 @@ class SessionJoin:
         if isinstance(event, Annotation):
             entry.annotations.append(event)
         elif event.kind in EXPLICIT_KINDS or elapsed <= self.implicit_window:
-            entry.feedback.append(event)
+            entry.upsert(event)
         else:
             return [Unjoined(event, "outside_implicit_window", f"{event.kind} came {elapsed} after the interaction")]
         return []

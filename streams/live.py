@@ -28,7 +28,9 @@ from streams.topics import EVENTS
 # The format of the pickled PartitionPipeline: bump it when a class in it moves or changes
 # meaning, and the next start rebuilds every partition from the archive.
 # 2: the join, de-duplication and users keyed by app (streams.pipeline, streams.join).
-STATE_FORMAT = 2
+# 3: an open interaction keeps the ids of the feedback it consumed (upserts replace feedback),
+#    and the closed examples kept for pairing are timed by their close, not their occurrence.
+STATE_FORMAT = 3
 
 
 @dataclass(frozen=True)

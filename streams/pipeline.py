@@ -48,12 +48,12 @@ from streams.intake import (
     event_time_problem,
     why_invalid,
 )
-from streams.join import OpenInteraction, SessionJoin, Unjoined
+from streams.join import Key, OpenInteraction, SessionJoin, Unjoined
 from streams.pii import Scrubber
 from streams.pseudonyms import Pseudonymizer, erased_by, user_identity
 from streams.quality import QualityFilter
-from streams.rewards import channel_rewards
-from streams.signals import training_records
+from streams.rewards import ScoreRule, channel_rewards, kind_of, signal_reward
+from streams.signals import Rival, training_records
 
 STAGE = "pipeline"
 RECEIVED_AT_HEADER = "received_at"  # written by the gateway (app/publisher.py)
@@ -132,6 +132,9 @@ class PartitionPipeline:
         self.partition = partition
         self.config = config
         self.checks = checks or RecordChecks.of(config)
+        # The score rules, like the checks, are the running worker's: set per record, so rules
+        # changed at a restart apply to every window that closes after it, restored ones too.
+        self.scores: Mapping[str, ScoreRule] = config.scores
         self.join = SessionJoin(
             explicit_window=timedelta(seconds=config.explicit_window_s),
             implicit_window=timedelta(seconds=config.implicit_window_s),
@@ -153,7 +156,9 @@ class PartitionPipeline:
         # never collide with, join or de-duplicate another's.
         self.seen: set[tuple[str, str]] = set()  # event ids, for de-duplication
         self._seen_expiry: list[tuple[datetime, tuple[str, str]]] = []  # heap of (utc(occurred_at), event key)
-        # Closed examples (with utc(occurred_at), for the sweep), to pair regenerations.
+        # Closed examples, to pair regenerations and pairwise choices, with the utc time their
+        # window closed: the sweep keeps each one more window, as long as the interaction that
+        # regenerates it (or was chosen over it) can still be open.
         self.recent: dict[tuple[str, str], tuple[datetime, AnnotatedExample]] = {}
         self.user_of: dict[tuple[str, str], str] = {}  # interaction -> user_identity (state only)
         self.stats = PipelineStats()
@@ -267,12 +272,10 @@ class PartitionPipeline:
         return calls if all(new is old for new, old in zip(scrubbed, calls)) else scrubbed
 
     def _scrub_signal(self, event: Feedback | Annotation, scrubber: Scrubber) -> Feedback | Annotation:
-        field_name = "text" if isinstance(event, Feedback) else "notes"
-        text = getattr(event, field_name)
-        if not text:
-            return event
-        scrubbed = self._scrub(text, scrubber)
-        return event if scrubbed == text else event.model_copy(update={field_name: scrubbed})
+        names = ("text", "comment") if isinstance(event, Feedback) else ("notes",)
+        update = {name: self._scrub(text, scrubber) for name in names if (text := getattr(event, name))}
+        update = {name: text for name, text in update.items() if text != getattr(event, name)}
+        return event.model_copy(update=update) if update else event
 
     # --- event time moves -------------------------------------------------------------------
 
@@ -280,10 +283,11 @@ class PartitionPipeline:
         """Close the windows the watermark passed; cut the batches that are due."""
         closed, expired = self.join.close_due()
         out.dead_letters += [self._unjoined(u) for u in expired]
+        closing = {entry.key: entry for entry in closed}  # out of the join now, still a pairwise rival
         for entry in closed:
             if self._erased_while_open(entry, pseudonyms):
                 continue  # no example: its text would reach the examples topic, the learner and the archive
-            out.examples.append(self._close(entry))
+            out.examples.append(self._close(entry, closing))
         self._forget_old()
         while trigger := self.curator.due(self.join.watermark_key):
             batch = self.curator.cut(
@@ -321,10 +325,12 @@ class PartitionPipeline:
         self.stats.counts["erased_while_open"] += 1
         return True
 
-    def _close(self, entry: OpenInteraction) -> AnnotatedExample:
-        """The annotated example of a closed interaction; its training records go to the curator."""
+    def _close(self, entry: OpenInteraction, closing: Mapping[Key, OpenInteraction]) -> AnnotatedExample:
+        """The annotated example of a closed interaction; its training records go to the curator.
+        ``closing``: the interactions whose windows close with it, in whatever order."""
         event = entry.interaction
         edits = [f.text for f in entry.feedback if f.kind == "edit"]
+        scores = self.scores
         example = AnnotatedExample(
             example_id=event.interaction_id,
             app_id=event.app_id,
@@ -339,9 +345,10 @@ class PartitionPipeline:
             response=event.response,
             tool_calls=event.tool_calls,
             edit=edits[-1] if edits else None,
+            comments=[f.comment for f in entry.feedback if f.comment],
             regenerates=event.regenerates,
-            rewards=channel_rewards(entry.feedback, entry.annotations),
-            feedback_kinds=sorted({f.kind for f in entry.feedback}),
+            rewards=channel_rewards(entry.feedback, entry.annotations, scores),
+            feedback_kinds=sorted({kind_of(f) for f in entry.feedback}),
             training_consent=event.training_consent,
             filtered=self.quality.check(event),
             occurred_at=event.occurred_at,
@@ -351,21 +358,47 @@ class PartitionPipeline:
         self.loss_weights.learn_one(example.rewards)
         occurred_at = entry.occurred_at
         replaced = self.recent.get((example.app_id, example.regenerates)) if example.regenerates else None
-        records = training_records(example, replaced[1] if replaced else None, self.loss_weights.weights())
+        rivals = [self._rival(entry, f, closing) for f in entry.feedback if f.kind == "pairwise"]
+        records = training_records(example, replaced[1] if replaced else None, self.loss_weights.weights(),
+                                   [r for r in rivals if isinstance(r, Rival)])
         if records and self.quality.near_duplicate(event):
             example = example.model_copy(update={"filtered": "near_duplicate"})
             records = []
-        self.recent[example.key] = (occurred_at, example)
+        self.recent[example.key] = (occurred_at + self.join.explicit_window, example)
         counts = self.stats.counts
         counts["examples"] += 1
         counts["no_consent"] += not example.training_consent
         if example.filtered:
             counts[f"filtered_{example.filtered}"] += 1
+        counts["score_unrewarded"] += sum(f.kind == "score" and signal_reward(f, scores) is None
+                                          for f in entry.feedback)
+        counts.update(f"pairwise_{r}" for r in rivals if isinstance(r, str))
         for record in records:
             counts[f"records_{record.source}"] += 1
         user = self.user_of.pop(example.key)
         self.curator.add([Buffered(r, user, occurred_at) for r in records])
         return example
+
+    def _rival(self, entry: OpenInteraction, choice: Feedback, closing: Mapping[Key, OpenInteraction]) -> Rival | str:
+        """The response a pairwise ``choice`` rejected, or why it makes no pair: ``unpaired``
+        (the rival never came before the chosen one's window closed, or was forgotten),
+        ``mismatched`` (another session, user or prompt: no preference between answers to the
+        same question), ``rival_opted_out`` (its user withheld consent for training)."""
+        key = (choice.app_id, choice.rejected_interaction_id)
+        if (held := self.join.open.get(key) or closing.get(key)) is not None:
+            other = held.interaction
+            facts = (other.session_id, held.pseudonym, other.prompt)
+            rival = Rival(other.interaction_id, other.event_id, other.response)
+        elif (closed := self.recent.get(key)) is not None:
+            other = closed[1]
+            facts = (other.session_id, other.user, other.prompt)
+            rival = Rival(other.example_id, other.event_ids[0], other.response)  # its interaction's id first
+        else:
+            return "unpaired"
+        chosen = entry.interaction
+        if facts != (chosen.session_id, entry.pseudonym, chosen.prompt):
+            return "mismatched"
+        return rival if other.training_consent else "rival_opted_out"
 
     def _forget_old(self) -> None:
         """Bound the state: ids and examples older than any window that could still use them.
@@ -444,7 +477,8 @@ class PipelineSet:
         pipeline = self.partitions.get(partition)
         if pipeline is None:
             pipeline = self.partitions[partition] = PartitionPipeline(partition, self.config, self.checks)
-        pipeline.checks = self.checks  # a restored state runs with this worker's settings
+        # A restored state runs with this worker's settings.
+        pipeline.checks, pipeline.scores = self.checks, self.config.scores
         return pipeline.process(offset, value, scrubber=self.scrubber, pseudonyms=self.pseudonyms, received=received)
 
     def finish(self) -> Outputs:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import sessionmaker
 
 from streams.archive import ArchivedRecord, decode_record, read_segment, segments
 from streams.batches import publish_batch
-from streams.contract import BatchEmitted
+from streams.contract import BatchEmitted, with_default_session
 from streams.importer import for_run
 from streams.pipeline import Outputs, PipelineSet, receive_time
 from streams.topics import EVENTS
@@ -93,7 +93,7 @@ def file_records(path: Path, partitions: int, window: TimeRange) -> Iterator[Arc
             if record.topic != EVENTS.name:
                 continue
         else:
-            key = str(data.get("session_id", "")).encode()
+            key = str(with_default_session(data).get("session_id", "")).encode()
             partition = partitioner(key, list(range(partitions)), list(range(partitions)))
             offsets[partition] = offsets.get(partition, -1) + 1
             try:

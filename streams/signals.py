@@ -6,6 +6,7 @@
 | regenerate | the user regenerated A and accepted the new response B | a pair: B over A |
 | thumbs / rating | explicit verdict | a KTO label: desirable when the explicit reward is >= 0.5 |
 | accepted | thumbs up, rating >= 4, or copied without a regenerate | SFT on the response |
+| pairwise | the user chose this response over another to the same prompt | a pair: this over the other |
 
 Nothing is yielded for a user who opted out of training or an example a quality filter
 stopped. Each record's loss weight is the current weight of the channel its evidence came
@@ -14,12 +15,25 @@ from (explicit or implicit). docs/pipeline.md explains the reasoning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from streams.contract import AnnotatedExample, Message
 from streams.training_data import LabelRecord, PreferenceRecord, SftRecord
 
 TrainingRecord = SftRecord | PreferenceRecord | LabelRecord
 
 ACCEPT_THRESHOLD = 0.75
+
+
+@dataclass(frozen=True)
+class Rival:
+    """The response a pairwise choice rejected: another interaction of the same user, session
+    and prompt (the pipeline checks that, and finds it open or recently closed)."""
+
+    interaction_id: str
+    event_id: str  # its interaction event's
+    response: str  # PII scrubbed
 
 
 def is_accepted(example: AnnotatedExample) -> bool:
@@ -33,8 +47,10 @@ def training_records(
     example: AnnotatedExample,
     replaced: AnnotatedExample | None,
     weights: dict[str, float],
+    rivals: Sequence[Rival] = (),
 ) -> list[TrainingRecord]:
-    """Records for one example; ``replaced`` is the example it regenerated, if still known."""
+    """Records for one example; ``replaced`` is the example it regenerated, if still known;
+    ``rivals`` the responses it was chosen over. An example's comments are never in them."""
     if not example.training_consent or example.filtered:
         return []
     common = {"cohort": example.cohort, "domain": example.domain}
@@ -49,6 +65,12 @@ def training_records(
         records.append(PreferenceRecord(example_id=f"{example.example_id}:edit-pair", source="edit",
                                         weight=explicit_weight, event_ids=example.event_ids, prompt=example.prompt,
                                         chosen=example.edit, rejected=example.response, **common))
+
+    for rival in rivals:
+        records.append(PreferenceRecord(example_id=f"{example.example_id}:pairwise:{rival.interaction_id}",
+                                        source="pairwise", weight=explicit_weight,
+                                        event_ids=sorted({*example.event_ids, rival.event_id}), prompt=example.prompt,
+                                        chosen=example.response, rejected=rival.response, **common))
 
     verdicts = [k for k in ("thumbs", "rating") if k in example.feedback_kinds]
     if verdicts and example.rewards["explicit"] is not None:

@@ -29,6 +29,7 @@ from streams.intake import (
     parse_json,
     split_body,
 )
+from streams.topics import event_key
 from tests.factories import ANY_TURN, feedback, interaction
 from tests.poison import FAR_FUTURE, corpus
 
@@ -45,6 +46,14 @@ def test_valid_array_is_accepted_in_canonical_form():
     assert [type(r) for r in results] == [Accepted, Accepted]
     payload = json.loads(results[0].payload)
     assert payload["event_id"] == first["event_id"] and payload["schema_version"] == 1
+
+
+def test_feedback_without_a_session_goes_on_the_topic_with_its_interactions_gateway_session():
+    thumbs = {k: v for k, v in feedback({"interaction_id": "9b1e.2", "session_id": "unused"}).items()
+              if k != "session_id"}
+    (accepted,) = run(json.dumps([thumbs]).encode())
+    assert accepted.event.session_id == json.loads(accepted.payload)["session_id"] == "chat-9b1e"
+    assert event_key(accepted.event) == b"chat-9b1e"
 
 
 def test_single_object_is_taken_as_one_event():

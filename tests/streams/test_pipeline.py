@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from streams.config import PipelineSettings
-from streams.contract import AnnotatedExample
+from streams.contract import AnnotatedExample, gateway_session_id
 from streams.pii import Scrubber
 from streams.intake import PRODUCER_MAX_REQUEST_BYTES, dead_letter_max_bytes
 from streams.pipeline import PartitionPipeline, PipelineSet, Received, receive_time
@@ -394,6 +394,17 @@ def test_a_restored_state_runs_with_the_current_settings(pseudonyms):
     assert dead.reason == "clock_skew"
 
 
+def test_a_restored_state_rewards_scores_by_the_current_rules(pseudonyms):
+    a = turn(0)
+    before = PartitionPipeline(0, CONFIG)  # checkpointed with no score rules
+    rules = PipelineSettings(scores={"helpful": {"type": "boolean"}}).scores
+    pipelines = PipelineSet(CONFIG.model_copy(update={"scores": rules}), Scrubber(), pseudonyms)
+    pipelines.partitions[0] = pickle.loads(pickle.dumps(before))
+    for offset, event in enumerate([a, signal(a, "score", 5, name="helpful", label="true"), tick(600)]):
+        examples = pipelines.process(0, offset, json.dumps(event).encode()).examples
+    assert examples[0].rewards["explicit"] == 1.0
+
+
 def test_receive_time_is_the_earlier_of_the_gateway_header_and_the_record_timestamp():
     header = (T0 + timedelta(seconds=1)).isoformat().encode()
     stamp = (T0 + timedelta(seconds=2)).timestamp()
@@ -472,3 +483,149 @@ def test_a_user_erased_while_their_interaction_is_open_gets_no_example(tmp_path)
     assert [e.example_id for e in run.examples] == [keep["interaction_id"]]
     assert run.pipeline.stats.counts["erased_while_open"] == 1
     assert not run.pipeline.user_of  # nothing of theirs kept in state either
+
+
+# --- the feedback model: comments, scores, upserts, pairwise choices, session defaults ----------
+
+
+def cut(run: Run, seconds: float) -> list:
+    """Close every window by ``seconds`` and cut what is buffered; the training records."""
+    run.feed(tick(seconds))
+    run.pipeline.curator.request_early("manual")
+    run.feed(tick(seconds + 1))
+    return run.records()
+
+
+def test_a_comment_reaches_the_example_scrubbed_and_is_never_trained_on(pseudonyms):
+    a = turn(0)
+    comment = "Far too long. Mail me at anna@example.com"
+    run = Run(pseudonyms).feed(a, signal(a, "thumbs", 5, value=1, comment=comment))
+    records = cut(run, 700)
+    (example,) = run.examples
+    assert example.comments == ["Far too long. Mail me at <EMAIL>"]
+    assert run.pipeline.stats.pii["EMAIL"] == 1
+    assert {r.source for r in records} == {"thumbs", "accepted"}, "the thumbs still trains"
+    assert all("Far too long" not in r.model_dump_json() for r in records)
+
+
+def test_a_custom_score_is_rewarded_by_its_configured_rule(pseudonyms):
+    def explicit_reward(scores: dict) -> float | None:
+        a = turn(0)
+        config = CONFIG.model_copy(update={"scores": PipelineSettings(scores=scores).scores})
+        run = Run(pseudonyms, config).feed(a, signal(a, "score", 5, name="helpful", value=8), tick(600))
+        (example,) = run.examples
+        assert example.feedback_kinds == ["score:helpful"]
+        return example.rewards["explicit"]
+
+    assert explicit_reward({"helpful": {"type": "numeric", "min": 0, "max": 10}}) == pytest.approx(0.8)
+    assert explicit_reward({"helpful": {"type": "numeric", "min": 4, "max": 12}}) == pytest.approx(0.5)
+    assert explicit_reward({}) is None  # no rule: kept among the kinds, no reward
+
+
+def test_an_unrewarded_score_is_counted(pseudonyms):
+    a = turn(0)
+    run = Run(pseudonyms).feed(a, signal(a, "score", 5, name="tone", label="warm"), tick(600))
+    assert run.examples[0].rewards == {"explicit": None, "implicit": None, "self_eval": None}
+    assert run.pipeline.stats.counts["score_unrewarded"] == 1
+
+
+def test_a_flipped_thumb_replaces_the_first_and_both_events_stay_consumed(pseudonyms):
+    a = turn(0)
+    up, down = signal(a, "thumbs", 5, value=1), signal(a, "thumbs", 9, value=-1)
+    run = Run(pseudonyms).feed(a, up, down, up, tick(600))  # the up sent again: still a duplicate
+    (example,) = run.examples
+    assert example.rewards["explicit"] == 0.0, "a single down, not the 0.5 of up and down"
+    assert example.event_ids == [a["event_id"], up["event_id"], down["event_id"]]
+    assert run.reasons() == ["duplicate_event"]
+
+
+@pytest.mark.parametrize("late_first", [False, True])
+def test_the_latest_occurred_at_wins_whatever_the_log_order(pseudonyms, late_first):
+    a = turn(0)
+    rated = [signal(a, "rating", 5, value=2), signal(a, "rating", 30, value=5)]
+    run = Run(pseudonyms).feed(a, *(rated[::-1] if late_first else rated), tick(600))
+    assert run.examples[0].rewards["explicit"] == 1.0
+    assert sorted(run.examples[0].event_ids) == sorted([a["event_id"], *(r["event_id"] for r in rated)])
+
+
+def test_upserts_are_per_user_and_kind_ties_go_to_the_log_and_feedback_id_keys_any_kind(pseudonyms):
+    a = turn(0)
+    run = Run(pseudonyms).feed(
+        a,
+        signal(a, "thumbs", 5, value=1), signal(a, "thumbs", 5, value=-1),  # a tie: the later record wins
+        signal(a, "thumbs", 6, value=1, user_id="reviewer-2"),  # another user's thumb is one more signal
+        signal(a, "rating", 7, value=5),  # another kind too
+        signal(a, "report", 8, feedback_id="fb-1"), signal(a, "report", 9, feedback_id="fb-1", text="rude"),
+        tick(600),
+    )
+    (example,) = run.examples
+    assert example.rewards["explicit"] == pytest.approx((0 + 1 + 1 + 0) / 4)
+    assert len(example.event_ids) == 7
+
+
+def test_replay_of_upserts_gives_the_same_example(pseudonyms):
+    a = turn(0)
+    log = [a, signal(a, "thumbs", 5, value=1), signal(a, "thumbs", 9, value=-1), tick(600)]
+    first, second = Run(pseudonyms).feed(*log), Run(pseudonyms).feed(*log)
+    assert first.examples == second.examples
+
+
+def test_a_pairwise_choice_becomes_a_preference_pair(pseudonyms):
+    a = turn(0, response="The first answer.")
+    b = turn(0, session_id=a["session_id"], prompt=a["prompt"], response="The second answer.")
+    choice = signal(b, "pairwise", 20, rejected_interaction_id=a["interaction_id"])
+    run = Run(pseudonyms).feed(a, b, choice)
+    records = cut(run, 700)
+    (pair,) = [r for r in records if r.source == "pairwise"]
+    assert isinstance(pair, PreferenceRecord)
+    assert (pair.chosen, pair.rejected) == ("The second answer.", "The first answer.")
+    assert [m.content for m in pair.prompt] == [m["content"] for m in a["prompt"]]
+    assert {a["event_id"], b["event_id"], choice["event_id"]} <= set(pair.event_ids)
+    by_id = {e.example_id: e for e in run.examples}
+    assert by_id[b["interaction_id"]].rewards["explicit"] is None, "a choice is no scalar reward"
+    again = Run(pseudonyms).feed(a, b, choice, {**choice, "event_id": "resent-0001"})  # a client retry, new id
+    assert [r.source for r in cut(again, 700)].count("pairwise") == 1
+    assert by_id[b["interaction_id"]].feedback_kinds == ["pairwise"]
+
+
+def test_a_pairwise_rival_closed_first_still_pairs(pseudonyms):
+    a = turn(0, response="The first answer.")
+    b = turn(10, session_id=a["session_id"], prompt=a["prompt"], response="The second answer.")
+    run = Run(pseudonyms).feed(a, b, signal(b, "pairwise", 20, rejected_interaction_id=a["interaction_id"]))
+    run.feed(tick(605))  # a closed, b still open
+    assert [e.example_id for e in run.examples] == [a["interaction_id"]]
+    assert [r.rejected for r in cut(run, 700) if r.source == "pairwise"] == ["The first answer."]
+
+
+def test_a_pairwise_choice_without_a_fitting_rival_is_counted_not_paired(pseudonyms):
+    a = turn(0)
+    other_session = turn(0, prompt=a["prompt"])
+    other_prompt = turn(0, session_id=a["session_id"])
+    run = Run(pseudonyms).feed(
+        a, other_session, other_prompt,
+        signal(a, "pairwise", 5, rejected_interaction_id=other_session["interaction_id"]),
+        signal(a, "pairwise", 6, rejected_interaction_id=other_prompt["interaction_id"]),
+        signal(a, "pairwise", 7, rejected_interaction_id="never-came"),
+    )
+    assert [r for r in cut(run, 700) if r.source == "pairwise"] == []
+    counts = run.pipeline.stats.counts
+    assert (counts["pairwise_mismatched"], counts["pairwise_unpaired"]) == (2, 1)
+
+
+def test_feedback_without_a_session_joins_the_interaction_the_gateway_recorded(pseudonyms):
+    a = turn(0, interaction_id="3f1c9a.0", session_id=gateway_session_id("3f1c9a.0"))
+    thumbs = signal(a, "thumbs", 5, value=-1)
+    del thumbs["session_id"]
+    run = Run(pseudonyms).feed(a, thumbs, tick(600))
+    (example,) = run.examples
+    assert example.feedback_kinds == ["thumbs"] and example.rewards["explicit"] == 0.0
+
+
+def test_a_regeneration_pairs_with_the_answer_it_replaced_though_that_closed_first(pseudonyms):
+    a = turn(0)
+    b = turn(20, session_id=a["session_id"], regenerates=a["interaction_id"], prompt=a["prompt"],
+             response="A clearer answer.")
+    run = Run(pseudonyms).feed(a, signal(a, "regenerate", 19), b, signal(b, "thumbs", 30), tick(605))
+    assert [e.example_id for e in run.examples] == [a["interaction_id"]]  # a closed, b still open
+    (pair,) = [r for r in cut(run, 700) if r.source == "regenerate"]
+    assert (pair.chosen, pair.rejected) == ("A clearer answer.", a["response"])

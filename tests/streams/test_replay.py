@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from aiokafka.partitioner import DefaultPartitioner
 
 from streams.config import PipelineSettings
+from streams.contract import gateway_session_id
 from streams.importer import for_run, import_steps, in_event_time
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
@@ -33,6 +34,18 @@ def test_bare_events_land_on_their_sessions_partition_in_file_order(tmp_path):
         per_partition.setdefault(record.partition, []).append(record.offset)
     assert all(offsets == list(range(len(offsets))) for offsets in per_partition.values())
     assert len(records) == 12
+
+
+def test_bare_feedback_without_a_session_lands_beside_the_interaction_the_gateway_recorded(tmp_path):
+    turns = [interaction(interaction_id=f"{n:04x}.0", session_id=gateway_session_id(f"{n:04x}.0")) for n in range(8)]
+    signals = [{k: v for k, v in feedback(t, "copy").items() if k != "session_id"} for t in turns]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in [*turns, *signals]))
+    partition_of = {}
+    for record in file_records(path, 4, TimeRange()):
+        partition_of.setdefault(json.loads(record.value)["interaction_id"], set()).add(record.partition)
+    assert all(len(partitions) == 1 for partitions in partition_of.values()) and len(partition_of) == 8
+    assert len(set().union(*partition_of.values())) > 1, "the sessions spread over partitions"
 
 
 def test_the_time_window_applies_to_bare_events_occurred_at(tmp_path):

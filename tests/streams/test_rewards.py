@@ -4,9 +4,10 @@ and how the signals of one interaction combine into one reward per channel."""
 import typing
 
 import pytest
+from pydantic import TypeAdapter, ValidationError
 
 from streams.contract import Annotation, Feedback, FeedbackKind
-from streams.rewards import EXPLICIT_KINDS, channel_rewards
+from streams.rewards import EXPLICIT_KINDS, NumericScore, ScoreRule, channel_rewards
 from tests.factories import ANY_TURN, annotation, feedback
 
 
@@ -52,10 +53,67 @@ def test_each_feedback_kind_has_its_reward_on_its_channel_and_nothing_elsewhere(
 
 
 def test_the_table_covers_every_kind_of_the_contract_and_names_the_explicit_ones():
-    assert {k for k, *_ in TABLE} == set(typing.get_args(FeedbackKind))
+    # A score's reward is configured (below); a pairwise choice is a preference, never a reward.
+    assert {k for k, *_ in TABLE} == set(typing.get_args(FeedbackKind)) - {"score", "pairwise"}
     # The join counts these for the whole explicit window, the others only for the implicit one.
-    assert EXPLICIT_KINDS == {k for k, _, channel, _ in TABLE if channel == "explicit"}
-    assert EXPLICIT_KINDS == {"thumbs", "rating", "edit", "report"}
+    assert EXPLICIT_KINDS == {k for k, _, channel, _ in TABLE if channel == "explicit"} | {"score", "pairwise"}
+    assert EXPLICIT_KINDS == {"thumbs", "rating", "edit", "report", "score", "pairwise"}
+
+
+SCORES = TypeAdapter(dict[str, ScoreRule]).validate_python({
+    "helpful": {"type": "numeric", "min": 0, "max": 10},
+    "effort": {"type": "numeric", "min": 5, "max": 1, "channel": "implicit"},  # lower is better
+    "correct": {"type": "boolean"},
+    "hallucinated": {"type": "boolean", "inverted": True},
+    "tone": {"type": "categorical", "labels": {"warm": 1, "neutral": 0.6, "curt": 0}},
+})
+
+# (name, value or label, channel, reward): each rule, its edges, and what it cannot read.
+SCORED = [
+    ("helpful", {"value": 7.5}, "explicit", 0.75),
+    ("helpful", {"value": 0}, "explicit", 0.0),
+    ("helpful", {"value": 12}, "explicit", 1.0),  # clamped to the scale
+    ("helpful", {"label": "great"}, None, None),  # a numeric rule reads numbers only
+    ("effort", {"value": 2}, "implicit", 0.75),
+    ("correct", {"label": "true"}, "explicit", 1.0),
+    ("correct", {"label": "False"}, "explicit", 0.0),
+    ("correct", {"value": 1}, "explicit", 1.0),
+    ("correct", {"value": 0.5}, None, None),
+    ("correct", {"label": "maybe"}, None, None),
+    ("hallucinated", {"label": "true"}, "explicit", 0.0),
+    ("hallucinated", {"label": "false"}, "explicit", 1.0),
+    ("tone", {"label": "neutral"}, "explicit", 0.6),
+    ("tone", {"label": "rude"}, None, None),  # not in the map
+    ("unconfigured", {"value": 1}, None, None),  # no rule: no reward
+]
+
+
+@pytest.mark.parametrize(("name", "fields", "channel", "reward"), SCORED,
+                         ids=[f"{n}-{next(iter(f.values()))}" for n, f, _, _ in SCORED])
+def test_a_score_is_rewarded_by_its_configured_rule_on_its_channel(name, fields, channel, reward):
+    rewards = channel_rewards([signal("score", name=name, **fields)], [], SCORES)
+    expected = {"explicit": None, "implicit": None, "self_eval": None}
+    if channel is not None:
+        expected[channel] = pytest.approx(reward)
+    assert rewards == expected
+
+
+def test_the_configured_rule_decides_a_scores_reward_and_it_averages_with_the_other_kinds():
+    thumbs_up, helpful = signal("thumbs", value=1), signal("score", name="helpful", value=4)
+    assert channel_rewards([thumbs_up, helpful], [], SCORES)["explicit"] == pytest.approx((1 + 0.4) / 2)
+    stricter = {"helpful": NumericScore(min=2, max=6)}
+    assert channel_rewards([thumbs_up, helpful], [], stricter)["explicit"] == pytest.approx((1 + 0.5) / 2)
+    assert channel_rewards([thumbs_up, helpful], [])["explicit"] == 1.0  # no rule: the score counts for nothing
+
+
+def test_a_pairwise_choice_gives_no_reward():
+    choice = signal("pairwise", rejected_interaction_id="i-2")
+    assert channel_rewards([choice], []) == {"explicit": None, "implicit": None, "self_eval": None}
+
+
+def test_a_numeric_rule_needs_a_scale():
+    with pytest.raises(ValidationError, match="max != min"):
+        NumericScore(min=1, max=1)
 
 
 @pytest.mark.parametrize(("source", "channel"), [("human", "explicit"), ("model", "self_eval")])
