@@ -106,7 +106,8 @@ async def chat(models: Models, trained: Trained, server, broker, tmp_path):
 
 async def interactions(stack, ids: list[str]) -> list[dict]:
     records = await wait_until_archived(stack, EVENTS.name, len(ids),
-                                        where=lambda r: json.loads(r.value).get("interaction_id") in ids)  # fmt: skip
+                                        where=lambda r: json.loads(r.value).get("interaction_id") in ids
+                                        and json.loads(r.value)["type"] == "interaction")  # fmt: skip
     return [json.loads(r.value) for r in records]
 
 
@@ -217,8 +218,8 @@ async def test_models_n_choices_refused_streams_and_feedback_by_the_body_id(chat
     """What a chat UI does with the unchanged openai package: list the models, name one, ask
     for two answers, overflow the context in a stream, and rate an answer by the id in the body."""
     stack, _, _ = chat
-    worker = start_worker(stack.settings, {"FEEDLOOP_PIPELINE__EXPLICIT_WINDOW_S": "2",
-                                           "FEEDLOOP_PIPELINE__IMPLICIT_WINDOW_S": "2"})  # fmt: skip
+    worker = start_worker(stack.settings, {"FEEDLOOP_PIPELINE__EXPLICIT_WINDOW_S": "5",
+                                           "FEEDLOOP_PIPELINE__IMPLICIT_WINDOW_S": "5"})  # fmt: skip
     client = openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=KEY, max_retries=0)
     try:
         listed = [m.id for m in (await client.models.list()).data]
@@ -232,6 +233,13 @@ async def test_models_n_choices_refused_streams_and_feedback_by_the_body_id(chat
         two = await client.chat.completions.create(model="auto", messages=messages(QUESTIONS[1]), n=2,
                                                    max_tokens=MAX_TOKENS, temperature=1.0, seed=5)  # fmt: skip
         texts = {two.feedloop["interaction_ids"][c.index]: c.message.content for c in two.choices}
+        # The user picks the second answer: a pairwise choice, without a session (the gateway's).
+        picked, passed = two.feedloop["interaction_ids"][1], two.feedloop["interaction_ids"][0]
+        async with httpx.AsyncClient(base_url=stack.base_url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            sent = await http.post("/v1/events", json=[{
+                "type": "feedback", "event_id": uuid.uuid4().hex, "occurred_at": utcnow().isoformat(),
+                "app_id": "app-a", "interaction_id": picked, "kind": "pairwise", "rejected_interaction_id": passed}])  # fmt: skip
+        assert sent.status_code == 202, sent.text
         parts = [part async for part in await client.chat.completions.create(
             model="auto", messages=messages(QUESTIONS[3]), n=2, max_tokens=MAX_TOKENS, temperature=1.0, seed=6,
             stream=True)]  # fmt: skip
@@ -265,6 +273,9 @@ async def test_models_n_choices_refused_streams_and_feedback_by_the_body_id(chat
                                                where=lambda r: json.loads(r.value)["example_id"] == turn["interaction_id"])  # fmt: skip
         example = json.loads(example.value)
         assert example["feedback_kinds"] == ["thumbs"] and example["rewards"]["explicit"] == 0.0
+        (chosen,) = await wait_until_archived(stack, EXAMPLES.name, 1, timeout_s=60,
+                                              where=lambda r: json.loads(r.value)["example_id"] == picked)  # fmt: skip
+        assert json.loads(chosen.value)["feedback_kinds"] == ["pairwise"], "the choice joined the picked answer"
     finally:
         await client.close()
         stop_worker(worker)
