@@ -29,7 +29,7 @@ import math
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -244,6 +244,7 @@ class Overview:
     processes: list[ProcessView]
     privacy: PrivacyView
     router: RouterView | None
+    app_id: str | None = None  # None: every app (an operator's view); else the one app this view shows
 
     def to_json(self) -> dict[str, Any]:
         return _json_safe(asdict(self))
@@ -273,6 +274,60 @@ class _Experiment:
     frontier: float = -math.inf
 
 
+class Totals:
+    """The archive's per-record counts over one scope: every app, or one app (what its key
+    sees: its own events, dead letters and examples; never another app's)."""
+
+    def __init__(self) -> None:
+        self.events_accepted: Counter = Counter()
+        self.dead_letters: Counter = Counter()
+        self.recent_dead_letters: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.examples = 0
+        self.traffic = TimeBuckets(_add_counts)  # interactions per serving adapter (occurred_at)
+        self.rewards = TimeBuckets(_add_counts)  # combined reward per adapter (closed_at)
+
+    def count_event(self, kind: str, value: dict[str, Any]) -> None:
+        self.events_accepted[kind] += 1
+        if kind == "interaction":
+            self.traffic.put(_timestamp(value["occurred_at"]), value["adapter"], (1, 1.0))
+
+    def count_dead_letter(self, value: dict[str, Any]) -> None:
+        self.dead_letters[value["reason"]] += 1
+        self.recent_dead_letters.append({k: value.get(k) for k in ("received_at", "reason", "app_id", "stage",
+                                                                   "event_id", "detail")})  # fmt: skip
+
+    def count_example(self, example: AnnotatedExample, reward: float | None) -> None:
+        self.examples += 1
+        if reward is not None:
+            self.rewards.put(example.closed_at.timestamp(), example.adapter, (1, reward))
+
+    def traffic_share(self) -> Series:
+        """Each arm's share of the interactions in the trailing window ending at each bucket."""
+        series = Series()
+        rows = _trailing(self.traffic.rows())
+        names = sorted({name for _, cells in rows for name in cells})
+        series.values = {name: [] for name in names}
+        for start, cells in rows:
+            total = sum(n for n, _ in cells.values())
+            series.times.append(_clock(start))
+            for name in names:
+                series.values[name].append(cells[name][0] / total if name in cells else 0.0)
+        return series
+
+    def reward_mean(self) -> Series:
+        """Each arm's mean combined reward over the trailing window ending at each bucket."""
+        series = Series()
+        rows = _trailing(self.rewards.rows())
+        names = sorted({name for _, cells in rows for name in cells})
+        series.values = {name: [] for name in names}
+        for start, cells in rows:
+            series.times.append(_clock(start))
+            for name in names:
+                n, total = cells.get(name, (0, 0.0))
+                series.values[name].append(total / n if n else None)
+        return series
+
+
 class ArchiveFold:
     """Running totals over the archive, one record at a time, in the order segments were sealed.
 
@@ -286,17 +341,13 @@ class ArchiveFold:
 
     def __init__(self, settings: Settings) -> None:
         self.records_by_topic: Counter = Counter()
-        self.events_accepted: Counter = Counter()
-        self.dead_letters: Counter = Counter()
-        self.recent_dead_letters: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.all = Totals()
+        self.apps: dict[str, Totals] = {}  # by app id
         self.drift_alarms: Counter = Counter()
         self.recent_drift_alarms: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.batches_emitted = 0
-        self.examples = 0
         self.seen_examples: set[tuple[str, str]] = set()  # (app id, example id): as the learner de-duplicates
         self.undecodable = 0
-        self.traffic = TimeBuckets(_add_counts)  # interactions per serving adapter (occurred_at)
-        self.rewards = TimeBuckets(_add_counts)  # combined reward per adapter (closed_at)
         self.ab_paths = TimeBuckets(_keep_later)  # newest decision per experiment (its newest closed_at)
         self.loss_weights = LossWeights()
         self.lifecycle = Lifecycle(settings.learners)
@@ -322,30 +373,34 @@ class ArchiveFold:
             # Another producer's bad record is kept in the archive; it must not stop the view.
             self.undecodable += 1
 
+    def scopes(self, app_id: Any) -> tuple[Totals, ...]:
+        """Every app's totals, and the record's app's (none for a record without a valid one)."""
+        if not isinstance(app_id, str) or not app_id:
+            return (self.all,)
+        return self.all, self.apps.setdefault(app_id, Totals())
+
     def _event(self, value: dict[str, Any]) -> None:
         kind = value.get("type")
         if kind not in USER_EVENT_TYPES:
             return  # the pipeline's watermark ticks and curation triggers
-        self.events_accepted[kind] += 1
-        if kind == "interaction":
-            self.traffic.put(_timestamp(value["occurred_at"]), value["adapter"], (1, 1.0))
+        for totals in self.scopes(value.get("app_id")):
+            totals.count_event(kind, value)
 
     def _dead_letter(self, value: dict[str, Any]) -> None:
-        self.dead_letters[value["reason"]] += 1
-        self.recent_dead_letters.append({k: value.get(k) for k in ("received_at", "reason", "app_id", "stage",
-                                                                   "event_id", "detail")})  # fmt: skip
+        for totals in self.scopes(value.get("app_id")):
+            totals.count_dead_letter(value)
 
     def _example(self, example: AnnotatedExample) -> None:
         if example.key in self.seen_examples:
             return  # emitted again (a checkpoint that failed after its outputs went out): counted once
         self.seen_examples.add(example.key)
-        self.examples += 1
         self.loss_weights.learn_one(example.rewards)
         reward = combined_reward(example.rewards, self.loss_weights.weights())
+        for totals in self.scopes(example.app_id):
+            totals.count_example(example, reward)
         if reward is None:
             return
         at = example.closed_at.timestamp()
-        self.rewards.put(at, example.adapter, (1, reward))
         for outcome in self.lifecycle.observe(example.adapter, reward, example.cohort):
             experiment = self.running[outcome.test.challenger]
             experiment.frontier = max(experiment.frontier, at)
@@ -414,32 +469,6 @@ class ArchiveFold:
             views.append(view)
         return views
 
-    def traffic_share(self) -> Series:
-        """Each arm's share of the interactions in the trailing window ending at each bucket."""
-        series = Series()
-        rows = _trailing(self.traffic.rows())
-        names = sorted({name for _, cells in rows for name in cells})
-        series.values = {name: [] for name in names}
-        for start, cells in rows:
-            total = sum(n for n, _ in cells.values())
-            series.times.append(_clock(start))
-            for name in names:
-                series.values[name].append(cells[name][0] / total if name in cells else 0.0)
-        return series
-
-    def reward_mean(self) -> Series:
-        """Each arm's mean combined reward over the trailing window ending at each bucket."""
-        series = Series()
-        rows = _trailing(self.rewards.rows())
-        names = sorted({name for _, cells in rows for name in cells})
-        series.values = {name: [] for name in names}
-        for start, cells in rows:
-            series.times.append(_clock(start))
-            for name in names:
-                n, total = cells.get(name, (0, 0.0))
-                series.values[name].append(total / n if n else None)
-        return series
-
 
 def _trailing(rows: list[tuple[float, dict[str, tuple[int, float]]]]) -> list[tuple[float, dict[str, tuple[int, float]]]]:
     """Counts and sums over the last ``SMOOTHING_BUCKETS`` buckets at each bucket: at low
@@ -475,10 +504,21 @@ class OverviewSource:
         if self._engine is not None:
             self._engine.dispose()
 
-    def read(self) -> Overview:
+    def read(self, app_id: str | None = None) -> Overview:
+        """Every app's overview (an operator's), or the view of one app's key: its own events,
+        dead letters, examples, traffic and rewards, beside what the apps share on purpose (the
+        adapters and their roles, the router; docs/tenants.md). What is made of every app's
+        data (the archive's record counts, A/B evidence, drift alarms, batches, lag, processes,
+        the privacy ledger's runs) is left empty in an app's view."""
         with self._lock:
             self._catch_up()
-            return self._overview()
+            if app_id is None:
+                return self._overview(self._fold.all)
+            scoped = self._overview(self._fold.apps.get(app_id) or Totals())
+        return replace(scoped, app_id=app_id, segments=0, records_by_topic={}, undecodable=0, experiments=[],
+                       drift_alarms={}, recent_drift_alarms=[], batches_emitted=0, batches_by_status={},
+                       recent_batches=[], failed_batches=[], lag=[], processes=[],
+                       privacy=replace(scoped.privacy, entries={}))  # fmt: skip
 
     def _catch_up(self) -> None:
         """Fold the segments sealed since the last call, oldest first."""
@@ -506,7 +546,7 @@ class OverviewSource:
             self._folded.add(segment_id)
             self.segments_read += 1
 
-    def _overview(self) -> Overview:
+    def _overview(self, totals: Totals) -> Overview:
         fold = self._fold
         with self.sessions() as session:
             adapters = list(session.scalars(select(Adapter).order_by(Adapter.created_at, Adapter.name)))
@@ -526,16 +566,16 @@ class OverviewSource:
             generated_at=_clock(datetime.now(timezone.utc).timestamp()),
             segments=len(self._folded),
             records_by_topic=dict(fold.records_by_topic),
-            events_accepted={kind: fold.events_accepted[kind] for kind in USER_EVENT_TYPES},
-            dead_letters=dict(fold.dead_letters.most_common()),
-            recent_dead_letters=list(reversed(fold.recent_dead_letters)),
-            examples=fold.examples,
+            events_accepted={kind: totals.events_accepted[kind] for kind in USER_EVENT_TYPES},
+            dead_letters=dict(totals.dead_letters.most_common()),
+            recent_dead_letters=list(reversed(totals.recent_dead_letters)),
+            examples=totals.examples,
             undecodable=fold.undecodable,
             champion=fold.lifecycle.champion,
             challengers=sorted(fold.lifecycle.experiments),
             adapters=self._adapters(adapters),
-            traffic_share=fold.traffic_share(),
-            reward_mean=fold.reward_mean(),
+            traffic_share=totals.traffic_share(),
+            reward_mean=totals.reward_mean(),
             experiments=fold.experiment_views(),
             drift_alarms=dict(fold.drift_alarms.most_common()),
             recent_drift_alarms=list(reversed(fold.recent_drift_alarms)),

@@ -3,16 +3,17 @@
 Two roles, two sets of keys (``FEEDLOOP_API_KEYS``, ``FEEDLOOP_OPERATOR_KEYS``), and no key in
 both. An **app** key sends its own app's events, asks for routes, chats and erases its own
 app's users: every id it names is read within its app. An **operator** key opens what spans
-apps: the dashboard, ``/v1/overview``, ``/metrics``, and erasing a user of any app. An app key
-on an operator endpoint is answered 403, so one tenant never sees another's traffic, dead
-letters or adapters.
+apps: ``/metrics``, the dashboard and ``/v1/overview`` over every app, and erasing a user of
+any app. The dashboard and ``/v1/overview`` are also an app key's (its :class:`Viewer`), scoped
+to its own app: one tenant never sees another's traffic or dead letters. An app key on an
+operator-only endpoint is answered 403.
 
 Programs send a key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. A browser
-cannot send a header when it opens a page, so the dashboard takes an operator key once as
+cannot send a header when it opens a page, so the dashboard takes a key once as
 ``/dashboard?key=<key>`` and answers with a session cookie (HttpOnly: page scripts cannot read
 it; SameSite=Strict: other sites cannot make the browser send it). The cookie holds an HMAC of
-the key, not the key, so it cannot be used for anything but the operator's pages, and it stops
-working when the key is removed.
+the key for the role it was given for, not the key, so it opens only the views (never an
+erasure, never another role's pages), and it stops working when the key is removed.
 
 The routers get an :class:`ApiKeys`, not the settings: the keys are all they need to know.
 """
@@ -22,19 +23,30 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import SecretStr
 
 SESSION_COOKIE = "feedloop_dashboard"
-_SESSION_PURPOSE = b"feedloop dashboard session v2"  # v2: operator keys only
+_OPERATOR_SESSION = b"feedloop dashboard session v2"  # v2: operator keys only
+_APP_SESSION = b"feedloop dashboard app session v1"  # an app's view; never an operator's token
 OPERATOR_ONLY = ("an operator key is needed here (FEEDLOOP_OPERATOR_KEYS); an app's key reaches its own "
-                 "app's events, routes, chat and erasures only")  # fmt: skip
+                 "app's events, routes, chat, erasures and dashboard only")  # fmt: skip
 
 
-def session_token(key: str) -> str:
-    return hmac.new(key.encode(), _SESSION_PURPOSE, hashlib.sha256).hexdigest()
+def session_token(key: str, *, app: bool = False) -> str:
+    return hmac.new(key.encode(), _APP_SESSION if app else _OPERATOR_SESSION, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who looks at the dashboard or the overview: an operator sees every app (``app_id``
+    None); an app's key sees its own app."""
+
+    name: str  # the operator's or the app's
+    app_id: str | None
 
 
 def _find(keys: Mapping[str, SecretStr], matches) -> str | None:
@@ -86,6 +98,15 @@ class ApiKeys:
             return None
         return _find(self._operators, lambda secret: hmac.compare_digest(session_token(secret), token))
 
+    def viewer(self, request: Request) -> Viewer | None:
+        """The operator or the app behind the request's key or session cookie; None: neither."""
+        if (operator := self.operator(request)) is not None:
+            return Viewer(operator, None)
+        app = self.app_for_header(request)
+        if app is None and (token := request.cookies.get(SESSION_COOKIE)):
+            app = _find(self._keys, lambda secret: hmac.compare_digest(session_token(secret, app=True), token))
+        return None if app is None else Viewer(app, app)
+
     def refusal(self, request: Request) -> tuple[int, str, str] | None:
         """Why an operator endpoint refuses the request ((status, reason, detail)); None: it may pass."""
         if self.operator(request) is not None:
@@ -95,8 +116,8 @@ class ApiKeys:
         return 401, "unauthenticated", "send an operator key as 'Authorization: Bearer <key>', or open /dashboard?key=<key>"
 
 
-def set_session_cookie(response: Response, request: Request, key: str) -> None:
+def set_session_cookie(response: Response, request: Request, key: str, *, app: bool = False) -> None:
     response.set_cookie(
-        SESSION_COOKIE, session_token(key), httponly=True, samesite="strict",
+        SESSION_COOKIE, session_token(key, app=app), httponly=True, samesite="strict",
         secure=request.url.scheme == "https", path="/",
     )  # fmt: skip

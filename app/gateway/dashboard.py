@@ -1,4 +1,5 @@
-"""The operator dashboard: ``GET /dashboard`` and the JSON it polls, ``GET /v1/overview``.
+"""The dashboard: ``GET /dashboard`` and the JSON it polls, ``GET /v1/overview``; every app for
+an operator, its own app for an app's key (``app.overview.OverviewSource.read``).
 
 The page (``app/gateway/dashboard_static/``) fetches the overview every few seconds and draws
 it with Plotly. plotly.js is served from the installed ``plotly`` Python package
@@ -18,7 +19,7 @@ import structlog
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from app.gateway.auth import OPERATOR_ONLY, ApiKeys, set_session_cookie
+from app.gateway.auth import ApiKeys, set_session_cookie
 from app.gateway.http import error
 from app.overview import OverviewSource
 
@@ -34,8 +35,8 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 SIGN_IN = """<!doctype html><meta charset="utf-8"><title>feedloop dashboard</title>
-<p>{message}</p><p>Open <code>/dashboard?key=&lt;an operator key&gt;</code> once; the browser then
-keeps a session cookie (docs/operations.md).</p>"""
+<p>{message}</p><p>Open <code>/dashboard?key=&lt;your key&gt;</code> once (an operator key shows every
+app, an app's key its own app); the browser then keeps a session cookie (docs/operations.md).</p>"""
 
 
 @cache
@@ -54,17 +55,16 @@ def dashboard_router(keys: ApiKeys, overview: OverviewSource) -> APIRouter:
     @router.get("/dashboard", include_in_schema=False)
     async def dashboard(request: Request, key: str | None = None) -> Response:
         if key is not None:
-            if (operator := keys.operator_for_key(key)) is None:
-                status, message = ((403, f"That is an app's key: {OPERATOR_ONLY}.") if keys.app_for_key(key)
-                                   else (401, "That key is not one of this gateway's operator keys."))  # fmt: skip
-                return HTMLResponse(SIGN_IN.format(message=message), status)
+            operator, app = keys.operator_for_key(key), keys.app_for_key(key)
+            if operator is None and app is None:
+                return HTMLResponse(SIGN_IN.format(message="That key is not one of this gateway's keys."), 401)
             # Trade the key for the cookie and drop it from the address bar and history.
             response = RedirectResponse("/dashboard", status_code=303, headers={"Referrer-Policy": "no-referrer"})
-            set_session_cookie(response, request, key)
-            log.info("dashboard.signed_in", operator=operator)
+            set_session_cookie(response, request, key, app=operator is None)
+            log.info("dashboard.signed_in", operator=operator, app_id=app)
             return response
-        if (refused := keys.refusal(request)) is not None:
-            return HTMLResponse(SIGN_IN.format(message=f"Sign in with an operator key ({refused[2]})."), refused[0])
+        if keys.viewer(request) is None:
+            return HTMLResponse(SIGN_IN.format(message="Sign in with an operator key or your app's key."), 401)
         return FileResponse(STATIC / "dashboard.html", media_type="text/html", headers=PAGE_HEADERS)
 
     @router.get("/dashboard/static/{name}", include_in_schema=False)
@@ -78,10 +78,11 @@ def dashboard_router(keys: ApiKeys, overview: OverviewSource) -> APIRouter:
 
     @router.get("/v1/overview", summary="The loop at a glance: what the dashboard shows (docs/operations.md)")
     async def get_overview(request: Request) -> Any:
-        if (refused := keys.refusal(request)) is not None:
-            return error(*refused)
+        if (viewer := keys.viewer(request)) is None:
+            return error(401, "unauthenticated", "send an operator key or your app's key as 'Authorization: Bearer "
+                         "<key>', or open /dashboard?key=<key>")  # fmt: skip
         # Store queries and segment reads block: keep them off the event loop.
-        snapshot = await asyncio.to_thread(overview.read)
+        snapshot = await asyncio.to_thread(overview.read, viewer.app_id)
         return JSONResponse(snapshot.to_json(), headers={"Cache-Control": "no-store"})
 
     return router

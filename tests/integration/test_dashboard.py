@@ -176,9 +176,9 @@ async def test_dashboard_shows_the_loop_in_a_browser(stack, tmp_path):
         assert (await http.get("/dashboard")).status_code == 401
         assert (await http.get("/dashboard", params={"key": "wrong"})).status_code == 401
         assert (await http.get("/v1/overview")).status_code == 401
-        # An app's key opens no operator view: other apps' traffic and dead letters are on it.
-        assert (await http.get("/dashboard", params={"key": KEY})).status_code == 403
-        assert (await http.get("/v1/overview", headers=AUTH)).json()["reason"] == "forbidden"
+        # An app's key opens its own app's view; /metrics (every app's counters) stays the operator's.
+        assert (await http.get("/dashboard", params={"key": KEY})).status_code == 303
+        assert (await http.get("/metrics", headers=AUTH)).json()["reason"] == "forbidden"
 
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=chromium_path(), headless=True)
@@ -202,6 +202,17 @@ async def test_dashboard_shows_the_loop_in_a_browser(stack, tmp_path):
             print(f"dashboard screenshot: {screenshot}")
             assert await page.evaluate("window.feedloopDashboard.lastError") is None
             assert problems == []  # no script errors, no content-security-policy violations
+
+            # The app's own view, in a browser of its own: its traffic, none of what spans apps.
+            app_page = await (await browser.new_context()).new_page()
+            app_page.on("pageerror", lambda e: problems.append(str(e)))
+            await app_page.goto(f"{stack.base_url}/dashboard?key={KEY}")
+            await app_page.wait_for_function("() => window.feedloopDashboard.updates > 0", timeout=60_000)
+            app_view = await app_page.evaluate("""() => ({
+                title: document.getElementById('title').textContent,
+                hidden: [...document.querySelectorAll('article')].filter(a => a.hidden).map(a => a.querySelector('h2').firstChild.textContent.trim()),
+                traffic: document.getElementById('chart-traffic').data.map(t => t.name)})""")
+            assert problems == [] and await app_page.evaluate("window.feedloopDashboard.lastError") is None
         finally:
             await browser.close()
 
@@ -231,6 +242,43 @@ async def test_dashboard_shows_the_loop_in_a_browser(stack, tmp_path):
     rows = {row[0]: row for row in processes}
     assert rows["trainer"][1:3] == ["gpu-1:11", "up"] and rows["trainer"][5] == 'training "b-0042"'
     assert rows["worker"][1:3] == ["cpu-1:12", "down"] and rows["worker"][5].startswith("stopped at")
+    assert app_view["title"] == "feedloop · app-a" and {run.champion, run.challenger} <= set(app_view["traffic"])
+    assert app_view["hidden"] == ["Processes", "A/B tests: lift of challenger over champion", "Batches",
+                                  "Drift alarms", "Privacy budget", "Pipeline lag"]
+
+
+async def test_an_apps_key_sees_its_own_app_in_the_overview(stack):
+    """App B's events and dead letters beside app A's: each key's overview holds its own only;
+    the operator's holds both."""
+    run = await run_the_loop(stack)  # app A's traffic
+    marker = uuid.uuid4().hex
+    b_turn = interaction(app_id="app-b", adapter=run.champion, event_id=f"b-{marker}")
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as http:
+        b_key = {"Authorization": f"Bearer {API_KEYS['app-b']}"}
+        answer = await http.post("/v1/events", json=[b_turn, {"type": "sparkle", "event_id": f"b-bad-{marker}"}],
+                                 headers=b_key)  # fmt: skip
+        assert answer.json()["accepted"] == 1
+        await wait_until_archived(stack, DEAD_LETTER.name, 1, where=carries(f"b-bad-{marker}"))
+        await wait_until_archived(stack, EVENTS.name, 1, where=lambda r: f"b-{marker}".encode() in r.value)
+        views = {who: (await http.get("/v1/overview", headers=headers)).json()
+                 for who, headers in (("a", AUTH), ("b", b_key), ("ops", OPERATOR))}  # fmt: skip
+    a, b, ops = views["a"], views["b"], views["ops"]
+    assert (a["app_id"], b["app_id"], ops["app_id"]) == ("app-a", "app-b", None)
+    # The topics are the session's (other tests' records are archived too): counts compare, names are this run's.
+    count = lambda view: view["events_accepted"]["interaction"]  # noqa: E731
+    assert count(b) >= 1 and count(a) >= 12 and count(a) + count(b) <= count(ops)
+    assert a["examples"] >= 2 * EXAMPLES_PER_ARM and a["examples"] + b["examples"] <= ops["examples"]
+    assert {d["app_id"] for d in b["recent_dead_letters"]} == {"app-b"} and "unknown_type" in b["dead_letters"]
+    assert "app-b" not in {d["app_id"] for d in a["recent_dead_letters"]}
+    # This run's arms: A's interactions went to both, B's one to the champion; the examples are A's.
+    assert {run.champion, run.challenger} <= set(a["traffic_share"]["values"]) <= set(ops["traffic_share"]["values"])
+    assert run.champion in b["traffic_share"]["values"] and run.challenger not in b["traffic_share"]["values"]
+    assert run.challenger in a["reward_mean"]["values"] and run.challenger not in b["reward_mean"]["values"]
+    for view in (a, b):  # what is made of every app's data
+        assert view["experiments"] == view["lag"] == view["processes"] == view["recent_batches"] == []
+        assert view["records_by_topic"] == {} and view["privacy"]["entries"] == {}
+    assert ops["experiments"] and ops["records_by_topic"]
+    assert [adapter["name"] for adapter in a["adapters"]] == [adapter["name"] for adapter in ops["adapters"]]
 
 
 def archive_counts(stack) -> tuple[Counter, Counter]:

@@ -45,12 +45,19 @@ async def test_an_app_erases_only_its_own_users(stack):
 
 async def test_an_app_key_opens_no_view_of_other_apps(stack):
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        assert (await http.get("/metrics", headers=B)).status_code == 403, "every app's counters"
         for path in ("/v1/overview", "/metrics", "/dashboard"):
-            refused = await http.get(path, headers=B)
-            assert refused.status_code == 403, path
             assert (await http.get(path, headers=OPERATOR)).status_code == 200, path
+        assert (await http.get("/v1/overview", headers=B)).json()["app_id"] == "app-b", "B's own view only"
+        assert (await http.get("/v1/overview", headers=OPERATOR)).json()["app_id"] is None
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
         signed_in = await http.get("/dashboard", params={"key": API_KEYS["app-b"]})
-        assert signed_in.status_code == 403 and "feedloop_dashboard" not in signed_in.cookies
+        assert signed_in.status_code == 303 and API_KEYS["app-b"] not in signed_in.cookies["feedloop_dashboard"]
+        http.cookies.set("feedloop_dashboard", signed_in.cookies["feedloop_dashboard"])
+        assert (await http.get("/v1/overview")).json()["app_id"] == "app-b", "B's cookie opens B's view"
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.post("/v1/users/u-1/erase")).status_code == 401, "a cookie erases nothing"
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
         operator = await http.get("/dashboard", params={"key": OPERATOR_KEY})
         assert operator.status_code == 303 and "feedloop_dashboard" in operator.cookies
         # The operator's cookie opens the views but erases nothing (no cross-site posts).

@@ -101,9 +101,11 @@ function drawTiles(o) {
     ["champion", o.champion],
     ["challengers", o.challengers.join(", ") || "none"],
     ["router version", o.router ? o.router.version : "—"],
-    ["batches", sum(Object.values(o.batches_by_status))],
-    ["drift alarms", sum(Object.values(o.drift_alarms))],
-    ["archive segments", o.segments],
+    ...(o.app_id ? [] : [
+      ["batches", sum(Object.values(o.batches_by_status))],
+      ["drift alarms", sum(Object.values(o.drift_alarms))],
+      ["archive segments", o.segments],
+    ]),
   ];
   const box = document.getElementById("tiles");
   box.replaceChildren();
@@ -253,7 +255,14 @@ function drawProcesses(o) {
                                                      : p.why]));
 }
 
+// An app's key sees its own app: what is made of every app's data is not in its overview.
+function showScope(o) {
+  document.getElementById("title").textContent = o.app_id ? `feedloop · ${o.app_id}` : "feedloop";
+  document.querySelectorAll('[data-scope="all"]').forEach((article) => { article.hidden = Boolean(o.app_id); });
+}
+
 function draw(o) {
+  showScope(o);
   const color = colorFor([...o.adapters.map((a) => a.name), ...Object.keys(o.traffic_share.values),
                           ...Object.keys(o.reward_mean.values)]);
   drawTiles(o);
