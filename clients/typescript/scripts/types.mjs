@@ -71,7 +71,6 @@ async function mergedSchema() {
 async function generate() {
   return compile(await mergedSchema(), ROOT, {
     bannerComment: BANNER,
-    unreachableDefinitions: true,
     additionalProperties: false,
   });
 }
