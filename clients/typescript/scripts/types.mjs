@@ -72,6 +72,9 @@ async function generate() {
   return compile(await mergedSchema(), ROOT, {
     bannerComment: BANNER,
     additionalProperties: false,
+    // Plain arrays: a min/maxItems would make tuples (a prompt as [Message, ...Message[]]),
+    // which an app's Message[] does not fit. The gateway still checks the bounds.
+    ignoreMinAndMaxItems: true,
   });
 }
 

@@ -660,7 +660,7 @@ export interface Interaction {
    *
    * @minItems 1
    */
-  prompt: [Message, ...Message[]];
+  prompt: Message[];
   response: string;
   context?: Context;
   prompt_tokens?: number | null;
