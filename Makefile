@@ -23,8 +23,9 @@ test: $(STAMP) $(SERVE_STAMP) $(NPM_STAMP) chromium  ## the whole test suite (ne
 bench: $(STAMP)
 	$(BIN)/python benchmarks/gateway_ingest.py
 
-schemas: $(STAMP)  ## re-export the event contract's JSON Schemas after changing it
+schemas: $(STAMP) $(NPM_STAMP)  ## re-export the event contract's JSON Schemas after changing it
 	$(BIN)/feedloop schema export schemas/v1
+	cd $(TS_CLIENT) && npm run types  # the TypeScript SDK's types follow them
 
 # torch comes first, pinned, from the local CPU wheel: any other torch request would pull
 # gigabytes of CUDA wheels. constraints.txt keeps every later install from moving it.
