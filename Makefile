@@ -8,20 +8,24 @@ STAMP := $(VENV)/.installed
 # faust-streaming needs click<8.4, so they cannot share one (docs/serving.md).
 SERVE_VENV := .venv-serve
 SERVE_STAMP := $(SERVE_VENV)/.installed
+# The TypeScript SDK; its tests run under pytest (tests/clients), which writes the same stamp.
+TS_CLIENT := clients/typescript
+NPM_STAMP := $(TS_CLIENT)/node_modules/.installed
 
 .PHONY: run test bench schemas clean chromium
 
 run: $(STAMP) $(SERVE_STAMP)  ## the whole loop on the embedded defaults, then a report
 	$(BIN)/feedloop demo
 
-test: $(STAMP) $(SERVE_STAMP) chromium  ## the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
+test: $(STAMP) $(SERVE_STAMP) $(NPM_STAMP) chromium  ## the whole test suite (needs PostgreSQL on 127.0.0.1:5432)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/gateway_ingest.py
 
-schemas: $(STAMP)  ## re-export the event contract's JSON Schemas after changing it
+schemas: $(STAMP) $(NPM_STAMP)  ## re-export the event contract's JSON Schemas after changing it
 	$(BIN)/feedloop schema export schemas/v1
+	cd $(TS_CLIENT) && npm run types  # the TypeScript SDK's types follow them
 
 # torch comes first, pinned, from the local CPU wheel: any other torch request would pull
 # gigabytes of CUDA wheels. constraints.txt keeps every later install from moving it.
@@ -43,10 +47,15 @@ $(SERVE_STAMP): constraints.txt constraints-serve.txt requirements-serve.txt
 	$(SERVE_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $(SERVE_STAMP)
 
+# The SDK's build and test tools, at the versions package-lock.json pins (Node 20+ and npm).
+$(NPM_STAMP): $(TS_CLIENT)/package-lock.json
+	cd $(TS_CLIENT) && npm ci --no-audit --no-fund
+	touch $(NPM_STAMP)
+
 # The dashboard's browser test drives Debian's chromium through Playwright (never Playwright's
 # own browser downloads: there is no network but the package registries). We run as root.
 chromium:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) data runs
+	rm -rf $(VENV) $(SERVE_VENV) data runs $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist
