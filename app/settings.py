@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.liveness import LivenessSettings
+from app.feedback_tokens import BrowserSettings
 from app.rate_limit import RateLimit
 from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
@@ -87,6 +88,9 @@ class Settings(BaseSettings):
         description='Apps that may name the adapter in a chat request\'s "model", and which ones ("*": any live '
         'adapter), e.g. FEEDLOOP_ADAPTER_CHOICE=\'{"eval-harness": ["*"]}\'. Others naming one get 403; "model": "auto" is '
         "routed, any other name is 404 model_not_found. GET /v1/models lists what an app may name.",
+    )
+    browser: BrowserSettings = Field(
+        default_factory=BrowserSettings, description="Web pages: feedback tokens and allowed origins (FEEDLOOP_BROWSER__*)."
     )
     rate_limits: dict[str, RateLimit] = Field(
         default_factory=dict,

@@ -2,8 +2,9 @@
 
 One router per concern, each made from only the settings and services it uses:
 
-- ``events``: ``POST /v1/events``, validated and published (API keys, the publisher, the
-  intake limits);
+- ``events``: ``POST /v1/events``, validated and published (API keys or a feedback token, the
+  publisher, the intake limits);
+- ``browser``: ``POST /v1/feedback-tokens`` for web pages, and the CORS allowlist;
 - ``route``: ``POST /v1/route``, from the router in memory (keys, the routing service, the
   route-latency histogram);
 - ``chat``: ``POST /v1/chat/completions``, OpenAI-compatible, routed, answered by vLLM and
@@ -31,7 +32,9 @@ import structlog
 from fastapi import FastAPI
 
 from app.broker import ensure_topics
+from app.feedback_tokens import FeedbackTokens
 from app.gateway.auth import ApiKeys
+from app.gateway.browser import allow_listed_origins, browser_router
 from app.gateway.chat import ChatService, chat_router
 from app.gateway.dashboard import dashboard_router
 from app.gateway.erase import erase_router
@@ -64,9 +67,10 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     )
     engine = make_engine(settings.store_url)
     routing = RoutingService(settings.learners, make_sessionmaker(engine))
+    tokens = FeedbackTokens(settings.api_keys, settings.browser.token_ttl_s)
     chat = ChatService(routing, pub, vllm_urls=settings.vllm_urls, serving=settings.serving,
                        base_model_path=settings.model_path, lora_rank=settings.trainer.lora.rank,
-                       adapter_choice=settings.adapter_choice)  # fmt: skip
+                       adapter_choice=settings.adapter_choice, tokens=tokens)  # fmt: skip
     overview = OverviewSource(settings)  # read by the dashboard, /v1/overview and /metrics
     metrics = GatewayMetrics(overview)
 
@@ -106,7 +110,8 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     for router in (
         dashboard_router(keys, overview),
         metrics.router(keys),
-        events_router(keys, limiter, pub, limits, settings.max_body_bytes),
+        events_router(keys, limiter, pub, limits, settings.max_body_bytes, tokens, settings.browser),
+        browser_router(keys, limiter, tokens),
         route_router(keys, limiter, routing, metrics.route_latency),
         chat_router(keys, limiter, chat, settings.max_body_bytes),
         erase_router(keys, limiter, settings.keys_path),
@@ -114,6 +119,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         health_router(),
     ):
         app.include_router(router)
+    allow_listed_origins(app, settings.browser)
     app.add_middleware(RefusedRequests, counter=metrics.refused)
     app.add_middleware(RequestIdMiddleware)
     with_components(app, USER_EVENT_ADAPTER, ROUTE_REQUEST)

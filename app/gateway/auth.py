@@ -58,7 +58,8 @@ def _find(keys: Mapping[str, SecretStr], matches) -> str | None:
     return found
 
 
-def _header_key(request: Request) -> str | None:
+def header_key(request: Request) -> str | None:
+    """The key a request carries (``Authorization: Bearer`` or ``X-API-Key``), if any."""
     key = request.headers.get("x-api-key")
     authorization = request.headers.get("authorization", "")
     if key is None and authorization.lower().startswith("bearer "):
@@ -82,11 +83,11 @@ class ApiKeys:
         return _find(self._operators, lambda secret: hmac.compare_digest(secret.encode(), key.encode()))
 
     def app_for_header(self, request: Request) -> str | None:
-        key = _header_key(request)
+        key = header_key(request)
         return self.app_for_key(key) if key else None
 
     def operator_for_header(self, request: Request) -> str | None:
-        key = _header_key(request)
+        key = header_key(request)
         return self.operator_for_key(key) if key else None
 
     def operator(self, request: Request) -> str | None:

@@ -57,6 +57,7 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from app.feedback_tokens import FeedbackTokens
 from app.gateway.auth import ApiKeys
 from app.gateway.chat_answer import Answer, Choice
 from app.gateway.chat_request import ChatAsk, read_request
@@ -89,6 +90,7 @@ class _Turn:
     adapter: str
     received_at: datetime
     interaction_ids: tuple[str, ...]  # by choice index
+    feedback_token: str | None  # lets a web page post feedback on these interactions only
 
     @property
     def session_id(self) -> str:
@@ -97,7 +99,7 @@ class _Turn:
     def ids_for_app(self, recorded: bool | None = None) -> dict[str, Any]:
         """The ``feedloop`` object of the answer: the ids to post feedback with."""
         ids = {"interaction_id": self.interaction_ids[0], "interaction_ids": list(self.interaction_ids),
-               "session_id": self.session_id, "adapter": self.adapter}  # fmt: skip
+               "session_id": self.session_id, "adapter": self.adapter, "feedback_token": self.feedback_token}  # fmt: skip
         return ids if recorded is None else {**ids, "recorded": recorded}
 
 
@@ -115,8 +117,10 @@ class ChatService:
 
     def __init__(self, routing: RoutingService, publisher: Publisher, *, vllm_urls: list[str],
                  serving: ServingSettings, base_model_path: Path, lora_rank: int,
-                 adapter_choice: Mapping[str, list[str]] | None = None) -> None:  # fmt: skip
+                 adapter_choice: Mapping[str, list[str]] | None = None,
+                 tokens: FeedbackTokens | None = None) -> None:  # fmt: skip
         self.routing = routing
+        self.tokens = tokens  # feedback tokens for the answers' web pages (none: answers carry none)
         self.adapter_choice = dict(adapter_choice or {})  # app -> adapters it may name ("*": any)
         self.publisher = publisher
         self.vllm_urls = vllm_urls
@@ -198,8 +202,10 @@ class ChatService:
         else:
             raise OpenAIError(404, "model_not_found", f"the model {ask.model!r} does not exist here: send 'auto' "
                               "to be routed, or a live adapter's name (GET /v1/models lists them)", param="model")  # fmt: skip
+        ids = _interaction_ids(ask.n)
+        token = self.tokens.mint(app_id, ids) if self.tokens is not None else None
         return _Turn(app_id=app_id, ask=ask, decision=decision, adapter=adapter, received_at=utcnow(),
-                     interaction_ids=_interaction_ids(ask.n))  # fmt: skip
+                     interaction_ids=ids, feedback_token=token)  # fmt: skip
 
     async def _send(self, turn: _Turn, body: dict[str, Any]) -> tuple[httpx.Response, _Turn]:
         """vLLM's response (open, for a stream) and the turn it answers; falls back to the base
