@@ -6,6 +6,7 @@ chunk of pairs. Ranking answers by likelihood measures a preference or a skill e
 small model cannot generate the right text; exact match would read 0 for every model.
 """
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -65,3 +66,17 @@ def prefers(
     per_token = (totals / lengths.clamp(min=1)).view(-1, 2)
     return per_token[:, 0] > per_token[:, 1]
 
+
+def gains(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[Chat, str]]) -> torch.Tensor:
+    """How much likelier each (prompt, answer) pair's answer is under ``model`` than under the
+    base model beneath its adapter (peft's ``disable_adapter``), in log-probability per token:
+    DPO's implicit reward, length-normalised. A model without an adapter gains 0 everywhere.
+
+    Relative to the base model, because an answer's raw likelihood is dominated by its form:
+    the tiny base model gives a formulaic long answer a higher per-token likelihood than a
+    short one on every pair, and a lower total, whatever it was trained to prefer. The gain
+    cancels the form and keeps what training moved."""
+    totals, lengths = answer_logprobs(model, tokenizer, pairs)
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+        base, _ = answer_logprobs(model, tokenizer, pairs)
+    return (totals - base) / lengths.clamp(min=1)
