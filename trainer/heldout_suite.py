@@ -58,20 +58,25 @@ class HeldoutSuiteConfig(BaseModel):
     by_cohort: bool = Field(True, description="Report each cohort's figure beside the overall one.")
 
 
-def by_part(records: Sequence, by_cohort: bool) -> dict[str, list]:
-    """The records of each part: all of them, and each cohort's."""
-    parts: dict[str, list] = defaultdict(list)
-    for record in records:
-        parts[ALL].append(record)
+def by_part(records: Sequence, by_cohort: bool) -> dict[str, list[int]]:
+    """The rows of each part: all of them, and each cohort's."""
+    parts: dict[str, list[int]] = defaultdict(list)
+    for row, record in enumerate(records):
+        parts[ALL].append(row)
         if by_cohort:
-            parts[f"cohort={record.cohort}"].append(record)
+            parts[f"cohort={record.cohort}"].append(row)
     return dict(parts)
 
 
+def wins(better: torch.Tensor, worse: torch.Tensor) -> float:
+    """Share of comparisons ``better`` wins, a tie counting half: the base model, which gains
+    nothing on any answer, reads 0.5, chance, on both suites."""
+    return ((better > worse).float() + 0.5 * (better == worse).float()).mean().item()
+
+
 def agreement(gained: torch.Tensor, desirable: torch.Tensor) -> float:
-    """Share of (desirable, undesirable) pairs whose desirable one gained more, ties half."""
-    good, bad = gained[desirable][:, None], gained[~desirable][None, :]
-    return ((good > bad).float() + 0.5 * (good == bad).float()).mean().item()
+    """Share of (desirable, undesirable) pairs whose desirable one gained more."""
+    return wins(gained[desirable][:, None], gained[~desirable][None, :])
 
 
 @dataclass(frozen=True)
@@ -94,15 +99,14 @@ class _HeldoutSuite:
 
     def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Records) -> dict[str, float]:
         items = list(records.get(self.signal, ()))
-        parts = {part: members for part, members in by_part(items, self.config.by_cohort).items()
-                 if self.enough(members)}  # fmt: skip
+        parts = {part: rows for part, rows in by_part(items, self.config.by_cohort).items()
+                 if self.enough([items[row] for row in rows])}  # fmt: skip
         if ALL not in parts:
             raise Abstain(f"{self.counted(items)} in this batch's held-out part, fewer than min_items="
                           f"{self.config.min_items}; hold out more (FEEDLOOP_PIPELINE__HELDOUT_SHARE) or cut "
                           "larger batches")  # fmt: skip
         measured = self.measure(model, tokenizer, items)
-        index = {id(record): i for i, record in enumerate(items)}
-        return {part: self.figure(measured, [index[id(r)] for r in members]) for part, members in parts.items()}
+        return {part: self.figure(measured, rows) for part, rows in parts.items()}
 
     def enough(self, items: Sequence) -> bool: ...
     def counted(self, items: Sequence) -> str: ...
@@ -126,8 +130,7 @@ class PreferenceAccuracy(_HeldoutSuite):
         return gained.view(-1, 2)
 
     def figure(self, measured: torch.Tensor, rows: list[int]) -> float:
-        chosen, rejected = measured[rows, 0], measured[rows, 1]
-        return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+        return wins(measured[rows, 0], measured[rows, 1])
 
 
 @dataclass(frozen=True)
