@@ -29,7 +29,6 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,6 +45,7 @@ from demo.synthetic_chats import (
     units_multiple_choice,
 )
 from trainer.gate import Records
+from trainer.likelihood import answer_logprobs
 from trainer.tokenizer import IM_END
 
 SEED = 9_001
@@ -198,35 +198,9 @@ class RareSkillAccuracy:
 
     def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Records) -> float:
         choices = 1 + len(self.items[0].wrong)
-        pairs = [(item.prompt, answer) for item in self.items for answer in (item.correct, *item.wrong)]
-        scores = answer_logprobs(model, tokenizer, pairs).view(-1, choices)
+        pairs = [([{"role": "user", "content": item.prompt}], answer)
+                 for item in self.items for answer in (item.correct, *item.wrong)]  # fmt: skip
+        scores = answer_logprobs(model, tokenizer, pairs)[0].view(-1, choices)
         # The correct answer comes first in each row; count the near misses it beats.
         return (scores[:, :1] > scores[:, 1:]).float().mean().item()
 
-
-@torch.no_grad()
-def answer_logprobs(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], batch_size: int = 64
-) -> torch.Tensor:
-    """Total log-probability of each (prompt, answer) pair's answer, its <|im_end|> included."""
-    scores = []
-    for start in range(0, len(pairs), batch_size):
-        prefixes, sequences = [], []
-        for prompt, answer in pairs[start : start + batch_size]:
-            prefix = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
-            )["input_ids"]
-            prefixes.append(len(prefix))
-            sequences.append(prefix + tokenizer(answer + IM_END, add_special_tokens=False)["input_ids"])
-        width = max(map(len, sequences))
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=model.device)
-        # Only answer tokens count: position t predicts token t + 1.
-        mask = torch.tensor(
-            [[int(p - 1 <= t < len(s) - 1) for t in range(width - 1)] for p, s in zip(prefixes, sequences)],
-            device=model.device,
-        )
-        logits = model(input_ids=input_ids, attention_mask=(input_ids != pad).long()).logits[:, :-1].float()
-        token_logprobs = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        scores.append((token_logprobs * mask).sum(-1))
-    return torch.cat(scores)

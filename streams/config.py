@@ -41,6 +41,11 @@ class PipelineSettings(BaseModel):
     max_group_share: float = Field(0.5, gt=0, le=1, description="Largest share of one cohort/domain in a batch.")
     replay_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each batch replayed from older examples.")
     reservoir_per_stratum: int = Field(200, ge=0, description="Older records kept per cohort/domain for replay.")
+    heldout_share: float = Field(
+        0.0, ge=0, lt=1,
+        description="Share of examples held out of training (by a hash of the example id), written to each batch's "
+        "held-out part for the gate's held-out feedback suite; 0: none.",
+    )  # fmt: skip
     max_prompt_chars: int = Field(16_000, ge=1, description="Longer prompt+response pairs are not trained on.")
     blocked_terms: list[str] = Field(default_factory=list, description="Case-insensitive terms that keep an example out.")
     near_duplicate_threshold: float = Field(0.9, gt=0, le=1, description="MinHash Jaccard above which a prompt is a repeat.")

@@ -14,6 +14,17 @@ moved) instead forgets every record held (``forget_held``). Cutting a batch:
    drawn round-robin so rare skills and minority cohorts get an equal voice against
    forgetting. Replayed records are marked ``replay=True``.
 3. **Forget the erased.** Records of users erased since they were buffered are removed.
+4. **Hold out** (``heldout_share``, 0 by default: off). Every record of an example whose id
+   hashes below the share (:func:`is_heldout`) goes to the batch's held-out part, never to
+   training, the reservoir or replay: the gate's held-out feedback suite
+   (``trainer.heldout_suite``) scores candidates on those pairs and labels. The split is by
+   a hash of the example id alone, not the curator's seed or the order of arrival, so an
+   example falls on the same side in every replay and in every batch it could reach, and a
+   trained example is never judged as unseen later. It is the whole example, not its pairs
+   and labels alone, because an example's records share their text (an edit is an SFT
+   target and the chosen side of a pair): training on one would leak the other. In
+   expectation each stratum loses the same share, SFT-only examples included (they are kept
+   in the held-out part, untrained).
 
 Everything is driven by the curator's own seeded RNG and event time, so the same records in
 the same order give the same batches.
@@ -57,10 +68,19 @@ class CutBatch:
     capped: int  # records moved to the reservoir by the cap
     erased: int  # records dropped because their user was erased
     loss_weights: dict[str, float]  # per-channel weights for the trainer, as of the cut
+    heldout: list[TrainingRecord] = field(default_factory=list)  # never trained: the gate's held-out items
 
 
 def _stable_order(seed: int, example_id: str) -> str:
     return hashlib.sha256(f"{seed}:{example_id}".encode()).hexdigest()
+
+
+def is_heldout(example_id: str, share: float) -> bool:
+    """Whether a record's example is held out: the hash of its example id (the record id
+    without its signal suffix), read as a fraction of 2^64, is below ``share``."""
+    example = example_id.rsplit(":", 1)[0]
+    digest = hashlib.sha256(f"heldout:{example}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2**64
 
 
 def group_cap(sizes: list[int], share: float) -> int:
@@ -82,6 +102,7 @@ class Curator:
     replay_fraction: float
     reservoir_per_stratum: int
     seed: int = 0
+    heldout_share: float = 0.0  # a default, so a curator pickled before it existed reads 0 (off)
     buffer: list[Buffered] = field(default_factory=list)
     reservoir: dict[str, list[Buffered]] = field(default_factory=dict)
     reservoir_seen: dict[str, int] = field(default_factory=dict)
@@ -134,6 +155,8 @@ class Curator:
         self.early_trigger = None
         kept = [b for b in taken if not is_erased(b.user, b.occurred_at)]
         erased = len(taken) - len(kept)
+        heldout = [b.record for b in kept if is_heldout(b.record.example_id, self.heldout_share)]
+        kept = [b for b in kept if not is_heldout(b.record.example_id, self.heldout_share)]
         for stratum in self.reservoir:
             self.reservoir[stratum] = [b for b in self.reservoir[stratum] if not is_erased(b.user, b.occurred_at)]
 
@@ -159,6 +182,7 @@ class Curator:
             capped=len(overflow),
             erased=erased,
             loss_weights=loss_weights,
+            heldout=heldout,
         )
 
     def _draw_replay(self, count: int) -> list[Buffered]:

@@ -150,6 +150,7 @@ class PartitionPipeline:
             replay_fraction=config.replay_fraction,
             reservoir_per_stratum=config.reservoir_per_stratum,
             seed=config.seed,
+            heldout_share=config.heldout_share,
         )
         self.loss_weights = LossWeights()
         # Ids are an app's own: every key below is (app id, the app's id), so one app's ids

@@ -10,6 +10,15 @@ files, one per training signal, and a ``manifest.json``:
 - ``labels.jsonl``: :class:`LabelRecord`, a prompt and one response labelled desirable or
   not (thumbs, ratings), for KTO.
 
+A batch may also hold a **held-out** part, the examples the curator kept out of training
+(``streams.curator.is_heldout``) for the gate to judge candidates on: the same three kinds
+of record in ``heldout_sft.jsonl``, ``heldout_pairs.jsonl`` and ``heldout_labels.jsonl``,
+read under the signals ``heldout_sft``, ``heldout_pairs`` and ``heldout_labels``. A held-out
+file is written only when it has records, so a batch with none is byte for byte what it was
+before held-out parts existed, and such batches read with empty held-out signals. Held-out
+records count in ``counts``, ``files`` and ``source_event_ids``, not in ``strata`` or
+``replayed``, which describe what is trained.
+
 Every record carries its stratum (cohort, domain), the per-example loss weight, the event
 ids it came from, and whether it is a replayed older example (against forgetting). Text is
 already anonymized. Records are sorted by ``example_id`` and serialized canonically, so the
@@ -30,6 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from streams.contract import Message
 
 SIGNAL_FILES = {"sft": "sft.jsonl", "pairs": "pairs.jsonl", "labels": "labels.jsonl"}
+HELDOUT = "heldout_"  # a held-out signal is its trained signal's name after this prefix
+HELDOUT_FILES = {HELDOUT + signal: HELDOUT + filename for signal, filename in SIGNAL_FILES.items()}
 MANIFEST = "manifest.json"
 Channel = Literal["explicit", "implicit", "self_eval"]
 
@@ -68,8 +79,8 @@ class BatchManifest(BaseModel):
     batch_id: str
     trigger: Literal["size", "time", "drift", "manual"]
     event_time: str = Field(description="Event time (ISO 8601) of the newest example: not wall time.")
-    counts: dict[str, int] = Field(description="Records per signal file.")
-    strata: dict[str, int] = Field(description="Records per 'cohort/domain'.")
+    counts: dict[str, int] = Field(description="Records per signal file, held-out files included.")
+    strata: dict[str, int] = Field(description="Trained records per 'cohort/domain'.")
     replayed: int = Field(description="Records drawn from the replay reservoir.")
     loss_weights: dict[str, float] = Field(description="Per-channel weights for the trainer's loss.")
     files: dict[str, str] = Field(description="sha256 of each signal file.")
@@ -77,6 +88,7 @@ class BatchManifest(BaseModel):
 
 
 RECORD_TYPES: dict[str, type[_Record]] = {"sft": SftRecord, "pairs": PreferenceRecord, "labels": LabelRecord}
+SIGNAL_OF = {cls: signal for signal, cls in RECORD_TYPES.items()}
 
 
 def _canonical(record: BaseModel) -> str:
@@ -91,12 +103,15 @@ def write_batch(
     event_time: str,
     records: Iterable[SftRecord | PreferenceRecord | LabelRecord],
     loss_weights: dict[str, float],
+    heldout: Iterable[SftRecord | PreferenceRecord | LabelRecord] = (),
 ) -> tuple[BatchManifest, str]:
-    """Write a batch atomically; returns its manifest and the manifest's sha256."""
+    """Write a batch atomically, ``heldout`` its held-out part; returns its manifest and the
+    manifest's sha256."""
     by_signal: dict[str, list[_Record]] = {signal: [] for signal in SIGNAL_FILES}
-    kinds = {cls: signal for signal, cls in RECORD_TYPES.items()}
     for record in records:
-        by_signal[kinds[type(record)]].append(record)
+        by_signal[SIGNAL_OF[type(record)]].append(record)
+    for record in heldout:
+        by_signal.setdefault(HELDOUT + SIGNAL_OF[type(record)], []).append(record)
     staging = directory.with_name(directory.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
     files, counts, strata, event_ids = {}, {}, {}, set()
@@ -104,14 +119,15 @@ def write_batch(
     for signal, items in by_signal.items():
         items.sort(key=lambda r: r.example_id)
         payload = "".join(_canonical(r) + "\n" for r in items).encode("utf-8")
-        (staging / SIGNAL_FILES[signal]).write_bytes(payload)
+        (staging / (SIGNAL_FILES | HELDOUT_FILES)[signal]).write_bytes(payload)
         files[signal] = hashlib.sha256(payload).hexdigest()
         counts[signal] = len(items)
         for r in items:
-            stratum = f"{r.cohort}/{r.domain}"
-            strata[stratum] = strata.get(stratum, 0) + 1
-            replayed += r.replay
             event_ids.update(r.event_ids)
+            if signal in SIGNAL_FILES:
+                stratum = f"{r.cohort}/{r.domain}"
+                strata[stratum] = strata.get(stratum, 0) + 1
+                replayed += r.replay
     manifest = BatchManifest(
         batch_id=batch_id,
         trigger=trigger,
@@ -133,12 +149,16 @@ def write_batch(
 
 
 def read_batch(directory: Path) -> tuple[BatchManifest, dict[str, list]]:
-    """The manifest and the records of each signal, checksums verified."""
+    """The manifest and the records of each signal, held-out ones included, checksums verified."""
     manifest = BatchManifest.model_validate_json((directory / MANIFEST).read_bytes())
     records: dict[str, list] = {}
-    for signal, filename in SIGNAL_FILES.items():
+    for signal, filename in (SIGNAL_FILES | HELDOUT_FILES).items():
+        if signal in HELDOUT_FILES and signal not in manifest.files:
+            records[signal] = []  # none held out (or written before held-out parts existed)
+            continue
         payload = (directory / filename).read_bytes()
         if hashlib.sha256(payload).hexdigest() != manifest.files[signal]:
             raise ValueError(f"{directory / filename}: checksum does not match the manifest")
-        records[signal] = [RECORD_TYPES[signal].model_validate_json(line) for line in payload.splitlines() if line]
+        kind = RECORD_TYPES[signal.removeprefix(HELDOUT)]
+        records[signal] = [kind.model_validate_json(line) for line in payload.splitlines() if line]
     return manifest, records

@@ -43,6 +43,11 @@ class SuiteSpec(_Frozen):
         pattern=r"^[\w.]+:[\w.]+$", description="`package.module:factory`; the factory returns the suites it builds."
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the factory.")
+    protected: bool | None = Field(
+        None,
+        description="Mark every suite it builds protected (held to the base model) or not (the objective, held to "
+        "the parent); None: as the factory built it.",
+    )
 
 
 class GateConfig(_Frozen):

@@ -6,7 +6,7 @@ from streams.training_data import LabelRecord, PreferenceRecord, SftRecord
 from trainer.weighting import WEIGHT
 
 
-def _messages(messages: list) -> list[dict[str, str]]:
+def chat_messages(messages: list) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
@@ -15,14 +15,14 @@ def _assistant(text: str) -> list[dict[str, str]]:
 
 
 def sft_dataset(records: list[SftRecord]) -> Dataset:
-    return Dataset.from_list([{"messages": _messages(r.messages), WEIGHT: r.weight} for r in records])
+    return Dataset.from_list([{"messages": chat_messages(r.messages), WEIGHT: r.weight} for r in records])
 
 
 def dpo_dataset(records: list[PreferenceRecord]) -> Dataset:
     return Dataset.from_list(
         [
             {
-                "prompt": _messages(r.prompt),
+                "prompt": chat_messages(r.prompt),
                 "chosen": _assistant(r.chosen),
                 "rejected": _assistant(r.rejected),
                 WEIGHT: r.weight,
@@ -35,7 +35,7 @@ def dpo_dataset(records: list[PreferenceRecord]) -> Dataset:
 def kto_dataset(records: list[LabelRecord]) -> Dataset:
     return Dataset.from_list(
         [
-            {"prompt": _messages(r.prompt), "completion": _assistant(r.completion), "label": r.desirable, WEIGHT: r.weight}
+            {"prompt": chat_messages(r.prompt), "completion": _assistant(r.completion), "label": r.desirable, WEIGHT: r.weight}
             for r in records
         ]
     )

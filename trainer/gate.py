@@ -24,14 +24,23 @@ before anyone else, judges it.
 Suites are named in ``GateConfig.suites`` by import path, torchtune-style (``module:factory``
 and its options), and built once when the trainer starts (:func:`load_suites`), so a
 deployment adds its own without the trainer importing them; the demo plugs in its toy
-world's (``demo.suites``) that way.
+world's (``demo.suites``) that way. Which suites are protected is the operator's to say: a
+spec's ``protected`` marks every suite it builds, whatever the component's default. The
+trainer's own components score a JSONL file of items (``trainer.jsonl_suite``), the batch's
+held-out feedback (``trainer.heldout_suite``) or an LLM judge's grades (``trainer.judge_suite``).
+
+A suite may measure parts as well as a whole (a figure per cohort): its score is then a
+mapping, and each part is a figure of its own, ``<suite>/<part>``, held to the same
+reference and tolerance, so the verdict names the part that fell. A suite that cannot
+measure this time (too few items, a judge out of reach) raises :class:`Abstain`: its figures
+are left out, the reason goes to the lineage, and the rule compares what was measured.
 """
 
 import importlib
 import math
 import operator
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -39,7 +48,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.config import SuiteSpec
 
-# A batch's records by signal ("sft", "pairs", "labels"), as streams.training_data.read_batch gives them.
+# A batch's records by signal ("sft", "pairs", "labels", and its held-out part "heldout_sft", "heldout_pairs",
+# "heldout_labels"), as streams.training_data.read_batch gives them.
 Records = Mapping[str, Sequence[Any]]
 
 
@@ -52,10 +62,29 @@ class EvalSuite(Protocol):
     version: str  # hash of what the suite asks: scores compare only under one version
     prompts: Collection[str]  # its questions: rehearsal never trains on a chat that holds one
 
-    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Records) -> float:
-        """The figure of ``model`` (in eval mode, no gradients). ``records`` are the batch being
-        trained, for an objective that depends on it (the style its feedback favours)."""
+    def score(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Records
+    ) -> float | Mapping[str, float]:
+        """The figure of ``model`` (in eval mode, no gradients), or its figure per part.
+        ``records`` are the batch being trained, for an objective that depends on it (the
+        style its feedback favours, its held-out feedback). Raises :class:`Abstain` when it
+        cannot measure."""
         ...
+
+
+class Abstain(Exception):
+    """Raised by a suite that cannot measure this time; the message says why (the lineage keeps it)."""
+
+
+@dataclass(frozen=True)
+class _Marked:
+    """A suite whose spec says whether it is protected: every other attribute is the suite's."""
+
+    suite: EvalSuite
+    protected: bool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.suite, name)
 
 
 # What a SuiteSpec names: called with the spec's options, it returns the suites it builds
@@ -64,25 +93,56 @@ SuiteFactory = Callable[..., Iterable[EvalSuite]]
 
 
 def load_suites(specs: Sequence[SuiteSpec]) -> tuple[EvalSuite, ...]:
-    """The suites ``specs`` name: each factory imported by its path and called with its options."""
+    """The suites ``specs`` name: each factory imported by its path and called with its options,
+    each suite marked as its spec's ``protected`` says (None: as the factory built it)."""
     suites: list[EvalSuite] = []
     for spec in specs:
         module, _, attribute = spec.component.partition(":")
         factory: SuiteFactory = operator.attrgetter(attribute)(importlib.import_module(module))
-        suites.extend(factory(**spec.options))
+        built = factory(**spec.options)
+        suites.extend(built if spec.protected is None else (_Marked(suite, spec.protected) for suite in built))
     return tuple(suites)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's figures by name (a suite's, or ``<suite>/<part>``), and why a suite measured none."""
+
+    scores: dict[str, float] = field(default_factory=dict)
+    abstained: dict[str, str] = field(default_factory=dict)
+
+    def of(self, suites: Sequence[EvalSuite]) -> "Evaluation":
+        """The figures and abstentions of ``suites`` alone."""
+        return Evaluation(
+            {name: value for suite in suites for name, value in figures(suite, self.scores).items()},
+            {suite.name: self.abstained[suite.name] for suite in suites if suite.name in self.abstained},
+        )
 
 
 @torch.no_grad()
 def evaluate(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, suites: Sequence[EvalSuite], records: Records
-) -> dict[str, float]:
-    """Every suite's score of ``model``, by suite name."""
+) -> Evaluation:
+    """Every suite's figures of ``model``."""
+    names = [suite.name for suite in suites]
+    if len(set(names)) < len(names) or any("/" in name for name in names):
+        raise ValueError(f"suites need distinct names without '/' (it names a part): {names}")
     model.eval()
-    scores = {suite.name: suite.score(model, tokenizer, records) for suite in suites}
-    if len(scores) < len(suites):
-        raise ValueError(f"two suites share a name: {[suite.name for suite in suites]}")
-    return scores
+    scores, abstained = {}, {}
+    for suite in suites:
+        try:
+            score = suite.score(model, tokenizer, records)
+        except Abstain as why:
+            abstained[suite.name] = str(why)
+            continue
+        parts = score.items() if isinstance(score, Mapping) else ((None, score),)
+        scores |= {suite.name if part is None else f"{suite.name}/{part}": float(value) for part, value in parts}
+    return Evaluation(scores, abstained)
+
+
+def figures(suite: EvalSuite, scores: Mapping[str, float]) -> dict[str, float]:
+    """The figures of ``scores`` that ``suite`` measured: its own, or its parts'."""
+    return {name: value for name, value in scores.items() if name == suite.name or name.startswith(f"{suite.name}/")}
 
 
 def faults(model: torch.nn.Module, losses: Mapping[str, float]) -> tuple[str, ...]:
@@ -113,18 +173,19 @@ def judge(
     base: Mapping[str, float],
     unsound: Sequence[str] = (),
 ) -> Verdict:
-    """Pass unless the candidate is ``unsound`` (:func:`faults`) or a suite's score fell by more than its
-    tolerance below its reference: ``base`` (the base model's scores; the parent's own when
-    the parent is the base model) for a protected suite, ``parent`` for the objective."""
+    """Pass unless the candidate is ``unsound`` (:func:`faults`) or a figure fell by more than its
+    suite's tolerance below its reference: ``base`` (the base model's scores; the parent's own
+    when the parent is the base model) for a protected suite, ``parent`` for the objective.
+    A figure measured on one side only (its suite abstained on the other) is not compared."""
     reasons = list(unsound)
     for suite in suites:
-        score = candidate[suite.name]
-        whose, reference = (("the base model's", base[suite.name]) if suite.protected
-                            else ("the parent's", parent[suite.name]))  # fmt: skip
-        if not math.isfinite(score):
-            reasons.append(f"{suite.name} is {score}")
-        # A small epsilon keeps float noise (0.5 - 0.48 = 0.0200000001) from tripping an exact limit.
-        elif reference - score > suite.tolerance + 1e-9:
-            reasons.append(f"{suite.name} fell from {whose} {reference:.3f} to {score:.3f} "
-                           f"(allowed drop {suite.tolerance:.3f})")  # fmt: skip
+        whose, references = ("the base model's", base) if suite.protected else ("the parent's", parent)
+        for name, score in figures(suite, candidate).items():
+            reference = references.get(name)
+            if not math.isfinite(score):
+                reasons.append(f"{name} is {score}")
+            # A small epsilon keeps float noise (0.5 - 0.48 = 0.0200000001) from tripping an exact limit.
+            elif reference is not None and reference - score > suite.tolerance + 1e-9:
+                reasons.append(f"{name} fell from {whose} {reference:.3f} to {score:.3f} "
+                               f"(allowed drop {suite.tolerance:.3f})")  # fmt: skip
     return Verdict(not reasons, tuple(reasons))

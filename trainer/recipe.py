@@ -124,13 +124,13 @@ def train_batch(
 
         # 2. The parent's scores, and the base model's on the protected suites: their floor
         # (the parent's own when the parent is the base model).
-        parent_metrics = gate.evaluate(model, tokenizer, suites, records)
+        parent_eval = gate.evaluate(model, tokenizer, suites, records)
         protected = [suite for suite in suites if suite.protected]
         if parent_row is None:
-            base_metrics = {suite.name: parent_metrics[suite.name] for suite in protected}
+            base_eval = parent_eval.of(protected)
         else:
             with model.disable_adapter():
-                base_metrics = gate.evaluate(model, tokenizer, protected, records)
+                base_eval = gate.evaluate(model, tokenizer, protected, records)
 
         # 3. Train: SFT -> DPO -> KTO, one adapter throughout (or DP-SGD SFT only). The
         # rehearsal chats join SFT only, never with a question of the gate's suites.
@@ -158,11 +158,12 @@ def train_batch(
         model.save_pretrained(candidate_dir)
         del model
         served = _policy(base_model_dir, candidate_dir, config, device)
-        candidate_metrics = gate.evaluate(served, tokenizer, suites, records)
+        candidate_eval = gate.evaluate(served, tokenizer, suites, records)
+        parent_metrics, candidate_metrics = parent_eval.scores, candidate_eval.scores
 
         # 5. Gate, then 6. publish + register (or file the rejection).
         unsound = gate.faults(served, {result.stage: result.train_loss for result in results})
-        verdict = gate.judge(suites, candidate_metrics, parent_metrics, base_metrics, unsound)
+        verdict = gate.judge(suites, candidate_metrics, parent_metrics, base_eval.scores, unsound)
         weights_sha = registry.sha256_file(candidate_dir / registry.ADAPTER_FILES[0])
         name = store.next_name(weights_sha)
         lineage = {
@@ -181,7 +182,10 @@ def train_batch(
                 "suites": {suite.name: suite.version for suite in suites},
                 "parent": parent_metrics,
                 "candidate": candidate_metrics,
-                "base": base_metrics,  # the protected suites' floor
+                "base": base_eval.scores,  # the protected suites' floor
+                # Why a suite measured nothing (too few items, a judge out of reach), by model.
+                "abstained": {"parent": parent_eval.abstained, "candidate": candidate_eval.abstained,
+                              "base": base_eval.abstained},  # fmt: skip
             },
             "gate": {"passed": verdict.passed, "reasons": list(verdict.reasons)},
             "files_sha256": {f: registry.sha256_file(candidate_dir / f) for f in registry.ADAPTER_FILES},

@@ -47,3 +47,28 @@ def test_read_round_trips_and_catches_tampering(tmp_path):
     path.write_bytes(path.read_bytes().replace(b"1.86", b"9.99"))
     with pytest.raises(ValueError, match="checksum"):
         read_batch(tmp_path / "b")
+
+
+def test_a_held_out_part_is_written_beside_the_batch_and_read_under_its_own_signals(tmp_path):
+    trained, *heldout = records()
+    manifest, _ = write_batch(tmp_path / "b", batch_id="b", trigger="size", event_time="t", records=[trained],
+                              loss_weights={}, heldout=heldout)  # fmt: skip
+    assert manifest.counts == {"sft": 1, "pairs": 0, "labels": 0, "heldout_pairs": 1, "heldout_labels": 1}
+    assert manifest.strata == {"a/units": 1} and manifest.replayed == 0  # what is trained
+    assert manifest.source_event_ids == ["e1", "e2", "e3"]
+    assert not (tmp_path / "b" / "heldout_sft.jsonl").exists()
+    _, read = read_batch(tmp_path / "b")
+    assert read["heldout_pairs"] == [heldout[0]] and read["heldout_labels"] == [heldout[1]]
+    assert read["heldout_sft"] == [] and read["pairs"] == []
+    path = tmp_path / "b" / "heldout_pairs.jsonl"
+    path.write_bytes(path.read_bytes().replace(b"3 miles", b"2 miles"))
+    with pytest.raises(ValueError, match="checksum"):
+        read_batch(tmp_path / "b")
+
+
+def test_a_batch_with_nothing_held_out_is_the_batch_it_was_before_held_out_parts(tmp_path):
+    write_batch(tmp_path / "b", batch_id="b", trigger="size", event_time="t", records=records(), loss_weights={})
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["labels.jsonl", "manifest.json", "pairs.jsonl",
+                                                                 "sft.jsonl"]  # fmt: skip
+    _, read = read_batch(tmp_path / "b")
+    assert (read["heldout_sft"], read["heldout_pairs"], read["heldout_labels"]) == ([], [], [])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer.config import GateConfig, SuiteSpec
-from trainer.gate import evaluate, faults, judge, load_suites
+from trainer.gate import Abstain, Evaluation, evaluate, faults, judge, load_suites
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,51 @@ def test_suites_are_built_from_the_components_the_config_names():
 def test_evaluate_scores_every_suite_and_refuses_two_of_one_name():
     model = torch.nn.Linear(1, 1)
     model.figures = {"objective": 0.3, "skill": 0.7}
-    assert evaluate(model, None, SUITES, {}) == model.figures and not model.training
-    with pytest.raises(ValueError, match="share a name"):
+    assert evaluate(model, None, SUITES, {}) == Evaluation(model.figures, {}) and not model.training
+    with pytest.raises(ValueError, match="distinct names"):
         evaluate(model, None, SUITES + SUITES[:1], {})
+
+
+@dataclass(frozen=True)
+class PerCohort(Fixed):
+    """A suite that measures parts (cohorts), or abstains when the model has none."""
+
+    def score(self, model, tokenizer, records):
+        if not model.figures:
+            raise Abstain("no items")
+        return model.figures
+
+
+def test_a_suites_parts_are_figures_of_their_own_and_the_verdict_names_the_part_that_fell():
+    suite = PerCohort("accuracy", protected=False, tolerance=0.05)
+    model = torch.nn.Linear(1, 1)
+    model.figures = {"all": 0.8, "minority": 0.5}
+    parent = evaluate(model, None, [suite], {})
+    assert parent == Evaluation({"accuracy/all": 0.8, "accuracy/minority": 0.5}, {})
+    candidate = {"accuracy/all": 0.78, "accuracy/minority": 0.3}
+    assert judge([suite], candidate, parent.scores, {}).reasons == (
+        "accuracy/minority fell from the parent's 0.500 to 0.300 (allowed drop 0.050)",)  # fmt: skip
+
+
+def test_a_suite_that_abstains_is_left_out_with_its_reason_and_not_compared():
+    suite = PerCohort("accuracy", protected=False, tolerance=0.05)
+    model = torch.nn.Linear(1, 1)
+    model.figures = {}
+    abstained = evaluate(model, None, [suite], {})
+    assert abstained == Evaluation({}, {"accuracy": "no items"})
+    assert abstained.of([suite]) == abstained and abstained.of([]) == Evaluation()
+    assert judge([suite], {}, {"accuracy/all": 0.9}, {}).passed  # the candidate measured nothing
+    assert judge([suite], {"accuracy/all": 0.1}, {}, {}).passed  # nor did the parent
+
+
+def test_the_spec_marks_its_suites_protected_or_not_whatever_the_factory_says():
+    spec = SuiteSpec(component="tests.trainer.test_gate:fixed_suites", protected=True)
+    objective, skill = load_suites([spec])
+    assert (objective.protected, skill.protected) == (True, True)
+    assert (objective.name, objective.tolerance, objective.version) == ("objective", 0.05, "v1")
+    model = torch.nn.Linear(1, 1)
+    model.figures = {"objective": 0.3, "skill": 0.7}
+    assert objective.score(model, None, {}) == 0.3
+    # Held to the base model now: the parent's higher score is no reference.
+    assert not judge([objective], {"objective": 0.3}, {"objective": 0.3}, {"objective": 0.5}).passed
+    assert [s.protected for s in load_suites([spec.model_copy(update={"protected": False})])] == [False, False]

@@ -140,7 +140,8 @@ def test_crash_mid_batch_then_restart_trains_it_exactly_once(trained_base, sessi
     (row,) = rows(sessions, Adapter)
     assert row.lineage["attempt"] == 2 and published(adapters) == [row.name]
     # No suites: a sound candidate passes, with nothing scored.
-    assert row.lineage["eval"] == {"suites": {}, "parent": {}, "candidate": {}, "base": {}} and result.metrics == {}
+    assert row.lineage["eval"] == {"suites": {}, "parent": {}, "candidate": {}, "base": {},
+                                   "abstained": {"parent": {}, "candidate": {}, "base": {}}} and result.metrics == {}
     assert train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters).adapter == row.name
     assert len(rows(sessions, Adapter)) == 1 and rows(sessions, Batch)[0].status == "trained"
     assert not list((adapters / "_staging").iterdir())
