@@ -118,6 +118,18 @@ def broker(ctx: click.Context, port: int | None) -> None:
         embedded.stop()
 
 
+@main.command()
+@click.pass_context
+def up(ctx: click.Context) -> None:
+    """Broker, store, archiver, gateway and a worker in one process tree, until Ctrl-C.
+
+    For ingest on the embedded defaults: events in, archived, through the pipeline into
+    batches. Nothing is trained or served (that is `feedloop demo`, or the parts one by one)."""
+    from app.local_loop import run_up
+
+    sys.exit(run_up(_settings(ctx), say=click.echo))
+
+
 # --- store --------------------------------------------------------------------------------
 
 

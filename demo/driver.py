@@ -39,13 +39,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
 
-import migrations
-from app.broker import EmbeddedBroker
-from app.liveness import Heartbeat
+from app.local_loop import LocalLoop
 from app.logs import configure_logging
 from app.overview import OverviewSource
-from app.processes import Child
-from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
 from demo.base_model import ensure_base_model
 from demo.population import Population, PopulationConfig, style_profile
@@ -228,45 +224,23 @@ class Driver:
 # --- the loop's processes ---------------------------------------------------------------------
 
 
-class Loop:
-    """Everything the demo runs: ``stop_services()`` in the event loop, then ``stop_processes()``."""
+class Loop(LocalLoop):
+    """Everything the demo runs (``app.local_loop``) and a vLLM server: ``stop_services()`` in the
+    event loop, then ``stop_processes()``."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.logs = settings.data_dir / "logs"
-        self.broker: EmbeddedBroker | None = None
+        super().__init__(settings, ("worker", "learn", "train", "swap"))
         self.vllm = None
-        self.children: list[Child] = []
-        self.server = self.gateway_task = self.archiver = self.archive_task = None
-        self.heartbeats: list[tuple[Heartbeat, asyncio.Task]] = []  # of the gateway and the archiver here
 
     async def start(self) -> None:
-        settings = self.settings
-        self.logs.mkdir(parents=True, exist_ok=True)
-        if settings.uses_embedded_broker:
-            self.broker = EmbeddedBroker(settings.embedded_broker_port, self.logs / "broker.log")
-            self.broker.start()
-        migrations.upgrade(settings.store_url)
+        self.start_broker_and_store()
         # Held before it starts, so that stop() can end it even while it is still starting.
-        self.vllm = _vllm(settings, self.logs / "vllm.log")
+        self.vllm = _vllm(self.settings, self.logs / "vllm.log")
         await asyncio.to_thread(self.vllm.start, 600)
-        self.archiver = await build_archiver(settings)
-        self.archive_task = asyncio.create_task(self.archiver.run())
-        self.server = gateway_server(settings)
-        self.gateway_task = asyncio.create_task(self.server.serve())
-        await wait_started(self.server, self.gateway_task)
-        sessions = make_sessionmaker(make_engine(settings.store_url))
-        for heartbeat in (Heartbeat("archiver", sessions, settings.liveness),
-                          Heartbeat("gateway", sessions, settings.liveness, ready=lambda: self.server.started)):
-            self.heartbeats.append((heartbeat, asyncio.create_task(heartbeat.run())))  # as `feedloop status` shows them
-        for command in ("worker", "learn", "train", "swap"):
-            self.children.append(Child([command], settings, self.logs / f"{command}.log").start())
+        await self.start_services()
 
     def check(self) -> None:
-        """Fail fast, with its log, when a part of the loop died."""
-        for child in self.children:
-            if not child.running:
-                raise RuntimeError(f"`feedloop {child.name}` exited:\n{child.log_tail()}")
+        super().check()
         if self.vllm is not None and not self.vllm.running:
             raise RuntimeError(f"vLLM exited:\n{self.vllm.log_tail()}")
 
@@ -280,26 +254,10 @@ class Loop:
         await asyncio.gather(*(asyncio.to_thread(child.stop) for child in changing))
         self.children = [c for c in self.children if c not in changing]
 
-    async def stop_services(self) -> None:
-        """The gateway and the archiver, in this process: they finish what they hold."""
-        if self.server is not None:
-            self.server.should_exit = True
-        if self.archiver is not None:
-            self.archiver.stop()
-        await asyncio.gather(*(t for t in (self.gateway_task, self.archive_task) if t), return_exceptions=True)
-        for heartbeat, _ in self.heartbeats:
-            heartbeat.stop()
-        await asyncio.gather(*(beating for _, beating in self.heartbeats), return_exceptions=True)
-
     def stop_processes(self) -> None:
-        """The child processes, vLLM and the broker. Synchronous, so that it runs to the end
-        even when the event loop is being torn down (Ctrl-C, SIGTERM)."""
-        for child in self.children:
-            child.stop()
+        super().stop_processes()
         if self.vllm is not None:
             self.vllm.stop()
-        if self.broker is not None:
-            self.broker.stop()
 
 
 def _vllm(settings: Settings, log_path: Path):
