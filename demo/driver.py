@@ -36,7 +36,6 @@ import httpx
 import structlog
 from pydantic import SecretStr
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
 
 from app.local_loop import LocalLoop
@@ -45,6 +44,7 @@ from app.overview import OverviewSource
 from app.settings import Settings
 from demo.base_model import ensure_base_model
 from demo.population import Population, PopulationConfig, style_profile
+from demo.progress import Snapshot, progress_view
 from demo.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
 from demo.report import loaded_so_far, routing_regret, win_rate, write_report
 from demo.suites import RARE_SKILL_ACCURACY
@@ -396,23 +396,12 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
 
         # Judging and the report take the last JUDGING_S; the users talk until then.
         traffic = asyncio.create_task(driver.run(population.turns(), interactions, deadline - JUDGING_S))
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[status]}"))  # fmt: skip
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("simulated users", total=interactions, status="")
+        with progress_view(console, interactions, loop.logs / "demo.log") as show:
             while not traffic.done():
                 loop.check()
                 driver.arms = live_arms(sessions) or driver.arms
-                rows = registry(sessions)
-                states = Counter(r.state for r in rows)
-                promoted = states[AdapterState.CHAMPION] + states[AdapterState.RETIRED]
-                turns_done = len({s.index for s in driver.traffic.served})
-                rate = driver.traffic.satisfaction
-                phase = "before drift" if turns_done < population.shift_index else "after drift"
-                progress.update(task, completed=turns_done, status=(
-                    f"{phase} | adapters {len(rows)} trained, {promoted} promoted, "
-                    f"{states[AdapterState.ROLLED_BACK]} rolled back | arms {', '.join(driver.arms)} | "
-                    f"satisfied {'-' if rate is None else f'{rate:.0%}'} (last 100)"))  # fmt: skip
+                elapsed = time.monotonic() - started
+                show(_snapshot(registry(sessions), driver.traffic, population, interactions, elapsed))
                 await asyncio.wait([traffic], timeout=1.0)
             traffic.result()
 
@@ -440,6 +429,17 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
         return 0 if all(report.targets().values()) else 1
     finally:
         await loop.stop_services()
+
+
+def _snapshot(rows: list[Adapter], traffic: Traffic, population: Population, interactions: int,
+              elapsed_s: float) -> Snapshot:  # fmt: skip
+    states = Counter(r.state for r in rows)
+    turns_done = len({s.index for s in traffic.served})
+    return Snapshot(phase="before drift" if turns_done < population.shift_index else "after drift",
+                    turns=turns_done, total_turns=interactions, events=traffic.sent_events, trained=len(rows),
+                    promoted=states[AdapterState.CHAMPION] + states[AdapterState.RETIRED],
+                    rolled_back=states[AdapterState.ROLLED_BACK], satisfaction=traffic.satisfaction,
+                    elapsed_s=elapsed_s)  # fmt: skip
 
 
 def _report(settings, sessions, before, population, traffic: Traffic, rows, champion, judgements, per_cohort,

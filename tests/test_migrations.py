@@ -118,7 +118,8 @@ def test_a_store_made_before_the_naming_convention_gets_its_names(url, monkeypat
     with monkeypatch.context() as before:
         before.setattr(Base.metadata, "naming_convention", MetaData().naming_convention)
         migrations.upgrade(url, "0006")
-    assert not constraint_names(url) & {"fk_batches_adapter_adapters", "uq_archive_segments_cluster_id_topic_partition_first_offset"}
+    conventional = {"fk_batches_adapter_adapters", "uq_archive_segments_cluster_id_topic_partition_first_offset"}
+    assert not constraint_names(url) & conventional
     engine = make_engine(url)
     try:
         with make_sessionmaker(engine).begin() as session:
