@@ -13,6 +13,7 @@ stopped with SIGTERM at the end, as `kill %1` would.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -71,6 +72,8 @@ def test_the_readme_examples_run_as_written(tmp_path):
     assert "2 0 []" in out  # the Python client's interaction and thumbs
     assert '"accepted":1' in out  # curl's feedback
     assert stopped, "the background `feedloop up` did not stop on SIGTERM"
+    (worker,) = [json.loads(line)["pid"] for line in err.splitlines() if '"process.started"' in line]
+    assert not _alive(worker), "`feedloop up` left its worker running"  # its own session: not in the group
     assert (tmp_path / "data" / "feedloop.db").exists() and list((tmp_path / "data" / "archive").rglob("*"))
 
 
@@ -89,3 +92,11 @@ def _stop_group(pgid: int, timeout_s: float = 40.0) -> bool:
         time.sleep(0.2)
     os.killpg(pgid, signal.SIGKILL)
     return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
