@@ -128,16 +128,34 @@ def _accepts_connections(port: int) -> bool:
         return False
 
 
+class BrokerUnreachable(BrokerError):
+    """No broker answers where the settings say: the CLI reports it as one line, no traceback."""
+
+
+def _unreachable(settings: Settings, why: str) -> BrokerUnreachable:
+    if settings.uses_embedded_broker:
+        return BrokerUnreachable(
+            f"no broker answers at {settings.bootstrap_servers} ({why}): start the embedded one with "
+            "`feedloop broker` (or everything for ingest with `feedloop up`), or set FEEDLOOP_BROKER=kafka://host:9092"
+        )
+    return BrokerUnreachable(
+        f"cannot reach Kafka at {settings.bootstrap_servers} ({why}): check FEEDLOOP_BROKER and FEEDLOOP_KAFKA__*"
+    )
+
+
 async def ensure_topics(settings: Settings) -> None:
-    """Create feedloop's topics if missing; existing ones are left as they are."""
+    """Create feedloop's topics if missing; existing ones are left as they are.
+
+    Every process that talks to the broker calls this first (gateway, worker, learner,
+    archiver, replay, import), so this is where a missing broker is found and named."""
+    # A closed port is told apart without aiokafka, whose retries log errors of their own.
+    if settings.uses_embedded_broker and not _accepts_connections(settings.embedded_broker_port):
+        raise _unreachable(settings, "connection refused")
     admin = kafka.admin(settings.kafka)
     try:
         await admin.start()
     except Exception as exc:
-        raise BrokerError(
-            f"cannot reach the broker at {settings.bootstrap_servers}: {exc}. Start it with "
-            "`feedloop broker`, or set FEEDLOOP_BROKER=kafka://host:9092"
-        ) from exc
+        raise _unreachable(settings, str(exc)) from exc
     try:
         existing = set(await admin.list_topics())
         missing = [

@@ -24,7 +24,20 @@ def _settings(ctx: click.Context) -> Settings:
     return ctx.obj
 
 
-@click.group()
+class _Commands(click.Group):
+    """Turns a missing broker into one log line and exit code 1, from whichever command met it."""
+
+    def invoke(self, ctx: click.Context):
+        from app.broker import BrokerUnreachable
+
+        try:
+            return super().invoke(ctx)
+        except BrokerUnreachable as exc:
+            log.error("broker.unreachable", detail=str(exc))
+            ctx.exit(1)
+
+
+@click.group(cls=_Commands)
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """feedloop: keep a served LLM improving from its own users.
@@ -105,6 +118,18 @@ def broker(ctx: click.Context, port: int | None) -> None:
         embedded.stop()
 
 
+@main.command()
+@click.pass_context
+def up(ctx: click.Context) -> None:
+    """Broker, store, archiver, gateway and a worker in one process tree, until Ctrl-C.
+
+    For ingest on the embedded defaults: events in, archived, through the pipeline into
+    batches. Nothing is trained or served (that is `feedloop demo`, or the parts one by one)."""
+    from app.local_loop import run_up
+
+    sys.exit(run_up(_settings(ctx), say=click.echo))
+
+
 # --- store --------------------------------------------------------------------------------
 
 
@@ -155,9 +180,14 @@ def db_current(ctx: click.Context) -> None:
 @click.pass_context
 def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Serve the HTTP gateway (POST /v1/events) until Ctrl-C."""
+    import migrations
+    from app.broker import ensure_topics
     from app.runtime import gateway_server
 
     settings = _settings(ctx)
+    migrations.upgrade(settings.store_url)  # its heartbeat and the router live in the store
+    # Before uvicorn: a broker missing at its start-up would be a traceback and an exit code 0.
+    asyncio.run(ensure_topics(settings))
     updates = {k: v for k, v in (("gateway_host", host), ("gateway_port", port)) if v is not None}
     server = gateway_server(settings.model_copy(update=updates))
 
@@ -166,6 +196,8 @@ def gateway(ctx: click.Context, host: str | None, port: int | None) -> None:
             await server.serve()
 
     asyncio.run(serve())
+    if not server.started:  # uvicorn logged why (a port taken); it returns all the same
+        sys.exit(1)
 
 
 def _run_faust(settings: Settings, process: str, build) -> None:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Literal, TextIO
 
 import structlog
+
+# FEEDLOOP_LOG_LEVEL and FEEDLOOP_LOG_FORMAT (app.settings) take these.
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
 
 _SHARED_PROCESSORS: list = [
     structlog.contextvars.merge_contextvars,
@@ -21,12 +26,17 @@ _SHARED_PROCESSORS: list = [
 ]
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+def renders_console(fmt: LogFormat, stream: TextIO) -> bool:
+    """Readable lines for a person at a terminal; JSON lines for files, pipes and collectors,
+    which a colour code or a multi-line traceback would break. 'json' and 'console' force it."""
+    return fmt == "console" or (fmt == "auto" and stream.isatty())
+
+
+def configure_logging(level: LogLevel = "info", fmt: LogFormat = "auto") -> None:
     """Route structlog and stdlib logging to stderr in one format."""
-    pretty = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer = (
         structlog.dev.ConsoleRenderer()
-        if pretty
+        if renders_console(fmt, sys.stderr)
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
     structlog.configure(

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.liveness import LivenessSettings
 from app.feedback_tokens import BrowserSettings
+from app.logs import LogFormat, LogLevel
 from app.rate_limit import RateLimit
 from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
@@ -149,9 +149,10 @@ class Settings(BaseSettings):
     )
 
     # --- logging ----------------------------------------------------------------------------
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
-    log_format: Literal["auto", "json", "console"] = Field(
-        "auto", description="'auto' is pretty on a terminal and JSON otherwise."
+    log_level: LogLevel = Field("info", description="Least severe level logged.")
+    log_format: LogFormat = Field(
+        "auto", description="'auto': readable lines when stderr is a terminal, JSON lines otherwise; 'json' or "
+        "'console' forces one (app/logs.py)."
     )
 
     @field_validator("broker")

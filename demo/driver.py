@@ -36,19 +36,15 @@ import httpx
 import structlog
 from pydantic import SecretStr
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
 
-import migrations
-from app.broker import EmbeddedBroker
-from app.liveness import Heartbeat
+from app.local_loop import LocalLoop
 from app.logs import configure_logging
 from app.overview import OverviewSource
-from app.processes import Child
-from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
 from demo.base_model import ensure_base_model
 from demo.population import Population, PopulationConfig, style_profile
+from demo.progress import Snapshot, progress_view
 from demo.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
 from demo.report import loaded_so_far, routing_regret, win_rate, write_report
 from demo.suites import RARE_SKILL_ACCURACY
@@ -228,45 +224,23 @@ class Driver:
 # --- the loop's processes ---------------------------------------------------------------------
 
 
-class Loop:
-    """Everything the demo runs: ``stop_services()`` in the event loop, then ``stop_processes()``."""
+class Loop(LocalLoop):
+    """Everything the demo runs (``app.local_loop``) and a vLLM server: ``stop_services()`` in the
+    event loop, then ``stop_processes()``."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.logs = settings.data_dir / "logs"
-        self.broker: EmbeddedBroker | None = None
+        super().__init__(settings, ("worker", "learn", "train", "swap"))
         self.vllm = None
-        self.children: list[Child] = []
-        self.server = self.gateway_task = self.archiver = self.archive_task = None
-        self.heartbeats: list[tuple[Heartbeat, asyncio.Task]] = []  # of the gateway and the archiver here
 
     async def start(self) -> None:
-        settings = self.settings
-        self.logs.mkdir(parents=True, exist_ok=True)
-        if settings.uses_embedded_broker:
-            self.broker = EmbeddedBroker(settings.embedded_broker_port, self.logs / "broker.log")
-            self.broker.start()
-        migrations.upgrade(settings.store_url)
+        self.start_broker_and_store()
         # Held before it starts, so that stop() can end it even while it is still starting.
-        self.vllm = _vllm(settings, self.logs / "vllm.log")
+        self.vllm = _vllm(self.settings, self.logs / "vllm.log")
         await asyncio.to_thread(self.vllm.start, 600)
-        self.archiver = await build_archiver(settings)
-        self.archive_task = asyncio.create_task(self.archiver.run())
-        self.server = gateway_server(settings)
-        self.gateway_task = asyncio.create_task(self.server.serve())
-        await wait_started(self.server, self.gateway_task)
-        sessions = make_sessionmaker(make_engine(settings.store_url))
-        for heartbeat in (Heartbeat("archiver", sessions, settings.liveness),
-                          Heartbeat("gateway", sessions, settings.liveness, ready=lambda: self.server.started)):
-            self.heartbeats.append((heartbeat, asyncio.create_task(heartbeat.run())))  # as `feedloop status` shows them
-        for command in ("worker", "learn", "train", "swap"):
-            self.children.append(Child([command], settings, self.logs / f"{command}.log").start())
+        await self.start_services()
 
     def check(self) -> None:
-        """Fail fast, with its log, when a part of the loop died."""
-        for child in self.children:
-            if not child.running:
-                raise RuntimeError(f"`feedloop {child.name}` exited:\n{child.log_tail()}")
+        super().check()
         if self.vllm is not None and not self.vllm.running:
             raise RuntimeError(f"vLLM exited:\n{self.vllm.log_tail()}")
 
@@ -280,26 +254,10 @@ class Loop:
         await asyncio.gather(*(asyncio.to_thread(child.stop) for child in changing))
         self.children = [c for c in self.children if c not in changing]
 
-    async def stop_services(self) -> None:
-        """The gateway and the archiver, in this process: they finish what they hold."""
-        if self.server is not None:
-            self.server.should_exit = True
-        if self.archiver is not None:
-            self.archiver.stop()
-        await asyncio.gather(*(t for t in (self.gateway_task, self.archive_task) if t), return_exceptions=True)
-        for heartbeat, _ in self.heartbeats:
-            heartbeat.stop()
-        await asyncio.gather(*(beating for _, beating in self.heartbeats), return_exceptions=True)
-
     def stop_processes(self) -> None:
-        """The child processes, vLLM and the broker. Synchronous, so that it runs to the end
-        even when the event loop is being torn down (Ctrl-C, SIGTERM)."""
-        for child in self.children:
-            child.stop()
+        super().stop_processes()
         if self.vllm is not None:
             self.vllm.stop()
-        if self.broker is not None:
-            self.broker.stop()
 
 
 def _vllm(settings: Settings, log_path: Path):
@@ -438,23 +396,12 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
 
         # Judging and the report take the last JUDGING_S; the users talk until then.
         traffic = asyncio.create_task(driver.run(population.turns(), interactions, deadline - JUDGING_S))
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[status]}"))  # fmt: skip
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("simulated users", total=interactions, status="")
+        with progress_view(console, interactions, loop.logs / "demo.log") as show:
             while not traffic.done():
                 loop.check()
                 driver.arms = live_arms(sessions) or driver.arms
-                rows = registry(sessions)
-                states = Counter(r.state for r in rows)
-                promoted = states[AdapterState.CHAMPION] + states[AdapterState.RETIRED]
-                turns_done = len({s.index for s in driver.traffic.served})
-                rate = driver.traffic.satisfaction
-                phase = "before drift" if turns_done < population.shift_index else "after drift"
-                progress.update(task, completed=turns_done, status=(
-                    f"{phase} | adapters {len(rows)} trained, {promoted} promoted, "
-                    f"{states[AdapterState.ROLLED_BACK]} rolled back | arms {', '.join(driver.arms)} | "
-                    f"satisfied {'-' if rate is None else f'{rate:.0%}'} (last 100)"))  # fmt: skip
+                elapsed = time.monotonic() - started
+                show(_snapshot(registry(sessions), driver.traffic, population, interactions, elapsed))
                 await asyncio.wait([traffic], timeout=1.0)
             traffic.result()
 
@@ -482,6 +429,17 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
         return 0 if all(report.targets().values()) else 1
     finally:
         await loop.stop_services()
+
+
+def _snapshot(rows: list[Adapter], traffic: Traffic, population: Population, interactions: int,
+              elapsed_s: float) -> Snapshot:  # fmt: skip
+    states = Counter(r.state for r in rows)
+    turns_done = len({s.index for s in traffic.served})
+    return Snapshot(phase="before drift" if turns_done < population.shift_index else "after drift",
+                    turns=turns_done, total_turns=interactions, events=traffic.sent_events, trained=len(rows),
+                    promoted=states[AdapterState.CHAMPION] + states[AdapterState.RETIRED],
+                    rolled_back=states[AdapterState.ROLLED_BACK], satisfaction=traffic.satisfaction,
+                    elapsed_s=elapsed_s)  # fmt: skip
 
 
 def _report(settings, sessions, before, population, traffic: Traffic, rows, champion, judgements, per_cohort,

@@ -1,7 +1,8 @@
 """Alembic migrations of the store, run by `feedloop db upgrade|downgrade|current`.
 
 No alembic.ini is needed: the configuration is built here from the database URL, so the same
-migrations run from a source checkout and from an installed package.
+migrations run from a source checkout and from an installed package. The repo root's
+alembic.ini is for plain `alembic` from a checkout; env.py resolves the URL the same way.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.engine import make_url
 
 MIGRATIONS_DIR = Path(__file__).parent
 
@@ -23,14 +23,7 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def _prepare(url: str) -> None:
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-
-
 def upgrade(url: str, revision: str = "head") -> None:
-    _prepare(url)
     command.upgrade(alembic_config(url), revision)
 
 

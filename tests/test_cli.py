@@ -51,3 +51,18 @@ def test_a_process_keeps_the_data_dir_and_its_files_private(tmp_path, private):
                    umask=0o022)  # fmt: skip
     modes = (stat.S_IMODE(data.stat().st_mode), stat.S_IMODE((data / "feedloop.db").stat().st_mode))
     assert modes == ((0o700, 0o600) if private else (0o755, 0o644))
+
+
+def test_a_process_without_its_broker_names_the_command_that_starts_one(tmp_path):
+    from tests.conftest import free_port
+
+    env = {**os.environ, "FEEDLOOP_DATA_DIR": str(tmp_path / "data"), "FEEDLOOP_EMBEDDED_BROKER_PORT": str(free_port()),
+           "FEEDLOOP_GATEWAY_PORT": str(free_port()), "FEEDLOOP_LOG_FORMAT": "json"}  # fmt: skip
+    env.pop("FEEDLOOP_DATABASE_URL", None)
+    env.pop("FEEDLOOP_BROKER", None)
+    done = subprocess.run([sys.executable, "-m", "app.cli", "gateway"], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    (line,) = [json.loads(line) for line in done.stderr.splitlines() if '"broker.unreachable"' in line]
+    assert line["level"] == "error" and "`feedloop broker`" in line["detail"]
