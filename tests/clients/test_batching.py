@@ -1,0 +1,58 @@
+"""Background batching against the real gateway: what was logged is archived once the client
+is closed, in batches of the configured size; what cannot be sent is reported, not dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from feedloop_client import AsyncFeedloopClient, BatchPolicy, FeedloopClient, RetryPolicy
+from streams.topics import EVENTS
+from tests.clients.recording import AsyncRecordingTransport, Recording
+from tests.conftest import API_KEYS, wait_until_archived
+
+
+def turns(client, count):
+    return [client.interaction(user_id="u", session_id=f"s-{i}", adapter="base",
+                               prompt=[{"role": "user", "content": "hi"}], response="hello")
+            for i in range(count)]  # fmt: skip
+
+
+def ids_in(events):
+    ids = {e["event_id"] for e in events}
+    return lambda record: json.loads(record.value)["event_id"] in ids
+
+
+async def test_async_events_queued_then_closed_are_all_archived_in_batches(stack):
+    recording = Recording()
+    # A time bound far beyond the test: only the size bound and the close can send them.
+    batch = BatchPolicy(max_events=4, max_wait_s=3600)
+    async with AsyncFeedloopClient(stack.base_url, api_key=API_KEYS["app-a"], app_id="app-a", batch=batch,
+                                   transport=AsyncRecordingTransport(recording)) as client:  # fmt: skip
+        events = turns(client, 5)
+        events += [client.feedback(t, "score", name="helpfulness", value=0.5, comment="ok") for t in events]
+        await client.log(*events)
+    assert recording.statuses == [202, 202, 202]  # 4 + 4 by size, the last 2 on close
+    assert (client.delivery.sent, client.delivery.failed, client.delivery.rejected) == (10, 0, 0)
+    archived = await wait_until_archived(stack, EVENTS.name, len(events), where=ids_in(events))
+    assert len(archived) == len(events)
+
+
+async def test_sync_batches_go_on_the_time_bound(stack):
+    with FeedloopClient(stack.base_url, api_key=API_KEYS["app-a"], app_id="app-a",
+                        batch=BatchPolicy(max_events=1000, max_wait_s=0.2)) as client:  # fmt: skip
+        events = turns(client, 3)
+        client.log(*events)
+        archived = await wait_until_archived(stack, EVENTS.name, 3, where=ids_in(events))
+        assert len(archived) == 3, "sent within the time bound, before any close"
+
+
+async def test_a_batch_that_cannot_be_sent_is_counted_and_handed_to_on_failure():
+    failures = []
+    async with AsyncFeedloopClient("http://127.0.0.1:9", api_key="k", app_id="app-a",
+                                   retry=RetryPolicy(attempts=2, base_delay_s=0.01),
+                                   on_failure=lambda events, error: failures.append((events, error))) as client:  # fmt: skip
+        events = turns(client, 2)
+        await client.log(*events)
+    assert client.delivery.failed == 2
+    assert [e for batch, _ in failures for e in batch] == events
