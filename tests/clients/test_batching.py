@@ -45,6 +45,7 @@ async def test_sync_batches_go_on_the_time_bound(stack):
         client.log(*events)
         archived = await wait_until_archived(stack, EVENTS.name, 3, where=ids_in(events))
         assert len(archived) == 3, "sent within the time bound, before any close"
+    client.flush()  # after close: nothing left to wait for, and no sender to wait on
 
 
 async def test_a_batch_that_cannot_be_sent_is_counted_and_handed_to_on_failure():

@@ -37,13 +37,10 @@ class _Marker:
 
 
 class AsyncFeedloopClient(ClientBase):
-    def __init__(self, base_url: str, *, transport: httpx.AsyncBaseTransport | None = None, **options: Any) -> None:
-        """``options``: as :class:`feedloop_client.FeedloopClient`'s."""
-        super().__init__(base_url, **options)
-        self._http = httpx.AsyncClient(transport=transport, **self._http_options)
+    def _open(self, http_options: dict[str, Any]) -> None:
+        self._http = httpx.AsyncClient(**http_options)
         self._queue: asyncio.Queue[Event | _Marker] = asyncio.Queue(self.batch.max_queue)
         self._worker: asyncio.Task[None] | None = None
-        self._closed = False
 
     async def send(self, events: Iterable[Event]) -> IngestResult:
         """Post events now, retried; the answer names each rejected event's reason."""
@@ -72,7 +69,7 @@ class AsyncFeedloopClient(ClientBase):
 
     async def flush(self) -> None:
         """Wait until every event logged before this call has been sent (or reported failed)."""
-        if self._worker is not None:
+        if self._worker is not None and not self._closed:  # closed: the sender has stopped, all sent
             await self._mark(stop=False)
 
     async def aclose(self) -> None:

@@ -1,9 +1,12 @@
-"""What the sync and the async client share: configuration, event builders bound to the
-app, the delivery counters, and the httpx options. Only the I/O differs between them."""
+"""What the sync and the async client share: one typed constructor, event builders bound to
+the app, the delivery counters. Only the I/O differs between them (``_open``)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
+
+import httpx
 
 from feedloop_client import events
 from feedloop_client.batching import Delivery, OnFailure
@@ -14,7 +17,7 @@ from feedloop_client.config import BatchPolicy, RetryPolicy
 ROUTE_RETRY = RetryPolicy(attempts=1)
 
 
-class ClientBase:
+class ClientBase(ABC):
     def __init__(
         self,
         base_url: str,
@@ -25,15 +28,23 @@ class ClientBase:
         batch: BatchPolicy = BatchPolicy(),
         timeout_s: float = 10.0,
         on_failure: OnFailure | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.base_url, self.api_key, self.app_id = base_url.rstrip("/"), api_key, app_id
+        """``transport``: httpx's (sync or async to match the client), e.g. for a proxy."""
+        self.base_url, self.app_id = base_url.rstrip("/"), app_id
         self.retry, self.batch = retry, batch
         self.delivery = Delivery(on_failure)
-        self._http_options: dict[str, Any] = {
+        self._closed = False
+        self._open({
             "base_url": self.base_url,
             "headers": {"Authorization": f"Bearer {api_key}"},
             "timeout": timeout_s,
-        }
+            "transport": transport,
+        })
+
+    @abstractmethod
+    def _open(self, http_options: dict[str, Any]) -> None:
+        """The client's httpx client, queue and sender state."""
 
     def interaction(self, **fields: Any) -> events.Event:
         """An interaction of this app; see :func:`feedloop_client.events.interaction`."""

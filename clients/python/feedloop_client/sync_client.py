@@ -41,15 +41,11 @@ class _Marker:
 
 
 class FeedloopClient(ClientBase):
-    def __init__(self, base_url: str, *, transport: httpx.BaseTransport | None = None, **options: Any) -> None:
-        """``options``: api_key, app_id (required), retry, batch, timeout_s, on_failure
-        (see :class:`feedloop_client.base.ClientBase`)."""
-        super().__init__(base_url, **options)
-        self._http = httpx.Client(transport=transport, **self._http_options)
+    def _open(self, http_options: dict[str, Any]) -> None:
+        self._http = httpx.Client(**http_options)
         self._queue: queue.Queue[Event | _Marker] = queue.Queue(self.batch.max_queue)
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._closed = False
 
     def send(self, events: Iterable[Event]) -> IngestResult:
         """Post events now, retried; the answer names each rejected event's reason."""
@@ -79,7 +75,7 @@ class FeedloopClient(ClientBase):
 
     def flush(self) -> None:
         """Wait until every event logged before this call has been sent (or reported failed)."""
-        if self._worker is not None:
+        if self._worker is not None and not self._closed:  # closed: the sender has stopped, all sent
             self._mark(stop=False)
 
     def close(self) -> None:
