@@ -3,10 +3,12 @@ is closed, in batches of the configured size; what cannot be sent is reported, n
 
 from __future__ import annotations
 
-import asyncio
 import json
+import socket
 
-from feedloop_client import AsyncFeedloopClient, BatchPolicy, FeedloopClient, RetryPolicy
+import pytest
+
+from feedloop_client import AsyncFeedloopClient, BatchPolicy, FeedloopClient, QueueFull, RetryPolicy
 from streams.topics import EVENTS
 from tests.clients.recording import AsyncRecordingTransport, Recording
 from tests.conftest import API_KEYS, wait_until_archived
@@ -57,3 +59,17 @@ async def test_a_batch_that_cannot_be_sent_is_counted_and_handed_to_on_failure()
         await client.log(*events)
     assert client.delivery.failed == 2
     assert [e for batch, _ in failures for e in batch] == events
+
+
+def test_a_full_queue_refuses_the_event_to_the_caller_rather_than_dropping_it():
+    # A server that takes connections and never answers: the sender is stuck on its first batch.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        client = FeedloopClient(url, api_key="k", app_id="app-a", timeout_s=1.0, retry=RetryPolicy(attempts=1),
+                                batch=BatchPolicy(max_events=1, max_queue=1, put_timeout_s=0.05))  # fmt: skip
+        first, second, third = turns(client, 3)
+        client.log(first, second)  # one being sent, one waiting in the queue
+        with pytest.raises(QueueFull):
+            client.log(third)
+        client.close()
+    assert (client.delivery.sent, client.delivery.failed) == (0, 2)
