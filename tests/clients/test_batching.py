@@ -73,3 +73,10 @@ def test_a_full_queue_refuses_the_event_to_the_caller_rather_than_dropping_it():
             client.log(third)
         client.close()
     assert (client.delivery.sent, client.delivery.failed) == (0, 2)
+
+
+def test_what_is_not_an_event_dict_is_refused_when_logged_not_lost_later():
+    with FeedloopClient("http://127.0.0.1:9", api_key="k", app_id="app-a") as client:
+        with pytest.raises(TypeError, match="dicts"):
+            client.log(("interaction", "hi"))
+    assert (client.delivery.sent, client.delivery.failed) == (0, 0)

@@ -19,7 +19,7 @@ import httpx
 
 from feedloop_client import calls
 from feedloop_client.base import ROUTE_RETRY, ClientBase
-from feedloop_client.batching import Batch
+from feedloop_client.batching import Batch, queueable
 from feedloop_client.config import RetryPolicy
 from feedloop_client.events import Event
 from feedloop_client.results import Erasure, IngestResult, RouteAnswer
@@ -37,6 +37,8 @@ class _Marker:
 
 
 class AsyncFeedloopClient(ClientBase):
+    """The asyncio client; its background sender is a task on the running loop."""
+
     def _open(self, http_options: dict[str, Any]) -> None:
         self._http = httpx.AsyncClient(**http_options)
         self._queue: asyncio.Queue[Event | _Marker] = asyncio.Queue(self.batch.max_queue)
@@ -65,7 +67,7 @@ class AsyncFeedloopClient(ClientBase):
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="feedloop-client")
         for event in events:
-            await self._queue.put(event)
+            await self._queue.put(queueable(event))
 
     async def flush(self) -> None:
         """Wait until every event logged before this call has been sent (or reported failed)."""
@@ -73,6 +75,7 @@ class AsyncFeedloopClient(ClientBase):
             await self._mark(stop=False)
 
     async def aclose(self) -> None:
+        """Send what is queued, stop the sender, close the connections; idempotent."""
         if self._closed:
             return
         self._closed = True

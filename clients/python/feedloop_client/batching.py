@@ -25,6 +25,14 @@ log = logging.getLogger("feedloop_client")
 OnFailure = Callable[[list[Event], BaseException], None]
 
 
+def queueable(event: Event) -> Event:
+    """The event, checked before it is queued: the sender tells events from its markers by
+    their type, and an event it cannot send should fail in the caller's hands, not later."""
+    if not isinstance(event, dict):
+        raise TypeError(f"events are dicts (as the builders make them), not {type(event).__name__}")
+    return event
+
+
 @dataclass
 class Batch:
     """The events taken off the queue for the next request. ``take`` is the one rule of both

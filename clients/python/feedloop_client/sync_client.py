@@ -22,7 +22,7 @@ import httpx
 
 from feedloop_client import calls
 from feedloop_client.base import ROUTE_RETRY, ClientBase
-from feedloop_client.batching import Batch
+from feedloop_client.batching import Batch, queueable
 from feedloop_client.config import RetryPolicy
 from feedloop_client.errors import QueueFull
 from feedloop_client.events import Event
@@ -41,6 +41,8 @@ class _Marker:
 
 
 class FeedloopClient(ClientBase):
+    """The blocking client; its background sender is a daemon thread."""
+
     def _open(self, http_options: dict[str, Any]) -> None:
         self._http = httpx.Client(**http_options)
         self._queue: queue.Queue[Event | _Marker] = queue.Queue(self.batch.max_queue)
@@ -69,7 +71,7 @@ class FeedloopClient(ClientBase):
         self._start()
         for event in events:
             try:
-                self._queue.put(event, timeout=self.batch.put_timeout_s)
+                self._queue.put(queueable(event), timeout=self.batch.put_timeout_s)
             except queue.Full:
                 raise QueueFull(f"{self._queue.maxsize} events queued for {self.batch.put_timeout_s} s") from None
 
@@ -79,6 +81,7 @@ class FeedloopClient(ClientBase):
             self._mark(stop=False)
 
     def close(self) -> None:
+        """Send what is queued, stop the sender, close the connections; idempotent."""
         with self._lock:
             if self._closed:
                 return
