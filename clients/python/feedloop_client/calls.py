@@ -44,7 +44,9 @@ def route(app_id: str, context: Mapping[str, Any] | None) -> Call[RouteAnswer]:
 
 
 def erase(user_id: str) -> Call[Erasure]:
-    # quote everything: a user id may hold '/', '@' or '+', which must not reshape the path.
+    # Percent-encode all of it: the id is the app's, and must stay one path segment whatever it
+    # holds. (One holding '/' cannot be erased this way yet: the gateway's router decodes %2F
+    # before matching, and answers 404.)
     return Call("POST", f"/v1/users/{quote(user_id, safe='')}/erase", 202, Erasure.from_json)
 
 
