@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import datasets
 import pytest
 
-from streams.archive import ArchivedRecord
+import migrations
+from streams.archive import ArchivedRecord, encode_record, segment_path, write_segment
+from streams.batches import publish_batch
 from streams.contract import Message
+from streams.curator import CutBatch
 from streams.export import event_facts, export_dataset
 from streams.pipeline import pseudonyms_erased
 from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.store import ArchiveSegment, make_engine, make_sessionmaker
 from streams.topics import EVENTS
 from streams.training_data import LabelRecord, PreferenceRecord, SftRecord, read_batch, write_batch
 from tests.factories import interaction
@@ -107,3 +114,57 @@ def test_the_card_names_counts_and_loads_by_config(world) -> None:
     assert "batch-p0-000001" in card and EXPORTED_AT.isoformat() in card
     by_config = datasets.load_dataset(str(out), "pairs", split="train")
     assert sorted(by_config["example_id"]) == ["anna:pair", "ben:pair"]
+
+
+def _archive(sessions, archive_dir: Path, events: list[dict]) -> None:
+    lines = [encode_record(EVENTS.name, 0, offset, 0, None, json.dumps(e).encode()) for offset, e in enumerate(events)]
+    relative = segment_path("test", EVENTS.name, 0, 0)
+    digest, size = write_segment(archive_dir, relative, lines)
+    with sessions.begin() as session:
+        session.add(ArchiveSegment(cluster_id="test", topic=EVENTS.name, partition=0, first_offset=0,
+                                   last_offset=len(lines) - 1, event_count=len(lines), path=str(relative),
+                                   sha256=digest, size_bytes=size, first_timestamp_ms=0, last_timestamp_ms=0))
+
+
+def _feedloop(data: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FEEDLOOP_DATA_DIR": str(data), "FEEDLOOP_LOG_FORMAT": "json"}
+    env.pop("FEEDLOOP_DATABASE_URL", None)
+    env.pop("FEEDLOOP_KEY_DIR", None)
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=120)
+
+
+def test_feedloop_export_writes_published_batches_without_an_erased_user(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    store_url = f"sqlite:///{data / 'feedloop.db'}"
+    migrations.upgrade(store_url)
+    sessions = make_sessionmaker(make_engine(store_url))
+    events = {"anna": interaction(user_id="anna"), "ben": interaction(user_id="ben")}
+    _archive(sessions, data / "archive", list(events.values()))
+    pseudonyms = Pseudonymizer(FileKeyStore(data / "keys"))
+    for name in events:
+        pseudonyms.pseudonym(user_identity("app-a", name))
+    cut = CutBatch(batch_id="batch-p0-000001", trigger="size", event_time=datetime(2026, 11, 21, 10, tzinfo=UTC),
+                   records=_records(events), capped=0, erased=0, loss_weights={"explicit": 1.0})
+    publish_batch(cut, data_dir=data, batches_dir=data / "batches", sessions=sessions)
+
+    erased = _feedloop(data, "erase", "ben", "--app", "app-a")
+    assert erased.returncode == 0, erased.stderr
+    result = _feedloop(data, "export", str(tmp_path / "out"), "--batch", "batch-p0-000001")
+
+    assert result.returncode == 0, result.stderr
+    assert "export.batch" in result.stderr  # no terminal: a log line per batch
+    for signal, suffix in (("sft", "sft"), ("pairs", "pair"), ("labels", "label")):
+        assert [row["example_id"] for row in _load(tmp_path / "out", signal)] == [f"anna:{suffix}"]
+    assert "| user_erased | 3 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_feedloop_export_says_where_to_find_batches_when_there_are_none(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    migrations.upgrade(f"sqlite:///{data / 'feedloop.db'}")
+    result = _feedloop(data, "export", str(tmp_path / "out"), "--since", "2026-12-01T00:00:00Z")
+    assert result.returncode != 0
+    assert "feedloop status" in result.stderr
+    assert not (tmp_path / "out").exists()
