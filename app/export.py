@@ -10,13 +10,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import click
 import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from app.settings import Settings
 from streams.archive import iter_archive
-from streams.export import NoBatches, event_facts, export_dataset, select_batches
+from streams.export import event_facts, export_dataset, select_batches
 from streams.pipeline import pseudonyms_erased
 from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.store import make_engine, make_sessionmaker
@@ -31,7 +32,8 @@ def _moment(value: str | None, option: str) -> datetime | None:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError as exc:
-        raise NoBatches(f"{option} {value!r} is no ISO 8601 time, e.g. 2026-12-01T00:00:00Z") from exc
+        raise click.BadParameter(f"{value!r} is no ISO 8601 time, e.g. 2026-12-01T00:00:00Z",
+                                 param_hint=option) from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # the store keeps UTC
 
 

@@ -168,3 +168,12 @@ def test_feedloop_export_says_where_to_find_batches_when_there_are_none(tmp_path
     assert result.returncode != 0
     assert "feedloop status" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_feedloop_export_refuses_a_time_that_is_not_iso(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    migrations.upgrade(f"sqlite:///{data / 'feedloop.db'}")
+    result = _feedloop(data, "export", str(tmp_path / "out"), "--since", "last tuesday")
+    assert result.returncode == 2
+    assert "--since" in result.stderr and "ISO 8601" in result.stderr
