@@ -6,15 +6,15 @@ on disk: a batch is cut once, and a user erased later still has records in it
 curator keeps the user in its state only), so an export goes back to the events each record
 was derived from (``event_ids``) and reads their app, user, time and consent from the archive:
 
-- a record with an event by a user erased since that event is left out, by the one rule the
-  curator applies at a cut (``streams.pipeline.pseudonyms_erased``, i.e.
+- a record with an event of a user erased since that event (a feedback's user is its
+  interaction's, as in the pipeline) is left out, by the one rule the curator applies at a cut (``streams.pipeline.pseudonyms_erased``, i.e.
   ``streams.pseudonyms.erased_by``), passed in as ``is_erased``;
 - a record with an interaction whose user withheld training consent is left out (the
   curator never buffers one; checked again because an export leaves the deployment);
 - a record with an event the archive no longer holds is left out too: neither its consent
   nor its user's erasure can be shown, and an export errs on the side of the user.
 
-Everything else is kept byte for byte as the batch holds it, plus a ``batch_id`` column.
+Everything else is kept field for field as the batch holds it, plus a ``batch_id`` column.
 Batches have no held-out part in this version of the batch format, so there is one split,
 ``train``, per signal.
 """
@@ -54,14 +54,18 @@ class EventFacts:
     """What an export needs to know of one source event."""
 
     app_id: str
-    user: str | None  # a streams.pseudonyms.user_identity; None: feedback by the interaction's user
+    user: str | None  # the streams.pseudonyms.user_identity of its interaction; None: not archived
     occurred_at: datetime
     training_consent: bool  # only interactions say; other events follow their interaction's
 
 
 def event_facts(records: Iterable[ArchivedRecord], wanted: set[str]) -> dict[str, EventFacts]:
-    """The facts of the ``wanted`` event ids found among archived ``records`` (one pass)."""
-    found: dict[str, EventFacts] = {}
+    """The facts of the ``wanted`` event ids found among archived ``records`` (one pass).
+
+    A feedback or annotation is its interaction's user's, as the pipeline has it when it drops
+    an erased user's events; every record lists its interaction's event id, so the interaction
+    is among the ``wanted`` whenever its feedback is."""
+    events = {}
     for record in records:
         if record.topic != EVENTS.name or record.value is None:
             continue
@@ -69,16 +73,19 @@ def event_facts(records: Iterable[ArchivedRecord], wanted: set[str]) -> dict[str
             event = USER_EVENT_ADAPTER.validate_python(json.loads(record.value))
         except (ValueError, ValidationError):
             continue  # curation triggers and rejected input share the topic; neither is a source
-        if event.event_id not in wanted:
-            continue
-        user_id = getattr(event, "user_id", None)
-        found[event.event_id] = EventFacts(
+        if event.event_id in wanted:
+            events[event.event_id] = event
+    users = {(e.app_id, e.interaction_id): user_identity(e.app_id, e.user_id)
+             for e in events.values() if isinstance(e, Interaction)}
+    return {
+        event_id: EventFacts(
             app_id=event.app_id,
-            user=user_identity(event.app_id, user_id) if user_id else None,
+            user=users.get((event.app_id, event.interaction_id)),
             occurred_at=event.occurred_at,
             training_consent=event.training_consent if isinstance(event, Interaction) else True,
         )
-    return found
+        for event_id, event in events.items()
+    }
 
 
 def _utc(moment: datetime) -> datetime:
@@ -120,13 +127,13 @@ class ExportSummary:
 def _why_left_out(record, facts: dict[str, EventFacts], is_erased: Callable[[str, datetime], bool],
                   app: str | None) -> str | None:
     events = [facts.get(event_id) for event_id in record.event_ids]
-    if any(e is None for e in events):
+    if any(e is None or e.user is None for e in events):  # a feedback without its interaction: whose?
         return "source_event_not_archived"
     if app is not None and any(e.app_id != app for e in events):
         return "other_app"
     if not all(e.training_consent for e in events):
         return "no_consent"
-    if any(e.user is not None and is_erased(e.user, e.occurred_at) for e in events):
+    if any(is_erased(e.user, e.occurred_at) for e in events):
         return "user_erased"
     return None
 

@@ -23,7 +23,7 @@ from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
 from streams.store import ArchiveSegment, make_engine, make_sessionmaker
 from streams.topics import EVENTS
 from streams.training_data import LabelRecord, PreferenceRecord, SftRecord, read_batch, write_batch
-from tests.factories import interaction
+from tests.factories import feedback, interaction
 
 EXPORTED_AT = datetime(2026, 12, 3, 7, 0, tzinfo=UTC)
 
@@ -177,3 +177,25 @@ def test_feedloop_export_refuses_a_time_that_is_not_iso(tmp_path: Path) -> None:
     result = _feedloop(data, "export", str(tmp_path / "out"), "--since", "last tuesday")
     assert result.returncode == 2
     assert "--since" in result.stderr and "ISO 8601" in result.stderr
+
+
+def test_feedback_is_its_interactions_users_and_needs_its_interaction() -> None:
+    turn = interaction(user_id="anna")
+    thumbs = feedback(turn, user_id="someone-else")
+    orphan = feedback(interaction(user_id="ben"))
+    facts = event_facts(_archived([turn, thumbs, orphan]), {turn["event_id"], thumbs["event_id"], orphan["event_id"]})
+    assert facts[thumbs["event_id"]].user == user_identity("app-a", "anna")  # the pipeline's rule for erasure
+    assert facts[orphan["event_id"]].user is None  # its interaction is not archived: left out at export
+
+
+def test_app_keeps_only_records_of_that_apps_events(tmp_path: Path) -> None:
+    events = {"anna": interaction(user_id="anna"), "dora": interaction(app_id="app-b", user_id="dora")}
+    directory = tmp_path / "batches" / "b"
+    write_batch(directory, batch_id="b", trigger="size", event_time="2026-11-21T10:00:00+00:00",
+                records=_records(events), loss_weights={})
+    facts = event_facts(_archived(list(events.values())), {e["event_id"] for e in events.values()})
+    summary = export_dataset(tmp_path / "out", [("b", directory)], facts, lambda user, at: False, app="app-b",
+                             exported_at=EXPORTED_AT)
+    assert [row["example_id"] for row in _load(tmp_path / "out", "sft")] == ["dora:sft"]
+    assert summary.left_out == {"other_app": 3}
+    assert "Only app `app-b`." in (tmp_path / "out" / "README.md").read_text()
