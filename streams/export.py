@@ -7,8 +7,9 @@ curator keeps the user in its state only), so an export goes back to the events 
 was derived from (``event_ids``) and reads their app, user, time and consent from the archive:
 
 - a record with an event of a user erased since that event (a feedback's user is its
-  interaction's, as in the pipeline) is left out, by the one rule the curator applies at a cut (``streams.pipeline.pseudonyms_erased``, i.e.
-  ``streams.pseudonyms.erased_by``), passed in as ``is_erased``;
+  interaction's, as in the pipeline) is left out, by the one rule the curator applies at a
+  cut (``streams.pipeline.pseudonyms_erased``, i.e. ``streams.pseudonyms.erased_by``),
+  passed in as ``is_erased``;
 - a record with an interaction whose user withheld training consent is left out (the
   curator never buffers one; checked again because an export leaves the deployment);
 - a record with an event the archive no longer holds is left out too: neither its consent
@@ -159,8 +160,9 @@ def export_dataset(out_dir: Path, batches: list[tuple[str, Path]], facts: dict[s
         on_batch(batch_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     for signal, items in rows.items():
-        if not items:
-            continue  # an empty file has no schema to load; the card says the signal has no rows
+        if not items:  # an empty file has no schema to load; the card says the signal has no rows
+            (out_dir / f"{signal}.parquet").unlink(missing_ok=True)  # an earlier export's rows may be erased since
+            continue
         summary.rows[signal] = len(items)
         summary.files[signal] = f"{signal}.parquet"
         pq.write_table(pa.Table.from_pylist(items), out_dir / summary.files[signal])

@@ -199,3 +199,13 @@ def test_app_keeps_only_records_of_that_apps_events(tmp_path: Path) -> None:
     assert [row["example_id"] for row in _load(tmp_path / "out", "sft")] == ["dora:sft"]
     assert summary.left_out == {"other_app": 3}
     assert "Only app `app-b`." in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_exporting_again_leaves_no_file_of_an_earlier_export(world) -> None:
+    tmp_path, directory, facts = world
+    out = tmp_path / "dataset"
+    export_dataset(out, [("batch-p0-000001", directory)], facts, lambda user, at: False, exported_at=EXPORTED_AT)
+    summary = export_dataset(out, [("batch-p0-000001", directory)], facts, lambda user, at: True,
+                             exported_at=EXPORTED_AT)
+    assert summary.rows == {}
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
