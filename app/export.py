@@ -40,6 +40,8 @@ def _moment(value: str | None, option: str) -> datetime | None:
 def run_export(settings: Settings, out_dir: Path, *, batch_ids: list[str], since: str | None,
                until: str | None, app: str | None) -> str:
     """Export and return a one-line summary; raises NoBatches with what to do next."""
+    if batch_ids and (since or until):
+        raise click.UsageError("--batch names the batches; --since/--until choose them by time: give one or the other")
     sessions = make_sessionmaker(make_engine(settings.store_url))
     with sessions() as session:
         rows = select_batches(session, batch_ids, _moment(since, "--since"), _moment(until, "--until"))

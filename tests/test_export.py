@@ -209,3 +209,9 @@ def test_exporting_again_leaves_no_file_of_an_earlier_export(world) -> None:
                              exported_at=EXPORTED_AT)
     assert summary.rows == {}
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+
+
+def test_feedloop_export_takes_batches_by_name_or_by_time_not_both(tmp_path: Path) -> None:
+    result = _feedloop(tmp_path, "export", str(tmp_path / "out"), "--batch", "b", "--since", "2026-12-01")
+    assert result.returncode == 2
+    assert "one or the other" in result.stderr
