@@ -474,6 +474,27 @@ def erase(ctx: click.Context, user_id: str, app_id: str) -> None:
                "dropped from every later batch and replay")
 
 
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--batch", "batch_ids", multiple=True, metavar="ID", help="Export this batch (repeatable).")
+@click.option("--since", default=None, help="ISO time: batches created at or after it (without --batch).")
+@click.option("--until", default=None, help="ISO time: batches created before it (without --batch).")
+@click.option("--app", default=None, help="Only records whose events are all of this app.")
+@click.pass_context
+def export(ctx: click.Context, out_dir: Path, batch_ids: tuple[str, ...], since: str | None, until: str | None,
+           app: str | None) -> None:
+    """Write curated batches as a Hugging Face dataset: a Parquet file per signal and a README card.
+
+    Records of users erased since, or without training consent, are left out (docs/operations.md)."""
+    from app.export import run_export
+    from streams.export import NoBatches
+
+    try:
+        click.echo(run_export(_settings(ctx), out_dir, batch_ids=list(batch_ids), since=since, until=until, app=app))
+    except NoBatches as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 # --- contract -----------------------------------------------------------------------------
 
 
