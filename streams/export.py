@@ -16,8 +16,10 @@ was derived from (``event_ids``) and reads their app, user, time and consent fro
   nor its user's erasure can be shown, and an export errs on the side of the user.
 
 Everything else is kept field for field as the batch holds it, plus a ``batch_id`` column.
-Batches have no held-out part in this version of the batch format, so there is one split,
-``train``, per signal.
+Each signal is one config with one split, ``train``; a batch's held-out part (the records the
+gate judges candidates on, never trained: ``FEEDLOOP_PIPELINE__HELDOUT_SHARE``) comes as its own
+configs, ``heldout_sft``, ``heldout_pairs`` and ``heldout_labels``, so a team that trains
+elsewhere can evaluate on the same held-out feedback.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from streams.contract import USER_EVENT_ADAPTER, Interaction
 from streams.pseudonyms import user_identity
 from streams.store import Batch, BatchStatus
 from streams.topics import EVENTS
-from streams.training_data import SIGNAL_FILES, read_batch
+from streams.training_data import HELDOUT_FILES, SIGNAL_FILES, read_batch
 
 SPLIT = "train"
 EXPORTABLE = (BatchStatus.EMITTED, BatchStatus.TRAINED)  # training/failed ones may be retried or dropped
@@ -146,7 +148,7 @@ def export_dataset(out_dir: Path, batches: list[tuple[str, Path]], facts: dict[s
 
     ``on_batch`` is called after each batch is read, so a caller can show progress."""
     summary = ExportSummary([b for b, _ in batches], exported_at, app)
-    rows: dict[str, list[dict]] = {signal: [] for signal in SIGNAL_FILES}
+    rows: dict[str, list[dict]] = {signal: [] for signal in SIGNAL_FILES | HELDOUT_FILES}
     for batch_id, directory in batches:
         _, records = read_batch(directory)
         for signal, items in records.items():
@@ -184,7 +186,7 @@ def dataset_card(summary: ExportSummary) -> str:
         *header, "---", "", "# feedloop curated feedback dataset", "",
         f"Exported {summary.exported_at.isoformat()} from {len(summary.batches)} batch(es): "
         f"{', '.join(summary.batches)}." + (f" Only app `{summary.app}`." if summary.app else ""), "",
-        "## Rows per signal", "", *_table(Counter({s: summary.rows.get(s, 0) for s in SIGNAL_FILES}), "signal"),
+        "## Rows per signal", "", *_table(Counter({s: summary.rows.get(s, 0) for s in SIGNAL_FILES | HELDOUT_FILES}), "signal"),
     ]
     for signal in summary.files:
         lines += [f"## {signal}", "", *_table(summary.strata[signal], "stratum (cohort/domain)"),

@@ -22,7 +22,7 @@ from streams.pipeline import pseudonyms_erased
 from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
 from streams.store import ArchiveSegment, make_engine, make_sessionmaker
 from streams.topics import EVENTS
-from streams.training_data import LabelRecord, PreferenceRecord, SftRecord, read_batch, write_batch
+from streams.training_data import HELDOUT, LabelRecord, PreferenceRecord, SftRecord, read_batch, write_batch
 from tests.factories import feedback, interaction
 
 EXPORTED_AT = datetime(2026, 12, 3, 7, 0, tzinfo=UTC)
@@ -84,6 +84,9 @@ def test_rows_are_the_batch_records_without_the_opted_out_or_the_erased(world) -
 
     _, records = read_batch(directory)
     for signal, items in records.items():
+        if signal.startswith(HELDOUT):
+            assert items == [] and not (out / f"{signal}.parquet").exists()
+            continue
         expected = [{"batch_id": "batch-p0-000001", **r.model_dump(mode="json")}
                     for r in items if r.example_id.startswith("anna:")]
         assert _load(out, signal) == expected
@@ -114,6 +117,21 @@ def test_the_card_names_counts_and_loads_by_config(world) -> None:
     assert "batch-p0-000001" in card and EXPORTED_AT.isoformat() in card
     by_config = datasets.load_dataset(str(out), "pairs", split="train")
     assert sorted(by_config["example_id"]) == ["anna:pair", "ben:pair"]
+
+
+def test_a_batchs_held_out_part_is_its_own_config(world) -> None:
+    tmp_path, _, facts = world
+    anna = [r for r in _records({"anna": interaction(user_id="anna")}) if isinstance(r, PreferenceRecord)]
+    ids = {"event_ids": [next(iter(facts))]}  # an archived event of anna's
+    held = [anna[0].model_copy(update={**ids, "example_id": "held:pair"})]
+    directory = tmp_path / "batches" / "batch-p0-000002"
+    write_batch(directory, batch_id="batch-p0-000002", trigger="size", event_time="2026-11-21T10:00:00+00:00",
+                records=[], heldout=held, loss_weights={"explicit": 1.0})
+    out = tmp_path / "dataset"
+    summary = export_dataset(out, [("batch-p0-000002", directory)], facts, lambda user, at: False,
+                             exported_at=EXPORTED_AT)  # fmt: skip
+    assert summary.rows == {"heldout_pairs": 1}
+    assert [row["example_id"] for row in datasets.load_dataset(str(out), "heldout_pairs", split="train")] == ["held:pair"]
 
 
 def _archive(sessions, archive_dir: Path, events: list[dict]) -> None:
