@@ -1,0 +1,50 @@
+"""``/metrics`` of a real gateway after real requests: the process and the HTTP requests by
+route template.
+
+Real parts: the Tansu broker, the gateway under uvicorn, the archiver, the ``openai`` package.
+Mocked: the model server (:class:`FakeVllm`, as in test_chat_path.py, whose fixture this reuses).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+
+from tests.conftest import OPERATOR
+from tests.integration.test_chat_path import ask, client
+from tests.integration.test_chat_path import gateway  # noqa: F401  (the fixture: the stack before a FakeVllm)
+from tests.integration.test_dashboard import scrape
+
+
+def by_labels(series: dict[tuple, float], *names: str) -> dict[tuple, float]:
+    return {tuple(dict(labels)[n] for n in names): value for labels, value in series.items()}
+
+
+async def test_metrics_count_requests_by_route_template(gateway):  # noqa: F811
+    stack, _ = gateway
+    scanned = f"/wp-admin/{uuid.uuid4().hex}"
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        assert (await http.post("/v1/users/u-1/erase")).status_code == 401
+        assert (await http.get(scanned)).status_code == 404
+    session_id = f"s-{uuid.uuid4().hex}"
+    async with client(stack) as c:
+        await c.chat.completions.create(**ask("hi", session_id))
+        assert [part async for part in await c.chat.completions.create(**ask("hi", session_id, stream=True))]
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        response = await http.get("/metrics", headers=OPERATOR)
+    assert response.status_code == 200
+    metrics = scrape(response.text)
+
+    assert "process_cpu_seconds_total" in metrics and "process_resident_memory_bytes" in metrics
+    assert "python_info" in metrics
+    requests = by_labels(metrics["feedloop_http_requests_total"], "route", "method", "status")
+    assert requests[("/healthz", "GET", "200")] == 1
+    assert requests[("/v1/users/{user_id}/erase", "POST", "401")] == 1, "the template, not the user's path"
+    assert requests[("other", "GET", "404")] == 1
+    assert requests[("/v1/chat/completions", "POST", "200")] == 2, "the streamed answer counts once it ended"
+    assert not any(scanned in route for route, _, _ in requests), "no label per raw path"
+    durations = by_labels(metrics["feedloop_http_request_duration_seconds_count"], "route", "method")
+    assert durations[("/v1/chat/completions", "POST")] == 2
+
