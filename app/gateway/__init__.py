@@ -68,7 +68,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     metrics = GatewayMetrics(overview)
     chat = ChatService(routing, pub, vllm_urls=settings.vllm_urls, serving=settings.serving,
                        base_model_path=settings.model_path, lora_rank=settings.trainer.lora.rank,
-                       adapter_choice=settings.adapter_choice)  # fmt: skip
+                       adapter_choice=settings.adapter_choice, observer=metrics.chat)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

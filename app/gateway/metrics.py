@@ -1,8 +1,9 @@
 """Prometheus metrics at ``GET /metrics`` (prometheus_client, text format 0.0.4).
 
 Two kinds. Some are measured in this gateway process: the route latency (a histogram around
-each ``/v1/route`` decision), every HTTP request by route template, and the process itself
-(``process_*``, ``python_info``). Everything else comes from ``app.overview`` at scrape time through a
+each ``/v1/route`` decision), every HTTP request by route template, the chat answers' time to
+first token and tokens per second by adapter, and the process itself (``process_*``,
+``python_info``). Everything else comes from ``app.overview`` at scrape time through a
 custom collector, so a scrape always reads current values: the counters are counts of the
 archive (the log of record), identical on every gateway replica and across restarts, and the
 gauges are the store's current rows. docs/operations.md lists every metric.
@@ -44,6 +45,10 @@ ROUTE_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
 SWAP_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # An HTTP request is milliseconds, but a streamed chat answer lasts as long as its generation.
 HTTP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# The first token waits for the prefill (and the queue); a small model on a GPU decodes
+# hundreds of tokens a second, one on a CPU a few.
+TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+TOKENS_PER_S_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 
 
 class OverviewCollector(Collector):
@@ -126,9 +131,29 @@ def swap_latency(snapshot: Overview) -> HistogramMetricFamily:
                                  "loaded.", buckets=buckets, sum_value=sum(seconds))  # fmt: skip
 
 
+class ChatMetrics:
+    """The chat service's observer (:class:`app.gateway.chat_observer.ChatObserver`): its
+    timings as histograms by adapter, so a slower adapter shows beside the others. Adapters are
+    a bounded label set: the router's arms and the base."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ttft = Histogram("feedloop_chat_time_to_first_token_seconds", "Streamed chat answers: time from the "
+                              "request to the first content chunk relayed, by adapter.", ["adapter"],
+                              buckets=TTFT_BUCKETS_S, registry=registry)  # fmt: skip
+        self.tokens_per_s = Histogram("feedloop_chat_tokens_per_second", "Chat answers: completion tokens (vLLM's "
+                                      "usage) per second of generation, by adapter.", ["adapter"],
+                                      buckets=TOKENS_PER_S_BUCKETS, registry=registry)  # fmt: skip
+
+    def first_token(self, adapter: str, seconds: float) -> None:
+        self.ttft.labels(adapter).observe(seconds)
+
+    def generated(self, adapter: str, completion_tokens: int, seconds: float) -> None:
+        self.tokens_per_s.labels(adapter).observe(completion_tokens / seconds)
+
+
 class GatewayMetrics:
     """The gateway's registry: the process, the HTTP requests, the route latency, the refused
-    requests and the overview collector."""
+    requests, the chat timings and the overview collector."""
 
     def __init__(self, overview: OverviewSource) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -144,6 +169,7 @@ class GatewayMetrics:
         self.refused = Counter("feedloop_gateway_refused_requests", "Requests answered 401 (no or unknown key) or "
                                "429 (over the app's rate limit), by endpoint; in this gateway process since its start.",
                                ["endpoint", "status"], registry=self.registry)  # fmt: skip
+        self.chat = ChatMetrics(self.registry)
         self.registry.register(OverviewCollector(overview))
 
     def router(self, keys: ApiKeys) -> APIRouter:

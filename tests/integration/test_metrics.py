@@ -1,5 +1,5 @@
-"""``/metrics`` of a real gateway after real requests: the process and the HTTP requests by
-route template.
+"""``/metrics`` of a real gateway after real requests: the process, the HTTP requests by route
+template, and the chat answers' timings by adapter.
 
 Real parts: the Tansu broker, the gateway under uvicorn, the archiver, the ``openai`` package.
 Mocked: the model server (:class:`FakeVllm`, as in test_chat_path.py, whose fixture this reuses).
@@ -21,7 +21,7 @@ def by_labels(series: dict[tuple, float], *names: str) -> dict[tuple, float]:
     return {tuple(dict(labels)[n] for n in names): value for labels, value in series.items()}
 
 
-async def test_metrics_count_requests_by_route_template(gateway):  # noqa: F811
+async def test_metrics_count_requests_by_route_and_time_chat_answers_by_adapter(gateway):  # noqa: F811
     stack, _ = gateway
     scanned = f"/wp-admin/{uuid.uuid4().hex}"
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
@@ -48,3 +48,8 @@ async def test_metrics_count_requests_by_route_template(gateway):  # noqa: F811
     durations = by_labels(metrics["feedloop_http_request_duration_seconds_count"], "route", "method")
     assert durations[("/v1/chat/completions", "POST")] == 2
 
+    ttft = by_labels(metrics["feedloop_chat_time_to_first_token_seconds_count"], "adapter")
+    assert ttft == {("base",): 1}, "only the streamed answer has a first token"
+    tokens = by_labels(metrics["feedloop_chat_tokens_per_second_count"], "adapter")
+    assert tokens == {("base",): 2}, "both answers report their completion tokens"
+    assert metrics["feedloop_chat_tokens_per_second_sum"][(("adapter", "base"),)] > 0
