@@ -1,5 +1,6 @@
 """``/metrics`` of a real gateway after real requests: the process, the HTTP requests by route
-template, and the chat answers' timings by adapter.
+template, and the chat answers' timings by adapter; and the Grafana dashboard's queries
+against what it exposes.
 
 Real parts: the Tansu broker, the gateway under uvicorn, the archiver, the ``openai`` package.
 Mocked: the model server (:class:`FakeVllm`, as in test_chat_path.py, whose fixture this reuses).
@@ -7,14 +8,30 @@ Mocked: the model server (:class:`FakeVllm`, as in test_chat_path.py, whose fixt
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
+from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import OPERATOR
 from tests.integration.test_chat_path import ask, client
 from tests.integration.test_chat_path import gateway  # noqa: F401  (the fixture: the stack before a FakeVllm)
 from tests.integration.test_dashboard import scrape
+
+
+DASHBOARD = Path(__file__).parents[2] / "docker" / "grafana" / "feedloop.json"
+# What a query names beyond a family: a counter's sample, a histogram's series.
+SERIES_SUFFIX = re.compile(r"_(total|bucket|count|sum)$")
+
+
+async def get_metrics(stack) -> str:
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        response = await http.get("/metrics", headers=OPERATOR)
+    assert response.status_code == 200
+    return response.text
 
 
 def by_labels(series: dict[tuple, float], *names: str) -> dict[tuple, float]:
@@ -32,10 +49,7 @@ async def test_metrics_count_requests_by_route_and_time_chat_answers_by_adapter(
     async with client(stack) as c:
         await c.chat.completions.create(**ask("hi", session_id))
         assert [part async for part in await c.chat.completions.create(**ask("hi", session_id, stream=True))]
-    async with httpx.AsyncClient(base_url=stack.base_url) as http:
-        response = await http.get("/metrics", headers=OPERATOR)
-    assert response.status_code == 200
-    metrics = scrape(response.text)
+    metrics = scrape(await get_metrics(stack))
 
     assert "process_cpu_seconds_total" in metrics and "process_resident_memory_bytes" in metrics
     assert "python_info" in metrics
@@ -53,3 +67,12 @@ async def test_metrics_count_requests_by_route_and_time_chat_answers_by_adapter(
     tokens = by_labels(metrics["feedloop_chat_tokens_per_second_count"], "adapter")
     assert tokens == {("base",): 2}, "both answers report their completion tokens"
     assert metrics["feedloop_chat_tokens_per_second_sum"][(("adapter", "base"),)] > 0
+
+
+async def test_the_grafana_dashboard_queries_only_metrics_the_gateway_exposes(stack):
+    exposed = {family.name for family in text_string_to_metric_families(await get_metrics(stack))}
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    queried = {SERIES_SUFFIX.sub("", name) for panel in panels for target in panel["targets"]
+               for name in re.findall(r"\b(?:feedloop|process)_[a-z_]+", target["expr"])}  # fmt: skip
+    assert {"feedloop_http_requests", "feedloop_chat_tokens_per_second", "feedloop_consumer_lag_records"} <= queried
+    assert queried <= exposed, f"not on /metrics: {sorted(queried - exposed)}"
