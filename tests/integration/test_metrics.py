@@ -3,7 +3,7 @@ template, and the chat answers' timings by adapter; and the Grafana dashboard's 
 against what it exposes.
 
 Real parts: the Tansu broker, the gateway under uvicorn, the archiver, the ``openai`` package.
-Mocked: the model server (:class:`FakeVllm`, as in test_chat_path.py, whose fixture this reuses).
+Mocked: the model server (the ``gateway`` fixture's :class:`tests.integration.fake_vllm.FakeVllm`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import OPERATOR
-from tests.integration.test_chat_path import ask, client
-from tests.integration.test_chat_path import gateway  # noqa: F401  (the fixture: the stack before a FakeVllm)
+from tests.integration.fake_vllm import ask, client
 from tests.integration.test_dashboard import scrape
 
 
@@ -38,7 +37,7 @@ def by_labels(series: dict[tuple, float], *names: str) -> dict[tuple, float]:
     return {tuple(dict(labels)[n] for n in names): value for labels, value in series.items()}
 
 
-async def test_metrics_count_requests_by_route_and_time_chat_answers_by_adapter(gateway):  # noqa: F811
+async def test_metrics_count_requests_by_route_and_time_chat_answers_by_adapter(gateway):
     stack, _ = gateway
     scanned = f"/wp-admin/{uuid.uuid4().hex}"
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
