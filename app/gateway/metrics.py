@@ -199,8 +199,11 @@ def endpoint_of(path: str) -> str:
     return "other"
 
 
-# The route of a request no route matched (a 404): one label for every path a scanner tries.
+# The route of a request no route matched (a 404): one label for every path a scanner tries;
+# likewise a method HTTP does not define (uvicorn's httptools parser refuses those, its h11
+# one passes any token).
 UNROUTED = "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class RequestMetrics:
@@ -237,5 +240,6 @@ class RequestMetrics:
             await self.app(scope, receive, watching)
         finally:
             route = getattr(scope.get("route"), "path", UNROUTED)
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.request_duration.labels(route, scope["method"]).observe(time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in METHODS else UNROUTED
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.request_duration.labels(route, method).observe(time.perf_counter() - started)

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.gateway.metrics import GatewayMetrics, RequestMetrics
 from tests.conftest import OPERATOR
 from tests.integration.fake_vllm import ask, client
 from tests.integration.test_dashboard import scrape
@@ -75,3 +76,23 @@ async def test_the_grafana_dashboard_queries_only_metrics_the_gateway_exposes(st
                for name in re.findall(r"\b(?:feedloop|process)_[a-z_]+", target["expr"])}  # fmt: skip
     assert {"feedloop_http_requests", "feedloop_chat_tokens_per_second", "feedloop_consumer_lag_records"} <= queried
     assert queried <= exposed, f"not on /metrics: {sorted(queried - exposed)}"
+
+
+async def test_a_made_up_method_is_counted_as_other():
+    """Through the middleware alone: uvicorn's default parser answers such a request 400 itself."""
+    class Unreadable:  # a scrape then says feedloop_overview_up 0
+        def read(self) -> None:
+            raise OSError("no store in this test")
+
+    metrics = GatewayMetrics(Unreadable())
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 405, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def ignore(message) -> None:
+        pass
+
+    await RequestMetrics(app, metrics)({"type": "http", "method": "BREW", "path": "/healthz"}, None, ignore)
+    assert metrics.registry.get_sample_value("feedloop_http_requests_total",
+                                             {"route": "other", "method": "other", "status": "405"}) == 1  # fmt: skip
