@@ -40,7 +40,7 @@ from app.gateway.dashboard import dashboard_router
 from app.gateway.erase import erase_router
 from app.gateway.events import events_router
 from app.gateway.health import health_router
-from app.gateway.metrics import GatewayMetrics, RefusedRequests
+from app.gateway.metrics import GatewayMetrics, RequestMetrics
 from app.gateway.openapi import with_components
 from app.rate_limit import RateLimiter
 from app.gateway.request_id import RequestIdMiddleware
@@ -68,11 +68,11 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     engine = make_engine(settings.store_url)
     routing = RoutingService(settings.learners, make_sessionmaker(engine))
     tokens = FeedbackTokens(settings.api_keys, settings.browser.token_ttl_s)
-    chat = ChatService(routing, pub, vllm_urls=settings.vllm_urls, serving=settings.serving,
-                       base_model_path=settings.model_path, lora_rank=settings.trainer.lora.rank,
-                       adapter_choice=settings.adapter_choice, tokens=tokens)  # fmt: skip
     overview = OverviewSource(settings)  # read by the dashboard, /v1/overview and /metrics
     metrics = GatewayMetrics(overview)
+    chat = ChatService(routing, pub, vllm_urls=settings.vllm_urls, serving=settings.serving,
+                       base_model_path=settings.model_path, lora_rank=settings.trainer.lora.rank,
+                       adapter_choice=settings.adapter_choice, tokens=tokens, observer=metrics.chat)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,7 +120,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     ):
         app.include_router(router)
     allow_listed_origins(app, settings.browser)
-    app.add_middleware(RefusedRequests, counter=metrics.refused)
+    app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     with_components(app, USER_EVENT_ADAPTER, ROUTE_REQUEST)
     return app

@@ -60,6 +60,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from app.feedback_tokens import FeedbackTokens
 from app.gateway.auth import ApiKeys
 from app.gateway.chat_answer import Answer, Choice
+from app.gateway.chat_observer import ChatObserver, NoObserver
 from app.gateway.chat_request import ChatAsk, read_request
 from app.gateway.http import read_limited
 from app.gateway.openai_errors import OpenAIError, upstream_error, upstream_error_response
@@ -112,15 +113,23 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
+def _has_content(chunk: dict[str, Any]) -> bool:
+    """Whether a chunk carries something the user sees: text or a tool call (vLLM's first chunk
+    is often only the role)."""
+    deltas = [c.get("delta") or {} for c in chunk.get("choices") or () if isinstance(c, dict)]
+    return any(isinstance(d, dict) and (d.get("content") or d.get("tool_calls")) for d in deltas)
+
+
 class ChatService:
     """The gateway's chat path. One per gateway process; ``close()`` on shutdown."""
 
     def __init__(self, routing: RoutingService, publisher: Publisher, *, vllm_urls: list[str],
                  serving: ServingSettings, base_model_path: Path, lora_rank: int,
                  adapter_choice: Mapping[str, list[str]] | None = None,
-                 tokens: FeedbackTokens | None = None) -> None:  # fmt: skip
+                 tokens: FeedbackTokens | None = None, observer: ChatObserver | None = None) -> None:  # fmt: skip
         self.routing = routing
         self.tokens = tokens  # feedback tokens for the answers' web pages (none: answers carry none)
+        self.observer = observer or NoObserver()  # the answers' timings (app.gateway.chat_observer)
         self.adapter_choice = dict(adapter_choice or {})  # app -> adapters it may name ("*": any)
         self.publisher = publisher
         self.vllm_urls = vllm_urls
@@ -172,14 +181,16 @@ class ChatService:
             log.info("chat.upstream_error", status=response.status_code, adapter=turn.adapter, app_id=app_id)
             return upstream_error_response(response, {ADAPTER_HEADER: turn.adapter})  # no ids: nothing to join
         if turn.ask.stream:
-            return StreamingResponse(self._relay(response, turn, started), status_code=200,
+            return StreamingResponse(self._relay(response, turn, entered, started), status_code=200,
                                      media_type="text/event-stream", headers=self._headers(turn))  # fmt: skip
         try:
             payload = response.json()
         except ValueError:
             raise OpenAIError(502, "bad_upstream_response", "the model server's answer is not JSON") from None
         latency_ms = (time.perf_counter() - started) * 1000
-        recorded = await self._record(turn, Answer.of_completion(payload), latency_ms)
+        answer = Answer.of_completion(payload)
+        self._observe_generation(turn, answer, latency_ms)
+        recorded = await self._record(turn, answer, latency_ms)
         payload["model"] = turn.adapter
         payload["feedloop"] = turn.ids_for_app(recorded)
         headers = self._headers(turn, recorded)
@@ -248,11 +259,14 @@ class ChatService:
                               "or fix FEEDLOOP_VLLM_URLS")  # fmt: skip
         return last
 
-    async def _relay(self, response: httpx.Response, turn: _Turn, started: float) -> AsyncIterator[bytes]:
+    async def _relay(self, response: httpx.Response, turn: _Turn, entered: float,
+                     started: float) -> AsyncIterator[bytes]:  # fmt: skip
         """Pass the server-sent events through (with the adapter as ``model``, the ids on the
         first chunk, usage only if asked), fold them into the answer, and record it when the
-        stream ends, unless vLLM failed it."""
-        answer, done, first = Answer(), False, True
+        stream ends, unless vLLM failed it. The observer hears of the first content relayed
+        (from ``entered``, the request) and of a whole answer's generation (from ``started``,
+        the ask to vLLM)."""
+        answer, done, first, awaiting_token = Answer(), False, True, True
         try:
             try:
                 async for line in response.aiter_lines():
@@ -276,6 +290,9 @@ class ChatService:
                     if first:
                         chunk["feedloop"], first = turn.ids_for_app(), False
                     yield _sse(chunk)
+                    if awaiting_token and _has_content(chunk):  # after the yield: once it was sent
+                        self.observer.first_token(turn.adapter, time.perf_counter() - entered)
+                        awaiting_token = False
                 if not done and answer.error is None:
                     answer.error = {"message": "the model server's stream ended before [DONE]"}
             except httpx.HTTPError as exc:  # the replica went away mid-answer
@@ -289,13 +306,22 @@ class ChatService:
             if answer.error is not None:
                 log.warning("chat.answer_failed", interaction_ids=turn.interaction_ids, error=answer.error)
             else:
-                if not done:
+                latency_ms = (time.perf_counter() - started) * 1000
+                if done:
+                    self._observe_generation(turn, answer, latency_ms)
+                else:
                     log.warning("chat.stream_interrupted", interaction_ids=turn.interaction_ids)
                 # In a task: the client may be gone, and the events must still reach the broker.
-                task = asyncio.create_task(self._record(turn, answer, (time.perf_counter() - started) * 1000,
-                                                        interrupted=not done))  # fmt: skip
+                task = asyncio.create_task(self._record(turn, answer, latency_ms, interrupted=not done))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
+
+    def _observe_generation(self, turn: _Turn, answer: Answer, latency_ms: float) -> None:
+        """Tokens per second of a whole answer, when vLLM counted its tokens (for a stream, in
+        the usage chunk the gateway always asks for). Over all of ``n`` choices: vLLM's count is."""
+        tokens = answer.usage.get("completion_tokens")
+        if isinstance(tokens, int) and tokens > 0 and latency_ms > 0:
+            self.observer.generated(turn.adapter, tokens, latency_ms / 1000)
 
     # --- the interaction events -------------------------------------------------------------
 

@@ -1,18 +1,22 @@
 """Prometheus metrics at ``GET /metrics`` (prometheus_client, text format 0.0.4).
 
-Two kinds. The route latency is measured in this gateway process (a histogram around each
-``/v1/route`` decision). Everything else comes from ``app.overview`` at scrape time through a
+Two kinds. Some are measured in this gateway process: the route latency (a histogram around
+each ``/v1/route`` decision), every HTTP request by route template, the chat answers' time to
+first token and tokens per second by adapter, and the process itself (``process_*``,
+``python_info``). Everything else comes from ``app.overview`` at scrape time through a
 custom collector, so a scrape always reads current values: the counters are counts of the
 archive (the log of record), identical on every gateway replica and across restarts, and the
 gauges are the store's current rows. docs/operations.md lists every metric.
 
 Each app gets its own registry: several gateways in one process (the tests, the demo) must
-not share or collide in the global one.
+not share or collide in the global one. So the process and platform collectors, which
+prometheus_client registers only on the global registry, are registered on it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +24,8 @@ from typing import Any
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
@@ -38,6 +43,12 @@ BATCH_STATUSES = ("emitted", "training", "trained", "failed")
 # A decision is a few matrix products (tens of microseconds); a swap loads weights (seconds).
 ROUTE_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
 SWAP_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# An HTTP request is milliseconds, but a streamed chat answer lasts as long as its generation.
+HTTP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# The first token waits for the prefill (and the queue); a small model on a GPU decodes
+# hundreds of tokens a second, one on a CPU a few.
+TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+TOKENS_PER_S_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 
 
 class OverviewCollector(Collector):
@@ -120,17 +131,45 @@ def swap_latency(snapshot: Overview) -> HistogramMetricFamily:
                                  "loaded.", buckets=buckets, sum_value=sum(seconds))  # fmt: skip
 
 
+class ChatMetrics:
+    """The chat service's observer (:class:`app.gateway.chat_observer.ChatObserver`): its
+    timings as histograms by adapter, so a slower adapter shows beside the others. Adapters are
+    a bounded label set: the router's arms and the base."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ttft = Histogram("feedloop_chat_time_to_first_token_seconds", "Streamed chat answers: time from the "
+                              "request to the first content chunk relayed, by adapter.", ["adapter"],
+                              buckets=TTFT_BUCKETS_S, registry=registry)  # fmt: skip
+        self.tokens_per_s = Histogram("feedloop_chat_tokens_per_second", "Chat answers: completion tokens (vLLM's "
+                                      "usage) per second of generation, by adapter.", ["adapter"],
+                                      buckets=TOKENS_PER_S_BUCKETS, registry=registry)  # fmt: skip
+
+    def first_token(self, adapter: str, seconds: float) -> None:
+        self.ttft.labels(adapter).observe(seconds)
+
+    def generated(self, adapter: str, completion_tokens: int, seconds: float) -> None:
+        self.tokens_per_s.labels(adapter).observe(completion_tokens / seconds)
+
+
 class GatewayMetrics:
-    """The gateway's registry: the route-latency histogram, the refused-requests counter and
-    the overview collector."""
+    """The gateway's registry: the process, the HTTP requests, the route latency, the refused
+    requests, the chat timings and the overview collector."""
 
     def __init__(self, overview: OverviewSource) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.requests = Counter("feedloop_http_requests", "HTTP responses of this gateway process, by route template, "
+                                "method and status.", ["route", "method", "status"], registry=self.registry)  # fmt: skip
+        self.request_duration = Histogram("feedloop_http_request_duration_seconds", "Time from a request to the end "
+                                          "of its response (a stream's last chunk), by route template and method.",
+                                          ["route", "method"], buckets=HTTP_BUCKETS_S, registry=self.registry)  # fmt: skip
         self.route_latency = Histogram("feedloop_route_latency_seconds", "Time to decide a /v1/route request.",
                                        buckets=ROUTE_BUCKETS_S, registry=self.registry)  # fmt: skip
         self.refused = Counter("feedloop_gateway_refused_requests", "Requests answered 401 (no or unknown key) or "
                                "429 (over the app's rate limit), by endpoint; in this gateway process since its start.",
                                ["endpoint", "status"], registry=self.registry)  # fmt: skip
+        self.chat = ChatMetrics(self.registry)
         self.registry.register(OverviewCollector(overview))
 
     def router(self, keys: ApiKeys) -> APIRouter:
@@ -160,22 +199,47 @@ def endpoint_of(path: str) -> str:
     return "other"
 
 
-class RefusedRequests:
-    """ASGI middleware: counts the responses with status 401 or 429 in ``counter``. Refused
-    requests are counted, not kept: anyone can send them."""
+# The route of a request no route matched (a 404): one label for every path a scanner tries;
+# likewise a method HTTP does not define (uvicorn's httptools parser refuses those, its h11
+# one passes any token).
+UNROUTED = "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-    def __init__(self, app: Any, counter: Counter) -> None:
+
+class RequestMetrics:
+    """ASGI middleware: counts and times every HTTP response by route template, and the 401
+    and 429 ones in the refused counter. Refused requests are counted, not kept: anyone can
+    send them.
+
+    Plain ASGI, as :class:`app.gateway.request_id.RequestIdMiddleware` argues. The route is the
+    template the router matched (``scope["route"]``, set as the request passes through it), not
+    the raw path: a label per user id would grow without bound. A request is counted when the
+    app returns, after the last body chunk, so a streamed answer is timed to its end; one that
+    raised before answering counts as the 500 Starlette answers it with."""
+
+    def __init__(self, app: Any, metrics: GatewayMetrics) -> None:
         self.app = app
-        self.counter = counter
+        self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        status = 500
 
-        async def counting(message: dict) -> None:
-            if message["type"] == "http.response.start" and message["status"] in (401, 429):
-                self.counter.labels(endpoint_of(scope["path"]), str(message["status"])).inc()
+        async def watching(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status in (401, 429):
+                    self.metrics.refused.labels(endpoint_of(scope["path"]), str(status)).inc()
             await send(message)
 
-        await self.app(scope, receive, counting)
+        try:
+            await self.app(scope, receive, watching)
+        finally:
+            route = getattr(scope.get("route"), "path", UNROUTED)
+            method = scope["method"] if scope["method"] in METHODS else UNROUTED
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.request_duration.labels(route, method).observe(time.perf_counter() - started)

@@ -2,7 +2,7 @@
 
 Real parts: the Tansu broker, the gateway under uvicorn, the archiver, the ``openai`` package,
 Debian's chromium driven by Playwright, and two web pages served from their own origins (one
-the app lists, one it does not). Mocked: the model server (tests/integration/test_chat_path.py's
+the app lists, one it does not). Mocked: the model server (tests/integration/fake_vllm.py's
 FakeVllm: the chat answer only has to exist).
 """
 
@@ -21,7 +21,7 @@ from streams.contract import utcnow
 from streams.topics import EVENTS
 from tests.conftest import API_KEYS, archived_records, free_port, make_settings, start_stack, wait_until_archived
 from tests.factories import interaction
-from tests.integration.test_chat_path import FakeVllm
+from tests.integration.fake_vllm import FakeVllm
 from tests.integration.test_dashboard import chromium_path
 
 KEY = API_KEYS["app-a"]
