@@ -19,6 +19,7 @@ from app.rate_limit import RateLimit
 from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
 from streams.kafka import KafkaSecurity, KafkaSettings
+from streams.store import store_url
 from trainer.config import ServingSettings, TrainerConfig
 
 KIB = 1024
@@ -195,7 +196,7 @@ class Settings(BaseSettings):
 
     @property
     def store_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'feedloop.db'}"
+        return store_url(self.database_url, self.data_dir)
 
     @property
     def archive_dir(self) -> Path:

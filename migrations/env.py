@@ -1,33 +1,30 @@
 """Alembic environment of the store, for `feedloop db ...` and for `alembic` run from the repo root.
 
 `feedloop db` passes the URL it resolved (migrations/__init__.py); plain `alembic` (alembic.ini)
-resolves it here as every feedloop process does: FEEDLOOP_DATABASE_URL, or the SQLite file in
-FEEDLOOP_DATA_DIR. Offline (`alembic upgrade head --sql`) writes the SQL for an empty database.
+resolves it here from FEEDLOOP_DATABASE_URL, or the SQLite file in FEEDLOOP_DATA_DIR, by the
+store's own rule (``streams.store.store_url``, which the settings use too; a ``.env`` file is
+not read here). Offline (`alembic upgrade head --sql`) writes the SQL for an empty database.
 """
 
+import os
 from pathlib import Path
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import make_url
 
-from streams.store import Base
+from streams.store import Base, store_url
 
 config = context.config
 
 
-def store_url() -> str:
+def url_to_migrate() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    # Plain `alembic`: the settings and the log set-up of the feedloop processes, read lazily
-    # because `feedloop db` has both already.
-    from app.logs import configure_logging
-    from app.settings import Settings
-
-    settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
-    return settings.store_url
+    # Plain `alembic`: the two settings the store URL is made of, read from the environment
+    # (not app.settings: the migrations sit below the app), by the store's own rule.
+    return store_url(os.environ.get("FEEDLOOP_DATABASE_URL") or None, Path(os.environ.get("FEEDLOOP_DATA_DIR", "data")))
 
 
 def run_migrations_offline(url: str) -> None:
@@ -54,6 +51,6 @@ def run_migrations_online(url: str) -> None:
 
 
 if context.is_offline_mode():
-    run_migrations_offline(store_url())
+    run_migrations_offline(url_to_migrate())
 else:
-    run_migrations_online(store_url())
+    run_migrations_online(url_to_migrate())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -192,6 +193,15 @@ class ProcessHeartbeat(Base):
     ready: Mapped[bool] = mapped_column(Boolean, default=False, doc="Doing its work (not starting up).")
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="What the process says it is doing.")
+
+
+STORE_FILE = "feedloop.db"  # the SQLite store in the data directory, when no database URL is set
+
+
+def store_url(database_url: str | None, data_dir: Path) -> str:
+    """The store's URL: the configured database, else the SQLite file in the data directory.
+    One rule for the settings (``Settings.store_url``) and for plain ``alembic`` (migrations/env.py)."""
+    return database_url or f"sqlite:///{data_dir.absolute() / STORE_FILE}"
 
 
 def make_engine(url: str) -> Engine:
