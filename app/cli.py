@@ -718,8 +718,11 @@ def adapters_pin(ctx: click.Context, name: str | None, clear: bool) -> None:
 @click.option("--drift-at", type=click.FloatRange(0, 1), default=None,
               help="Share of the turns after which the users' preferences shift (0: from the start, 1: never; "
                    "default: the population's, half).")  # fmt: skip
+@click.option("--resume", is_flag=True,
+              help="Continue the last run's store, archive, adapters and router instead of starting from nothing "
+                   "in a new data/demo/<timestamp>/.")  # fmt: skip
 @click.pass_context
-def demo(ctx: click.Context, events: int, minutes: float, drift_at: float | None) -> None:
+def demo(ctx: click.Context, events: int, minutes: float, drift_at: float | None, resume: bool) -> None:
     """The whole loop on the embedded defaults with a simulated population, then a report.
 
     Starts broker, store, archive, gateway, vLLM, worker, learner, trainer and hot-swap
@@ -728,7 +731,7 @@ def demo(ctx: click.Context, events: int, minutes: float, drift_at: float | None
     from demo.population import PopulationConfig
 
     users = PopulationConfig(interactions=events, **({} if drift_at is None else {"drift_fraction": drift_at}))
-    sys.exit(run_demo(_settings(ctx), users, minutes=minutes))
+    sys.exit(run_demo(_settings(ctx), users, minutes=minutes, resume=resume))
 
 
 if __name__ == "__main__":  # pragma: no cover

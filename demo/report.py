@@ -358,7 +358,8 @@ def plot_ab_bounds(series: Series, path: Path) -> Path:
 # --- writing -----------------------------------------------------------------------------
 
 
-def _run_directory(runs_dir: Path, now: datetime) -> Path:
+def run_directory(runs_dir: Path, now: datetime) -> Path:
+    """A new ``<runs_dir>/<UTC timestamp>`` (with ``-2``, ``-3`` ... if that one exists)."""
     stamp = now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     candidate, n = runs_dir / stamp, 1
     while candidate.exists():  # two runs in one second keep both
@@ -393,7 +394,7 @@ def write_report(
 ) -> Path:
     """Write ``<runs_dir>/<UTC timestamp>/`` (report.json and the PNG plots), copy it to
     ``<runs_dir>/latest/``, print the table to ``console`` if given; returns the run directory."""
-    run = _run_directory(Path(runs_dir), now or datetime.now(timezone.utc))
+    run = run_directory(Path(runs_dir), now or datetime.now(timezone.utc))
     run.mkdir(parents=True)
     (run / REPORT_FILE).write_text(json.dumps(report.to_json(minority), indent=2) + "\n")
     for plot, name in zip((plot_rewards, plot_traffic, plot_ab_bounds), PLOT_FILES):
