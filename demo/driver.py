@@ -46,7 +46,7 @@ from demo.base_model import ensure_base_model
 from demo.population import Population, PopulationConfig, style_profile
 from demo.progress import Snapshot, progress_view
 from demo.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
-from demo.report import loaded_so_far, routing_regret, run_directory, win_rate, write_report
+from demo.report import loaded_so_far, recovery_delay, routing_regret, run_directory, win_rate, write_report
 from demo.suites import RARE_SKILL_ACCURACY
 from streams.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker
 from streams.agents import PIPELINE_RECORD_KEYS
@@ -505,6 +505,7 @@ def _report(settings, sessions, before, population, traffic: Traffic, every, ear
         win_rate_ci95=ci95,
         regret_ratio_vs_uniform=regret_ratio(*routing_regret(loaded_so_far(live), reward_of)),
         regret_ratio_live_arms=regret_ratio(*routing_regret(live, reward_of)),
+        recovery_events=recovery_delay(population.shift_index, [(s.index, float(s.satisfied)) for s in traffic.served]),
         drift_detect_delay_events=drift_detect_delay(population.shift_index, alarms),
         cohort_win_rates={cohort: win_rate(js)[0] for cohort, js in per_cohort.items()},
         rare_skill_accuracy_start=start,
