@@ -343,6 +343,9 @@ class ArchiveFold:
         self.records_by_topic: Counter = Counter()
         self.all = Totals()
         self.apps: dict[str, Totals] = {}  # by app id
+        # Only an app with a key can read its view: a producer writing made-up app ids straight
+        # to the topics must not grow the fold.
+        self.known_apps = frozenset(settings.api_keys)
         self.drift_alarms: Counter = Counter()
         self.recent_drift_alarms: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.batches_emitted = 0
@@ -374,8 +377,8 @@ class ArchiveFold:
             self.undecodable += 1
 
     def scopes(self, app_id: Any) -> tuple[Totals, ...]:
-        """Every app's totals, and the record's app's (none for a record without a valid one)."""
-        if not isinstance(app_id, str) or not app_id:
+        """Every app's totals, and the record's app's (none for a record without a configured one)."""
+        if app_id not in self.known_apps:
             return (self.all,)
         return self.all, self.apps.setdefault(app_id, Totals())
 

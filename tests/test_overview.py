@@ -341,3 +341,14 @@ def test_the_overview_renders_events_at_the_ends_of_the_calendar(sessions, setti
     overview = OverviewSource(settings, sessions).read()
     times = overview.traffic_share.times
     assert times and min(times) >= "0001-01-02" and max(times) <= "9999-12-30 23:59:59"
+
+
+def test_only_configured_apps_get_a_view_of_their_own(sessions, tmp_path):
+    settings = Settings(data_dir=tmp_path, api_keys={"app-a": "key-a"})
+    made_up = [interaction(app_id=f"made-up-{i}") for i in range(50)]  # written straight to the topic
+    seal(sessions, settings, EVENTS.name, [interaction(app_id="app-a"), *made_up])
+    source = OverviewSource(settings, sessions)
+    assert source.read().events_accepted["interaction"] == 51  # the operator's view counts every record
+    assert source.read("app-a").events_accepted["interaction"] == 1
+    assert source.read("made-up-1").events_accepted["interaction"] == 0
+    assert set(source._fold.apps) == {"app-a"}  # no totals kept for app ids no key can read
