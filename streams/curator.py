@@ -133,6 +133,11 @@ class Curator:
         self.early_trigger = None
         return dropped
 
+    def due_at(self) -> datetime | None:
+        """When the oldest buffered record's wait ends (its ``occurred_at`` key + ``max_wait``);
+        None with nothing buffered."""
+        return self.buffer[0].occurred_at + self.max_wait if self.buffer else None
+
     def due(self, watermark: datetime | None) -> str | None:
         if not self.buffer:
             return None
