@@ -483,8 +483,10 @@ def erase(ctx: click.Context, user_id: str, app_id: str) -> None:
         try:
             _send_control(settings, announce)
         except click.ClickException as exc:
-            raise click.ClickException(f"{exc.message}. The user is erased, but the trainer was not told: run the "
-                                       "same command again once the broker is up") from exc  # fmt: skip
+            # Erased all the same: the trainer applies the erasure from the store before it trains.
+            click.echo(f"not announced on the control topic yet: {exc.message} Run the same command again once the "
+                       "broker is up, so that the log holds the erasure too.", err=True)  # fmt: skip
+            return
         mark_announced(sessions, announce.pseudonym)
 
 
@@ -637,8 +639,8 @@ def _send_control(settings: Settings, event) -> None:
 
     async def send() -> None:
         producer = kafka.producer(settings.kafka)
-        await producer.start()
         try:
+            await producer.start()  # inside: a start that fails is stopped too (no unclosed producer)
             await producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=control_key(event))
         finally:
             await producer.stop()
