@@ -39,7 +39,8 @@ class ErasureAnswer(BaseModel):
     already_erased: bool = Field(description="The user was erased before: nothing was done again.")
 
 
-def erase_user(key_dir: Path, sessions: sessionmaker, app_id: str, user_id: str) -> tuple[ErasureAnswer, UserErased | None]:
+def erase_user(key_dir: Path, sessions: sessionmaker, app_id: str,
+               user_id: str) -> tuple[ErasureAnswer, UserErased | None]:  # fmt: skip
     """Erase the user; returns the answer and the event still to announce (None: nothing to
     announce, or announced already). Announce it, then :func:`trainer.erasure.mark_announced`."""
     user = user_identity(app_id, user_id)

@@ -85,7 +85,8 @@ def apply_erasures(sessions: sessionmaker, data_dir: Path, adapters_dir: Path) -
 
     Holds the trainer's lock, so no batch is in training meanwhile. A crash after a batch's
     files were rewritten and before its row was is healed by the next call: the files then
-    hold none of the users, and the row takes their manifest."""
+    hold none of the users, and the row takes their manifest. A batch that cannot be read is
+    left for the next call (every call checks every erasure against every untrained batch)."""
     with exclusive(adapters_dir), sessions.begin() as session:
         erasures = {row.pseudonym: row for row in session.scalars(select(Erasure))}
         now = utcnow()
@@ -98,7 +99,12 @@ def apply_erasures(sessions: sessionmaker, data_dir: Path, adapters_dir: Path) -
             users = erasures.keys() & (batch.manifest or {}).get("users", {}).keys()
             if not users:
                 continue
-            manifest, digest = recut_batch(data_dir / batch.path, set(users))
+            try:
+                manifest, digest = recut_batch(data_dir / batch.path, set(users))
+            except (OSError, ValueError) as exc:  # gone or tampered: training would refuse it too
+                log.error("trainer.batch_not_recut", batch_id=batch.batch_id, reason=str(exc),
+                          hint="restore the batch's files; the erasure is applied to it before it is trained")
+                continue
             batch.manifest, batch.manifest_sha256 = manifest.model_dump(mode="json"), digest
             batch.example_count = sum(manifest.counts[signal] for signal in SIGNAL_FILES)
             for user in users:

@@ -33,7 +33,8 @@ async def test_erase_through_the_gateway_reaches_the_trainer_once_and_answers_th
         gone, stays, later = (keys.pseudonym(user_identity("app-a", u)) for u in ("gone", "stays", "later"))
         adapter(sessions, "adapter-1")
         adapter(sessions, "adapter-2")
-        batch(sessions, settings.data_dir, "batch-1", {gone: [sft("g1", "gone")]}, status="trained", adapter="adapter-1")
+        batch(sessions, settings.data_dir, "batch-1", {gone: [sft("g1", "gone")]}, status="trained",
+              adapter="adapter-1")
         batch(sessions, settings.data_dir, "batch-2", {stays: [sft("s2", "stays")]}, status="trained",
               adapter="adapter-2")
         waiting = batch(sessions, settings.data_dir, "batch-3", {gone: [sft("g3", "gone")], stays: [sft("s3", "x")]})

@@ -30,12 +30,13 @@ APP = "app-a"
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
     """A migrated store of the test's own; PostgreSQL's is emptied again afterwards."""
-    url = f"sqlite:///{tmp_path / 'feedloop.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    sqlite = request.param == "sqlite"
+    url = f"sqlite:///{tmp_path / 'feedloop.db'}" if sqlite else request.getfixturevalue("postgres_url")
     migrations.upgrade(url)
     engine = make_engine(url)
     yield make_sessionmaker(engine)
     engine.dispose()
-    if request.param == "postgresql":
+    if not sqlite:
         migrations.downgrade(url, "base")
 
 
@@ -121,8 +122,9 @@ def test_an_untrained_batch_loses_the_users_records_and_keeps_everyone_elses_byt
     kept_ids = {r.example_id for rs in records.values() for r in rs}
     assert kept_ids == {"s4:accepted", "s5:label", "s6:accepted"}
     after = lines(waiting)
+    gone_ids = {"g4:accepted", "g5:label", "g6:accepted"}
     for name, old in before.items():
-        others = [line for line in old if json.loads(line)["example_id"] not in {"g4:accepted", "g5:label", "g6:accepted"}]
+        others = [line for line in old if json.loads(line)["example_id"] not in gone_ids]
         assert after.get(name, []) == others, name
     assert sum(map(len, after.values())) == 3
     assert lines(data_dir / "batches" / "batch-1") == trained_before, "a trained batch is history: left as it is"
@@ -217,3 +219,13 @@ def test_status_lists_the_adapters_to_retrain(world):
     text = console.export_text()
     assert "adapters to retrain" in text and "adapter-1" in text and "adapter-3" in text
     assert "adapter-2" not in text.split("adapters to retrain")[1].split("drift alarms")[0]
+
+
+def test_an_unreadable_batch_is_left_for_later_and_a_batch_recorded_after_the_erasure_is_recut_too(world):
+    sessions, data_dir, key_dir, gone, stays, waiting = world
+    broken = batch(sessions, data_dir, "batch-5", {gone: [sft("g7", "gone")]})
+    (broken / "sft.jsonl").write_text("tampered\n")
+    erase_user(key_dir, sessions, APP, "gone")
+    assert apply_erasures(sessions, data_dir, data_dir / "adapters") == ["batch-4"]
+    batch(sessions, data_dir, "batch-6", {gone: [sft("g8", "gone")]})  # cut before the erasure, recorded after
+    assert apply_erasures(sessions, data_dir, data_dir / "adapters") == ["batch-6"], "every call checks every batch"
