@@ -372,10 +372,22 @@ class DriftAlarm(_ControlEvent):
         return self.signal.startswith("reward:")
 
 
+class UserErased(_ControlEvent):
+    """A user asked to be erased (``POST /v1/users/{id}/erase``, ``feedloop erase``): the
+    trainer cuts their records out of the batches it has not trained, and the adapters
+    trained on them are named for retraining. It carries the pseudonym the user had until
+    then, never the user id; ``occurred_at`` is the erasure's time (the key store's record of
+    it), and the event id is derived from the pseudonym, so announcing it again dedupes."""
+
+    type: Literal["user_erased"] = "user_erased"
+    app_id: Id
+    pseudonym: str = Field(pattern=r"^u_[0-9a-f]{32}$", description="The user's pseudonym before the erasure.")
+
+
 ControlEvent = Annotated[
     Union[
         BatchEmitted, AdapterReady, AdapterLoaded, AdapterPromoted, AdapterRolledBack, AdapterRefused,
-        AdapterUnloaded, AdapterPinned, DriftAlarm,
+        AdapterUnloaded, AdapterPinned, DriftAlarm, UserErased,
     ],
     Field(discriminator="type"),
 ]

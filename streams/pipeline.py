@@ -402,7 +402,7 @@ class PartitionPipeline:
         for record in records:
             counts[f"records_{record.source}"] += 1
         user = self.user_of.pop(example.key)
-        self.curator.add([Buffered(r, user, occurred_at) for r in records])
+        self.curator.add([Buffered(r, user, occurred_at, example.user) for r in records])
         return example
 
     def _rival(self, entry: OpenInteraction, choice: Feedback, closing: Mapping[Key, OpenInteraction]) -> Rival | str:

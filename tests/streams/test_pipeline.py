@@ -653,3 +653,17 @@ def test_a_regeneration_pairs_with_the_answer_it_replaced_though_that_closed_fir
     assert [e.example_id for e in run.examples] == [a["interaction_id"]]  # a closed, b still open
     (pair,) = [r for r in cut(run, 700) if r.source == "regenerate"]
     assert (pair.chosen, pair.rejected) == ("A clearer answer.", a["response"])
+
+
+def test_a_batch_lists_each_record_under_the_pseudonym_its_example_carries(pseudonyms):
+    config = CONFIG.model_copy(update={"batch_size": 40, "replay_fraction": 0.2})
+    events = []
+    for i in range(60):
+        t = turn(i, user_id=f"user-{i % 3}", prompt=[{"role": "user", "content": f"question {i} topic {i * 7}"}])
+        events += [t, signal(t, "thumbs", i + 1)]
+    run = Run(pseudonyms, config).feed(*events, tick(5000))
+    owner = {e.example_id: e.user for e in run.examples}
+    assert len(set(owner.values())) == 3 and any(r.replay for r in run.records()), "the check has power"
+    for batch in run.batches:
+        listed = {example_id: user for user, ids in batch.users.items() for example_id in ids}
+        assert listed == {r.example_id: owner[r.example_id.split(":")[0]] for r in batch.records + batch.heldout}
