@@ -12,20 +12,22 @@ import numpy as np
 # plain per-arm means then compare different populations (a challenger sent the easy requests
 # looks better with no true lift; the A/A test in tests/learners/test_ab_test.py measures it).
 # The logged propensity of the served arm fixes that: for every request in which both arms
-# could be chosen, the inverse-propensity pseudo-outcome
+# could be chosen, the augmented inverse-propensity pseudo-outcome
 #
-#     d_t = (r_t - b_t) * (1[a_t = challenger] - 1[a_t = champion]) / p_t(a_t)
+#     d_t = (m_B - m_A) + 1[a_t = B] (r_t - m_B) / p_t(a_t) - 1[a_t = A] (r_t - m_A) / p_t(a_t)
 #
-# has conditional mean E[mu_challenger(x) - mu_champion(x)] given the past, whatever the router
-# did before: the difference of two inverse-propensity estimates (Horvitz & Thompson 1952),
-# each minus the baseline b_t, the mean reward of the test's earlier requests. Any baseline
-# fixed before the request keeps the mean (it is the augmented IPW estimator of Robins,
-# Rotnitzky & Zhao 1994 with a constant reward model); this one centres the rewards, which
-# halves the variance of plain IPS at a 50/50 split (E[d^2] = sum_a E[(r - b)^2] / p(a)
-# instead of sum_a E[r^2] / p(a)) and matches the old two-sample test's. So the d_t minus the
-# lift form a martingale difference sequence, and a one-sample confidence sequence on their
-# mean is one on the lift under adaptive allocation. The estimand is the lift of sending
-# *every* request to the challenger rather than to the champion: what a promotion does.
+# (A the champion, B the challenger, m_A and m_B their mean rewards over the test's earlier
+# requests) has conditional mean E[mu_B(x) - mu_A(x)] given the past, whatever the router did
+# before: each inverse-propensity term (Horvitz & Thompson 1952) corrects the baseline m of
+# its arm by exactly its error, in expectation. It is the augmented IPW estimator (Robins,
+# Rotnitzky & Zhao 1994) with a per-arm constant reward model; any model fitted on earlier
+# requests only keeps the mean. The model cuts the variance, E[d^2] ~ sum_a E[(r - m_a)^2] / p(a)
+# instead of plain IPS's sum_a E[r^2] / p(a): half at a 50/50 split around 0.5, as small as
+# the old two-sample test's, and far less for a champion that a small propensity serves and
+# that earns little. So the d_t minus the lift form a martingale difference sequence, and a
+# one-sample confidence sequence on their mean is one on the lift under adaptive allocation.
+# The estimand is the lift of sending *every* request to the challenger rather than to the
+# champion: what a promotion does.
 #
 # The sequence is the normal mixture (Robbins 1970), dual of the mixture sequential
 # probability ratio test as deployed for continuously monitored A/B tests by Johari, Koomen,
@@ -138,8 +140,8 @@ class ABTest:
 
     Fed every rewarded request in which both variants could have been chosen, whichever arm
     served it, with the propensity of the arm that did. Each adds the inverse-propensity
-    pseudo-outcome ``(r - b) (1[challenger] - 1[champion]) / propensity`` (0 for a third arm;
-    ``b`` the mean reward of the requests before it), whose
+    augmented pseudo-outcome ``(m_B - m_A) + (r - m_a) (1[challenger] - 1[champion]) /
+    propensity`` (``m``: each variant's mean reward so far; a third arm adds ``m_B - m_A``), whose
     mean is the lift of serving everyone the challenger instead of the champion even when the
     router sends each variant different contexts (see the module's comment). A one-sample
     confidence sequence on that mean (``lift_bounds``) is kept overall at ``alpha / 2`` and in
@@ -216,7 +218,7 @@ class ABTest:
         self.tau = tau
         self._overall = _Sequence()
         self._cohorts: dict[str, _Sequence] = {}
-        self._rewards = 0.0  # of the requests fed so far, for the baseline
+        self._served_rewards = {-1: 0.0, 1: 0.0}  # champion's, challenger's: their means are the baselines
 
     def update(self, adapter: str, reward: float, propensity: float, cohort: str | None = None) -> None:
         """One request both variants could have served: ``adapter`` served it with
@@ -226,10 +228,14 @@ class ABTest:
         if not 0.0 < propensity <= 1.0:
             raise ValueError(f"propensity {propensity} must be in (0, 1]")
         served = 1 if adapter == self.challenger else -1 if adapter == self.champion else 0
-        # The baseline starts from one pseudo-reward of 0.5 and uses only earlier requests.
-        baseline = (0.5 + self._rewards) / (1 + self._overall.n)
-        self._rewards += reward
-        term = served * (reward - baseline) / propensity
+        # Each mean starts from one pseudo-reward of 0.5 and uses only earlier requests.
+        o, sums = self._overall, self._served_rewards
+        m_champion = (0.5 + sums[-1]) / (1 + o.served_champion)
+        m_challenger = (0.5 + sums[1]) / (1 + o.served_challenger)
+        term = m_challenger - m_champion
+        if served:
+            term += served * (reward - (m_challenger if served > 0 else m_champion)) / propensity
+            sums[served] += reward
         self._overall.add(term, served)
         self._overall.tighten(split_alpha(self.alpha), self.tau, self.min_samples)
         if cohort is None:

@@ -74,9 +74,12 @@ def running_bounds(term, served_a, served_b, alpha):
 def verdicts(challenger, cohort, reward, propensity, n_cohorts):
     """The verdict after every event of every run (the rule of ``ABTest.decision``)."""
     champion = ~challenger
-    earlier = np.arange(reward.shape[1])
-    baseline = (0.5 + reward.cumsum(axis=1) - reward) / (1 + earlier)
-    term = np.where(challenger, 1.0, -1.0) * (reward - baseline) / propensity
+
+    def mean_before(served):  # each variant's mean reward over the earlier events it served
+        return (0.5 + (served * reward).cumsum(axis=1) - served * reward) / (1 + served.cumsum(axis=1) - served)
+
+    m_a, m_b = mean_before(champion), mean_before(challenger)
+    term = m_b - m_a + np.where(challenger, reward - m_b, m_a - reward) / propensity
     lower, upper = running_bounds(term, champion, challenger, split_alpha(ALPHA))
     first_seen = np.stack([np.argmax(cohort == c, axis=1) for c in range(n_cohorts)], axis=1)
     rank = first_seen.argsort(axis=1).argsort(axis=1) + 1
