@@ -240,6 +240,7 @@ class ABTest:
         self._overall.tighten(split_alpha(self.alpha), self.tau, self.min_samples)
         if cohort is None:
             return
+        # The same term: baselines fixed before the request keep each cohort's mean its lift.
         state = self._cohorts.setdefault(cohort, _Sequence(rank=len(self._cohorts) + 1))
         state.add(term, served)
         state.tighten(split_alpha(self.alpha, state.rank), self.tau, self.min_samples)

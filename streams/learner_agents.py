@@ -61,7 +61,7 @@ STATE_ROW = 0
 # 2: the adapter lifecycle moved into streams.lifecycle.AdapterLifecycle (LearnerState.lifecycle).
 # 3: LearnerState.seen_examples, the example ids it de-duplicates by.
 # 4: seen_examples keyed by (app id, example id).
-# 5: ABTest keeps inverse-propensity sums (learners.ab_test._Sequence), not per-variant means.
+# 5: ABTest keeps sums of propensity-weighted pseudo-outcomes (learners.ab_test._Sequence).
 STATE_FORMAT = 5
 
 

@@ -200,7 +200,7 @@ class Lifecycle:
         both of its variants had a positive probability: a request decided before the
         challenger went live, whose feedback comes in after, must not count for the champion
         alone. Without ``probabilities`` both are assumed live. A test is fed requests served
-        by a third arm too (a term of 0): its lift is over all the traffic both could serve.
+        by a third arm too: its lift is over all the traffic both could serve.
         Rewards of an adapter no longer live reach no test (late feedback)."""
         if propensity is None or adapter not in self.live:
             return []
