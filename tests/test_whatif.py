@@ -11,6 +11,8 @@ from click.testing import CliRunner
 
 from app.cli import main
 from app.settings import Settings
+from app.whatif import Candidate
+from learners.router import LinUCBRouter
 from streams.config import LearnerSettings
 from streams.contract import AdapterPinned, AnnotatedExample, Context
 from streams.topics import CONTROL, EXAMPLES
@@ -87,3 +89,16 @@ def test_whatif_of_a_router_setting_and_its_errors(sessions, settings):
     assert refused.exit_code != 0 and "no exploration settings" in refused.output
     empty = CliRunner().invoke(main, ["whatif", "--since", "2030-01-01T00:00:00+00:00"])
     assert empty.exit_code != 0 and "0 logged decision(s)" in empty.output
+
+
+def test_a_candidate_is_the_router_of_the_moment_with_its_own_settings():
+    router = LinUCBRouter(["champ", "coder"], floor=0.1)
+    for _ in range(30):
+        router.learn_one("coder", {"domain": "code"}, 1.0)
+    router.pin("champ")  # an operator's pin: the candidate router does not inherit it
+    greedy = Candidate(alpha=0.0, floor=0.6).probabilities(router, {"domain": "code"})
+    assert greedy == pytest.approx({"champ": 0.3, "coder": 0.7})
+    assert (router.alpha, router.floor, router.pinned) == (1.0, 0.1, "champ"), "the replayed router is left as it was"
+    assert Candidate(pin="coder").probabilities(router, {}) == {"coder": 1.0}
+    assert Candidate(pin="later-v2").probabilities(router, {}) is None, "not live yet: pinning it was no option"
+    assert Candidate().describe() == "router as logged, as it was at each request"
