@@ -417,7 +417,8 @@ class ArchiveFold:
         if reward is None:
             return
         at = example.closed_at.timestamp()
-        for outcome in self.lifecycle.observe(example.adapter, reward, example.cohort):
+        for outcome in self.lifecycle.observe(example.adapter, reward, example.propensity, example.probabilities,
+                                              example.cohort):
             experiment = self.running[outcome.test.challenger]
             experiment.frontier = max(experiment.frontier, at)
             self.ab_paths.put(experiment.frontier, experiment.key, outcome.decision)

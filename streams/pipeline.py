@@ -364,6 +364,7 @@ class PartitionPipeline:
             user=entry.pseudonym,
             adapter=event.adapter,
             propensity=event.propensity,
+            probabilities=event.probabilities,
             cohort=event.context.cohort or "default",
             domain=event.context.domain or "general",
             context=event.context,

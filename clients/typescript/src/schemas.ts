@@ -40,6 +40,12 @@ export interface AnnotatedExample {
   user: string;
   adapter: string;
   propensity: number | null;
+  /**
+   * The interaction's, when it logged them.
+   */
+  probabilities?: {
+    [k: string]: number;
+  } | null;
   cohort: string;
   domain: string;
   context: Context;
@@ -693,6 +699,16 @@ export interface Interaction {
    * Probability with which the router chose that adapter.
    */
   propensity?: number | null;
+  /**
+   * The router's whole distribution at the decision (POST /v1/route's probabilities): the A/B test counts the interaction for a champion and challenger only if both had a chance in it.
+   */
+  probabilities?: {
+    /**
+     * This interface was referenced by `undefined`'s JSON-Schema definition
+     * via the `patternProperty` "^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$".
+     */
+    [k: string]: number;
+  } | null;
   /**
    * The messages sent to the model.
    *
