@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 import migrations  # noqa: E402
@@ -43,15 +43,21 @@ from app.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 from app.overview import PIPELINE_CONSUMER  # noqa: E402
 from app.processes import Child  # noqa: E402
 from pipeline_throughput import make_events, produce  # noqa: E402  (this script's folder is on the path)
+from streams.agents import TICK_KEY  # noqa: E402
 from streams.checkpoint import decode  # noqa: E402
 from streams.config import PipelineSettings  # noqa: E402
 from streams.live import STATE_FORMAT  # noqa: E402
 from streams.store import Batch, StreamCheckpoint, make_engine, make_sessionmaker  # noqa: E402
+from streams.contract import WatermarkTick  # noqa: E402
 from streams.topics import EVENTS  # noqa: E402
 from tests.conftest import free_port, make_settings  # noqa: E402
 
-# Short windows and waits, so that the drain after the measured part takes seconds.
-PIPELINE = PipelineSettings(idle_tick_s=1, implicit_window_s=4, explicit_window_s=8, allowed_lateness_s=1,
+# Short windows and waits, so that the drain after the measured part takes seconds. The
+# workers never tick on their own: a partition the fetcher left alone for a second in the
+# backlog would get a tick at the wall clock's time, ahead of the backlog's events, and make
+# them late, differently in each run. The benchmark ticks every partition once the backlog is
+# processed, once a second until everything is cut, as idle workers would.
+PIPELINE = PipelineSettings(idle_tick_s=3600, implicit_window_s=4, explicit_window_s=8, allowed_lateness_s=1,
                             batch_size=500, batch_max_wait_s=30, checkpoint_interval_s=0.5)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -96,7 +102,7 @@ def run(events: list[dict], partitions: int, workers: int) -> dict[str, object]:
         until(lambda: covered(sessions, ends), 600, children, poll_s=0.05)
         wall = time.perf_counter() - started
         cpu = sum(cpu_seconds(c.process.pid) for c in children) - cpu_before
-        until(lambda: drained(sessions), 300, children, poll_s=1.0)
+        until(lambda: drained(sessions) or tick(broker.bootstrap_servers, partitions), 300, children, poll_s=1.0)
         with sessions() as session:
             batches = {b.batch_id: b.manifest_sha256 for b in session.scalars(select(Batch))}
         return {"rate": len(events) / wall, "cpu_rate": len(events) / cpu, "batches": batches}
@@ -105,6 +111,26 @@ def run(events: list[dict], partitions: int, workers: int) -> dict[str, object]:
             child.stop()
         broker.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def tick(bootstrap: str, partitions: int) -> bool:
+    """A watermark tick at the wall clock's time into each partition, as an idle worker writes
+    once a second; False, for ``until``."""
+    asyncio.run(_tick(bootstrap, partitions))
+    return False
+
+
+async def _tick(bootstrap: str, partitions: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for partition in range(partitions):
+            record = WatermarkTick(event_id=f"tick-{uuid.uuid4().hex}", occurred_at=datetime.now(timezone.utc),
+                                   partition=partition)
+            await producer.send_and_wait(EVENTS.name, record.model_dump_json().encode(), key=TICK_KEY,
+                                         partition=partition)
+    finally:
+        await producer.stop()
 
 
 def until(predicate, timeout_s: float, children: list[Child], poll_s: float) -> None:
