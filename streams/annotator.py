@@ -118,19 +118,21 @@ class Annotator:
         self.window, self.scrub, self.is_erased, self.clock = window, scrub, is_erased, clock
         self.budget = HourlyBudget(config.max_per_hour, config.max_tokens_per_hour)
         self.counts = JudgeCounts()
+        self.kafka_settings, self.group = kafka_settings, group
         self._stopping = asyncio.Event()
-        # A record may wait through every retry: the group must not take the judge for dead.
-        longest_s = sum(retry_delays(config.retries, config.backoff_s, config.backoff_max_s))
-        longest_s += (config.retries + 1) * config.timeout_s
-        self.consumer = kafka.consumer(kafka_settings, EVENTS.name, group_id=group,
-                                       max_poll_interval_ms=int(max(300.0, 2 * longest_s) * 1000))  # fmt: skip
-        self.producer = kafka.producer(kafka_settings)
 
     def liveness_detail(self) -> dict:
         return {"annotated": self.counts.annotated, "skipped": dict(self.counts.skipped),
                 "dead_letters": dict(self.counts.dead_letters), **self.budget.report()}  # fmt: skip
 
     async def run(self) -> None:
+        config = self.config
+        # A record may wait through every retry: the group must not take the judge for dead.
+        longest_s = sum(retry_delays(config.retries, config.backoff_s, config.backoff_max_s))
+        longest_s += (config.retries + 1) * config.timeout_s
+        self.consumer = kafka.consumer(self.kafka_settings, EVENTS.name, group_id=self.group,
+                                       max_poll_interval_ms=int(max(300.0, 2 * longest_s) * 1000))  # fmt: skip
+        self.producer = kafka.producer(self.kafka_settings)
         await self.consumer.start()
         await self.producer.start()
         try:
@@ -138,6 +140,8 @@ class Annotator:
                 batches = await self.consumer.getmany(timeout_ms=500, max_records=100)
                 for tp, records in batches.items():
                     for record in records:
+                        if self._stopping.is_set():
+                            return  # the rest is redelivered to the next start
                         try:
                             out = await self.annotate(record.value or b"")
                         except _Stopped:
