@@ -112,7 +112,11 @@ def retry_delays(retries: int, first_s: float, longest_s: float) -> list[float]:
     >>> retry_delays(5, 1.0, 10.0)
     [1.0, 2.0, 4.0, 8.0, 10.0]
     """
-    return [min(first_s * 2**i, longest_s) for i in range(retries)]
+    delays, delay = [], first_s
+    for _ in range(retries):
+        delays.append(min(delay, longest_s))
+        delay = min(delay * 2, longest_s)  # capped as it goes: 2**retries would overflow a float
+    return delays
 
 
 @dataclass

@@ -120,7 +120,11 @@ def test_the_judge_weighs_less_the_noisier_it_is(thumbs):
                 for noise in (0.2, 0.3, 0.45, None)]  # fmt: skip
     print(f"\nself_eval weights by judge noise: {[round(w, 3) for w in by_noise]}")
     assert by_noise == sorted(by_noise, reverse=True) and len(set(by_noise)) == len(by_noise)
-    assert by_noise[0] > unproven > by_noise[-1]  # agreement earns trust; guessing loses it
+    # Agreement earns more trust than an unproven channel has. A judge that guesses is trusted
+    # least of all measured ones, but not always less than an unproven one: against graded
+    # ratings its squared error (~1/6 for uniform guesses) is below the 0.25 an unproven
+    # channel is given (docs/learners.md, "Loss weights").
+    assert by_noise[0] > unproven
 
 
 def test_the_judges_noise_is_estimated_where_explicit_labels_are_as_noisy_as_assumed():

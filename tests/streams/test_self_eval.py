@@ -235,7 +235,7 @@ def test_a_stop_while_waiting_to_retry_leaves_the_record_to_the_next_start():
     async def stopped_mid_outage() -> None:
         worker = annotator(ScriptedJudge(then=unavailable()), retries=10_000)
         task = asyncio.create_task(worker.annotate(turn().model_dump_json().encode()))
-        while worker.judge.asked < 2:  # it is retrying
+        while worker.judge.asked < 2 and not task.done():  # it is retrying
             await asyncio.sleep(0.001)
         worker.stop()
         with pytest.raises(_Stopped):  # neither an annotation nor a dead letter: run() commits nothing
