@@ -257,6 +257,29 @@ def learn(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.pass_context
+def judge(ctx: click.Context) -> None:
+    """Grade served answers with a model judge into self_eval annotations, until Ctrl-C.
+
+    Reads the interactions on the events topic (a sampled share, within an hourly budget:
+    FEEDLOOP_JUDGE__*), asks the judge (default: the served base model) by the rubric, and
+    writes each grade back as a model annotation the pipeline joins (docs/pipeline.md)."""
+    import migrations
+    from app.runtime import build_annotator
+
+    settings = _settings(ctx)
+    migrations.upgrade(settings.store_url)  # its heartbeat lives in the store
+
+    async def build():
+        try:
+            return await build_annotator(settings)
+        except ValueError as exc:  # no judge to ask: say what to set
+            raise click.ClickException(str(exc)) from exc
+
+    _serve_until_signal(settings, "judge", build)
+
+
+@main.command()
 @click.option("--retry", "retry", default=None, metavar="BATCH",
               help="Put the failed BATCH back in line for the running trainer, then exit.")
 @click.pass_context

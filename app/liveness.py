@@ -1,13 +1,13 @@
 """Liveness: every long-running process beats its row in the store; a row that stops beating is down.
 
-Each process (worker, learner, trainer, swap, archiver, gateway) runs a :class:`Heartbeat`
+Each process (worker, learner, trainer, swap, archiver, gateway, judge) runs a :class:`Heartbeat`
 beside its work: it writes ``process_heartbeats`` every ``interval_s`` (whether it is ready,
 and what it says it is doing) and marks the row stopped when the process ends cleanly. A
 process killed outright stops beating, and :func:`state_of` calls it down once its last beat
 is ``down_after_s`` old. ``feedloop status``, the dashboard and ``feedloop health`` (the
 Docker health check) all read the rows through :func:`process_views`.
 
-Why a row in the store and not an HTTP probe per process: five of the six processes serve no
+Why a row in the store and not an HTTP probe per process: six of the seven processes serve no
 HTTP (Faust's web server is off), and an operator asking "what runs?" needs every process of
 every host in one place; the store is the one thing they all reach. The beat is a task on the
 process's own event loop, so a loop that hangs shows as down like a process that died; long
@@ -35,7 +35,7 @@ from streams.store import ProcessHeartbeat
 log = structlog.get_logger(__name__)
 
 UP, STARTING, DOWN = "up", "starting", "down"
-PROCESSES = ("worker", "learner", "trainer", "swap", "archiver", "gateway")  # the names they beat under
+PROCESSES = ("worker", "learner", "trainer", "swap", "archiver", "gateway", "judge")  # the names they beat under
 
 
 class LivenessSettings(BaseModel):

@@ -119,3 +119,56 @@ def build_learner_app(settings: Settings, cluster: str):
     register_learners(app, learner, checkpoint_interval_s=config.checkpoint_interval_s,
                       life=BrokerLife(settings.kafka, cluster, "learner"))
     return app
+
+
+def judge_model(settings: Settings) -> tuple[str, str]:
+    """The judge's endpoint and model name: FEEDLOOP_JUDGE__BASE_URL and __MODEL, else the
+    served base model (the first vLLM replica, under the zero-delta adapter's name, as the
+    chat gateway asks for it: trainer/serving.py)."""
+    from trainer.adapter_validation import base_model_sha256
+    from trainer.serving import zero_delta_name
+
+    config = settings.judge
+    base_url = config.base_url or settings.vllm_urls[0].rstrip("/") + "/v1"
+    if config.model is not None:
+        return base_url, config.model
+    try:
+        sha = base_model_sha256(settings.model_path)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{exc}: the default judge is the served base model; run `feedloop model init`, set "
+                         "FEEDLOOP_BASE_MODEL_PATH, or name a judge in FEEDLOOP_JUDGE__MODEL") from exc  # fmt: skip
+    return base_url, zero_delta_name(sha, settings.trainer.lora.rank)
+
+
+async def build_annotator(settings: Settings):
+    """`feedloop judge`: the self-evaluation annotator (streams/annotator.py) on its judge."""
+    from datetime import timedelta
+
+    from pydantic import ValidationError
+
+    from streams.annotator import Annotator, OpenAIJudge
+    from streams.contract import ID_ADAPTER
+    from streams.judge_endpoint import async_judge_client, judge_api_key
+    from streams.pii import Scrubber
+    from streams.pseudonyms import FileKeyStore, Pseudonymizer, erased_by, user_identity
+
+    await ensure_topics(settings)
+    config = settings.judge
+    base_url, model = judge_model(settings)
+    try:
+        name = ID_ADAPTER.validate_python(config.name or model)
+    except ValidationError as exc:
+        raise ValueError(f"the judge's name {config.name or model!r} is not an id an annotation can carry; set "
+                         "FEEDLOOP_JUDGE__NAME") from exc  # fmt: skip
+    client = async_judge_client(base_url, judge_api_key(config.api_key_env, where="FEEDLOOP_JUDGE__API_KEY_ENV"),
+                                config.timeout_s)  # fmt: skip
+    scrubber = Scrubber()
+    pseudonyms = Pseudonymizer(FileKeyStore(settings.keys_path))
+    log.info("judge.starting", base_url=base_url, model=model, rubric=config.rubric_id, share=config.sample_share,
+             max_per_hour=config.max_per_hour)  # fmt: skip
+    return Annotator(
+        config, settings.kafka, OpenAIJudge(client, model, config.max_reply_tokens), judge_name=name,
+        window=timedelta(seconds=settings.pipeline.explicit_window_s),
+        scrub=lambda text: scrubber.scrub(text).text,
+        is_erased=lambda i: erased_by(pseudonyms.erased_at(user_identity(i.app_id, i.user_id)), i.occurred_at),
+    )  # fmt: skip

@@ -19,6 +19,7 @@ from app.rate_limit import RateLimit
 from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
 from streams.kafka import KafkaSecurity, KafkaSettings
+from streams.self_eval import JudgeSettings
 from streams.store import store_url
 from trainer.config import ServingSettings, TrainerConfig
 
@@ -121,6 +122,9 @@ class Settings(BaseSettings):
     # --- pipeline -----------------------------------------------------------------------------
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings, description="See docs/pipeline.md.")
     learners: LearnerSettings = Field(default_factory=LearnerSettings, description="See docs/learners.md.")
+    judge: JudgeSettings = Field(
+        default_factory=JudgeSettings, description="The model judge of `feedloop judge` (self_eval), FEEDLOOP_JUDGE__*."
+    )
     key_dir: Path | None = Field(
         None, description="Per-user pseudonym keys (erasure shreds them). Default: data_dir/keys. "
         "Back it up apart from the event log; never publish it."

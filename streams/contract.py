@@ -263,6 +263,10 @@ class Annotation(_Event):
     score: float | None = Field(None, ge=0, le=1, description="Quality score, 1 is best.")
     confidence: float | None = Field(None, ge=0, le=1)
     notes: str | None = None
+    rubric: Id | None = Field(
+        None, description="The versioned rubric it was graded by (a model judge's, e.g. 'helpful-v1'); a new rubric "
+        "id is a new judgement.",
+    )
 
     _default_session = model_validator(mode="before")(classmethod(lambda cls, data: with_default_session(data)))
 

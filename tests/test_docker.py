@@ -543,7 +543,7 @@ def check_healthchecks(compose: Compose, docs: str) -> list[str]:
 
 # The name each long-running command beats its heartbeat under (app/cli.py).
 HEARTBEATS = {("worker",): "worker", ("learn",): "learner", ("train",): "trainer", ("swap",): "swap",
-              ("archive", "run"): "archiver"}
+              ("archive", "run"): "archiver", ("judge",): "judge"}
 
 
 def check_liveness(compose: Compose) -> list[str]:
@@ -594,7 +594,8 @@ CHECKS: dict[str, Callable[[Compose], list[str]]] = {
 
 def test_compose_has_the_production_services():
     services = load_compose()["services"]
-    wanted = {"kafka", "postgres", "migrate", "archiver", "worker", "learner", "trainer", "swap", "gateway", "vllm"}
+    wanted = {"kafka", "postgres", "migrate", "archiver", "worker", "learner", "trainer", "swap", "judge", "gateway",
+              "vllm"}
     assert wanted <= set(services)
     assert set(feedloop_services(load_compose())) >= wanted - {"kafka", "postgres", "vllm"}
 

@@ -17,7 +17,6 @@ parent, the candidate and, if protected, the base model are evaluated): keep the
 """
 
 import hashlib
-import os
 import re
 from pathlib import Path
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from streams.judge_endpoint import judge_api_key, judge_client
 from trainer.gate import Abstain, Records
 from trainer.jsonl_suite import Prompted, read_items
 
@@ -130,12 +130,6 @@ def judge_suite(**options: object) -> tuple[JudgeSuite]:
     now, so a missing one stops the trainer at start-up, not mid-batch."""
     config = JudgeSuiteConfig(**options)
     items, file_sha256 = read_items(config.path, JudgedItem, FORMAT)
-    key = "unused"  # the client wants one; a local endpoint may need none
-    if config.api_key_env is not None:
-        if not os.environ.get(config.api_key_env):
-            raise ValueError(f"the judge's API key is not set: put it in {config.api_key_env}, or set the suite's "
-                             "api_key_env to null for an endpoint that needs none")  # fmt: skip
-        key = os.environ[config.api_key_env]
+    key = judge_api_key(config.api_key_env, where="the suite's api_key_env")
     # No retries: a judge that failed once is reported (the suite abstains), not waited for.
-    client = openai.OpenAI(base_url=config.base_url, api_key=key, timeout=config.timeout_s, max_retries=0)
-    return (JudgeSuite(config, items, file_sha256, client),)
+    return (JudgeSuite(config, items, file_sha256, judge_client(config.base_url, key, config.timeout_s)),)

@@ -193,6 +193,10 @@ export interface Annotation {
   score?: number | null;
   confidence?: number | null;
   notes?: string | null;
+  /**
+   * The versioned rubric it was graded by (a model judge's, e.g. 'helpful-v1'); a new rubric id is a new judgement.
+   */
+  rubric?: string | null;
 }
 export interface BatchEmitted {
   /**
