@@ -61,7 +61,8 @@ STATE_ROW = 0
 # 2: the adapter lifecycle moved into streams.lifecycle.AdapterLifecycle (LearnerState.lifecycle).
 # 3: LearnerState.seen_examples, the example ids it de-duplicates by.
 # 4: seen_examples keyed by (app id, example id).
-STATE_FORMAT = 4
+# 5: the router's ridges keep a running sum of squares (its noise-scaled exploration).
+STATE_FORMAT = 5
 
 
 @dataclass(frozen=True)
