@@ -1,6 +1,6 @@
 """The router's defaults beside fixed-bonus LinUCB and River's bandits, replayed on simulated logs.
 
-    .venv/bin/python benchmarks/router_replay.py [--events 10000] [--seeds 2] [--rates 0.03 0.1 0.3 0.5]
+    .venv/bin/python benchmarks/router_replay.py [--events 10000] [--seeds 1] [--rates 0.03 0.1 0.3 0.5]
         [--features 10 100] [--noise 0.2 0.6] [--alphas 0.01 0.05 0.2 1.0] [--river-linucb-features 10]
 
 Logged data: 10 arms chosen uniformly at random, binary features (each on with probability
@@ -147,7 +147,7 @@ def replay(policy, contexts, arms, clicks) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000, help="logged events per setting and seed (~1/10 kept)")
-    parser.add_argument("--seeds", type=int, default=2, help="independent logs per setting, averaged")
+    parser.add_argument("--seeds", type=int, default=1, help="independent logs per setting, averaged")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.03, 0.1, 0.3, 0.5])
     parser.add_argument("--features", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--noise", type=float, nargs="+", default=[0.2, 0.6],
