@@ -41,10 +41,10 @@ class LinUCBRouter:
     bound ``w_a . x + alpha * s_a * sqrt(x^T A_a^-1 x)`` and the decision is the distribution
 
         p(a | x) = e_a(x) + (1 - sum_b e_b(x)) * [a is greedy] / (number of greedy arms)
-        e_a(x) = max(min_propensity, floor / K * s_a sqrt(x^T A_a^-1 x) / (0.5 ||x|| / sqrt(l2)))
+        e_a(x) = max(min_propensity, floor / K * min(1, s_a sqrt(x^T A_a^-1 x) / (0.5 ||x|| / sqrt(l2))))
 
-    over the K live arms (``e_a <= floor / K`` before the ``min_propensity``), sampled with the
-    router's own seeded RNG.
+    over the K live arms (all equal if ``sum_b e_b(x) >= 1``), sampled with the router's own
+    seeded RNG.
 
     Why this scheme. ``s_a sqrt(x^T A_a^-1 x)`` is the standard deviation of the arm's mean
     reward at ``x`` under the Bayesian (normal-inverse-gamma) reading of its ridge, so
@@ -53,8 +53,8 @@ class LinUCBRouter:
     value fits both. The noise is shrunk towards the router-wide estimate because an arm with
     few rewards says least about its own noise: at a low click rate an arm that drew only
     zeros would look noiseless, and be dropped for good. An arm's exploration share is the
-    floor's even share times the part of its width left since before any reward (0.5 ||x|| /
-    sqrt(l2)): traffic goes to arms still uncertain at ``x``, an arm the router has neglected
+    floor's even share times its width as a part of the widest a fresh arm can have (0.5 ||x||
+    / sqrt(l2), with the noise at its largest): traffic goes to arms still uncertain at ``x``, an arm the router has neglected
     keeps its share until its own rewards firm it up, and an arm long known to be worse fades
     to ``min_propensity``, which every live arm keeps so the logged propensities support
     off-policy evaluation of any candidate. A deterministic greedy rule plus these shares,
@@ -88,8 +88,8 @@ class LinUCBRouter:
         Exploration share spread evenly over live arms before any reward, in [0, 1]; each
         arm's part shrinks with its uncertainty.
     min_propensity
-        Least probability of every live arm (unless capped or pinned), in [0, 1]; with more
-        than ``1 / min_propensity`` arms, all are equally likely.
+        Least probability of every live arm (unless capped or pinned), in [0, 1]; with
+        ``1 / min_propensity`` arms or more, all are equally likely.
     noise_prior_weight
         Pseudo-rewards of the prior variance at each level of the noise estimate (> 0).
     dim
