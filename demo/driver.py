@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
 
@@ -46,7 +46,7 @@ from demo.base_model import ensure_base_model
 from demo.population import Population, PopulationConfig, style_profile
 from demo.progress import Snapshot, progress_view
 from demo.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
-from demo.report import loaded_so_far, routing_regret, win_rate, write_report
+from demo.report import loaded_so_far, recovery_delay, routing_regret, run_directory, win_rate, write_report
 from demo.suites import RARE_SKILL_ACCURACY
 from streams.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker
 from streams.agents import PIPELINE_RECORD_KEYS
@@ -83,9 +83,34 @@ DEMO_DEFAULTS: dict[str, object] = {
 }  # fmt: skip
 
 
-def demo_settings(settings: Settings) -> Settings:
-    """The settings with DEMO_DEFAULTS, except where FEEDLOOP_<FIELD> or FEEDLOOP_<GROUP>__<FIELD> is set."""
-    updates = {}
+def demo_state(data_dir: Path, resume: bool, now: datetime | None = None) -> Path:
+    """The directory of one run's state: its store, archive, keys, batches, adapters and logs.
+
+    Each run starts from nothing in a new ``<data_dir>/demo/<UTC timestamp>/``: a run that
+    continued the last one's store, registry and router would meet a population that starts
+    before the shift with a champion trained after it, and its report would mix both runs.
+    ``resume`` continues the newest one instead (a new one if there is none). The base model
+    is built once, outside, and shared by every run.
+
+    >>> import tempfile
+    >>> data = Path(tempfile.mkdtemp())
+    >>> first = demo_state(data, resume=False, now=datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc))
+    >>> first.relative_to(data).as_posix()
+    'demo/20261203T120000Z'
+    >>> first.mkdir(parents=True)
+    >>> demo_state(data, resume=True) == first, demo_state(data, resume=False) == first
+    (True, False)
+    """
+    runs = data_dir / "demo"
+    if resume and (earlier := [p for p in runs.glob("*") if p.is_dir()]):
+        return max(earlier, key=lambda p: p.stat().st_mtime)
+    return run_directory(runs, now or datetime.now(timezone.utc))
+
+
+def demo_settings(settings: Settings, resume: bool = False) -> Settings:
+    """The settings with DEMO_DEFAULTS, except where FEEDLOOP_<FIELD> or FEEDLOOP_<GROUP>__<FIELD> is set,
+    and this run's own state directory (``demo_state``)."""
+    updates = {"data_dir": demo_state(settings.data_dir, resume)}
     for group, values in DEMO_DEFAULTS.items():
         if not isinstance(values, dict):
             if f"FEEDLOOP_{group}".upper() not in os.environ:
@@ -275,9 +300,11 @@ def _vllm(settings: Settings, log_path: Path):
 # --- reading the log back ------------------------------------------------------------------------
 
 
-def registry(sessions) -> list[Adapter]:
+def registry(sessions, earlier: set[str] = frozenset()) -> list[Adapter]:
+    """The registry's adapters, oldest first, less those named in ``earlier``."""
     with sessions() as session:
-        return list(session.scalars(select(Adapter).order_by(Adapter.created_at)))
+        rows = session.scalars(select(Adapter).order_by(Adapter.created_at))
+        return [r for r in rows if r.name not in earlier]
 
 
 def live_arms(sessions) -> list[str] | None:
@@ -384,10 +411,17 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
     interactions = users.interactions
     sessions = None
     try:
+        console.print(f"this run's state: {settings.data_dir}")
         console.print("starting broker, store, archive, gateway, vLLM, worker, learner, trainer, hot-swap ...")
         await loop.start()
         sessions = make_sessionmaker(make_engine(settings.store_url))
         before = last_segment(sessions)
+        # Adapters of an earlier run (`--resume`, or a store named by FEEDLOOP_DATABASE_URL,
+        # which outlives the run's directory) are not this run's to report.
+        earlier = {r.name for r in registry(sessions)}
+        if settings.database_url and earlier:
+            console.print(f"the store at FEEDLOOP_DATABASE_URL holds {len(earlier)} adapters of earlier runs: "
+                          "this run's report counts only its own")
         gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
         driver = Driver(population, gateway_url, settings.api_keys[DEMO_APP].get_secret_value(), ["base"])
         await driver.wait_for_base(loop)
@@ -401,7 +435,7 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
                 loop.check()
                 driver.arms = live_arms(sessions) or driver.arms
                 elapsed = time.monotonic() - started
-                show(_snapshot(registry(sessions), driver.traffic, population, interactions, elapsed))
+                show(_snapshot(registry(sessions, earlier), driver.traffic, population, interactions, elapsed))
                 await asyncio.wait([traffic], timeout=1.0)
             traffic.result()
 
@@ -414,11 +448,11 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
                 break
             await asyncio.sleep(0.5)
         await loop.stop_adapter_changes()
-        rows = registry(sessions)
-        champion = next((r.name for r in rows if r.state == AdapterState.CHAMPION), "base")
+        every = registry(sessions)
+        champion = next((r.name for r in every if r.state == AdapterState.CHAMPION), "base")
         judgements, per_cohort = await _judge(settings, population, champion)
         await driver.close()
-        report = _report(settings, sessions, before, population, driver.traffic, rows, champion, judgements,
+        report = _report(settings, sessions, before, population, driver.traffic, every, earlier, champion, judgements,
                          per_cohort, counts, time.monotonic() - started)  # fmt: skip
         series = _series(settings, sessions, before, population, driver.traffic)
         run_dir = write_report(report, Path("runs"), series, console=console)
@@ -442,8 +476,8 @@ def _snapshot(rows: list[Adapter], traffic: Traffic, population: Population, int
                     elapsed_s=elapsed_s)  # fmt: skip
 
 
-def _report(settings, sessions, before, population, traffic: Traffic, rows, champion, judgements, per_cohort,
-            counts, wall_s) -> DemoReport:  # fmt: skip
+def _report(settings, sessions, before, population, traffic: Traffic, every, earlier, champion, judgements,
+            per_cohort, counts, wall_s) -> DemoReport:  # fmt: skip
     rate, ci95 = win_rate(judgements)
     # Each arm's style mix, measured on the answers it served; the arms live at a decision are
     # those of the router snapshot then (refreshed each second) that served anything at all.
@@ -456,7 +490,8 @@ def _report(settings, sessions, before, population, traffic: Traffic, rows, cham
     live = [Decision(d.event_index, d.arm, d.cohort, d.phase, tuple(dict.fromkeys(
             [a for a in d.arms if a in profiles] + [d.arm]))) for d in traffic.decisions]  # fmt: skip
     alarms = _alarm_turns(settings, sessions, before, traffic)
-    start, end = _rare_skill(rows, champion)
+    start, end = _rare_skill(every, champion)
+    rows = [r for r in every if r.name not in earlier]  # this run's
     swaps = [r.lineage["serving"]["swap_ms"] for r in rows if "serving" in (r.lineage or {})]
     archived_events = counts[EVENTS.name]
     return DemoReport(
@@ -470,6 +505,7 @@ def _report(settings, sessions, before, population, traffic: Traffic, rows, cham
         win_rate_ci95=ci95,
         regret_ratio_vs_uniform=regret_ratio(*routing_regret(loaded_so_far(live), reward_of)),
         regret_ratio_live_arms=regret_ratio(*routing_regret(live, reward_of)),
+        recovery_events=recovery_delay(population.shift_index, [(s.index, float(s.satisfied)) for s in traffic.served]),
         drift_detect_delay_events=drift_detect_delay(population.shift_index, alarms),
         cohort_win_rates={cohort: win_rate(js)[0] for cohort, js in per_cohort.items()},
         rare_skill_accuracy_start=start,
@@ -508,10 +544,10 @@ def _series(settings, sessions, before, population, traffic: Traffic) -> Series:
     return series
 
 
-def run_demo(settings: Settings, users: PopulationConfig, minutes: float) -> int:
-    settings = demo_settings(settings)
+def run_demo(settings: Settings, users: PopulationConfig, minutes: float, resume: bool = False) -> int:
+    settings = demo_settings(settings, resume)
     if "FEEDLOOP_LOG_LEVEL" not in os.environ:
-        # The terminal shows progress and the report; every process logs in full to data/logs/.
+        # The terminal shows progress and the report; every process logs in full to the run's logs/.
         configure_logging("warning", settings.log_format)
 
     async def main() -> int:

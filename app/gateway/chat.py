@@ -113,6 +113,34 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
+class StreamBroken(Exception):
+    """The model server's stream ended without ``[DONE]``: broken off, or closed early."""
+
+
+async def _upstream_chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The server-sent chunks of a streamed answer as objects, until ``[DONE]``.
+
+    A chunk that is not a JSON object becomes an ``error`` chunk (the answer then fails as
+    vLLM's own error chunks do); a stream that breaks off or ends before ``[DONE]`` raises
+    ``StreamBroken``."""
+    try:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                chunk = {"error": {"message": f"the model server sent a chunk that is not JSON: {data[:200]!r}"}}
+            yield chunk if isinstance(chunk, dict) else {"error": {"message": "the model server sent a chunk "
+                                                                               "that is not an object"}}  # fmt: skip
+    except httpx.HTTPError as exc:  # the replica went away mid-answer
+        raise StreamBroken(f"the model server's stream broke off: {exc!r}") from exc
+    raise StreamBroken("the model server's stream ended before [DONE]")
+
+
 def _has_content(chunk: dict[str, Any]) -> bool:
     """Whether a chunk carries something the user sees: text or a tool call (vLLM's first chunk
     is often only the role)."""
@@ -268,53 +296,46 @@ class ChatService:
         the ask to vLLM)."""
         answer, done, first, awaiting_token = Answer(), False, True, True
         try:
-            try:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    try:
-                        chunk = json.loads(data)
-                    except ValueError:
-                        chunk = {"error": {"message": f"the model server sent a chunk that is not JSON: {data[:200]!r}"}}
-                    answer.add_chunk(chunk if isinstance(chunk, dict) else {"error": {"message": "not an object"}})
-                    if answer.error is not None:
-                        break
-                    if not turn.ask.wants_usage:
-                        if chunk.pop("usage", None) is not None and not chunk.get("choices"):
-                            continue  # the usage chunk the gateway asked for, not the client
-                    chunk["model"] = turn.adapter
-                    if first:
-                        chunk["feedloop"], first = turn.ids_for_app(), False
-                    yield _sse(chunk)
-                    if awaiting_token and _has_content(chunk):  # after the yield: once it was sent
-                        self.observer.first_token(turn.adapter, time.perf_counter() - entered)
-                        awaiting_token = False
-                if not done and answer.error is None:
-                    answer.error = {"message": "the model server's stream ended before [DONE]"}
-            except httpx.HTTPError as exc:  # the replica went away mid-answer
-                answer.error = {"message": f"the model server's stream broke off: {exc!r}"}
-            if answer.error is not None:
-                # What the openai package raises as APIError; then the end vLLM itself sends.
-                yield _sse(upstream_error(answer.error, 502))
-            yield b"data: [DONE]\n\n"
-        finally:
-            await response.aclose()
-            if answer.error is not None:
-                log.warning("chat.answer_failed", interaction_ids=turn.interaction_ids, error=answer.error)
+            async for chunk in _upstream_chunks(response):
+                answer.add_chunk(chunk)
+                if answer.error is not None:
+                    break
+                if not turn.ask.wants_usage:
+                    if chunk.pop("usage", None) is not None and not chunk.get("choices"):
+                        continue  # the usage chunk the gateway asked for, not the client
+                chunk["model"] = turn.adapter
+                if first:
+                    chunk["feedloop"], first = turn.ids_for_app(), False
+                yield _sse(chunk)
+                if awaiting_token and _has_content(chunk):  # after the yield: once it was sent
+                    self.observer.first_token(turn.adapter, time.perf_counter() - entered)
+                    awaiting_token = False
             else:
-                latency_ms = (time.perf_counter() - started) * 1000
-                if done:
-                    self._observe_generation(turn, answer, latency_ms)
-                else:
-                    log.warning("chat.stream_interrupted", interaction_ids=turn.interaction_ids)
-                # In a task: the client may be gone, and the events must still reach the broker.
-                task = asyncio.create_task(self._record(turn, answer, latency_ms, interrupted=not done))
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
+                done = True
+        except StreamBroken as exc:
+            answer.error = {"message": str(exc)}
+        finally:  # also when the client leaves mid-stream (the generator is closed at a yield)
+            await response.aclose()
+            self._settle(turn, answer, done, started)
+        if answer.error is not None:
+            # What the openai package raises as APIError; then the end vLLM itself sends.
+            yield _sse(upstream_error(answer.error, 502))
+        yield b"data: [DONE]\n\n"
+
+    def _settle(self, turn: _Turn, answer: Answer, done: bool, started: float) -> None:
+        """Record a streamed answer as far as it went, unless vLLM failed it."""
+        if answer.error is not None:
+            log.warning("chat.answer_failed", interaction_ids=turn.interaction_ids, error=answer.error)
+            return
+        latency_ms = (time.perf_counter() - started) * 1000
+        if done:
+            self._observe_generation(turn, answer, latency_ms)
+        else:
+            log.warning("chat.stream_interrupted", interaction_ids=turn.interaction_ids)
+        # In a task: the client may be gone, and the events must still reach the broker.
+        task = asyncio.create_task(self._record(turn, answer, latency_ms, interrupted=not done))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def _observe_generation(self, turn: _Turn, answer: Answer, latency_ms: float) -> None:
         """Tokens per second of a whole answer, when vLLM counted its tokens (for a stream, in
@@ -356,6 +377,7 @@ class ChatService:
             interaction_id=interaction_id,
             adapter=turn.adapter,
             propensity=turn.decision.propensity if turn.decision is not None else None,
+            probabilities=turn.decision.probabilities if turn.decision is not None else None,
             prompt=turn.ask.prompt,
             response=choice.text,
             tool_calls=choice.tool_calls,

@@ -18,6 +18,7 @@ from demo.report import (
     RewardPoint,
     Series,
     drift_detect_delay,
+    recovery_delay,
     loaded_so_far,
     regret_ratio,
     routing_regret,
@@ -33,7 +34,7 @@ REQUIRED_KEYS = [
     "cohort_win_rates", "rare_skill_accuracy_start", "rare_skill_accuracy_end", "adapters_trained",
     "adapters_promoted", "adapters_rolled_back", "hot_swap_p50_ms", "wall_seconds",
 ]  # fmt: skip
-EXTRA_KEYS = ["regret_ratio_live_arms"]  # measured beside the keys, without a target
+EXTRA_KEYS = ["regret_ratio_live_arms", "recovery_events"]  # measured beside the keys, without a target
 TARGETS = ["win_rate", "regret_ratio", "drift_detected", "minority_win_rate", "rare_skill_kept", "zero_events_lost",
            "zero_pii_leaked"]  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -140,6 +141,19 @@ def test_regret_with_the_populations_expected_rewards():
     # Stuck: 0.9 regret on each of the 300 turns after the shift; uniform: 0.45 on all 400.
     assert regret_ratio(*routing_regret(stuck, reward_of)) == pytest.approx(270 / 180)
     assert {t.phase for t in turns} == {BEFORE_DRIFT, AFTER_DRIFT}
+
+
+def test_recovery_delay_waits_for_a_whole_window_back_at_the_old_level():
+    before = [(i, 1.0 if i % 5 else 0.0) for i in range(300)]  # level 0.8: the goal is 0.72
+    dip = [(300 + i, 0.0) for i in range(200)]
+    back = [(500 + i, 1.0 if i % 4 else 0.0) for i in range(300)]  # 0.75 >= 0.72, once the window is past the dip
+    delay = recovery_delay(300, before + dip + back, window=100)
+    assert delay is not None and 290 <= delay <= 300  # about a window after the dip ends (200)
+    assert recovery_delay(300, before + dip, window=100) is None  # never back
+    assert recovery_delay(300, before + dip[:50], window=100) is None  # too little served after the shift
+    assert recovery_delay(0, dip, window=100) is None  # nothing before the shift to come back to
+    # One lucky answer is not a recovery: a window of ones right after the shift is.
+    assert recovery_delay(300, before + [(300 + i, 1.0) for i in range(100)], window=100) == 99
 
 
 def test_drift_detect_delay_ignores_alarms_before_the_shift():

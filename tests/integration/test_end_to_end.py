@@ -60,11 +60,12 @@ def test_an_adapter_trained_from_feedback_is_promoted_and_serves_traffic(tmp_pat
     assert report["adapters_promoted"] >= 1, report
     assert all((tmp_path / "runs" / "latest" / name).stat().st_size > 0 for name in ("rewards.png", "traffic.png"))
 
-    engine = make_engine(f"sqlite:///{data / 'feedloop.db'}")
+    (state,) = (data / "demo").iterdir()  # the run's own state directory, the only one
+    engine = make_engine(f"sqlite:///{state / 'feedloop.db'}")
     with make_sessionmaker(engine)() as session:
         trained = set(session.scalars(select(Adapter.name)))
         promoted = set(session.scalars(select(Adapter.name).where(Adapter.state.in_(("champion", "retired")))))
-        served_by = {json.loads(r.value).get("adapter") for r in iter_archive(session, data / "archive", EVENTS.name)
+        served_by = {json.loads(r.value).get("adapter") for r in iter_archive(session, state / "archive", EVENTS.name)
                      if r.value and b'"interaction"' in r.value}  # fmt: skip
     engine.dispose()
     assert promoted and promoted <= trained & served_by, f"promoted {promoted}, trained {trained}, served {served_by}"
