@@ -6,7 +6,8 @@ checkpoint that changed it (``router_snapshots``). The gateway polls the store e
 (higher id) appears, so a decision is a few matrix products in memory: no broker, no store,
 no learner on the request path. Until the first snapshot, the gateway routes with the router
 the learner starts from (the initial arms, uniform). If the store cannot be read, it keeps
-routing with the last router it has.
+routing with the last router it has, as it does when the newest snapshot is in a format it
+refuses (a learner not yet upgraded, or not yet done rebuilding after an upgrade).
 
 Draws come from the gateway's own RNG (``FEEDLOOP_LEARNERS__ROUTE_SEED``, fresh entropy by
 default), kept across reloads: see ``streams.learning.restore``.
@@ -58,6 +59,7 @@ class RoutingService:
         initial = LearnerState(config).snapshot()
         self._current = _Loaded(LinUCBRouter.from_bytes(initial.data, self._rng), initial.version, None)
         self._last_error: str | None = None
+        self._refused: int | None = None  # the snapshot id last refused, logged once
 
     @property
     def arms(self) -> tuple[str, ...]:
@@ -73,9 +75,15 @@ class RoutingService:
         """Load the newest snapshot if it is not the one in use; True when it swapped."""
         with self.sessions() as session:
             newest = session.scalar(select(RouterSnapshot).order_by(RouterSnapshot.id.desc()).limit(1))
-        if newest is None or newest.id == self._current.snapshot_id:
+        if newest is None or newest.id in (self._current.snapshot_id, self._refused):
             return False
-        self._current = _Loaded(LinUCBRouter.from_bytes(newest.state, self._rng), newest.version, newest.id)
+        try:
+            router = LinUCBRouter.from_bytes(newest.state, self._rng)
+        except ValueError as error:
+            log.warning("routing.snapshot_refused", snapshot_id=newest.id, error=str(error))
+            self._refused = newest.id
+            return False
+        self._current = _Loaded(router, newest.version, newest.id)
         log.info("routing.snapshot_loaded", version=newest.version, examples=newest.examples, arms=newest.arms)
         return True
 

@@ -65,7 +65,7 @@ JUDGING_S = 75  # judging 3 x 60 prompts and the report: ~50 s on 2 cores
 # What the demo shortens so that the loop turns several times in minutes, not days.
 # One partition: one curator sees all feedback, so batches are few and large enough to move
 # the model, rather than one small batch per partition. The A/B test is tuned to the lifts
-# the demo's adapters make (tens of points: ab_tau), and the router's floor keeps a tenth of
+# the demo's adapters make (tens of points: ab_tau), and the router's min_propensity keeps a tenth of
 # the traffic on each arm of a test, so verdicts come within a minute or two. Four epochs of
 # SFT and DPO: a batch of ~150 records moves the tiny model's style by tens of points. No KTO:
 # on the demo's batches it moved the style the wrong way and cost the rare skill (docs/demo.md).
@@ -74,7 +74,7 @@ DEMO_DEFAULTS: dict[str, object] = {
     "topic_partitions": 1,
     "pipeline": {"implicit_window_s": 4, "explicit_window_s": 8, "allowed_lateness_s": 1, "idle_tick_s": 1,
                  "batch_size": 160, "batch_max_wait_s": 120, "checkpoint_interval_s": 1},
-    "learners": {"ab_min_samples": 40, "ab_max_samples": 150, "ab_tau": 0.2, "floor": 0.2, "canary_share": 0.5,
+    "learners": {"ab_min_samples": 40, "ab_max_samples": 150, "ab_tau": 0.2, "min_propensity": 0.1, "canary_share": 0.5,
                  "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
     "serving": {"drain_s": 3, "reconcile_interval_s": 10, "max_loras": 3},
     "trainer": {"num_threads": 1, "log_every": 50,

@@ -77,8 +77,22 @@ class LearnerSettings(BaseModel):
         default_factory=lambda: ["base"], min_length=1,
         description="Adapters the router starts with, before any adapter_loaded event; the first is the champion.",
     )  # fmt: skip
-    alpha: float = Field(1.0, ge=0, description="Router: width of the LinUCB confidence bonus.")
-    floor: float = Field(0.1, ge=0, le=1, description="Router: probability spread evenly over all arms (exploration).")
+    alpha: float = Field(
+        1.0, ge=0, description="Router: width of the LinUCB confidence bonus, in standard deviations of each arm's "
+        "mean reward (its noise estimated from the rewards).",
+    )  # fmt: skip
+    floor: float = Field(
+        0.1, ge=0, le=1, description="Router: exploration share spread evenly over the arms before any reward; "
+        "it shrinks as the arms' estimates firm up, down to min_propensity per arm.",
+    )  # fmt: skip
+    min_propensity: float = Field(
+        0.001, ge=0, le=1, description="Router: least probability of every live arm (unless capped or pinned), "
+        "so that logged propensities support off-policy evaluation.",
+    )  # fmt: skip
+    noise_prior_weight: float = Field(
+        10.0, gt=0, description="Router: pseudo-rewards of the prior at each level of the noise estimate: "
+        "an arm's residual variance is shrunk towards all arms', and that towards 0.25 (the most a reward in [0, 1] has).",
+    )  # fmt: skip
     feature_dim: int = Field(32, ge=2, description="Router: length of the hashed context vector.")
     l2: float = Field(1.0, gt=0, description="Router: ridge penalty of each arm's regression.")
     seed: int = Field(0, description="Seed of the learner's router.")

@@ -62,7 +62,8 @@ STATE_ROW = 0
 # 3: LearnerState.seen_examples, the example ids it de-duplicates by.
 # 4: seen_examples keyed by (app id, example id).
 # 5: ABTest keeps sums of propensity-weighted pseudo-outcomes (learners.ab_test._Sequence).
-STATE_FORMAT = 5
+# 6: the router's ridges keep a running sum of squares (its noise-scaled exploration).
+STATE_FORMAT = 6
 
 
 @dataclass(frozen=True)

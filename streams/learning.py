@@ -131,6 +131,7 @@ class LearnerState:
     def __init__(self, config: LearnerSettings) -> None:
         self.config = config
         self.router = LinUCBRouter(config.initial_arms, alpha=config.alpha, floor=config.floor,
+                                   min_propensity=config.min_propensity, noise_prior_weight=config.noise_prior_weight,
                                    dim=config.feature_dim, l2=config.l2, seed=config.seed)  # fmt: skip
         self.lifecycle = Lifecycle(config)  # its live arms are the router's, in the same order
         self.drift = DriftMonitor(recent_window=config.drift_recent_window, features=config.drift_features)
