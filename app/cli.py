@@ -538,14 +538,16 @@ def export(ctx: click.Context, out_dir: Path, batch_ids: tuple[str, ...], since:
 @click.option("--alpha", type=float, default=None, help="The router's confidence bonus width (default: as logged).")
 @click.option("--floor", type=click.FloatRange(0, 1), default=None,
               help="The router's exploration floor (default: as logged).")
+@click.option("--min-propensity", type=click.FloatRange(0, 1), default=None,
+              help="The least probability of every live arm (default: as logged).")
 @click.option("--pin", default=None, metavar="ADAPTER", help="Send everything to this adapter instead.")
 @click.option("--since", default=None, help="ISO time: decisions at or after it.")
 @click.option("--until", default=None, help="ISO time: decisions before it.")
 @click.option("--confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the estimates as JSON.")
 @click.pass_context
-def whatif(ctx: click.Context, alpha: float | None, floor: float | None, pin: str | None, since: str | None,
-           until: str | None, confidence: float, as_json: bool) -> None:
+def whatif(ctx: click.Context, alpha: float | None, floor: float | None, min_propensity: float | None,
+           pin: str | None, since: str | None, until: str | None, confidence: float, as_json: bool) -> None:
     """What a router setting or a pin would have earned on the archived decisions (IPS, SNIPS, DR).
 
     Replays the learner over the archive and asks the candidate before each example; prints each
@@ -553,7 +555,7 @@ def whatif(ctx: click.Context, alpha: float | None, floor: float | None, pin: st
     from app.whatif import Candidate, run_whatif
 
     try:
-        candidate = Candidate(alpha=alpha, floor=floor, pin=pin)
+        candidate = Candidate(alpha=alpha, floor=floor, min_propensity=min_propensity, pin=pin)
         result = run_whatif(_settings(ctx), candidate, since=since, until=until, confidence=confidence)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -52,13 +52,20 @@ class Candidate:
 
     alpha: float | None = None
     floor: float | None = None
+    min_propensity: float | None = None
     pin: str | None = None
 
     def __post_init__(self) -> None:
-        if self.pin is not None and (self.alpha is not None or self.floor is not None):
+        if self.pin is not None and self.settings():
             raise ValueError("a pin sends everything to one adapter: it has no exploration settings")
-        if self.floor is not None and not 0.0 <= self.floor <= 1.0:
-            raise ValueError("floor must be in [0, 1]")
+        for name in ("floor", "min_propensity"):
+            if (value := getattr(self, name)) is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+
+    def settings(self) -> dict[str, float]:
+        """The exploration settings it changes."""
+        return {name: value for name in ("alpha", "floor", "min_propensity")
+                if (value := getattr(self, name)) is not None}  # fmt: skip
 
     def probabilities(self, router: LinUCBRouter, context: dict[str, Any]) -> dict[str, float] | None:
         """What it would have done with this request, or None when it was not an option."""
@@ -66,17 +73,14 @@ class Candidate:
             return {self.pin: 1.0} if self.pin in router.arms else None
         view = copy.copy(router)  # shares the arms' models, read only; the settings are its own
         view.pinned = None  # the candidate is this router, not whatever an operator had pinned
-        if self.alpha is not None:
-            view.alpha = self.alpha
-        if self.floor is not None:
-            view.floor = self.floor
+        for name, value in self.settings().items():
+            setattr(view, name, value)
         return view.probabilities(context)
 
     def describe(self) -> str:
         if self.pin is not None:
             return f"pin {self.pin}"
-        settings = [f"{name}={value}" for name, value in (("alpha", self.alpha), ("floor", self.floor))
-                    if value is not None]  # fmt: skip
+        settings = [f"{name}={value}" for name, value in self.settings().items()]
         return "router " + (", ".join(settings) or "as logged") + ", as it was at each request"
 
 

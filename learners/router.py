@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,6 +154,7 @@ class LinUCBRouter:
         self.featurizer = HashingFeaturizer(dim)
         self._models: dict[str, OnlineRidge] = {}
         self._caps: dict[str, float] = {}
+        self._held: dict[str, float] = {}  # least shares (``hold``)
         self.pinned: str | None = None
         self._rng = np.random.default_rng(seed)
         for arm in arms:
@@ -173,6 +174,7 @@ class LinUCBRouter:
     def remove_arm(self, arm: str) -> None:
         del self._models[arm]
         self._caps.pop(arm, None)
+        self._held.pop(arm, None)
         if self.pinned == arm:
             self.pinned = None
 
@@ -190,6 +192,17 @@ class LinUCBRouter:
             raise ValueError("a cap must be in (0, 1]")
         else:
             self._caps[arm] = share
+
+    def hold(self, shares: Mapping[str, float]) -> None:
+        """Keep at least ``shares[arm]`` of the traffic on each named live arm, however sure the
+        router is (the arms of a running A/B test: its propensity-weighted terms grow as 1/p, so
+        an arm left at ``min_propensity`` would stall the verdict); replaces the last call's.
+        A cap below a hold wins."""
+        if unknown := set(shares) - set(self._models):
+            raise ValueError(f"arms {sorted(unknown)} are not live")
+        if any(not 0.0 <= share <= 1.0 for share in shares.values()):
+            raise ValueError("a held share must be in [0, 1]")
+        self._held = dict(shares)
 
     def pin(self, arm: str | None) -> None:
         """Route everything to ``arm`` until ``pin(None)``."""
@@ -211,6 +224,8 @@ class LinUCBRouter:
         greedy = ucb == ucb.max()
         prior_width = NOISE_PRIOR_SD * float(np.sqrt(x @ x / self.l2))
         explore = np.maximum(self.min_propensity, self.floor / len(ucb) * np.minimum(1.0, widths / prior_width))
+        if self._held:
+            explore = np.maximum(explore, [self._held.get(arm, 0.0) for arm in self._models])
         if explore.sum() >= 1.0:  # more arms than 1 / min_propensity: none can be favoured
             explore = np.full(len(ucb), 1.0 / len(ucb))
         p = explore + (1.0 - explore.sum()) * greedy / greedy.sum()
@@ -258,7 +273,7 @@ class LinUCBRouter:
         header = {"format": FORMAT, "alpha": self.alpha, "floor": self.floor, "l2": self.l2,
                   "min_propensity": self.min_propensity, "noise_prior_weight": self.noise_prior_weight,
                   "dim": self.featurizer.dim, "arms": [[arm, m.n] for arm, m in self._models.items()],
-                  "caps": self._caps, "pinned": self.pinned}  # fmt: skip
+                  "caps": self._caps, "held": self._held, "pinned": self.pinned}  # fmt: skip
         arrays = b"".join(model.to_array().astype("<f8").tobytes() for model in self._models.values())
         return json.dumps(header, sort_keys=True).encode() + b"\n" + arrays
 
@@ -285,6 +300,7 @@ class LinUCBRouter:
             router._models[arm] = OnlineRidge.from_array(values[i * per_arm : (i + 1) * per_arm], n=n, l2=l2)
         for arm, share in header["caps"].items():
             router.set_cap(arm, share)
+        router.hold(header["held"])
         router.pin(header["pinned"])
         return router
 

@@ -121,6 +121,11 @@ class LearnerSettings(BaseModel):
     route_seed: int | None = Field(
         None, description="Seed of the gateway's routing draws; unset: fresh entropy per process."
     )
+    ab_min_share: float = Field(
+        0.05, ge=0, le=1,
+        description="Least share of traffic the champion and the challenger of a running A/B test keep, however "
+        "sure the router is: the test weighs each reward by 1/propensity, so a smaller share makes it slower.",
+    )
     canary_share: float = Field(
         0.1, gt=0, le=1,
         description="Most traffic a new adapter gets until its A/B test has ab_min_samples rewards of both arms "

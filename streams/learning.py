@@ -289,6 +289,9 @@ class LearnerState:
             self.router.set_cap(arm, self.config.canary_share)
         if transition.promoted is not None:
             self.router.set_cap(transition.promoted, None)
+        share = self.config.ab_min_share
+        self.router.hold({arm: share for test in self.lifecycle.experiments.values()
+                          for arm in (test.champion, test.challenger)})  # fmt: skip
         self._changed()
 
     def _changed(self) -> None:

@@ -96,9 +96,11 @@ def test_a_candidate_is_the_router_of_the_moment_with_its_own_settings():
     for _ in range(30):
         router.learn_one("coder", {"domain": "code"}, 1.0)
     router.pin("champ")  # an operator's pin: the candidate router does not inherit it
-    greedy = Candidate(alpha=0.0, floor=0.6).probabilities(router, {"domain": "code"})
+    # No floor, the least share 0.3 each: the greedy arm gets the rest.
+    greedy = Candidate(alpha=0.0, floor=0.0, min_propensity=0.3).probabilities(router, {"domain": "code"})
     assert greedy == pytest.approx({"champ": 0.3, "coder": 0.7})
-    assert (router.alpha, router.floor, router.pinned) == (1.0, 0.1, "champ"), "the replayed router is left as it was"
+    assert (router.alpha, router.floor, router.min_propensity, router.pinned) == (1.0, 0.1, 0.001, "champ"), \
+        "the replayed router is left as it was"
     assert Candidate(pin="coder").probabilities(router, {}) == {"coder": 1.0}
     assert Candidate(pin="later-v2").probabilities(router, {}) is None, "not live yet: pinning it was no option"
     assert Candidate().describe() == "router as logged, as it was at each request"

@@ -145,7 +145,7 @@ def test_bytes_restore_the_router_exactly(environment):
 def test_bytes_written_by_hand_in_format_2_load_and_are_written_back_unchanged():
     # The layout the gateway reads, written out by hand: a sorted JSON header, then per arm
     # A^-1 (row-major), b, w and the sum of squares sum y^2 + l2 ||prior||^2, little-endian float64.
-    header = {"alpha": 0.5, "arms": [["base", 3], ["code-v1", 0]], "caps": {"code-v1": 0.1}, "dim": 2,
+    header = {"alpha": 0.5, "arms": [["base", 3], ["code-v1", 0]], "caps": {"code-v1": 0.1}, "dim": 2, "held": {},
               "floor": 0.2, "format": 2, "l2": 1.0, "min_propensity": 0.01, "noise_prior_weight": 2.0,
               "pinned": None}  # fmt: skip
     base = [0.5, 0.0, 0.0, 0.25, 1.0, 2.0, 0.5, 0.5, 2.5]  # residual: 2.5 - w.b = 1.0
@@ -289,3 +289,20 @@ def test_each_decision_is_the_documented_distribution_over_five_arms(environment
     for arm in ("adapter-0", "adapter-1", "adapter-2", "adapter-4"):
         assert after[arm] == pytest.approx(before[arm] * (1 + (before["adapter-3"] - 0.005) / uncapped))
     assert after["adapter-0"] > after["adapter-1"] + 0.7  # the greedy arm took most of it
+
+
+def test_a_held_arm_keeps_its_share_however_sure_the_router_is():
+    router = LinUCBRouter(["champ", "challenger", "other"], min_propensity=0.001, seed=1)
+    context = {"domain": "code"}
+    for _ in range(400):
+        router.learn_one("champ", context, 1.0)
+        router.learn_one("challenger", context, 0.0)
+        router.learn_one("other", context, 0.0)
+    assert router.probabilities(context)["challenger"] < 0.01  # known worse: faded to the minimum
+    router.hold({"champ": 0.05, "challenger": 0.05})
+    held = router.probabilities(context)
+    assert held["challenger"] >= 0.05 and held["other"] < 0.01
+    assert LinUCBRouter.from_bytes(router.to_bytes(), np.random.default_rng(0)).probabilities(context) == held
+    router.remove_arm("challenger")
+    router.hold({})
+    assert router.probabilities(context)["other"] < 0.01
