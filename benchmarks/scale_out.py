@@ -78,7 +78,7 @@ async def end_offsets(bootstrap: str, partitions: int) -> dict[int, int]:
         await consumer.stop()
 
 
-def run(events: list[dict], partitions: int, workers: int) -> dict[str, object]:
+def run(events: list[dict], partitions: int, workers: int, keys: Path) -> dict[str, object]:
     """One run with ``workers`` worker processes: rates, and the batches it cut (name -> manifest hash).
 
     The events are in the topic before the workers start, as a backlog after an outage would
@@ -90,7 +90,9 @@ def run(events: list[dict], partitions: int, workers: int) -> dict[str, object]:
     children: list[Child] = []
     try:
         broker.start()
-        settings = make_settings(root, broker.port, pipeline=PIPELINE, topic_partitions=partitions)
+        # One key store for every run, as the workers of one deployment share theirs: the users'
+        # pseudonyms (listed in each batch's manifest) come from their keys.
+        settings = make_settings(root, broker.port, pipeline=PIPELINE, topic_partitions=partitions, key_dir=keys)
         migrations.upgrade(settings.store_url)
         asyncio.run(ensure_topics(settings))
         sessions = make_sessionmaker(make_engine(settings.store_url))
@@ -170,15 +172,16 @@ def main() -> None:
     events = make_events(args.events, start=datetime.now(timezone.utc) - timedelta(seconds=120), spacing_s=0.005)
     print(f"events: {len(events)} over {args.partitions} partitions, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    rounds = []
+    rounds, keys = [], Path(tempfile.mkdtemp(prefix="feedloop-scale-keys-"))
     for i in range(args.rounds):
-        one, two = run(events, args.partitions, 1), run(events, args.partitions, 2)
+        one, two = run(events, args.partitions, 1, keys), run(events, args.partitions, 2, keys)
         same = one["batches"] == two["batches"] and bool(one["batches"])
         rounds.append((one, two))
         print(f"round {i + 1}: one worker {one['rate']:,.0f} events/s, {one['cpu_rate']:,.0f} per CPU-s | "
               f"two workers {two['rate']:,.0f} events/s ({two['rate'] / one['rate']:.2f}x), "
               f"{two['cpu_rate']:,.0f} per CPU-s ({two['cpu_rate'] / one['cpu_rate']:.2f}x) | "
               f"{len(one['batches'])} batches, byte-identical: {'yes' if same else 'NO'}", flush=True)
+    shutil.rmtree(keys, ignore_errors=True)
     if args.rounds > 1:
         wall = statistics.median(two["rate"] / one["rate"] for one, two in rounds)
         cpu = statistics.median(two["cpu_rate"] / one["cpu_rate"] for one, two in rounds)
