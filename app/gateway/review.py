@@ -16,11 +16,12 @@ from typing import Any
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from app.gateway.auth import ApiKeys, set_session_cookie
 from app.gateway.dashboard import PAGE_HEADERS, STATIC
-from app.gateway.http import error, read_limited
+from app.gateway.http import ErrorBody, error, read_limited
+from app.gateway.openapi import body_schema, raw_body
 from app.publisher import Publisher, PublishError
 from app.review_desk import Labels, NothingLabelled, ReviewDesk, review_events
 from streams.contract import utcnow
@@ -33,6 +34,7 @@ SIGN_IN = """<!doctype html><meta charset="utf-8"><title>feedloop review desk</t
 <p>{message}</p><p>Open <code>/dashboard/review?key=&lt;your key&gt;</code> once with an operator key or a
 reviewer key (FEEDLOOP_REVIEWER_KEYS); the browser then keeps a session cookie (docs/operations.md).</p>"""
 MAX_LABELS_BYTES = 64 * 1024
+LABELS = TypeAdapter(Labels)
 
 
 def item_json(request: ReviewRequest) -> dict[str, Any]:
@@ -69,8 +71,13 @@ def review_router(keys: ApiKeys, desk: ReviewDesk, publisher: Publisher, limits:
         return JSONResponse({"reviewer": reviewer.name, "app_id": reviewer.app_id,
                              "items": [item_json(r) for r in waiting]}, headers={"Cache-Control": "no-store"})  # fmt: skip
 
-    @router.post("/v1/review/{app_id}/{example_id}", status_code=202,
-                 summary="A reviewer's labels on a picked example: a human annotation and feedback events")
+    @router.post(
+        "/v1/review/{app_id}/{example_id}",
+        status_code=202,
+        responses={status: {"model": ErrorBody} for status in (401, 403, 409, 413, 415, 422, 503)},
+        openapi_extra=raw_body({"application/json": {"schema": body_schema(LABELS)}}),
+        summary="A reviewer's labels on a picked example: a human annotation and feedback events",
+    )
     async def review(request: Request, app_id: str, example_id: str) -> Any:
         if (refused := keys.review_refusal(request)) is not None:
             return error(*refused)

@@ -102,7 +102,9 @@ async function submit(ex, form, problem) {
   });
   if (answer.ok || answer.status === 409) {  // 409: another reviewer was first; it left the queue either way
     state.posted += 1;
-    await refresh();
+    await // No polling: redrawing the queue would wipe a label being typed. Saving reloads it.
+document.getElementById("reload").addEventListener("click", refresh);
+refresh();
     return;
   }
   const body = await answer.json().catch(() => ({}));
@@ -129,4 +131,6 @@ async function refresh() {
   state.drawn += 1;
 }
 
+// No polling: redrawing the queue would wipe a label being typed. Saving reloads it.
+document.getElementById("reload").addEventListener("click", refresh);
 refresh();
