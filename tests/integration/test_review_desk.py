@@ -63,7 +63,7 @@ async def shown(page) -> list[str]:
     return await page.evaluate("() => [...document.querySelectorAll('#queue article')].map(a => a.dataset.exampleId)")
 
 
-async def test_a_reviewer_corrects_an_example_and_it_leaves_the_queue_for_everyone(stack):
+async def test_a_reviewer_corrects_an_example_and_it_leaves_the_queue_for_everyone(stack, tmp_path):
     from playwright.async_api import async_playwright
 
     mine, other, foreign = (f"{name}-{uuid.uuid4().hex[:12]}" for name in ("fix", "keep", "b"))
@@ -87,11 +87,16 @@ async def test_a_reviewer_corrects_an_example_and_it_leaves_the_queue_for_everyo
         browser = await playwright.chromium.launch(executable_path=chromium_path(), headless=True)
         try:
             page, problems = await open_desk(browser, stack.base_url, ALICE)
+            second, second_problems = await open_desk(browser, stack.base_url, BOB)  # the same queue
+            assert {mine, other} <= set(await shown(second))
             assert {mine, other} <= set(await shown(page)) and foreign not in await shown(page)  # app-a's only
             card = page.locator(f'#queue article[data-example-id="{mine}"]')
             assert "2+2 is 5." in await card.inner_text()
             assert "disagreement 0.50" in await card.locator(".why").inner_text()  # why it was picked
             assert "pseudonym-of-the-user" not in await page.content()
+            screenshot = tmp_path / "review-desk.png"
+            await page.screenshot(path=str(screenshot), full_page=True)
+            print(f"review desk screenshot: {screenshot}")
             await card.get_by_label("down").check()
             await card.get_by_label("Corrected answer").fill("2+2 is 4.")
             await card.get_by_role("button", name="Save review").click()
@@ -108,8 +113,9 @@ async def test_a_reviewer_corrects_an_example_and_it_leaves_the_queue_for_everyo
                        for e in events)
             assert next(e for e in events if e.get("kind") == "edit")["text"] == "2+2 is 4."
 
-            # A second reviewer, and a desk rebuilt from the archive, no longer see it.
-            second, problems = await open_desk(browser, stack.base_url, BOB)
+            # The second reviewer, reloading, and a desk rebuilt from the archive no longer see it.
+            await second.get_by_role("button", name="Reload queue").click()
+            await second.wait_for_function("() => window.feedloopReview.drawn > 1", timeout=30_000)
             assert mine not in await shown(second) and other in await shown(second)
             rebuilt = [r.example.example_id for r in ReviewDesk(stack.sessions, stack.archive_dir).waiting("app-a")]
             assert mine not in rebuilt and other in rebuilt
@@ -118,6 +124,6 @@ async def test_a_reviewer_corrects_an_example_and_it_leaves_the_queue_for_everyo
                 late = await http.post(f"/v1/review/app-a/{mine}", json={"thumbs": 1},
                                        headers={"Authorization": f"Bearer {BOB}"})
                 assert (late.status_code, late.json()["reason"]) == (409, "not_waiting")
-            assert problems == []
+            assert second_problems == []
         finally:
             await browser.close()

@@ -71,7 +71,7 @@ function card(item) {
   form.appendChild(field("Report (why it is harmful or wrong)", report));
   const notes = el("textarea");
   notes.name = "notes";
-  form.appendChild(field("Notes for other reviewers", notes));
+  form.appendChild(field("Notes (kept with the annotation)", notes));
   const save = el("button", "Save review");
   save.type = "submit";
   form.appendChild(save);
@@ -101,10 +101,8 @@ async function submit(ex, form, problem) {
     credentials: "same-origin",
   });
   if (answer.ok || answer.status === 409) {  // 409: another reviewer was first; it left the queue either way
-    state.posted += 1;
-    await // No polling: redrawing the queue would wipe a label being typed. Saving reloads it.
-document.getElementById("reload").addEventListener("click", refresh);
-refresh();
+    await refresh();
+    state.posted += 1;  // after the redraw: what a waiting test reads is the queue without it
     return;
   }
   const body = await answer.json().catch(() => ({}));
