@@ -1,7 +1,7 @@
-"""Who is asking: an app, by its API key, or an operator, by an operator key.
+"""Who is asking: an app, by its API key, an operator, by an operator key, or a reviewer.
 
-Two roles, two sets of keys (``FEEDLOOP_API_KEYS``, ``FEEDLOOP_OPERATOR_KEYS``), and no key in
-both. An **app** key sends its own app's events, asks for routes, chats and erases its own
+Three roles, three sets of keys (``FEEDLOOP_API_KEYS``, ``FEEDLOOP_OPERATOR_KEYS``,
+``FEEDLOOP_REVIEWER_KEYS``), and no key in two. An **app** key sends its own app's events, asks for routes, chats and erases its own
 app's users: every id it names is read within its app. An **operator** key opens what spans
 apps: ``/metrics``, the dashboard and ``/v1/overview`` over every app, and erasing a user of
 any app. The dashboard and ``/v1/overview`` are also an app key's (its :class:`Viewer`), scoped
@@ -15,7 +15,7 @@ it; SameSite=Strict: other sites cannot make the browser send it). The cookie ho
 the key for the role it was given for, not the key, so it opens only the views (never an
 erasure, never another role's pages), and it stops working when the key is removed.
 
-A third role works the review desk (``/dashboard/review``, ``app.gateway.review``): a
+The third role works the review desk (``/dashboard/review``, ``app.gateway.review``): a
 **reviewer** key (``FEEDLOOP_REVIEWER_KEYS``) is for one app's queue; an operator key reviews
 every app; an app's key is refused (403). The desk's cookie posts reviews: SameSite=Strict
 keeps other sites from sending it, and the desk takes JSON bodies only, which no cross-site
