@@ -464,14 +464,30 @@ def curate(ctx: click.Context, cause: str) -> None:
               "within its app.")  # fmt: skip
 @click.pass_context
 def erase(ctx: click.Context, user_id: str, app_id: str) -> None:
-    """Erase a user of an app: shred their pseudonym key; no later batch will hold anything of theirs."""
-    from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+    """Erase a user of an app: shred their pseudonym key, cut them out of the batches not yet
+    trained, and name the adapters already trained on their data. Again: the same answer."""
+    from app.erasure import erase_user
+    from trainer.erasure import mark_announced
 
-    user = user_identity(app_id, user_id)
-    pseudonyms = Pseudonymizer(FileKeyStore(_settings(ctx).keys_path))
-    pseudonyms.erase(user)
-    click.echo(f"erased {app_id}'s user at {pseudonyms.erased_at(user).isoformat()}: their events before then are "
-               "dropped from every later batch and replay")
+    settings = _settings(ctx)
+    sessions = _sessions(settings)
+    answer, announce = erase_user(settings.keys_path, sessions, app_id, user_id)
+    click.echo(f"{app_id}'s user {'was erased' if answer.already_erased else 'erased'} at "
+               f"{answer.erased_at.isoformat()}: their events before then are dropped from every later batch and "
+               "replay, and from the batches not yet trained")  # fmt: skip
+    if answer.retrain_adapters:
+        click.echo(f"trained on their data, to retrain: {', '.join(answer.retrain_adapters)}")
+    else:
+        click.echo("no adapter was trained on their data")
+    if announce is not None:
+        try:
+            _send_control(settings, announce)
+        except click.ClickException as exc:
+            # Erased all the same: the trainer applies the erasure from the store before it trains.
+            click.echo(f"not announced on the control topic yet: {exc.message} Run the same command again once the "
+                       "broker is up, so that the log holds the erasure too.", err=True)  # fmt: skip
+            return
+        mark_announced(sessions, announce.pseudonym)
 
 
 @main.command()
@@ -493,6 +509,32 @@ def export(ctx: click.Context, out_dir: Path, batch_ids: tuple[str, ...], since:
         click.echo(run_export(_settings(ctx), out_dir, batch_ids=list(batch_ids), since=since, until=until, app=app))
     except NoBatches as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--alpha", type=float, default=None, help="The router's confidence bonus width (default: as logged).")
+@click.option("--floor", type=click.FloatRange(0, 1), default=None,
+              help="The router's exploration floor (default: as logged).")
+@click.option("--pin", default=None, metavar="ADAPTER", help="Send everything to this adapter instead.")
+@click.option("--since", default=None, help="ISO time: decisions at or after it.")
+@click.option("--until", default=None, help="ISO time: decisions before it.")
+@click.option("--confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the estimates as JSON.")
+@click.pass_context
+def whatif(ctx: click.Context, alpha: float | None, floor: float | None, pin: str | None, since: str | None,
+           until: str | None, confidence: float, as_json: bool) -> None:
+    """What a router setting or a pin would have earned on the archived decisions (IPS, SNIPS, DR).
+
+    Replays the learner over the archive and asks the candidate before each example; prints each
+    estimate with its interval and the logged policy's value beside them (docs/operations.md)."""
+    from app.whatif import Candidate, run_whatif
+
+    try:
+        candidate = Candidate(alpha=alpha, floor=floor, pin=pin)
+        result = run_whatif(_settings(ctx), candidate, since=since, until=until, confidence=confidence)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.render())
 
 
 # --- contract -----------------------------------------------------------------------------
@@ -623,8 +665,8 @@ def _send_control(settings: Settings, event) -> None:
 
     async def send() -> None:
         producer = kafka.producer(settings.kafka)
-        await producer.start()
         try:
+            await producer.start()  # inside: a start that fails is stopped too (no unclosed producer)
             await producer.send_and_wait(CONTROL.name, event.model_dump_json().encode(), key=control_key(event))
         finally:
             await producer.stop()

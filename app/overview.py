@@ -41,7 +41,8 @@ from sqlalchemy.orm import sessionmaker
 from app.liveness import ProcessView, process_views
 from app.sealed_segments import SealedSegments
 from app.settings import Settings
-from streams.store import Adapter, ArchiveSegment, Batch, BatchStatus, RouterSnapshot, StreamCheckpoint, make_engine, make_sessionmaker
+from streams.store import (Adapter, ArchiveSegment, Batch, BatchStatus, Erasure, RouterSnapshot, StreamCheckpoint,
+                           make_engine, make_sessionmaker)
 from learners.ab_test import ABTest
 from learners.loss_weights import LossWeights
 from streams.archive import ArchivedRecord
@@ -195,6 +196,17 @@ class BatchView:
 
 
 @dataclass
+class RetrainView:
+    """An adapter trained on the data of users erased since (trainer/erasure.py): retrain it."""
+
+    adapter: str
+    state: str | None  # the registry's; None for an adapter the registry no longer has
+    erasures: int
+    apps: list[str]
+    first_erased_at: str | None
+
+
+@dataclass
 class LagView:
     consumer: str
     partition: int
@@ -246,6 +258,7 @@ class Overview:
     privacy: PrivacyView
     router: RouterView | None
     app_id: str | None = None  # None: every app (an operator's view); else the one app this view shows
+    retrain: list[RetrainView] = field(default_factory=list)  # adapters trained on erased users' data
 
     def to_json(self) -> dict[str, Any]:
         return _json_safe(asdict(self))
@@ -405,7 +418,8 @@ class ArchiveFold:
         if reward is None:
             return
         at = example.closed_at.timestamp()
-        for outcome in self.lifecycle.observe(example.adapter, reward, example.cohort):
+        for outcome in self.lifecycle.observe(example.adapter, reward, example.propensity, example.probabilities,
+                                              example.cohort):
             experiment = self.running[outcome.test.challenger]
             experiment.frontier = max(experiment.frontier, at)
             self.ab_paths.put(experiment.frontier, experiment.key, outcome.decision)
@@ -517,7 +531,7 @@ class OverviewSource:
             self._catch_up()
             if app_id is None:
                 return self._overview(self._fold.all)
-            scoped = self._overview(self._fold.apps.get(app_id) or Totals())
+            scoped = self._overview(self._fold.apps.get(app_id) or Totals(), app_id)
         return replace(scoped, app_id=app_id, segments=0, records_by_topic={}, undecodable=0, experiments=[],
                        drift_alarms={}, recent_drift_alarms=[], batches_emitted=0, batches_by_status={},
                        recent_batches=[], failed_batches=[], lag=[], processes=[],
@@ -533,9 +547,12 @@ class OverviewSource:
     def segments_read(self) -> int:
         return self._segments.segments_read
 
-    def _overview(self, totals: Totals) -> Overview:
+    def _overview(self, totals: Totals, app_id: str | None = None) -> Overview:
+        """``app_id``: only that app's erasures name adapters to retrain."""
         fold = self._fold
         with self.sessions() as session:
+            erasures = list(session.scalars(select(Erasure).order_by(Erasure.erased_at)
+                                            .where(*([Erasure.app_id == app_id] if app_id else []))))  # fmt: skip
             adapters = list(session.scalars(select(Adapter).order_by(Adapter.created_at, Adapter.name)))
             batches_by_status = dict(session.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
             batches = list(session.scalars(select(Batch).order_by(Batch.created_at.desc(), Batch.batch_id.desc())
@@ -550,6 +567,7 @@ class OverviewSource:
             lag = self._lag(session)
             processes = process_views(session, self.settings.liveness)
         return Overview(
+            retrain=_retrain_views(erasures, {a.name: a.state for a in adapters}),
             generated_at=_clock(datetime.now(timezone.utc).timestamp()),
             segments=self._segments.folded,
             records_by_topic=dict(fold.records_by_topic),
@@ -646,6 +664,17 @@ def _clock_of(moment: datetime | None) -> str | None:
     if moment.tzinfo is None:  # SQLite returns naive datetimes; the store writes UTC
         moment = moment.replace(tzinfo=timezone.utc)
     return _clock(moment.timestamp())
+
+
+def _retrain_views(erasures: list[Erasure], states: dict[str, str]) -> list[RetrainView]:
+    """Each adapter named by an erasure (oldest erasure first), with how many name it."""
+    views: dict[str, RetrainView] = {}
+    for erasure in erasures:
+        for name in erasure.adapters:
+            view = views.setdefault(name, RetrainView(name, states.get(name), 0, [], _clock_of(erasure.erased_at)))
+            view.erasures += 1
+            view.apps = sorted({*view.apps, erasure.app_id})
+    return sorted(views.values(), key=lambda v: v.adapter)
 
 
 def _batch_view(batch: Batch) -> BatchView:

@@ -15,12 +15,13 @@ from datetime import datetime
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from pydantic import BaseModel
 
 from streams import kafka
 from streams.contract import DeadLetter
 from streams.intake import Accepted
 from streams.kafka import KafkaSettings
-from streams.topics import DEAD_LETTER, EVENTS, dead_letter_key, event_key
+from streams.topics import CONTROL, DEAD_LETTER, EVENTS, control_key, dead_letter_key, event_key
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +83,16 @@ class Publisher:
                 f"the broker did not acknowledge the events within {self.timeout_s}s ({exc!r}); "
                 "nothing was accepted, retry with the same event ids"
             ) from exc
+
+    async def publish_control(self, event: BaseModel) -> None:
+        """One control event onto the control topic (an erasure's ``user_erased``), acknowledged."""
+        try:
+            await asyncio.wait_for(self._send_all([(CONTROL.name, event.model_dump_json().encode(),
+                                                    control_key(event))], []), self.timeout_s)  # fmt: skip
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            log.error("publish.control_failed", error=repr(exc), type=getattr(event, "type", None))
+            raise PublishError(f"the broker did not acknowledge the {getattr(event, 'type', 'control')} event "
+                               f"within {self.timeout_s}s ({exc!r}); send the request again") from exc  # fmt: skip
 
     async def _send_all(self, records: list[tuple[str, bytes, bytes]], headers: list) -> None:
         # send() only enqueues; gathering the returned futures waits for the acknowledgements.

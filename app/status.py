@@ -124,6 +124,15 @@ def render_status(overview: Overview, console: Console) -> None:
             failed.add_row(b.batch_id, str(b.size), b.created_at or "", escape(b.reason or "(no reason recorded)"))
         console.print(failed)
 
+    if overview.retrain:
+        retrain = Table(title="adapters to retrain (trained on the data of users erased since: docs/privacy.md)")
+        for column in ("adapter", "state", "erasures", "apps", "first erased"):
+            retrain.add_column(column)
+        for r in overview.retrain:
+            retrain.add_row(r.adapter, r.state or "(not in the registry)", str(r.erasures), ", ".join(r.apps),
+                            r.first_erased_at or "")
+        console.print(retrain)
+
     drift = Table(title="drift alarms by signal")
     drift.add_column("signal")
     drift.add_column("alarms", justify="right")

@@ -51,12 +51,13 @@ from tests.factories import feedback, interaction  # noqa: E402
 T0 = datetime.now(timezone.utc) - timedelta(hours=6)
 
 
-def make_events(count: int) -> list[dict]:
+def make_events(count: int, start: datetime = T0, spacing_s: float = 0.5) -> list[dict]:
     """A chat-app-like mix: 60% of interactions get feedback (35% explicit: thumbs, rating,
-    edit; 25% implicit: copy), 40% none; one answer in ten carries a phone number to scrub."""
+    edit; 25% implicit: copy), 40% none; one answer in ten carries a phone number to scrub.
+    Interactions are ``spacing_s`` apart from ``start``, each feedback 2 s after its answer."""
     events, i = [], 0
     while len(events) < count:
-        when = T0 + timedelta(seconds=i * 0.5)
+        when = start + timedelta(seconds=i * spacing_s)
         answer = f"answer {i}" + (f": call me at +1 415 555 {i % 10000:04d}" if i % 10 == 0 else "")
         turn = interaction(occurred_at=when.isoformat(), context={"domain": "abc"[i % 3], "cohort": "xy"[i % 2]},
                            prompt=[{"role": "user", "content": f"question {i} about topic {i * 7} please"}],

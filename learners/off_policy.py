@@ -86,7 +86,7 @@ class OffPolicyEvaluator:
     ----------
     policy
         Candidate policy: context -> probability of each arm (missing arms have 0).
-        ``LinUCBRouter.probabilities`` is one.
+        ``LinUCBRouter.probabilities`` is one. None when every record brings its ``target``.
     reward_model
         Model of the reward of an arm in a context; a ``RidgeRewardModel`` when omitted.
     confidence
@@ -104,7 +104,7 @@ class OffPolicyEvaluator:
 
     def __init__(
         self,
-        policy: Policy,
+        policy: Policy | None,
         reward_model: RewardModel | None = None,
         confidence: float = 0.95,
     ):
@@ -116,10 +116,15 @@ class OffPolicyEvaluator:
         self._sum_w = self._sum_wr = self._sum_ww = self._sum_wwr = self._sum_wwrr = 0.0
         self._sum_dr = self._sum_dr2 = 0.0
 
-    def learn_one(self, context: Context, arm: str, reward: float, propensity: float) -> None:
+    def learn_one(self, context: Context, arm: str, reward: float, propensity: float,
+                  target: Mapping[str, float] | None = None) -> None:  # fmt: skip
+        """One logged record. ``target``: the policy's probabilities for it, when the caller
+        asked the policy itself; a policy that learns from the log (a router replayed over it)
+        must answer before it learns the record, and the caller knows when that is."""
         if not 0.0 < propensity <= 1.0:
             raise ValueError(f"propensity {propensity} must be in (0, 1]")
-        target = self.policy(context)
+        if target is None:
+            target = self.policy(context)
         w = target.get(arm, 0.0) / propensity
         direct = sum(p * self.reward_model.predict_one(context, a) for a, p in target.items())
         dr = direct + w * (reward - self.reward_model.predict_one(context, arm))

@@ -31,7 +31,7 @@ class BatchConflict(RuntimeError):
 def _write(cut: CutBatch, directory: Path):
     return write_batch(directory, batch_id=cut.batch_id, trigger=cut.trigger,
                        event_time=cut.event_time.isoformat(), records=cut.records, loss_weights=cut.loss_weights,
-                       heldout=cut.heldout)  # fmt: skip
+                       heldout=cut.heldout, users=cut.users)  # fmt: skip
 
 
 def publish_batch(cut: CutBatch, *, data_dir: Path, batches_dir: Path, sessions: sessionmaker) -> BatchEmitted:

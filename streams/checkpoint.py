@@ -167,6 +167,12 @@ class Checkpoints:
                     earliest = record.timestamp_ms if earliest is None else min(earliest, record.timestamp_ms)
         return counts, earliest
 
+    def fold_archive(self, rebuild: Rebuild[S]) -> S:
+        """The state folded from the archived input records, as a rebuild with no row to stop
+        at: the broker lives up to this one, or every life when this one archived nothing (an
+        offline tool replaying a worker, ``feedloop whatif``, passes cluster id "")."""
+        return self._rebuild(0, rebuild, self.cluster_id, None)
+
     def _rebuild(self, key: int, rebuild: Rebuild[S], cluster_id: str, positions: dict[Position, int] | None) -> S:
         state = rebuild.fresh()
         reached: dict[Position, int] = {}

@@ -39,6 +39,8 @@ EventId = Annotated[
 ]
 Scalar = Union[str, int, float, bool]
 Metadata = Annotated[dict[str, Scalar], Field(max_length=64)]
+# The router's whole distribution at a decision: adapter -> probability.
+Probabilities = Annotated[dict[Id, Annotated[float, Field(ge=0, le=1)]], Field(max_length=64)]
 
 
 class _Record(BaseModel):
@@ -127,6 +129,11 @@ class Interaction(_Event):
     adapter: Id = Field(description="Name of the adapter (router arm) that served the response.")
     propensity: float | None = Field(
         None, gt=0, le=1, description="Probability with which the router chose that adapter."
+    )
+    probabilities: Probabilities | None = Field(
+        None,
+        description="The router's whole distribution at the decision (POST /v1/route's probabilities): the A/B "
+        "test counts the interaction for a champion and challenger only if both had a chance in it.",
     )
     prompt: list[Message] = Field(min_length=1, description="The messages sent to the model.")
     response: str
@@ -372,10 +379,22 @@ class DriftAlarm(_ControlEvent):
         return self.signal.startswith("reward:")
 
 
+class UserErased(_ControlEvent):
+    """A user asked to be erased (``POST /v1/users/{id}/erase``, ``feedloop erase``): the
+    trainer cuts their records out of the batches it has not trained, and the adapters
+    trained on them are named for retraining. It carries the pseudonym the user had until
+    then, never the user id; ``occurred_at`` is the erasure's time (the key store's record of
+    it), and the event id is derived from the pseudonym, so announcing it again dedupes."""
+
+    type: Literal["user_erased"] = "user_erased"
+    app_id: Id
+    pseudonym: str = Field(pattern=r"^u_[0-9a-f]{32}$", description="The user's pseudonym before the erasure.")
+
+
 ControlEvent = Annotated[
     Union[
         BatchEmitted, AdapterReady, AdapterLoaded, AdapterPromoted, AdapterRolledBack, AdapterRefused,
-        AdapterUnloaded, AdapterPinned, DriftAlarm,
+        AdapterUnloaded, AdapterPinned, DriftAlarm, UserErased,
     ],
     Field(discriminator="type"),
 ]
@@ -427,6 +446,7 @@ class AnnotatedExample(_Record):
     user: str = Field(description="Pseudonym of the user (keyed HMAC), never the app's user id.")
     adapter: str
     propensity: float | None
+    probabilities: dict[str, float] | None = Field(None, description="The interaction's, when it logged them.")
     cohort: str
     domain: str
     context: Context

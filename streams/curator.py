@@ -49,14 +49,18 @@ class Buffered:
     record: TrainingRecord
     user: str  # streams.pseudonyms.user_identity, kept in state only, to honour erasure; never in batch files
     occurred_at: datetime  # as a streams.join.utc() key: compared with the watermark per record
+    # The user's pseudonym as the example has it: the batch manifest lists it (its ``users``),
+    # so an erasure finds the user's records in batches not yet trained. "" in checkpoints
+    # from before it existed: such records are cut out by the curator's own erasure check only.
+    pseudonym: str = ""
 
     def __reduce__(self):
         # Reservoir records outlive many checkpoints: pickle each record once.
-        return _restore_buffered, (for_state(self, "record"), self.user, self.occurred_at)
+        return _restore_buffered, (for_state(self, "record"), self.user, self.occurred_at, self.pseudonym)
 
 
-def _restore_buffered(record: object, user: str, occurred_at: datetime) -> Buffered:
-    return Buffered(from_state(record), user, occurred_at)
+def _restore_buffered(record: object, user: str, occurred_at: datetime, pseudonym: str = "") -> Buffered:
+    return Buffered(from_state(record), user, occurred_at, pseudonym)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class CutBatch:
     erased: int  # records dropped because their user was erased
     loss_weights: dict[str, float]  # per-channel weights for the trainer, as of the cut
     heldout: list[TrainingRecord] = field(default_factory=list)  # never trained: the gate's held-out items
+    users: dict[str, list[str]] = field(default_factory=dict)  # pseudonym -> example ids (manifest ``users``)
 
 
 def _stable_order(seed: int, example_id: str) -> str:
@@ -133,6 +138,11 @@ class Curator:
         self.early_trigger = None
         return dropped
 
+    def due_at(self) -> datetime | None:
+        """When the oldest buffered record's wait ends (its ``occurred_at`` key + ``max_wait``);
+        None with nothing buffered."""
+        return self.buffer[0].occurred_at + self.max_wait if self.buffer else None
+
     def due(self, watermark: datetime | None) -> str | None:
         if not self.buffer:
             return None
@@ -155,7 +165,7 @@ class Curator:
         self.early_trigger = None
         kept = [b for b in taken if not is_erased(b.user, b.occurred_at)]
         erased = len(taken) - len(kept)
-        heldout = [b.record for b in kept if is_heldout(b.record.example_id, self.heldout_share)]
+        heldout_entries = [b for b in kept if is_heldout(b.record.example_id, self.heldout_share)]
         kept = [b for b in kept if not is_heldout(b.record.example_id, self.heldout_share)]
         for stratum in self.reservoir:
             self.reservoir[stratum] = [b for b in self.reservoir[stratum] if not is_erased(b.user, b.occurred_at)]
@@ -174,6 +184,10 @@ class Curator:
         for b in chosen + overflow:
             self._remember(b)
         self.batches_cut += 1
+        users: dict[str, list[str]] = defaultdict(list)
+        for b in chosen + replayed + heldout_entries:
+            if b.pseudonym:
+                users[b.pseudonym].append(b.record.example_id)
         return CutBatch(
             batch_id=f"batch-p{self.partition}-{self.batches_cut:06d}",
             trigger=trigger,
@@ -182,7 +196,8 @@ class Curator:
             capped=len(overflow),
             erased=erased,
             loss_weights=loss_weights,
-            heldout=heldout,
+            heldout=[b.record for b in heldout_entries],
+            users=dict(users),
         )
 
     def _draw_replay(self, count: int) -> list[Buffered]:

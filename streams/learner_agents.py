@@ -61,7 +61,8 @@ STATE_ROW = 0
 # 2: the adapter lifecycle moved into streams.lifecycle.AdapterLifecycle (LearnerState.lifecycle).
 # 3: LearnerState.seen_examples, the example ids it de-duplicates by.
 # 4: seen_examples keyed by (app id, example id).
-STATE_FORMAT = 4
+# 5: ABTest keeps sums of propensity-weighted pseudo-outcomes (learners.ab_test._Sequence).
+STATE_FORMAT = 5
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class LiveLearner:
         self.snapshots_kept = snapshots_kept
         self.checkpoints = Checkpoints(sessions, archive_dir, consumer=consumer, cluster_id=cluster_id,
                                        format_version=STATE_FORMAT)  # fmt: skip
-        restored = self.checkpoints.load(STATE_ROW, _rebuild(config))
+        restored = self.checkpoints.load(STATE_ROW, rebuild_learners(config))
         if restored is not None:
             log.info("learners.restored", version=restored.version, examples=restored.examples,
                      arms=restored.router.arms)  # fmt: skip
@@ -136,7 +137,7 @@ class LiveLearner:
                     session.execute(delete(RouterSnapshot).where(RouterSnapshot.id < oldest_kept))
 
 
-def _rebuild(config: LearnerSettings) -> Rebuild[LearnerState]:
+def rebuild_learners(config: LearnerSettings) -> Rebuild[LearnerState]:
     """The learner state folded from the archived examples and control events."""
 
     def fold(state: LearnerState, record: ArchivedRecord) -> None:

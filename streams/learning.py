@@ -219,7 +219,8 @@ class LearnerState:
 
     def _feed_experiments(self, example: AnnotatedExample, reward: float) -> list[ControlOut]:
         verdicts = []
-        for outcome in self.lifecycle.observe(example.adapter, reward, example.cohort):
+        for outcome in self.lifecycle.observe(example.adapter, reward, example.propensity, example.probabilities,
+                                              example.cohort):
             test, decision = outcome.test, outcome.decision
             if decision.verdict != "continue":
                 verdicts.append(self._verdict(test, decision, outcome.transition, example.closed_at,

@@ -17,6 +17,7 @@ I/O, no logging; the same calls in the same order give the same state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from learners.ab_test import ABDecision, ABTest
@@ -188,17 +189,31 @@ class Lifecycle:
 
     # --- rewards ---------------------------------------------------------------------------
 
-    def observe(self, adapter: str, reward: float, cohort: str | None = None) -> list[Outcome]:
-        """Feed one reward of ``adapter`` to every test it is part of; a verdict is applied at
-        once. Rewards of an adapter no longer live reach no test (late feedback)."""
+    def observe(self, adapter: str, reward: float, propensity: float | None,
+                probabilities: Mapping[str, float] | None = None, cohort: str | None = None) -> list[Outcome]:  # fmt: skip
+        """Feed one reward of ``adapter``, served with ``propensity``, to every test whose two
+        variants both had a chance in that request; a verdict is applied at once.
+
+        A test weights each reward by its propensity (``ABTest``), so it takes only requests
+        the router chose (``propensity`` given; an adapter the client named is no experiment)
+        and, when the whole distribution was logged (``probabilities``), only those in which
+        both of its variants had a positive probability: a request decided before the
+        challenger went live, whose feedback comes in after, must not count for the champion
+        alone. Without ``probabilities`` both are assumed live. A test is fed requests served
+        by a third arm too: its lift is over all the traffic both could serve.
+        Rewards of an adapter no longer live reach no test (late feedback)."""
+        if propensity is None or adapter not in self.live:
+            return []
         outcomes = []
         for test in list(self.experiments.values()):
             # A verdict earlier in this loop may have replaced the test (a promotion restarts
             # the others against the new champion): the old one must not decide anything.
-            current = self.experiments.get(test.challenger) is test
-            if not current or adapter not in (test.champion, test.challenger):
+            if self.experiments.get(test.challenger) is not test:
                 continue
-            test.update(adapter, reward, cohort=cohort)
+            if probabilities is not None and min(probabilities.get(test.champion, 0.0),
+                                                 probabilities.get(test.challenger, 0.0)) <= 0.0:  # fmt: skip
+                continue
+            test.update(adapter, reward, propensity, cohort=cohort)
             decision = test.decision()
             if decision.verdict == "promote":
                 t = self.promote(test.challenger)

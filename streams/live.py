@@ -30,7 +30,8 @@ from streams.topics import EVENTS
 # 2: the join, de-duplication and users keyed by app (streams.pipeline, streams.join).
 # 3: an open interaction keeps the ids of the feedback it consumed (upserts replace feedback),
 #    and the closed examples kept for pairing are timed by their close, not their occurrence.
-STATE_FORMAT = 3
+# 4: interactions and examples carry the router's probabilities (a pickle from before lacks them).
+STATE_FORMAT = 4
 
 
 @dataclass(frozen=True)

@@ -191,10 +191,11 @@ class PartitionPipeline:
         if problem := self._time_problem(event, received):
             out.dead_letters.append(self._dead(*problem, value, event, received_at))
             return out
+        since = self.join.watermark_key
         occurred_at = self.join.observe(event.occurred_at)
         if isinstance(event, WatermarkTick):
             self.stats.counts["ticks"] += 1
-            self.advance(out, pseudonyms)
+            self.advance(out, pseudonyms, since)
             return out
         seen_key = (getattr(event, "app_id", ""), event.event_id)  # a curation trigger has no app
         if seen_key in self.seen:
@@ -209,7 +210,7 @@ class PartitionPipeline:
                 self.stats.counts["forgotten_on_shift"] += self.curator.forget_held()
             else:
                 self.curator.request_early(event.trigger)
-            self.advance(out, pseudonyms)
+            self.advance(out, pseudonyms, since)
             return out
         user = (user_identity(event.app_id, event.user_id) if isinstance(event, Interaction)
                 else self.user_of.get((event.app_id, event.interaction_id)))  # fmt: skip
@@ -221,7 +222,7 @@ class PartitionPipeline:
             out.dead_letters += self._interaction(event, occurred_at, value, scrubber, pseudonyms)
         else:
             out.dead_letters += [self._unjoined(u) for u in self.join.add_signal(self._scrub_signal(event, scrubber))]
-        self.advance(out, pseudonyms)
+        self.advance(out, pseudonyms, since)
         return out
 
     def _time_problem(self, event: object, received: Received | None) -> tuple[str, str] | None:
@@ -280,7 +281,31 @@ class PartitionPipeline:
 
     # --- event time moves -------------------------------------------------------------------
 
-    def advance(self, out: Outputs, pseudonyms: Pseudonymizer) -> None:
+    def advance(self, out: Outputs, pseudonyms: Pseudonymizer, since: datetime | None = None) -> None:
+        """Close the windows the watermark passed and cut the batches that came due.
+
+        With ``since``, the watermark before this record, each window closes and each batch is
+        cut at its own event time, in that order, as if the watermark had stopped at every
+        deadline on its way from ``since``: how far one record moves it (the next event, or a
+        tick after a quiet spell, whose time is the wall clock's) changes nothing in what comes
+        out. So two workers, or a worker whose ticks came at other moments, cut the same
+        batches from the same events, and a window's ``closed_at`` is its deadline."""
+        mark, watermark = self.join.watermark_key, self.join.watermark
+        if since is not None and mark is not None:
+            while (due := self._next_due()) is not None and due < mark:
+                since = max(due, since)  # an interaction that came after its window's end closes now
+                self.join.watermark_key = self.join.watermark = since
+                self._settle(out, pseudonyms)
+            self.join.watermark_key, self.join.watermark = mark, watermark
+        self._settle(out, pseudonyms)
+
+    def _next_due(self) -> datetime | None:
+        """The earliest event time (a utc key) at which a window closes, an orphan expires or a
+        batch's wait ends; None when nothing waits."""
+        times = [t for t in (self.join.next_deadline(), self.curator.due_at()) if t is not None]
+        return min(times, default=None)
+
+    def _settle(self, out: Outputs, pseudonyms: Pseudonymizer) -> None:
         """Close the windows the watermark passed; cut the batches that are due."""
         closed, expired = self.join.close_due()
         out.dead_letters += [self._unjoined(u) for u in expired]
@@ -339,6 +364,7 @@ class PartitionPipeline:
             user=entry.pseudonym,
             adapter=event.adapter,
             propensity=event.propensity,
+            probabilities=event.probabilities,
             cohort=event.context.cohort or "default",
             domain=event.context.domain or "general",
             context=event.context,
@@ -377,7 +403,7 @@ class PartitionPipeline:
         for record in records:
             counts[f"records_{record.source}"] += 1
         user = self.user_of.pop(example.key)
-        self.curator.add([Buffered(r, user, occurred_at) for r in records])
+        self.curator.add([Buffered(r, user, occurred_at, example.user) for r in records])
         return example
 
     def _rival(self, entry: OpenInteraction, choice: Feedback, closing: Mapping[Key, OpenInteraction]) -> Rival | str:

@@ -1,11 +1,11 @@
 """The relational store: what feedloop records outside the event log.
 
 Archive segments (where each stretch of the log is kept on disk), the adapter registry,
-curated batches, A/B experiments, stream checkpoints and router snapshots: each derived from
-events and rebuilt by replaying the log. Process heartbeats are the one exception: they say
-which processes run now, which no log can tell. The schema is created and changed only by the
-Alembic migrations in ``migrations/`` (``feedloop db upgrade``); SQLite by default, PostgreSQL
-in production.
+curated batches, erasures, A/B experiments, stream checkpoints and router snapshots: each
+derived from events and rebuilt by replaying the log. Process heartbeats are the one
+exception: they say which processes run now, which no log can tell. The schema is created and
+changed only by the Alembic migrations in ``migrations/`` (``feedloop db upgrade``); SQLite by
+default, PostgreSQL in production.
 """
 
 from __future__ import annotations
@@ -117,6 +117,25 @@ class Batch(Base):
     adapter: Mapped[str | None] = mapped_column(ForeignKey("adapters.name"), nullable=True)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Erasure(Base):
+    """A user's erasure, as the trainer applies it (trainer/erasure.py): from a ``user_erased``
+    control event, or written by the erase itself before the event is announced. Keyed by the
+    pseudonym the user had; no user id is kept."""
+
+    __tablename__ = "erasures"
+
+    pseudonym: Mapped[str] = mapped_column(String(64), primary_key=True)
+    app_id: Mapped[str] = mapped_column(String(128), index=True)
+    erased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), doc="The key store's time of the erasure.")
+    event_id: Mapped[str] = mapped_column(String(128), doc="Of its user_erased event.")
+    announced: Mapped[bool] = mapped_column(Boolean, default=False, doc="Its user_erased is on the control topic.")
+    adapters: Mapped[list[str]] = mapped_column(JSON, default=list, doc="Trained on the user's data: to retrain.")
+    recut_batches: Mapped[list[str]] = mapped_column(JSON, default=list, doc="Untrained batches cut without them.")
+    applied_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, doc="When the trainer cut the user out of the untrained batches."
+    )
 
 
 class Experiment(Base):

@@ -30,7 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -85,6 +86,12 @@ class BatchManifest(BaseModel):
     loss_weights: dict[str, float] = Field(description="Per-channel weights for the trainer's loss.")
     files: dict[str, str] = Field(description="sha256 of each signal file.")
     source_event_ids: list[str] = Field(description="Every event id the batch was derived from.")
+    users: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Each user's pseudonym and the example ids of their records (held-out ones too): "
+        "what an erasure cuts out of a batch not yet trained, and how the registry names the adapters "
+        "trained on a user's data. Empty in batches written before it existed.",
+    )
 
 
 RECORD_TYPES: dict[str, type[_Record]] = {"sft": SftRecord, "pairs": PreferenceRecord, "labels": LabelRecord}
@@ -104,9 +111,10 @@ def write_batch(
     records: Iterable[SftRecord | PreferenceRecord | LabelRecord],
     loss_weights: dict[str, float],
     heldout: Iterable[SftRecord | PreferenceRecord | LabelRecord] = (),
+    users: Mapping[str, Iterable[str]] | None = None,
 ) -> tuple[BatchManifest, str]:
-    """Write a batch atomically, ``heldout`` its held-out part; returns its manifest and the
-    manifest's sha256."""
+    """Write a batch atomically, ``heldout`` its held-out part, ``users`` each pseudonym's
+    example ids; returns its manifest and the manifest's sha256."""
     by_signal: dict[str, list[_Record]] = {signal: [] for signal in SIGNAL_FILES}
     for record in records:
         by_signal[SIGNAL_OF[type(record)]].append(record)
@@ -138,6 +146,7 @@ def write_batch(
         loss_weights=dict(sorted(loss_weights.items())),
         files=files,
         source_event_ids=sorted(event_ids),
+        users={user: sorted(set(ids)) for user, ids in sorted((users or {}).items())},
     )
     manifest_bytes = (_canonical(manifest) + "\n").encode("utf-8")
     (staging / MANIFEST).write_bytes(manifest_bytes)
@@ -162,3 +171,39 @@ def read_batch(directory: Path) -> tuple[BatchManifest, dict[str, list]]:
         kind = RECORD_TYPES[signal.removeprefix(HELDOUT)]
         records[signal] = [kind.model_validate_json(line) for line in payload.splitlines() if line]
     return manifest, records
+
+
+def without_users(manifest: BatchManifest, records: dict[str, list], erased: set[str]) -> dict[str, list]:
+    """The pure core of an erasure in a batch: every signal's records less those of the
+    ``erased`` pseudonyms (by example id: ids are an app's own, so another app's record
+    under the same id goes too, which errs on the side of the erased user)."""
+    gone = {example_id for user in erased for example_id in manifest.users.get(user, ())}
+    return {signal: [r for r in items if r.example_id not in gone] for signal, items in records.items()}
+
+
+def recut_batch(directory: Path, erased: set[str]) -> tuple[BatchManifest, str]:
+    """The batch without the records of the ``erased`` pseudonyms: rewritten under the same
+    id, trigger, event time and loss weights when it holds any (every other record keeps its
+    bytes, the new manifest its checksums), else as it is. Returns its manifest and the
+    manifest's sha256. The new batch is written beside the old and swapped in (a crash between
+    the two renames is finished by the next call), so a reader sees the old batch or the new
+    one, never a mix."""
+    fresh, old = directory.with_name(directory.name + ".recut"), directory.with_name(directory.name + ".old")
+    if not directory.exists() and (fresh / MANIFEST).exists():
+        os.replace(fresh, directory)  # the last call crashed between the renames
+    shutil.rmtree(old, ignore_errors=True)
+    manifest, records = read_batch(directory)
+    if not erased & manifest.users.keys():
+        return manifest, hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+    kept = without_users(manifest, records, erased)
+    shutil.rmtree(fresh, ignore_errors=True)
+    written = write_batch(
+        fresh, batch_id=manifest.batch_id, trigger=manifest.trigger, event_time=manifest.event_time,
+        records=[r for signal in SIGNAL_FILES for r in kept[signal]], loss_weights=manifest.loss_weights,
+        heldout=[r for signal in HELDOUT_FILES for r in kept[signal]],
+        users={user: ids for user, ids in manifest.users.items() if user not in erased},
+    )  # fmt: skip
+    os.replace(directory, old)
+    os.replace(fresh, directory)
+    shutil.rmtree(old)
+    return written

@@ -66,3 +66,32 @@ def test_a_process_without_its_broker_names_the_command_that_starts_one(tmp_path
     assert "Traceback" not in done.stderr
     (line,) = [json.loads(line) for line in done.stderr.splitlines() if '"broker.unreachable"' in line]
     assert line["level"] == "error" and "`feedloop broker`" in line["detail"]
+
+
+def test_erase_names_the_adapters_to_retrain_and_again_answers_the_same_announcing_once(tmp_path, monkeypatch,
+                                                                                       own_broker):  # fmt: skip
+    from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+    from streams.store import Erasure, make_engine, make_sessionmaker
+    from tests.trainer.test_erasure import adapter, batch, sft
+
+    monkeypatch.setenv("FEEDLOOP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FEEDLOOP_BROKER", "embedded")
+    monkeypatch.setenv("FEEDLOOP_EMBEDDED_BROKER_PORT", "1")  # nothing listens: the announcement fails
+    migrations.upgrade(f"sqlite:///{tmp_path / 'feedloop.db'}")
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'feedloop.db'}"))
+    gone = Pseudonymizer(FileKeyStore(tmp_path / "keys")).pseudonym(user_identity("app-a", "ben"))
+    adapter(sessions, "adapter-1")
+    batch(sessions, tmp_path, "batch-1", {gone: [sft("g1", "ben")]}, status="trained", adapter="adapter-1")
+
+    runner = CliRunner()
+    first = runner.invoke(main, ["erase", "ben", "--app", "app-a"])
+    assert first.exit_code == 0, first.output
+    assert "erased at" in first.stdout and "to retrain: adapter-1" in first.stdout
+    assert "not announced" in first.stderr and "again" in first.stderr, "what to do next"
+    monkeypatch.setenv("FEEDLOOP_EMBEDDED_BROKER_PORT", str(own_broker.port))
+    for _ in range(2):
+        again = runner.invoke(main, ["erase", "ben", "--app", "app-a"])
+        assert again.exit_code == 0 and "not announced" not in again.stderr, again.output
+        assert again.stdout == first.stdout.replace("'s user erased at", "'s user was erased at")
+    with sessions() as session:
+        assert session.get(Erasure, gone).announced, "the repeat announced it"

@@ -10,17 +10,18 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import MetaData, create_engine, inspect, text
+from sqlalchemy import MetaData, create_engine, inspect, select, text
 
 import migrations
 from streams.checkpoint import decode
-from streams.store import NAMING_CONVENTION, Adapter, Base, Batch, StreamCheckpoint, make_engine, make_sessionmaker
+from streams.store import (NAMING_CONVENTION, Adapter, Base, Batch, Erasure, StreamCheckpoint, make_engine,
+                           make_sessionmaker)
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAD = "0007"
+HEAD = "0008"
 
 TABLES = {"archive_segments", "adapters", "batches", "experiments", "stream_checkpoints", "router_snapshots",
-          "process_heartbeats"}
+          "process_heartbeats", "erasures"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -78,6 +79,31 @@ def test_registry_rows_round_trip_with_lineage(url):
             assert adapter.lineage == {"batch_ids": ["b1"], "epsilon": 2.5}
             assert adapter.created_at is not None
             assert session.get(Batch, "b1").adapter == "a-0001"
+    finally:
+        engine.dispose()
+        migrations.downgrade(url, "base")
+
+
+def test_an_erasure_from_before_0008_stores_is_found_by_its_app_and_time_to_the_microsecond(url):
+    """0008 adds erasures to a store with rows; a repeated erase finds its row by app and time."""
+    from datetime import datetime, timezone
+
+    migrations.upgrade(url, "0007")
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    erased_at = datetime(2026, 12, 3, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    try:
+        with sessions.begin() as session:
+            session.add(Batch(batch_id="b1", path="batches/b1", manifest_sha256="ef" * 32, example_count=3,
+                              trigger="size", status="emitted", manifest={}))
+        migrations.upgrade(url)
+        with sessions.begin() as session:
+            session.add(Erasure(pseudonym="u_" + "a" * 32, app_id="app-a", erased_at=erased_at, event_id="e",
+                                announced=False, adapters=["a-1"], recut_batches=[]))  # fmt: skip
+        with sessions() as session:
+            found = session.scalars(select(Erasure).where(Erasure.app_id == "app-a", Erasure.erased_at == erased_at))
+            assert [(e.adapters, e.applied_at) for e in found] == [(["a-1"], None)]
+            assert session.get(Batch, "b1") is not None
     finally:
         engine.dispose()
         migrations.downgrade(url, "base")

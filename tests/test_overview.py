@@ -57,10 +57,12 @@ def seal(sessions, settings: Settings, topic: str, values: list, partition: int 
                                    sha256=digest, size_bytes=size, first_timestamp_ms=0, last_timestamp_ms=0))
 
 
-def example(adapter: str, i: int, reward: float, cohort: str = "a") -> AnnotatedExample:
+def example(adapter: str, i: int, reward: float, cohort: str = "a",
+            probabilities: dict[str, float] | None = None) -> AnnotatedExample:  # fmt: skip
     at = T0 + timedelta(seconds=i)
     return AnnotatedExample(
-        example_id=f"{adapter}-{i}", app_id="app", session_id=f"s-{i}", user="p", adapter=adapter, propensity=0.5,
+        example_id=f"{adapter}-{i}", app_id="app", session_id=f"s-{i}", user="p", adapter=adapter,
+        propensity=0.5 if probabilities is None else probabilities[adapter], probabilities=probabilities,
         cohort=cohort, domain="code", context=Context(), prompt=[{"role": "user", "content": "q"}], response="a",
         rewards={"explicit": reward}, feedback_kinds=["thumbs"], training_consent=True, occurred_at=at,
         closed_at=at, event_ids=[],
@@ -110,7 +112,7 @@ def test_counts_roles_and_the_ab_sequence_follow_the_log(sessions, settings):
 
     reference = ABTest("champ", "chall", alpha=0.05, min_samples=10, tau=0.05)
     for arm, reward in rewards:
-        reference.update(arm, reward, cohort="a")
+        reference.update(arm, reward, 0.5, cohort="a")
     expected = reference.decision()
     [experiment] = overview.experiments
     assert (experiment.n_champion, experiment.n_challenger, experiment.status) == (30, 30, expected.verdict.replace(
@@ -148,9 +150,12 @@ def test_two_challengers_ready_on_the_same_reward_promote_only_the_first_as_the_
     # b and c earn the same rewards, so both tests against champ decide on the same reward of
     # champ's; the promotion of b restarts c's test, and the replaced one decides nothing.
     seal(sessions, settings, CONTROL.name, [loaded("b"), loaded("c")])
+    # Each challenger's requests were split with champ alone, so both tests see the same sequence.
+    split = {"b": {"champ": 0.5, "b": 0.5}, "c": {"champ": 0.5, "c": 0.5}, "champ": dict.fromkeys("bc", 0.25) | {"champ": 0.5}}
     rows = [(arm, float(i % 10 != 0) if arm != "champ" else float(i % 10 < 2))
             for i in range(40) for arm in ("b", "c", "champ")]  # fmt: skip
-    seal(sessions, settings, EXAMPLES.name, [example(arm, i, r) for i, (arm, r) in enumerate(rows)])
+    seal(sessions, settings, EXAMPLES.name, [example(arm, i, r, probabilities=split[arm])
+                                             for i, (arm, r) in enumerate(rows)])  # fmt: skip
     overview = OverviewSource(settings, sessions).read()
     assert overview.champion == "b" and overview.challengers == ["c"]
     assert state_of(overview, "c") == "challenger"

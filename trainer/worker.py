@@ -1,5 +1,8 @@
 """The trainer worker: ``batch_emitted`` in, one adapter trained, ``adapter_ready`` out.
 
+It also applies erasures (``user_erased``, trainer/erasure.py): the batches it has not
+trained lose the user's records, on the event and again before every training.
+
 Reads the control topic in its own consumer group, trains each emitted batch with
 :func:`trainer.recipe.train_batch` (in a thread, one batch at a time, so training never
 competes with itself and the event loop keeps its heartbeats), publishes the resulting
@@ -26,12 +29,13 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from streams.contract import AdapterReady, AdapterState, BatchEmitted, DeadLetter, utcnow
+from streams.contract import AdapterReady, AdapterState, BatchEmitted, DeadLetter, UserErased, utcnow
 from streams.control_consumer import ControlConsumer
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, dead_letter
 from streams.kafka import KafkaSettings
 from streams.store import Adapter
 from trainer.config import TrainerConfig
+from trainer.erasure import apply_erasures, record_erasure
 from trainer.gate import EvalSuite
 from trainer.privacy import PrivacyBudgetExceeded
 from trainer.registry import BatchAlreadyDone, BatchNotTrainable, Registry
@@ -96,6 +100,11 @@ class TrainerWorker:
         self.training: str | None = None
 
     async def handle(self, event: BaseModel) -> list[AdapterReady | DeadLetter]:
+        if isinstance(event, UserErased):
+            await asyncio.to_thread(record_erasure, self.sessions, event, announced=True)
+            recut = await asyncio.to_thread(apply_erasures, self.sessions, self.data_dir, self.adapters_dir)
+            log.info("trainer.user_erased", app_id=event.app_id, recut=recut)
+            return []
         if not isinstance(event, BatchEmitted):
             return []
         batch_dir = (self.data_dir / event.path).resolve()  # an absolute path or ".." would leave it
@@ -108,6 +117,8 @@ class TrainerWorker:
             return [dead_letter(reason="batch_path_refused", detail=detail, raw=event.model_dump_json().encode(),
                                 received_at=utcnow(), stage="trainer", max_raw_bytes=DEFAULT_DEAD_LETTER_MAX_RAW_BYTES,
                                 event_id=event.event_id, dead_letter_id=f"trainer-{event.event_id}")]  # fmt: skip
+        # Erasures first, whatever their order in the log: this batch may hold an erased user.
+        await asyncio.to_thread(apply_erasures, self.sessions, self.data_dir, self.adapters_dir)
         self.training = event.batch_id
         try:
             result = await asyncio.to_thread(

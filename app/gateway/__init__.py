@@ -9,7 +9,8 @@ One router per concern, each made from only the settings and services it uses:
   route-latency histogram);
 - ``chat``: ``POST /v1/chat/completions``, OpenAI-compatible, routed, answered by vLLM and
   recorded (keys, the chat service, the body limit);
-- ``erase``: ``POST /v1/users/{id}/erase`` (keys, the pseudonym key directory);
+- ``erase``: ``POST /v1/users/{id}/erase`` (keys, the pseudonym key directory, the store, the
+  publisher for its ``user_erased``);
 - ``schemas``: ``GET /v1/schemas``, the event contract; ``health``: ``GET /healthz``;
 - ``dashboard``: ``/dashboard`` and ``GET /v1/overview``; ``metrics``: ``GET /metrics``
   (keys, the overview source);
@@ -70,7 +71,8 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         settings.kafka, max_request_bytes=settings.max_body_bytes, timeout_s=settings.publish_timeout_s
     )
     engine = make_engine(settings.store_url)
-    routing = RoutingService(settings.learners, make_sessionmaker(engine))
+    sessions = make_sessionmaker(engine)
+    routing = RoutingService(settings.learners, sessions)
     tokens = FeedbackTokens(settings.api_keys, settings.browser.token_ttl_s)
     overview = OverviewSource(settings)  # read by the dashboard, /v1/overview and /metrics
     desk = ReviewDesk(make_sessionmaker(engine), settings.archive_dir)
@@ -120,7 +122,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         browser_router(keys, limiter, tokens),
         route_router(keys, limiter, routing, metrics.route_latency),
         chat_router(keys, limiter, chat, settings.max_body_bytes),
-        erase_router(keys, limiter, settings.keys_path),
+        erase_router(keys, limiter, settings.keys_path, sessions, pub),
         schemas_router(),
         health_router(),
     ):

@@ -377,6 +377,7 @@ class ChatService:
             interaction_id=interaction_id,
             adapter=turn.adapter,
             propensity=turn.decision.propensity if turn.decision is not None else None,
+            probabilities=turn.decision.probabilities if turn.decision is not None else None,
             prompt=turn.ask.prompt,
             response=choice.text,
             tool_calls=choice.tool_calls,

@@ -12,6 +12,8 @@ async def test_the_async_client_routes_and_erases_a_user_with_an_odd_id(stack):
     async with AsyncFeedloopClient(stack.base_url, api_key=API_KEYS["app-a"], app_id="app-a") as client:
         answer = await client.route({"domain": "code"})
         erased = await client.erase(user)
+        again = await client.erase(user)
     assert answer.adapter in answer.probabilities and answer.propensity == answer.probabilities[answer.adapter]
-    assert (erased.app_id, erased.user_id) == ("app-a", user)
+    assert (erased.app_id, erased.user_id, erased.retrain_adapters, erased.already_erased) == ("app-a", user, [], False)
+    assert (again.erased_at, again.already_erased) == (erased.erased_at, True)
     assert Pseudonymizer(FileKeyStore(stack.settings.keys_path)).erased_at(user_identity("app-a", user)) is not None

@@ -63,7 +63,7 @@ async def simulate(http: httpx.AsyncClient, domains: list[str], start: int) -> N
         context = {"domain": domain, "cohort": "ab"[n % 2]}
         decision = await route(http, context)
         turn = interaction(occurred_at=at(n), adapter=decision["adapter"], propensity=decision["propensity"],
-                           context=context)  # fmt: skip
+                           probabilities=decision["probabilities"], context=context)  # fmt: skip
         up = (decision["adapter"], domain) in GOOD
         events += [turn, feedback(turn, "thumbs", value=1 if up else -1, occurred_at=at(n + 1))]
     for i in range(0, len(events), 200):

@@ -89,7 +89,7 @@ def test_a_verdict_is_applied_at_once(challenger_reward, verdict):
     while not outcomes or outcomes[-1].decision.verdict == "continue":
         arm = ("base", "code-v1")[i % 2]
         reward = challenger_reward if arm == "code-v1" else float(i % 4 < 2)
-        (outcome,) = life.observe(arm, reward, cohort="a")
+        (outcome,) = life.observe(arm, reward, 0.5, cohort="a")
         outcomes.append(outcome)
         i += 1
         assert i < 1000, "no verdict"
@@ -103,15 +103,27 @@ def test_a_verdict_is_applied_at_once(challenger_reward, verdict):
         assert last.transition.rolled_back == {"code-v1": "ab_test: challenger worse than base overall"}
         assert life.live == ["base", "chat-v1"] and life.ended == {"code-v1": AdapterState.ROLLED_BACK}
     life.load("math-v1")
-    assert life.observe("base" if verdict == "promote" else "code-v1", 1.0) == [], "late feedback reaches no test"
+    assert life.observe("base" if verdict == "promote" else "code-v1", 1.0, 0.5) == [], "late feedback reaches no test"
     assert life.experiments["math-v1"].decision().n_champion == 0
+
+
+def test_a_test_takes_only_requests_the_router_chose_with_both_variants_possible():
+    life = Lifecycle(CONFIG)
+    life.load("code-v1")
+    test = life.experiments["code-v1"]
+    assert life.observe("base", 1.0, None) == [], "the client named the adapter: no experiment"
+    # Decided before code-v1 went live, its feedback after: it must not count for base alone.
+    assert life.observe("base", 1.0, 1.0, {"base": 1.0}) == []
+    assert life.observe("base", 1.0, 0.9, {"base": 0.9, "code-v1": 0.0}) == []
+    (outcome,) = life.observe("base", 1.0, 0.9, {"base": 0.9, "code-v1": 0.1})
+    assert outcome.test is test and test.decision().n_champion == 1
 
 
 def test_an_inconclusive_test_rolls_the_challenger_back_and_says_so():
     life = Lifecycle(CONFIG.model_copy(update={"ab_max_samples": 20}))
     life.load("code-v1")
     for i in range(40):
-        outcomes = life.observe(("base", "code-v1")[i % 2], float(i % 4 < 2))
+        outcomes = life.observe(("base", "code-v1")[i % 2], float(i % 4 < 2), 0.5)
     (last,) = outcomes
     assert last.decision.verdict == "inconclusive"
     assert last.transition.rolled_back == {"code-v1": "ab_test: no significant lift over base after 20 rewards each"}
@@ -124,9 +136,11 @@ def test_two_verdicts_on_one_reward_promote_only_the_first():
     life.load("c-v1")
     i = 0
     while life.champion == "base":
+        # Each challenger's requests were split with base alone, so each test sees the same
+        # sequence, and both are ready on the same reward of base's.
         for arm in ("b-v1", "c-v1"):
-            life.observe(arm, float(i % 10 != 0))
-        outcomes = life.observe("base", float(i % 10 < 2))
+            life.observe(arm, float(i % 10 != 0), 0.5, {"base": 0.5, arm: 0.5})
+        outcomes = life.observe("base", float(i % 10 < 2), 0.5, {"base": 0.5, "b-v1": 0.25, "c-v1": 0.25})
         i += 1
         assert i < 500, "no verdict"
     # Both tests were ready on this reward of base's; the promotion replaced c-v1's.
@@ -146,7 +160,7 @@ def test_preferences_moving_ends_the_tests_and_brings_the_base_model_back_then_r
     assert roles(life) == ("code-v1", ("code-v1", "base"), {"base": "code-v1"},
                            {"chat-v1": AdapterState.ROLLED_BACK})  # fmt: skip
     first = life.experiments["base"]
-    life.observe("base", 1.0)
+    life.observe("base", 1.0, 0.5)
     life.load("math-v1")
     again = life.preferences_moved("reward:code-v1")
     # The base model's test is the one that asks what the new preferences say: it starts afresh.

@@ -148,6 +148,8 @@ async def test_the_openai_client_works_unchanged_and_each_answer_is_one_archived
         assert (event["adapter"], event["response"], event["prompt"][0]["content"]) == (adapter, text, question)
         assert event["session_id"] == session_id and event["user_id"] == "user-7" and event["app_id"] == "app-a"
         assert event["propensity"] == pytest.approx(0.5) and event["context"]["domain"] == "code"
+        # The whole distribution, so that the A/B test knows both variants had a chance.
+        assert set(event["probabilities"]) == set(expected) and event["probabilities"][adapter] == event["propensity"]
         assert event["completion_tokens"] > 0 and event["latency_ms"] > 0
 
     with pytest.raises(openai.AuthenticationError):

@@ -82,3 +82,28 @@ def test_the_pipeline_holds_out_its_configured_share_and_publishes_the_part_with
     _, read = read_batch(tmp_path / "batches" / batch.batch_id)
     written = [r for signal in ("heldout_sft", "heldout_pairs", "heldout_labels") for r in read[signal]]
     assert written and sorted(r.example_id for r in written) == sorted(r.example_id for r in batch.heldout)
+
+
+def test_a_cut_lists_each_users_pseudonym_with_the_records_of_theirs_it_holds_replayed_and_held_out_too():
+    c = curator(0.2)
+    for i, records in enumerate(EXAMPLES):
+        c.add([Buffered(r, f"user-{i}", T0 + timedelta(seconds=i), f"u_{i % 7:032x}") for r in records])
+    batches = []
+    while c.due(None):
+        batches.append(c.cut("size", T0, lambda user, at: False, {}))
+    assert any(r.replay for b in batches for r in b.records) and any(b.heldout for b in batches), "the check has power"
+    for b in batches:
+        listed = sorted(i for ids in b.users.values() for i in ids)
+        assert listed == sorted(r.example_id for r in b.records + b.heldout)
+        for user, ids in b.users.items():  # the owner of example ex-i is u_<i % 7>
+            assert all(int(i.split(":")[0].removeprefix("ex-")) % 7 == int(user[2:], 16) for i in ids)
+
+
+def test_a_buffered_record_keeps_its_pseudonym_through_a_checkpoint_and_reads_one_from_before_it():
+    import pickle
+
+    from streams.curator import _restore_buffered
+
+    entry = Buffered(EXAMPLES[0][0], "user-0", T0, "u_" + "0" * 32)
+    assert pickle.loads(pickle.dumps(entry)) == entry
+    assert _restore_buffered(EXAMPLES[0][0], "user-0", T0).pseudonym == ""  # pickled before pseudonyms were kept

@@ -315,6 +315,30 @@ def test_same_records_same_outputs_and_state_pickles_midstream(pseudonyms):
     assert [e.example_id for e in whole.examples] == [e.example_id for e in half.examples + restored.examples]
 
 
+def test_where_ticks_fall_after_the_events_changes_nothing_in_the_outputs(pseudonyms):
+    # One worker's clock ticks once, long after the last event; another's every few minutes
+    # (a quiet spell, a slower machine, two workers sharing the partitions): the same events must
+    # give the same examples and batches, each window closed and each batch cut at its own time.
+    config = CONFIG.model_copy(update={"batch_size": 5, "batch_max_wait_s": 900})
+    events = []
+    for i in range(12):
+        t = turn(i * 40, context={"cohort": "ab"[i % 2], "domain": "code"})
+        events += [t, signal(t, "thumbs", i * 40 + 5)]
+    once = Run(pseudonyms, config).feed(*events, tick(50_000))
+    often = Run(pseudonyms, config).feed(*events, *[tick(600 + 137 * k) for k in range(40)], tick(50_000))
+
+    def dumped(run):
+        return ([e.model_dump_json() for e in run.examples],
+                [(b.trigger, b.event_time, b.records) for b in run.batches])
+
+    assert len(once.batches) >= 3 and {b.trigger for b in once.batches} == {"size", "time"}
+    assert dumped(once) == dumped(often)
+    first = once.examples[0]
+    assert first.closed_at == first.occurred_at + timedelta(seconds=600)  # its deadline, not the tick's time
+    time_cut = next(b for b in once.batches if b.trigger == "time")
+    assert time_cut.event_time < T0 + timedelta(seconds=50_000)  # when its wait ended
+
+
 def test_a_curation_trigger_in_the_log_cuts_a_batch_there(pseudonyms):
     a = turn(0)
     run = Run(pseudonyms).feed(a, signal(a, "thumbs", 1), tick(700))
@@ -629,3 +653,17 @@ def test_a_regeneration_pairs_with_the_answer_it_replaced_though_that_closed_fir
     assert [e.example_id for e in run.examples] == [a["interaction_id"]]  # a closed, b still open
     (pair,) = [r for r in cut(run, 700) if r.source == "regenerate"]
     assert (pair.chosen, pair.rejected) == ("A clearer answer.", a["response"])
+
+
+def test_a_batch_lists_each_record_under_the_pseudonym_its_example_carries(pseudonyms):
+    config = CONFIG.model_copy(update={"batch_size": 40, "replay_fraction": 0.2})
+    events = []
+    for i in range(60):
+        t = turn(i, user_id=f"user-{i % 3}", prompt=[{"role": "user", "content": f"question {i} topic {i * 7}"}])
+        events += [t, signal(t, "thumbs", i + 1)]
+    run = Run(pseudonyms, config).feed(*events, tick(5000))
+    owner = {e.example_id: e.user for e in run.examples}
+    assert len(set(owner.values())) == 3 and any(r.replay for r in run.records()), "the check has power"
+    for batch in run.batches:
+        listed = {example_id: user for user, ids in batch.users.items() for example_id in ids}
+        assert listed == {r.example_id: owner[r.example_id.split(":")[0]] for r in batch.records + batch.heldout}

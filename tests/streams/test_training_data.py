@@ -72,3 +72,29 @@ def test_a_batch_with_nothing_held_out_is_the_batch_it_was_before_held_out_parts
                                                                  "sft.jsonl"]  # fmt: skip
     _, read = read_batch(tmp_path / "b")
     assert (read["heldout_sft"], read["heldout_pairs"], read["heldout_labels"]) == ([], [], [])
+
+
+def test_a_recut_drops_the_erased_users_records_keeps_the_rest_and_finishes_a_swap_a_crash_left(tmp_path):
+    import os
+
+    from streams.training_data import recut_batch
+
+    directory = tmp_path / "b"
+    sft, pair, label = records()
+    write_batch(directory, batch_id="b", trigger="size", event_time="t", records=[sft, pair, label],
+                loss_weights={"explicit": 1.0}, users={"u_a": ["i2:edit", "i2:edit-pair"], "u_b": ["i1:thumbs"]})
+    labels = (directory / "labels.jsonl").read_bytes()
+    unchanged = recut_batch(directory, {"u_c"})
+    assert unchanged[0] == read_batch(directory)[0], "nobody of theirs in it: left as it is"
+
+    manifest, _ = recut_batch(directory, {"u_a"})
+    assert manifest.users == {"u_b": ["i1:thumbs"]} and manifest.counts == {"sft": 0, "pairs": 0, "labels": 1}
+    assert (directory / "labels.jsonl").read_bytes() == labels and read_batch(directory)[0] == manifest
+    assert manifest.source_event_ids == ["e1"] and (manifest.batch_id, manifest.trigger) == ("b", "size")
+
+    # A crash between the two renames: the old batch moved away, the new one not yet in place.
+    write_batch(tmp_path / "b.recut", batch_id="b", trigger="size", event_time="t", records=[],
+                loss_weights={"explicit": 1.0})  # fmt: skip
+    os.replace(directory, tmp_path / "b.old")
+    finished, _ = recut_batch(directory, {"u_b"})
+    assert finished.counts == {"sft": 0, "pairs": 0, "labels": 0} and not (tmp_path / "b.old").exists()

@@ -6,7 +6,7 @@ working against a newer gateway; the server's pydantic models stay on the server
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -56,11 +56,15 @@ class RouteAnswer:
 
 @dataclass(frozen=True)
 class Erasure:
-    """``POST /v1/users/{id}/erase``: the user's key is shredded as of ``erased_at``."""
+    """``POST /v1/users/{id}/erase``: the user's key is shredded as of ``erased_at``;
+    ``retrain_adapters`` were already trained on their data (empty from gateways that do not
+    say); ``already_erased``: an earlier request did it, and this one changed nothing."""
 
     app_id: str
     user_id: str
     erased_at: str
+    retrain_adapters: list[str] = field(default_factory=list)
+    already_erased: bool = False
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> Erasure:

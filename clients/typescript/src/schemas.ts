@@ -15,7 +15,8 @@ export type ControlEvent =
   | AdapterRefused
   | AdapterUnloaded
   | AdapterPinned
-  | DriftAlarm;
+  | DriftAlarm
+  | UserErased;
 export type UserEvent = Interaction | Feedback | Annotation;
 
 /**
@@ -39,6 +40,12 @@ export interface AnnotatedExample {
   user: string;
   adapter: string;
   propensity: number | null;
+  /**
+   * The interaction's, when it logged them.
+   */
+  probabilities?: {
+    [k: string]: number;
+  } | null;
   cohort: string;
   domain: string;
   context: Context;
@@ -482,6 +489,43 @@ export interface DriftAlarm {
   };
 }
 /**
+ * A user asked to be erased (``POST /v1/users/{id}/erase``, ``feedloop erase``): the
+ * trainer cuts their records out of the batches it has not trained, and the adapters
+ * trained on them are named for retraining. It carries the pseudonym the user had until
+ * then, never the user id; ``occurred_at`` is the erasure's time (the key store's record of
+ * it), and the event id is derived from the pseudonym, so announcing it again dedupes.
+ */
+export interface UserErased {
+  /**
+   * Contract version; v1 is the only one so far.
+   */
+  schema_version?: 1;
+  /**
+   * Unique per event and stable across retries: the de-duplication key. Generate a UUID when the event is created, not when it is sent.
+   */
+  event_id: string;
+  /**
+   * When it happened, with a timezone.
+   */
+  occurred_at: string;
+  /**
+   * App-specific scalars.
+   */
+  metadata?: {
+    [k: string]: string | number | boolean;
+  };
+  /**
+   * The component that emitted it, e.g. 'curator'.
+   */
+  source: string;
+  type?: "user_erased";
+  app_id: string;
+  /**
+   * The user's pseudonym before the erasure.
+   */
+  pseudonym: string;
+}
+/**
  * Input feedloop could not accept, kept with the reason and the raw bytes.
  */
 export interface DeadLetter {
@@ -655,6 +699,16 @@ export interface Interaction {
    * Probability with which the router chose that adapter.
    */
   propensity?: number | null;
+  /**
+   * The router's whole distribution at the decision (POST /v1/route's probabilities): the A/B test counts the interaction for a champion and challenger only if both had a chance in it.
+   */
+  probabilities?: {
+    /**
+     * This interface was referenced by `undefined`'s JSON-Schema definition
+     * via the `patternProperty` "^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$".
+     */
+    [k: string]: number;
+  } | null;
   /**
    * The messages sent to the model.
    *
