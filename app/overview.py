@@ -39,12 +39,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from app.liveness import ProcessView, process_views
+from app.sealed_segments import SealedSegments
 from app.settings import Settings
 from streams.store import (Adapter, ArchiveSegment, Batch, BatchStatus, Erasure, RouterSnapshot, StreamCheckpoint,
                            make_engine, make_sessionmaker)
 from learners.ab_test import ABTest
 from learners.loss_weights import LossWeights
-from streams.archive import ArchivedRecord, read_segment
+from streams.archive import ArchivedRecord
 from streams.contract import (
     CONTROL_EVENT_ADAPTER,
     AdapterLoaded,
@@ -514,8 +515,7 @@ class OverviewSource:
         self.sessions = sessions or make_sessionmaker(self._engine)
         self._lock = threading.Lock()
         self._fold = ArchiveFold(settings)
-        self._folded: set[int] = set()  # ids of the segments in the fold
-        self.segments_read = 0  # files read since start: tests check the cache
+        self._segments = SealedSegments(self.sessions, settings.archive_dir)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -538,30 +538,14 @@ class OverviewSource:
                        privacy=replace(scoped.privacy, entries={}))  # fmt: skip
 
     def _catch_up(self) -> None:
-        """Fold the segments sealed since the last call, oldest first."""
-        with self.sessions() as session:
-            newest = max(self._folded, default=0)
-            total = session.scalar(select(func.count()).select_from(ArchiveSegment))
-            newer = session.scalar(select(func.count()).where(ArchiveSegment.id > newest))
-            query = select(ArchiveSegment.id, ArchiveSegment.path).order_by(ArchiveSegment.id)
-            if total != len(self._folded) + newer:
-                # Segments disappeared (a new store) or one was committed out of id order: diff all ids.
-                ids = set(session.scalars(select(ArchiveSegment.id)))
-                if not self._folded <= ids:
-                    log.info("overview.archive_reset", folded=len(self._folded), segments=len(ids))
-                    self._fold, self._folded = ArchiveFold(self.settings), set()
-                pending = list(session.execute(query.where(ArchiveSegment.id.in_(ids - self._folded))))
-            else:
-                pending = list(session.execute(query.where(ArchiveSegment.id > newest)))
-        for segment_id, path in pending:
-            try:
-                for record in read_segment(self.settings.archive_dir / path):
-                    self._fold.fold(record)
-            except OSError as error:
-                # A missing file is `feedloop archive verify`'s to report; skip it, do not retry forever.
-                log.warning("overview.segment_unreadable", path=path, error=str(error))
-            self._folded.add(segment_id)
-            self.segments_read += 1
+        self._segments.catch_up(lambda record: self._fold.fold(record), self._reset)
+
+    def _reset(self) -> None:
+        self._fold = ArchiveFold(self.settings)
+
+    @property
+    def segments_read(self) -> int:
+        return self._segments.segments_read
 
     def _overview(self, totals: Totals, app_id: str | None = None) -> Overview:
         """``app_id``: only that app's erasures name adapters to retrain."""
@@ -585,7 +569,7 @@ class OverviewSource:
         return Overview(
             retrain=_retrain_views(erasures, {a.name: a.state for a in adapters}),
             generated_at=_clock(datetime.now(timezone.utc).timestamp()),
-            segments=len(self._folded),
+            segments=self._segments.folded,
             records_by_topic=dict(fold.records_by_topic),
             events_accepted={kind: totals.events_accepted[kind] for kind in USER_EVENT_TYPES},
             dead_letters=dict(totals.dead_letters.most_common()),

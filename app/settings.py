@@ -16,6 +16,7 @@ from app.liveness import LivenessSettings
 from app.feedback_tokens import BrowserSettings
 from app.logs import LogFormat, LogLevel
 from app.rate_limit import RateLimit
+from app.review_desk import ReviewerKey
 from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
 from streams.kafka import KafkaSecurity, KafkaSettings
@@ -84,6 +85,12 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Operator keys by operator name as JSON, e.g. FEEDLOOP_OPERATOR_KEYS=\'{"ops": "s3cret"}\': the '
         "dashboard, /v1/overview, /metrics and erasing any app's users need one (app keys reach their own app only).",
+    )
+    reviewer_keys: dict[str, ReviewerKey] = Field(
+        default_factory=dict,
+        description='Review desk keys by reviewer name as JSON, each for one app, e.g. FEEDLOOP_REVIEWER_KEYS=\'{"alice": '
+        '{"app_id": "chat-web", "key": "s3cret"}}\': /dashboard/review and its queue for that app only (operator keys '
+        "review every app; app keys none).",
     )
     adapter_choice: dict[str, list[str]] = Field(
         default_factory=dict,
@@ -172,6 +179,10 @@ class Settings(BaseSettings):
         apps = {secret.get_secret_value() for secret in self.api_keys.values()}
         if shared := sorted(n for n, secret in self.operator_keys.items() if secret.get_secret_value() in apps):
             raise ValueError(f"operator key(s) {', '.join(shared)} are also app keys: give operators keys of their own")
+        taken = apps | {secret.get_secret_value() for secret in self.operator_keys.values()}
+        if shared := sorted(n for n, reviewer in self.reviewer_keys.items() if reviewer.key.get_secret_value() in taken):
+            raise ValueError(f"reviewer key(s) {', '.join(shared)} are also app or operator keys: give reviewers keys "
+                             "of their own")
         return self
 
     @field_validator("data_dir", "key_dir", "base_model_path", "adapter_dir")

@@ -94,16 +94,22 @@ class ReviewSelector:
         self._this_hour_scores = np.zeros(bins)
         self._threshold = 0.0
 
-    def score(self, candidate: ReviewCandidate) -> float:
+    def terms(self, candidate: ReviewCandidate) -> dict[str, float]:
+        """The score's weighted terms by name: why an example scored what it did (a reviewer
+        reads them beside the example)."""
         rewards = list(candidate.rewards.values())
         disagreement = max(rewards) - min(rewards) if len(rewards) >= 2 else 0.0
         doubt = 0.0 if candidate.judge_confidence is None else 1.0 - candidate.judge_confidence
         rarity = 1.0 / math.sqrt(1 + self._seen.get(candidate.cohort, 0))
-        return (
-            self.disagreement_weight * disagreement
-            + self.confidence_weight * doubt
-            + self.rarity_weight * rarity
-        )
+        return {
+            "disagreement": self.disagreement_weight * disagreement,
+            "judge_doubt": self.confidence_weight * doubt,
+            "rarity": self.rarity_weight * rarity,
+        }
+
+    def score(self, candidate: ReviewCandidate) -> float:
+        terms = self.terms(candidate)
+        return terms["disagreement"] + terms["judge_doubt"] + terms["rarity"]
 
     def _start_hour(self, hour: int) -> None:
         if self._hour is not None and hour == self._hour + 1:
@@ -116,6 +122,11 @@ class ReviewSelector:
         self._hour = hour
         self._selected_this_hour = 0
         self._this_hour_scores[:] = 0.0
+
+    @property
+    def threshold(self) -> float:
+        """The score an example of the current hour must reach to be picked."""
+        return self._threshold
 
     def learn_one(self, candidate: ReviewCandidate) -> bool:
         """Score the candidate, count it, and say whether to send it for review."""

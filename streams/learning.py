@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Literal, Union
 
 import structlog
-from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from streams.config import LearnerSettings
 from learners.ab_test import ABDecision, ABTest
@@ -96,6 +96,10 @@ class ReviewRequest(BaseModel):
     type: Literal["review_request"] = "review_request"
     review_id: str
     score: float
+    # Why it was picked: the score's weighted terms (ReviewSelector.terms); absent from
+    # requests emitted before they were recorded.
+    terms: dict[str, float] = Field(default_factory=dict)
+    threshold: float | None = Field(None, description="The hour's threshold the score reached.")
     selected_at: AwareDatetime
     example: AnnotatedExample
 
@@ -198,9 +202,10 @@ class LearnerState:
         if example.training_consent:  # review feeds training: never for users who opted out
             present = {c: r for c, r in example.rewards.items() if r is not None}
             candidate = ReviewCandidate(at, example.cohort, present)
-            score = self.review.score(candidate)
+            terms = self.review.terms(candidate)
             if self.review.learn_one(candidate):
-                out.reviews.append(ReviewRequest(review_id=f"review-{example.example_id}", score=score,
+                out.reviews.append(ReviewRequest(review_id=f"review-{example.example_id}", score=sum(terms.values()),
+                                                 terms=terms, threshold=self.review.threshold,
                                                  selected_at=example.closed_at, example=example))  # fmt: skip
         return out
 

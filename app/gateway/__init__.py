@@ -13,7 +13,9 @@ One router per concern, each made from only the settings and services it uses:
   publisher for its ``user_erased``);
 - ``schemas``: ``GET /v1/schemas``, the event contract; ``health``: ``GET /healthz``;
 - ``dashboard``: ``/dashboard`` and ``GET /v1/overview``; ``metrics``: ``GET /metrics``
-  (keys, the overview source).
+  (keys, the overview source);
+- ``review``: the review desk, ``/dashboard/review`` and ``/v1/review/...`` (keys, the review
+  queue folded from the archive, the publisher, the intake limits).
 
 :func:`create_app` is the only part of the gateway that reads ``Settings`` (the overview
 source, shared with ``feedloop status``, takes them too): it builds the services, includes the
@@ -45,10 +47,12 @@ from app.gateway.metrics import GatewayMetrics, RequestMetrics
 from app.gateway.openapi import with_components
 from app.rate_limit import RateLimiter
 from app.gateway.request_id import RequestIdMiddleware
+from app.gateway.review import review_router
 from app.gateway.route import ROUTE_REQUEST, route_router
 from app.gateway.schemas import schemas_router
 from app.overview import OverviewSource
 from app.publisher import Publisher
+from app.review_desk import ReviewDesk
 from app.routing import RoutingService
 from app.settings import Settings
 from streams.contract import USER_EVENT_ADAPTER
@@ -60,7 +64,7 @@ log = structlog.get_logger(__name__)
 
 def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAPI:
     """The gateway's ASGI app. Pass a publisher to share one; else it makes its own."""
-    keys = ApiKeys(settings.api_keys, settings.operator_keys)
+    keys = ApiKeys(settings.api_keys, settings.operator_keys, settings.reviewer_keys)
     limiter = RateLimiter(settings.rate_limits)
     owns_publisher = publisher is None
     pub = publisher if publisher is not None else Publisher(
@@ -71,6 +75,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     routing = RoutingService(settings.learners, sessions)
     tokens = FeedbackTokens(settings.api_keys, settings.browser.token_ttl_s)
     overview = OverviewSource(settings)  # read by the dashboard, /v1/overview and /metrics
+    desk = ReviewDesk(make_sessionmaker(engine), settings.archive_dir)
     metrics = GatewayMetrics(overview)
     chat = ChatService(routing, pub, vllm_urls=settings.vllm_urls, serving=settings.serving,
                        base_model_path=settings.model_path, lora_rank=settings.trainer.lora.rank,
@@ -111,6 +116,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     )
     for router in (
         dashboard_router(keys, overview),
+        review_router(keys, desk, pub, limits),
         metrics.router(keys),
         events_router(keys, limiter, pub, limits, settings.max_body_bytes, tokens, settings.browser),
         browser_router(keys, limiter, tokens),

@@ -26,7 +26,7 @@ from app.overview import OverviewSource
 log = structlog.get_logger(__name__)
 
 STATIC = Path(__file__).parent / "dashboard_static"
-OWN_ASSETS = ("dashboard.js", "dashboard.css")
+OWN_ASSETS = ("dashboard.js", "dashboard.css", "review.js", "review.css")
 PAGE_HEADERS = {
     # Plotly sets inline styles; everything else comes from the gateway itself.
     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:",
@@ -60,7 +60,7 @@ def dashboard_router(keys: ApiKeys, overview: OverviewSource) -> APIRouter:
                 return HTMLResponse(SIGN_IN.format(message="That key is not one of this gateway's keys."), 401)
             # Trade the key for the cookie and drop it from the address bar and history.
             response = RedirectResponse("/dashboard", status_code=303, headers={"Referrer-Policy": "no-referrer"})
-            set_session_cookie(response, request, key, app=operator is None)
+            set_session_cookie(response, request, key, "app" if operator is None else "operator")
             log.info("dashboard.signed_in", operator=operator, app_id=app)
             return response
         if keys.viewer(request) is None:

@@ -431,6 +431,9 @@ def test_review_picks_stay_within_the_hourly_budget_and_skip_users_who_opted_out
     assert all(pick.example.training_consent for pick in picks)
     later = [p for p in picks if p.example.occurred_at >= T0 + timedelta(hours=1)]
     assert all(p.example.rewards["implicit"] == 0.0 for p in later), "after the first hour: the disagreeing ones"
+    # Why each was picked, for the reviewer: the score's terms, and the threshold it reached.
+    assert all(p.score == sum(p.terms.values()) and p.score >= p.threshold for p in picks)
+    assert all(p.terms["disagreement"] == 0.5 for p in later)
 
 
 # --- the snapshot the gateway routes with ----------------------------------------------------------
