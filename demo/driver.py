@@ -74,7 +74,7 @@ DEMO_DEFAULTS: dict[str, object] = {
     "topic_partitions": 1,
     "pipeline": {"implicit_window_s": 4, "explicit_window_s": 8, "allowed_lateness_s": 1, "idle_tick_s": 1,
                  "batch_size": 160, "batch_max_wait_s": 120, "checkpoint_interval_s": 1},
-    "learners": {"ab_min_samples": 40, "ab_max_samples": 150, "ab_tau": 0.2, "min_propensity": 0.1, "canary_share": 0.5,
+    "learners": {"ab_min_samples": 40, "ab_max_samples": 300, "ab_tau": 0.2, "floor": 0.2, "min_propensity": 0.1, "canary_share": 0.5,
                  "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
     "serving": {"drain_s": 3, "reconcile_interval_s": 10, "max_loras": 3},
     "trainer": {"num_threads": 1, "log_every": 50,
