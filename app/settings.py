@@ -20,6 +20,7 @@ from app.review_desk import ReviewerKey
 from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
 from streams.kafka import KafkaSecurity, KafkaSettings
+from streams.objects import ObjectStorage, ObjectStore
 from streams.self_eval import JudgeSettings
 from streams.store import store_url
 from trainer.config import ServingSettings, TrainerConfig
@@ -62,6 +63,11 @@ class Settings(BaseSettings):
     # --- storage ----------------------------------------------------------------------------
     data_dir: Path = Field(
         Path("data"), validate_default=True, description="Archive, batches, models and keys live here."
+    )
+    storage: ObjectStorage = Field(
+        default_factory=ObjectStorage,
+        description="Shared state (batches, archive segments, keys, adapters) on object storage, "
+        "FEEDLOOP_STORAGE__*; default: the data dir. See docs/deployment.md.",
     )
     private_files: bool = Field(
         True,
@@ -204,6 +210,11 @@ class Settings(BaseSettings):
         """What every Kafka client is built from (``streams.kafka``)."""
         return KafkaSettings(bootstrap_servers=self.bootstrap_servers, session_timeout_s=self.broker_session_timeout_s,
                              security=self.kafka_security)  # fmt: skip
+
+    @cached_property
+    def objects(self) -> ObjectStore:
+        """The shared state's store (``streams.objects``): FEEDLOOP_STORAGE__URL, else the data dir."""
+        return ObjectStore(self.storage.url or self.data_dir.as_uri(), self.storage)
 
     @property
     def uses_embedded_broker(self) -> bool:

@@ -24,6 +24,8 @@ from app.runtime import build_archiver, gateway_server, wait_started
 from app.settings import Settings
 from streams.store import make_engine, make_sessionmaker
 from streams.archive import Archiver
+from tests.object_server import SeaweedS3
+from streams.objects import ObjectStorage
 from trainer.vllm_server import free_port  # noqa: F401 (tests and benchmarks import it from here)
 
 POSTGRES_ADMIN_URL = os.environ.get("FEEDLOOP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -56,6 +58,19 @@ def own_broker() -> Iterator[EmbeddedBroker]:
     """A broker of the test's own: for tests that count every record on a topic, or stop it."""
     with EmbeddedBroker(free_port()) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedS3]:
+    """One SeaweedFS S3 server for the session (started on first use, about 5-10 s)."""
+    with SeaweedS3() as running:
+        yield running
+
+
+@pytest.fixture
+def s3_storage(s3_server: SeaweedS3) -> ObjectStorage:
+    """Settings for an empty prefix of the test's own on the session's S3 server."""
+    return s3_server.storage()
 
 
 def make_settings(tmp_path: Path, broker_port: int, **overrides) -> Settings:
