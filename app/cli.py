@@ -348,13 +348,13 @@ def archive_run(ctx: click.Context) -> None:
 @archive.command("verify")
 @click.pass_context
 def archive_verify(ctx: click.Context) -> None:
-    """Check every archived segment's file, checksum and record count against the store."""
+    """Check every archived segment's object, checksum and record count against its row."""
     from streams.store import make_engine, make_sessionmaker
     from streams.archive import verify_archive
 
     settings = _settings(ctx.parent)
     with make_sessionmaker(make_engine(settings.store_url))() as session:
-        report = verify_archive(session, settings.archive_dir)
+        report = verify_archive(session, settings.objects)
     click.echo(f"{report.segments} segments, {report.records} records")
     for problem in report.problems:
         click.echo(f"PROBLEM {problem}", err=True)

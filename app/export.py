@@ -48,7 +48,7 @@ def run_export(settings: Settings, out_dir: Path, *, batch_ids: list[str], since
         batches = [(row.batch_id, settings.data_dir / row.path) for row in rows]
         wanted = {event_id for row in rows for event_id in row.manifest.get("source_event_ids", [])}
         log.info("export.reading_archive", batches=len(batches), source_events=len(wanted))
-        facts = event_facts(iter_archive(session, settings.archive_dir, EVENTS.name), wanted)
+        facts = event_facts(iter_archive(session, settings.objects, EVENTS.name), wanted)
     is_erased = pseudonyms_erased(Pseudonymizer(FileKeyStore(settings.keys_path)))
     exported_at = datetime.now(UTC)
     console = Console(stderr=True)

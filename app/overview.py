@@ -515,7 +515,7 @@ class OverviewSource:
         self.sessions = sessions or make_sessionmaker(self._engine)
         self._lock = threading.Lock()
         self._fold = ArchiveFold(settings)
-        self._segments = SealedSegments(self.sessions, settings.archive_dir)
+        self._segments = SealedSegments(self.sessions, settings.objects)
 
     def close(self) -> None:
         if self._engine is not None:

@@ -35,7 +35,7 @@ REPUBLISH_ATTEMPTS = 5
 
 def _source(settings: Settings, source: str, window: TimeRange) -> tuple[Iterator[ArchivedRecord], int | None]:
     if source == "archive":
-        return archive_records(make_sessionmaker(make_engine(settings.store_url)), settings.archive_dir, window)
+        return archive_records(make_sessionmaker(make_engine(settings.store_url)), settings.objects, window)
     path = Path(source)
     if not path.exists():
         raise SystemExit(f"no such file: {path}; --source takes 'archive' or a .jsonl/.jsonl.gz file")
@@ -45,9 +45,9 @@ def _source(settings: Settings, source: str, window: TimeRange) -> tuple[Iterato
 
 def _import_source(settings: Settings, run: str) -> tuple[Iterator[ArchivedRecord], int]:
     archive_sessions = make_sessionmaker(make_engine(settings.store_url))
-    records = archived_run(archive_sessions, settings.archive_dir, run)
+    records = archived_run(archive_sessions, settings.objects, run)
     if not records:
-        known = archived_runs(archive_sessions, settings.archive_dir)
+        known = archived_runs(archive_sessions, settings.objects)
         raise SystemExit(f"no import {run} in the archive's {IMPORTS.name}; archived runs: "
                          + (", ".join(f"{r} ({n} records)" for r, n in sorted(known.items())) or "none"))
     return iter(records), len(records)

@@ -21,7 +21,6 @@ import json
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import structlog
@@ -31,6 +30,7 @@ from sqlalchemy.orm import sessionmaker
 from app.sealed_segments import SealedSegments
 from streams.archive import ArchivedRecord
 from streams.learning import ReviewRequest
+from streams.objects import ObjectStore
 from streams.topics import EVENTS, REVIEW
 
 log = structlog.get_logger(__name__)
@@ -139,10 +139,10 @@ class ReviewQueue:
 class ReviewDesk:
     """The queue as of the archive's newest sealed segment; thread-safe."""
 
-    def __init__(self, sessions: sessionmaker, archive_dir: Path) -> None:
+    def __init__(self, sessions: sessionmaker, objects: ObjectStore) -> None:
         self._lock = threading.Lock()
         self._queue = ReviewQueue()
-        self._segments = SealedSegments(sessions, archive_dir, frozenset({REVIEW.name, EVENTS.name}))
+        self._segments = SealedSegments(sessions, objects, frozenset({REVIEW.name, EVENTS.name}))
 
     def _reset(self) -> None:
         self._queue = ReviewQueue()

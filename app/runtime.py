@@ -48,7 +48,7 @@ async def build_archiver(settings: Settings) -> Archiver:
         kafka_settings=settings.kafka,
         life=BrokerLife(settings.kafka, cluster, "archiver"),
         topics=ARCHIVED_TOPICS,
-        archive_dir=settings.archive_dir,
+        objects=settings.objects,
         sessions=make_sessionmaker(make_engine(settings.store_url)),
         flush_events=settings.archive_flush_events,
         flush_seconds=settings.archive_flush_seconds,
@@ -93,7 +93,7 @@ def build_pipeline_app(settings: Settings, cluster: str):
     pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)),
                             max_event_bytes=settings.max_event_bytes,
                             dead_letter_max_raw_bytes=settings.dead_letter_max_raw_bytes)
-    live = LivePipeline(pipelines, sessions, archive_dir=settings.archive_dir, consumer=PIPELINE_CONSUMER,
+    live = LivePipeline(pipelines, sessions, objects=settings.objects, consumer=PIPELINE_CONSUMER,
                         cluster_id=cluster)
     app = make_faust_app(settings)
     register_pipeline(
@@ -113,7 +113,7 @@ def build_learner_app(settings: Settings, cluster: str):
 
     config = settings.learners
     sessions = make_sessionmaker(make_engine(settings.store_url))
-    learner = LiveLearner(config, sessions, archive_dir=settings.archive_dir, consumer="feedloop-learners",
+    learner = LiveLearner(config, sessions, objects=settings.objects, consumer="feedloop-learners",
                           cluster_id=cluster, snapshots_kept=config.snapshots_kept)  # fmt: skip
     app = make_faust_app(settings, name="feedloop-learners")
     register_learners(app, learner, checkpoint_interval_s=config.checkpoint_interval_s,

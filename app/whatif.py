@@ -166,7 +166,7 @@ def run_whatif(settings: Settings, candidate: Candidate, *, since: str | None, u
     engine = make_engine(settings.store_url)
     try:
         # No broker life of its own (""): every archived life is folded, in order.
-        Checkpoints(make_sessionmaker(engine), settings.archive_dir, consumer="feedloop-whatif", cluster_id="",
+        Checkpoints(make_sessionmaker(engine), settings.objects, consumer="feedloop-whatif", cluster_id="",
                     format_version=0).fold_archive(rebuild)  # fmt: skip
     finally:
         engine.dispose()

@@ -274,7 +274,7 @@ def tally(loop: Loop, load: Load) -> Tally:
         for segment in segments(session):
             if segment.topic not in (EVENTS.name, EXAMPLES.name):
                 continue
-            for record in read_segment(loop.settings.archive_dir / segment.path):
+            for record in read_segment(loop.settings.objects, segment):
                 if segment.topic == EVENTS.name and record.key not in PIPELINE_RECORD_KEYS:
                     events[json.loads(record.value)["event_id"]] += 1
                 elif segment.topic == EXAMPLES.name:

@@ -36,6 +36,7 @@ from streams.config import LearnerSettings  # noqa: E402
 from streams.store import make_engine, make_sessionmaker  # noqa: E402
 from streams.contract import AnnotatedExample, Context  # noqa: E402
 from streams.learner_agents import LiveLearner  # noqa: E402
+from streams.objects import ObjectStore  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 API_KEY = "bench-key-0123456789"
@@ -53,7 +54,7 @@ def trained_store(url: str, data_dir: Path, arms: list[str], examples: int) -> L
     """A store holding the snapshot of a router trained on ``examples`` simulated examples."""
     config = LearnerSettings(initial_arms=arms, ab_min_samples=10**9, ab_max_samples=None)
     migrations.upgrade(url)
-    learner = LiveLearner(config, make_sessionmaker(make_engine(url)), archive_dir=data_dir / "archive",
+    learner = LiveLearner(config, make_sessionmaker(make_engine(url)), objects=ObjectStore(data_dir.as_uri()),
                           consumer="bench", cluster_id="bench", snapshots_kept=1)  # fmt: skip
     rng = np.random.default_rng(0)
     for i, context in enumerate(contexts(rng, examples)):

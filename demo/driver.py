@@ -52,6 +52,7 @@ from streams.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, 
 from streams.agents import PIPELINE_RECORD_KEYS
 from streams.archive import read_segment, segments, verify_archive
 from streams.contract import AdapterState
+from streams.objects import ObjectStore
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS
 
 log = structlog.get_logger(__name__)
@@ -318,18 +319,18 @@ def last_segment(sessions) -> int:
         return session.scalar(select(func.max(ArchiveSegment.id))) or 0
 
 
-def archived(sessions, archive_dir: Path, after_segment: int, topic: str) -> list:
+def archived(sessions, objects: ObjectStore, after_segment: int, topic: str) -> list:
     """This run's records of a topic: those in segments sealed after ``after_segment``."""
     with sessions() as session:
         return [record for segment in segments(session, topic) if segment.id > after_segment
-                for record in read_segment(archive_dir / segment.path)]  # fmt: skip
+                for record in read_segment(objects, segment)]  # fmt: skip
 
 
-def count_archived(sessions, archive_dir: Path, after_segment: int) -> Counter:
+def count_archived(sessions, objects: ObjectStore, after_segment: int) -> Counter:
     """The apps' records per topic since ``after_segment`` (not the worker's ticks/triggers)."""
     counts: Counter = Counter()
     for topic in (EVENTS.name, DEAD_LETTER.name):
-        for record in archived(sessions, archive_dir, after_segment, topic):
+        for record in archived(sessions, objects, after_segment, topic):
             if topic != EVENTS.name or record.key not in PIPELINE_RECORD_KEYS:
                 counts[topic] += 1
     return counts
@@ -443,7 +444,7 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
                       "prompts ...")
         sent = driver.traffic.sent_events
         settle = time.monotonic() + 60
-        while (counts := count_archived(sessions, settings.archive_dir, before))[EVENTS.name] < sent:
+        while (counts := count_archived(sessions, settings.objects, before))[EVENTS.name] < sent:
             if time.monotonic() > settle:
                 break
             await asyncio.sleep(0.5)
@@ -457,7 +458,7 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
         series = _series(settings, sessions, before, population, driver.traffic)
         run_dir = write_report(report, Path("runs"), series, console=console)
         with sessions() as session:
-            verified = verify_archive(session, settings.archive_dir)
+            verified = verify_archive(session, settings.objects)
         console.print(f"report: {run_dir / 'report.json'} (and runs/latest/); logs: {loop.logs}; "
                       f"archive verified: {'yes' if verified.ok else verified.problems[:3]}")  # fmt: skip
         return 0 if all(report.targets().values()) else 1
@@ -521,7 +522,7 @@ def _report(settings, sessions, before, population, traffic: Traffic, every, ear
 def _alarm_turns(settings, sessions, before, traffic: Traffic) -> list[int]:
     clock = TurnClock(traffic.served)
     turns = []
-    for record in archived(sessions, settings.archive_dir, before, CONTROL.name):
+    for record in archived(sessions, settings.objects, before, CONTROL.name):
         event = json.loads(record.value)
         if event.get("type") == "drift_alarm":
             turn = clock.turn_at(datetime.fromisoformat(event["detected_at"]))

@@ -1,11 +1,21 @@
-"""The archive: every record of every feedloop topic, kept durably on disk.
+"""The archive: every record of every feedloop topic, kept durably in the object store.
 
 The embedded broker forgets everything when it stops, and even Kafka expires old segments, yet
 the log is feedloop's source of truth. The archiver therefore copies each topic partition into
-sealed, gzip-compressed JSON-lines *segments* under ``<data_dir>/archive`` and records each in
-the store with its offsets, count and checksum. ``feedloop replay`` reads them back.
+sealed, gzip-compressed JSON-lines *segments* under the store's ``archive/`` folder
+(``streams.objects``: on the default ``file://`` store, ``<data_dir>/archive`` as it always
+was; on ``s3://``, a bucket every host reads) and records each in the database with its
+offsets, count and checksum. ``feedloop replay`` reads them back.
 
-Delivery: offsets are committed to the broker only after a segment is fsynced and recorded, so
+A segment is published with one atomic ``put`` and then its row is committed: the row is the
+commit marker. A crash between the two leaves an *orphan* object that no reader sees (readers
+find segments through their rows); the archiver re-reads those records on restart, seals them
+again under the same name (named by the first offset) and replaces the orphan. A segment that
+has a row is never replaced: see :func:`write_segment`. Every reader checks the bytes it got
+against the row's checksum (:func:`read_segment`), so a damaged or half-copied object is an
+error that names ``feedloop archive verify``, never wrong records.
+
+Delivery: offsets are committed to the broker only after a segment is stored and recorded, so
 a crash re-reads what was not yet sealed (nothing acknowledged is lost). On restart the store's
 last archived offset wins over the group's committed offset, so a crash between recording and
 committing writes nothing twice. Offsets are scoped by the broker's cluster id because a
@@ -22,10 +32,10 @@ import asyncio
 import base64
 import gzip
 import hashlib
+import io
 import json
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from streams import kafka
 from streams.broker_life import BrokerLife, NewBrokerLife
 from streams.kafka import KafkaSettings
+from streams.objects import ObjectStore
 from streams.store import ArchiveSegment
 
 log = structlog.get_logger(__name__)
@@ -148,36 +159,77 @@ class PartitionBuffer:
         self.lines = []
 
 
+ARCHIVE_FOLDER = "archive"
+
+
 def segment_path(cluster_id: str, topic: str, partition: int, first_offset: int) -> Path:
-    """Relative path of a segment. Named by its first offset so a rewrite after a crash
-    replaces the unrecorded file instead of leaving a second copy."""
+    """Relative path of a segment (its row's ``path``). Named by its first offset so a rewrite
+    after a crash replaces the unrecorded object instead of leaving a second copy."""
     return Path(cluster_id) / topic / f"p{partition:03d}" / f"{first_offset:020d}.jsonl.gz"
 
 
-def write_segment(archive_dir: Path, relative: Path, lines: list[str]) -> tuple[str, int]:
-    """Write, fsync and atomically publish a segment; returns (sha256, size in bytes).
+def segment_key(relative: Path | str) -> str:
+    """The store key of a segment: ``archive/<relative path>``, so on a ``file://`` store the
+    file sits where the archive directory always had it."""
+    return f"{ARCHIVE_FOLDER}/{Path(relative).as_posix()}"
+
+
+class SegmentRecorded(RuntimeError):
+    """A segment is already recorded under the name a new one would take: replacing it would
+    lose archived records."""
+
+
+class SegmentUnreadable(RuntimeError):
+    """A recorded segment's object is missing or is not the bytes its row recorded."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(f"archive segment {path}: {problem}; run `feedloop archive verify` to list every "
+                         "damaged segment, and restore them from the store's backup (or its object versions)")
+
+
+def write_segment(objects: ObjectStore, relative: Path, lines: list[str], *,
+                  recorded: Callable[[], bool] = lambda: True) -> tuple[str, int]:
+    """Publish a segment with one atomic put; returns (sha256, size in bytes).
+
+    The key is claimed with ``put_new``, so a segment is never replaced by accident. When the
+    name is taken, ``recorded()`` says whether a row holds it: if so :class:`SegmentRecorded`
+    is raised (the archiver would be filing records over archived ones, e.g. a broker
+    restart it did not notice); if not, the object is an orphan a crash left between the put
+    and the row, and the new bytes replace it (the records re-read since may be more or
+    fewer). Without ``recorded`` every taken name counts as recorded.
 
     gzip's header time is fixed at 0 so the same records always give the same bytes.
     """
     payload = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=6, mtime=0)
-    target = archive_dir / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    with open(partial, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, target)
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    key = segment_key(relative)
+    if not objects.put_new(key, payload):
+        if recorded():
+            raise SegmentRecorded(
+                f"archive segment {relative} is already recorded; the archiver stops rather than replace "
+                "archived records: check for a second archiver of this broker life, then start it again")
+        log.warning("archive.orphan_replaced", path=str(relative),
+                    action="none: a crash left this segment unrecorded; its records were read again")
+        objects.put(key, payload)
     return hashlib.sha256(payload).hexdigest(), len(payload)
 
 
-def read_segment(path: Path) -> Iterator[ArchivedRecord]:
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
+def _segment_bytes(objects: ObjectStore, segment: ArchiveSegment) -> bytes:
+    payload = objects.find(segment_key(segment.path))
+    if payload is None:
+        raise SegmentUnreadable(segment.path, "missing")
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != segment.sha256:
+        raise SegmentUnreadable(segment.path, f"checksum {digest} != recorded {segment.sha256}")
+    return payload
+
+
+def read_segment(objects: ObjectStore, segment: ArchiveSegment) -> Iterator[ArchivedRecord]:
+    """The records of a recorded segment, once its bytes match the row's checksum: the whole
+    object is fetched and checked before the first record, so a reader that fails on
+    :class:`SegmentUnreadable` has folded nothing of it."""
+    payload = _segment_bytes(objects, segment)
+    with gzip.open(io.BytesIO(payload), "rt", encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
                 yield decode_record(line)
@@ -194,9 +246,9 @@ def segments(session: Session, topic: str | None = None) -> list[ArchiveSegment]
     return list(session.scalars(query))
 
 
-def iter_archive(session: Session, archive_dir: Path, topic: str | None = None) -> Iterator[ArchivedRecord]:
+def iter_archive(session: Session, objects: ObjectStore, topic: str | None = None) -> Iterator[ArchivedRecord]:
     for segment in segments(session, topic):
-        yield from read_segment(archive_dir / segment.path)
+        yield from read_segment(objects, segment)
 
 
 @dataclass
@@ -210,20 +262,16 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_archive(session: Session, archive_dir: Path) -> VerifyReport:
-    """Check every recorded segment: file present, checksum and record count as recorded."""
+def verify_archive(session: Session, objects: ObjectStore) -> VerifyReport:
+    """Check every recorded segment: object present, checksum and record count as recorded."""
     report = VerifyReport()
     for segment in segments(session):
         report.segments += 1
-        path = archive_dir / segment.path
-        if not path.exists():
-            report.problems.append(f"{segment.path}: missing")
+        try:
+            count = sum(1 for _ in read_segment(objects, segment))
+        except SegmentUnreadable as error:
+            report.problems.append(f"{segment.path}: {error.problem}")
             continue
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != segment.sha256:
-            report.problems.append(f"{segment.path}: checksum {digest} != recorded {segment.sha256}")
-            continue
-        count = sum(1 for _ in read_segment(path))
         if count != segment.event_count:
             report.problems.append(f"{segment.path}: {count} records, recorded {segment.event_count}")
         report.records += count
@@ -251,7 +299,8 @@ class Archiver:
     partitions are assigned, and when a record comes below an offset already taken) ``run`` raises
     :class:`~streams.broker_life.NewBrokerLife` before sealing or committing anything of it:
     the segments carry the life they were read from, and a new life's records filed under
-    the old one would overwrite its segments.
+    the old one would take its segments' names (:func:`write_segment` refuses to replace a
+    recorded one, :class:`SegmentRecorded`, should a new life ever go unnoticed).
     """
 
     group_id = "feedloop-archive"
@@ -262,7 +311,7 @@ class Archiver:
         kafka_settings: KafkaSettings,
         life: BrokerLife,
         topics: tuple[str, ...],
-        archive_dir: Path,
+        objects: ObjectStore,
         sessions: sessionmaker,
         flush_events: int,
         flush_seconds: float,
@@ -270,7 +319,7 @@ class Archiver:
         self.life = life
         self.cluster_id = life.started_on
         self.topics = topics
-        self.archive_dir = archive_dir
+        self.objects = objects
         self.sessions = sessions
         self.flush_events = flush_events
         self.flush_seconds = flush_seconds
@@ -292,6 +341,17 @@ class Archiver:
                     ArchiveSegment.partition == tp.partition,
                 )
             )
+
+    def _recorded(self, tp: TopicPartition, first_offset: int) -> bool:
+        with self.sessions() as session:
+            return session.scalar(
+                select(func.count()).where(
+                    ArchiveSegment.cluster_id == self.cluster_id,
+                    ArchiveSegment.topic == tp.topic,
+                    ArchiveSegment.partition == tp.partition,
+                    ArchiveSegment.first_offset == first_offset,
+                )
+            ) > 0
 
     async def _resume_positions(self, assigned: set[TopicPartition]) -> None:
         """Start each assigned partition where the archive of this broker life ends, or at
@@ -330,8 +390,9 @@ class Archiver:
         if buffer is None or not buffer.lines:
             return
         relative = segment_path(self.cluster_id, tp.topic, tp.partition, buffer.first_offset)
+        first = buffer.first_offset
         digest, size = await asyncio.to_thread(
-            write_segment, self.archive_dir, relative, buffer.lines
+            write_segment, self.objects, relative, buffer.lines, recorded=lambda: self._recorded(tp, first)
         )
         with self.sessions.begin() as session:
             session.add(

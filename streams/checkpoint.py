@@ -55,7 +55,6 @@ import pickle
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import structlog
@@ -64,6 +63,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from streams.archive import ArchivedRecord, read_segment, segments
 from streams.broker_life import BrokerLife, NewBrokerLife
+from streams.objects import ObjectStore
 from streams.store import ArchiveSegment, StreamCheckpoint
 
 log = structlog.get_logger(__name__)
@@ -109,10 +109,10 @@ class Rebuild(Generic[S]):
 class Checkpoints:
     """The checkpoint rows of one consumer in one broker life: load them, put them."""
 
-    def __init__(self, sessions: sessionmaker, archive_dir: Path, *, consumer: str, cluster_id: str,
+    def __init__(self, sessions: sessionmaker, objects: ObjectStore, *, consumer: str, cluster_id: str,
                  format_version: int) -> None:
         self.sessions = sessions
-        self.archive_dir = archive_dir
+        self.objects = objects
         self.consumer = consumer
         self.cluster_id = cluster_id
         self.format_version = format_version
@@ -160,7 +160,7 @@ class Checkpoints:
         earliest: int | None = None
         for segment in chosen:
             after = positions.get((segment.topic, segment.partition), -1)
-            for record in read_segment(self.archive_dir / segment.path):
+            for record in read_segment(self.objects, segment):
                 if record.offset > after:
                     key = f"{record.topic}:{record.partition}"
                     counts[key] = counts.get(key, 0) + 1
@@ -221,7 +221,7 @@ class Checkpoints:
 
     def _records(self, run: list[ArchiveSegment], last: int | None) -> Iterator[ArchivedRecord]:
         for segment in run:
-            for record in read_segment(self.archive_dir / segment.path):
+            for record in read_segment(self.objects, segment):
                 if last is not None and record.offset > last:
                     return
                 yield record

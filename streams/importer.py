@@ -31,11 +31,11 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from pathlib import Path
 
 from sqlalchemy.orm import sessionmaker
 
 from streams.archive import ArchivedRecord, read_segment, segments
+from streams.objects import ObjectStore
 from streams.pipeline import Outputs, PipelineSet
 from streams.topics import EVENTS, IMPORTS
 
@@ -118,7 +118,7 @@ def raw_headers(run: str, record: ArchivedRecord) -> list[tuple[str, bytes]]:
             (POSITION_HEADER, str(record.offset).encode())]  # fmt: skip
 
 
-def archived_run(sessions: sessionmaker, archive_dir: Path, run: str) -> list[ArchivedRecord]:
+def archived_run(sessions: sessionmaker, objects: ObjectStore, run: str) -> list[ArchivedRecord]:
     """The input of import ``run`` as the import took it, from the archived imports topic.
 
     A record sent twice (a run resumed after a crash sends its last unacknowledged chunk
@@ -128,7 +128,7 @@ def archived_run(sessions: sessionmaker, archive_dir: Path, run: str) -> list[Ar
     wanted = run.encode()
     found: dict[tuple[int, int], ArchivedRecord] = {}
     for segment in chosen:
-        for record in read_segment(archive_dir / segment.path):
+        for record in read_segment(objects, segment):
             if record.headers.get(RUN_HEADER) != wanted:
                 continue
             place = (int(record.headers[PARTITION_HEADER]), int(record.headers[POSITION_HEADER]))
@@ -137,13 +137,13 @@ def archived_run(sessions: sessionmaker, archive_dir: Path, run: str) -> list[Ar
     return [found[place] for place in sorted(found)]
 
 
-def archived_runs(sessions: sessionmaker, archive_dir: Path) -> dict[str, int]:
+def archived_runs(sessions: sessionmaker, objects: ObjectStore) -> dict[str, int]:
     """Import runs in the archive and how many records each sent."""
     with sessions() as session:
         chosen = segments(session, IMPORTS.name)
     runs: dict[str, int] = {}
     for segment in chosen:
-        for record in read_segment(archive_dir / segment.path):
+        for record in read_segment(objects, segment):
             run = record.headers.get(RUN_HEADER, b"?").decode()
             runs[run] = runs.get(run, 0) + 1
     return runs

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from pathlib import Path
 
 import faust
 import structlog
@@ -45,6 +44,7 @@ from streams.archive import ArchivedRecord
 from streams.broker_life import BrokerLife, NewBrokerLife
 from streams.checkpoint import Checkpoints, Position, Rebuild, Unacked, pickled
 from streams.config import LearnerSettings
+from streams.objects import ObjectStore
 from streams.store import RouterSnapshot
 from streams.learning import LearnerOutputs, LearnerState
 from streams.learning import RouterSnapshot as Snapshot
@@ -80,12 +80,12 @@ class _Taken:
 class LiveLearner:
     """The learner state with its checkpoint and the router snapshots it publishes."""
 
-    def __init__(self, config: LearnerSettings, sessions: sessionmaker, *, archive_dir: Path, consumer: str,
+    def __init__(self, config: LearnerSettings, sessions: sessionmaker, *, objects: ObjectStore, consumer: str,
                  cluster_id: str, snapshots_kept: int) -> None:
         self.sessions = sessions
         self.consumer = consumer
         self.snapshots_kept = snapshots_kept
-        self.checkpoints = Checkpoints(sessions, archive_dir, consumer=consumer, cluster_id=cluster_id,
+        self.checkpoints = Checkpoints(sessions, objects, consumer=consumer, cluster_id=cluster_id,
                                        format_version=STATE_FORMAT)  # fmt: skip
         restored = self.checkpoints.load(STATE_ROW, rebuild_learners(config))
         if restored is not None:

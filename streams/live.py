@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy.orm import sessionmaker
 
 from streams.archive import ArchivedRecord
 from streams.checkpoint import Checkpoints, Position, Rebuild, pickled
+from streams.objects import ObjectStore
 from streams.pipeline import Outputs, PartitionPipeline, PipelineSet, Received, receive_time
 from streams.topics import EVENTS
 
@@ -42,11 +42,11 @@ class Snapshot:
 
 
 class LivePipeline:
-    def __init__(self, pipelines: PipelineSet, sessions: sessionmaker, *, archive_dir: Path, consumer: str,
+    def __init__(self, pipelines: PipelineSet, sessions: sessionmaker, *, objects: ObjectStore, consumer: str,
                  cluster_id: str) -> None:
         self.pipelines = pipelines
         self.sessions = sessions
-        self.checkpoints = Checkpoints(sessions, archive_dir, consumer=consumer, cluster_id=cluster_id,
+        self.checkpoints = Checkpoints(sessions, objects, consumer=consumer, cluster_id=cluster_id,
                                        format_version=STATE_FORMAT)  # fmt: skip
         self.last_record_at: dict[int, float] = {}  # wall time, to tick idle partitions
 

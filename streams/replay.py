@@ -28,6 +28,7 @@ from streams.archive import ArchivedRecord, decode_record, read_segment, segment
 from streams.batches import publish_batch
 from streams.contract import BatchEmitted, with_default_session
 from streams.importer import for_run
+from streams.objects import ObjectStore
 from streams.pipeline import Outputs, PipelineSet, receive_time
 from streams.topics import EVENTS
 
@@ -50,7 +51,7 @@ class TimeRange:
         )
 
 
-def archive_records(sessions: sessionmaker, archive_dir: Path, window: TimeRange) -> tuple[Iterator[ArchivedRecord], int]:
+def archive_records(sessions: sessionmaker, objects: ObjectStore, window: TimeRange) -> tuple[Iterator[ArchivedRecord], int]:
     """Events-topic records of the archive, partition by partition in sealed order, and their count."""
     with sessions() as session:
         chosen = [
@@ -63,7 +64,7 @@ def archive_records(sessions: sessionmaker, archive_dir: Path, window: TimeRange
 
     def records() -> Iterator[ArchivedRecord]:
         for segment in chosen:
-            for record in read_segment(archive_dir / segment.path):
+            for record in read_segment(objects, segment):
                 if record.timestamp_ms in window:
                     yield record
 

@@ -134,10 +134,6 @@ class Stack:
     base_url: str
     sessions: object
 
-    @property
-    def archive_dir(self) -> Path:
-        return self.settings.archive_dir
-
 
 async def start_stack(settings: Settings) -> tuple[Stack, callable]:
     migrations.upgrade(settings.store_url)
@@ -180,7 +176,7 @@ def archived_records(stack: Stack, topic: str | None = None) -> list:
     from streams.archive import iter_archive
 
     with stack.sessions() as session:
-        return list(iter_archive(session, stack.archive_dir, topic))
+        return list(iter_archive(session, stack.settings.objects, topic))
 
 
 async def wait_until_archived(stack: Stack, topic: str, count: int, timeout_s: float = 30.0, where=None) -> list:

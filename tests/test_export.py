@@ -18,6 +18,7 @@ from streams.batches import publish_batch
 from streams.contract import Message
 from streams.curator import CutBatch
 from streams.export import event_facts, export_dataset
+from streams.objects import ObjectStore
 from streams.pipeline import pseudonyms_erased
 from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
 from streams.store import ArchiveSegment, make_engine, make_sessionmaker
@@ -134,10 +135,10 @@ def test_a_batchs_held_out_part_is_its_own_config(world) -> None:
     assert [row["example_id"] for row in datasets.load_dataset(str(out), "heldout_pairs", split="train")] == ["held:pair"]
 
 
-def _archive(sessions, archive_dir: Path, events: list[dict]) -> None:
+def _archive(sessions, objects: ObjectStore, events: list[dict]) -> None:
     lines = [encode_record(EVENTS.name, 0, offset, 0, None, json.dumps(e).encode()) for offset, e in enumerate(events)]
     relative = segment_path("test", EVENTS.name, 0, 0)
-    digest, size = write_segment(archive_dir, relative, lines)
+    digest, size = write_segment(objects, relative, lines)
     with sessions.begin() as session:
         session.add(ArchiveSegment(cluster_id="test", topic=EVENTS.name, partition=0, first_offset=0,
                                    last_offset=len(lines) - 1, event_count=len(lines), path=str(relative),
@@ -159,7 +160,7 @@ def test_feedloop_export_writes_published_batches_without_an_erased_user(tmp_pat
     migrations.upgrade(store_url)
     sessions = make_sessionmaker(make_engine(store_url))
     events = {"anna": interaction(user_id="anna"), "ben": interaction(user_id="ben")}
-    _archive(sessions, data / "archive", list(events.values()))
+    _archive(sessions, ObjectStore(data.as_uri()), list(events.values()))
     pseudonyms = Pseudonymizer(FileKeyStore(data / "keys"))
     for name in events:
         pseudonyms.pseudonym(user_identity("app-a", name))

@@ -50,7 +50,8 @@ def seal(sessions, settings: Settings, topic: str, values: list, partition: int 
            else (v if isinstance(v, str) else json.dumps(v)).encode() for v in values]  # fmt: skip
     lines = [encode_record(topic, partition, first + i, 0, None, value) for i, value in enumerate(raw)]
     relative = segment_path(CLUSTER, topic, partition, first)
-    digest, size = write_segment(settings.archive_dir, relative, lines)
+    # No row is at ``first`` (it follows the last): a file there is one a replaced store left.
+    digest, size = write_segment(settings.objects, relative, lines, recorded=lambda: False)
     with sessions.begin() as session:
         session.add(ArchiveSegment(cluster_id=CLUSTER, topic=topic, partition=partition, first_offset=first,
                                    last_offset=first + len(lines) - 1, event_count=len(lines), path=str(relative),

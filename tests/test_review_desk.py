@@ -80,12 +80,12 @@ def test_bad_records_are_counted_not_fatal():
 
 def test_the_desk_follows_the_archive_and_a_restart_rebuilds_the_same_queue(sessions, settings):
     seal(sessions, settings, REVIEW.name, [pick("i-1"), pick("i-2")])
-    desk = ReviewDesk(sessions, settings.archive_dir)
+    desk = ReviewDesk(sessions, settings.objects)
     assert [r.example.example_id for r in desk.waiting()] == ["i-1", "i-2"]
     desk.reviewed("app-a", "i-1")  # its own review, before the archive has it
     assert [r.example.example_id for r in desk.waiting()] == ["i-2"]
     seal(sessions, settings, EVENTS.name, [human("i-1").decode()])
-    restarted = ReviewDesk(sessions, settings.archive_dir)
+    restarted = ReviewDesk(sessions, settings.objects)
     assert [r.example.example_id for r in restarted.waiting()] == ["i-2"]
 
 

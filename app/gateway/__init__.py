@@ -75,7 +75,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
     routing = RoutingService(settings.learners, sessions)
     tokens = FeedbackTokens(settings.api_keys, settings.browser.token_ttl_s)
     overview = OverviewSource(settings)  # read by the dashboard, /v1/overview and /metrics
-    desk = ReviewDesk(make_sessionmaker(engine), settings.archive_dir)
+    desk = ReviewDesk(make_sessionmaker(engine), settings.objects)
     metrics = GatewayMetrics(overview)
     chat = ChatService(routing, pub, vllm_urls=settings.vllm_urls, serving=settings.serving,
                        base_model_path=settings.model_path, lora_rank=settings.trainer.lora.rank,

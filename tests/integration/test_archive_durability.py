@@ -1,6 +1,7 @@
 """The archive outlives the broker and the archiver: nothing acknowledged is lost or doubled."""
 
 import asyncio
+import gzip
 import json
 import os
 import signal
@@ -16,7 +17,8 @@ from app.broker import EmbeddedBroker, ensure_topics
 from app.processes import Child
 from app.runtime import build_archiver, gateway_server, wait_started
 from streams.store import ArchiveSegment, make_engine, make_sessionmaker
-from streams.archive import ResumeUnconfirmed, iter_archive, verify_archive
+from streams.archive import ResumeUnconfirmed, SegmentUnreadable, iter_archive, segment_key, verify_archive
+from streams.replay import TimeRange, archive_records
 from streams.topics import EVENTS
 from tests.conftest import API_KEYS, archived_records, free_port, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
@@ -51,7 +53,7 @@ async def test_archive_survives_broker_kill_and_continues_on_a_new_broker(tmp_pa
     broker.kill()  # the memory-only broker forgets every topic
 
     with stack.sessions() as session:
-        report = verify_archive(session, settings.archive_dir)
+        report = verify_archive(session, settings.objects)
         recorded = sum(s.event_count for s in session.scalars(select(ArchiveSegment)))
     assert report.ok, report.problems
     assert report.records == recorded == 400
@@ -74,7 +76,7 @@ async def test_archive_survives_broker_kill_and_continues_on_a_new_broker(tmp_pa
     with stack.sessions() as session:
         clusters = set(session.scalars(select(ArchiveSegment.cluster_id)))
         assert clusters == {broker.cluster_id, second.cluster_id}
-        assert verify_archive(session, settings.archive_dir).records == 500
+        assert verify_archive(session, settings.objects).records == 500
 
 
 def archived_ids(settings) -> list[str]:
@@ -82,7 +84,7 @@ def archived_ids(settings) -> list[str]:
     engine = make_engine(settings.store_url)
     try:
         with make_sessionmaker(engine)() as session:
-            return event_ids(iter_archive(session, settings.archive_dir, EVENTS.name))
+            return event_ids(iter_archive(session, settings.objects, EVENTS.name))
     finally:
         engine.dispose()
 
@@ -154,7 +156,7 @@ async def test_archiver_killed_before_sealing_loses_and_doubles_nothing(tmp_path
     assert sorted(ids) == sorted(sealed + buffered) and len(ids) == len(set(ids)) == 160
     engine = make_engine(settings.store_url)
     with make_sessionmaker(engine)() as session:
-        report = verify_archive(session, settings.archive_dir)
+        report = verify_archive(session, settings.objects)
         segments = session.scalars(select(ArchiveSegment).where(ArchiveSegment.topic == EVENTS.name)).all()
     engine.dispose()
     assert report.ok, report.problems
@@ -189,6 +191,68 @@ async def test_crash_between_recording_and_committing_doubles_nothing(tmp_path, 
         await stop()
     ids = event_ids(records)
     assert sorted(ids) == sorted(posted) and len(ids) == len(set(ids))
+
+
+class _UnrecordedSeal:
+    """The archiver's sessions, crashing where a seal records its segment: after the put."""
+
+    def __init__(self, sessions) -> None:
+        self.sessions = sessions
+
+    def __call__(self):
+        return self.sessions()
+
+    def begin(self):
+        raise RuntimeError("simulated crash between the segment's put and its row")
+
+
+async def test_on_s3_a_crash_before_the_row_leaves_an_orphan_that_the_next_seal_replaces(tmp_path, own_broker,
+                                                                                          s3_storage):
+    """The archive in an S3 bucket (the data dir holds none of it): a segment put but never
+    recorded is invisible; the restarted archiver seals its records again over it; verify and
+    a replay read the bucket, and a damaged object is caught."""
+    settings = make_settings(tmp_path, own_broker.port, storage=s3_storage)
+    objects = settings.objects
+    stack, stop = await start_stack(settings)
+    stack.archiver.sessions = _UnrecordedSeal(stack.archiver.sessions)
+    try:
+        posted = await post_events(stack.base_url, 100)
+        for _ in range(200):
+            if objects.keys("archive"):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            await stop()
+    orphans = objects.keys("archive")
+    assert orphans, "the first seal should have put its segment before the crash"
+    assert archived_records(stack) == [], "a segment without its row is no reader's"
+
+    stack, stop = await start_stack(settings)
+    try:
+        records = await wait_until_archived(stack, EVENTS.name, 100)
+        await asyncio.sleep(1.0)  # give a duplicate time to show up
+        records = archived_records(stack, EVENTS.name)
+    finally:
+        await stop()
+    ids = event_ids(records)
+    assert sorted(ids) == sorted(posted) and len(ids) == len(set(ids))
+    assert not (settings.data_dir / "archive").exists()
+    with stack.sessions() as session:
+        rows = session.scalars(select(ArchiveSegment)).all()
+        report = verify_archive(session, objects)
+    assert set(objects.keys("archive")) == {segment_key(row.path) for row in rows} >= set(orphans)
+    assert report.ok and report.records == sum(row.event_count for row in rows), report.problems
+    replayed, total = archive_records(stack.sessions, objects, TimeRange(None, None))
+    assert sorted(event_ids(replayed)) == sorted(posted) and total == 100
+
+    damaged = next(row for row in rows if row.topic == EVENTS.name)
+    objects.put(segment_key(damaged.path), gzip.compress(b'{"tampered": 1}\n'))
+    with stack.sessions() as session:
+        report = verify_archive(session, objects)
+    assert report.problems == [f"{damaged.path}: checksum {report.problems[0].split()[2]} != recorded {damaged.sha256}"]
+    with pytest.raises(SegmentUnreadable, match=damaged.path):
+        list(archive_records(stack.sessions, objects, TimeRange(None, None))[0])
 
 
 async def test_an_offset_committed_into_a_new_broker_life_skips_nothing(tmp_path, own_broker):

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from streams.store import Adapter, make_engine, make_sessionmaker
 from streams.archive import iter_archive
+from streams.objects import ObjectStore
 from streams.topics import EVENTS
 from tests.conftest import free_port
 
@@ -65,7 +66,7 @@ def test_an_adapter_trained_from_feedback_is_promoted_and_serves_traffic(tmp_pat
     with make_sessionmaker(engine)() as session:
         trained = set(session.scalars(select(Adapter.name)))
         promoted = set(session.scalars(select(Adapter.name).where(Adapter.state.in_(("champion", "retired")))))
-        served_by = {json.loads(r.value).get("adapter") for r in iter_archive(session, state / "archive", EVENTS.name)
+        served_by = {json.loads(r.value).get("adapter") for r in iter_archive(session, ObjectStore(state.as_uri()), EVENTS.name)
                      if r.value and b'"interaction"' in r.value}  # fmt: skip
     engine.dispose()
     assert promoted and promoted <= trained & served_by, f"promoted {promoted}, trained {trained}, served {served_by}"

@@ -33,6 +33,7 @@ from streams.contract import (
     DriftAlarm,
 )
 from streams.learner_agents import LiveLearner
+from streams.objects import ObjectStore
 from learners.router import LinUCBRouter
 from streams.learning import LearnerState, combined_reward, route_features
 from streams.topics import CONTROL, EXAMPLES
@@ -440,7 +441,7 @@ def test_review_picks_stay_within_the_hourly_budget_and_skip_users_who_opted_out
 
 
 async def test_the_learner_checkpoints_publishes_snapshots_and_restores(tmp_path, sessions, environment):
-    learner = LiveLearner(CONFIG, sessions, archive_dir=tmp_path, consumer="learners", cluster_id="c1",
+    learner = LiveLearner(CONFIG, sessions, objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c1",
                           snapshots_kept=3)  # fmt: skip
     await learner.save()  # a (re)started learner publishes what it holds
     stream = records(environment)
@@ -456,10 +457,10 @@ async def test_the_learner_checkpoints_publishes_snapshots_and_restores(tmp_path
     assert rows[-1].version == learner.state.version and rows[-1].state == learner.state.snapshot().data
     assert rows[-1].arms == ["general", "coder", "mathy"]
 
-    again = LiveLearner(CONFIG, sessions, archive_dir=tmp_path, consumer="learners", cluster_id="c1", snapshots_kept=3)
+    again = LiveLearner(CONFIG, sessions, objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c1", snapshots_kept=3)
     assert again.state.snapshot() == learner.state.snapshot()
     assert again.handle(*stream[-1]) is None, "a redelivered record is skipped"
-    other_broker = LiveLearner(CONFIG, sessions, archive_dir=tmp_path, consumer="learners", cluster_id="c2",
+    other_broker = LiveLearner(CONFIG, sessions, objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c2",
                                snapshots_kept=3)  # fmt: skip
     assert other_broker.state.positions == {} and other_broker.state.version == learner.state.version
 
@@ -472,7 +473,7 @@ async def test_the_gateway_router_starts_cold_and_picks_up_newer_snapshots(tmp_p
     assert routing.refresh() is False  # no snapshot yet
 
     learner = LiveLearner(CONFIG.model_copy(update={"ab_min_samples": 10_000, "ab_max_samples": None}), sessions,
-                          archive_dir=tmp_path, consumer="learners", cluster_id="c1", snapshots_kept=3)  # fmt: skip
+                          objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c1", snapshots_kept=3)  # fmt: skip
     for record in records(environment, n=2000):
         learner.handle(*record)
     await learner.save()
@@ -508,7 +509,7 @@ class _NoBroker:
 
 async def test_route_endpoint_answers_from_memory_and_checks_the_key(tmp_path, sessions, environment):
     url = str(sessions.kw["bind"].url)
-    learner = LiveLearner(CONFIG, sessions, archive_dir=tmp_path, consumer="learners", cluster_id="c1",
+    learner = LiveLearner(CONFIG, sessions, objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c1",
                           snapshots_kept=3)  # fmt: skip
     for record in records(environment, n=300):
         learner.handle(*record)

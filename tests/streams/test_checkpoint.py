@@ -25,6 +25,7 @@ from streams.emitter import Emitter
 from streams.learner_agents import STATE_FORMAT as LEARNER_FORMAT
 from streams.learner_agents import STATE_ROW, LiveLearner, UnconfirmedOutputs, _Deliveries
 from streams.live import STATE_FORMAT, LivePipeline
+from streams.objects import ObjectStore
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
 from streams.pseudonyms import FileKeyStore, Pseudonymizer
@@ -51,7 +52,7 @@ def traffic() -> list[tuple[str, int, int, bytes]]:
     return [(EVENTS.name, 0, offset, json.dumps(e).encode()) for offset, e in enumerate(events)]
 
 
-def archive(sessions, archive_dir, cluster: str, stream, per_segment: int = 25) -> None:
+def archive(sessions, objects, cluster: str, stream, per_segment: int = 25) -> None:
     """Seal ``stream`` as the archiver would: per topic partition, in segments; the broker
     timestamp of each record is its place in the stream (the order the worker saw), counted
     in milliseconds from a receive time after every event's (the worker, fed without one,
@@ -66,7 +67,7 @@ def archive(sessions, archive_dir, cluster: str, stream, per_segment: int = 25) 
                 chunk = run_[i : i + per_segment]
                 relative = segment_path(cluster, topic, partition, chunk[0][0])
                 lines = [encode_record(topic, partition, offset, at, None, value) for offset, at, value in chunk]
-                digest, size = write_segment(archive_dir, relative, lines)
+                digest, size = write_segment(objects, relative, lines)
                 session.add(ArchiveSegment(cluster_id=cluster, topic=topic, partition=partition,
                                            first_offset=chunk[0][0], last_offset=chunk[-1][0], event_count=len(chunk),
                                            path=str(relative), sha256=digest, size_bytes=size,
@@ -118,12 +119,21 @@ class Producer:
 
 
 @pytest.fixture
+def objects(request, tmp_path) -> ObjectStore:
+    """The store the archive is in: the test's directory, or (``indirect`` "s3") the S3 server."""
+    if getattr(request, "param", "file") == "file":
+        return ObjectStore(tmp_path.as_uri())
+    storage = request.getfixturevalue("s3_storage")
+    return ObjectStore(storage.url, storage)
+
+
+@pytest.fixture
 def pseudonyms(tmp_path):
     return Pseudonymizer(FileKeyStore(tmp_path / "keys"))
 
 
-def live_pipeline(sessions, tmp_path, pseudonyms, cluster: str = "c1") -> LivePipeline:
-    return LivePipeline(PipelineSet(PIPELINE, Scrubber(), pseudonyms), sessions, archive_dir=tmp_path / "archive",
+def live_pipeline(sessions, objects: ObjectStore, pseudonyms, cluster: str = "c1") -> LivePipeline:
+    return LivePipeline(PipelineSet(PIPELINE, Scrubber(), pseudonyms), sessions, objects=objects,
                         consumer="pipeline", cluster_id=cluster)  # fmt: skip
 
 
@@ -137,9 +147,9 @@ def feed(live: LivePipeline, stream) -> list:
     return out
 
 
-def test_a_pipeline_checkpoint_round_trips_with_its_format_and_position(sessions, tmp_path, pseudonyms):
+def test_a_pipeline_checkpoint_round_trips_with_its_format_and_position(sessions, objects, pseudonyms):
     stream = traffic()
-    live = live_pipeline(sessions, tmp_path, pseudonyms)
+    live = live_pipeline(sessions, objects, pseudonyms)
     feed(live, stream[:40])
     held = live.pipelines.partitions[0]
     assert held.join.open and held.curator.reservoir  # long-lived models of both kinds
@@ -148,7 +158,7 @@ def test_a_pipeline_checkpoint_round_trips_with_its_format_and_position(sessions
     written = row(sessions, "pipeline", 0)
     assert (written.format_version, written.offset, written.positions) == (STATE_FORMAT, 39, [[EVENTS.name, 0, 39]])
 
-    again = live_pipeline(sessions, tmp_path, pseudonyms)
+    again = live_pipeline(sessions, objects, pseudonyms)
     restored = again.restore({0, 1})
     assert set(restored) == {0}, "a partition without a checkpoint starts empty"
     again.pipelines.partitions.update(restored)
@@ -156,27 +166,28 @@ def test_a_pipeline_checkpoint_round_trips_with_its_format_and_position(sessions
     assert feed(again, stream[40:]) == feed(live, stream[40:])
     assert again.pipelines.counts() == live.pipelines.counts()
 
-    other_broker = live_pipeline(sessions, tmp_path, pseudonyms, cluster="c2").restore({0})[0]
+    other_broker = live_pipeline(sessions, objects, pseudonyms, cluster="c2").restore({0})[0]
     assert other_broker.offset == -1 and other_broker.stats.counts["records"] == 40
 
 
+@pytest.mark.parametrize("objects", ["file", "s3"], indirect=True)
 @pytest.mark.parametrize("how", ["format", "moved", "corrupt"])
-def test_an_unreadable_pipeline_checkpoint_is_rebuilt_from_the_archive(sessions, tmp_path, pseudonyms, caplog, how):
+def test_an_unreadable_pipeline_checkpoint_is_rebuilt_from_the_archive(sessions, objects, pseudonyms, caplog, how):
     stream = traffic()
-    live = live_pipeline(sessions, tmp_path, pseudonyms)
+    live = live_pipeline(sessions, objects, pseudonyms)
     feed(live, stream[:40])
     live.commit(live.snapshot({0}))
     held = live.pipelines.partitions[0]
     assert held.join.open and held.curator.buffer and held.curator.reservoir, "the comparison has power"
     # The archiver is ahead of the checkpoint; other partitions and topics are not this state's.
-    archive(sessions, tmp_path / "archive", "c1", stream)
-    archive(sessions, tmp_path / "archive", "c1", [(EVENTS.name, 1, o, v) for _, _, o, v in stream[:10]]
+    archive(sessions, objects, "c1", stream)
+    archive(sessions, objects, "c1", [(EVENTS.name, 1, o, v) for _, _, o, v in stream[:10]]
             + [(EXAMPLES.name, 0, o, v) for _, _, o, v in stream[:10]])
     spoil(sessions, "pipeline", 0, how)
     with pytest.raises(Unreadable):
         decode(row(sessions, "pipeline", 0), STATE_FORMAT)
 
-    rebuilt = live_pipeline(sessions, tmp_path, pseudonyms)
+    rebuilt = live_pipeline(sessions, objects, pseudonyms)
     rebuilt.pipelines.partitions.update(rebuilt.restore({0}))
     assert "checkpoint.unreadable" in logged(caplog) and "checkpoint.rebuild_short" not in logged(caplog)
     assert rebuilt.pipelines.partitions[0].offset == 39
@@ -188,45 +199,45 @@ def test_an_unreadable_pipeline_checkpoint_is_rebuilt_from_the_archive(sessions,
     assert rebuilt.pipelines.counts() == live.pipelines.counts()
 
 
-def test_a_rebuild_the_archive_falls_short_of_warns_and_keeps_the_checkpoint_position(sessions, tmp_path, pseudonyms,
+def test_a_rebuild_the_archive_falls_short_of_warns_and_keeps_the_checkpoint_position(sessions, objects, pseudonyms,
                                                                                       caplog):  # fmt: skip
     stream = traffic()
-    live = live_pipeline(sessions, tmp_path, pseudonyms)
+    live = live_pipeline(sessions, objects, pseudonyms)
     feed(live, stream[:40])
     live.commit(live.snapshot({0}))
-    archive(sessions, tmp_path / "archive", "c1", stream[:30])  # the archiver lags
+    archive(sessions, objects, "c1", stream[:30])  # the archiver lags
     spoil(sessions, "pipeline", 0, "format")
-    rebuilt = live_pipeline(sessions, tmp_path, pseudonyms).restore({0})[0]
+    rebuilt = live_pipeline(sessions, objects, pseudonyms).restore({0})[0]
     assert "checkpoint.rebuild_short" in logged(caplog)
     assert rebuilt.stats.counts["records"] == 30
     assert rebuilt.offset == 39, "records the checkpoint covered are not handled twice"
 
 
-def test_a_row_of_an_earlier_broker_life_is_rebuilt_from_that_life_only(sessions, tmp_path, pseudonyms):
+def test_a_row_of_an_earlier_broker_life_is_rebuilt_from_that_life_only(sessions, objects, pseudonyms):
     stream = traffic()
-    live = live_pipeline(sessions, tmp_path, pseudonyms)
+    live = live_pipeline(sessions, objects, pseudonyms)
     feed(live, stream[:40])
     live.commit(live.snapshot({0}))
-    archive(sessions, tmp_path / "archive", "c1", stream[:45])
+    archive(sessions, objects, "c1", stream[:45])
     later = [(EVENTS.name, 0, offset, value) for offset, (_, _, _, value) in enumerate(stream[45:])]
-    archive(sessions, tmp_path / "archive", "c2", later)
+    archive(sessions, objects, "c2", later)
     spoil(sessions, "pipeline", 0, "format")
-    rebuilt = live_pipeline(sessions, tmp_path, pseudonyms, cluster="c2").restore({0})[0]
+    rebuilt = live_pipeline(sessions, objects, pseudonyms, cluster="c2").restore({0})[0]
     assert rebuilt.offset == -1, "a new broker life redelivers from offset 0"
     assert rebuilt.stats.counts == live.pipelines.partitions[0].stats.counts
 
 
-def test_what_the_archive_holds_after_the_checkpoints_is_counted_with_its_earliest_time(sessions, tmp_path,
+def test_what_the_archive_holds_after_the_checkpoints_is_counted_with_its_earliest_time(sessions, objects,
                                                                                        pseudonyms):
     stream = traffic()
-    live = live_pipeline(sessions, tmp_path, pseudonyms)
+    live = live_pipeline(sessions, objects, pseudonyms)
     assert live.checkpoints.unprocessed((EVENTS.name,)) == ({}, None)
     feed(live, stream[:40])
     live.commit(live.snapshot({0}))  # covers offsets 0-39
     feed(live, stream[40:50])  # handled, not yet checkpointed: a new broker life would lose these
-    archive(sessions, tmp_path / "archive", "c1", stream[:52])
-    archive(sessions, tmp_path / "archive", "c0", stream)  # another life: not this one's business
-    archive(sessions, tmp_path / "archive", "c1", [("other.topic", 0, 0, b"{}")])  # not read by this consumer
+    archive(sessions, objects, "c1", stream[:52])
+    archive(sessions, objects, "c0", stream)  # another life: not this one's business
+    archive(sessions, objects, "c1", [("other.topic", 0, 0, b"{}")])  # not read by this consumer
     counts, earliest_ms = live.checkpoints.unprocessed((EVENTS.name,))
     assert counts == {f"{EVENTS.name}:0": 12}
     with sessions() as session:
@@ -235,10 +246,10 @@ def test_what_the_archive_holds_after_the_checkpoints_is_counted_with_its_earlie
     assert earliest_ms == first_of_second + 15  # offset 40: the 16th of the segment from 25
 
 
-async def test_a_failed_pipeline_checkpoint_keeps_its_records_and_the_next_one_covers_them(sessions, tmp_path,
+async def test_a_failed_pipeline_checkpoint_keeps_its_records_and_the_next_one_covers_them(sessions, tmp_path, objects,
                                                                                            pseudonyms, caplog):
     stream = traffic()
-    live = live_pipeline(sessions, tmp_path, pseudonyms)
+    live = live_pipeline(sessions, objects, pseudonyms)
     producer = Producer()
     publish = partial(publish_batch, data_dir=tmp_path, batches_dir=tmp_path / "batches", sessions=sessions)
     checkpointing = _Checkpointing(live, Emitter(producer), publish)
@@ -260,14 +271,15 @@ async def test_a_failed_pipeline_checkpoint_keeps_its_records_and_the_next_one_c
     assert agent.acked == events
     assert set(first_try) <= set(producer.sent[len(first_try) :]), "the failed checkpoint's outputs go out again"
     assert row(sessions, "pipeline", 0).offset == len(stream) - 1
-    again = live_pipeline(sessions, tmp_path, pseudonyms).restore({0})[0]
+    again = live_pipeline(sessions, objects, pseudonyms).restore({0})[0]
     assert again.stats.counts == live.pipelines.partitions[0].stats.counts
 
 
 
-async def test_a_slow_snapshot_pauses_the_next_checkpoint_in_proportion(sessions, tmp_path, pseudonyms, monkeypatch):
+async def test_a_slow_snapshot_pauses_the_next_checkpoint_in_proportion(sessions, tmp_path, objects, pseudonyms,
+                                                                         monkeypatch):
     stream = traffic()
-    live = live_pipeline(sessions, tmp_path, pseudonyms)
+    live = live_pipeline(sessions, objects, pseudonyms)
     publish = partial(publish_batch, data_dir=tmp_path, batches_dir=tmp_path / "batches", sessions=sessions)
     checkpointing = _Checkpointing(live, Emitter(Producer()), publish, max_loop_share=0.1)
     events = [SimpleNamespace(message=SimpleNamespace(partition=p, offset=o, value=v, headers=[], timestamp=None))
@@ -295,8 +307,8 @@ async def test_a_slow_snapshot_pauses_the_next_checkpoint_in_proportion(sessions
     assert row(sessions, "pipeline", 0).offset == len(stream) - 1
 
 
-def learner(sessions, tmp_path, cluster: str = "c2") -> LiveLearner:
-    return LiveLearner(LEARNERS, sessions, archive_dir=tmp_path / "archive", consumer="learners", cluster_id=cluster,
+def learner(sessions, objects: ObjectStore, cluster: str = "c2") -> LiveLearner:
+    return LiveLearner(LEARNERS, sessions, objects=objects, consumer="learners", cluster_id=cluster,
                        snapshots_kept=3)  # fmt: skip
 
 
@@ -310,23 +322,24 @@ def lives() -> tuple[list, list]:
     return stream[:300], second
 
 
+@pytest.mark.parametrize("objects", ["file", "s3"], indirect=True)
 @pytest.mark.parametrize("how", ["format", "corrupt"])
 async def test_an_unreadable_learner_checkpoint_is_rebuilt_from_the_archive_across_broker_lives(
-        sessions, tmp_path, caplog, how):  # fmt: skip
+        sessions, objects, caplog, how):  # fmt: skip
     first_life, second_life = lives()
-    live = learner(sessions, tmp_path, cluster="c1")
+    live = learner(sessions, objects, cluster="c1")
     for record in first_life:
         live.handle(*record)
     await live.save()
-    live = learner(sessions, tmp_path, cluster="c2")  # the broker restarted: offsets from zero
+    live = learner(sessions, objects, cluster="c2")  # the broker restarted: offsets from zero
     for record in second_life[:150]:
         live.handle(*record)
     await live.save()
-    archive(sessions, tmp_path / "archive", "c1", first_life)
-    archive(sessions, tmp_path / "archive", "c2", second_life)
+    archive(sessions, objects, "c1", first_life)
+    archive(sessions, objects, "c2", second_life)
     spoil(sessions, "learners", STATE_ROW, how)
 
-    rebuilt = learner(sessions, tmp_path, cluster="c2")
+    rebuilt = learner(sessions, objects, cluster="c2")
     assert "checkpoint.unreadable" in logged(caplog) and "checkpoint.rebuild_short" not in logged(caplog)
     assert rebuilt.state.snapshot() == live.state.snapshot()
     assert rebuilt.state.positions == live.state.positions
@@ -338,9 +351,9 @@ async def test_an_unreadable_learner_checkpoint_is_rebuilt_from_the_archive_acro
     assert rebuilt.state.snapshot() == live.state.snapshot()
 
 
-async def test_the_learner_checkpoint_carries_its_format_and_positions(sessions, tmp_path):
+async def test_the_learner_checkpoint_carries_its_format_and_positions(sessions, objects):
     first_life, _ = lives()
-    live = learner(sessions, tmp_path)
+    live = learner(sessions, objects)
     for record in first_life:
         live.handle(*record)
     await live.save()
@@ -351,9 +364,9 @@ async def test_the_learner_checkpoint_carries_its_format_and_positions(sessions,
     assert written.positions == sorted([t, p, o] for (t, p), o in ends.items())
 
 
-async def test_a_failed_learner_checkpoint_keeps_its_records_and_the_next_one_covers_them(sessions, tmp_path, caplog):
+async def test_a_failed_learner_checkpoint_keeps_its_records_and_the_next_one_covers_them(sessions, objects, caplog):
     stream, _ = lives()
-    live, agent = learner(sessions, tmp_path), Stream()
+    live, agent = learner(sessions, objects), Stream()
     unacked: Unacked[None] = Unacked(live.consumer)
     for record in stream[:150]:
         live.handle(*record)
@@ -369,7 +382,7 @@ async def test_a_failed_learner_checkpoint_keeps_its_records_and_the_next_one_co
         session.execute(text("ALTER TABLE away RENAME TO stream_checkpoints"))
     await unacked.flush(lambda _: live.save())
     assert agent.acked == stream
-    assert learner(sessions, tmp_path).state.snapshot() == live.state.snapshot()
+    assert learner(sessions, objects).state.snapshot() == live.state.snapshot()
     with sessions() as session:
         assert session.scalar(select(StreamCheckpoint.offset)) == live.state.version
 
