@@ -51,7 +51,8 @@ class TimeRange:
         )
 
 
-def archive_records(sessions: sessionmaker, objects: ObjectStore, window: TimeRange) -> tuple[Iterator[ArchivedRecord], int]:
+def archive_records(sessions: sessionmaker, objects: ObjectStore, window: TimeRange
+                    ) -> tuple[Iterator[ArchivedRecord], int]:
     """Events-topic records of the archive, partition by partition in sealed order, and their count."""
     with sessions() as session:
         chosen = [

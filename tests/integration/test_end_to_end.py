@@ -63,10 +63,11 @@ def test_an_adapter_trained_from_feedback_is_promoted_and_serves_traffic(tmp_pat
 
     (state,) = (data / "demo").iterdir()  # the run's own state directory, the only one
     engine = make_engine(f"sqlite:///{state / 'feedloop.db'}")
+    archive = ObjectStore(state.as_uri())
     with make_sessionmaker(engine)() as session:
         trained = set(session.scalars(select(Adapter.name)))
         promoted = set(session.scalars(select(Adapter.name).where(Adapter.state.in_(("champion", "retired")))))
-        served_by = {json.loads(r.value).get("adapter") for r in iter_archive(session, ObjectStore(state.as_uri()), EVENTS.name)
+        served_by = {json.loads(r.value).get("adapter") for r in iter_archive(session, archive, EVENTS.name)
                      if r.value and b'"interaction"' in r.value}  # fmt: skip
     engine.dispose()
     assert promoted and promoted <= trained & served_by, f"promoted {promoted}, trained {trained}, served {served_by}"

@@ -117,7 +117,8 @@ async def test_a_reviewer_corrects_an_example_and_it_leaves_the_queue_for_everyo
             await second.get_by_role("button", name="Reload queue").click()
             await second.wait_for_function("() => window.feedloopReview.drawn > 1", timeout=30_000)
             assert mine not in await shown(second) and other in await shown(second)
-            rebuilt = [r.example.example_id for r in ReviewDesk(stack.sessions, stack.settings.objects).waiting("app-a")]
+            desk = ReviewDesk(stack.sessions, stack.settings.objects)
+            rebuilt = [r.example.example_id for r in desk.waiting("app-a")]
             assert mine not in rebuilt and other in rebuilt
             # A reviewer who labels it from a stale page is told it left the queue.
             async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as http:

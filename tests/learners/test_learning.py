@@ -441,7 +441,8 @@ def test_review_picks_stay_within_the_hourly_budget_and_skip_users_who_opted_out
 
 
 async def test_the_learner_checkpoints_publishes_snapshots_and_restores(tmp_path, sessions, environment):
-    learner = LiveLearner(CONFIG, sessions, objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c1",
+    archive = ObjectStore(tmp_path.as_uri())
+    learner = LiveLearner(CONFIG, sessions, objects=archive, consumer="learners", cluster_id="c1",
                           snapshots_kept=3)  # fmt: skip
     await learner.save()  # a (re)started learner publishes what it holds
     stream = records(environment)
@@ -457,15 +458,16 @@ async def test_the_learner_checkpoints_publishes_snapshots_and_restores(tmp_path
     assert rows[-1].version == learner.state.version and rows[-1].state == learner.state.snapshot().data
     assert rows[-1].arms == ["general", "coder", "mathy"]
 
-    again = LiveLearner(CONFIG, sessions, objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c1", snapshots_kept=3)
+    again = LiveLearner(CONFIG, sessions, objects=archive, consumer="learners", cluster_id="c1", snapshots_kept=3)
     assert again.state.snapshot() == learner.state.snapshot()
     assert again.handle(*stream[-1]) is None, "a redelivered record is skipped"
-    other_broker = LiveLearner(CONFIG, sessions, objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c2",
+    other_broker = LiveLearner(CONFIG, sessions, objects=archive, consumer="learners", cluster_id="c2",
                                snapshots_kept=3)  # fmt: skip
     assert other_broker.state.positions == {} and other_broker.state.version == learner.state.version
 
 
 async def test_the_gateway_router_starts_cold_and_picks_up_newer_snapshots(tmp_path, sessions, environment):
+    archive = ObjectStore(tmp_path.as_uri())
     routing = RoutingService(LearnerSettings(initial_arms=["general"], route_seed=1), sessions)
     context = Context(domain="code", cohort="a")
     cold = routing.decide(context, "app-a")
@@ -473,7 +475,7 @@ async def test_the_gateway_router_starts_cold_and_picks_up_newer_snapshots(tmp_p
     assert routing.refresh() is False  # no snapshot yet
 
     learner = LiveLearner(CONFIG.model_copy(update={"ab_min_samples": 10_000, "ab_max_samples": None}), sessions,
-                          objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c1", snapshots_kept=3)  # fmt: skip
+                          objects=archive, consumer="learners", cluster_id="c1", snapshots_kept=3)  # fmt: skip
     for record in records(environment, n=2000):
         learner.handle(*record)
     await learner.save()
@@ -508,8 +510,9 @@ class _NoBroker:
 
 
 async def test_route_endpoint_answers_from_memory_and_checks_the_key(tmp_path, sessions, environment):
+    archive = ObjectStore(tmp_path.as_uri())
     url = str(sessions.kw["bind"].url)
-    learner = LiveLearner(CONFIG, sessions, objects=ObjectStore(tmp_path.as_uri()), consumer="learners", cluster_id="c1",
+    learner = LiveLearner(CONFIG, sessions, objects=archive, consumer="learners", cluster_id="c1",
                           snapshots_kept=3)  # fmt: skip
     for record in records(environment, n=300):
         learner.handle(*record)
