@@ -226,6 +226,8 @@ class Settings(BaseSettings):
 
     @property
     def archive_dir(self) -> Path:
+        """Where the archive's folder of the default ``file://`` store lies (the volume the
+        archiver mounts); the archive is read and written through ``objects``."""
         return self.data_dir / "archive"
 
     @property

@@ -214,21 +214,16 @@ def write_segment(objects: ObjectStore, relative: Path, lines: list[str], *,
     return hashlib.sha256(payload).hexdigest(), len(payload)
 
 
-def _segment_bytes(objects: ObjectStore, segment: ArchiveSegment) -> bytes:
+def read_segment(objects: ObjectStore, segment: ArchiveSegment) -> Iterator[ArchivedRecord]:
+    """The records of a recorded segment, once its bytes match the row's checksum: the whole
+    object is fetched and checked before the first record, so a reader that fails on
+    :class:`SegmentUnreadable` has folded nothing of it."""
     payload = objects.find(segment_key(segment.path))
     if payload is None:
         raise SegmentUnreadable(segment.path, "missing")
     digest = hashlib.sha256(payload).hexdigest()
     if digest != segment.sha256:
         raise SegmentUnreadable(segment.path, f"checksum {digest} != recorded {segment.sha256}")
-    return payload
-
-
-def read_segment(objects: ObjectStore, segment: ArchiveSegment) -> Iterator[ArchivedRecord]:
-    """The records of a recorded segment, once its bytes match the row's checksum: the whole
-    object is fetched and checked before the first record, so a reader that fails on
-    :class:`SegmentUnreadable` has folded nothing of it."""
-    payload = _segment_bytes(objects, segment)
     with gzip.open(io.BytesIO(payload), "rt", encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
@@ -389,8 +384,8 @@ class Archiver:
         buffer = self.buffers.get(tp)
         if buffer is None or not buffer.lines:
             return
-        relative = segment_path(self.cluster_id, tp.topic, tp.partition, buffer.first_offset)
         first = buffer.first_offset
+        relative = segment_path(self.cluster_id, tp.topic, tp.partition, first)
         digest, size = await asyncio.to_thread(
             write_segment, self.objects, relative, buffer.lines, recorded=lambda: self._recorded(tp, first)
         )
