@@ -45,6 +45,7 @@ from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.replay import ReplaySummary, TimeRange, file_records
 from streams.store import make_engine, make_sessionmaker
 from streams.topics import CONTROL, DEAD_LETTER, EXAMPLES, IMPORTS, control_key, dead_letter_key
+from streams.training_data import BATCHES
 
 CHUNK = 1000
 
@@ -108,8 +109,7 @@ async def _run(settings: Settings, records, run: str, progress: ImportProgress, 
             out += [(EXAMPLES.name, e.session_id.encode(), e.model_dump_json().encode(), headers)
                     for e in outputs.examples]
             for cut in outputs.batches:  # files and store row first: the trainer reads them on the event
-                emitted = publish_batch(cut, data_dir=settings.data_dir, batches_dir=settings.batches_dir,
-                                        sessions=sessions)
+                emitted = publish_batch(cut, objects=settings.objects, sessions=sessions)
                 summary.batches.append(emitted)
                 out.append((CONTROL.name, control_key(emitted), emitted.model_dump_json().encode(), headers))
             for item in out:
@@ -166,6 +166,6 @@ def run_import(settings: Settings, *, source: str, run: str | None) -> int:
     console.print(f"examples: {summary.examples} ({summary.closed_at_end} closed at the end of the input) "
                   f"on {EXAMPLES.name}; dead letters: {dict(sorted(summary.dead_letters.items()))}")  # fmt: skip
     console.print(f"PII replaced: {dict(sorted(summary.pii_scrubbed.items()))}")
-    console.print(f"raw events on {IMPORTS.name} (header run={run}); batches under {settings.batches_dir}, "
+    console.print(f"raw events on {IMPORTS.name} (header run={run}); batches under {BATCHES}/ of {settings.objects.url}, "
                   f"announced on {CONTROL.name}; progress in {progress.path}")  # fmt: skip
     return 0

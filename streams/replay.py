@@ -28,6 +28,7 @@ from streams.archive import ArchivedRecord, decode_record, read_segment, segment
 from streams.batches import publish_batch
 from streams.contract import BatchEmitted, with_default_session
 from streams.importer import for_run
+from streams.objects import ObjectStore
 from streams.pipeline import Outputs, PipelineSet, receive_time
 from streams.topics import EVENTS
 
@@ -139,8 +140,7 @@ def replay_offline(
     records: Iterator[ArchivedRecord],
     pipelines: PipelineSet,
     *,
-    data_dir: Path,
-    batches_dir: Path,
+    objects: ObjectStore,
     sessions: sessionmaker,
     on_record=None,
     close_at_end: bool = True,
@@ -160,7 +160,7 @@ def replay_offline(
             outputs = for_run(import_run, outputs)
         summary.count(outputs)
         for cut in outputs.batches:
-            summary.batches.append(publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions))
+            summary.batches.append(publish_batch(cut, objects=objects, sessions=sessions))
 
     for record in records:
         received = receive_time(record.headers, record.timestamp_ms / 1000)

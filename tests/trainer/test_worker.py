@@ -13,6 +13,7 @@ from streams import kafka
 from streams.store import Adapter, Batch
 from streams.contract import BatchEmitted, DeadLetter, utcnow
 from streams.topics import CONTROL, DEAD_LETTER, control_key
+from streams.training_data import BatchFolder
 from tests.conftest import make_settings
 from tests.trainer import batches
 from tests.trainer.test_recipe import FAST, rows
@@ -44,9 +45,9 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
                              adapter_dir=tmp_path / "adapters")
     await ensure_topics(settings)
     batch_id = f"batch-{uuid.uuid4().hex[:8]}"
-    batch_dir = batches.write(settings.data_dir / "batches", batch_id, batches.sft_records(seed=3, count=24))
+    batch_dir = batches.write(settings.data_dir, batch_id, batches.sft_records(seed=3, count=24))
     emitted = BatchEmitted(event_id=f"{batch_id}.emitted", occurred_at=utcnow(), source="test", batch_id=batch_id,
-                           path=str(batch_dir.relative_to(settings.data_dir)), manifest_sha256="x" * 64,
+                           path=batch_dir.folder, manifest_sha256="x" * 64,
                            example_count=24, trigger="manual")
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
     await producer.start()
@@ -54,7 +55,7 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
         await producer.send_and_wait(CONTROL.name, emitted.model_dump_json().encode(), key=batch_id.encode())
     await producer.stop()
 
-    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=settings.objects,
                            base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
                            group=f"trainer-{uuid.uuid4().hex[:8]}")
     running = asyncio.create_task(worker.run())
@@ -110,16 +111,16 @@ QUICK = FAST.model_copy(update={"rehearsal_per_batch": 0, "gate": GateConfig()})
 
 
 def new_worker(settings, sessions, group: str) -> TrainerWorker:
-    return TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
+    return TrainerWorker(settings.trainer, settings.kafka, sessions, objects=settings.objects,
                          base_model_dir=settings.model_path, adapters_dir=settings.adapters_path, group=group)
 
 
 async def emit_batch(settings, records: list) -> BatchEmitted:
     """A batch written in the real format and its batch_emitted on the control topic."""
     batch_id = f"batch-{uuid.uuid4().hex[:8]}"
-    batch_dir = batches.write(settings.data_dir / "batches", batch_id, records)
+    batch_dir = batches.write(settings.data_dir, batch_id, records)
     emitted = BatchEmitted(event_id=f"{batch_id}.emitted", occurred_at=utcnow(), source="test", batch_id=batch_id,
-                           path=str(batch_dir.relative_to(settings.data_dir)), manifest_sha256="x" * 64,
+                           path=batch_dir.folder, manifest_sha256="x" * 64,
                            example_count=len(records), trigger="manual")
     await announce(settings, emitted)
     return emitted
@@ -213,7 +214,7 @@ async def test_a_trained_adapter_whose_announcement_was_lost_is_announced_on_res
 
     # The worker trained the batch (its handler's call, made here), then died before its
     # adapter_ready reached the broker: never published, the batch_emitted's offset never committed.
-    lost = (await asyncio.to_thread(train_batch, settings.data_dir / emitted.path, settings.trainer, sessions,
+    lost = (await asyncio.to_thread(train_batch, BatchFolder(settings.objects, emitted.path), settings.trainer, sessions,
                                     base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
                                     parent=parent_for_next(sessions))).event  # fmt: skip
     (adapter,) = rows(sessions, Adapter)
@@ -263,16 +264,15 @@ def _never_trained(*args, **kwargs):
 
 
 @pytest.mark.parametrize("path", ["../elsewhere/batch-p0-000001", "/etc", "batches/../../elsewhere", "models/base",
-                                  "batches", "batches/../keys"])
+                                  "batches", "batches/../keys", "keys/u_a", "batches/b/sft.jsonl", "batches/"])
 async def test_a_batch_path_outside_the_batches_directory_is_dead_lettered_untrained(sessions, tmp_path, monkeypatch,
                                                                                      path):  # fmt: skip
     # Anyone who can write to the control topic could otherwise point the trainer anywhere.
     settings = make_settings(tmp_path, 1)
     monkeypatch.setattr("trainer.worker.train_batch", _never_trained)
     emitted = emitted_at(path)
-    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
-                           base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
-                           batches_dir=settings.batches_dir)  # fmt: skip
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=settings.objects,
+                           base_model_dir=settings.model_path, adapters_dir=settings.adapters_path)
     (refused,) = await worker.handle(emitted)
     assert isinstance(refused, DeadLetter) and refused.reason == "batch_path_refused" and refused.stage == "trainer"
     assert refused.event_id == "b.emitted" and path in refused.detail
@@ -301,8 +301,8 @@ async def test_the_trainer_publishes_its_dead_letters_on_the_dead_letter_topic(s
 
 async def test_a_missing_or_corrupt_batch_is_not_trainable_and_the_worker_goes_on(sessions, tmp_path, caplog):
     settings = make_settings(tmp_path, 1)
-    kept = batches.write(settings.data_dir / "batches", "batch-p0-000001", batches.sft_records(seed=3, count=4))
-    (kept / "sft.jsonl").write_text("tampered\n")
+    kept = batches.write(settings.data_dir, "batch-p0-000001", batches.sft_records(seed=3, count=4))
+    kept.store.put(kept.key("sft.jsonl"), b"tampered\n")
     for i, path in enumerate(("batches/batch-p0-000001", "batches/never-written")):
         emitted = emitted_at(path, event_id=f"b{i}.emitted")
         assert await new_worker(settings, sessions, "g").handle(emitted) == []
@@ -322,8 +322,8 @@ def test_a_batch_id_that_is_not_a_plain_name_never_names_a_staging_directory(ses
 
 def curated(settings, sessions, batch_id: str, records: list) -> BatchEmitted:
     """A batch as the curator leaves it: files, its ``emitted`` row, and its batch_emitted."""
-    batch_dir = batches.write(settings.data_dir / "batches", batch_id, records)
-    path = str(batch_dir.relative_to(settings.data_dir))
+    batch_dir = batches.write(settings.data_dir, batch_id, records)
+    path = batch_dir.folder
     with sessions.begin() as session:
         session.add(Batch(batch_id=batch_id, path=path, manifest_sha256="x" * 64, example_count=len(records),
                           trigger="size", status="emitted", manifest={"loss_weights": {"explicit": 1.0}}))
