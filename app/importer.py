@@ -166,6 +166,7 @@ def run_import(settings: Settings, *, source: str, run: str | None) -> int:
     console.print(f"examples: {summary.examples} ({summary.closed_at_end} closed at the end of the input) "
                   f"on {EXAMPLES.name}; dead letters: {dict(sorted(summary.dead_letters.items()))}")  # fmt: skip
     console.print(f"PII replaced: {dict(sorted(summary.pii_scrubbed.items()))}")
-    console.print(f"raw events on {IMPORTS.name} (header run={run}); batches under {BATCHES}/ of {settings.objects.url}, "
+    console.print(f"raw events on {IMPORTS.name} (header run={run}); batches under {BATCHES}/ of "
+                  f"{settings.objects.url}, "
                   f"announced on {CONTROL.name}; progress in {progress.path}")  # fmt: skip
     return 0

@@ -66,6 +66,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from streams.contract import Message
 from streams.objects import ObjectMissing, ObjectStore
 
+log = structlog.get_logger(__name__)
+
 SIGNAL_FILES = {"sft": "sft.jsonl", "pairs": "pairs.jsonl", "labels": "labels.jsonl"}
 HELDOUT = "heldout_"  # a held-out signal is its trained signal's name after this prefix
 HELDOUT_FILES = {HELDOUT + signal: HELDOUT + filename for signal, filename in SIGNAL_FILES.items()}
@@ -143,9 +145,6 @@ class BatchManifest(BaseModel):
 
 RECORD_TYPES: dict[str, type[_Record]] = {"sft": SftRecord, "pairs": PreferenceRecord, "labels": LabelRecord}
 SIGNAL_OF = {cls: signal for signal, cls in RECORD_TYPES.items()}
-
-
-log = structlog.get_logger(__name__)
 
 
 class BatchConflict(RuntimeError):
@@ -277,7 +276,7 @@ def _read(batch: BatchFolder) -> tuple[bytes, BatchManifest, dict[str, list]]:
         except ObjectMissing as missing:
             if batch.store.find(batch.key(MANIFEST)) == raw:
                 raise BatchUnreadable(f"{batch}: part {missing.args[0]} of its manifest is gone; restore it") from None
-            log.info("batch.read_again", batch=str(batch), reason="recut while read")  # the new manifest names the parts
+            log.info("batch.read_again", batch=str(batch), reason="recut while read: the new manifest names the parts")
     raise BatchUnreadable(f"{batch} changed {READ_ATTEMPTS} times while read; read it again when erasures are done")
 
 

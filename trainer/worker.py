@@ -91,7 +91,8 @@ class TrainerWorker:
     (``trainer.gate.load_suites(config.gate.suites)``)."""
 
     def __init__(self, config: TrainerConfig, kafka: KafkaSettings, sessions: sessionmaker, *, objects: ObjectStore,
-                 base_model_dir: Path, adapters_dir: Path, suites: Sequence[EvalSuite] = (), group: str = GROUP) -> None:  # fmt: skip
+                 base_model_dir: Path, adapters_dir: Path, suites: Sequence[EvalSuite] = (),
+                 group: str = GROUP) -> None:  # fmt: skip
         self.config = config
         self.sessions = sessions
         self.suites = tuple(suites)

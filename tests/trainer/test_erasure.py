@@ -134,7 +134,7 @@ def test_an_untrained_batch_loses_the_users_records_and_keeps_everyone_elses_byt
         others = [line for line in old if json.loads(line)["example_id"] not in gone_ids]
         assert after.get(name, []) == others, name
     assert sum(map(len, after.values())) == 3
-    assert lines(BatchFolder.of(objects(data_dir), "batch-1")) == trained_before, "a trained batch is history: left as it is"
+    assert lines(BatchFolder.of(objects(data_dir), "batch-1")) == trained_before, "a trained batch is history"
     with sessions() as session:
         row = session.get(Batch, "batch-4")
         assert row.manifest_sha256 == hashlib.sha256(waiting.store.get(waiting.key(MANIFEST))).hexdigest()
@@ -237,4 +237,4 @@ def test_an_unreadable_batch_is_left_for_later_and_a_batch_recorded_after_the_er
     erase_user(key_dir, sessions, APP, "gone")
     assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == ["batch-4"]
     batch(sessions, data_dir, "batch-6", {gone: [sft("g8", "gone")]})  # cut before the erasure, recorded after
-    assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == ["batch-6"], "every call checks every batch"
+    assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == ["batch-6"], "every call checks all"

@@ -214,8 +214,8 @@ async def test_a_trained_adapter_whose_announcement_was_lost_is_announced_on_res
 
     # The worker trained the batch (its handler's call, made here), then died before its
     # adapter_ready reached the broker: never published, the batch_emitted's offset never committed.
-    lost = (await asyncio.to_thread(train_batch, BatchFolder(settings.objects, emitted.path), settings.trainer, sessions,
-                                    base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+    lost = (await asyncio.to_thread(train_batch, BatchFolder(settings.objects, emitted.path), settings.trainer,
+                                    sessions, base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
                                     parent=parent_for_next(sessions))).event  # fmt: skip
     (adapter,) = rows(sessions, Adapter)
     assert lost.adapter == adapter.name and batch_status(sessions, emitted.batch_id) == "trained"
