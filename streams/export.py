@@ -1,7 +1,7 @@
 """Exporting curated batches as a Hugging Face dataset: one Parquet file per signal and a card.
 
-The batch files are the curated training data, but they are not safe to hand out as they lie
-on disk: a batch is cut once, and a user erased later still has records in it
+The batches (folders of the object store, read through ``streams.training_data``) are the
+curated training data, but they are not safe to hand out as they are stored: a batch is cut once, and a user erased later still has records in it
 (docs/privacy.md, "What erasure does not reach yet"). Records carry no user identity (the
 curator keeps the user in its state only), so an export goes back to the events each record
 was derived from (``event_ids``) and reads their app, user, time and consent from the archive:

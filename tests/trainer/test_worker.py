@@ -13,14 +13,15 @@ from streams import kafka
 from streams.store import Adapter, Batch
 from streams.contract import BatchEmitted, DeadLetter, utcnow
 from streams.topics import CONTROL, DEAD_LETTER, control_key
-from streams.training_data import BatchFolder
+from streams.objects import ObjectStore
+from streams.training_data import BatchFolder, read_batch, write_batch
 from tests.conftest import make_settings
 from tests.trainer import batches
 from tests.trainer.test_recipe import FAST, rows
 from trainer.base_model import BaseModelConfig
 from trainer.config import GateConfig
 from trainer.recipe import train_batch
-from trainer.registry import Registry
+from trainer.registry import BatchAlreadyDone, Registry
 from trainer.worker import TrainerWorker, parent_for_next, retry_batch
 
 
@@ -308,6 +309,35 @@ async def test_a_missing_or_corrupt_batch_is_not_trainable_and_the_worker_goes_o
         assert await new_worker(settings, sessions, "g").handle(emitted) == []
     events = [r.msg["event"] for r in caplog.records if isinstance(r.msg, dict)]
     assert events.count("trainer.batch_not_trainable") == 2
+
+
+async def test_the_trainer_reads_batches_from_object_storage_not_from_its_disk(sessions, tmp_path, monkeypatch,
+                                                                                 s3_storage, caplog):  # fmt: skip
+    objects = ObjectStore(s3_storage.url, s3_storage)
+    records = batches.sft_records(seed=3, count=4)
+    for batch_id in ("batch-p0-000001", "batch-p0-000002"):
+        write_batch(BatchFolder.of(objects, batch_id), batch_id=batch_id, trigger="size", event_time="t",
+                    records=records, loss_weights={"explicit": 1.0})  # fmt: skip
+    objects.put("batches/batch-p0-000002/sft.jsonl", b"tampered\n")
+    settings = make_settings(tmp_path, 1)
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=objects,
+                           base_model_dir=settings.model_path, adapters_dir=settings.adapters_path)  # fmt: skip
+
+    # The recipe's own read: a part that does not match its manifest on the bucket is refused.
+    assert await worker.handle(emitted_at("batches/batch-p0-000002", event_id="b2.emitted")) == []
+    assert [r.msg["event"] for r in caplog.records if isinstance(r.msg, dict)].count("trainer.batch_not_trainable") == 1
+
+    seen = []
+
+    def train(batch, *args, **kwargs):  # what the recipe is handed, and what it reads from it
+        seen.append(read_batch(batch))
+        raise BatchAlreadyDone("read; not trained here")
+
+    monkeypatch.setattr("trainer.worker.train_batch", train)
+    assert await worker.handle(emitted_at("batches/batch-p0-000001", event_id="b1.emitted")) == []
+    ((manifest, read),) = seen
+    assert manifest.batch_id == "batch-p0-000001" and read["sft"] == sorted(records, key=lambda r: r.example_id)
+    assert not (settings.data_dir / "batches").exists(), "nothing of the batch came to the trainer's disk"
 
 
 def test_a_batch_id_that_is_not_a_plain_name_never_names_a_staging_directory(sessions, tmp_path):
