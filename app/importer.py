@@ -2,7 +2,7 @@
 
 What a run sends, record by record in the order the pipeline takes them: the raw record on
 ``feedloop.imports.v1``, then its dead letters and annotated examples, and the
-``batch_emitted`` event of every batch it cut (whose files and store row are written first,
+``batch_emitted`` event of every batch it cut (whose objects and store row are written first,
 idempotently, as the live worker does). Every record sent carries the run id in a header.
 
 Progress is kept in ``<data_dir>/imports/<run>/progress.json``: the input's digest, how many
@@ -108,7 +108,7 @@ async def _run(settings: Settings, records, run: str, progress: ImportProgress, 
                     for d in outputs.dead_letters]
             out += [(EXAMPLES.name, e.session_id.encode(), e.model_dump_json().encode(), headers)
                     for e in outputs.examples]
-            for cut in outputs.batches:  # files and store row first: the trainer reads them on the event
+            for cut in outputs.batches:  # its objects and store row first: the trainer reads them on the event
                 emitted = publish_batch(cut, objects=settings.objects, sessions=sessions)
                 summary.batches.append(emitted)
                 out.append((CONTROL.name, control_key(emitted), emitted.model_dump_json().encode(), headers))

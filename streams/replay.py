@@ -146,7 +146,7 @@ def replay_offline(
     close_at_end: bool = True,
     import_run: str | None = None,
 ) -> ReplaySummary:
-    """Run the records through the pipeline and publish the batches cut (files and store rows).
+    """Run the records through the pipeline and publish the batches cut (objects and store rows).
 
     ``close_at_end``: the input is a finished log. Event time then runs on past its end until
     every window has closed and every buffered record is cut (``PipelineSet.finish``): one
