@@ -86,8 +86,8 @@ class TrainerWorker:
     (the batch need not be on this host's disk), and the path must be a batch's folder,
     ``batches/<name>``: anyone who can write to the control topic could otherwise point the
     trainer at any object of the store (keys, archive), so another path is refused with a dead
-    letter. ``base_model_dir`` and ``adapters_dir`` are where the base
-    model is read and adapters are written; ``suites`` are the gate's evaluation suites
+    letter. ``base_model_dir`` and ``adapters_dir`` are where the base model is read and
+    adapters are written; ``suites`` are the gate's evaluation suites
     (``trainer.gate.load_suites(config.gate.suites)``)."""
 
     def __init__(self, config: TrainerConfig, kafka: KafkaSettings, sessions: sessionmaker, *, objects: ObjectStore,
