@@ -22,6 +22,7 @@ from streams.pipeline import pseudonyms_erased
 from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.store import make_engine, make_sessionmaker
 from streams.topics import EVENTS
+from streams.training_data import BatchFolder
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +46,7 @@ def run_export(settings: Settings, out_dir: Path, *, batch_ids: list[str], since
     sessions = make_sessionmaker(make_engine(settings.store_url))
     with sessions() as session:
         rows = select_batches(session, batch_ids, _moment(since, "--since"), _moment(until, "--until"))
-        batches = [(row.batch_id, settings.data_dir / row.path) for row in rows]
+        batches = [(row.batch_id, BatchFolder(settings.objects, row.path)) for row in rows]
         wanted = {event_id for row in rows for event_id in row.manifest.get("source_event_ids", [])}
         log.info("export.reading_archive", batches=len(batches), source_events=len(wanted))
         facts = event_facts(iter_archive(session, settings.objects, EVENTS.name), wanted)

@@ -2,7 +2,7 @@
 
 What a run sends, record by record in the order the pipeline takes them: the raw record on
 ``feedloop.imports.v1``, then its dead letters and annotated examples, and the
-``batch_emitted`` event of every batch it cut (whose files and store row are written first,
+``batch_emitted`` event of every batch it cut (whose objects and store row are written first,
 idempotently, as the live worker does). Every record sent carries the run id in a header.
 
 Progress is kept in ``<data_dir>/imports/<run>/progress.json``: the input's digest, how many
@@ -45,6 +45,7 @@ from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.replay import ReplaySummary, TimeRange, file_records
 from streams.store import make_engine, make_sessionmaker
 from streams.topics import CONTROL, DEAD_LETTER, EXAMPLES, IMPORTS, control_key, dead_letter_key
+from streams.training_data import BATCHES
 
 CHUNK = 1000
 
@@ -107,9 +108,8 @@ async def _run(settings: Settings, records, run: str, progress: ImportProgress, 
                     for d in outputs.dead_letters]
             out += [(EXAMPLES.name, e.session_id.encode(), e.model_dump_json().encode(), headers)
                     for e in outputs.examples]
-            for cut in outputs.batches:  # files and store row first: the trainer reads them on the event
-                emitted = publish_batch(cut, data_dir=settings.data_dir, batches_dir=settings.batches_dir,
-                                        sessions=sessions)
+            for cut in outputs.batches:  # its objects and store row first: the trainer reads them on the event
+                emitted = publish_batch(cut, objects=settings.objects, sessions=sessions)
                 summary.batches.append(emitted)
                 out.append((CONTROL.name, control_key(emitted), emitted.model_dump_json().encode(), headers))
             for item in out:
@@ -166,6 +166,7 @@ def run_import(settings: Settings, *, source: str, run: str | None) -> int:
     console.print(f"examples: {summary.examples} ({summary.closed_at_end} closed at the end of the input) "
                   f"on {EXAMPLES.name}; dead letters: {dict(sorted(summary.dead_letters.items()))}")  # fmt: skip
     console.print(f"PII replaced: {dict(sorted(summary.pii_scrubbed.items()))}")
-    console.print(f"raw events on {IMPORTS.name} (header run={run}); batches under {settings.batches_dir}, "
+    console.print(f"raw events on {IMPORTS.name} (header run={run}); batches under {BATCHES}/ of "
+                  f"{settings.objects.url}, "
                   f"announced on {CONTROL.name}; progress in {progress.path}")  # fmt: skip
     return 0

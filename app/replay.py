@@ -22,11 +22,13 @@ from streams.archive import ArchivedRecord
 from streams.contract import BatchEmitted
 from streams.pii import Scrubber
 from streams.importer import archived_run, archived_runs
+from streams.objects import ObjectStore
 from streams.pipeline import PipelineSet
 from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.replay import TimeRange, archive_records, file_records, replay_offline
 from streams.store import make_engine, make_sessionmaker
 from streams.topics import EVENTS, IMPORTS
+from streams.training_data import BATCHES
 
 log = structlog.get_logger(__name__)
 REPUBLISH_CHUNK = 1000
@@ -149,7 +151,9 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
         pipelines = PipelineSet(output.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(output.keys_path)),
                                 max_event_bytes=output.max_event_bytes,
                                 dead_letter_max_raw_bytes=output.dead_letter_max_raw_bytes)
-        summary = replay_offline(records, pipelines, data_dir=output.data_dir, batches_dir=output.batches_dir,
+        # Its own data directory is its own store: a copy of the settings would keep theirs.
+        objects = settings.objects if data_dir is None else ObjectStore(output.data_dir.resolve().as_uri())
+        summary = replay_offline(records, pipelines, objects=objects,
                                  sessions=make_sessionmaker(make_engine(output.store_url)), on_record=on_record,
                                  close_at_end=closing, import_run=import_run)  # fmt: skip
         progress.update(task, completed=summary.records)
@@ -166,7 +170,7 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
                       else "; the running worker closes them as its event time moves (a replay into its own "
                            "--data-dir closes them at the end)"))  # fmt: skip
     console.print(f"PII replaced: {dict(sorted(summary.pii_scrubbed.items()))}")
-    console.print(f"batches written under {output.batches_dir}")
+    console.print(f"batches written under {BATCHES}/ of {objects.url}")
     return 0
 
 

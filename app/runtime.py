@@ -97,7 +97,7 @@ def build_pipeline_app(settings: Settings, cluster: str):
                         cluster_id=cluster)
     app = make_faust_app(settings)
     register_pipeline(
-        app, live, data_dir=settings.data_dir, batches_dir=settings.batches_dir, sessions=sessions,
+        app, live, objects=settings.objects, sessions=sessions,
         idle_tick_s=settings.pipeline.idle_tick_s,
         checkpoint_interval_s=settings.pipeline.checkpoint_interval_s,
         checkpoint_max_loop_share=settings.pipeline.checkpoint_max_loop_share,

@@ -67,9 +67,10 @@ from streams.checkpoint import decode  # noqa: E402
 from streams.config import PipelineSettings  # noqa: E402
 from streams.learner_agents import STATE_FORMAT as LEARNER_FORMAT  # noqa: E402
 from streams.live import STATE_FORMAT as WORKER_FORMAT  # noqa: E402
+from streams.objects import ObjectStore  # noqa: E402
 from streams.store import Batch, BatchStatus, StreamCheckpoint, make_engine, make_sessionmaker  # noqa: E402
 from streams.topics import EVENTS, EXAMPLES  # noqa: E402
-from streams.training_data import read_batch  # noqa: E402
+from streams.training_data import BatchFolder, read_batch  # noqa: E402
 from tests.conftest import API_KEYS, free_port, make_settings  # noqa: E402
 from tests.factories import feedback, interaction  # noqa: E402
 from trainer.base_model import BaseModelConfig  # noqa: E402
@@ -281,9 +282,10 @@ def tally(loop: Loop, load: Load) -> Tally:
                     examples[json.loads(record.value)["example_id"]] += 1
         rows = list(session.scalars(select(Batch)))
     live = {b.batch_id: b.manifest_sha256 for b in rows}
-    live_fresh = fresh_records([loop.settings.data_dir / b.path for b in rows])
+    live_fresh = fresh_records([BatchFolder(loop.settings.objects, b.path) for b in rows])
     replayed = replay(loop)
-    replay_fresh = fresh_records([loop.root / "replayed" / "batches" / name for name in replayed])
+    replayed_store = ObjectStore((loop.root / "replayed").as_uri())  # the replay's --data-dir
+    replay_fresh = fresh_records([BatchFolder.of(replayed_store, name) for name in replayed])
     status = Counter(b.status for b in rows)
     lost = sent - set(events)
     near = []  # each lost event by the fault nearest its acknowledgement, and how far from it
@@ -309,12 +311,12 @@ def tally(loop: Loop, load: Load) -> Tally:
     )  # fmt: skip
 
 
-def fresh_records(directories: list[Path]) -> Counter:
+def fresh_records(batches: list[BatchFolder]) -> Counter:
     """How often each training record appears in these batches, not counting replayed copies
     (the curator mixes older records back in on purpose)."""
     seen: Counter = Counter()
-    for directory in directories:
-        _, records = read_batch(directory)
+    for batch in batches:
+        _, records = read_batch(batch)
         seen.update(r.example_id for signal in records.values() for r in signal if not r.replay)
     return seen
 

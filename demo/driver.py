@@ -54,6 +54,7 @@ from streams.archive import read_segment, segments, verify_archive
 from streams.contract import AdapterState
 from streams.objects import ObjectStore
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS
+from streams.training_data import BATCHES
 
 log = structlog.get_logger(__name__)
 
@@ -351,8 +352,8 @@ class TurnClock:
         return self.turns[min(bisect.bisect_left(self.times, at), len(self.turns) - 1)]
 
 
-def leaked_canaries(batches_dir: Path, canaries: list[str]) -> int:
-    texts = [p.read_text(errors="replace") for p in batches_dir.rglob("*") if p.is_file()]
+def leaked_canaries(objects: ObjectStore, canaries: list[str]) -> int:
+    texts = [objects.get(key).decode(errors="replace") for key in objects.keys(BATCHES)]
     return sum(1 for canary in canaries if any(canary in text for text in texts))
 
 
@@ -501,7 +502,7 @@ def _report(settings, sessions, before, population, traffic: Traffic, every, ear
         events_lost=max(0, traffic.sent_events - archived_events),
         dead_lettered=counts[DEAD_LETTER.name],
         pii_canaries_seeded=len(population.canaries_seeded),
-        pii_canaries_leaked=leaked_canaries(settings.batches_dir, population.canaries_seeded),
+        pii_canaries_leaked=leaked_canaries(settings.objects, population.canaries_seeded),
         win_rate_live_vs_static=rate,
         win_rate_ci95=ci95,
         regret_ratio_vs_uniform=regret_ratio(*routing_regret(loaded_so_far(live), reward_of)),

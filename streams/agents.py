@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
-from pathlib import Path
 
 import faust
 import structlog
@@ -34,6 +33,7 @@ from streams.contract import CONTROL_EVENT_ADAPTER, BatchEmitted, CurationTrigge
 from streams.curator import CutBatch
 from streams.emitter import Emitter, Record, emitted_records, output_records
 from streams.live import LivePipeline
+from streams.objects import ObjectStore
 from streams.pipeline import Outputs, receive_time
 from streams.topics import CONTROL, EVENTS
 
@@ -144,8 +144,7 @@ def register_pipeline(
     app: faust.App,
     live: LivePipeline,
     *,
-    data_dir: Path,
-    batches_dir: Path,
+    objects: ObjectStore,
     sessions: sessionmaker,
     idle_tick_s: float,
     checkpoint_interval_s: float,
@@ -157,7 +156,7 @@ def register_pipeline(
     events = app.topic(EVENTS.name, **raw)
     control = app.topic(CONTROL.name, **raw)
 
-    publish = partial(publish_batch, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions)
+    publish = partial(publish_batch, objects=objects, sessions=sessions)
     checkpointing = _Checkpointing(live, Emitter(app.producer), publish, max_loop_share=checkpoint_max_loop_share,
                                    life=life)
 

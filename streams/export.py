@@ -1,7 +1,7 @@
 """Exporting curated batches as a Hugging Face dataset: one Parquet file per signal and a card.
 
-The batch files are the curated training data, but they are not safe to hand out as they lie
-on disk: a batch is cut once, and a user erased later still has records in it
+The batches (folders of the object store, read through ``streams.training_data``) are the
+curated training data, but they are not safe to hand out as they are stored: a batch is cut once, and a user erased later still has records in it
 (docs/privacy.md, "What erasure does not reach yet"). Records carry no user identity (the
 curator keeps the user in its state only), so an export goes back to the events each record
 was derived from (``event_ids``) and reads their app, user, time and consent from the archive:
@@ -42,7 +42,7 @@ from streams.contract import USER_EVENT_ADAPTER, Interaction
 from streams.pseudonyms import user_identity
 from streams.store import Batch, BatchStatus
 from streams.topics import EVENTS
-from streams.training_data import HELDOUT_FILES, SIGNAL_FILES, read_batch
+from streams.training_data import HELDOUT_FILES, SIGNAL_FILES, BatchFolder, read_batch
 
 SPLIT = "train"
 EXPORTABLE = (BatchStatus.EMITTED, BatchStatus.TRAINED)  # training/failed ones may be retried or dropped
@@ -141,16 +141,16 @@ def _why_left_out(record, facts: dict[str, EventFacts], is_erased: Callable[[str
     return None
 
 
-def export_dataset(out_dir: Path, batches: list[tuple[str, Path]], facts: dict[str, EventFacts],
+def export_dataset(out_dir: Path, batches: list[tuple[str, BatchFolder]], facts: dict[str, EventFacts],
                    is_erased: Callable[[str, datetime], bool], *, app: str | None = None,
                    exported_at: datetime, on_batch: Callable[[str], None] = lambda _: None) -> ExportSummary:
-    """Write ``<signal>.parquet`` and ``README.md`` under ``out_dir`` from (batch id, directory) pairs.
+    """Write ``<signal>.parquet`` and ``README.md`` under ``out_dir`` from (batch id, folder) pairs.
 
     ``on_batch`` is called after each batch is read, so a caller can show progress."""
     summary = ExportSummary([b for b, _ in batches], exported_at, app)
     rows: dict[str, list[dict]] = {signal: [] for signal in SIGNAL_FILES | HELDOUT_FILES}
-    for batch_id, directory in batches:
-        _, records = read_batch(directory)
+    for batch_id, batch in batches:
+        _, records = read_batch(batch)
         for signal, items in records.items():
             for record in items:
                 if reason := _why_left_out(record, facts, is_erased, app):

@@ -141,14 +141,13 @@ def replay_offline(
     records: Iterator[ArchivedRecord],
     pipelines: PipelineSet,
     *,
-    data_dir: Path,
-    batches_dir: Path,
+    objects: ObjectStore,
     sessions: sessionmaker,
     on_record=None,
     close_at_end: bool = True,
     import_run: str | None = None,
 ) -> ReplaySummary:
-    """Run the records through the pipeline and publish the batches cut (files and store rows).
+    """Run the records through the pipeline and publish the batches cut (objects and store rows).
 
     ``close_at_end``: the input is a finished log. Event time then runs on past its end until
     every window has closed and every buffered record is cut (``PipelineSet.finish``): one
@@ -162,7 +161,7 @@ def replay_offline(
             outputs = for_run(import_run, outputs)
         summary.count(outputs)
         for cut in outputs.batches:
-            summary.batches.append(publish_batch(cut, data_dir=data_dir, batches_dir=batches_dir, sessions=sessions))
+            summary.batches.append(publish_batch(cut, objects=objects, sessions=sessions))
 
     for record in records:
         received = receive_time(record.headers, record.timestamp_ms / 1000)

@@ -23,7 +23,15 @@ from streams.pipeline import pseudonyms_erased
 from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
 from streams.store import ArchiveSegment, make_engine, make_sessionmaker
 from streams.topics import EVENTS
-from streams.training_data import HELDOUT, LabelRecord, PreferenceRecord, SftRecord, read_batch, write_batch
+from streams.training_data import (
+    HELDOUT,
+    BatchFolder,
+    LabelRecord,
+    PreferenceRecord,
+    SftRecord,
+    read_batch,
+    write_batch,
+)
 from tests.factories import feedback, interaction
 
 EXPORTED_AT = datetime(2026, 12, 3, 7, 0, tzinfo=UTC)
@@ -61,7 +69,7 @@ def world(tmp_path: Path):
         "ben": interaction(user_id="ben"),
         "carl": interaction(user_id="carl", training_consent=False),
     }
-    directory = tmp_path / "batches" / "batch-p0-000001"
+    directory = BatchFolder.of(ObjectStore(tmp_path.as_uri()), "batch-p0-000001")
     write_batch(directory, batch_id="batch-p0-000001", trigger="size", event_time="2026-11-21T10:00:00+00:00",
                 records=_records(events), loss_weights={"explicit": 1.0})
     facts = event_facts(_archived(list(events.values())), {e["event_id"] for e in events.values()})
@@ -125,7 +133,7 @@ def test_a_batchs_held_out_part_is_its_own_config(world) -> None:
     anna = [r for r in _records({"anna": interaction(user_id="anna")}) if isinstance(r, PreferenceRecord)]
     ids = {"event_ids": [next(iter(facts))]}  # an archived event of anna's
     held = [anna[0].model_copy(update={**ids, "example_id": "held:pair"})]
-    directory = tmp_path / "batches" / "batch-p0-000002"
+    directory = BatchFolder.of(ObjectStore(tmp_path.as_uri()), "batch-p0-000002")
     write_batch(directory, batch_id="batch-p0-000002", trigger="size", event_time="2026-11-21T10:00:00+00:00",
                 records=[], heldout=held, loss_weights={"explicit": 1.0})
     out = tmp_path / "dataset"
@@ -166,7 +174,7 @@ def test_feedloop_export_writes_published_batches_without_an_erased_user(tmp_pat
         pseudonyms.pseudonym(user_identity("app-a", name))
     cut = CutBatch(batch_id="batch-p0-000001", trigger="size", event_time=datetime(2026, 11, 21, 10, tzinfo=UTC),
                    records=_records(events), capped=0, erased=0, loss_weights={"explicit": 1.0})
-    publish_batch(cut, data_dir=data, batches_dir=data / "batches", sessions=sessions)
+    publish_batch(cut, objects=ObjectStore(data.as_uri()), sessions=sessions)
 
     erased = _feedloop(data, "erase", "ben", "--app", "app-a")
     assert erased.returncode == 0, erased.stderr
@@ -209,7 +217,7 @@ def test_feedback_is_its_interactions_users_and_needs_its_interaction() -> None:
 
 def test_app_keeps_only_records_of_that_apps_events(tmp_path: Path) -> None:
     events = {"anna": interaction(user_id="anna"), "dora": interaction(app_id="app-b", user_id="dora")}
-    directory = tmp_path / "batches" / "b"
+    directory = BatchFolder.of(ObjectStore(tmp_path.as_uri()), "b")
     write_batch(directory, batch_id="b", trigger="size", event_time="2026-11-21T10:00:00+00:00",
                 records=_records(events), loss_weights={})
     facts = event_facts(_archived(list(events.values())), {e["event_id"] for e in events.values()})

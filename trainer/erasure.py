@@ -24,8 +24,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from streams.contract import UserErased, utcnow
+from streams.objects import ObjectStore
 from streams.store import Adapter, Batch, BatchStatus, Erasure
-from streams.training_data import SIGNAL_FILES, recut_batch
+from streams.training_data import SIGNAL_FILES, BatchFolder, recut_batch
 from trainer.registry import exclusive
 
 log = structlog.get_logger(__name__)
@@ -78,14 +79,15 @@ def mark_announced(sessions: sessionmaker, pseudonym: str) -> None:
         session.get(Erasure, pseudonym).announced = True
 
 
-def apply_erasures(sessions: sessionmaker, data_dir: Path, adapters_dir: Path) -> list[str]:
+def apply_erasures(sessions: sessionmaker, objects: ObjectStore, adapters_dir: Path) -> list[str]:
     """Cut every erased user out of the batches not yet trained, and name, in each erasure not
     applied yet, the adapters trained on the user's data since it was recorded (a training that
     was running then). Returns the batches re-cut.
 
     Holds the trainer's lock, so no batch is in training meanwhile. A crash after a batch's
-    files were rewritten and before its row was is healed by the next call: the files then
-    hold none of the users, and the row takes their manifest. A batch that cannot be read is
+    manifest was rewritten and before its row was is healed by the next call: the manifest
+    then lists none of the users, the parts that held them are swept, and the row takes the
+    manifest (``streams.training_data.recut_batch``). A batch that cannot be read is
     left for the next call (every call checks every erasure against every untrained batch)."""
     with exclusive(adapters_dir), sessions.begin() as session:
         erasures = {row.pseudonym: row for row in session.scalars(select(Erasure))}
@@ -100,10 +102,10 @@ def apply_erasures(sessions: sessionmaker, data_dir: Path, adapters_dir: Path) -
             if not users:
                 continue
             try:
-                manifest, digest = recut_batch(data_dir / batch.path, set(users))
-            except (OSError, ValueError) as exc:  # gone or tampered: training would refuse it too
+                manifest, digest = recut_batch(BatchFolder(objects, batch.path), set(users))
+            except ValueError as exc:  # gone or tampered (or a path no key can be): training would refuse it too
                 log.error("trainer.batch_not_recut", batch_id=batch.batch_id, reason=str(exc),
-                          hint="restore the batch's files; the erasure is applied to it before it is trained")
+                          hint="restore the batch's objects; the erasure is applied to it before it is trained")
                 continue
             batch.manifest, batch.manifest_sha256 = manifest.model_dump(mode="json"), digest
             batch.example_count = sum(manifest.counts[signal] for signal in SIGNAL_FILES)

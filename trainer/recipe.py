@@ -1,6 +1,7 @@
-"""The LoRA training recipe: one batch directory in, at most one registered adapter out.
+"""The LoRA training recipe: one batch (a folder of the object store) in, at most one
+registered adapter out.
 
-    train_batch(batch_dir, config, sessions, base_model_dir=..., adapters_dir=..., suites=...) -> TrainResult
+    train_batch(batch, config, sessions, base_model_dir=..., adapters_dir=..., suites=...) -> TrainResult
 
 Configuration is handed in (``TrainerConfig``), and so are the components that judge the
 result: the gate's evaluation suites (``trainer.gate.EvalSuite``), which the caller builds
@@ -34,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from streams.contract import AdapterReady, AdapterState
 from streams.store import BatchStatus
-from streams.training_data import MANIFEST, read_batch
+from streams.training_data import BatchFolder, manifest_sha256, read_batch
 from trainer import data, gate, registry, rehearsal
 from trainer.adapter_validation import adapter_sha256
 from trainer.base_model import METADATA_FILE, weights_sha256
@@ -66,7 +67,7 @@ class TrainResult(BaseModel):
 
 
 def train_batch(
-    batch_dir: str | Path,
+    batch: BatchFolder,
     config: TrainerConfig,
     sessions: sessionmaker,
     *,
@@ -84,12 +85,12 @@ def train_batch(
     recorded result; for a batch left "training" by a crash, it trains again from scratch.
     Raises PrivacyBudgetExceeded (batch left "emitted").
     """
-    batch_dir, adapters_dir, base_model_dir = Path(batch_dir), Path(adapters_dir), Path(base_model_dir)
-    # 0. The batch, verified against its manifest's checksums.
+    adapters_dir, base_model_dir = Path(adapters_dir), Path(base_model_dir)
+    # 0. The batch, read from the store and verified against its manifest's checksums.
     try:
-        manifest, records = read_batch(batch_dir)
-    except (OSError, ValueError) as exc:  # gone, or not what its manifest says (ValidationError is a ValueError)
-        raise registry.BatchNotTrainable(f"batch {batch_dir} cannot be read: {exc}") from exc
+        manifest, records = read_batch(batch)
+    except ValueError as exc:  # gone, or not what its manifest says (BatchUnreadable, ValidationError)
+        raise registry.BatchNotTrainable(f"batch {batch} cannot be read: {exc}") from exc
     batch_id = manifest.batch_id
     store = Registry(sessions, adapters_dir)
     with registry.exclusive(adapters_dir), _threads(config.num_threads):
@@ -105,7 +106,7 @@ def train_batch(
         epsilon = plan(len(records["sft"]), dp)[0] if dp.enabled else None
         if dp.enabled:
             ledger.reserve(batch_id, epsilon)  # refuses before any training
-        store.claim(manifest, registry.sha256_file(batch_dir / MANIFEST), batch_dir)
+        store.claim(manifest, manifest_sha256(batch), batch.folder)
         attempt = store.start_attempt(batch_id)
         if attempt > config.max_attempts:
             raise registry.BatchNotTrainable(
@@ -170,7 +171,7 @@ def train_batch(
             "base_model_sha256": _base_sha256(base_model_dir),
             "parent": parent,
             "batch_ids": [batch_id],
-            "manifest_sha256": registry.sha256_file(batch_dir / MANIFEST),
+            "manifest_sha256": manifest_sha256(batch),
             "counts": manifest.counts,
             "rehearsal": 0 if dp.enabled else len(rehearsed),
             "weights": {signal: data.weight_summary(items) for signal, items in records.items()},

@@ -90,14 +90,15 @@ class Registry:
         with self.sessions() as session:
             return session.get(Batch, batch_id)
 
-    def claim(self, manifest: BatchManifest, manifest_sha256: str, batch_dir: Path) -> None:
-        """Mark the batch "training" (creating its row if the curator's is missing)."""
+    def claim(self, manifest: BatchManifest, manifest_sha256: str, folder: str) -> None:
+        """Mark the batch "training" (creating its row, at ``folder`` of the store, if the
+        curator's is missing)."""
         with self.sessions.begin() as session:
             row = session.get(Batch, manifest.batch_id)
             if row is None:
                 row = Batch(
                     batch_id=manifest.batch_id,
-                    path=str(batch_dir),
+                    path=folder,
                     manifest_sha256=manifest_sha256,
                     example_count=sum(manifest.counts.values()),
                     trigger=manifest.trigger,

@@ -33,7 +33,9 @@ from streams.contract import AdapterReady, AdapterState, BatchEmitted, DeadLette
 from streams.control_consumer import ControlConsumer
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, dead_letter
 from streams.kafka import KafkaSettings
+from streams.objects import ObjectStore
 from streams.store import Adapter
+from streams.training_data import BATCHES, BatchFolder, batch_folder
 from trainer.config import TrainerConfig
 from trainer.erasure import apply_erasures, record_erasure
 from trainer.gate import EvalSuite
@@ -80,21 +82,21 @@ def retry_batch(sessions: sessionmaker, adapters_dir: Path, batch_id: str) -> Ba
 class TrainerWorker:
     """Trains what the control topic announces.
 
-    ``data_dir`` is what a ``batch_emitted`` event's path is relative to, and the batch must
-    lie in ``batches_dir`` (default ``data_dir/batches``): anyone who can write to the control
-    topic could otherwise point the trainer at any directory, so a path that leaves it is
-    refused with a dead letter. ``base_model_dir`` and ``adapters_dir`` are where the base
-    model is read and adapters are written; ``suites`` are the gate's evaluation suites
+    ``objects`` is the store a ``batch_emitted`` event's path is a folder of, read from there
+    (the batch need not be on this host's disk), and the path must be a batch's folder,
+    ``batches/<name>``: anyone who can write to the control topic could otherwise point the
+    trainer at any object of the store (keys, archive), so another path is refused with a dead
+    letter. ``base_model_dir`` and ``adapters_dir`` are where the base model is read and
+    adapters are written; ``suites`` are the gate's evaluation suites
     (``trainer.gate.load_suites(config.gate.suites)``)."""
 
-    def __init__(self, config: TrainerConfig, kafka: KafkaSettings, sessions: sessionmaker, *, data_dir: Path,
-                 base_model_dir: Path, adapters_dir: Path, batches_dir: Path | None = None,
-                 suites: Sequence[EvalSuite] = (), group: str = GROUP) -> None:  # fmt: skip
+    def __init__(self, config: TrainerConfig, kafka: KafkaSettings, sessions: sessionmaker, *, objects: ObjectStore,
+                 base_model_dir: Path, adapters_dir: Path, suites: Sequence[EvalSuite] = (),
+                 group: str = GROUP) -> None:  # fmt: skip
         self.config = config
         self.sessions = sessions
         self.suites = tuple(suites)
-        self.data_dir, self.base_model_dir, self.adapters_dir = data_dir, base_model_dir, adapters_dir
-        self.batches_dir = (batches_dir or data_dir / "batches").resolve()
+        self.objects, self.base_model_dir, self.adapters_dir = objects, base_model_dir, adapters_dir
         self.consumer = ControlConsumer(kafka, group, self.handle, stage="trainer",
                                         max_poll_interval_s=MAX_TRAINING_S)
         self.training: str | None = None
@@ -102,15 +104,15 @@ class TrainerWorker:
     async def handle(self, event: BaseModel) -> list[AdapterReady | DeadLetter]:
         if isinstance(event, UserErased):
             await asyncio.to_thread(record_erasure, self.sessions, event, announced=True)
-            recut = await asyncio.to_thread(apply_erasures, self.sessions, self.data_dir, self.adapters_dir)
+            recut = await asyncio.to_thread(apply_erasures, self.sessions, self.objects, self.adapters_dir)
             log.info("trainer.user_erased", app_id=event.app_id, recut=recut)
             return []
         if not isinstance(event, BatchEmitted):
             return []
-        batch_dir = (self.data_dir / event.path).resolve()  # an absolute path or ".." would leave it
-        if batch_dir == self.batches_dir or not batch_dir.is_relative_to(self.batches_dir):
-            detail = (f"batch {event.batch_id}: path {event.path!r} is not a batch directory under "
-                      f"{self.batches_dir}; the trainer reads batches only there")  # fmt: skip
+        folder = batch_folder(event.path)  # an absolute path, "..", another folder: None
+        if folder is None:
+            detail = (f"batch {event.batch_id}: path {event.path!r} is not a batch's folder, {BATCHES}/<name>, "
+                      f"of {self.objects.url}; the trainer reads batches only there")  # fmt: skip
             log.error("trainer.batch_path_refused", batch_id=event.batch_id, path=event.path,
                       hint="dead-lettered and skipped; batch_emitted events come from the curator, check who else "
                            "writes to the control topic")  # fmt: skip
@@ -118,11 +120,11 @@ class TrainerWorker:
                                 received_at=utcnow(), stage="trainer", max_raw_bytes=DEFAULT_DEAD_LETTER_MAX_RAW_BYTES,
                                 event_id=event.event_id, dead_letter_id=f"trainer-{event.event_id}")]  # fmt: skip
         # Erasures first, whatever their order in the log: this batch may hold an erased user.
-        await asyncio.to_thread(apply_erasures, self.sessions, self.data_dir, self.adapters_dir)
+        await asyncio.to_thread(apply_erasures, self.sessions, self.objects, self.adapters_dir)
         self.training = event.batch_id
         try:
             result = await asyncio.to_thread(
-                train_batch, batch_dir, self.config, self.sessions,
+                train_batch, BatchFolder(self.objects, folder), self.config, self.sessions,
                 base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir,
                 parent=parent_for_next(self.sessions), suites=self.suites,
             )  # fmt: skip

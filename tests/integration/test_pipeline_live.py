@@ -26,7 +26,7 @@ from streams.live import STATE_FORMAT
 from streams.store import ArchiveSegment, Batch, StreamCheckpoint, make_engine, make_sessionmaker
 from streams.contract import DriftAlarm
 from streams.topics import CONTROL, EVENTS
-from streams.training_data import read_batch
+from streams.training_data import BATCHES, BatchFolder, read_batch
 from tests.conftest import API_KEYS, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
 from tests.streams.pii_canaries import CANARIES
@@ -150,13 +150,14 @@ async def test_live_pipeline_outputs_and_replay_gives_identical_batches(tmp_path
         stop_worker(worker)
         await stop()
     live = batches(stack)
-    records = [r for batch_id in live for rs in read_batch(settings.batches_dir / batch_id)[1].values() for r in rs]
+    records = [r for batch_id in live for rs in read_batch(BatchFolder.of(settings.objects, batch_id))[1].values()
+               for r in rs]
     new = [r for r in records if not r.replay]
     assert len({r.example_id for r in new}) == len(new), "a record was doubled"
     assert {r.source for r in new} == {"accepted", "edit", "thumbs", "rating"}
 
-    # No canary in any batch file, and the scrubber's placeholders are there instead.
-    text = "".join(p.read_text() for p in settings.batches_dir.rglob("*.jsonl"))
+    # No canary in any object of any batch, and the scrubber's placeholders are there instead.
+    text = "".join(settings.objects.get(key).decode() for key in settings.objects.keys(BATCHES))
     leaked = [c.secret for c in CANARIES if c.secret in text]
     assert leaked == [] and "<EMAIL>" in text
     scrubbed = {}
@@ -291,7 +292,7 @@ async def test_feedloop_curate_cuts_a_batch_in_every_partition_from_what_it_hold
     with stack.sessions() as session:
         cut = session.scalars(select(Batch)).all()
     assert {b.trigger for b in cut} == {"manual"}
-    records = [r for b in cut for rs in read_batch(settings.batches_dir / b.batch_id)[1].values() for r in rs]
+    records = [r for b in cut for rs in read_batch(BatchFolder(settings.objects, b.path))[1].values() for r in rs]
     assert sorted(r.example_id for r in records) == sorted(held), "each held record in one batch, once"
     partitions = _checkpoints(settings)
     assert sum(p.stats.counts["trigger_manual"] for p in partitions) == settings.topic_partitions

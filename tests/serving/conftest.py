@@ -138,7 +138,7 @@ def trained(models: Models, tmp_path_factory) -> Trained:
     sessions = make_sessionmaker(engine)
     events = {}
     for style in (CONCISE, DETAILED):
-        batch_dir = batches.write(root / "batches", f"batch-{style}", batches.sft_records(seed=5, count=48, style=style))
+        batch_dir = batches.write(root, f"batch-{style}", batches.sft_records(seed=5, count=48, style=style))
         result = train_batch(batch_dir, TRAIN_FAST, sessions, base_model_dir=models.base_dir,
                              adapters_dir=models.adapters_dir, parent=None)  # fmt: skip
         assert result.event is not None, f"the {style} adapter was not published: {result.reason}"

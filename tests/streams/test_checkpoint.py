@@ -22,6 +22,7 @@ from streams.archive import encode_record, segment_path, write_segment
 from streams.batches import publish_batch
 from streams.checkpoint import Unacked, Unreadable, decode
 from streams.emitter import Emitter
+from streams.objects import ObjectStore
 from streams.learner_agents import STATE_FORMAT as LEARNER_FORMAT
 from streams.learner_agents import STATE_ROW, LiveLearner, UnconfirmedOutputs, _Deliveries
 from streams.live import STATE_FORMAT, LivePipeline
@@ -251,7 +252,7 @@ async def test_a_failed_pipeline_checkpoint_keeps_its_records_and_the_next_one_c
     stream = traffic()
     live = live_pipeline(sessions, objects, pseudonyms)
     producer = Producer()
-    publish = partial(publish_batch, data_dir=tmp_path, batches_dir=tmp_path / "batches", sessions=sessions)
+    publish = partial(publish_batch, objects=ObjectStore(tmp_path.as_uri()), sessions=sessions)
     checkpointing = _Checkpointing(live, Emitter(producer), publish)
     events = [SimpleNamespace(message=SimpleNamespace(partition=p, offset=o, value=v, headers=[], timestamp=None)) for _, p, o, v in stream]
     agent = Stream()
@@ -280,7 +281,7 @@ async def test_a_slow_snapshot_pauses_the_next_checkpoint_in_proportion(sessions
                                                                          monkeypatch):
     stream = traffic()
     live = live_pipeline(sessions, objects, pseudonyms)
-    publish = partial(publish_batch, data_dir=tmp_path, batches_dir=tmp_path / "batches", sessions=sessions)
+    publish = partial(publish_batch, objects=ObjectStore(tmp_path.as_uri()), sessions=sessions)
     checkpointing = _Checkpointing(live, Emitter(Producer()), publish, max_loop_share=0.1)
     events = [SimpleNamespace(message=SimpleNamespace(partition=p, offset=o, value=v, headers=[], timestamp=None))
               for _, p, o, v in stream]  # fmt: skip

@@ -74,12 +74,13 @@ def test_the_pipeline_holds_out_its_configured_share_and_publishes_the_part_with
     from streams.batches import publish_batch
     from streams.config import PipelineSettings
     from streams.pipeline import PartitionPipeline
-    from streams.training_data import read_batch
+    from streams.objects import ObjectStore
+    from streams.training_data import BatchFolder, read_batch
 
     assert PartitionPipeline(0, PipelineSettings(heldout_share=0.1)).curator.heldout_share == 0.1
     (batch, *_) = cut_all(curator(0.2), EXAMPLES)
-    publish_batch(batch, data_dir=tmp_path, batches_dir=tmp_path / "batches", sessions=sessions)
-    _, read = read_batch(tmp_path / "batches" / batch.batch_id)
+    emitted = publish_batch(batch, objects=ObjectStore(tmp_path.as_uri()), sessions=sessions)
+    _, read = read_batch(BatchFolder(ObjectStore(tmp_path.as_uri()), emitted.path))
     written = [r for signal in ("heldout_sft", "heldout_pairs", "heldout_labels") for r in read[signal]]
     assert written and sorted(r.example_id for r in written) == sorted(r.example_id for r in batch.heldout)
 

@@ -11,11 +11,12 @@ from aiokafka.partitioner import DefaultPartitioner
 from streams.config import PipelineSettings
 from streams.contract import gateway_session_id
 from streams.importer import for_run, import_steps, in_event_time
+from streams.objects import ObjectStore
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
 from streams.pseudonyms import FileKeyStore, Pseudonymizer
 from streams.replay import TimeRange, file_records, replay_offline
-from streams.training_data import read_batch
+from streams.training_data import BatchFolder, read_batch
 from tests.factories import feedback, interaction
 
 
@@ -96,28 +97,32 @@ def pipelines(tmp_path) -> PipelineSet:
     return PipelineSet(CONFIG, Scrubber(), Pseudonymizer(FileKeyStore(tmp_path / "keys")))
 
 
-def batch_records(batches_dir, summary) -> list:
-    return [r for b in summary.batches for rs in read_batch(batches_dir / b.batch_id)[1].values() for r in rs]
+def store(data_dir) -> ObjectStore:
+    return ObjectStore(data_dir.as_uri())
+
+
+def batch_records(objects, summary) -> list:
+    return [r for b in summary.batches for rs in read_batch(BatchFolder(objects, b.path))[1].values() for r in rs]
 
 
 def test_offline_replay_of_a_finished_log_emits_one_example_per_interaction(tmp_path, sessions):
     path = tmp_path / "log.jsonl"
     write_log(path, conversation_log(40))
     kept = pipelines(tmp_path)
-    open_ = replay_offline(file_records(path, 4, TimeRange()), kept, data_dir=tmp_path / "open",
-                           batches_dir=tmp_path / "open" / "batches", sessions=sessions, close_at_end=False)
+    open_ = replay_offline(file_records(path, 4, TimeRange()), kept, objects=store(tmp_path / "open"),
+                           sessions=sessions, close_at_end=False)
     # Stopping where the input stops leaves the last windows open, and says so.
     assert open_.examples < 40 and open_.open_at_end == 40 - open_.examples
     assert open_.orphans_at_end == 1 and open_.buffered_at_end > 0
 
     closed = pipelines(tmp_path)
-    done = replay_offline(file_records(path, 4, TimeRange()), closed, data_dir=tmp_path / "closed",
-                          batches_dir=tmp_path / "closed" / "batches", sessions=sessions)
+    done = replay_offline(file_records(path, 4, TimeRange()), closed, objects=store(tmp_path / "closed"),
+                          sessions=sessions)
     assert done.examples == 40 and done.closed_at_end == 40 - open_.examples
     assert done.dead_letters == {"orphan_feedback": 1}
     assert (done.open_at_end, done.orphans_at_end, done.buffered_at_end) == (0, 0, 0)
     # Every training record the examples made is in a batch: thumbs up gives a label and an SFT record each.
-    records = batch_records(tmp_path / "closed" / "batches", done)
+    records = batch_records(store(tmp_path / "closed"), done)
     assert len(records) == sum(b.example_count for b in done.batches) == 80
     assert {r.example_id.split(":")[0] for r in records} == {
         json.loads(r.value)["interaction_id"] for r in file_records(path, 4, TimeRange())
@@ -145,12 +150,12 @@ def test_an_import_in_event_time_gives_the_batches_of_a_replay_of_the_ordered_lo
     write_log(ordered, events)
     write_log(shuffled, random.Random(7).sample(events, len(events)))
     # Replayed in file order, the shuffled log loses feedback: behind event time when it comes.
-    as_is = replay_offline(file_records(shuffled, 4, TimeRange()), pipelines(tmp_path), data_dir=tmp_path / "s",
-                           batches_dir=tmp_path / "s" / "batches", sessions=sessions)
+    as_is = replay_offline(file_records(shuffled, 4, TimeRange()), pipelines(tmp_path), objects=store(tmp_path / "s"),
+                           sessions=sessions)
     assert as_is.dead_letters.get("late_feedback", 0) > 0
 
-    replayed = replay_offline(file_records(ordered, 4, TimeRange()), pipelines(tmp_path), data_dir=tmp_path / "r",
-                              batches_dir=tmp_path / "r" / "batches", sessions=sessions)
+    replayed = replay_offline(file_records(ordered, 4, TimeRange()), pipelines(tmp_path), objects=store(tmp_path / "r"),
+                              sessions=sessions)
     steps = list(import_steps(in_event_time(file_records(shuffled, 4, TimeRange())), pipelines(tmp_path), "run-1"))
     cuts = [cut for _, outputs in steps for cut in outputs.batches]
     letters = [d for _, outputs in steps for d in outputs.dead_letters]
@@ -158,7 +163,7 @@ def test_an_import_in_event_time_gives_the_batches_of_a_replay_of_the_ordered_lo
     assert [d.reason for d in letters] == ["orphan_feedback"] and letters[0].dead_letter_id.startswith("run-1.p")
     assert [c.batch_id for c in cuts] == [f"run-1.{b.batch_id}" for b in replayed.batches]
     for cut, batch in zip(cuts, replayed.batches):
-        _, files = read_batch(tmp_path / "r" / "batches" / batch.batch_id)
+        _, files = read_batch(BatchFolder(store(tmp_path / "r"), batch.path))
         assert sorted(r.example_id for r in cut.records) == sorted(r.example_id for rs in files.values() for r in rs)
         assert cut.trigger == batch.trigger and cut.event_time == batch.occurred_at
 

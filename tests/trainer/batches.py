@@ -5,7 +5,8 @@ from pathlib import Path
 
 from demo.synthetic_chats import CONCISE, DETAILED, DOMAINS, RARE_DOMAIN, make_chat, units_multiple_choice
 from streams.contract import Message
-from streams.training_data import LabelRecord, PreferenceRecord, SftRecord, write_batch
+from streams.objects import ObjectStore
+from streams.training_data import BatchFolder, LabelRecord, PreferenceRecord, SftRecord, write_batch
 
 COMMON = [d for d in DOMAINS if d != RARE_DOMAIN]
 
@@ -77,9 +78,11 @@ def sft_records(seed: int, count: int, style: str = CONCISE) -> list:
     return records
 
 
-def write(directory: Path, batch_id: str, records: list) -> Path:
+def write(data_dir: Path, batch_id: str, records: list) -> BatchFolder:
+    """A batch in ``batches/<batch_id>`` of the data directory's store."""
+    batch = BatchFolder.of(ObjectStore(data_dir.as_uri()), batch_id)
     write_batch(
-        directory / batch_id, batch_id=batch_id, trigger="size", event_time="2026-11-21T10:00:00Z",
+        batch, batch_id=batch_id, trigger="size", event_time="2026-11-21T10:00:00Z",
         records=records, loss_weights={"explicit": 0.6, "implicit": 0.4},
     )
-    return directory / batch_id
+    return batch

@@ -19,7 +19,8 @@ from app.status import render_status
 from streams.contract import BatchEmitted, Message, utcnow
 from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
 from streams.store import Adapter, Batch, Erasure, make_engine, make_sessionmaker
-from streams.training_data import MANIFEST, SIGNAL_FILES, HELDOUT_FILES, LabelRecord, SftRecord, read_batch, write_batch
+from streams.objects import ObjectStore
+from streams.training_data import MANIFEST, PART_FILES, BatchFolder, LabelRecord, SftRecord, read_batch, write_batch
 from trainer.erasure import apply_erasures, mark_announced
 from trainer.worker import TrainerWorker
 from tests.conftest import make_settings
@@ -57,11 +58,11 @@ def label(example: str, text: str) -> LabelRecord:
 
 
 def batch(sessions, data_dir: Path, batch_id: str, owners: dict[str, list], *, status: str = "emitted",
-          adapter: str | None = None, heldout: dict[str, list] | None = None) -> Path:
+          adapter: str | None = None, heldout: dict[str, list] | None = None) -> BatchFolder:
     """A batch in the curator's format (``owners``: pseudonym -> records) and its row."""
     heldout = heldout or {}
     users = {user: [r.example_id for r in owners.get(user, []) + heldout.get(user, [])] for user in {*owners, *heldout}}
-    directory = data_dir / "batches" / batch_id
+    directory = BatchFolder.of(objects(data_dir), batch_id)
     manifest, digest = write_batch(directory, batch_id=batch_id, trigger="size", event_time="2026-12-03T10:00:00+00:00",
                                    records=[r for rs in owners.values() for r in rs], loss_weights={"explicit": 1.0},
                                    heldout=[r for rs in heldout.values() for r in rs], users=users)  # fmt: skip
@@ -78,9 +79,15 @@ def adapter(sessions, name: str, parent: str | None = None, state: str = "ready"
                             base_model_sha256="1" * 64, parent=parent, lineage={}))  # fmt: skip
 
 
-def lines(directory: Path) -> dict[str, list[bytes]]:
-    return {name: (directory / name).read_bytes().splitlines(keepends=True)
-            for name in (*SIGNAL_FILES.values(), *HELDOUT_FILES.values()) if (directory / name).exists()}
+def objects(data_dir: Path) -> ObjectStore:
+    return ObjectStore(data_dir.as_uri())
+
+
+def lines(batch: BatchFolder) -> dict[str, list[bytes]]:
+    """Each part's lines, under its signal's plain name, wherever the manifest names the part."""
+    manifest = read_batch(batch)[0]
+    return {PART_FILES[signal]: batch.store.get(batch.key(manifest.part(signal))).splitlines(keepends=True)
+            for signal in manifest.files}
 
 
 @pytest.fixture
@@ -113,9 +120,9 @@ def test_erase_names_the_adapters_trained_on_the_user_and_their_descendants_only
 def test_an_untrained_batch_loses_the_users_records_and_keeps_everyone_elses_bytes(world):
     sessions, data_dir, key_dir, gone, stays, waiting = world
     before = lines(waiting)
-    trained_before = lines(data_dir / "batches" / "batch-1")
+    trained_before = lines(BatchFolder.of(objects(data_dir), "batch-1"))
     erase_user(key_dir, sessions, APP, "gone")
-    assert apply_erasures(sessions, data_dir, data_dir / "adapters") == ["batch-4"]
+    assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == ["batch-4"]
 
     manifest, records = read_batch(waiting)  # the checksums hold
     assert manifest.users.keys() == {stays}
@@ -127,14 +134,16 @@ def test_an_untrained_batch_loses_the_users_records_and_keeps_everyone_elses_byt
         others = [line for line in old if json.loads(line)["example_id"] not in gone_ids]
         assert after.get(name, []) == others, name
     assert sum(map(len, after.values())) == 3
-    assert lines(data_dir / "batches" / "batch-1") == trained_before, "a trained batch is history: left as it is"
+    assert lines(BatchFolder.of(objects(data_dir), "batch-1")) == trained_before, "a trained batch is history"
     with sessions() as session:
         row = session.get(Batch, "batch-4")
-        assert row.manifest_sha256 == hashlib.sha256((waiting / MANIFEST).read_bytes()).hexdigest()
+        assert row.manifest_sha256 == hashlib.sha256(waiting.store.get(waiting.key(MANIFEST))).hexdigest()
         assert row.example_count == 2 and gone not in row.manifest["users"]
         erasure = session.get(Erasure, gone)
         assert erasure.recut_batches == ["batch-4"] and erasure.applied_at is not None
-    assert not list(waiting.parent.glob("*.recut")) and not list(waiting.parent.glob("*.old"))
+    left = b"".join(waiting.store.get(key) for key in waiting.store.keys(waiting.folder))
+    for erased in (b"gone", b"g4:", b"g5:", b"g6:", gone.encode()):
+        assert erased not in left, f"{erased!r} is still in an object of the batch"
 
 
 def test_erasing_again_answers_the_same_and_does_nothing_again(world):
@@ -143,16 +152,16 @@ def test_erasing_again_answers_the_same_and_does_nothing_again(world):
     again, announce_again = erase_user(key_dir, sessions, APP, "gone")
     assert announce_again == announce, "not announced yet: the repeat announces it"
     mark_announced(sessions, gone)
-    apply_erasures(sessions, data_dir, data_dir / "adapters")
-    recut = (waiting / MANIFEST).read_bytes()
+    apply_erasures(sessions, objects(data_dir), data_dir / "adapters")
+    recut = waiting.store.get(waiting.key(MANIFEST))
 
     third, announce_third = erase_user(key_dir, sessions, APP, "gone")
     assert announce_third is None
     for repeat in (again, third):
         assert repeat.model_dump() == {**first.model_dump(), "already_erased": True}
     assert Pseudonymizer(FileKeyStore(key_dir)).erased_at(user_identity(APP, "gone")) == first.erased_at
-    assert apply_erasures(sessions, data_dir, data_dir / "adapters") == []
-    assert (waiting / MANIFEST).read_bytes() == recut
+    assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == []
+    assert waiting.store.get(waiting.key(MANIFEST)) == recut
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Erasure)) == 1
 
@@ -168,7 +177,7 @@ def test_another_apps_user_of_the_same_id_is_not_erased(world):
     sessions, data_dir, key_dir, gone, stays, waiting = world
     answer, announce = erase_user(key_dir, sessions, "app-b", "gone")
     assert answer.retrain_adapters == [] and announce is None
-    assert apply_erasures(sessions, data_dir, data_dir / "adapters") == []
+    assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == []
     assert gone in read_batch(waiting)[0].users
 
 
@@ -179,7 +188,7 @@ def test_a_training_that_ends_after_the_erasure_names_its_adapter_when_the_erasu
     with sessions.begin() as session:
         row = session.get(Batch, "batch-4")
         row.status, row.adapter = "trained", "adapter-4"
-    assert apply_erasures(sessions, data_dir, data_dir / "adapters") == [], "trained: not re-cut"
+    assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == [], "trained: not re-cut"
     with sessions() as session:
         assert session.get(Erasure, gone).adapters == ["adapter-1", "adapter-3", "adapter-4"]
 
@@ -195,7 +204,7 @@ async def test_the_trainer_cuts_the_user_out_before_training_a_batch_emitted_bef
     erase_user(key_dir, sessions, APP, "gone")  # recorded, its user_erased not read by the trainer yet
     monkeypatch.setattr("trainer.worker.train_batch", train)
     settings = make_settings(data_dir.parent, 1)
-    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=data_dir,
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=objects(data_dir),
                            base_model_dir=settings.model_path, adapters_dir=data_dir / "adapters")  # fmt: skip
     emitted = BatchEmitted(event_id="batch-4.emitted", occurred_at=utcnow(), source="curator", batch_id="batch-4",
                            path="batches/batch-4", manifest_sha256="x" * 64, example_count=4, trigger="size")
@@ -224,8 +233,8 @@ def test_status_lists_the_adapters_to_retrain(world):
 def test_an_unreadable_batch_is_left_for_later_and_a_batch_recorded_after_the_erasure_is_recut_too(world):
     sessions, data_dir, key_dir, gone, stays, waiting = world
     broken = batch(sessions, data_dir, "batch-5", {gone: [sft("g7", "gone")]})
-    (broken / "sft.jsonl").write_text("tampered\n")
+    broken.store.put(broken.key("sft.jsonl"), b"tampered\n")
     erase_user(key_dir, sessions, APP, "gone")
-    assert apply_erasures(sessions, data_dir, data_dir / "adapters") == ["batch-4"]
+    assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == ["batch-4"]
     batch(sessions, data_dir, "batch-6", {gone: [sft("g8", "gone")]})  # cut before the erasure, recorded after
-    assert apply_erasures(sessions, data_dir, data_dir / "adapters") == ["batch-6"], "every call checks every batch"
+    assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == ["batch-6"], "every call checks all"

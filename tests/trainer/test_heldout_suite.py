@@ -5,8 +5,9 @@ import torch
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from streams.objects import ObjectStore
 from streams.store import Adapter
-from streams.training_data import LabelRecord, PreferenceRecord, write_batch
+from streams.training_data import BatchFolder, LabelRecord, PreferenceRecord, write_batch
 from tests.trainer import batches
 from trainer.config import StageConfig, SuiteSpec, TrainerConfig
 from trainer.gate import Abstain, evaluate, load_suites
@@ -29,15 +30,16 @@ def flipped(record):
     return record.model_copy(update={"desirable": not record.desirable})
 
 
-def feedback_batch(directory, batch_id: str, flip: bool):
+def feedback_batch(data_dir, batch_id: str, flip: bool) -> BatchFolder:
     """Feedback that prefers the concise style: 48 pairs and 48 labels to train on (flipped, if
     asked), and 40 held-out pairs and 40 held-out labels of the same preference, never flipped."""
     trained = cohorts(batches.preference_records(seed=1, sft=0, pairs=48, labels=48))
     heldout = cohorts(batches.preference_records(seed=2, sft=0, pairs=40, labels=40))
     heldout = [r.model_copy(update={"example_id": "held-" + r.example_id}) for r in heldout]
-    write_batch(directory / batch_id, batch_id=batch_id, trigger="size", event_time="2026-11-21T10:00:00Z",
+    batch = BatchFolder.of(ObjectStore(data_dir.as_uri()), batch_id)
+    write_batch(batch, batch_id=batch_id, trigger="size", event_time="2026-11-21T10:00:00Z",
                 records=[flipped(r) for r in trained] if flip else trained, loss_weights={}, heldout=heldout)  # fmt: skip
-    return directory / batch_id
+    return batch
 
 
 def test_agreement_is_the_share_of_good_bad_pairs_the_good_one_wins_ties_half():

@@ -13,13 +13,15 @@ from streams import kafka
 from streams.store import Adapter, Batch
 from streams.contract import BatchEmitted, DeadLetter, utcnow
 from streams.topics import CONTROL, DEAD_LETTER, control_key
+from streams.objects import ObjectStore
+from streams.training_data import BatchFolder, read_batch, write_batch
 from tests.conftest import make_settings
 from tests.trainer import batches
 from tests.trainer.test_recipe import FAST, rows
 from trainer.base_model import BaseModelConfig
 from trainer.config import GateConfig
 from trainer.recipe import train_batch
-from trainer.registry import Registry
+from trainer.registry import BatchAlreadyDone, Registry
 from trainer.worker import TrainerWorker, parent_for_next, retry_batch
 
 
@@ -44,9 +46,9 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
                              adapter_dir=tmp_path / "adapters")
     await ensure_topics(settings)
     batch_id = f"batch-{uuid.uuid4().hex[:8]}"
-    batch_dir = batches.write(settings.data_dir / "batches", batch_id, batches.sft_records(seed=3, count=24))
+    batch_dir = batches.write(settings.data_dir, batch_id, batches.sft_records(seed=3, count=24))
     emitted = BatchEmitted(event_id=f"{batch_id}.emitted", occurred_at=utcnow(), source="test", batch_id=batch_id,
-                           path=str(batch_dir.relative_to(settings.data_dir)), manifest_sha256="x" * 64,
+                           path=batch_dir.folder, manifest_sha256="x" * 64,
                            example_count=24, trigger="manual")
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
     await producer.start()
@@ -54,7 +56,7 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
         await producer.send_and_wait(CONTROL.name, emitted.model_dump_json().encode(), key=batch_id.encode())
     await producer.stop()
 
-    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=settings.objects,
                            base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
                            group=f"trainer-{uuid.uuid4().hex[:8]}")
     running = asyncio.create_task(worker.run())
@@ -110,16 +112,16 @@ QUICK = FAST.model_copy(update={"rehearsal_per_batch": 0, "gate": GateConfig()})
 
 
 def new_worker(settings, sessions, group: str) -> TrainerWorker:
-    return TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
+    return TrainerWorker(settings.trainer, settings.kafka, sessions, objects=settings.objects,
                          base_model_dir=settings.model_path, adapters_dir=settings.adapters_path, group=group)
 
 
 async def emit_batch(settings, records: list) -> BatchEmitted:
     """A batch written in the real format and its batch_emitted on the control topic."""
     batch_id = f"batch-{uuid.uuid4().hex[:8]}"
-    batch_dir = batches.write(settings.data_dir / "batches", batch_id, records)
+    batch_dir = batches.write(settings.data_dir, batch_id, records)
     emitted = BatchEmitted(event_id=f"{batch_id}.emitted", occurred_at=utcnow(), source="test", batch_id=batch_id,
-                           path=str(batch_dir.relative_to(settings.data_dir)), manifest_sha256="x" * 64,
+                           path=batch_dir.folder, manifest_sha256="x" * 64,
                            example_count=len(records), trigger="manual")
     await announce(settings, emitted)
     return emitted
@@ -213,8 +215,8 @@ async def test_a_trained_adapter_whose_announcement_was_lost_is_announced_on_res
 
     # The worker trained the batch (its handler's call, made here), then died before its
     # adapter_ready reached the broker: never published, the batch_emitted's offset never committed.
-    lost = (await asyncio.to_thread(train_batch, settings.data_dir / emitted.path, settings.trainer, sessions,
-                                    base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+    lost = (await asyncio.to_thread(train_batch, BatchFolder(settings.objects, emitted.path), settings.trainer,
+                                    sessions, base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
                                     parent=parent_for_next(sessions))).event  # fmt: skip
     (adapter,) = rows(sessions, Adapter)
     assert lost.adapter == adapter.name and batch_status(sessions, emitted.batch_id) == "trained"
@@ -263,16 +265,15 @@ def _never_trained(*args, **kwargs):
 
 
 @pytest.mark.parametrize("path", ["../elsewhere/batch-p0-000001", "/etc", "batches/../../elsewhere", "models/base",
-                                  "batches", "batches/../keys"])
+                                  "batches", "batches/../keys", "keys/u_a", "batches/b/sft.jsonl", "batches/"])
 async def test_a_batch_path_outside_the_batches_directory_is_dead_lettered_untrained(sessions, tmp_path, monkeypatch,
                                                                                      path):  # fmt: skip
     # Anyone who can write to the control topic could otherwise point the trainer anywhere.
     settings = make_settings(tmp_path, 1)
     monkeypatch.setattr("trainer.worker.train_batch", _never_trained)
     emitted = emitted_at(path)
-    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
-                           base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
-                           batches_dir=settings.batches_dir)  # fmt: skip
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=settings.objects,
+                           base_model_dir=settings.model_path, adapters_dir=settings.adapters_path)
     (refused,) = await worker.handle(emitted)
     assert isinstance(refused, DeadLetter) and refused.reason == "batch_path_refused" and refused.stage == "trainer"
     assert refused.event_id == "b.emitted" and path in refused.detail
@@ -301,13 +302,42 @@ async def test_the_trainer_publishes_its_dead_letters_on_the_dead_letter_topic(s
 
 async def test_a_missing_or_corrupt_batch_is_not_trainable_and_the_worker_goes_on(sessions, tmp_path, caplog):
     settings = make_settings(tmp_path, 1)
-    kept = batches.write(settings.data_dir / "batches", "batch-p0-000001", batches.sft_records(seed=3, count=4))
-    (kept / "sft.jsonl").write_text("tampered\n")
+    kept = batches.write(settings.data_dir, "batch-p0-000001", batches.sft_records(seed=3, count=4))
+    kept.store.put(kept.key("sft.jsonl"), b"tampered\n")
     for i, path in enumerate(("batches/batch-p0-000001", "batches/never-written")):
         emitted = emitted_at(path, event_id=f"b{i}.emitted")
         assert await new_worker(settings, sessions, "g").handle(emitted) == []
     events = [r.msg["event"] for r in caplog.records if isinstance(r.msg, dict)]
     assert events.count("trainer.batch_not_trainable") == 2
+
+
+async def test_the_trainer_reads_batches_from_object_storage_not_from_its_disk(sessions, tmp_path, monkeypatch,
+                                                                                 s3_storage, caplog):  # fmt: skip
+    objects = ObjectStore(s3_storage.url, s3_storage)
+    records = batches.sft_records(seed=3, count=4)
+    for batch_id in ("batch-p0-000001", "batch-p0-000002"):
+        write_batch(BatchFolder.of(objects, batch_id), batch_id=batch_id, trigger="size", event_time="t",
+                    records=records, loss_weights={"explicit": 1.0})  # fmt: skip
+    objects.put("batches/batch-p0-000002/sft.jsonl", b"tampered\n")
+    settings = make_settings(tmp_path, 1)
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=objects,
+                           base_model_dir=settings.model_path, adapters_dir=settings.adapters_path)  # fmt: skip
+
+    # The recipe's own read: a part that does not match its manifest on the bucket is refused.
+    assert await worker.handle(emitted_at("batches/batch-p0-000002", event_id="b2.emitted")) == []
+    assert [r.msg["event"] for r in caplog.records if isinstance(r.msg, dict)].count("trainer.batch_not_trainable") == 1
+
+    seen = []
+
+    def train(batch, *args, **kwargs):  # what the recipe is handed, and what it reads from it
+        seen.append(read_batch(batch))
+        raise BatchAlreadyDone("read; not trained here")
+
+    monkeypatch.setattr("trainer.worker.train_batch", train)
+    assert await worker.handle(emitted_at("batches/batch-p0-000001", event_id="b1.emitted")) == []
+    ((manifest, read),) = seen
+    assert manifest.batch_id == "batch-p0-000001" and read["sft"] == sorted(records, key=lambda r: r.example_id)
+    assert not (settings.data_dir / "batches").exists(), "nothing of the batch came to the trainer's disk"
 
 
 def test_a_batch_id_that_is_not_a_plain_name_never_names_a_staging_directory(sessions, tmp_path):
@@ -322,8 +352,8 @@ def test_a_batch_id_that_is_not_a_plain_name_never_names_a_staging_directory(ses
 
 def curated(settings, sessions, batch_id: str, records: list) -> BatchEmitted:
     """A batch as the curator leaves it: files, its ``emitted`` row, and its batch_emitted."""
-    batch_dir = batches.write(settings.data_dir / "batches", batch_id, records)
-    path = str(batch_dir.relative_to(settings.data_dir))
+    batch_dir = batches.write(settings.data_dir, batch_id, records)
+    path = batch_dir.folder
     with sessions.begin() as session:
         session.add(Batch(batch_id=batch_id, path=path, manifest_sha256="x" * 64, example_count=len(records),
                           trigger="size", status="emitted", manifest={"loss_weights": {"explicit": 1.0}}))
