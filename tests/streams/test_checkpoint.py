@@ -27,7 +27,7 @@ from streams.learner_agents import STATE_ROW, LiveLearner, UnconfirmedOutputs, _
 from streams.live import STATE_FORMAT, LivePipeline
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
-from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.pseudonyms import KeyStore, Pseudonymizer
 from streams.store import ArchiveSegment, StreamCheckpoint
 from streams.topics import CONTROL, EVENTS, EXAMPLES
 from tests.learners.conftest import ContextualEnvironment
@@ -119,7 +119,7 @@ class Producer:
 
 @pytest.fixture
 def pseudonyms(tmp_path):
-    return Pseudonymizer(FileKeyStore(tmp_path / "keys"))
+    return Pseudonymizer(KeyStore.in_directory(tmp_path / "keys"))
 
 
 def live_pipeline(sessions, tmp_path, pseudonyms, cluster: str = "c1") -> LivePipeline:

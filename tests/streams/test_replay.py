@@ -13,7 +13,7 @@ from streams.contract import gateway_session_id
 from streams.importer import for_run, import_steps, in_event_time
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
-from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.pseudonyms import KeyStore, Pseudonymizer
 from streams.replay import TimeRange, file_records, replay_offline
 from streams.training_data import read_batch
 from tests.factories import feedback, interaction
@@ -93,7 +93,7 @@ def write_log(path, events) -> None:
 
 
 def pipelines(tmp_path) -> PipelineSet:
-    return PipelineSet(CONFIG, Scrubber(), Pseudonymizer(FileKeyStore(tmp_path / "keys")))
+    return PipelineSet(CONFIG, Scrubber(), Pseudonymizer(KeyStore.in_directory(tmp_path / "keys")))
 
 
 def batch_records(batches_dir, summary) -> list:
