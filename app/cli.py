@@ -303,8 +303,8 @@ def train(ctx: click.Context, retry: str | None) -> None:
     async def build() -> TrainerWorker:
         return TrainerWorker(settings.trainer, settings.kafka, make_sessionmaker(make_engine(settings.store_url)),
                              data_dir=settings.data_dir, base_model_dir=settings.model_path,
-                             adapters_dir=settings.adapters_path, batches_dir=settings.batches_dir,
-                             suites=suites)  # fmt: skip
+                             adapters_dir=settings.adapters_path, objects=settings.objects,
+                             batches_dir=settings.batches_dir, suites=suites)  # fmt: skip
 
     _serve_until_signal(settings, "trainer", build)
 

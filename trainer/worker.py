@@ -33,11 +33,12 @@ from streams.contract import AdapterReady, AdapterState, BatchEmitted, DeadLette
 from streams.control_consumer import ControlConsumer
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, dead_letter
 from streams.kafka import KafkaSettings
+from streams.objects import ObjectStore
 from streams.store import Adapter
 from trainer.config import TrainerConfig
 from trainer.erasure import apply_erasures, record_erasure
 from trainer.gate import EvalSuite
-from trainer.privacy import PrivacyBudgetExceeded
+from trainer.ledger import PrivacyBudgetExceeded
 from trainer.registry import BatchAlreadyDone, BatchNotTrainable, Registry
 from trainer.recipe import train_batch
 
@@ -88,12 +89,13 @@ class TrainerWorker:
     (``trainer.gate.load_suites(config.gate.suites)``)."""
 
     def __init__(self, config: TrainerConfig, kafka: KafkaSettings, sessions: sessionmaker, *, data_dir: Path,
-                 base_model_dir: Path, adapters_dir: Path, batches_dir: Path | None = None,
+                 base_model_dir: Path, adapters_dir: Path, objects: ObjectStore, batches_dir: Path | None = None,
                  suites: Sequence[EvalSuite] = (), group: str = GROUP) -> None:  # fmt: skip
         self.config = config
         self.sessions = sessions
         self.suites = tuple(suites)
         self.data_dir, self.base_model_dir, self.adapters_dir = data_dir, base_model_dir, adapters_dir
+        self.objects = objects
         self.batches_dir = (batches_dir or data_dir / "batches").resolve()
         self.consumer = ControlConsumer(kafka, group, self.handle, stage="trainer",
                                         max_poll_interval_s=MAX_TRAINING_S)
@@ -123,7 +125,7 @@ class TrainerWorker:
         try:
             result = await asyncio.to_thread(
                 train_batch, batch_dir, self.config, self.sessions,
-                base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir,
+                base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir, objects=self.objects,
                 parent=parent_for_next(self.sessions), suites=self.suites,
             )  # fmt: skip
         except BatchAlreadyDone as exc:

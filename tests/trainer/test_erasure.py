@@ -196,7 +196,8 @@ async def test_the_trainer_cuts_the_user_out_before_training_a_batch_emitted_bef
     monkeypatch.setattr("trainer.worker.train_batch", train)
     settings = make_settings(data_dir.parent, 1)
     worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=data_dir,
-                           base_model_dir=settings.model_path, adapters_dir=data_dir / "adapters")  # fmt: skip
+                           base_model_dir=settings.model_path, adapters_dir=data_dir / "adapters",
+                           objects=settings.objects)  # fmt: skip
     emitted = BatchEmitted(event_id="batch-4.emitted", occurred_at=utcnow(), source="curator", batch_id="batch-4",
                            path="batches/batch-4", manifest_sha256="x" * 64, example_count=4, trigger="size")
     with pytest.raises(AssertionError, match="stop here"):

@@ -5,6 +5,7 @@ import torch
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from streams.objects import ObjectStore
 from streams.store import Adapter
 from streams.training_data import LabelRecord, PreferenceRecord, write_batch
 from tests.trainer import batches
@@ -77,6 +78,7 @@ def test_a_candidate_is_held_to_its_parent_on_the_held_out_feedback(trained_base
     batch = feedback_batch(tmp_path, "batch-feedback", flip)
 
     result = train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=tmp_path / "adapters",
+                         objects=ObjectStore(tmp_path.as_uri()),
                          suites=suites)  # fmt: skip
 
     with sessions() as session:

@@ -56,6 +56,7 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
 
     worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
                            base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+                           objects=settings.objects,
                            group=f"trainer-{uuid.uuid4().hex[:8]}")
     running = asyncio.create_task(worker.run())
     try:
@@ -111,7 +112,8 @@ QUICK = FAST.model_copy(update={"rehearsal_per_batch": 0, "gate": GateConfig()})
 
 def new_worker(settings, sessions, group: str) -> TrainerWorker:
     return TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
-                         base_model_dir=settings.model_path, adapters_dir=settings.adapters_path, group=group)
+                         base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+                         objects=settings.objects, group=group)
 
 
 async def emit_batch(settings, records: list) -> BatchEmitted:
@@ -215,6 +217,7 @@ async def test_a_trained_adapter_whose_announcement_was_lost_is_announced_on_res
     # adapter_ready reached the broker: never published, the batch_emitted's offset never committed.
     lost = (await asyncio.to_thread(train_batch, settings.data_dir / emitted.path, settings.trainer, sessions,
                                     base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+                                    objects=settings.objects,
                                     parent=parent_for_next(sessions))).event  # fmt: skip
     (adapter,) = rows(sessions, Adapter)
     assert lost.adapter == adapter.name and batch_status(sessions, emitted.batch_id) == "trained"
@@ -272,6 +275,7 @@ async def test_a_batch_path_outside_the_batches_directory_is_dead_lettered_untra
     emitted = emitted_at(path)
     worker = TrainerWorker(settings.trainer, settings.kafka, sessions, data_dir=settings.data_dir,
                            base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+                           objects=settings.objects,
                            batches_dir=settings.batches_dir)  # fmt: skip
     (refused,) = await worker.handle(emitted)
     assert isinstance(refused, DeadLetter) and refused.reason == "batch_path_refused" and refused.stage == "trainer"
