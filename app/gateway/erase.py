@@ -16,6 +16,7 @@ A user is (app, user id): an app's key erases its own app's user of that id and 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -36,12 +37,14 @@ from trainer.erasure import mark_announced
 log = structlog.get_logger(__name__)
 
 
-def erase_router(keys: ApiKeys, limiter: RateLimiter, key_store: KeyStore, sessions: sessionmaker,
+def erase_router(keys: ApiKeys, limiter: RateLimiter, key_store: Callable[[], KeyStore], sessions: sessionmaker,
                  publisher: Publisher) -> APIRouter:  # fmt: skip
     router = APIRouter()
     # One erasure at a time: two requests for one user at once would both shred, and the second
     # would move the erasure's time away from its recorded answer.
     one_at_a_time = asyncio.Lock()
+    # A key store per erasure (``key_store()``): its caches start empty, so an erasure another
+    # gateway made a moment before is seen at once, not only after a cache's recheck interval.
 
     @router.post(
         "/v1/users/{user_id}/erase",
@@ -71,7 +74,7 @@ def erase_router(keys: ApiKeys, limiter: RateLimiter, key_store: KeyStore, sessi
         except ValidationError as exc:
             return error(422, "invalid_request", f"not an id events can carry: {exc.errors(include_url=False)[0]['msg']}")
         async with one_at_a_time:
-            answer, announce = await asyncio.to_thread(erasure.erase_user, key_store, sessions, app_id, user_id)
+            answer, announce = await asyncio.to_thread(erasure.erase_user, key_store(), sessions, app_id, user_id)
             log.info("gateway.user_erased", app_id=app_id, by=caller or f"operator {operator}",
                      already=answer.already_erased, retrain=answer.retrain_adapters)  # never the user id
             if announce is not None:
