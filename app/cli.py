@@ -493,7 +493,7 @@ def erase(ctx: click.Context, user_id: str, app_id: str) -> None:
 
     settings = _settings(ctx)
     sessions = _sessions(settings)
-    answer, announce = erase_user(settings.keys_path, sessions, app_id, user_id)
+    answer, announce = erase_user(settings.key_store(), sessions, app_id, user_id)
     click.echo(f"{app_id}'s user {'was erased' if answer.already_erased else 'erased'} at "
                f"{answer.erased_at.isoformat()}: their events before then are dropped from every later batch and "
                "replay, and from the batches not yet trained")  # fmt: skip

@@ -17,14 +17,13 @@ erasure is recorded in the key store only, so their events from before it are ne
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from streams.contract import UserErased
-from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.pseudonyms import KeyStore, Pseudonymizer, user_identity
 from streams.store import Erasure
 from trainer.erasure import erasure_event, record_erasure
 
@@ -39,12 +38,12 @@ class ErasureAnswer(BaseModel):
     already_erased: bool = Field(description="The user was erased before: nothing was done again.")
 
 
-def erase_user(key_dir: Path, sessions: sessionmaker, app_id: str,
+def erase_user(keys: KeyStore, sessions: sessionmaker, app_id: str,
                user_id: str) -> tuple[ErasureAnswer, UserErased | None]:  # fmt: skip
     """Erase the user; returns the answer and the event still to announce (None: nothing to
     announce, or announced already). Announce it, then :func:`trainer.erasure.mark_announced`."""
     user = user_identity(app_id, user_id)
-    pseudonyms = Pseudonymizer(FileKeyStore(key_dir))
+    pseudonyms = Pseudonymizer(keys)
     if already := pseudonyms.is_erased(user):
         erased_at = pseudonyms.erased_at(user)
         with sessions() as session:

@@ -19,7 +19,7 @@ from app.settings import Settings
 from streams.archive import iter_archive
 from streams.export import event_facts, export_dataset, select_batches
 from streams.pipeline import pseudonyms_erased
-from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.pseudonyms import Pseudonymizer
 from streams.store import make_engine, make_sessionmaker
 from streams.topics import EVENTS
 from streams.training_data import BatchFolder
@@ -50,7 +50,7 @@ def run_export(settings: Settings, out_dir: Path, *, batch_ids: list[str], since
         wanted = {event_id for row in rows for event_id in row.manifest.get("source_event_ids", [])}
         log.info("export.reading_archive", batches=len(batches), source_events=len(wanted))
         facts = event_facts(iter_archive(session, settings.objects, EVENTS.name), wanted)
-    is_erased = pseudonyms_erased(Pseudonymizer(FileKeyStore(settings.keys_path)))
+    is_erased = pseudonyms_erased(Pseudonymizer(settings.key_store()))
     exported_at = datetime.now(UTC)
     console = Console(stderr=True)
     if console.is_terminal:

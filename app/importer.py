@@ -41,7 +41,7 @@ from streams.importer import (
 )
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
-from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.pseudonyms import Pseudonymizer
 from streams.replay import ReplaySummary, TimeRange, file_records
 from streams.store import make_engine, make_sessionmaker
 from streams.topics import CONTROL, DEAD_LETTER, EXAMPLES, IMPORTS, control_key, dead_letter_key
@@ -81,7 +81,7 @@ def _summary_json(summary: ReplaySummary) -> dict:
 
 async def _run(settings: Settings, records, run: str, progress: ImportProgress, on_record) -> ReplaySummary:
     sessions = make_sessionmaker(make_engine(settings.store_url))
-    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)))
+    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(settings.key_store()))
     summary = ReplaySummary()
     headers = run_headers(run)
     producer = kafka.producer(settings.kafka, linger_ms=5)

@@ -31,7 +31,6 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -59,14 +58,13 @@ from streams.contract import (
 )
 from streams.learning import combined_reward
 from streams.lifecycle import Lifecycle, Transition
+from streams.objects import StorageUnavailable
 from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
+from trainer.ledger import FOLDER as LEDGER_FOLDER, LEGACY_FILE, PrivacyLedger, spent_epsilon
 
 log = structlog.get_logger(__name__)
 
 USER_EVENT_TYPES = ("interaction", "feedback", "annotation")
-# trainer.privacy.LEDGER_FILE, named here because that module imports torch and opacus, which a
-# gateway-only install does not have (tests/test_overview.py checks the two agree).
-PRIVACY_LEDGER_FILE = "privacy_ledger.json"
 PIPELINE_CONSUMER = "feedloop-pipeline"  # app.runtime.PIPELINE_CONSUMER, which imports the gateway
 RECENT = 20  # dead letters and drift alarms listed
 RECENT_BATCHES = 30
@@ -647,15 +645,14 @@ class OverviewSource:
 
     def _privacy(self) -> PrivacyView:
         config = self.settings.trainer.privacy
-        path: Path = self.settings.adapters_path / PRIVACY_LEDGER_FILE
+        ledger = PrivacyLedger(self.settings.objects, config, legacy=self.settings.adapters_path / LEGACY_FILE)
         try:
-            entries = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError) as error:
-            log.warning("overview.privacy_ledger_unreadable", path=str(path), error=str(error))
+            entries = ledger.entries()
+        except (OSError, ValueError, StorageUnavailable) as error:
+            log.warning("overview.privacy_ledger_unreadable", store=self.settings.objects.url, folder=LEDGER_FOLDER,
+                        error=str(error), hint="the trainer writes it; check FEEDLOOP_STORAGE__* here")  # fmt: skip
             entries = {}
-        # Summed like trainer.privacy.PrivacyLedger.spent: reserved runs count (basic composition).
-        spent = sum(float(e.get("epsilon", 0.0)) for e in entries.values())
-        return PrivacyView(config.enabled, config.budget_epsilon, spent, entries)
+        return PrivacyView(config.enabled, config.budget_epsilon, spent_epsilon(entries), entries)
 
 
 def _clock_of(moment: datetime | None) -> str | None:

@@ -24,7 +24,7 @@ from streams.pii import Scrubber
 from streams.importer import archived_run, archived_runs
 from streams.objects import ObjectStore
 from streams.pipeline import PipelineSet
-from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.pseudonyms import Pseudonymizer
 from streams.replay import TimeRange, archive_records, file_records, replay_offline
 from streams.store import make_engine, make_sessionmaker
 from streams.topics import EVENTS, IMPORTS
@@ -145,10 +145,11 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
             return 0
 
         output = settings if data_dir is None else settings.model_copy(
-            update={"data_dir": data_dir, "database_url": None, "key_dir": settings.keys_path}
+            update={"data_dir": data_dir, "database_url": None}
         )
         migrations.upgrade(output.store_url)
-        pipelines = PipelineSet(output.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(output.keys_path)),
+        # The users' own keys, wherever the output goes: another data dir's would be new pseudonyms.
+        pipelines = PipelineSet(output.pipeline, Scrubber(), Pseudonymizer(settings.key_store()),
                                 max_event_bytes=output.max_event_bytes,
                                 dead_letter_max_raw_bytes=output.dead_letter_max_raw_bytes)
         # Its own data directory is its own store: a copy of the settings would keep theirs.

@@ -87,10 +87,10 @@ def build_pipeline_app(settings: Settings, cluster: str):
     from streams.live import LivePipeline
     from streams.pii import Scrubber
     from streams.pipeline import PipelineSet
-    from streams.pseudonyms import FileKeyStore, Pseudonymizer
+    from streams.pseudonyms import Pseudonymizer
 
     sessions = make_sessionmaker(make_engine(settings.store_url))
-    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)),
+    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(settings.key_store()),
                             max_event_bytes=settings.max_event_bytes,
                             dead_letter_max_raw_bytes=settings.dead_letter_max_raw_bytes)
     live = LivePipeline(pipelines, sessions, objects=settings.objects, consumer=PIPELINE_CONSUMER,
@@ -150,7 +150,7 @@ async def build_annotator(settings: Settings):
     from streams.contract import ID_ADAPTER
     from streams.judge_endpoint import async_judge_client, judge_api_key
     from streams.pii import Scrubber
-    from streams.pseudonyms import FileKeyStore, Pseudonymizer, erased_by, user_identity
+    from streams.pseudonyms import Pseudonymizer, erased_by, user_identity
 
     await ensure_topics(settings)
     config = settings.judge
@@ -163,7 +163,7 @@ async def build_annotator(settings: Settings):
     client = async_judge_client(base_url, judge_api_key(config.api_key_env, where="FEEDLOOP_JUDGE__API_KEY_ENV"),
                                 config.timeout_s)  # fmt: skip
     scrubber = Scrubber()
-    pseudonyms = Pseudonymizer(FileKeyStore(settings.keys_path))
+    pseudonyms = Pseudonymizer(settings.key_store())
     log.info("judge.starting", base_url=base_url, model=model, rubric=config.rubric_id, share=config.sample_share,
              max_per_hour=config.max_per_hour)  # fmt: skip
     return Annotator(

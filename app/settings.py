@@ -21,6 +21,7 @@ from streams.config import LearnerSettings, PipelineSettings
 from streams.intake import DEFAULT_DEAD_LETTER_MAX_RAW_BYTES, DEFAULT_MAX_EVENT_BYTES, largest_raw_bytes
 from streams.kafka import KafkaSecurity, KafkaSettings
 from streams.objects import ObjectStorage, ObjectStore
+from streams.pseudonyms import KeyStore
 from streams.self_eval import JudgeSettings
 from streams.store import store_url
 from trainer.config import ServingSettings, TrainerConfig
@@ -139,8 +140,9 @@ class Settings(BaseSettings):
         default_factory=JudgeSettings, description="The model judge of `feedloop judge` (self_eval), FEEDLOOP_JUDGE__*."
     )
     key_dir: Path | None = Field(
-        None, description="Per-user pseudonym keys (erasure shreds them). Default: data_dir/keys. "
-        "Back it up apart from the event log; never publish it."
+        None, description="A directory of its own for the per-user pseudonym keys (erasure shreds them). Default: "
+        "keys/ of the shared store (FEEDLOOP_STORAGE__URL; data_dir/keys). Back it up apart from the event log; never "
+        "publish it."
     )
 
     # --- trainer ------------------------------------------------------------------------------
@@ -231,8 +233,18 @@ class Settings(BaseSettings):
         return self.data_dir / "archive"
 
     @property
-    def keys_path(self) -> Path:
-        return self.key_dir or self.data_dir / "keys"
+    def keys_path(self) -> Path | None:
+        """The keys' directory where they are on a disk (FEEDLOOP_KEY_DIR, or keys/ of a file://
+        store); None in a bucket."""
+        return self.key_dir or self.objects.local_path("keys")
+
+    def key_store(self) -> KeyStore:
+        """The users' pseudonym keys (``streams.pseudonyms``): a directory of their own with
+        FEEDLOOP_KEY_DIR, else ``keys/`` of the shared store, which on the default store is
+        data_dir/keys, where they always were. A new one per caller: each caches keys for itself."""
+        if self.key_dir is not None:
+            return KeyStore.in_directory(self.key_dir)
+        return KeyStore(self.objects, "keys")
 
     @property
     def batches_dir(self) -> Path:

@@ -163,14 +163,14 @@ def offline_replay(settings: Settings, events: list[dict]) -> dict[str, float]:
 
     from streams.pii import Scrubber
     from streams.pipeline import PipelineSet
-    from streams.pseudonyms import FileKeyStore, Pseudonymizer
+    from streams.pseudonyms import Pseudonymizer
 
     partitioner = DefaultPartitioner()
     parts = list(range(settings.topic_partitions))
     records = sorted(
         ((partitioner(e["session_id"].encode(), parts, parts), i, json.dumps(e).encode()) for i, e in enumerate(events)),
     )
-    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)))
+    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(settings.key_store()))
     for e in events:  # keys exist already in a running system; creating them is one-off disk I/O
         if "user_id" in e and e["type"] == "interaction":
             pipelines.pseudonyms.pseudonym(e["user_id"])

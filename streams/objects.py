@@ -32,7 +32,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -133,7 +133,11 @@ class _Directory:
 
     def delete(self, key: str) -> None:
         target = self.path(key)
-        target.unlink(missing_ok=True)
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return
+        self._sync_directory(target.parent)  # a deleted key must not come back after a power cut
         for directory in target.parents:  # a folder emptied by it goes too, as a bucket has no folders
             if directory == self.root or not directory.is_relative_to(self.root):
                 break
@@ -236,7 +240,7 @@ class ObjectStore:
         self.url, self.storage = url, storage or ObjectStorage()
         parts = urlsplit(url)
         if parts.scheme == "file":
-            self._backend: _Backend = _Directory(Path(parts.netloc + parts.path))
+            self._backend: _Backend = _Directory(Path(unquote(parts.netloc + parts.path)))  # as_uri() quotes " ", "[]"
         elif parts.scheme == "s3":
             if not parts.netloc:
                 raise ValueError(f"storage URL {url}: name the bucket, s3://bucket/prefix")

@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
-import tempfile
 import time
-from abc import ABC, abstractmethod
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+
+from streams.objects import ObjectStore
 
 KEY_BYTES = 32
 _PSEUDONYM_CONTEXT = b"feedloop-pseudonym-v2:"  # v2: of (app, user); v1 was of the user id alone
 _PSEUDONYM_HEX_CHARS = 32  # 128 bits: collisions between independent random keys are negligible
 
 
-_RECHECK_S = 0.1
+RECHECK_S = 0.1  # how soon an erasure by another process is honoured, on a directory
+RECHECK_BUCKET_S = 1.0  # and on a bucket, where each check is an HTTP GET
+_GENERATION = "erasures.generation"
 _SEPARATOR = "\x1f"  # no app or user id holds it (streams.contract.Id)
 
 
@@ -44,118 +48,118 @@ def erased_by(erased_at: datetime | None, occurred_at: datetime) -> bool:
     return erased_at is not None and occurred_at <= erased_at
 
 
-class KeyStore(ABC):
-    """Holds one secret key per user (a :func:`user_identity`), plus a record of erasures."""
-
-    @abstractmethod
-    def get_or_create_key(self, user: str) -> bytes:
-        """The user's key; a new random one if the user has none (never had one, or erased)."""
-
-    @abstractmethod
-    def has_key(self, user: str) -> bool: ...
-
-    @abstractmethod
-    def delete_key(self, user: str) -> None:
-        """Drop the user's key for good and record when. Idempotent."""
-
-    @abstractmethod
-    def erased_at(self, user: str) -> datetime | None:
-        """When the user's key was last deleted, kept after a new key is issued."""
-
-
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+class KeyStore:
+    """One random key per user (a :func:`user_identity`) and a record of erasures, as objects
+    under ``folder`` of an :class:`~streams.objects.ObjectStore`: a directory or an S3 bucket,
+    so that workers, gateways and judges on hosts without a shared disk share one set of keys.
 
+    Layout, under the folder (the layout of the key directory before object storage, so a
+    directory written then is read as it is, with nothing to migrate)::
 
-class FileKeyStore(KeyStore):
-    """A directory of per-user key files, owner-only (dirs 0700, files 0600).
+        keys/<ab>/<sha256(user)>.key    32 raw bytes
+        erased/<ab>/<sha256(user)>      the ISO time of the user's last erasure
+        erasures.generation             a random token, replaced at every erasure
 
-    Layout: keys/<ab>/<sha256(user)>.key holds 32 raw bytes; erased/<ab>/<sha256(user)>
-    holds the erasure time. File names are hashes, so a directory listing shows no user ids.
-    Safe for several processes: a key is published with link(), which fails if another process
-    created it first, and the loser then reads the winner's key.
+    (The directory's ``erasures.journal``, which told caches to drop before, is read no more;
+    it holds only hashes and may be deleted.)
 
-    Keys and erasure times are cached in memory (the pipeline asks for them on every record);
-    every erasure also appends to ``erasures.journal``, and a cache is dropped when that file
-    changes, so an erasure made by another process is honoured within ``_RECHECK_S`` (0.1 s).
+    Object names are hashes, so a listing shows no user ids. Creation races between processes
+    on different hosts (a worker and a gateway see a new user at once): a key is created with
+    ``put_new``, which writes only if no key exists (a hard link on a disk, ``If-None-Match``
+    on S3), and the loser reads the winner's key, so all agree on one. On a directory the
+    files are 0600 and the directories 0700 whatever the umask; a bucket's objects are as
+    private as its access policy.
+
+    Keys and erasure times are cached in memory (the pipeline asks for them on every record).
+    Every erasure, after deleting the key, replaces ``erasures.generation`` with a new random
+    token; a cache is dropped when the token it was filled under changes, and the token is
+    read at most every ``recheck_s``: an erasure by another process is honoured within that
+    time. A plain put (last writer wins) is enough, with no read-modify-write and so no lock:
+    each erasure writes a token no reader has seen, after its key is gone, so whichever of two
+    concurrent erasures lands last, every cache filled before either deleted its key sees a
+    token it was not filled under. The check is a read of a small file on a disk (every
+    0.1 s) and an HTTP GET on a bucket (every 1 s by default: a process makes one GET a second
+    rather than ten, and the pipeline's loop, which calls this inline, waits on the network
+    once a second).
     """
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        objects: ObjectStore,
+        folder: str = "",
         *,
         random_bytes: Callable[[int], bytes] = os.urandom,
         clock: Callable[[], datetime] = _utc_now,
+        recheck_s: float | None = None,
     ) -> None:
-        """`random_bytes` and `clock` are injectable for deterministic tests; production keeps
-        os.urandom, since a predictable key generator would make shredding reversible."""
-        self.root = Path(root)
+        """``folder`` is the keys' folder in the store ("" for its root). `random_bytes` and
+        `clock` are injectable for deterministic tests; production keeps os.urandom, since a
+        predictable key generator would make shredding reversible."""
+        self.objects, self.folder = objects, folder.strip("/")
         self._random_bytes = random_bytes
         self._clock = clock
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        for directory in (self.root, self.root / "keys", self.root / "erased"):
-            directory.mkdir(mode=0o700, exist_ok=True)
-        self._journal = self.root / "erasures.journal"
+        self.recheck_s = recheck_s if recheck_s is not None else RECHECK_S if objects.is_local else RECHECK_BUCKET_S
         self._keys: dict[str, bytes] = {}
         self._erased: dict[str, datetime | None] = {}
-        self._generation: tuple[int, int] | None = None
-        self._checked_at = -_RECHECK_S
+        self._generation: str | None = None
+        self._checked_at = -math.inf
+
+    @classmethod
+    def in_directory(cls, root: str | os.PathLike[str], **options) -> KeyStore:
+        """The key store in a directory of its own (``FEEDLOOP_KEY_DIR``)."""
+        return cls(ObjectStore(Path(root).absolute().as_uri()), **options)
+
+    def __repr__(self) -> str:
+        return f"KeyStore({self.objects.url!r}, {self.folder!r})"
+
+    def _key(self, name: str) -> str:
+        return f"{self.folder}/{name}" if self.folder else name
+
+    def _object(self, kind: str, user: str, suffix: str = "") -> str:
+        digest = hashlib.sha256(user.encode("utf-8")).hexdigest()
+        return self._key(f"{kind}/{digest[:2]}/{digest}{suffix}")
+
+    def _private(self, key: str) -> str:
+        """On a directory, make the folders down to ``key``'s owner-only (0700) before it is
+        written: they hold every user's key, whatever the process's umask."""
+        path = self.objects.local_path(key)
+        if path is not None:
+            directory = self.objects.local_path(self.folder)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            for part in ("", *path.parent.relative_to(directory).parts):
+                directory = directory / part
+                directory.mkdir(mode=0o700, exist_ok=True)
+        return key
 
     def _refresh(self) -> None:
-        """Drop the caches if any process erased a user since they were filled.
-
-        Looks at the journal at most every ``_RECHECK_S``: an erasure elsewhere is honoured
-        within that time, and a hot loop does not pay a stat() per lookup."""
+        """Drop the caches if any process erased a user since they were filled; looks at the
+        generation at most every ``recheck_s``."""
         now = time.monotonic()
-        if now - self._checked_at < _RECHECK_S:
+        if now - self._checked_at < self.recheck_s:
             return
         self._checked_at = now
-        try:
-            stat = os.stat(self._journal)
-            generation = (stat.st_size, stat.st_mtime_ns)
-        except FileNotFoundError:
-            generation = None
+        found = self.objects.find(self._key(_GENERATION))
+        generation = None if found is None else found.decode("ascii")
         if generation != self._generation:
             self._keys.clear()
             self._erased.clear()
             self._generation = generation
 
     @property
-    def generation(self) -> tuple[int, int] | None:
+    def generation(self) -> str | None:
         """Changes whenever a user is erased (by any process); caches keyed on it stay valid."""
         self._refresh()
         return self._generation
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_keys": {}, "_erased": {}, "_generation": None, "_checked_at": -_RECHECK_S}
-
-    def _path(self, kind: str, user: str, suffix: str = "") -> Path:
-        digest = hashlib.sha256(user.encode("utf-8")).hexdigest()
-        return self.root / kind / digest[:2] / f"{digest}{suffix}"
-
-    def _write_new_file(self, directory: Path, content: bytes) -> str:
-        """Write `content` to a fresh 0600 temp file in `directory`, durably; return its path."""
-        directory.mkdir(mode=0o700, exist_ok=True)
-        descriptor, temp_path = tempfile.mkstemp(dir=directory, suffix=".tmp")  # mode 0600
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(content)
-                file.flush()
-                os.fsync(file.fileno())
-        except BaseException:
-            os.unlink(temp_path)
-            raise
-        return temp_path
+        return {**self.__dict__, "_keys": {}, "_erased": {}, "_generation": None, "_checked_at": -math.inf}
 
     def get_or_create_key(self, user: str) -> bytes:
+        """The user's key; a new random one if the user has none (never had one, or erased)."""
         self._refresh()
         if user in self._keys:
             return self._keys[user]
@@ -163,61 +167,41 @@ class FileKeyStore(KeyStore):
         return key
 
     def _load_or_create_key(self, user: str) -> bytes:
-        path = self._path("keys", user, ".key")
-        try:
-            return self._read_key(path)
-        except FileNotFoundError:
-            pass
-        new_key = self._random_bytes(KEY_BYTES)
-        if len(new_key) != KEY_BYTES:
-            raise ValueError(f"random_bytes returned {len(new_key)} bytes, expected {KEY_BYTES}")
-        temp_path = self._write_new_file(path.parent, new_key)
-        try:
-            os.link(temp_path, path)
-        except FileExistsError:
-            pass  # another process issued this user's key first; use theirs
-        else:
-            _fsync_directory(path.parent)
-        finally:
-            os.unlink(temp_path)
-        return self._read_key(path)
-
-    @staticmethod
-    def _read_key(path: Path) -> bytes:
-        key = path.read_bytes()
+        name = self._object("keys", user, ".key")
+        while (key := self.objects.find(name)) is None:
+            new_key = self._random_bytes(KEY_BYTES)
+            if len(new_key) != KEY_BYTES:
+                raise ValueError(f"random_bytes returned {len(new_key)} bytes, expected {KEY_BYTES}")
+            if self.objects.put_new(self._private(name), new_key):
+                return new_key
+            # Another process issued this user's key first: read theirs (erased already: again).
         if len(key) != KEY_BYTES:
-            raise ValueError(f"corrupt key file {path}: {len(key)} bytes")
+            raise ValueError(f"corrupt key file {name} in {self.objects.url}: {len(key)} bytes; restore it from "
+                             "the key store's backup (a new key would make the user a new pseudonym)")  # fmt: skip
         return key
 
     def has_key(self, user: str) -> bool:
-        return self._path("keys", user, ".key").exists()
+        return self.objects.exists(self._object("keys", user, ".key"))
 
     def delete_key(self, user: str) -> None:
-        # Record the erasure before deleting: a crash in between leaves the key in place and
-        # is_erased() false, so the caller retries rather than believing it is done.
-        tombstone = self._path("erased", user)
-        temp_path = self._write_new_file(tombstone.parent, self._clock().isoformat().encode())
-        os.replace(temp_path, tombstone)
-        key_path = self._path("keys", user, ".key")
-        key_path.unlink(missing_ok=True)
-        _fsync_directory(tombstone.parent)
-        if key_path.parent.exists():
-            _fsync_directory(key_path.parent)
-        descriptor = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(descriptor, "a", encoding="ascii") as journal:  # tells every cache to drop
-            journal.write(tombstone.name + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
-        self._checked_at = -_RECHECK_S
+        """Drop the user's key for good and record when. Idempotent.
+
+        The erasure is recorded before the key is deleted: a crash in between leaves the key
+        in place and is_erased() false, so the caller retries rather than believing it is
+        done. The generation is replaced last, after the key is gone, so that a cache refilled
+        from the key before its deletion is dropped by it."""
+        self.objects.put(self._private(self._object("erased", user)), self._clock().isoformat().encode())
+        self.objects.delete(self._object("keys", user, ".key"))
+        self.objects.put(self._private(self._key(_GENERATION)), uuid.uuid4().hex.encode("ascii"))
+        self._checked_at = -math.inf
         self._refresh()
 
     def erased_at(self, user: str) -> datetime | None:
+        """When the user's key was last deleted, kept after a new key is issued."""
         self._refresh()
         if user not in self._erased:
-            try:
-                self._erased[user] = datetime.fromisoformat(self._path("erased", user).read_text())
-            except FileNotFoundError:
-                self._erased[user] = None
+            found = self.objects.find(self._object("erased", user))
+            self._erased[user] = None if found is None else datetime.fromisoformat(found.decode("ascii"))
         return self._erased[user]
 
 
@@ -243,7 +227,7 @@ class Pseudonymizer:
         return pseudonym
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pseudonyms": {}}  # like FileKeyStore: no key in a pickle
+        return {**self.__dict__, "_pseudonyms": {}}  # like KeyStore: no key in a pickle
 
     def erase(self, user: str) -> None:
         """Crypto-shred the user: their existing pseudonym can never be recomputed."""

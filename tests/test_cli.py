@@ -70,7 +70,7 @@ def test_a_process_without_its_broker_names_the_command_that_starts_one(tmp_path
 
 def test_erase_names_the_adapters_to_retrain_and_again_answers_the_same_announcing_once(tmp_path, monkeypatch,
                                                                                        own_broker):  # fmt: skip
-    from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+    from streams.pseudonyms import KeyStore, Pseudonymizer, user_identity
     from streams.store import Erasure, make_engine, make_sessionmaker
     from tests.trainer.test_erasure import adapter, batch, sft
 
@@ -79,7 +79,7 @@ def test_erase_names_the_adapters_to_retrain_and_again_answers_the_same_announci
     monkeypatch.setenv("FEEDLOOP_EMBEDDED_BROKER_PORT", "1")  # nothing listens: the announcement fails
     migrations.upgrade(f"sqlite:///{tmp_path / 'feedloop.db'}")
     sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'feedloop.db'}"))
-    gone = Pseudonymizer(FileKeyStore(tmp_path / "keys")).pseudonym(user_identity("app-a", "ben"))
+    gone = Pseudonymizer(KeyStore.in_directory(tmp_path / "keys")).pseudonym(user_identity("app-a", "ben"))
     adapter(sessions, "adapter-1")
     batch(sessions, tmp_path, "batch-1", {gone: [sft("g1", "ben")]}, status="trained", adapter="adapter-1")
 

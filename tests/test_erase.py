@@ -6,7 +6,7 @@ import httpx
 import migrations
 from app.gateway import create_app
 from app.publisher import PublishError
-from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.pseudonyms import Pseudonymizer, user_identity
 from streams.store import Erasure, make_engine, make_sessionmaker
 from tests.conftest import API_KEYS, make_settings
 
@@ -26,7 +26,7 @@ class Broker:
 async def test_an_erasure_the_broker_missed_is_announced_by_the_same_request_again(tmp_path):
     settings = make_settings(tmp_path, 1)
     migrations.upgrade(settings.store_url)
-    keys = Pseudonymizer(FileKeyStore(settings.keys_path))
+    keys = Pseudonymizer(settings.key_store())
     pseudonym = keys.pseudonym(user_identity("app-a", "u-1"))
     broker = Broker()
     app = create_app(settings, publisher=broker)
@@ -35,7 +35,7 @@ async def test_an_erasure_the_broker_missed_is_announced_by_the_same_request_aga
         missed = await http.post("/v1/users/u-1/erase", headers=headers)
         assert missed.status_code == 503 and missed.json()["reason"] == "not_announced"
         assert "erased" in missed.json()["detail"] and "again" in missed.json()["detail"]
-        assert Pseudonymizer(FileKeyStore(settings.keys_path)).is_erased(user_identity("app-a", "u-1"))
+        assert Pseudonymizer(settings.key_store()).is_erased(user_identity("app-a", "u-1"))
         broker.up = True
         answers = [await http.post("/v1/users/u-1/erase", headers=headers) for _ in range(2)]
     assert [a.status_code for a in answers] == [202, 202] and answers[0].json() == answers[1].json()

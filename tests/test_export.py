@@ -20,7 +20,7 @@ from streams.curator import CutBatch
 from streams.export import event_facts, export_dataset
 from streams.objects import ObjectStore
 from streams.pipeline import pseudonyms_erased
-from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.pseudonyms import KeyStore, Pseudonymizer, user_identity
 from streams.store import ArchiveSegment, make_engine, make_sessionmaker
 from streams.topics import EVENTS
 from streams.training_data import (
@@ -82,7 +82,7 @@ def _load(out: Path, signal: str) -> list[dict]:
 
 def test_rows_are_the_batch_records_without_the_opted_out_or_the_erased(world) -> None:
     tmp_path, directory, facts = world
-    pseudonyms = Pseudonymizer(FileKeyStore(tmp_path / "keys"))
+    pseudonyms = Pseudonymizer(KeyStore.in_directory(tmp_path / "keys"))
     for user in ("anna", "ben", "carl"):
         pseudonyms.pseudonym(user_identity("app-a", user))
     pseudonyms.erase(user_identity("app-a", "ben"))  # after the batch was cut
@@ -169,7 +169,7 @@ def test_feedloop_export_writes_published_batches_without_an_erased_user(tmp_pat
     sessions = make_sessionmaker(make_engine(store_url))
     events = {"anna": interaction(user_id="anna"), "ben": interaction(user_id="ben")}
     _archive(sessions, ObjectStore(data.as_uri()), list(events.values()))
-    pseudonyms = Pseudonymizer(FileKeyStore(data / "keys"))
+    pseudonyms = Pseudonymizer(KeyStore.in_directory(data / "keys"))
     for name in events:
         pseudonyms.pseudonym(user_identity("app-a", name))
     cut = CutBatch(batch_id="batch-p0-000001", trigger="size", event_time=datetime(2026, 11, 21, 10, tzinfo=UTC),

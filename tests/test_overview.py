@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import delete, func, select
 
-from app.overview import PIPELINE_CONSUMER, PRIVACY_LEDGER_FILE, ArchiveFold, OverviewSource, TimeBuckets
+from app.overview import PIPELINE_CONSUMER, ArchiveFold, OverviewSource, TimeBuckets
 from app.settings import Settings
 from streams.config import LearnerSettings
 from streams.store import ArchiveSegment, StreamCheckpoint
@@ -203,9 +203,8 @@ def test_lag_is_the_pipelines_checkpoint_behind_the_archive(sessions, settings):
 
 def test_names_shared_with_modules_the_overview_cannot_import():
     from app.runtime import PIPELINE_CONSUMER as runtime_consumer
-    from trainer.privacy import LEDGER_FILE
 
-    assert PRIVACY_LEDGER_FILE == LEDGER_FILE and PIPELINE_CONSUMER == runtime_consumer
+    assert PIPELINE_CONSUMER == runtime_consumer
 
 
 def test_time_buckets_coarsen_without_losing_counts():

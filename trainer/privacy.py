@@ -1,4 +1,4 @@
-"""Differential privacy: DP-SGD (opacus) for the SFT stage and the deployment's epsilon ledger.
+"""Differential privacy: DP-SGD (opacus) for the SFT stage, and the epsilon of a run.
 
 Only SFT runs under DP. DPO's example is two rows (chosen, rejected) and KTO's KL term
 mixes rows of a batch, so opacus' per-row gradient clipping would not bound one record's
@@ -9,17 +9,12 @@ batch is protected at roughly k times the epsilon (group privacy).
 The epsilon of a run is fixed before it starts (RDP accountant over the planned steps:
 sample rate, noise multiplier, step count), so a run that would exceed the budget is
 refused before it touches the data. Runs compose by simple addition of epsilons (and of
-deltas): a safe upper bound across adapters trained on overlapping users.
+deltas): a safe upper bound across adapters trained on overlapping users, kept in the
+deployment's ledger (``trainer.ledger``).
 """
 
-import fcntl
-import json
 import math
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,13 +29,6 @@ from trainer.config import PrivacyConfig, TrainerConfig
 from trainer.progress import ProgressReporter
 from trainer.stages import SFT, StageResult
 
-LEDGER_FILE = "privacy_ledger.json"
-
-
-class PrivacyBudgetExceeded(RuntimeError):
-    """The next run would spend more epsilon than the deployment's budget has left."""
-
-
 def plan(examples: int, config: PrivacyConfig) -> tuple[float, int, float]:
     """(epsilon, steps, sample rate) of a DP run over ``examples`` records; over none, no
     run: nothing is trained on, so nothing is spent (a batch of only pairs or labels)."""
@@ -51,50 +39,6 @@ def plan(examples: int, config: PrivacyConfig) -> tuple[float, int, float]:
     accountant = RDPAccountant()
     accountant.history = [(config.noise_multiplier, sample_rate, steps)]
     return accountant.get_epsilon(config.delta), steps, sample_rate
-
-
-class PrivacyLedger:
-    """Epsilon spent per batch, in a JSON file next to the adapters (one writer at a time).
-
-    A batch's entry is written before training ("reserved") and replaced, not added to,
-    when a crashed batch is retried: the crashed run released nothing.
-    """
-
-    def __init__(self, path: Path, config: PrivacyConfig) -> None:
-        self.path, self.config = path, config
-
-    def entries(self) -> dict[str, dict[str, Any]]:
-        return json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def spent(self, excluding: str | None = None) -> float:
-        return sum(e["epsilon"] for batch_id, e in self.entries().items() if batch_id != excluding)
-
-    def reserve(self, batch_id: str, epsilon: float) -> None:
-        spent = self.spent(excluding=batch_id)
-        if spent + epsilon > self.config.budget_epsilon:
-            raise PrivacyBudgetExceeded(
-                f"batch {batch_id} needs epsilon {epsilon:.3f} but {spent:.3f} of the budget "
-                f"{self.config.budget_epsilon:.3f} is spent; refusing to train "
-                "(raise privacy.budget_epsilon, more noise, fewer epochs, or stop DP training)"
-            )
-        self._update(batch_id, {"epsilon": epsilon, "delta": self.config.delta, "state": "reserved"})
-
-    def settle(self, batch_id: str, adapter: str, state: str) -> None:
-        self._update(batch_id, {**self.entries()[batch_id], "adapter": adapter, "state": state})
-
-    def _update(self, batch_id: str, entry: dict[str, Any]) -> None:
-        with _locked(self.path.with_suffix(".lock")):
-            entries = {**self.entries(), batch_id: entry}
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, self.path)
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _tokenize(record: SftRecord, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple:

@@ -1,7 +1,7 @@
 """The LoRA training recipe: one batch (a folder of the object store) in, at most one
 registered adapter out.
 
-    train_batch(batch, config, sessions, base_model_dir=..., adapters_dir=..., suites=...) -> TrainResult
+    train_batch(batch, config, sessions, base_model_dir=..., adapters_dir=..., objects=..., suites=...) -> TrainResult
 
 Configuration is handed in (``TrainerConfig``), and so are the components that judge the
 result: the gate's evaluation suites (``trainer.gate.EvalSuite``), which the caller builds
@@ -34,6 +34,7 @@ from sqlalchemy.orm import sessionmaker
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from streams.contract import AdapterReady, AdapterState
+from streams.objects import ObjectStore
 from streams.store import BatchStatus
 from streams.training_data import BatchFolder, manifest_sha256, read_batch
 from trainer import data, gate, registry, rehearsal
@@ -41,7 +42,8 @@ from trainer.adapter_validation import adapter_sha256
 from trainer.base_model import METADATA_FILE, weights_sha256
 from trainer.config import TrainerConfig
 from trainer.lora import add_lora
-from trainer.privacy import LEDGER_FILE, PrivacyLedger, dp_sft, plan
+from trainer.ledger import LEGACY_FILE, PrivacyLedger
+from trainer.privacy import dp_sft, plan
 from trainer.progress import ProgressHook, ProgressReporter
 from trainer.registry import Registry
 from trainer.stages import DPO, KTO, SFT, StageResult, run_stage
@@ -73,6 +75,7 @@ def train_batch(
     *,
     base_model_dir: str | Path,
     adapters_dir: str | Path,
+    objects: ObjectStore,
     parent: str | None = None,
     suites: Sequence[gate.EvalSuite] = (),
     on_progress: ProgressHook | None = None,
@@ -83,6 +86,7 @@ def train_batch(
     usually); None starts from, and compares with, the base model. ``suites`` are what the
     gate scores (trainer.gate). Calling it again for a batch that is done returns the
     recorded result; for a batch left "training" by a crash, it trains again from scratch.
+    ``objects`` is the shared store, which holds the privacy ledger (``trainer.ledger``).
     Raises PrivacyBudgetExceeded (batch left "emitted").
     """
     adapters_dir, base_model_dir = Path(adapters_dir), Path(base_model_dir)
@@ -102,7 +106,7 @@ def train_batch(
             return _result(store.finish_publish(batch_id), batch_id)
 
         dp = config.privacy
-        ledger = PrivacyLedger(adapters_dir / LEDGER_FILE, dp)
+        ledger = PrivacyLedger(objects, dp, legacy=adapters_dir / LEGACY_FILE)
         epsilon = plan(len(records["sft"]), dp)[0] if dp.enabled else None
         if dp.enabled:
             ledger.reserve(batch_id, epsilon)  # refuses before any training

@@ -39,7 +39,7 @@ from streams.training_data import BATCHES, BatchFolder, batch_folder
 from trainer.config import TrainerConfig
 from trainer.erasure import apply_erasures, record_erasure
 from trainer.gate import EvalSuite
-from trainer.privacy import PrivacyBudgetExceeded
+from trainer.ledger import PrivacyBudgetExceeded
 from trainer.registry import BatchAlreadyDone, BatchNotTrainable, Registry
 from trainer.recipe import train_batch
 
@@ -125,7 +125,7 @@ class TrainerWorker:
         try:
             result = await asyncio.to_thread(
                 train_batch, BatchFolder(self.objects, folder), self.config, self.sessions,
-                base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir,
+                base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir, objects=self.objects,
                 parent=parent_for_next(self.sessions), suites=self.suites,
             )  # fmt: skip
         except BatchAlreadyDone as exc:

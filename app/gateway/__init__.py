@@ -122,7 +122,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> FastAP
         browser_router(keys, limiter, tokens),
         route_router(keys, limiter, routing, metrics.route_latency),
         chat_router(keys, limiter, chat, settings.max_body_bytes),
-        erase_router(keys, limiter, settings.keys_path, sessions, pub),
+        erase_router(keys, limiter, settings.key_store, sessions, pub),
         schemas_router(),
         health_router(),
     ):

@@ -5,8 +5,8 @@ pseudonyms already in the log, archives and batches can no longer be tied back t
 replays drop the user's events from before the answer's ``erased_at``. It is announced as a
 ``user_erased`` control event, on which the trainer cuts the user's records out of the batches
 it has not trained; the answer's ``retrain_adapters`` names the adapters already trained on
-them (``app.erasure``). The gateway shares the key directory with the pipeline worker
-(``FEEDLOOP_KEY_DIR``). Erasing again answers the same and does nothing again.
+them (``app.erasure``). The gateway shares the key store with the pipeline worker
+(``keys/`` of ``FEEDLOOP_STORAGE__URL``, or ``FEEDLOOP_KEY_DIR``). Erasing again answers the same and does nothing again.
 
 A user is (app, user id): an app's key erases its own app's user of that id and no other app's
 (``?app_id=`` naming another app is refused); an operator key erases the user of the app that
@@ -16,7 +16,7 @@ A user is (app, user id): an app's key erases its own app's user of that id and 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -31,17 +31,20 @@ from app.gateway.http import UNAUTHENTICATED_DETAIL, ErrorBody, error, over_limi
 from app.publisher import Publisher, PublishError
 from app.rate_limit import RateLimiter
 from streams.contract import ID_ADAPTER
+from streams.pseudonyms import KeyStore
 from trainer.erasure import mark_announced
 
 log = structlog.get_logger(__name__)
 
 
-def erase_router(keys: ApiKeys, limiter: RateLimiter, key_dir: Path, sessions: sessionmaker,
+def erase_router(keys: ApiKeys, limiter: RateLimiter, key_store: Callable[[], KeyStore], sessions: sessionmaker,
                  publisher: Publisher) -> APIRouter:  # fmt: skip
     router = APIRouter()
     # One erasure at a time: two requests for one user at once would both shred, and the second
     # would move the erasure's time away from its recorded answer.
     one_at_a_time = asyncio.Lock()
+    # A key store per erasure (``key_store()``): its caches start empty, so an erasure another
+    # gateway made a moment before is seen at once, not only after a cache's recheck interval.
 
     @router.post(
         "/v1/users/{user_id}/erase",
@@ -71,7 +74,7 @@ def erase_router(keys: ApiKeys, limiter: RateLimiter, key_dir: Path, sessions: s
         except ValidationError as exc:
             return error(422, "invalid_request", f"not an id events can carry: {exc.errors(include_url=False)[0]['msg']}")
         async with one_at_a_time:
-            answer, announce = await asyncio.to_thread(erasure.erase_user, key_dir, sessions, app_id, user_id)
+            answer, announce = await asyncio.to_thread(erasure.erase_user, key_store(), sessions, app_id, user_id)
             log.info("gateway.user_erased", app_id=app_id, by=caller or f"operator {operator}",
                      already=answer.already_erased, retrain=answer.retrain_adapters)  # never the user id
             if announce is not None:

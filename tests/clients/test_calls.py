@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from feedloop_client import AsyncFeedloopClient
-from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.pseudonyms import Pseudonymizer, user_identity
 from tests.conftest import API_KEYS
 
 
@@ -16,4 +16,4 @@ async def test_the_async_client_routes_and_erases_a_user_with_an_odd_id(stack):
     assert answer.adapter in answer.probabilities and answer.propensity == answer.probabilities[answer.adapter]
     assert (erased.app_id, erased.user_id, erased.retrain_adapters, erased.already_erased) == ("app-a", user, [], False)
     assert (again.erased_at, again.already_erased) == (erased.erased_at, True)
-    assert Pseudonymizer(FileKeyStore(stack.settings.keys_path)).erased_at(user_identity("app-a", user)) is not None
+    assert Pseudonymizer(stack.settings.key_store()).erased_at(user_identity("app-a", user)) is not None

@@ -140,10 +140,9 @@ async def run_the_loop(stack) -> Run:
                               manifest={"strata": {"a/code": 20 * n, "b/chat": 10 * n},
                                         "loss_weights": {"explicit": 0.6, "implicit": 0.3, "self_eval": 0.1}}))
     from trainer.config import PrivacyConfig
-    from trainer.privacy import LEDGER_FILE, PrivacyLedger
+    from trainer.ledger import PrivacyLedger
 
-    settings.adapters_path.mkdir(parents=True, exist_ok=True)
-    ledger = PrivacyLedger(settings.adapters_path / LEDGER_FILE, PrivacyConfig(budget_epsilon=8.0))
+    ledger = PrivacyLedger(settings.objects, PrivacyConfig(budget_epsilon=8.0))
     ledger.reserve(f"batch-{marker[:8]}-1", 1.5)
     ledger.settle(f"batch-{marker[:8]}-1", challenger, "trained")
 

@@ -9,7 +9,7 @@ import httpx
 
 from app.rate_limit import RateLimit
 from streams.contract import UserErased
-from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.pseudonyms import Pseudonymizer, user_identity
 from streams.store import Batch, Erasure
 from streams.topics import CONTROL
 from streams.training_data import read_batch
@@ -29,7 +29,7 @@ async def test_erase_through_the_gateway_reaches_the_trainer_once_and_answers_th
     running, stop = await start_stack(make_settings(tmp_path, own_broker.port, rate_limits=limits))
     settings, sessions = running.settings, running.sessions
     try:
-        keys = Pseudonymizer(FileKeyStore(settings.keys_path))
+        keys = Pseudonymizer(settings.key_store())
         gone, stays, later = (keys.pseudonym(user_identity("app-a", u)) for u in ("gone", "stays", "later"))
         adapter(sessions, "adapter-1")
         adapter(sessions, "adapter-2")

@@ -217,16 +217,16 @@ async def test_openapi_and_schemas_are_served(stack):
 
 
 async def test_erase_endpoint_shreds_the_users_key(stack):
-    from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+    from streams.pseudonyms import Pseudonymizer, user_identity
 
     user = user_identity("app-a", "user-to-erase")  # AUTH is app-a's key
-    pseudonyms = Pseudonymizer(FileKeyStore(stack.settings.keys_path))
+    pseudonyms = Pseudonymizer(stack.settings.key_store())
     before = pseudonyms.pseudonym(user)
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
         assert (await http.post("/v1/users/user-to-erase/erase")).status_code == 401
         response = await http.post("/v1/users/user-to-erase/erase", headers=AUTH)
     assert response.status_code == 202 and response.json()["erased_at"] and response.json()["app_id"] == "app-a"
-    fresh = Pseudonymizer(FileKeyStore(stack.settings.keys_path))
+    fresh = Pseudonymizer(stack.settings.key_store())
     assert fresh.erased_at(user) is not None
     assert fresh.pseudonym(user) != before
 

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import select
 
 from streams.contract import BatchEmitted
-from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.pseudonyms import Pseudonymizer, user_identity
 from streams.store import Batch
 from streams.topics import CONTROL, DEAD_LETTER, EXAMPLES, IMPORTS
 from tests.conftest import archived_records, make_settings, start_stack, wait_until_archived
@@ -100,7 +100,7 @@ async def test_a_month_old_log_imported_during_live_traffic_joins_every_feedback
         handle.writelines(json.dumps(e) + "\n" for e in log)
     apps = {e["app_id"] for e in log if e["type"] == "interaction" and e["user_id"] == ERASED}
     for app_id in apps:  # erased after their events: dropped
-        Pseudonymizer(FileKeyStore(settings.keys_path)).erase(user_identity(app_id, ERASED))
+        Pseudonymizer(settings.key_store()).erase(user_identity(app_id, ERASED))
     erased_turns = {e["interaction_id"] for e in log if e["type"] == "interaction" and e["user_id"] == ERASED}
     erased_events = {e["event_id"] for e in log if e["interaction_id"] in erased_turns}
     kept = {e["event_id"] for e in log} - erased_events

@@ -23,7 +23,7 @@ from streams import kafka
 from streams.contract import DeadLetter, EVENTS_TOPIC_ADAPTER, Annotation
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
-from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.pseudonyms import Pseudonymizer
 from streams.self_eval import JudgeSettings, annotation_id
 from streams.topics import DEAD_LETTER, EVENTS
 from tests.conftest import free_port, make_settings
@@ -157,7 +157,7 @@ async def test_one_annotation_per_judged_interaction_across_an_outage_and_a_rest
     # The pipeline joins them: each judged interaction's example carries self_eval, and an
     # annotation delivered twice (a judge killed between its send and its commit) counts once.
     again = next(e for e in events if b'"annotation"' in e)
-    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(FileKeyStore(settings.keys_path)))
+    pipelines = PipelineSet(settings.pipeline, Scrubber(), Pseudonymizer(settings.key_store()))
     for offset, value in enumerate([*events, again]):
         pipelines.process(0, offset, value)
     examples = {e.example_id: e.rewards["self_eval"] for e in pipelines.finish().examples}

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.pseudonyms import Pseudonymizer, user_identity
 from streams.topics import DEAD_LETTER, EXAMPLES
 from tests.conftest import API_KEYS, OPERATOR, OPERATOR_KEY, make_settings, start_stack, wait_until_archived
 from tests.factories import feedback, interaction
@@ -23,7 +23,7 @@ B = {"Authorization": f"Bearer {API_KEYS['app-b']}"}
 
 async def test_an_app_erases_only_its_own_users(stack):
     def keys() -> Pseudonymizer:  # a fresh reader of the key store each time (no cache to wait out)
-        return Pseudonymizer(FileKeyStore(stack.settings.keys_path))
+        return Pseudonymizer(stack.settings.key_store())
 
     a_user, b_user = user_identity("app-a", "u-1"), user_identity("app-b", "u-1")
     a_before = keys().pseudonym(a_user)

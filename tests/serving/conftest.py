@@ -19,6 +19,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 from demo.synthetic_chats import CONCISE, DETAILED, generate_chats  # noqa: E402
+from streams.objects import ObjectStore
 from streams.contract import AdapterReady  # noqa: E402
 from trainer.adapter_validation import AdapterSpec, AdapterValidator, adapter_sha256  # noqa: E402
 from trainer.config import StageConfig, TrainerConfig  # noqa: E402
@@ -140,7 +141,8 @@ def trained(models: Models, tmp_path_factory) -> Trained:
     for style in (CONCISE, DETAILED):
         batch_dir = batches.write(root, f"batch-{style}", batches.sft_records(seed=5, count=48, style=style))
         result = train_batch(batch_dir, TRAIN_FAST, sessions, base_model_dir=models.base_dir,
-                             adapters_dir=models.adapters_dir, parent=None)  # fmt: skip
+                             adapters_dir=models.adapters_dir,
+                             objects=ObjectStore(models.adapters_dir.parent.as_uri()), parent=None)  # fmt: skip
         assert result.event is not None, f"the {style} adapter was not published: {result.reason}"
         events[style] = result.event
     engine.dispose()

@@ -26,10 +26,9 @@ from streams.objects import ObjectStore
 from streams.learner_agents import STATE_FORMAT as LEARNER_FORMAT
 from streams.learner_agents import STATE_ROW, LiveLearner, UnconfirmedOutputs, _Deliveries
 from streams.live import STATE_FORMAT, LivePipeline
-from streams.objects import ObjectStore
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
-from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.pseudonyms import KeyStore, Pseudonymizer
 from streams.store import ArchiveSegment, StreamCheckpoint
 from streams.topics import CONTROL, EVENTS, EXAMPLES
 from tests.learners.conftest import ContextualEnvironment
@@ -130,7 +129,7 @@ def objects(request, tmp_path) -> ObjectStore:
 
 @pytest.fixture
 def pseudonyms(tmp_path):
-    return Pseudonymizer(FileKeyStore(tmp_path / "keys"))
+    return Pseudonymizer(KeyStore.in_directory(tmp_path / "keys"))
 
 
 def live_pipeline(sessions, objects: ObjectStore, pseudonyms, cluster: str = "c1") -> LivePipeline:

@@ -115,3 +115,9 @@ def test_an_unreachable_server_says_what_to_check(tmp_path: Path) -> None:
 def test_a_url_it_cannot_serve_is_refused_at_once(url: str) -> None:
     with pytest.raises(ValueError, match="storage URL"):
         ObjectStore(url)
+
+
+def test_a_file_store_is_where_its_path_is_even_with_characters_a_url_quotes(tmp_path: Path) -> None:
+    root = tmp_path / "a dir [1]"
+    ObjectStore(root.as_uri()).put("keys/k", b"v")  # file:///.../a%20dir%20%5B1%5D
+    assert (root / "keys" / "k").read_bytes() == b"v"

@@ -12,7 +12,7 @@ from streams.contract import AnnotatedExample, gateway_session_id
 from streams.pii import Scrubber
 from streams.intake import PRODUCER_MAX_REQUEST_BYTES, dead_letter_max_bytes
 from streams.pipeline import PartitionPipeline, PipelineSet, Received, receive_time
-from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.pseudonyms import KeyStore, Pseudonymizer, user_identity
 from streams.training_data import LabelRecord, PreferenceRecord, SftRecord
 from tests.factories import feedback, interaction
 from tests.poison import FAR_FUTURE, OVERSIZED, corpus
@@ -44,7 +44,7 @@ def tick(seconds: float) -> dict:
 
 @pytest.fixture
 def pseudonyms(tmp_path):
-    return Pseudonymizer(FileKeyStore(tmp_path / "keys"))
+    return Pseudonymizer(KeyStore.in_directory(tmp_path / "keys"))
 
 
 class Run:
@@ -261,7 +261,7 @@ def test_erased_users_never_reach_a_later_batch(tmp_path):
     # The erasure's time is pinned between the old events and the new one: the pipeline
     # compares event times with it, and the wall clock is later than every event here.
     erased_at = T0 + timedelta(seconds=5_000)
-    pseudonyms = Pseudonymizer(FileKeyStore(tmp_path / "keys", clock=lambda: erased_at))
+    pseudonyms = Pseudonymizer(KeyStore.in_directory(tmp_path / "keys", clock=lambda: erased_at))
     keep, erase = turn(0, user_id="keep-me"), turn(1, user_id="erase-me")
     before = [keep, erase, signal(keep, "thumbs", 2), signal(erase, "thumbs", 3), tick(700)]
     run = Run(pseudonyms).feed(*before)
@@ -499,7 +499,7 @@ def test_a_user_erased_while_their_interaction_is_open_gets_no_example(tmp_path)
     """Its text would otherwise reach the examples topic, the learner and the archive after
     the user asked to be forgotten; the other user's example comes out as usual."""
     erased_at = T0 + timedelta(seconds=100)
-    pseudonyms = Pseudonymizer(FileKeyStore(tmp_path / "keys", clock=lambda: erased_at))
+    pseudonyms = Pseudonymizer(KeyStore.in_directory(tmp_path / "keys", clock=lambda: erased_at))
     keep, erase = turn(0, user_id="keep-me"), turn(1, user_id="erase-me")
     run = Run(pseudonyms).feed(keep, erase, signal(erase, "edit", 2, text="my secret words"))
     pseudonyms.erase(user_identity(erase["app_id"], "erase-me"))

@@ -14,7 +14,7 @@ from streams.importer import for_run, import_steps, in_event_time
 from streams.objects import ObjectStore
 from streams.pii import Scrubber
 from streams.pipeline import PipelineSet
-from streams.pseudonyms import FileKeyStore, Pseudonymizer
+from streams.pseudonyms import KeyStore, Pseudonymizer
 from streams.replay import TimeRange, file_records, replay_offline
 from streams.training_data import BatchFolder, read_batch
 from tests.factories import feedback, interaction
@@ -94,7 +94,7 @@ def write_log(path, events) -> None:
 
 
 def pipelines(tmp_path) -> PipelineSet:
-    return PipelineSet(CONFIG, Scrubber(), Pseudonymizer(FileKeyStore(tmp_path / "keys")))
+    return PipelineSet(CONFIG, Scrubber(), Pseudonymizer(KeyStore.in_directory(tmp_path / "keys")))
 
 
 def store(data_dir) -> ObjectStore:

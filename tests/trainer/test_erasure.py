@@ -17,7 +17,7 @@ from app.overview import OverviewSource
 from app.settings import Settings
 from app.status import render_status
 from streams.contract import BatchEmitted, Message, utcnow
-from streams.pseudonyms import FileKeyStore, Pseudonymizer, user_identity
+from streams.pseudonyms import KeyStore, Pseudonymizer, user_identity
 from streams.store import Adapter, Batch, Erasure, make_engine, make_sessionmaker
 from streams.objects import ObjectStore
 from streams.training_data import MANIFEST, PART_FILES, BatchFolder, LabelRecord, SftRecord, read_batch, write_batch
@@ -42,7 +42,7 @@ def store(request, tmp_path):
 
 
 def pseudonym(key_dir: Path, user_id: str, app_id: str = APP) -> str:
-    return Pseudonymizer(FileKeyStore(key_dir)).pseudonym(user_identity(app_id, user_id))
+    return Pseudonymizer(KeyStore.in_directory(key_dir)).pseudonym(user_identity(app_id, user_id))
 
 
 def sft(example: str, text: str) -> SftRecord:
@@ -110,18 +110,18 @@ def world(store, tmp_path):
 
 def test_erase_names_the_adapters_trained_on_the_user_and_their_descendants_only(world):
     sessions, data_dir, key_dir, gone, stays, waiting = world
-    answer, announce = erase_user(key_dir, sessions, APP, "gone")
+    answer, announce = erase_user(KeyStore.in_directory(key_dir), sessions, APP, "gone")
     assert answer.retrain_adapters == ["adapter-1", "adapter-3"], "adapter-2 never saw the user"
     assert not answer.already_erased and announce.pseudonym == gone and announce.app_id == APP
     assert "gone" not in announce.model_dump_json(), "the event carries the pseudonym, never the user id"
-    assert Pseudonymizer(FileKeyStore(key_dir)).is_erased(user_identity(APP, "gone"))
+    assert Pseudonymizer(KeyStore.in_directory(key_dir)).is_erased(user_identity(APP, "gone"))
 
 
 def test_an_untrained_batch_loses_the_users_records_and_keeps_everyone_elses_bytes(world):
     sessions, data_dir, key_dir, gone, stays, waiting = world
     before = lines(waiting)
     trained_before = lines(BatchFolder.of(objects(data_dir), "batch-1"))
-    erase_user(key_dir, sessions, APP, "gone")
+    erase_user(KeyStore.in_directory(key_dir), sessions, APP, "gone")
     assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == ["batch-4"]
 
     manifest, records = read_batch(waiting)  # the checksums hold
@@ -148,18 +148,18 @@ def test_an_untrained_batch_loses_the_users_records_and_keeps_everyone_elses_byt
 
 def test_erasing_again_answers_the_same_and_does_nothing_again(world):
     sessions, data_dir, key_dir, gone, stays, waiting = world
-    first, announce = erase_user(key_dir, sessions, APP, "gone")
-    again, announce_again = erase_user(key_dir, sessions, APP, "gone")
+    first, announce = erase_user(KeyStore.in_directory(key_dir), sessions, APP, "gone")
+    again, announce_again = erase_user(KeyStore.in_directory(key_dir), sessions, APP, "gone")
     assert announce_again == announce, "not announced yet: the repeat announces it"
     mark_announced(sessions, gone)
     apply_erasures(sessions, objects(data_dir), data_dir / "adapters")
     recut = waiting.store.get(waiting.key(MANIFEST))
 
-    third, announce_third = erase_user(key_dir, sessions, APP, "gone")
+    third, announce_third = erase_user(KeyStore.in_directory(key_dir), sessions, APP, "gone")
     assert announce_third is None
     for repeat in (again, third):
         assert repeat.model_dump() == {**first.model_dump(), "already_erased": True}
-    assert Pseudonymizer(FileKeyStore(key_dir)).erased_at(user_identity(APP, "gone")) == first.erased_at
+    assert Pseudonymizer(KeyStore.in_directory(key_dir)).erased_at(user_identity(APP, "gone")) == first.erased_at
     assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == []
     assert waiting.store.get(waiting.key(MANIFEST)) == recut
     with sessions() as session:
@@ -169,13 +169,13 @@ def test_erasing_again_answers_the_same_and_does_nothing_again(world):
 def test_a_user_the_key_store_never_saw_is_erased_with_nothing_to_retrain(world):
     sessions, data_dir, key_dir, *_ = world
     for already in (False, True):
-        answer, announce = erase_user(key_dir, sessions, APP, "never-seen")
+        answer, announce = erase_user(KeyStore.in_directory(key_dir), sessions, APP, "never-seen")
         assert (answer.retrain_adapters, answer.already_erased, announce) == ([], already, None)
 
 
 def test_another_apps_user_of_the_same_id_is_not_erased(world):
     sessions, data_dir, key_dir, gone, stays, waiting = world
-    answer, announce = erase_user(key_dir, sessions, "app-b", "gone")
+    answer, announce = erase_user(KeyStore.in_directory(key_dir), sessions, "app-b", "gone")
     assert answer.retrain_adapters == [] and announce is None
     assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == []
     assert gone in read_batch(waiting)[0].users
@@ -183,7 +183,7 @@ def test_another_apps_user_of_the_same_id_is_not_erased(world):
 
 def test_a_training_that_ends_after_the_erasure_names_its_adapter_when_the_erasure_is_applied(world):
     sessions, data_dir, key_dir, gone, stays, waiting = world
-    erase_user(key_dir, sessions, APP, "gone")
+    erase_user(KeyStore.in_directory(key_dir), sessions, APP, "gone")
     adapter(sessions, "adapter-4")  # batch-4 was in training while the user was erased
     with sessions.begin() as session:
         row = session.get(Batch, "batch-4")
@@ -201,7 +201,7 @@ async def test_the_trainer_cuts_the_user_out_before_training_a_batch_emitted_bef
         seen.append(read_batch(batch_dir)[0].users.keys())
         raise AssertionError("stop here")
 
-    erase_user(key_dir, sessions, APP, "gone")  # recorded, its user_erased not read by the trainer yet
+    erase_user(KeyStore.in_directory(key_dir), sessions, APP, "gone")  # recorded, its user_erased not read by the trainer yet
     monkeypatch.setattr("trainer.worker.train_batch", train)
     settings = make_settings(data_dir.parent, 1)
     worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=objects(data_dir),
@@ -215,7 +215,7 @@ async def test_the_trainer_cuts_the_user_out_before_training_a_batch_emitted_bef
 
 def test_status_lists_the_adapters_to_retrain(world):
     sessions, data_dir, key_dir, gone, stays, waiting = world
-    erase_user(key_dir, sessions, APP, "gone")
+    erase_user(KeyStore.in_directory(key_dir), sessions, APP, "gone")
     source = OverviewSource(Settings(data_dir=data_dir), sessions)
     try:
         retrain = source.read().retrain
@@ -234,7 +234,7 @@ def test_an_unreadable_batch_is_left_for_later_and_a_batch_recorded_after_the_er
     sessions, data_dir, key_dir, gone, stays, waiting = world
     broken = batch(sessions, data_dir, "batch-5", {gone: [sft("g7", "gone")]})
     broken.store.put(broken.key("sft.jsonl"), b"tampered\n")
-    erase_user(key_dir, sessions, APP, "gone")
+    erase_user(KeyStore.in_directory(key_dir), sessions, APP, "gone")
     assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == ["batch-4"]
     batch(sessions, data_dir, "batch-6", {gone: [sft("g8", "gone")]})  # cut before the erasure, recorded after
     assert apply_erasures(sessions, objects(data_dir), data_dir / "adapters") == ["batch-6"], "every call checks all"

@@ -79,6 +79,7 @@ def test_a_candidate_is_held_to_its_parent_on_the_held_out_feedback(trained_base
     batch = feedback_batch(tmp_path, "batch-feedback", flip)
 
     result = train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=tmp_path / "adapters",
+                         objects=ObjectStore(tmp_path.as_uri()),
                          suites=suites)  # fmt: skip
 
     with sessions() as session:

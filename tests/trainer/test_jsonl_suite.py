@@ -7,6 +7,7 @@ import pytest
 
 from demo.synthetic_chats import units_multiple_choice
 from tests.trainer import batches
+from streams.objects import ObjectStore
 from trainer.config import SuiteSpec, TrainerConfig, StageConfig
 from trainer.gate import load_suites
 from trainer.jsonl_suite import jsonl_suite
@@ -73,6 +74,7 @@ def test_a_candidate_worse_than_the_base_model_on_a_protected_jsonl_suite_is_rej
     config = TrainerConfig(num_threads=2, sft=StageConfig(epochs=3, learning_rate=1e-2), rehearsal_per_batch=0)
 
     result = train_batch(batch, config, sessions, base_model_dir=trained_base, adapters_dir=tmp_path / "adapters",
+                         objects=ObjectStore(tmp_path.as_uri()),
                          suites=suites)  # fmt: skip
 
     assert result.status == "rejected", result.metrics

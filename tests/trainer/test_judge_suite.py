@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from streams.objects import ObjectStore
 from streams.store import Adapter
 from tests.conftest import free_port
 from tests.trainer import batches
@@ -146,6 +147,7 @@ def test_a_judge_out_of_reach_never_stops_the_trainer(trained_base, sessions, pr
     config = TrainerConfig(num_threads=2, sft=StageConfig(epochs=1), rehearsal_per_batch=0)
 
     result = train_batch(batch, config, sessions, base_model_dir=trained_base, adapters_dir=tmp_path / "adapters",
+                         objects=ObjectStore(tmp_path.as_uri()),
                          suites=[suite])  # fmt: skip
 
     assert result.status == "trained" and result.metrics == {}

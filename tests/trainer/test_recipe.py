@@ -15,12 +15,13 @@ from sqlalchemy import select
 from transformers import AutoModelForCausalLM
 
 from demo.suites import PREFERRED_STYLE_RATE, RARE_SKILL_ACCURACY, WELL_FORMED_RATE, toy_suites
+from streams.objects import ObjectStore
 from streams.store import Adapter, Batch
 from streams.contract import AdapterReady
 from tests.trainer import batches
 from trainer.adapter_validation import adapter_sha256
 from trainer.config import PrivacyConfig, StageConfig, TrainerConfig
-from trainer.privacy import LEDGER_FILE, PrivacyBudgetExceeded, PrivacyLedger
+from trainer.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from trainer.recipe import train_batch
 from trainer.registry import sha256_file
 
@@ -43,7 +44,8 @@ def test_preference_batch_moves_style_keeps_rare_skill_and_registers_one_adapter
     adapters = tmp_path / "adapters"
 
     result = train_batch(batch, TrainerConfig(num_threads=2), sessions, base_model_dir=trained_base,
-                         adapters_dir=adapters, suites=SUITES)  # fmt: skip
+                         adapters_dir=adapters,
+                         objects=ObjectStore(adapters.parent.as_uri()), suites=SUITES)  # fmt: skip
 
     assert result.status == "trained", result.reason
     (row,) = rows(sessions, Adapter)
@@ -86,7 +88,8 @@ def test_preference_batch_moves_style_keeps_rare_skill_and_registers_one_adapter
 
     # Trained exactly once: asking again returns the recorded adapter.
     again = train_batch(batch, TrainerConfig(num_threads=2), sessions, base_model_dir=trained_base,
-                        adapters_dir=adapters, suites=SUITES)  # fmt: skip
+                        adapters_dir=adapters,
+                        objects=ObjectStore(adapters.parent.as_uri()), suites=SUITES)  # fmt: skip
     assert again.adapter == row.name and again.event == event and len(rows(sessions, Adapter)) == 1
 
 
@@ -96,7 +99,8 @@ def test_batch_that_teaches_the_rare_skill_wrong_is_rejected_with_a_reason(train
     # The gate alone, without rehearsal's correct conversions to soften the batch.
     config = TrainerConfig(num_threads=2, sft=StageConfig(epochs=3, learning_rate=1e-2), rehearsal_per_batch=0)
 
-    result = train_batch(batch, config, sessions, base_model_dir=trained_base, adapters_dir=adapters, suites=SUITES)
+    result = train_batch(batch, config, sessions, base_model_dir=trained_base, adapters_dir=adapters,
+                         objects=ObjectStore(adapters.parent.as_uri()), suites=SUITES)
 
     assert result.status == "rejected" and result.event is None
     assert RARE_SKILL_ACCURACY in result.reason
@@ -127,7 +131,8 @@ def test_crash_mid_batch_then_restart_trains_it_exactly_once(trained_base, sessi
             raise Crash("power cut")
 
     with pytest.raises(Crash):
-        train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters, on_progress=crash_at_step_3)
+        train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters,
+                    objects=ObjectStore(adapters.parent.as_uri()), on_progress=crash_at_step_3)
 
     assert steps == [1, 2, 3]
     assert rows(sessions, Adapter) == [] and published(adapters) == []
@@ -135,14 +140,16 @@ def test_crash_mid_batch_then_restart_trains_it_exactly_once(trained_base, sessi
     assert batch_row.status == "training" and batch_row.adapter is None
 
     # The restarted trainer finds the batch in "training" and trains it from scratch.
-    result = train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters, on_progress=steps.append)
+    result = train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters,
+                         objects=ObjectStore(adapters.parent.as_uri()), on_progress=steps.append)
     assert result.status == "trained", result.reason
     (row,) = rows(sessions, Adapter)
     assert row.lineage["attempt"] == 2 and published(adapters) == [row.name]
     # No suites: a sound candidate passes, with nothing scored.
     assert row.lineage["eval"] == {"suites": {}, "parent": {}, "candidate": {}, "base": {},
                                    "abstained": {"parent": {}, "candidate": {}, "base": {}}} and result.metrics == {}
-    assert train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters).adapter == row.name
+    assert train_batch(batch, FAST, sessions, base_model_dir=trained_base, adapters_dir=adapters,
+                       objects=ObjectStore(adapters.parent.as_uri())).adapter == row.name
     assert len(rows(sessions, Adapter)) == 1 and rows(sessions, Batch)[0].status == "trained"
     assert not list((adapters / "_staging").iterdir())
 
@@ -192,7 +199,8 @@ def test_dp_run_adds_noise_reports_epsilon_and_the_budget_refuses_the_next_run(t
 
     monkeypatch.setattr(DPOptimizer, "add_noise", recording_add_noise)
 
-    result = train_batch(first, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
+    result = train_batch(first, config, sessions, base_model_dir=trained_base, adapters_dir=adapters,
+                         objects=ObjectStore(adapters.parent.as_uri()))
 
     # DP-SGD ran: a DP optimizer with the configured noise and clipping, whose every step
     # added Gaussian noise of std noise_multiplier * max_grad_norm to the clipped gradients.
@@ -210,13 +218,14 @@ def test_dp_run_adds_noise_reports_epsilon_and_the_budget_refuses_the_next_run(t
     assert row.lineage["privacy"] == {"epsilon": pytest.approx(epsilon), "delta": 1e-5}
     assert row.lineage["skipped"] == ["pairs"]  # preference stages do not run under DP
     assert [s["stage"] for s in row.lineage["stages"]] == ["sft"] and row.lineage["stages"][0]["steps"] == steps
-    ledger = PrivacyLedger(adapters / LEDGER_FILE, config.privacy)
+    ledger = PrivacyLedger(ObjectStore(adapters.parent.as_uri()), config.privacy)
     assert ledger.spent() == pytest.approx(epsilon)
     assert ledger.entries()["batch-dp-1"]["adapter"] == row.name
 
     second = batches.write(tmp_path, "batch-dp-2", batches.sft_records(seed=5, count=64))
     with pytest.raises(PrivacyBudgetExceeded, match="refusing to train"):
-        train_batch(second, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
+        train_batch(second, config, sessions, base_model_dir=trained_base, adapters_dir=adapters,
+                    objects=ObjectStore(adapters.parent.as_uri()))
     assert len(rows(sessions, Adapter)) == 1 and ledger.spent() == pytest.approx(epsilon)
     assert {b.batch_id: b.status for b in rows(sessions, Batch)} == {"batch-dp-1": result_status(result)}
 
@@ -225,9 +234,10 @@ def test_a_dp_batch_with_no_sft_records_trains_nothing_and_spends_nothing(traine
     adapters = tmp_path / "adapters"
     config = FAST.model_copy(update={"privacy": PrivacyConfig(enabled=True, batch_size=16, epochs=1.0)})
     only_pairs = batches.write(tmp_path, "batch-dp-0", batches.preference_records(seed=4, sft=0, pairs=8, labels=0))
-    result = train_batch(only_pairs, config, sessions, base_model_dir=trained_base, adapters_dir=adapters)
+    result = train_batch(only_pairs, config, sessions, base_model_dir=trained_base, adapters_dir=adapters,
+                         objects=ObjectStore(adapters.parent.as_uri()))
     assert result.epsilon == 0.0
-    assert PrivacyLedger(adapters / LEDGER_FILE, config.privacy).spent() == 0.0
+    assert PrivacyLedger(ObjectStore(adapters.parent.as_uri()), config.privacy).spent() == 0.0
     assert {b.batch_id for b in rows(sessions, Batch)} == {"batch-dp-0"}
 
 def result_status(result):

@@ -58,6 +58,7 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
 
     worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=settings.objects,
                            base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+                           objects=settings.objects,
                            group=f"trainer-{uuid.uuid4().hex[:8]}")
     running = asyncio.create_task(worker.run())
     try:
@@ -217,6 +218,7 @@ async def test_a_trained_adapter_whose_announcement_was_lost_is_announced_on_res
     # adapter_ready reached the broker: never published, the batch_emitted's offset never committed.
     lost = (await asyncio.to_thread(train_batch, BatchFolder(settings.objects, emitted.path), settings.trainer,
                                     sessions, base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
+                                    objects=settings.objects,
                                     parent=parent_for_next(sessions))).event  # fmt: skip
     (adapter,) = rows(sessions, Adapter)
     assert lost.adapter == adapter.name and batch_status(sessions, emitted.batch_id) == "trained"
