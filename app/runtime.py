@@ -17,11 +17,13 @@ from app.settings import Settings
 from streams.store import make_engine, make_sessionmaker
 from streams.archive import Archiver
 from streams.broker_life import BrokerLife, cluster_id
+from streams.lease import HeldLease, Leases, holder_id
 from streams.topics import ARCHIVED_TOPICS
 
 log = structlog.get_logger(__name__)
 
 PIPELINE_CONSUMER = "feedloop-pipeline"
+LEARNER_CONSUMER = "feedloop-learners"  # the learner's consumer group, checkpoint and lease
 
 
 def tune_gc(batch: bool = False) -> None:
@@ -106,19 +108,27 @@ def build_pipeline_app(settings: Settings, cluster: str):
     return app
 
 
-def build_learner_app(settings: Settings, cluster: str):
-    """The Faust app running the online learners: its own consumer group, one process."""
+def build_learner_app(settings: Settings, cluster: str, lease: HeldLease):
+    """The Faust app running the online learners: its own consumer group, run only by the
+    process that holds the learner's lease (``LEARNER_CONSUMER``: streams/lease.py)."""
     from app.faust_app import make_faust_app
     from streams.learner_agents import LiveLearner, register_learners
 
     config = settings.learners
     sessions = make_sessionmaker(make_engine(settings.store_url))
-    learner = LiveLearner(config, sessions, archive_dir=settings.archive_dir, consumer="feedloop-learners",
-                          cluster_id=cluster, snapshots_kept=config.snapshots_kept)  # fmt: skip
-    app = make_faust_app(settings, name="feedloop-learners")
+    learner = LiveLearner(config, sessions, archive_dir=settings.archive_dir, consumer=LEARNER_CONSUMER,
+                          cluster_id=cluster, snapshots_kept=config.snapshots_kept, lease=lease)  # fmt: skip
+    app = make_faust_app(settings, name=LEARNER_CONSUMER)
     register_learners(app, learner, checkpoint_interval_s=config.checkpoint_interval_s,
-                      life=BrokerLife(settings.kafka, cluster, "learner"))
+                      life=BrokerLife(settings.kafka, cluster, "learner"), lease_renew_s=config.lease_renew_s)
     return app
+
+
+def learner_standby(settings: Settings) -> HeldLease:
+    """Wait as a standby learner until this process holds the learner's lease."""
+    config = settings.learners
+    leases = Leases(make_sessionmaker(make_engine(settings.store_url)), LEARNER_CONSUMER, ttl_s=config.lease_ttl_s)
+    return leases.standby(holder_id("learner"), poll_s=config.lease_renew_s)
 
 
 def judge_model(settings: Settings) -> tuple[str, str]:

@@ -214,6 +214,25 @@ class ProcessHeartbeat(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="What the process says it is doing.")
 
 
+class LearnerLease(Base):
+    """Which `feedloop learn` process is the active learner, at which epoch (streams/lease.py).
+
+    The holder bumps ``beat`` every few seconds and in each checkpoint transaction, which
+    writes only while holder and epoch are still its own; a standby that sees ``beat`` stand
+    still for the lease's time to live takes the row over with the next epoch.
+    """
+
+    __tablename__ = "learner_leases"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True, doc="The learner's consumer group.")
+    holder: Mapped[str | None] = mapped_column(String(255), nullable=True, doc="process@host:pid:token; none: released.")
+    epoch: Mapped[int] = mapped_column(BigInteger, doc="Bumped by every takeover: a writer of an older one is fenced.")
+    beat: Mapped[int] = mapped_column(BigInteger, doc="Renewals by this holder at this epoch.")
+    renewed_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), doc="The holder's clock at its last renewal (shown to operators; never compared)."
+    )
+
+
 STORE_FILE = "feedloop.db"  # the SQLite store in the data directory, when no database URL is set
 
 
