@@ -259,7 +259,8 @@ def learn(ctx: click.Context) -> None:
 
     settings = _settings(ctx)
     migrations.upgrade(settings.store_url)  # the lease lives in the store
-    lease = learner_standby(settings)
+    standby = _heartbeat(settings, "learner", detail=lambda: {"role": "standby"})  # ready: waiting is its work
+    lease = learner_standby(settings, beat=standby.beat)
     try:
         _run_faust(settings, "learner", functools.partial(build_learner_app, lease=lease))
     finally:

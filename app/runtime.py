@@ -7,6 +7,8 @@ demo and the tests run several in one event loop with the same functions.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import structlog
 import uvicorn
@@ -124,11 +126,21 @@ def build_learner_app(settings: Settings, cluster: str, lease: HeldLease):
     return app
 
 
-def learner_standby(settings: Settings) -> HeldLease:
-    """Wait as a standby learner until this process holds the learner's lease."""
+def learner_standby(settings: Settings, beat: Callable[[], None]) -> HeldLease:
+    """Wait as a standby learner until this process holds the learner's lease, calling
+    ``beat`` (its liveness heartbeat) at every poll."""
     config = settings.learners
     leases = Leases(make_sessionmaker(make_engine(settings.store_url)), LEARNER_CONSUMER, ttl_s=config.lease_ttl_s)
-    return leases.standby(holder_id("learner"), poll_s=config.lease_renew_s)
+
+    def beat_then_sleep(seconds: float) -> None:
+        try:
+            beat()
+        except Exception as error:  # noqa: BLE001 - liveness reporting never stops the process it reports on
+            log.warning("liveness.beat_failed", process="learner", error=str(error)[:300],
+                        hint="check FEEDLOOP_DATABASE_URL; the standby goes on and beats again")  # fmt: skip
+        time.sleep(seconds)
+
+    return leases.standby(holder_id("learner"), poll_s=config.lease_renew_s, sleep=beat_then_sleep)
 
 
 def judge_model(settings: Settings) -> tuple[str, str]:

@@ -13,7 +13,9 @@
 The state is global, not per partition: the gateway needs one routing distribution, and the
 A/B test and the review budget are global. It runs in its own Faust app (consumer group
 ``feedloop-learners``, command ``feedloop learn``), not inside the pipeline workers, which
-scale out by partition and would each get a slice of the examples: run exactly ONE learner.
+scale out by partition and would each get a slice of the examples. One learner is active:
+the process that holds the lease (streams/lease.py); every checkpoint is fenced by it, and
+other `feedloop learn` processes wait as standbys without joining the consumer group.
 It reads every partition of the examples topic and the control topic in one agent, so one
 coroutine owns the state and no lock is needed.
 

@@ -188,8 +188,14 @@ class Leases:
         started = self.clock()
         said = False
         while True:
-            seen = self.read()
-            if watch.free(seen, self.clock()) and (held := self.take(holder, seen)) is not None:
+            try:
+                seen = self.read()
+                held = self.take(holder, seen) if watch.free(seen, self.clock()) else None
+            except Exception:  # noqa: BLE001 - the store is out of reach: a standby waits on
+                log.warning("learners.standby_store_unreachable", holder=holder, exc_info=True,
+                            action="check FEEDLOOP_DATABASE_URL; the standby retries")  # fmt: skip
+                seen, held = None, None
+            if held is not None:
                 log.info("learners.lease_acquired", holder=holder, epoch=held.epoch,
                          previous=None if seen is None else seen.holder,
                          waited_s=round(self.clock() - started, 3))  # fmt: skip

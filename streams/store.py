@@ -2,8 +2,9 @@
 
 Archive segments (where each stretch of the log is kept on disk), the adapter registry,
 curated batches, erasures, A/B experiments, stream checkpoints and router snapshots: each
-derived from events and rebuilt by replaying the log. Process heartbeats are the one
-exception: they say which processes run now, which no log can tell. The schema is created and
+derived from events and rebuilt by replaying the log. Process heartbeats and the
+learner's lease are the exceptions: they say which processes run now and which learner is
+active, which no log can tell. The schema is created and
 changed only by the Alembic migrations in ``migrations/`` (``feedloop db upgrade``); SQLite by
 default, PostgreSQL in production.
 """
