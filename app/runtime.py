@@ -140,7 +140,9 @@ def learner_standby(settings: Settings, beat: Callable[[], None]) -> HeldLease:
                         hint="check FEEDLOOP_DATABASE_URL; the standby goes on and beats again")  # fmt: skip
         time.sleep(seconds)
 
-    return leases.standby(holder_id("learner"), poll_s=config.lease_renew_s, sleep=beat_then_sleep)
+    lease = leases.standby(holder_id("learner"), poll_s=config.lease_renew_s, sleep=beat_then_sleep)
+    lease.renew_while_starting(config.lease_renew_s)  # until the Faust app's own renewals begin
+    return lease
 
 
 def judge_model(settings: Settings) -> tuple[str, str]:

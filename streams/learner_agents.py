@@ -211,6 +211,7 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
 
     @app.timer(interval=lease_renew_s)
     async def renew_lease() -> None:
+        lease.started()  # the loop renews now; the start-up thread stops
         try:
             await asyncio.to_thread(lease.renew)
         except LeaseLost as error:

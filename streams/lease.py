@@ -50,11 +50,12 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from sqlalchemy import update
@@ -215,6 +216,7 @@ class HeldLease:
     holder: str
     epoch: int
     tenure: Tenure
+    _starting: threading.Event | None = field(default=None, repr=False)
 
     @contextmanager
     def writing(self) -> Iterator[Session]:
@@ -247,6 +249,29 @@ class HeldLease:
         """Renew in a transaction of its own; :class:`LeaseLost` if another process holds it."""
         with self.writing():
             pass
+
+    def renew_while_starting(self, every_s: float) -> None:
+        """Renew from a thread until :meth:`started`: between the takeover and the learner's
+        event loop renewing (loading the checkpoint, or rebuilding one from the archive, can
+        take minutes), so no other standby takes the lease from a learner still starting.
+        Afterwards only the event loop renews, so a hung loop loses the lease."""
+        self._starting = threading.Event()
+
+        def run(starting: threading.Event) -> None:
+            while not starting.wait(every_s):
+                try:
+                    self.renew()
+                except LeaseLost:
+                    return  # the learner's first renewal or checkpoint says so, and stops it
+                except Exception:  # noqa: BLE001 - the store is out of reach: try again
+                    log.warning("learners.lease_renew_failed", holder=self.holder, epoch=self.epoch, exc_info=True)
+
+        threading.Thread(target=run, args=(self._starting,), name="lease-while-starting", daemon=True).start()
+
+    def started(self) -> None:
+        """The learner's event loop renews from now on: the thread of :meth:`renew_while_starting` ends."""
+        if self._starting is not None:
+            self._starting.set()
 
     def expired(self) -> bool:
         """No renewal has succeeded for the lease's time to live: a standby may hold it now."""

@@ -5,6 +5,8 @@ Time is a fake clock (each process measures the lease on its own clock); the sto
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import delete, select
 
@@ -157,3 +159,17 @@ def checkpoint(sessions) -> tuple[int, bytes]:
     with sessions() as session:
         row = session.get(StreamCheckpoint, (NAME, STATE_ROW))
         return row.offset, row.state
+
+
+def test_a_learner_still_starting_keeps_its_lease(store):
+    held = Leases(store, NAME, ttl_s=TTL).take("a", None)
+    held.renew_while_starting(0.02)  # loading a checkpoint, rebuilding one: the loop does not renew yet
+    deadline = time.monotonic() + 10
+    while Leases(store, NAME, ttl_s=TTL).read().beat < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    held.started()  # the event loop renews from now on
+    time.sleep(0.1)
+    beat = Leases(store, NAME, ttl_s=TTL).read().beat
+    assert beat >= 3
+    time.sleep(0.1)
+    assert Leases(store, NAME, ttl_s=TTL).read().beat == beat, "the thread stopped"
