@@ -9,6 +9,9 @@ folding the same examples takes: none lost, none extra. The examples are on one 
 the order the standby replays them in is the dead learner's (across partitions it may differ:
 docs/deployment.md, "Running a standby learner").
 
+A second test pauses the active learner (SIGSTOP) past the lease's time to live and wakes it
+after the standby took over: it must stop (``learners.lease_lost``) without writing.
+
 The 30 s bound is a liveness bound, not a benchmark: the takeover waits for the lease's time
 to live (8 s by default) and then starts a Faust worker and joins the consumer group
 (seconds); on this 2-core machine beside other tests that took 12-20 s, so 30 s leaves room
@@ -22,6 +25,7 @@ import asyncio
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -191,4 +195,51 @@ async def test_a_standby_takes_over_from_the_checkpoint_with_no_decision_lost_or
         await producer.stop()
         for process in (active, standby):
             if process is not None:
+                stop_worker(process)
+
+
+async def test_a_paused_learner_that_lost_its_lease_stops_without_writing(tmp_path, own_broker, database_url):
+    """SIGSTOP the active learner (a paused VM) until the standby has taken over, then SIGCONT:
+    it must stop with ``learners.lease_lost`` and leave the new active's checkpoint alone."""
+    settings = make_settings(tmp_path, own_broker.port, database_url=database_url,
+                             learners=LearnerSettings(**LEARNERS))  # fmt: skip
+    settings.data_dir.mkdir(parents=True)
+    migrations.upgrade(settings.store_url)
+    await ensure_topics(settings)
+    sessions = make_sessionmaker(make_engine(settings.store_url))
+    values = examples()[:200]
+    paused = start_learner(settings, "paused")
+    standby = None
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        await wait_for(lambda: (row := lease(sessions)) and row.holder, 60, "the first lease")
+        standby = start_learner(settings, "standby")
+        for value in values[:100]:
+            await producer.send(EXAMPLES.name, value, key=b"one")
+        await producer.flush()
+        await wait_for(lambda: (s := newest(sessions)) and s.examples == 100, 60, "the first examples learned")
+        os.killpg(paused.pid, signal.SIGSTOP)
+        await wait_for(lambda: lease(sessions).epoch == 2, 60, "the standby's takeover")
+        for value in values[100:]:
+            await producer.send(EXAMPLES.name, value, key=b"one")
+        await producer.flush()
+        await wait_for(lambda: newest(sessions).examples == 200, 60, "the standby learning")
+
+        os.killpg(paused.pid, signal.SIGCONT)
+        code = await asyncio.to_thread(paused.wait, 60)
+        assert code != 0, "it stopped itself"
+        assert b"learners.lease_lost" in (tmp_path / "paused.log").read_bytes()
+        await asyncio.sleep(2)
+        assert f":{standby.pid}:" in lease(sessions).holder and standby.poll() is None
+        with sessions() as session:
+            row = session.get(StreamCheckpoint, ("feedloop-learners", 0))
+        assert pickle.loads(zlib.decompress(row.state)).examples == 200, "the paused one wrote nothing over it"
+        assert newest(sessions).examples == 200
+    finally:
+        await producer.stop()
+        for process in (paused, standby):
+            if process is not None:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGCONT)
                 stop_worker(process)
