@@ -14,9 +14,11 @@ with it) and only reads the row.
   same (epoch, beat) for ``lease_ttl_s`` on its *own* monotonic clock (:class:`Watch`); the
   holder calls itself expired when its last successful renewal *started* ``lease_ttl_s`` ago
   on *its* own clock (:class:`Tenure`) and stops. No timestamp of one host is compared with
-  another's, so clock skew between hosts cannot hand the lease to two processes; the holder's
-  bound starts before the standby's (the renewal starts before its commit is seen), so a
-  holder cut off from the store has stopped by the time a standby may take over.
+  another's, so clock skew between hosts cannot move a takeover earlier; the holder's bound
+  starts before the standby's (the renewal starts before its commit is seen), so a holder cut
+  off from the store stops at its first renewal attempt past the bound, about when a standby
+  may take over (a renewal stuck in a TCP timeout delays that: the fence below is what keeps
+  the state safe, and the outputs it sends meanwhile carry the ids the new active gives them).
 - **Takeover** is a compare-and-set on the (epoch, beat) the standby watched stand still:
   ``UPDATE ... SET holder=me, epoch=epoch+1 WHERE epoch=:seen AND beat=:seen`` (a plain
   conditional UPDATE: atomic on SQLite and PostgreSQL alike). Of two standbys one wins; a
