@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -247,13 +248,23 @@ def worker(ctx: click.Context) -> None:
 @main.command()
 @click.pass_context
 def learn(ctx: click.Context) -> None:
-    """Run the online learners (router, drift, A/B test, review picks) until Ctrl-C; run ONE.
+    """Run the online learners (router, drift, A/B test, review picks) until Ctrl-C.
 
     Their state is global (one router for the gateway), so unlike `feedloop worker` this
-    does not scale out: a second one would split the examples between two routers."""
-    from app.runtime import build_learner_app
+    does not scale out: start a second one as a standby. The one that holds the lease in the
+    store learns; the others wait and take over when it stops renewing it
+    (FEEDLOOP_LEARNERS__LEASE_TTL_S), from its last checkpoint."""
+    import migrations
+    from app.runtime import build_learner_app, learner_standby
 
-    _run_faust(_settings(ctx), "learner", build_learner_app)
+    settings = _settings(ctx)
+    migrations.upgrade(settings.store_url)  # the lease lives in the store
+    standby = _heartbeat(settings, "learner", detail=lambda: {"role": "standby"})  # ready: waiting is its work
+    lease = learner_standby(settings, beat=standby.beat)
+    try:
+        _run_faust(settings, "learner", functools.partial(build_learner_app, lease=lease))
+    finally:
+        lease.release()  # a standby takes over at once; a no-op for a learner another one fenced
 
 
 @main.command()

@@ -67,6 +67,7 @@ log = structlog.get_logger(__name__)
 USER_EVENT_TYPES = ("interaction", "feedback", "annotation")
 PIPELINE_CONSUMER = "feedloop-pipeline"  # app.runtime.PIPELINE_CONSUMER, which imports the gateway
 RECENT = 20  # dead letters and drift alarms listed
+LEARNER_DECISIONS = (DriftAlarm, AdapterPromoted, AdapterRolledBack)  # control events with stable ids
 RECENT_BATCHES = 30
 SMOOTHING_BUCKETS = 6  # buckets averaged into each traffic and reward point
 PROMOTED = "promoted"  # the one timeline entry that is not a state the adapter entered
@@ -362,6 +363,10 @@ class ArchiveFold:
         self.recent_drift_alarms: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.batches_emitted = 0
         self.seen_examples: set[tuple[str, str]] = set()  # (app id, example id): as the learner de-duplicates
+        # Ids of the learner's decisions: a verdict or drift alarm sent again (an unconfirmed
+        # output, or one a standby re-derived after a takeover, docs/deployment.md) is one event.
+        # (An adapter_loaded announced again is shown again: the timeline tells of it.)
+        self.seen_control: set[str] = set()
         self.undecodable = 0
         self.ab_paths = TimeBuckets(_keep_later)  # newest decision per experiment (its newest closed_at)
         self.loss_weights = LossWeights()
@@ -424,6 +429,10 @@ class ArchiveFold:
             self._follow(outcome.transition, at)
 
     def _control(self, event: Any) -> None:
+        if isinstance(event, LEARNER_DECISIONS):
+            if event.event_id in self.seen_control:
+                return  # counted once, and a drift alarm must not end the tests a second time
+            self.seen_control.add(event.event_id)
         at = event.occurred_at.timestamp()
         if isinstance(event, BatchEmitted):
             self.batches_emitted += 1

@@ -7,6 +7,8 @@ demo and the tests run several in one event loop with the same functions.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import structlog
 import uvicorn
@@ -17,11 +19,13 @@ from app.settings import Settings
 from streams.store import make_engine, make_sessionmaker
 from streams.archive import Archiver
 from streams.broker_life import BrokerLife, cluster_id
+from streams.lease import HeldLease, Leases, holder_id
 from streams.topics import ARCHIVED_TOPICS
 
 log = structlog.get_logger(__name__)
 
 PIPELINE_CONSUMER = "feedloop-pipeline"
+LEARNER_CONSUMER = "feedloop-learners"  # the learner's consumer group, checkpoint and lease
 
 
 def tune_gc(batch: bool = False) -> None:
@@ -106,19 +110,39 @@ def build_pipeline_app(settings: Settings, cluster: str):
     return app
 
 
-def build_learner_app(settings: Settings, cluster: str):
-    """The Faust app running the online learners: its own consumer group, one process."""
+def build_learner_app(settings: Settings, cluster: str, lease: HeldLease):
+    """The Faust app running the online learners: its own consumer group, run only by the
+    process that holds the learner's lease (``LEARNER_CONSUMER``: streams/lease.py)."""
     from app.faust_app import make_faust_app
     from streams.learner_agents import LiveLearner, register_learners
 
     config = settings.learners
     sessions = make_sessionmaker(make_engine(settings.store_url))
-    learner = LiveLearner(config, sessions, objects=settings.objects, consumer="feedloop-learners",
-                          cluster_id=cluster, snapshots_kept=config.snapshots_kept)  # fmt: skip
-    app = make_faust_app(settings, name="feedloop-learners")
+    learner = LiveLearner(config, sessions, objects=settings.objects, consumer=LEARNER_CONSUMER,
+                          cluster_id=cluster, snapshots_kept=config.snapshots_kept, lease=lease)  # fmt: skip
+    app = make_faust_app(settings, name=LEARNER_CONSUMER)
     register_learners(app, learner, checkpoint_interval_s=config.checkpoint_interval_s,
-                      life=BrokerLife(settings.kafka, cluster, "learner"))
+                      life=BrokerLife(settings.kafka, cluster, "learner"), lease_renew_s=config.lease_renew_s)
     return app
+
+
+def learner_standby(settings: Settings, beat: Callable[[], None]) -> HeldLease:
+    """Wait as a standby learner until this process holds the learner's lease, calling
+    ``beat`` (its liveness heartbeat) at every poll."""
+    config = settings.learners
+    leases = Leases(make_sessionmaker(make_engine(settings.store_url)), LEARNER_CONSUMER, ttl_s=config.lease_ttl_s)
+
+    def beat_then_sleep(seconds: float) -> None:
+        try:
+            beat()
+        except Exception as error:  # noqa: BLE001 - liveness reporting never stops the process it reports on
+            log.warning("liveness.beat_failed", process="learner", error=str(error)[:300],
+                        hint="check FEEDLOOP_DATABASE_URL; the standby goes on and beats again")  # fmt: skip
+        time.sleep(seconds)
+
+    lease = leases.standby(holder_id("learner"), poll_s=config.lease_renew_s, sleep=beat_then_sleep)
+    lease.renew_while_starting(config.lease_renew_s)  # until the Faust app's own renewals begin
+    return lease
 
 
 def judge_model(settings: Settings) -> tuple[str, str]:

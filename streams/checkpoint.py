@@ -64,6 +64,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from streams.archive import ArchivedRecord, read_segment, segments
 from streams.broker_life import BrokerLife, NewBrokerLife
 from streams.objects import ObjectStore
+from streams.lease import LeaseLost
 from streams.store import ArchiveSegment, StreamCheckpoint
 
 log = structlog.get_logger(__name__)
@@ -262,8 +263,8 @@ class Unacked(Generic[T]):
                 await write(produced)
             except BaseException as error:
                 self._events, self._produced = events + self._events, produced + self._produced
-                if not isinstance(error, Exception) or isinstance(error, NewBrokerLife):
-                    raise  # cancelled (shutting down), or a new broker: the process stops
+                if not isinstance(error, Exception) or isinstance(error, (NewBrokerLife, LeaseLost)):
+                    raise  # cancelled (shutting down), a new broker, another learner active: the process stops
                 log.warning("checkpoint.write_failed", consumer=self.consumer, exc_info=True,
                             unacknowledged=sum(len(e) for _, e in self._events),
                             action="the records stay unacknowledged and the next checkpoint retries them; "

@@ -132,8 +132,23 @@ class LearnerSettings(BaseModel):
         "and it is not behind the champion; then the router decides.",
     )
 
+    lease_ttl_s: float = Field(
+        8.0, gt=0,
+        description="A standby `feedloop learn` takes over once the active one's lease has not been renewed for this "
+        "long (each process on its own clock); the active stops itself when its renewals fail this long. "
+        "A takeover then restores the checkpoint and joins the consumer group: about this plus 5-10 s.",
+    )  # fmt: skip
+    lease_renew_s: float = Field(
+        2.0, gt=0,
+        description="How often the active learner renews its lease (each checkpoint renews it too), and how often a "
+        "standby reads it; at most a third of lease_ttl_s, so that a few failed renewals are not a takeover.",
+    )  # fmt: skip
+
     @model_validator(mode="after")
     def _check_ab_samples(self) -> LearnerSettings:
         if self.ab_max_samples is not None and self.ab_max_samples < self.ab_min_samples:
             raise ValueError("ab_max_samples must be at least ab_min_samples (or null: no limit)")
+        if self.lease_renew_s * 3 > self.lease_ttl_s:
+            raise ValueError(f"lease_renew_s ({self.lease_renew_s}) must be at most a third of lease_ttl_s "
+                             f"({self.lease_ttl_s}): raise FEEDLOOP_LEARNERS__LEASE_TTL_S or lower __LEASE_RENEW_S")
         return self

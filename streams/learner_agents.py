@@ -13,7 +13,9 @@
 The state is global, not per partition: the gateway needs one routing distribution, and the
 A/B test and the review budget are global. It runs in its own Faust app (consumer group
 ``feedloop-learners``, command ``feedloop learn``), not inside the pipeline workers, which
-scale out by partition and would each get a slice of the examples: run exactly ONE learner.
+scale out by partition and would each get a slice of the examples. One learner is active:
+the process that holds the lease (streams/lease.py); every checkpoint is fenced by it, and
+other `feedloop learn` processes wait as standbys without joining the consumer group.
 It reads every partition of the examples topic and the control topic in one agent, so one
 coroutine owns the state and no lock is needed.
 
@@ -46,6 +48,7 @@ from streams.checkpoint import Checkpoints, Position, Rebuild, Unacked, pickled
 from streams.config import LearnerSettings
 from streams.objects import ObjectStore
 from streams.store import RouterSnapshot
+from streams.lease import HeldLease, LeaseLost
 from streams.learning import LearnerOutputs, LearnerState
 from streams.learning import RouterSnapshot as Snapshot
 from streams.topics import CONTROL, DEAD_LETTER, EXAMPLES, REVIEW, control_key, dead_letter_key
@@ -81,8 +84,11 @@ class LiveLearner:
     """The learner state with its checkpoint and the router snapshots it publishes."""
 
     def __init__(self, config: LearnerSettings, sessions: sessionmaker, *, objects: ObjectStore, consumer: str,
-                 cluster_id: str, snapshots_kept: int) -> None:
+                 cluster_id: str, snapshots_kept: int, lease: HeldLease | None = None) -> None:
+        """``lease``: the lease `feedloop learn` holds (streams/lease.py); every checkpoint is
+        fenced by it. None only where one process has the store to itself (benchmarks, tests)."""
         self.sessions = sessions
+        self.lease = lease
         self.consumer = consumer
         self.snapshots_kept = snapshots_kept
         self.checkpoints = Checkpoints(sessions, objects, consumer=consumer, cluster_id=cluster_id,
@@ -124,7 +130,7 @@ class LiveLearner:
                       pickled(self.state) if changed else None, self.state.snapshot() if publish else None)
 
     def _write(self, taken: _Taken) -> None:
-        with self.sessions.begin() as session:
+        with self.sessions.begin() if self.lease is None else self.lease.writing() as session:
             if taken.state is not None:
                 self.checkpoints.put(session, STATE_ROW, offset=taken.version, positions=taken.positions,
                                      state=taken.state)  # fmt: skip
@@ -153,7 +159,9 @@ def rebuild_learners(config: LearnerSettings) -> Rebuild[LearnerState]:
 
 
 def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interval_s: float,
-                      life: BrokerLife | None = None) -> None:
+                      life: BrokerLife | None = None, lease_renew_s: float | None = None) -> None:
+    """The agent and the checkpoint timer; with ``learner.lease``, a timer that renews it
+    every ``lease_renew_s`` and stops the process once it is lost or has run out."""
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(EXAMPLES.name, CONTROL.name, **raw)
     control = app.topic(CONTROL.name, **raw)
@@ -161,6 +169,7 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
 
     dead_letters = app.topic(DEAD_LETTER.name, **raw)
 
+    lease = learner.lease
     unacked: Unacked[None] = Unacked(learner.consumer, life)  # handled, not yet covered by a checkpoint
     deliveries = _Deliveries()
 
@@ -192,6 +201,37 @@ def register_learners(app: faust.App, learner: LiveLearner, *, checkpoint_interv
             counts, _ = await asyncio.to_thread(learner.checkpoints.unprocessed, (EXAMPLES.name, CONTROL.name))
             error.log((counts, None))  # examples and control events: republishing events does not bring them back
             await app.crash(error)  # the learner exits non-zero; started again, it reads the new broker
+        except LeaseLost as error:  # only a learner with a lease is fenced
+            assert lease is not None
+            await _stop_fenced(app, lease, error)
+
+    if lease is None:
+        return
+    assert lease_renew_s is not None, "a learner with a lease renews it"
+
+    @app.timer(interval=lease_renew_s)
+    async def renew_lease() -> None:
+        lease.started()  # the loop renews now; the start-up thread stops
+        try:
+            await asyncio.to_thread(lease.renew)
+        except LeaseLost as error:
+            await _stop_fenced(app, lease, error)
+        except Exception:  # noqa: BLE001 - the store is out of reach: go on until the lease runs out
+            if lease.expired():
+                log.error("learners.lease_expired", holder=lease.holder, epoch=lease.epoch, ttl_s=lease.tenure.ttl_s,
+                          exc_info=True, action="stopping: a standby may hold the lease now; check the store, then "
+                          "start this learner again (it waits as a standby)")  # fmt: skip
+                await app.crash(LeaseLost(f"no renewal succeeded for {lease.tenure.ttl_s} s"))
+            else:
+                log.warning("learners.lease_renew_failed", holder=lease.holder, epoch=lease.epoch, exc_info=True)
+
+
+async def _stop_fenced(app: faust.App, lease: HeldLease, error: LeaseLost) -> None:
+    """Another learner took over: stop before this one's outputs or state go any further."""
+    log.error("learners.lease_lost", holder=lease.holder, epoch=lease.epoch,
+              reason=str(error), action="stopping without writing: another learner is active; nothing to do "
+              "(start this one again and it waits as a standby)")  # fmt: skip
+    await app.crash(error)
 
 
 class UnconfirmedOutputs(RuntimeError):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Literal, Union
 
 import structlog
@@ -80,9 +79,12 @@ def combined_reward(rewards: dict[str, float | None], weights: dict[str, float])
 
 
 def _event_id(kind: str, *parts: str) -> str:
-    """A deterministic event id: the same decision taken again (after a crash) gets the same
-    id, and consumers de-duplicate by it. Hashed because adapter names and drift signals may
-    hold characters event ids do not allow."""
+    """A deterministic event id: the same decision taken again (after a crash or a takeover,
+    replayed from the checkpoint) gets the same id, and consumers de-duplicate by it. Its
+    parts name the example that caused it (app id, example id: each is learned once), so two
+    decisions never share an id: the base model can be rolled back twice (a drift alarm
+    reopens it), and its reward detector restarts its index. Hashed because adapter names and
+    drift signals may hold characters event ids do not allow."""
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
     return f"{kind}-{digest}"
 
@@ -197,7 +199,7 @@ class LearnerState:
             self.router.learn_one(example.adapter, features, reward)
             if alarm := self.drift.update_reward(example.adapter, reward, at):
                 out.control.append(self._drift_event(alarm, example))
-                out.control += self._preferences_moved(alarm.what, example.closed_at)
+                out.control += self._preferences_moved(alarm.what, example)
             out.control += self._feed_experiments(example, reward)
         if example.training_consent:  # review feeds training: never for users who opted out
             present = {c: r for c, r in example.rewards.items() if r is not None}
@@ -214,7 +216,7 @@ class LearnerState:
         if not math.isnan(alarm.mean_before):  # NaN has no JSON form: absent means "no data before"
             details["mean_before"] = alarm.mean_before
         log.info("learners.drift", signal=alarm.what, detector=alarm.detector, **details)
-        return DriftAlarm(event_id=_event_id("drift", alarm.what, str(alarm.index)),
+        return DriftAlarm(event_id=_event_id("drift", alarm.what, str(alarm.index), *example.key),
                           occurred_at=example.closed_at, source=SOURCE, signal=alarm.what,
                           detector=alarm.detector, detected_at=example.occurred_at, details=details)  # fmt: skip
 
@@ -224,7 +226,7 @@ class LearnerState:
                                               example.cohort):
             test, decision = outcome.test, outcome.decision
             if decision.verdict != "continue":
-                verdicts.append(self._verdict(test, decision, outcome.transition, example.closed_at,
+                verdicts.append(self._verdict(test, decision, outcome.transition, example,
                                               decision.verdict))  # fmt: skip
                 self._follow(outcome.transition)
             elif test.challenger in self.router.caps and _canary_cleared(decision, test.min_samples):
@@ -233,7 +235,7 @@ class LearnerState:
                          n_challenger=decision.n_challenger)  # fmt: skip
         return verdicts
 
-    def _preferences_moved(self, signal: str, at: datetime) -> list[ControlOut]:
+    def _preferences_moved(self, signal: str, example: AnnotatedExample) -> list[ControlOut]:
         """A reward drift alarm: the lifecycle rolls the tests back and reopens the base model
         (``Lifecycle.preferences_moved`` says why). The learner publishes the rollbacks, and
         forgets the base model's rewards when its test starts afresh: those from before the
@@ -242,24 +244,26 @@ class LearnerState:
         if any(test.challenger == self.lifecycle.fallback for test in moved.started):
             self.drift.forget_reward(self.lifecycle.fallback)
         self._follow(moved)
-        return [self._verdict(test, test.decision(), moved, at, "ended_by_drift")
+        return [self._verdict(test, test.decision(), moved, example, "ended_by_drift")
                 for test, how in moved.ended if how == ROLLBACK]  # fmt: skip
 
-    def _verdict(self, test: ABTest, decision: ABDecision, transition: Transition, at: datetime,
+    def _verdict(self, test: ABTest, decision: ABDecision, transition: Transition, example: AnnotatedExample,
                  verdict: str) -> ControlOut:  # fmt: skip
-        """The control event of a test the lifecycle has ended; applied already, so that when it
-        comes back on the control topic it is a no-op and it is never published twice."""
+        """The control event of a test the lifecycle has ended at ``example``; applied already,
+        so that when it comes back on the control topic it is a no-op and it is never
+        published twice."""
+        at, cause = example.closed_at, example.key
         evidence = {k: float(v) for k, v in (("lift", decision.lift), ("lower", decision.lower),
                     ("upper", decision.upper), ("n_champion", decision.n_champion),
                     ("n_challenger", decision.n_challenger)) if math.isfinite(v)}  # fmt: skip
         if transition.promoted == test.challenger:
             event: ControlOut = AdapterPromoted(
-                event_id=_event_id("promote", test.challenger), occurred_at=at, source=SOURCE,
+                event_id=_event_id("promote", test.challenger, *cause), occurred_at=at, source=SOURCE,
                 adapter=test.challenger, previous_champion=test.champion, evidence=evidence,
             )  # fmt: skip
         else:
             event = AdapterRolledBack(
-                event_id=_event_id("rollback", test.challenger), occurred_at=at, source=SOURCE,
+                event_id=_event_id("rollback", test.challenger, *cause), occurred_at=at, source=SOURCE,
                 adapter=test.challenger, reason=transition.rolled_back[test.challenger], evidence=evidence,
             )  # fmt: skip
         log.info("learners.ab_verdict", verdict=verdict, challenger=test.challenger, champion=test.champion,

@@ -2,8 +2,9 @@
 
 Archive segments (where each stretch of the log is kept on disk), the adapter registry,
 curated batches, erasures, A/B experiments, stream checkpoints and router snapshots: each
-derived from events and rebuilt by replaying the log. Process heartbeats are the one
-exception: they say which processes run now, which no log can tell. The schema is created and
+derived from events and rebuilt by replaying the log. Process heartbeats and the
+learner's lease are the exceptions: they say which processes run now and which learner is
+active, which no log can tell. The schema is created and
 changed only by the Alembic migrations in ``migrations/`` (``feedloop db upgrade``); SQLite by
 default, PostgreSQL in production.
 """
@@ -212,6 +213,25 @@ class ProcessHeartbeat(Base):
     ready: Mapped[bool] = mapped_column(Boolean, default=False, doc="Doing its work (not starting up).")
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="What the process says it is doing.")
+
+
+class LearnerLease(Base):
+    """Which `feedloop learn` process is the active learner, at which epoch (streams/lease.py).
+
+    The holder bumps ``beat`` every few seconds and in each checkpoint transaction, which
+    writes only while holder and epoch are still its own; a standby that sees ``beat`` stand
+    still for the lease's time to live takes the row over with the next epoch.
+    """
+
+    __tablename__ = "learner_leases"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True, doc="The learner's consumer group.")
+    holder: Mapped[str | None] = mapped_column(String(255), nullable=True, doc="process@host:pid:token; none: released.")
+    epoch: Mapped[int] = mapped_column(BigInteger, doc="Bumped by every takeover: a writer of an older one is fenced.")
+    beat: Mapped[int] = mapped_column(BigInteger, doc="Renewals by this holder at this epoch.")
+    renewed_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), doc="The holder's clock at its last renewal (shown to operators; never compared)."
+    )
 
 
 STORE_FILE = "feedloop.db"  # the SQLite store in the data directory, when no database URL is set

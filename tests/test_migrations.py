@@ -18,10 +18,10 @@ from streams.store import (NAMING_CONVENTION, Adapter, Base, Batch, Erasure, Str
                            make_sessionmaker)
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAD = "0008"
+HEAD = "0009"
 
 TABLES = {"archive_segments", "adapters", "batches", "experiments", "stream_checkpoints", "router_snapshots",
-          "process_heartbeats", "erasures"}
+          "process_heartbeats", "erasures", "learner_leases"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -173,6 +173,12 @@ def test_after_a_reward_drift_alarm_the_base_model_is_a_challenger_again(session
     overview = OverviewSource(settings, sessions).read()
     assert overview.champion == "chall" and overview.challengers == ["champ"]
     assert [(x.challenger, x.champion, x.status) for x in overview.experiments][-1] == ("champ", "chall", "running")
+    # The same alarm again (a learner's output sent twice, or re-derived by a standby after a
+    # takeover): one event, counted once, and the base model's new test is not restarted.
+    seal(sessions, settings, CONTROL.name, [alarm])
+    again = OverviewSource(settings, sessions).read()
+    assert again.drift_alarms == {"feature:domain=code": 1, "reward:chall": 1}
+    assert [(x.challenger, x.status) for x in again.experiments] == [(x.challenger, x.status) for x in overview.experiments]
 
 
 def test_each_segment_is_read_once_and_a_new_store_starts_over(sessions, settings):

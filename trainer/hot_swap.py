@@ -22,7 +22,9 @@ under test waits; when the test ends, the newest waiting adapter is loaded and t
 ones are ``superseded`` (announced as ``adapter_refused`` with that reason), since they
 were trained from older feedback. A drift alarm on rewards supersedes everything waiting:
 it was trained before the users' preferences moved (the learner ends the running test for
-the same reason). ``retired`` is only ever a former champion.
+the same reason); a copy of an alarm already acted on (same event id) changes nothing, as
+long as the controller has not restarted between the two. ``retired`` is only ever a former
+champion.
 
 Every unload is announced with ``adapter_unloaded``. Nothing is unloaded before the router
 has stopped sending traffic to it (the drain), and nothing gets traffic before it is loaded
@@ -115,6 +117,7 @@ class SwapController:
         self.pending: dict[str, datetime] = {}  # admitted, not yet on any replica -> admission time
         self.waiting: dict[str, AdapterSpec] = {}  # validated, held back while others are under test
         self._drains: list[_Drain] = []
+        self._drift_alarms: set[str] = set()  # event ids of the drift alarms acted on (this process's life)
         self._next_reconcile = 0.0
 
     @property
@@ -132,8 +135,11 @@ class SwapController:
         if isinstance(event, AdapterRolledBack):
             self._roll_back(event)
             return self._admit()
-        if isinstance(event, DriftAlarm) and event.preferences_moved:
-            # What waits was trained on feedback from before.
+        if isinstance(event, DriftAlarm) and event.preferences_moved and event.event_id not in self._drift_alarms:
+            # What waits was trained on feedback from before. The same alarm again (a learner's
+            # output sent twice, or re-derived by a standby that took over) must not supersede
+            # the adapters that arrived since the first copy: they were trained after the shift.
+            self._drift_alarms.add(event.event_id)
             detail = f"trained before the users' preferences moved (drift alarm on {event.signal})"
             stale, self.waiting = list(self.waiting), {}
             return [self._supersede(name, detail) for name in stale]

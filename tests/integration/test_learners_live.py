@@ -76,7 +76,10 @@ async def test_learners_route_learn_decide_and_survive_sigkill(tmp_path, own_bro
     settings = make_settings(tmp_path, own_broker.port, learners=LearnerSettings(**LEARNERS))
     stack, stop = await start_stack(settings)
     sessions = make_sessionmaker(make_engine(settings.store_url))
-    pipeline, learner = start_worker(settings), start_learner(settings)
+    # The pipeline starts once the events are in: its first idle tick (wall-clock time) would
+    # otherwise close every window before the events of an hour ago came, and all their
+    # feedback would be late (with the learner's start a little slower, 3 runs in 3 were).
+    pipeline, learner = None, start_learner(settings)
     http = httpx.AsyncClient(base_url=stack.base_url, timeout=30)
     try:
         producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
@@ -93,6 +96,7 @@ async def test_learners_route_learn_decide_and_survive_sigkill(tmp_path, own_bro
         # Code and chat traffic, then the mix moves to math.
         total = 240
         await simulate(http, ["code", "chat"] * 60 + ["math"] * 120, start=0)
+        pipeline = start_worker(settings)
         await wait_for(lambda: (s := newest_snapshot(sessions)) and s.examples >= total, 120, "every example learned")
 
         def control_of(kind: str, prefix: str = ""):
@@ -141,7 +145,8 @@ async def test_learners_route_learn_decide_and_survive_sigkill(tmp_path, own_bro
     finally:
         await http.aclose()
         stop_worker(learner)
-        stop_worker(pipeline)
+        if pipeline is not None:
+            stop_worker(pipeline)
         await stop()
 
 

@@ -12,6 +12,7 @@ MODULES = [
     "learners.off_policy",
     "learners.ridge",
     "learners.router",
+    "streams.lease",
     "streams.lifecycle",
 ]
 

@@ -173,6 +173,20 @@ def test_one_experiment_at_a_time_the_newest_waiting_adapter_goes_next(setup, tr
 
 
 @pytest.mark.parametrize("setup", [1], indirect=True)
+def test_the_same_drift_alarm_again_supersedes_nothing_that_came_after_it(setup, trained: Trained, models):
+    controller, sessions, _, learner, _ = setup
+    concise, detailed = trained.concise.adapter, trained.detailed.adapter
+    apply(learner, controller.handle(trained.concise))
+    alarm = DriftAlarm(event_id="drift-reward", occurred_at=utcnow(), source="learners", signal=f"reward:{concise}",
+                       detector="ADWIN", detected_at=utcnow())  # fmt: skip
+    assert controller.handle(alarm) == [], "nothing waited"
+    assert controller.handle(trained.detailed) == [], "trained after the alarm, it waits while concise is tested"
+    # A copy (an output the learner sent again, or one a standby re-derived after a takeover).
+    assert controller.handle(alarm) == []
+    assert state(sessions, detailed).state == "ready"
+
+
+@pytest.mark.parametrize("setup", [1], indirect=True)
 def test_a_reward_drift_alarm_supersedes_what_waits(setup, trained: Trained, models):
     controller, sessions, _, learner, replica = setup
     concise, detailed = trained.concise.adapter, trained.detailed.adapter
