@@ -304,7 +304,7 @@ def train(ctx: click.Context, retry: str | None) -> None:
         return TrainerWorker(settings.trainer, settings.kafka, make_sessionmaker(make_engine(settings.store_url)),
                              data_dir=settings.data_dir, base_model_dir=settings.model_path,
                              adapters_dir=settings.adapters_path, batches_dir=settings.batches_dir,
-                             suites=suites)  # fmt: skip
+                             suites=suites, adapter_store=settings.adapter_store)  # fmt: skip
 
     _serve_until_signal(settings, "trainer", build)
 
