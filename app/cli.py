@@ -314,7 +314,7 @@ def train(ctx: click.Context, retry: str | None) -> None:
     async def build() -> TrainerWorker:
         return TrainerWorker(settings.trainer, settings.kafka, make_sessionmaker(make_engine(settings.store_url)),
                              objects=settings.objects, base_model_dir=settings.model_path,
-                             adapters_dir=settings.adapters_path, suites=suites)  # fmt: skip
+                             adapters_dir=settings.adapters_path, suites=suites, adapter_store=settings.adapter_store)  # fmt: skip
 
     _serve_until_signal(settings, "trainer", build)
 

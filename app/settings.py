@@ -24,6 +24,7 @@ from streams.objects import ObjectStorage, ObjectStore
 from streams.pseudonyms import KeyStore
 from streams.self_eval import JudgeSettings
 from streams.store import store_url
+from trainer.adapter_store import AdapterStore, adapter_objects
 from trainer.config import ServingSettings, TrainerConfig
 
 KIB = 1024
@@ -256,4 +257,11 @@ class Settings(BaseSettings):
 
     @property
     def adapters_path(self) -> Path:
+        """This host's adapters directory: where they are trained, staged and read by vLLM."""
         return self.adapter_dir or self.data_dir / "adapters"
+
+    @cached_property
+    def adapter_store(self) -> AdapterStore:
+        """Where every host finds adapters (``trainer.adapter_store``): the ``adapters``
+        folder of FEEDLOOP_STORAGE__URL, or, with none, the adapters directory itself."""
+        return AdapterStore(adapter_objects(self.storage, self.adapters_path), self.adapters_path)

@@ -129,3 +129,8 @@ class ServingSettings(BaseModel):
         15.0, gt=0, description="How often the controller re-checks every replica (one that came back is caught up)."
     )
     request_timeout_s: float = Field(120.0, gt=0, description="The chat gateway's timeout for one vLLM answer.")
+    replicas_fetch: bool = Field(
+        False, description="vLLM replicas fetch approved adapters from the object store themselves (feedloop's LoRA "
+        "resolver installed beside vLLM, FEEDLOOP_STORAGE__* set there); off: the controller sends each replica the "
+        "path it validated, which the replica must see (same host or a shared volume). docs/serving.md.",
+    )

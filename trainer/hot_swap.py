@@ -37,6 +37,11 @@ announced when one can. A replica that comes back gets the whole set on the next
 A restarted controller rebuilds the desired set from the registry (``resume``), which the
 control events wrote, and goes on from its committed offset on the control topic.
 
+Where the adapters' files are (``trainer.adapter_store``): with object storage, an adapter
+is staged from it onto this host's disk before it is validated, and, for replicas that fetch
+adapters themselves (``FEEDLOOP_SERVING__REPLICAS_FETCH``), approved there once admitted and
+withdrawn when it leaves the served set, so no replica can load it before or after.
+
 Plain Python; the I/O is the replicas (HTTP) and the store. The worker that feeds it control
 events is ``streams.control_consumer``, started by ``feedloop swap``.
 """
@@ -45,7 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import structlog
@@ -64,6 +69,8 @@ from streams.contract import (
     DriftAlarm,
     utcnow,
 )
+from streams.objects import ObjectMissing
+from trainer.adapter_store import AdapterStore
 from trainer.adapter_validation import AdapterRefused as Refused
 from trainer.adapter_validation import AdapterSpec, AdapterValidator
 from trainer.replicas import AdapterSet, HotSwapper, ReconcileReport
@@ -89,14 +96,17 @@ class SwapController:
         from trainer.serving import ensure_zero_delta_adapter
 
         base = ensure_zero_delta_adapter(settings.model_path, settings.adapters_path, rank=settings.trainer.lora.rank)
+        store = settings.adapter_store
+        store.publish(base.name, base.path)
         with sessions() as session:
             known = dict(session.execute(select(Adapter.name, Adapter.sha256)).tuples().all())
         validator = AdapterValidator(settings.adapters_path, base_model_sha256=base.base_model_sha256,
                                      max_lora_rank=settings.serving.max_lora_rank,
                                      served_model_name=settings.serving.served_model_name, known=known)  # fmt: skip
         serving = settings.serving
-        return cls(sessions, HotSwapper(AdapterSet(validator, base), settings.vllm_urls), drain_s=serving.drain_s,
-                   reconcile_interval_s=serving.reconcile_interval_s, max_challengers=serving.max_challengers)
+        swapper = HotSwapper(AdapterSet(validator, base), settings.vllm_urls, fetch=serving.replicas_fetch)
+        return cls(sessions, swapper, drain_s=serving.drain_s, reconcile_interval_s=serving.reconcile_interval_s,
+                   max_challengers=serving.max_challengers, store=store)
 
     def __init__(
         self,
@@ -107,9 +117,12 @@ class SwapController:
         reconcile_interval_s: float,
         max_challengers: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        store: AdapterStore | None = None,
     ) -> None:
+        """``store``: where adapters are staged from (None: their files are where the events say)."""
         self.sessions = sessions
         self.swapper = swapper
+        self.store = store
         self.drain_s = drain_s
         self.reconcile_interval_s = reconcile_interval_s
         self.max_challengers = max_challengers
@@ -119,6 +132,8 @@ class SwapController:
         self._drains: list[_Drain] = []
         self._drift_alarms: set[str] = set()  # event ids of the drift alarms acted on (this process's life)
         self._next_reconcile = 0.0
+        if store is not None and swapper.fetch:
+            self._approve(self.adapters.base.name)
 
     @property
     def adapters(self):
@@ -154,8 +169,8 @@ class SwapController:
             return []
         if event.adapter in self.adapters:
             return self._reconcile()  # a redelivered event: make sure it is served, announce again
-        spec = AdapterSpec.from_event(event)
         try:
+            spec = self._staged(AdapterSpec.from_event(event))
             self.adapters.validator.validate(spec)  # refuse at once, not after waiting
         except Refused as refused:
             return [self._refuse(event.adapter, refused.reason, refused.detail)]
@@ -180,6 +195,7 @@ class SwapController:
             self.adapters.add(spec)
         except Refused as refused:  # its files changed while it waited
             return out + [self._refuse(newest, refused.reason, refused.detail)]
+        self._approve(newest)
         self.pending[newest] = utcnow()  # admitted: the swap starts now
         return out + self._reconcile()
 
@@ -229,7 +245,7 @@ class SwapController:
                     return
                 row.state, row.reason = AdapterState.ROLLED_BACK, event.reason
         if self.pending.pop(event.adapter, None) is not None:
-            self.adapters.retire(event.adapter)  # never loaded: nothing to drain
+            self._retire(event.adapter)  # never loaded: nothing to drain
         else:
             self._drain(event.adapter)
         log.info("swap.rolled_back", adapter=event.adapter, reason=event.reason, source=event.source)
@@ -248,7 +264,7 @@ class SwapController:
         self._drains = [d for d in self._drains if d.due > now]
         for drain in due:
             if drain.adapter in self.adapters:
-                self.adapters.retire(drain.adapter)
+                self._retire(drain.adapter)
         if due or self.pending or now >= self._next_reconcile:
             return self._reconcile()
         return []
@@ -265,13 +281,14 @@ class SwapController:
         for row in rows:
             if row.name in self.adapters or row.name in self.waiting:
                 continue
-            spec = AdapterSpec(row.name, row.path, row.sha256, row.base_model_sha256)
             try:
+                spec = self._staged(AdapterSpec(row.name, row.path, row.sha256, row.base_model_sha256))
                 if row.state == AdapterState.READY:
                     self.adapters.validator.validate(spec)
                     self.waiting[row.name] = spec
                     continue
                 self.adapters.add(spec)
+                self._approve(row.name)
             except Refused as refused:
                 # A live adapter whose files changed: the gateway falls back to the base model.
                 log.error("swap.adapter_refused_on_resume", adapter=row.name, state=row.state, reason=refused.reason)
@@ -282,6 +299,28 @@ class SwapController:
             self.pending[row.name] = utcnow()
         out += self._reconcile()
         return out + self._admit()
+
+    # --- the adapters' store -----------------------------------------------------------------
+
+    def _staged(self, spec: AdapterSpec) -> AdapterSpec:
+        """The spec with a local path to validate: its files staged from the store onto this
+        host (nothing moves when the store is the local adapters directory)."""
+        if self.store is None:
+            return spec
+        try:
+            return replace(spec, path=self.store.stage(spec.name, spec.sha256))
+        except ObjectMissing as missing:
+            raise Refused(spec.name, "missing_file", f"{missing} is not in the adapter store {self.store.objects.url}")
+
+    def _approve(self, name: str) -> None:
+        """Let replicas that fetch adapters themselves load it: its validated digest, stored."""
+        if self.store is not None and self.swapper.fetch:
+            self.store.approve(name, self.adapters.desired[name].sha256)
+
+    def _retire(self, name: str) -> None:
+        self.adapters.retire(name)
+        if self.store is not None and self.swapper.fetch:
+            self.store.withdraw(name)  # no replica can fetch it again by name
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -297,7 +336,7 @@ class SwapController:
             up = [r for r in report.replicas if r.up]
             if up and all(name in r.errors for r in up):
                 detail = "; ".join(r.errors[name] for r in up)
-                self.adapters.retire(name)
+                self._retire(name)
                 del self.pending[name]
                 out.append(self._refuse(name, "load_failed", f"no replica could load it: {detail}"))
             elif not up:

@@ -11,7 +11,9 @@ POST /v1/load_lora_adapter         200 loaded; 400 name already loaded (any path
 POST /v1/unload_lora_adapter       200 unloaded; 404 name not loaded
 GET /v1/models                     the base model (``parent`` null) and every adapter
                                    (``parent`` = base name, ``root`` = adapter path)
-POST /v1/completions (model=X)     404 when X is not loaded
+POST /v1/completions (model=X)     404 when X is not loaded and no LoRA resolver finds it
+                                   (with feedloop's resolver, ``trainer.lora_resolver``, the
+                                   replica fetches an approved adapter from the object store)
 =================================  ==========================================================
 
 Connection errors (replica down, restarting) are retried with exponential backoff, then
@@ -19,7 +21,9 @@ raised as :class:`ReplicaUnavailable`. Everything else maps to a named error.
 
 ``AdapterSet`` is the desired set (validated adapters, by immutable name) and
 ``HotSwapper`` reconciles N replicas to it: load what is missing, unload what is retired,
-verify with ``/v1/models``, report per replica. A replica that was down simply gets the
+verify with ``/v1/models``, report per replica. It loads by path (the replica reads the path
+the controller validated) or, with ``fetch``, by name (the replica fetches the approved
+adapter from the object store into a directory of its own, so only names are compared). A replica that was down simply gets the
 whole set on the next ``reconcile()``. Plain and deterministic: no Kafka, no threads.
 """
 
@@ -184,6 +188,23 @@ class ReplicaClient:
             raise AdapterPathNotFound(self.url, f"load {name!r} from {path} -> 404: {message}", 404)
         raise ReplicaError(self.url, f"load {name!r} -> {response.status_code}: {message}", response.status_code)
 
+    def fetch_adapter(self, name: str) -> bool:
+        """Have the replica fetch ``name`` through its LoRA resolver: a one-token request
+        naming it (vLLM resolves a model it does not have). True if it was not loaded before."""
+        if name in self.list_adapters():
+            return False
+        body = {"model": name, "prompt": "0", "max_tokens": 1, "temperature": 0.0}
+        response = self._request("POST", "/v1/completions", json=body)
+        if response.status_code == 200:
+            log.info("adapter_fetched", url=self.url, adapter=name)
+            return True
+        message = self._message(response)
+        if response.status_code == 404:
+            raise AdapterPathNotFound(
+                self.url, f"fetch {name!r} -> 404: {message}; is feedloop installed beside vLLM there, with "
+                "FEEDLOOP_STORAGE__* and VLLM_ALLOW_RUNTIME_LORA_UPDATING set (docs/serving.md)?", 404)  # fmt: skip
+        raise ReplicaError(self.url, f"fetch {name!r} -> {response.status_code}: {message}", response.status_code)
+
     def unload_adapter(self, name: str, *, missing_ok: bool = False) -> bool:
         """Unload ``name``. True if unloaded; 404 raises :class:`AdapterNotLoaded` or, with
         ``missing_ok``, returns False. (vLLM frees the slot only at LRU eviction.)"""
@@ -291,9 +312,16 @@ class HotSwapper:
         replicas: Sequence[str | ReplicaClient],
         *,
         client_factory: Callable[[str], ReplicaClient] = ReplicaClient,
+        fetch: bool = False,
     ) -> None:
         self.adapters = adapters
         self.clients = [r if isinstance(r, ReplicaClient) else client_factory(r) for r in replicas]
+        self.fetch = fetch
+
+    def _serves(self, root: str | None, adapter: ValidatedAdapter) -> bool:
+        """Whether a replica's adapter at ``root`` is ``adapter``: the same path, or, for a
+        replica that fetches, any path (its resolver checked the approved digest)."""
+        return root is not None and (self.fetch or root == str(adapter.path))
 
     def reconcile(self) -> ReconcileReport:
         return ReconcileReport([self._reconcile_one(client) for client in self.clients])
@@ -317,14 +345,15 @@ class HotSwapper:
             order = [self.adapters.base.name] + sorted(set(desired) - {self.adapters.base.name})
             for name in order:
                 adapter = desired[name]
-                if present.get(name) == str(adapter.path):
+                if self._serves(present.get(name), adapter):
                     continue
                 if name in present:
                     # Same name, other files: never reload under an old name (stale caches).
                     report.errors[name] = f"conflict: loaded from {present[name]}, desired {adapter.path}"
                     continue
                 try:
-                    if client.load_adapter(name, str(adapter.path)):
+                    load = client.fetch_adapter(name) if self.fetch else client.load_adapter(name, str(adapter.path))
+                    if load:
                         report.loaded.append(name)
                 except (AdapterPathNotFound, AdapterConflict) as exc:
                     report.errors[name] = str(exc)
@@ -347,8 +376,9 @@ class HotSwapper:
             report.errors["replica"] = str(exc)
             log.warning("replica_unavailable", url=client.url, error=str(exc))
             return report
-        report.base_ready = report.serving.get(self.adapters.base.name) == str(self.adapters.base.path)
-        report.in_sync = report.serving == {name: str(adapter.path) for name, adapter in desired.items()}
+        report.base_ready = self._serves(report.serving.get(self.adapters.base.name), self.adapters.base)
+        report.in_sync = report.serving.keys() == desired.keys() and all(
+            self._serves(report.serving[name], adapter) for name, adapter in desired.items())
         log.info(
             "replica_reconciled",
             url=client.url,

@@ -15,6 +15,11 @@ nowhere: there is nothing to serve. A batch that would exceed the privacy budget
 
 The parent of each new adapter is the newest one still in line to serve
 (:func:`parent_for_next`): waiting, under test or champion; the base model before any.
+
+With object storage (``trainer.adapter_store``), the parent is staged from it before
+training (this trainer may not be the one that trained it), and a new adapter's files are
+uploaded before its ``adapter_ready`` goes out: the event is what makes it exist for the
+other hosts, and one sent again after a crash uploads again.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from streams.kafka import KafkaSettings
 from streams.objects import ObjectStore
 from streams.store import Adapter
 from streams.training_data import BATCHES, BatchFolder, batch_folder
+from trainer.adapter_store import AdapterStore
 from trainer.config import TrainerConfig
 from trainer.erasure import apply_erasures, record_erasure
 from trainer.gate import EvalSuite
@@ -92,8 +98,9 @@ class TrainerWorker:
 
     def __init__(self, config: TrainerConfig, kafka: KafkaSettings, sessions: sessionmaker, *, objects: ObjectStore,
                  base_model_dir: Path, adapters_dir: Path, suites: Sequence[EvalSuite] = (),
-                 group: str = GROUP) -> None:  # fmt: skip
+                 group: str = GROUP, adapter_store: AdapterStore | None = None) -> None:  # fmt: skip
         self.config = config
+        self.adapter_store = adapter_store or AdapterStore(ObjectStore(adapters_dir.absolute().as_uri()), adapters_dir)
         self.sessions = sessions
         self.suites = tuple(suites)
         self.objects, self.base_model_dir, self.adapters_dir = objects, base_model_dir, adapters_dir
@@ -122,12 +129,17 @@ class TrainerWorker:
         # Erasures first, whatever their order in the log: this batch may hold an erased user.
         await asyncio.to_thread(apply_erasures, self.sessions, self.objects, self.adapters_dir)
         self.training = event.batch_id
+        parent = parent_for_next(self.sessions)
         try:
+            if parent is not None:
+                await asyncio.to_thread(self._stage, parent)
             result = await asyncio.to_thread(
                 train_batch, BatchFolder(self.objects, folder), self.config, self.sessions,
                 base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir, objects=self.objects,
-                parent=parent_for_next(self.sessions), suites=self.suites,
+                parent=parent, suites=self.suites,
             )  # fmt: skip
+            if result.event is not None:
+                await asyncio.to_thread(self.adapter_store.publish, result.adapter, Path(result.event.path))
         except BatchAlreadyDone as exc:
             log.info("trainer.batch_done_already", batch_id=event.batch_id, reason=str(exc))
             return []
@@ -147,6 +159,12 @@ class TrainerWorker:
             return []
         log.info("trainer.adapter_ready", batch_id=event.batch_id, adapter=result.adapter, metrics=result.metrics)
         return [result.event]
+
+    def _stage(self, name: str) -> None:
+        with self.sessions() as session:
+            row = session.get(Adapter, name)
+        if row is not None and Path(row.path) == self.adapters_dir / name:  # staged where the registry says
+            self.adapter_store.stage(name, row.sha256)
 
     def liveness_detail(self) -> dict[str, str]:
         """What its heartbeat says it does (app/liveness.py): the batch in training, if any."""

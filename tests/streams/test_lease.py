@@ -125,7 +125,7 @@ def test_a_standby_waits_until_the_active_stops_renewing(store):
 async def test_a_fenced_learner_writes_no_checkpoint_and_no_snapshot(store, tmp_path):
     clock = Clock()
     active = leases(store, clock).take("a", None)
-    live = LiveLearner(LEARNERS, store, archive_dir=tmp_path / "archive", consumer=NAME, cluster_id="c1",
+    live = LiveLearner(LEARNERS, store, objects=ObjectStore(tmp_path.as_uri()), consumer=NAME, cluster_id="c1",
                        snapshots_kept=3, lease=active)  # fmt: skip
     stream = learner_records(ContextualEnvironment(), n=60)
     for record in stream[:30]:
@@ -146,7 +146,7 @@ async def test_a_fenced_learner_writes_no_checkpoint_and_no_snapshot(store, tmp_
     with store() as session:
         assert session.scalars(select(RouterSnapshot.version)).all() == [saved[0]]
 
-    resumed = LiveLearner(LEARNERS, store, archive_dir=tmp_path / "archive", consumer=NAME, cluster_id="c1",
+    resumed = LiveLearner(LEARNERS, store, objects=ObjectStore(tmp_path.as_uri()), consumer=NAME, cluster_id="c1",
                           snapshots_kept=3, lease=successor)  # fmt: skip
     assert (resumed.state.version, resumed.state.examples) == (saved[0], examples)
     for record in stream:  # redelivered from the committed offset: the first 30 are skipped
