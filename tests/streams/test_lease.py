@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import delete, select
 
 import migrations
+from streams.objects import ObjectStore
 from streams.lease import Lease, LeaseLost, Leases, Watch, may_write
 from streams.learner_agents import STATE_ROW, LiveLearner
 from streams.store import LearnerLease, RouterSnapshot, StreamCheckpoint, make_engine, make_sessionmaker
