@@ -113,14 +113,18 @@ async def read_topic(settings, topic: str) -> list[dict]:
     return values
 
 
-async def test_a_standby_takes_over_from_the_checkpoint_with_no_decision_lost_or_doubled(tmp_path, own_broker,
-                                                                                         database_url):  # fmt: skip
-    settings = make_settings(tmp_path, own_broker.port, database_url=database_url,
-                             learners=LearnerSettings(**LEARNERS))  # fmt: skip
+async def prepared(tmp_path, broker, database_url):
+    """Settings for learners on ``broker`` and ``database_url``, the store migrated, the topics made."""
+    settings = make_settings(tmp_path, broker.port, database_url=database_url, learners=LearnerSettings(**LEARNERS))
     settings.data_dir.mkdir(parents=True)
     migrations.upgrade(settings.store_url)
     await ensure_topics(settings)
-    sessions = make_sessionmaker(make_engine(settings.store_url))
+    return settings, make_sessionmaker(make_engine(settings.store_url))
+
+
+async def test_a_standby_takes_over_from_the_checkpoint_with_no_decision_lost_or_doubled(tmp_path, own_broker,
+                                                                                         database_url):  # fmt: skip
+    settings, sessions = await prepared(tmp_path, own_broker, database_url)
     values = examples()
     active = start_learner(settings, "active")
     standby = None
@@ -201,12 +205,7 @@ async def test_a_standby_takes_over_from_the_checkpoint_with_no_decision_lost_or
 async def test_a_paused_learner_that_lost_its_lease_stops_without_writing(tmp_path, own_broker, database_url):
     """SIGSTOP the active learner (a paused VM) until the standby has taken over, then SIGCONT:
     it must stop with ``learners.lease_lost`` and leave the new active's checkpoint alone."""
-    settings = make_settings(tmp_path, own_broker.port, database_url=database_url,
-                             learners=LearnerSettings(**LEARNERS))  # fmt: skip
-    settings.data_dir.mkdir(parents=True)
-    migrations.upgrade(settings.store_url)
-    await ensure_topics(settings)
-    sessions = make_sessionmaker(make_engine(settings.store_url))
+    settings, sessions = await prepared(tmp_path, own_broker, database_url)
     values = examples()[:200]
     paused = start_learner(settings, "paused")
     standby = None
