@@ -58,7 +58,6 @@ async def test_emitted_batch_becomes_one_announced_adapter(trained_base, session
 
     worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=settings.objects,
                            base_model_dir=settings.model_path, adapters_dir=settings.adapters_path,
-                           objects=settings.objects,
                            group=f"trainer-{uuid.uuid4().hex[:8]}")
     running = asyncio.create_task(worker.run())
     try:
