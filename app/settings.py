@@ -201,6 +201,15 @@ class Settings(BaseSettings):
         # temp dir) and registry rows must not depend on where they are read from.
         return None if value is None else value.absolute()
 
+    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> Settings:
+        """A copy with ``update``; what the cached properties derived (the object store, the
+        Kafka settings) is derived again from the copy's fields, not carried from these."""
+        copy = super().model_copy(update=update, deep=deep)
+        for name, member in vars(Settings).items():
+            if isinstance(member, cached_property):
+                copy.__dict__.pop(name, None)
+        return copy
+
     @cached_property
     def bootstrap_servers(self) -> str:
         """host:port list for Kafka clients."""

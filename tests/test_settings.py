@@ -44,3 +44,13 @@ def test_bad_broker_url_is_explained(monkeypatch):
     monkeypatch.setenv("FEEDLOOP_BROKER", "localhost:9092")
     with pytest.raises(ValidationError, match="kafka://host:port"):
         Settings()
+
+
+def test_a_copy_derives_its_stores_from_its_own_fields(tmp_path):
+    settings = Settings(data_dir=tmp_path / "one", embedded_broker_port=9101)
+    assert settings.objects.url.endswith("/one") and settings.bootstrap_servers.endswith(":9101")
+    copy = settings.model_copy(update={"data_dir": tmp_path / "two", "embedded_broker_port": 9102})
+    assert copy.objects.url.endswith("/two") and copy.objects.local_path("keys") == tmp_path / "two" / "keys"
+    assert copy.bootstrap_servers.endswith(":9102") and copy.kafka.bootstrap_servers.endswith(":9102")
+    assert copy.adapter_store is not settings.adapter_store
+    assert settings.objects.url.endswith("/one")  # the original keeps its own
