@@ -29,12 +29,9 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 import zlib
 from collections import Counter
 
-import psycopg
-import pytest
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy import func, select
@@ -45,7 +42,7 @@ from streams.config import LearnerSettings
 from streams.learning import LearnerState
 from streams.store import LearnerLease, RouterSnapshot, StreamCheckpoint, make_engine, make_sessionmaker
 from streams.topics import CONTROL, EXAMPLES, REVIEW
-from tests.conftest import POSTGRES_ADMIN_URL, make_settings
+from tests.conftest import make_settings
 from tests.integration.test_pipeline_live import stop_worker, wait_for
 from tests.learners.test_learning import CHAT, CODE, example
 
@@ -54,18 +51,6 @@ log = structlog.get_logger(__name__)
 LEARNERS = {"initial_arms": ["base", "chat-v1"], "review_budget_per_hour": 5, "checkpoint_interval_s": 0.5}
 TOTAL, FIRST = 400, 150  # examples; those learned before the active one is killed mid-stream
 TAKEOVER_BOUND_S = 30.0
-
-
-@pytest.fixture
-def database_url():
-    """A PostgreSQL database of this test's own: nothing of other tests' learners in it."""
-    name = f"feedloop_failover_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def examples() -> list[bytes]:
