@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
 from app.gateway import create_app
-from app.settings import Settings
+from app.settings import Settings, env_name
 from trainer.lora_resolver import storage_from_environment
 from trainer.vllm_server import VllmServerConfig
 
@@ -172,10 +172,11 @@ def settings_of(service: dict) -> Settings:
 
 
 def setting_variables(model: type[BaseModel], prefix: str = "FEEDLOOP_") -> set[str]:
-    """Every variable pydantic-settings maps onto a field; a nested group may also be set whole."""
+    """Every variable pydantic-settings maps onto a field; a nested group may also be set whole.
+    A top-level field may be named by its FEEDLOOP_ alias (FEEDLOOP_KAFKA__* for kafka_security)."""
     names = set()
     for field_name, field in model.model_fields.items():
-        name = prefix + field_name.upper()
+        name = env_name(field_name, field) if model is Settings else prefix + field_name.upper()
         names.add(name)
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             names |= setting_variables(field.annotation, name + "__")
@@ -850,6 +851,38 @@ def test_interpolation_fills_defaults_and_refuses_missing_secrets():
     assert interpolate("${SET}-${UNSET:-fallback}", env) == "value-fallback"
     with pytest.raises(AssertionError, match="SECRET"):
         interpolate("${SECRET:?set it}", env)
+
+
+def example_problems(section: str, secret_file: Path | None = None) -> list[str]:
+    """The FEEDLOOP_* lines of a docs section's code blocks are settings, and load together
+    (each *_FILE read from ``secret_file`` instead: the example's secrets are not here)."""
+    blocks = re.findall(r"^```(?:bash|sh)?\n(.*?)^```", section, re.M | re.S)
+    values = {}
+    for line in "\n".join(blocks).splitlines():
+        key, equals, value = line.strip().partition("=")
+        if equals and key.startswith("FEEDLOOP_"):
+            values[key] = value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
+    if not values:
+        return ["no FEEDLOOP_* variables in the example"]
+    known = setting_variables(Settings)
+    problems = [f"{key} is not a setting of app.settings.Settings" for key in values if key not in known]
+    if secret_file is not None:
+        values |= {key: str(secret_file) for key in values if key.endswith("_FILE")}
+    try:
+        settings_of({"environment": values})
+    except ValidationError as exc:
+        problems.append(f"invalid settings: {exc}")
+    return problems
+
+
+def test_the_managed_cloud_example_uses_real_settings(tmp_path):
+    section = docs_section(DEPLOYMENT_DOC.read_text(), "Managed cloud")
+    assert "FEEDLOOP_STORAGE__URL=s3://" in section and "FEEDLOOP_KAFKA__SASL_MECHANISM" in section
+    secret = tmp_path / "secret"
+    secret.write_text("a password\n")
+    assert example_problems(section, secret) == []
+    assert any("FEEDLOOP_STORAGE__BUCKET" in p for p in example_problems("```bash\nFEEDLOOP_STORAGE__BUCKET=x\n```\n"))
+    assert any("invalid" in p for p in example_problems("```bash\nFEEDLOOP_KAFKA__SASL_MECHANISM=SCRAM\n```\n"))
 
 
 def test_the_image_entrypoint_is_the_feedloop_console_script():
