@@ -3,8 +3,9 @@
 The compose file is read as YAML with its ${...} references filled from docker/.env.example,
 and every value a service hands to feedloop or vLLM is compared with what the code reads:
 app.settings.Settings (each feedloop service's environment is loaded into it), the click
-commands of app.cli, the entry point in setup.cfg and the Dockerfile, and the vLLM command of
-trainer.vllm_server. Each check returns a list of problems, so the tests can also show that a
+commands of app.cli, the entry point in setup.cfg and the Dockerfile, the vLLM command of
+trainer.vllm_server and the environment of its LoRA resolver (trainer.lora_resolver), and the
+object store every process shares state through (no volume is shared writable state). Each check returns a list of problems, so the tests can also show that a
 deliberately broken copy of the file is caught by the same check.
 """
 
@@ -31,7 +32,8 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
 from app.gateway import create_app
-from app.settings import Settings
+from app.settings import Settings, env_name
+from trainer.lora_resolver import storage_from_environment
 from trainer.vllm_server import VllmServerConfig
 
 ROOT = Path(__file__).parents[1]
@@ -43,6 +45,8 @@ DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
 
 VLLM_IMAGE = "vllm/vllm-openai"
 KAFKA_IMAGE = "apache/kafka"
+S3_IMAGE = "chrislusf/seaweedfs"
+S3_DEFAULT_PORT = 8333  # weed's -s3.port default
 POSTGRES_IMAGE = "postgres"
 POSTGRES_PORT = 5432  # the postgres image listens on its default port
 # Read by the CPU build of vLLM only (trainer/vllm_server.py); the CUDA image ignores them.
@@ -128,8 +132,37 @@ def feedloop_services(compose: Compose) -> dict[str, dict]:
     }
 
 
+def base_image(service: dict) -> str:
+    """The image a service runs, or for one built here, the image its Dockerfile starts FROM."""
+    built = dockerfile_of(service)
+    if built and built[0].exists():
+        stages = dockerfile_stages(built[0])
+        stage = stages[built[1]] if built[1] else list(stages.values())[-1]
+        while stage["from"] in stages:
+            stage = stages[stage["from"]]
+        return stage["from"]
+    return str(service.get("image", ""))
+
+
 def vllm_services(compose: Compose) -> dict[str, dict]:
-    return {n: s for n, s in compose["services"].items() if str(s.get("image", "")).startswith(VLLM_IMAGE)}
+    """vLLM's image, or an image built on it (docker/Dockerfile.vllm adds feedloop's resolver)."""
+    return {n: s for n, s in compose["services"].items() if base_image(s).startswith(VLLM_IMAGE)}
+
+
+def long_running(service: dict) -> bool:
+    return service.get("restart", "no") != "no"
+
+
+def replicas(service: dict) -> int:
+    return int((service.get("deploy") or {}).get("replicas", 1))
+
+
+def vllm_plugins() -> dict[str, str]:
+    """name -> 'module:attribute' of setup.cfg's vllm.general_plugins entry points."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    lines = config["options.entry_points"]["vllm.general_plugins"].strip().splitlines()
+    return {name.strip(): target.strip() for name, _, target in (line.partition("=") for line in lines)}
 
 
 def settings_of(service: dict) -> Settings:
@@ -139,10 +172,11 @@ def settings_of(service: dict) -> Settings:
 
 
 def setting_variables(model: type[BaseModel], prefix: str = "FEEDLOOP_") -> set[str]:
-    """Every variable pydantic-settings maps onto a field; a nested group may also be set whole."""
+    """Every variable pydantic-settings maps onto a field; a nested group may also be set whole.
+    A top-level field may be named by its FEEDLOOP_ alias (FEEDLOOP_KAFKA__* for kafka_security)."""
     names = set()
     for field_name, field in model.model_fields.items():
-        name = prefix + field_name.upper()
+        name = env_name(field_name, field) if model is Settings else prefix + field_name.upper()
         names.add(name)
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             names |= setting_variables(field.annotation, name + "__")
@@ -442,62 +476,130 @@ def check_vllm(compose: Compose) -> list[str]:
                      if env.get(k) != v]  # fmt: skip
         if urlsplit(healthcheck_url(service) or "").port != int(args.get("--port", 0)):
             problems.append(f"{name}: health check is not on --port")
+        if settings.serving.replicas_fetch:
+            problems += resolver_problems(name, service, settings)
+    return problems
+
+
+def resolver_problems(name: str, service: dict, swap: Settings) -> list[str]:
+    """A replica in fetch mode loads feedloop's resolver and reads the bucket the swap
+    controller approves adapters in (trainer/lora_resolver.py, docs/serving.md)."""
+    env = environment(service)
+    problems = []
+    if storage_from_environment(env) != swap.storage:
+        problems.append(f"{name}: the resolver's FEEDLOOP_STORAGE__* differ from the swap controller's "
+                        "(without FEEDLOOP_STORAGE__URL it registers nothing)")  # fmt: skip
+    plugins = vllm_plugins()
+    if "VLLM_PLUGINS" in env and not set(env["VLLM_PLUGINS"].split(",")) & set(plugins):
+        problems.append(f"{name}: VLLM_PLUGINS={env['VLLM_PLUGINS']!r} leaves out feedloop's {sorted(plugins)}")
+    built = dockerfile_of(service)
+    text = built[0].read_text() if built and built[0].exists() else ""
+    installs = re.search(r"pip install(?:[^\n]*\\\n)*[^\n]*", text)  # with its continued lines
+    command = installs.group(0) if installs else ""
+    if not all(word in command for word in ("--no-deps", " . ", "obstore", "structlog")):
+        problems.append(f"{name}: its image does not install feedloop (--no-deps) with obstore and structlog, "
+                        "so vLLM has no feedloop resolver")  # fmt: skip
     return problems
 
 
 def check_volumes(compose: Compose) -> list[str]:
-    """Shared named volumes sit where each service's settings say, at the same path in writer and readers."""
+    """No volume is shared writable state: the bucket is. The base model is read-only."""
     services = compose["services"]
+    named = compose.get("volumes") or {}
     problems = []
 
+    # A volume a long-running service writes is that one container's: no other service, and
+    # no second replica, mounts it. (model-init, one-shot, writes the models the others read.)
+    for volume in named:
+        users = {name: m for name, service in services.items() for m in mounts(service) if m.source == volume}
+        writers = [name for name, m in users.items() if not m.read_only and long_running(services[name])]
+        for writer in writers:
+            others = sorted(set(users) - {writer})
+            if others or replicas(services[writer]) > 1:
+                problems.append(f"{writer}: writes the {volume} volume, which is shared "
+                                f"({', '.join(others) or f'{replicas(services[writer])} replicas'}); "
+                                "shared state belongs in the bucket (FEEDLOOP_STORAGE__URL)")  # fmt: skip
+
     feedloop = feedloop_services(compose)
+    for name, service in feedloop.items():
+        settings = settings_of(service)
+        if settings.keys_path is not None and long_running(service):
+            # Keys in a container's own directory: each worker and gateway would pseudonymise
+            # with keys of its own, and an erasure would shred only one copy.
+            problems.append(f"{name}: pseudonym keys in {settings.keys_path}, not shared with the other processes: "
+                            "leave FEEDLOOP_KEY_DIR unset, the keys are then keys/ of the bucket")  # fmt: skip
 
-    def path(name: str, attribute: str) -> Path:
-        """Where the settings put it; vLLM opens the paths the swap controller sends it."""
-        return getattr(settings_of(services[name] if name in feedloop else services["swap"]), attribute)
-
-    def volume(name: str, attribute: str) -> str | None:
-        """The volume the writer ``name`` reaches its ``attribute`` path through: the reference."""
-        mount = mount_covering(services[name], path(name, attribute))
-        return mount.source if mount else None
-
-    def expect(name: str, attribute: str, source: str | None, *, exact: bool, read_only: bool | None) -> None:
-        wanted = path(name, attribute)
-        mount = mount_covering(services[name], wanted)
-        if mount is None or (exact and Path(mount.target) != wanted):
-            problems.append(f"{name}: needs the {source} volume {'at' if exact else 'over'} {wanted}, has {mount}")
-        elif mount.source not in (compose.get("volumes") or {}):
+    models_path = settings_of(services["trainer"]).model_path
+    models = (mount_covering(services["trainer"], models_path) or Mount("", "", False)).source
+    for name in ("trainer", "swap", "judge", *vllm_services(compose)):
+        mount = mount_covering(services[name], models_path)
+        if mount is None:
+            problems.append(f"{name}: needs the base model over {models_path}, has no mount there")
+        elif mount.source not in named:
             problems.append(f"{name}: {mount.source} on {mount.target} is not a named volume")
-        elif mount.source != source:
-            problems.append(f"{name}: needs the {source} volume over {wanted}, has {mount.source}")
-        elif read_only is not None and mount.read_only != read_only:
-            problems.append(f"{name}: {mount.target} must be {'read-only' if read_only else 'writable'}")
+        elif mount.source != models:
+            problems.append(f"{name}: reads the base model from {mount.source}, the trainer from {models}")
+        elif not mount.read_only:
+            problems.append(f"{name}: {mount.target} must be read-only (the base model)")
+    return problems
 
-    adapters = volume("trainer", "adapters_path")
-    expect("trainer", "adapters_path", adapters, exact=True, read_only=False)
-    expect("swap", "adapters_path", adapters, exact=True, read_only=None)
-    for name in vllm_services(compose):  # vLLM opens the very path the swap controller sends it
-        expect(name, "adapters_path", adapters, exact=True, read_only=True)
 
-    data = volume("worker", "batches_dir")
-    for name in ("worker", "trainer"):  # a batch's path is relative to the data dir of both
-        expect(name, "data_dir", data, exact=True, read_only=False)
-    expect("archiver", "archive_dir", data, exact=False, read_only=False)
+def s3_services(compose: Compose) -> dict[str, dict]:
+    return {n: s for n, s in compose["services"].items() if str(s.get("image", "")).startswith(S3_IMAGE)
+            and "-s3" in argv(s.get("command"))}  # fmt: skip
 
-    keys = volume("worker", "keys_path")
-    for name in ("worker", "gateway"):  # pseudonymisation and erasure share the keys
-        expect(name, "keys_path", keys, exact=False, read_only=False)
-    if keys is not None and keys == data:
-        problems.append("the pseudonym keys share the data volume: they must be kept (and backed up) apart")
 
-    models = volume("trainer", "model_path")
-    for name in ("trainer", "swap", *vllm_services(compose)):
-        expect(name, "model_path", models, exact=False, read_only=True)
-    model_path = path("trainer", "model_path")
-    for name, service in services.items():
-        mount = mount_covering(service, model_path)
-        if service.get("restart") != "no" and mount and mount.source == models and not mount.read_only:
-            problems.append(f"{name}: long-running services mount the base model read-only")
+def check_storage(compose: Compose) -> list[str]:
+    """Every process that shares state reaches one bucket on the S3 service, with its
+    credentials, and starts after the bucket exists; replicas fetch adapters from it."""
+    services = compose["services"]
+    servers = s3_services(compose)
+    readers = {name: service for name, service in services.items()
+               if name in feedloop_services(compose) or name in vllm_services(compose)}  # fmt: skip
+    problems = []
+    for name, service in readers.items():
+        if name in vllm_services(compose):
+            storage = storage_from_environment(environment(service))
+        else:
+            settings = settings_of(service)
+            storage = settings.storage
+            if urlsplit(storage.url or "").scheme == "s3" and not settings.serving.replicas_fetch:
+                problems.append(f"{name}: FEEDLOOP_SERVING__REPLICAS_FETCH is off, so vLLM would be sent "
+                                "adapter paths on a disk it does not share")  # fmt: skip
+        url = urlsplit(storage.url or "")
+        if url.scheme != "s3" or not url.netloc:
+            problems.append(f"{name}: FEEDLOOP_STORAGE__URL is {storage.url!r}, not s3://bucket/prefix: "
+                            "without it the shared state is this container's own data directory")  # fmt: skip
+            continue
+        endpoint = urlsplit(storage.endpoint or "")
+        server = servers.get(endpoint.hostname or "")
+        if server is None:
+            problems.append(f"{name}: FEEDLOOP_STORAGE__ENDPOINT {storage.endpoint!r} is not an S3 service "
+                            f"({sorted(servers)})")  # fmt: skip
+            continue
+        port = int(next((arg.partition("=")[2] for arg in argv(server.get("command")) if arg.startswith("-s3.port=")),
+                        S3_DEFAULT_PORT))  # fmt: skip
+        if (endpoint.port or {"http": 80, "https": 443}.get(endpoint.scheme)) != port:
+            problems.append(f"{name}: FEEDLOOP_STORAGE__ENDPOINT port {endpoint.port} is not {endpoint.hostname}'s "
+                            f"-s3.port {port}")  # fmt: skip
+        if storage.allow_http != (endpoint.scheme == "http"):
+            problems.append(f"{name}: FEEDLOOP_STORAGE__ALLOW_HTTP={storage.allow_http} "
+                            f"for a {endpoint.scheme} endpoint")  # fmt: skip
+        env = environment(server)
+        secret = storage.secret_access_key.get_secret_value() if storage.secret_access_key else None
+        if (storage.access_key_id, secret) != (env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")):
+            problems.append(f"{name}: its S3 credentials are not {endpoint.hostname}'s admin credentials "
+                            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY there)")  # fmt: skip
+        creates = f"s3.bucket.create -name {url.netloc}"
+        makers = [other for other, s in services.items()
+                  if not long_running(s) and creates in " ".join(argv(s.get("entrypoint")) + argv(s.get("command")))]
+        waits = {dependency for dependency, condition in (service.get("depends_on") or {}).items()
+                 if (condition or {}).get("condition") == "service_completed_successfully"}  # fmt: skip
+        if not makers:
+            problems.append(f"{name}: no one-shot service creates the bucket {url.netloc!r} (s3.bucket.create)")
+        elif long_running(service) and not waits & set(makers):
+            problems.append(f"{name}: starts without waiting for {makers[0]} to create the bucket "
+                            "(a list before the first upload fails with NoSuchBucket)")  # fmt: skip
     return problems
 
 
@@ -560,16 +662,19 @@ def check_liveness(compose: Compose) -> list[str]:
 
 
 def check_scaling(compose: Compose) -> list[str]:
-    """Worker replicas fit the partitions; a learner runs (one active, the others standbys)."""
+    """Worker replicas fit the partitions; two learners run (one active, the other a standby)."""
     services = compose["services"]
     problems = []
-    workers = (services["worker"].get("deploy") or {}).get("replicas", 1)
+    workers = replicas(services["worker"])
     partitions = settings_of(services["worker"]).topic_partitions
     if workers > partitions:
         problems.append(f"worker: {workers} replicas for {partitions} partitions; {workers - partitions} would idle")
-    learners = (services["learner"].get("deploy") or {}).get("replicas", 1)
+    learners = sum(replicas(service) for service in feedloop_services(compose).values()
+                   if argv(service.get("command")) == ["learn"])  # fmt: skip
     if learners < 1:
         problems.append(f"learner: {learners} replicas; nothing would route, run one (and a standby)")
+    elif learners < 2:
+        problems.append("learner: one `feedloop learn`, no standby to take over its lease")
     return problems
 
 
@@ -582,6 +687,7 @@ CHECKS: dict[str, Callable[[Compose], list[str]]] = {
     "gateway": check_gateway,
     "vllm": check_vllm,
     "volumes": check_volumes,
+    "storage": check_storage,
     "gpus": check_gpus,
     "healthchecks": lambda compose: check_healthchecks(compose, DEPLOYMENT_DOC.read_text()),
     "liveness": check_liveness,
@@ -594,10 +700,11 @@ CHECKS: dict[str, Callable[[Compose], list[str]]] = {
 
 def test_compose_has_the_production_services():
     services = load_compose()["services"]
-    wanted = {"kafka", "postgres", "migrate", "archiver", "worker", "learner", "trainer", "swap", "judge", "gateway",
-              "vllm"}
+    wanted = {"kafka", "postgres", "seaweedfs", "storage-init", "migrate", "archiver", "worker", "learner",
+              "learner-standby", "trainer", "swap", "judge", "gateway", "vllm"}  # fmt: skip
     assert wanted <= set(services)
-    assert set(feedloop_services(load_compose())) >= wanted - {"kafka", "postgres", "vllm"}
+    assert set(feedloop_services(load_compose())) >= wanted - {"kafka", "postgres", "seaweedfs", "storage-init", "vllm"}
+    assert set(vllm_services(load_compose())) == {"vllm"} and set(s3_services(load_compose())) == {"seaweedfs"}
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -675,16 +782,42 @@ BROKEN = {
                                   put("vllm.environment.VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)),
     "vllm url not a service": ("vllm", "'vllm-9'",
                                put("swap.environment.FEEDLOOP_VLLM_URLS", '["http://vllm-9:8000"]')),
-    "adapters elsewhere in vllm": ("volumes", "vllm: needs the adapters volume",
-                                   put("vllm.volumes.1", "adapters:/adapters:ro")),
-    "adapters writable in vllm": ("volumes", "read-only",
-                                  put("vllm.volumes.1", "adapters:/var/lib/feedloop-adapters")),
-    "trainer without the data volume": ("volumes", "trainer: needs the data volume",
-                                        put("trainer.volumes.0", "other:/x")),
-    "keys in the data volume": ("volumes", "apart",
-                                put("worker.environment.FEEDLOOP_KEY_DIR", "/var/lib/feedloop/keys")),
-    "base model writable": ("volumes", "read-only", put("trainer.volumes.2", "models:/models")),
+    "vllm without the store": ("vllm", "FEEDLOOP_STORAGE__", put("vllm.environment.FEEDLOOP_STORAGE__URL", None)),
+    "vllm on another bucket": ("vllm", "differ", put("vllm.environment.FEEDLOOP_STORAGE__URL", "s3://other/state")),
+    "resolver not among vllm's plugins": ("vllm", "VLLM_PLUGINS",
+                                          put("vllm.environment.VLLM_PLUGINS", "lora_filesystem_resolver")),
+    "vllm without feedloop installed": ("vllm", "does not install feedloop", lambda compose: [
+        put("vllm.build", None)(compose), put("vllm.image", "vllm/vllm-openai:v0.32.0")(compose)]),
+    "shared writable volume": ("volumes", "shared", lambda compose: [
+        compose.setdefault("volumes", {}).update(scratch=None),
+        put("archiver.volumes", ["scratch:/var/lib/feedloop"])(compose),
+        put("gateway.volumes", ["scratch:/var/lib/feedloop"])(compose)]),
+    "writable volume across replicas": ("volumes", "3 replicas", lambda compose: [
+        compose.setdefault("volumes", {}).update(scratch=None),
+        put("worker.volumes", ["scratch:/var/lib/feedloop"])(compose)]),
+    "the bucket's volume in a feedloop service": ("volumes", "seaweedfs",
+                                                  put("trainer.volumes", ["models:/models:ro", "objects:/srv"])),
+    "keys in a container directory": ("volumes", "pseudonym keys",
+                                      put("worker.environment.FEEDLOOP_KEY_DIR", "/var/lib/feedloop-keys")),
+    "base model writable": ("volumes", "read-only", put("trainer.volumes.0", "models:/models")),
+    "no base model for the judge": ("volumes", "judge: needs the base model", put("judge.volumes", [])),
     "bind mount": ("volumes", "not a named volume", put("vllm.volumes.0", "/srv/models:/models:ro")),
+    "no storage url": ("storage", "not s3://", put("worker.environment.FEEDLOOP_STORAGE__URL", None)),
+    "storage on the container's disk": ("storage", "not s3://",
+                                        put("archiver.environment.FEEDLOOP_STORAGE__URL", "file:///var/lib/feedloop")),
+    "endpoint not the s3 service": ("storage", "not an S3 service",
+                                    put("gateway.environment.FEEDLOOP_STORAGE__ENDPOINT", "http://minio:9000")),
+    "endpoint port": ("storage", "-s3.port",
+                      put("judge.environment.FEEDLOOP_STORAGE__ENDPOINT", "http://seaweedfs:9000")),
+    "plain http refused": ("storage", "ALLOW_HTTP", put("worker.environment.FEEDLOOP_STORAGE__ALLOW_HTTP", "false")),
+    "wrong secret": ("storage", "credentials", put("swap.environment.FEEDLOOP_STORAGE__SECRET_ACCESS_KEY", "other")),
+    "server credentials": ("storage", "credentials", put("seaweedfs.environment.AWS_ACCESS_KEY_ID", "root")),
+    "bucket never created": ("storage", "creates the bucket", put("storage-init.command", ["true"])),
+    "started before the bucket": ("storage", "waiting for storage-init",
+                                  put("archiver.depends_on.storage-init", None)),
+    "vllm started before the bucket": ("storage", "vllm: starts without", put("vllm.depends_on", None)),
+    "replicas sent paths": ("storage", "REPLICAS_FETCH",
+                            put("swap.environment.FEEDLOOP_SERVING__REPLICAS_FETCH", "false")),
     "no gpu for the trainer": ("gpus", "trainer: reserves no NVIDIA GPU", put("trainer.deploy", None)),
     "shared gpu": ("gpus", "already reserved",
                    put("trainer.deploy.resources.reservations.devices.0.device_ids", ["0"])),
@@ -698,7 +831,9 @@ BROKEN = {
     "a heartbeat checked under another name": ("liveness", "not `feedloop health trainer`",
                                                put("trainer.healthcheck.test.3", "worker")),
     "idle workers": ("scaling", "would idle", put("worker.deploy.replicas", 13)),
-    "no learner": ("scaling", "nothing would route", put("learner.deploy.replicas", 0)),
+    "no learner": ("scaling", "nothing would route", lambda compose: [
+        put("learner.deploy", {"replicas": 0})(compose), put("learner-standby.deploy", {"replicas": 0})(compose)]),
+    "no standby learner": ("scaling", "no standby", put("learner-standby.deploy", {"replicas": 0})),
 }
 
 
@@ -716,6 +851,38 @@ def test_interpolation_fills_defaults_and_refuses_missing_secrets():
     assert interpolate("${SET}-${UNSET:-fallback}", env) == "value-fallback"
     with pytest.raises(AssertionError, match="SECRET"):
         interpolate("${SECRET:?set it}", env)
+
+
+def example_problems(section: str, secret_file: Path | None = None) -> list[str]:
+    """The FEEDLOOP_* lines of a docs section's code blocks are settings, and load together
+    (each *_FILE read from ``secret_file`` instead: the example's secrets are not here)."""
+    blocks = re.findall(r"^```(?:bash|sh)?\n(.*?)^```", section, re.M | re.S)
+    values = {}
+    for line in "\n".join(blocks).splitlines():
+        key, equals, value = line.strip().partition("=")
+        if equals and key.startswith("FEEDLOOP_"):
+            values[key] = value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
+    if not values:
+        return ["no FEEDLOOP_* variables in the example"]
+    known = setting_variables(Settings)
+    problems = [f"{key} is not a setting of app.settings.Settings" for key in values if key not in known]
+    if secret_file is not None:
+        values |= {key: str(secret_file) for key in values if key.endswith("_FILE")}
+    try:
+        settings_of({"environment": values})
+    except ValidationError as exc:
+        problems.append(f"invalid settings: {exc}")
+    return problems
+
+
+def test_the_managed_cloud_example_uses_real_settings(tmp_path):
+    section = docs_section(DEPLOYMENT_DOC.read_text(), "Managed cloud")
+    assert "FEEDLOOP_STORAGE__URL=s3://" in section and "FEEDLOOP_KAFKA__SASL_MECHANISM" in section
+    secret = tmp_path / "secret"
+    secret.write_text("a password\n")
+    assert example_problems(section, secret) == []
+    assert any("FEEDLOOP_STORAGE__BUCKET" in p for p in example_problems("```bash\nFEEDLOOP_STORAGE__BUCKET=x\n```\n"))
+    assert any("invalid" in p for p in example_problems("```bash\nFEEDLOOP_KAFKA__SASL_MECHANISM=SCRAM\n```\n"))
 
 
 def test_the_image_entrypoint_is_the_feedloop_console_script():
