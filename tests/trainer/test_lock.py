@@ -6,11 +6,13 @@ its own, against one PostgreSQL database (or, on SQLite, one database file): the
 waits, and says who it waits for, until the first lets go or is SIGKILLed. In-process tests
 check what the callers rely on: release frees the lock for any other connection (nothing is
 left in a pooled connection), a lock whose connection died is seen lost before publishing,
-and an erasure re-cut waits for a trainer on another host.
+an erasure re-cut waits for a trainer on another host, and the worker chooses the parent
+under the lock (so it continues from the adapter the other host just registered).
 """
 
 from __future__ import annotations
 
+import asyncio
 import doctest
 import json
 import logging
@@ -28,11 +30,14 @@ import pytest
 
 import migrations
 import trainer.lock
+from streams.contract import AdapterState, BatchEmitted, utcnow
 from streams.objects import ObjectStore
-from streams.store import make_engine, make_sessionmaker
-from tests.conftest import POSTGRES_ADMIN_URL
+from streams.store import Adapter, make_engine, make_sessionmaker
+from tests.conftest import POSTGRES_ADMIN_URL, make_settings
 from trainer.erasure import apply_erasures
 from trainer.lock import TrainerLock, TrainerLockLost, advisory_key, exclusive
+from trainer.registry import BatchAlreadyDone
+from trainer.worker import TrainerWorker
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_S = 60.0  # a fresh interpreter importing SQLAlchemy and the store on a loaded 2-core machine
@@ -230,6 +235,47 @@ def test_an_erasure_recut_waits_for_a_trainer_on_another_host(store_url, tmp_pat
     training.release()
     thread.join(timeout=HANDOVER_S)
     assert result == [[]]
+    engine.dispose()
+
+
+def register(sessions, name: str, elsewhere: Path) -> None:
+    """An adapter another host trained (its files not on this one's disk)."""
+    with sessions.begin() as session:
+        session.add(Adapter(name=name, state=AdapterState.READY, path=str(elsewhere / name), sha256="0" * 64,
+                            base_model_sha256="0" * 64, lineage={}))  # fmt: skip
+
+
+async def test_the_worker_chooses_the_parent_under_the_lock(store_url, tmp_path, monkeypatch):
+    """A trainer on another host holds the lock and registers adapter-000007 meanwhile: the
+    waiting worker must continue from it, not from the newest when the batch came in (two
+    adapters on one parent, one line of training lost)."""
+    migrations.upgrade(store_url)
+    engine = make_engine(store_url)
+    sessions = make_sessionmaker(engine)
+    register(sessions, "adapter-000006-aaaaaaaa", tmp_path / "host-a")
+    seen = []
+
+    def train(batch, *args, **kwargs):
+        seen.append((kwargs["parent"], kwargs["lock"]))
+        raise BatchAlreadyDone("not trained here")
+
+    monkeypatch.setattr("trainer.worker.train_batch", train)
+    settings = make_settings(tmp_path / "host-b", 1)
+    objects = ObjectStore((tmp_path / "objects").as_uri())
+    worker = TrainerWorker(settings.trainer, settings.kafka, sessions, objects=objects,
+                           base_model_dir=settings.model_path, adapters_dir=settings.adapters_path)  # fmt: skip
+    emitted = BatchEmitted(event_id="b.emitted", occurred_at=utcnow(), source="test", batch_id="b",
+                           path="batches/b", manifest_sha256="x" * 64, example_count=1, trigger="manual")  # fmt: skip
+    other_host = TrainerLock(sessions, tmp_path / "host-a").acquire()
+    handling = asyncio.create_task(worker.handle(emitted))
+    await asyncio.sleep(1.5)
+    assert not seen and not handling.done(), "the worker went on while another host held the lock"
+    register(sessions, "adapter-000007-bbbbbbbb", tmp_path / "host-a")
+    other_host.release()
+    assert await asyncio.wait_for(handling, HANDOVER_S) == []
+    ((parent, lock),) = seen
+    assert parent == "adapter-000007-bbbbbbbb"
+    assert not lock.held, "released after the batch"
     engine.dispose()
 
 
