@@ -20,7 +20,9 @@ the lock lives where that state does, in the SQLAlchemy store, and is taken by
   (``tcp_keepalives_*``: about a minute), so a holder whose host vanishes without closing its
   socket frees the lock in about a minute rather than the kernel's two hours. It names
   itself (``application_name``: ``trainer@host:pid:token``), so a waiter logs who holds the
-  lock, from ``pg_locks`` and ``pg_stat_activity``.
+  lock, from ``pg_locks`` and ``pg_stat_activity``. It needs a server session of its own: a
+  pooler in front of PostgreSQL must pool sessions, not transactions (PgBouncer's
+  ``pool_mode = session``), or the lock would go with whichever client got the session.
 - **SQLite**: one host by construction (a file the processes share), so the lock is the
   ``flock`` it always was, on ``<database>.trainer-lock`` next to the database file (an
   in-memory database: ``fallback_dir/.trainer.lock``), which the kernel drops with the
@@ -231,13 +233,22 @@ class TrainerLock:
                                   f"done under it is neither published nor committed: {WHAT_TO_DO}")  # fmt: skip
 
     def release(self) -> None:
-        """Free the lock: close its connection (the server drops the lock with it), or unlock the file."""
+        """Free the lock: unlock and close its connection, or unlock the file.
+
+        The unlock is answered once the lock is free; closing alone frees it only when the
+        server's backend has ended, a moment after the close returns (which is all a crashed
+        trainer gets, and enough)."""
         held, self._held = self._held, False
         connection, self._connection = self._connection, None
         if connection is not None:
             try:
-                connection.close()  # detached from the pool: this closes the socket
+                if held:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
             except Exception:  # noqa: BLE001 - gone already: the server dropped the lock with it
+                log.debug("trainer.lock_unlock_failed", holder=self.holder, exc_info=True)
+            try:
+                connection.close()  # detached from the pool: this closes the socket
+            except Exception:  # noqa: BLE001 - as above
                 log.debug("trainer.lock_close_failed", holder=self.holder, exc_info=True)
         handle, self._file = self._file, None
         if handle is not None:
