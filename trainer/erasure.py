@@ -27,7 +27,7 @@ from streams.contract import UserErased, utcnow
 from streams.objects import ObjectStore
 from streams.store import Adapter, Batch, BatchStatus, Erasure
 from streams.training_data import SIGNAL_FILES, BatchFolder, recut_batch
-from trainer.registry import exclusive
+from trainer.lock import TrainerLock, exclusive
 
 log = structlog.get_logger(__name__)
 
@@ -79,17 +79,19 @@ def mark_announced(sessions: sessionmaker, pseudonym: str) -> None:
         session.get(Erasure, pseudonym).announced = True
 
 
-def apply_erasures(sessions: sessionmaker, objects: ObjectStore, adapters_dir: Path) -> list[str]:
+def apply_erasures(sessions: sessionmaker, objects: ObjectStore, adapters_dir: Path, *,
+                   lock: TrainerLock | None = None) -> list[str]:
     """Cut every erased user out of the batches not yet trained, and name, in each erasure not
     applied yet, the adapters trained on the user's data since it was recorded (a training that
     was running then). Returns the batches re-cut.
 
-    Holds the trainer's lock, so no batch is in training meanwhile. A crash after a batch's
+    Holds the trainer's lock (``trainer.lock``; ``lock`` if the caller holds it already, and
+    checked again before the commit), so no batch is in training meanwhile, on any host. A crash after a batch's
     manifest was rewritten and before its row was is healed by the next call: the manifest
     then lists none of the users, the parts that held them are swept, and the row takes the
     manifest (``streams.training_data.recut_batch``). A batch that cannot be read is
     left for the next call (every call checks every erasure against every untrained batch)."""
-    with exclusive(adapters_dir), sessions.begin() as session:
+    with exclusive(sessions, adapters_dir, held=lock) as held, sessions.begin() as session:
         erasures = {row.pseudonym: row for row in session.scalars(select(Erasure))}
         now = utcnow()
         for row in erasures.values():
@@ -113,4 +115,5 @@ def apply_erasures(sessions: sessionmaker, objects: ObjectStore, adapters_dir: P
                 erasures[user].recut_batches = sorted({*erasures[user].recut_batches, batch.batch_id})
             recut.append(batch.batch_id)
             log.info("trainer.batch_recut", batch_id=batch.batch_id, users=len(users), records=batch.example_count)
+        held.check()  # lost: the rows roll back, and the next call re-cuts (the manifests say who is cut)
     return recut

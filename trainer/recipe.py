@@ -3,6 +3,9 @@ registered adapter out.
 
     train_batch(batch, config, sessions, base_model_dir=..., adapters_dir=..., objects=..., suites=...) -> TrainResult
 
+All of it runs under the trainer's lock (``trainer.lock``: one training at a time per store,
+across hosts), checked once more right before publishing.
+
 Configuration is handed in (``TrainerConfig``), and so are the components that judge the
 result: the gate's evaluation suites (``trainer.gate.EvalSuite``), which the caller builds
 from ``config.gate.suites``. The recipe knows no suite; with none the gate checks soundness.
@@ -43,6 +46,7 @@ from trainer.base_model import METADATA_FILE, weights_sha256
 from trainer.config import TrainerConfig
 from trainer.lora import add_lora
 from trainer.ledger import LEGACY_FILE, PrivacyLedger
+from trainer.lock import TrainerLock, exclusive
 from trainer.privacy import dp_sft, plan
 from trainer.progress import ProgressHook, ProgressReporter
 from trainer.registry import Registry
@@ -79,6 +83,7 @@ def train_batch(
     parent: str | None = None,
     suites: Sequence[gate.EvalSuite] = (),
     on_progress: ProgressHook | None = None,
+    lock: TrainerLock | None = None,
 ) -> TrainResult:
     """Train one batch into one adapter, exactly once; see the module doc for the stages.
 
@@ -87,7 +92,9 @@ def train_batch(
     gate scores (trainer.gate). Calling it again for a batch that is done returns the
     recorded result; for a batch left "training" by a crash, it trains again from scratch.
     ``objects`` is the shared store, which holds the privacy ledger (``trainer.ledger``).
-    Raises PrivacyBudgetExceeded (batch left "emitted").
+    ``lock``: the trainer's lock, if the caller holds it already (the worker does, from before
+    it chose ``parent``); else it is taken here, waiting for any other trainer on the store.
+    Raises PrivacyBudgetExceeded (batch left "emitted"), TrainerLockLost (nothing published).
     """
     adapters_dir, base_model_dir = Path(adapters_dir), Path(base_model_dir)
     # 0. The batch, read from the store and verified against its manifest's checksums.
@@ -97,7 +104,7 @@ def train_batch(
         raise registry.BatchNotTrainable(f"batch {batch} cannot be read: {exc}") from exc
     batch_id = manifest.batch_id
     store = Registry(sessions, adapters_dir)
-    with registry.exclusive(adapters_dir), _threads(config.num_threads):
+    with exclusive(sessions, adapters_dir, held=lock) as held, _threads(config.num_threads):
         done = store.batch(batch_id)
         if done is not None and done.status in (BatchStatus.TRAINED, BatchStatus.FAILED) and done.adapter:
             store.clean_staging(batch_id)
@@ -170,6 +177,7 @@ def train_batch(
         unsound = gate.faults(served, {result.stage: result.train_loss for result in results})
         verdict = gate.judge(suites, candidate_metrics, parent_metrics, base_eval.scores, unsound)
         weights_sha = registry.sha256_file(candidate_dir / registry.ADAPTER_FILES[0])
+        held.check()  # still ours (its connection alive): no other trainer took the next name or parent
         name = store.next_name(weights_sha)
         lineage = {
             "base_model_sha256": _base_sha256(base_model_dir),

@@ -5,7 +5,10 @@ Layout under the adapters directory::
     adapter-000007-1a2b3c4d/        published adapters (vLLM loads these), files 0644
     _rejected/adapter-000008-.../   candidates the gate refused, kept for inspection
     _staging/<batch_id>/            work of the batch in training; wiped on every attempt
-    .trainer.lock                   one training at a time on this adapters directory
+
+One training at a time is not kept here: each host has an adapters directory of its own, so
+the trainer's lock is held in the store (``trainer.lock``: a PostgreSQL advisory lock, or a
+file lock beside the SQLite database).
 
 Batch rows move emitted -> training -> trained | failed. A crash leaves "training"; the
 next ``train_batch`` on that batch trains it again from scratch. Between publishing the
@@ -13,14 +16,11 @@ directory and committing the rows, a crash is covered by ``_staging/<id>/publish
 (written before the move): the retry finishes that registration instead of training again.
 """
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,15 +69,6 @@ def code_version() -> str:
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.name.encode() + source.read_bytes())
     return f"{package}+{digest.hexdigest()[:12]}"
-
-
-@contextmanager
-def exclusive(adapters_dir: Path) -> Iterator[None]:
-    """One training at a time per adapters directory, across processes."""
-    adapters_dir.mkdir(parents=True, exist_ok=True)
-    with open(adapters_dir / ".trainer.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 class Registry:

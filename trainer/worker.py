@@ -20,6 +20,10 @@ With object storage (``trainer.adapter_store``), the parent is staged from it be
 training (this trainer may not be the one that trained it), and a new adapter's files are
 uploaded before its ``adapter_ready`` goes out: the event is what makes it exist for the
 other hosts, and one sent again after a crash uploads again.
+
+Trainers on several hosts take turns on the trainer's lock (``trainer.lock``), held in the
+store from the batch's erasures to the upload of its adapter: the parent is chosen under it,
+so two trainers never continue from the same adapter.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from trainer.config import TrainerConfig
 from trainer.erasure import apply_erasures, record_erasure
 from trainer.gate import EvalSuite
 from trainer.ledger import PrivacyBudgetExceeded
+from trainer.lock import TrainerLock
 from trainer.registry import BatchAlreadyDone, BatchNotTrainable, Registry
 from trainer.recipe import train_batch
 
@@ -126,8 +131,18 @@ class TrainerWorker:
             return [dead_letter(reason="batch_path_refused", detail=detail, raw=event.model_dump_json().encode(),
                                 received_at=utcnow(), stage="trainer", max_raw_bytes=DEFAULT_DEAD_LETTER_MAX_RAW_BYTES,
                                 event_id=event.event_id, dead_letter_id=f"trainer-{event.event_id}")]  # fmt: skip
+        # One batch at a time per store, whichever host trains it (trainer.lock): held from the
+        # erasures through the parent's choice and the upload, so the next trainer continues from
+        # this adapter, and finds its files in the adapter store.
+        lock = await asyncio.to_thread(TrainerLock(self.sessions, self.adapters_dir).acquire)
+        try:
+            return await self._train(event, folder, lock)
+        finally:
+            lock.release()
+
+    async def _train(self, event: BatchEmitted, folder: str, lock: TrainerLock) -> list[AdapterReady | DeadLetter]:
         # Erasures first, whatever their order in the log: this batch may hold an erased user.
-        await asyncio.to_thread(apply_erasures, self.sessions, self.objects, self.adapters_dir)
+        await asyncio.to_thread(apply_erasures, self.sessions, self.objects, self.adapters_dir, lock=lock)
         self.training = event.batch_id
         parent = parent_for_next(self.sessions)
         try:
@@ -136,7 +151,7 @@ class TrainerWorker:
             result = await asyncio.to_thread(
                 train_batch, BatchFolder(self.objects, folder), self.config, self.sessions,
                 base_model_dir=self.base_model_dir, adapters_dir=self.adapters_dir, objects=self.objects,
-                parent=parent, suites=self.suites,
+                parent=parent, suites=self.suites, lock=lock,
             )  # fmt: skip
             if result.event is not None:
                 await asyncio.to_thread(self.adapter_store.publish, result.adapter, Path(result.event.path))
