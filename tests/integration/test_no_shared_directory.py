@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import httpx
 import pytest
 from rich.console import Console
 
@@ -82,6 +83,20 @@ class Hosts:
             assert child.running or name == self.killed, f"{name} exited:\n{child.log_tail(40)}"
         assert self.vllm.running, f"vLLM exited:\n{self.vllm.log_tail()}"
 
+    async def wait_listening(self, url: str, timeout_s: float = 120) -> None:
+        """Until the gateway at ``url`` answers ``/healthz`` (its process started, the store migrated)."""
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            while True:
+                self.check()
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"the gateway at {url} did not start within {timeout_s:.0f} s"
+                await asyncio.sleep(0.5)
+
     def pid(self, name: str) -> int:
         return self.children[name].process.pid
 
@@ -115,6 +130,7 @@ async def test_the_loop_promotes_with_no_shared_directory_through_a_learner_fail
         return root, shared.model_copy(update={"data_dir": root / "data", "base_model_path": root / "model",
                                                **updates})  # fmt: skip
 
+    (tmp_path / "logs").mkdir()
     vllm_root, _ = host("vllm")
     serving = shared.serving
     vllm = VllmServer(VllmServerConfig(model_path=vllm_root / "model", served_model_name=serving.served_model_name,
@@ -138,7 +154,8 @@ async def test_the_loop_promotes_with_no_shared_directory_through_a_learner_fail
         population = Population(PopulationConfig(interactions=INTERACTIONS, drift_fraction=0.0))
         key = shared.api_keys[DEMO_APP].get_secret_value()
         drivers = [Driver(population, url, key, ["base"]) for url in gateways]
-        for driver in drivers:
+        for url, driver in zip(gateways, drivers):
+            await hosts.wait_listening(url)
             await driver.wait_for_base(hosts, timeout_s=600)
 
         stop = asyncio.Event()
