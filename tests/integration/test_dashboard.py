@@ -40,11 +40,15 @@ EXAMPLES_PER_ARM = 40
 
 
 @pytest.fixture
-def settings(tmp_path, broker):
-    # Names of this test's own, since the topics are shared by the session; a small A/B minimum
-    # so that 40 examples per arm give bounds.
+def settings(tmp_path, own_broker):
+    # A broker of the test's own: the views fold the whole archive through one adapter
+    # lifecycle, so other tests' promotions and drift alarms on the session's shared topics can
+    # change the champion or end this test's experiment, depending on what ran before (the
+    # likely cause of one failure in `make test`: no running A/B test in /metrics, while the
+    # file passed alone). Names of its own all the same; a small A/B minimum so that 40
+    # examples per arm give bounds.
     uid = uuid.uuid4().hex[:8]
-    return make_settings(tmp_path, broker.port,
+    return make_settings(tmp_path, own_broker.port,
                          learners=LearnerSettings(initial_arms=[f"champ-{uid}"], ab_min_samples=20))
 
 
