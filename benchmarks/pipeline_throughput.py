@@ -17,7 +17,9 @@ rates per second of wall time, each path reports its rate per second of its own 
 much of a core the path happened to get. With
 ``--rounds N`` the whole run repeats N times (a fresh broker and data directory each) and the
 medians are printed too: on a shared machine one round can catch a burst of someone else's
-work.
+work. With ``--s3`` each round runs twice, alternating: shared state in the data directory
+(``file://``) and on a SeaweedFS S3 server on loopback (``FEEDLOOP_STORAGE__URL``), and the S3
+run's rates are printed over the file run's.
 """
 
 from __future__ import annotations
@@ -196,6 +198,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole run; medians are printed too")
+    parser.add_argument("--s3", action="store_true",
+                        help="each round again with the shared state (batches, keys) on a local SeaweedFS S3 server")
     parser.add_argument("--mode", choices=["aiokafka", "faust", "pipeline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -209,22 +213,56 @@ def main() -> None:
 
     events = make_events(args.events)
     print(f"events: {len(events)} over {args.partitions} partitions (interactions + feedback), {os.cpu_count()} cores")
-    rounds = [one_round(events, args.partitions) for _ in range(args.rounds)]
-    for i, measured in enumerate(rounds, 1):
-        print_rates(f"round {i}" if args.rounds > 1 else "", [measured])
+    if not args.s3:
+        rounds = [one_round(events, args.partitions) for _ in range(args.rounds)]
+        for i, measured in enumerate(rounds, 1):
+            print_rates(f"round {i}" if args.rounds > 1 else "", [measured])
+        if args.rounds > 1:
+            print_rates(f"median of {args.rounds} rounds", rounds)
+        return
+    from tests.object_server import SeaweedS3
+
+    on_file, on_s3 = [], []
+    with SeaweedS3() as server:
+        for i in range(1, args.rounds + 1):  # alternating, each on a fresh broker and store
+            on_file.append(one_round(events, args.partitions))
+            on_s3.append(one_round(events, args.partitions, storage_env(server.storage())))
+            print_rates(f"round {i}, file://", on_file[-1:])
+            print_rates(f"round {i}, s3:// (SeaweedFS on loopback)", on_s3[-1:])
+            print_storage_ratios(f"round {i}", on_file[-1:], on_s3[-1:])
     if args.rounds > 1:
-        print_rates(f"median of {args.rounds} rounds", rounds)
+        print_storage_ratios(f"median of {args.rounds} rounds", on_file, on_s3)
 
 
-def one_round(events: list[dict], partitions: int) -> dict[str, dict[str, float]]:
-    """Every path over the same events, on a fresh broker and data directory."""
+def storage_env(storage) -> dict[str, str]:
+    values = storage.model_dump()
+    values["secret_access_key"] = storage.secret_access_key.get_secret_value()
+    return {f"FEEDLOOP_STORAGE__{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in values.items() if v is not None}  # fmt: skip
+
+
+def print_storage_ratios(title: str, on_file: list, on_s3: list) -> None:
+    """The S3 round's rates over the file round's, for the paths that write shared state."""
+    print(f"{title}: s3:// / file://")
+    for name, key in [("  feedloop pipeline worker", "pipeline"), ("  feedloop replay --offline", "replay")]:
+        for rate in ("rate", "cpu_rate"):
+            ratio = statistics.median(s[key][rate] / f[key][rate] for f, s in zip(on_file, on_s3))
+            print(f"{name:<44}{'per wall-s' if rate == 'rate' else 'per CPU-s':>12}{ratio:>10.2f}")
+
+
+def one_round(events: list[dict], partitions: int, storage: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """Every path over the same events, on a fresh broker and data directory; ``storage``:
+    FEEDLOOP_STORAGE__* for shared state on object storage (none: the data directory)."""
     work = Path(tempfile.mkdtemp(prefix="feedloop-bench-"))
+    for name in [n for n in os.environ if n.startswith("FEEDLOOP_STORAGE__")]:
+        del os.environ[name]
     try:
         with EmbeddedBroker(free_port()) as broker:
             os.environ.update({
                 "FEEDLOOP_EMBEDDED_BROKER_PORT": str(broker.port),
                 "FEEDLOOP_DATA_DIR": str(work),
                 "FEEDLOOP_TOPIC_PARTITIONS": str(partitions),
+                **(storage or {}),
             })
             settings = Settings()
             import migrations
