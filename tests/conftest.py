@@ -10,6 +10,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +106,10 @@ def sessions(tmp_path):
     engine.dispose()
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for this test session, dropped afterwards."""
-    name = f"feedloop_test_{uuid.uuid4().hex[:10]}"
+@contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database (its SQLAlchemy URL), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True)
     except psycopg.OperationalError as exc:
@@ -122,6 +123,21 @@ def postgres_url() -> Iterator[str]:
     yield f"{base}/{name}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test session, dropped afterwards."""
+    with fresh_database("feedloop_test") as url:
+        yield url
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A PostgreSQL database of the test's own: for tests that count every row or hold
+    database-wide locks (learner leases, the trainer's advisory lock)."""
+    with fresh_database("feedloop_own") as url:
+        yield url
 
 
 @dataclass

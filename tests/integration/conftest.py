@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import uuid
 
-import psycopg
 import pytest
 
-from tests.conftest import POSTGRES_ADMIN_URL, make_settings, start_stack
+from tests.conftest import make_settings, start_stack
 from tests.integration.fake_vllm import FakeVllm
 
 
@@ -28,13 +26,3 @@ async def gateway(tmp_path, broker):
             await stop()
 
 
-@pytest.fixture
-def database_url():
-    """A PostgreSQL database of this test's own, for processes that count every row (learners)."""
-    name = f"feedloop_own_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
@@ -33,7 +32,7 @@ import trainer.lock
 from streams.contract import AdapterState, BatchEmitted, utcnow
 from streams.objects import ObjectStore
 from streams.store import Adapter, make_engine, make_sessionmaker
-from tests.conftest import POSTGRES_ADMIN_URL, make_settings
+from tests.conftest import make_settings
 from trainer.erasure import apply_erasures
 from trainer.lock import TrainerLock, TrainerLockLost, advisory_key, exclusive
 from trainer.registry import BatchAlreadyDone
@@ -42,18 +41,6 @@ from trainer.worker import TrainerWorker
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_S = 60.0  # a fresh interpreter importing SQLAlchemy and the store on a loaded 2-core machine
 HANDOVER_S = 15.0  # release (or SIGKILL) to the waiter holding it: the waiter polls every 0.05 s
-
-
-@pytest.fixture
-def database_url():
-    """A PostgreSQL database of this test's own: no other test's trainer lock in it."""
-    name = f"feedloop_lock_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
