@@ -221,24 +221,18 @@ def main() -> None:
             print_rates(f"median of {args.rounds} rounds", rounds)
         return
     from tests.object_server import SeaweedS3
+    from trainer.lora_resolver import storage_environment
 
     on_file, on_s3 = [], []
     with SeaweedS3() as server:
         for i in range(1, args.rounds + 1):  # alternating, each on a fresh broker and store
             on_file.append(one_round(events, args.partitions))
-            on_s3.append(one_round(events, args.partitions, storage_env(server.storage())))
+            on_s3.append(one_round(events, args.partitions, storage_environment(server.storage())))
             print_rates(f"round {i}, file://", on_file[-1:])
             print_rates(f"round {i}, s3:// (SeaweedFS on loopback)", on_s3[-1:])
             print_storage_ratios(f"round {i}", on_file[-1:], on_s3[-1:])
     if args.rounds > 1:
         print_storage_ratios(f"median of {args.rounds} rounds", on_file, on_s3)
-
-
-def storage_env(storage) -> dict[str, str]:
-    values = storage.model_dump()
-    values["secret_access_key"] = storage.secret_access_key.get_secret_value()
-    return {f"FEEDLOOP_STORAGE__{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
-            for k, v in values.items() if v is not None}  # fmt: skip
 
 
 def print_storage_ratios(title: str, on_file: list, on_s3: list) -> None:

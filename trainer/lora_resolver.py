@@ -34,6 +34,16 @@ def storage_from_environment(environ: dict[str, str] | os._Environ = os.environ)
     return ObjectStorage.model_validate(values)
 
 
+def storage_environment(storage: ObjectStorage) -> dict[str, str]:
+    """The ``FEEDLOOP_STORAGE__<FIELD>`` variables that ``storage_from_environment`` reads back:
+    what a process launching vLLM (or any feedloop process) passes on, secrets included."""
+    values = storage.model_dump()
+    if storage.secret_access_key is not None:
+        values["secret_access_key"] = storage.secret_access_key.get_secret_value()
+    return {_STORAGE_ENV + field.upper(): str(value).lower() if isinstance(value, bool) else str(value)
+            for field, value in values.items() if value is not None}  # fmt: skip
+
+
 def register() -> None:
     """vLLM's plugin hook: register the resolver when there is object storage to read."""
     storage = storage_from_environment()

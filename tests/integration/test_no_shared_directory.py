@@ -46,6 +46,7 @@ from streams.topics import CONTROL, EVENTS
 from tests.conftest import free_port, make_settings
 from tests.integration.test_learner_failover import lease, read_topic
 from tests.integration.test_pipeline_live import wait_for
+from trainer.lora_resolver import storage_environment
 from trainer.registry import NAME as TRAINED_NAME
 from trainer.vllm_server import VllmServer, VllmServerConfig
 
@@ -56,14 +57,6 @@ PROCESSES = {  # host -> command
     "archiver": ["archive", "run"], "learner-1": ["learn"], "learner-2": ["learn"], "trainer": ["train"],
     "swap": ["swap"],
 }  # fmt: skip
-
-
-def storage_env(storage) -> dict[str, str]:
-    """The FEEDLOOP_STORAGE__* variables vLLM's resolver plugin reads (it builds no Settings)."""
-    values = storage.model_dump()
-    values["secret_access_key"] = storage.secret_access_key.get_secret_value()
-    return {f"FEEDLOOP_STORAGE__{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
-            for k, v in values.items() if v is not None}  # fmt: skip
 
 
 def local_files(root: Path) -> list[Path]:
@@ -136,7 +129,7 @@ async def test_the_loop_promotes_with_no_shared_directory_through_a_learner_fail
     vllm = VllmServer(VllmServerConfig(model_path=vllm_root / "model", served_model_name=serving.served_model_name,
                                        port=vllm_port, max_lora_rank=serving.max_lora_rank,
                                        max_loras=serving.max_loras, log_path=tmp_path / "logs" / "vllm.log",
-                                       env={**storage_env(s3_storage),
+                                       env={**storage_environment(s3_storage),
                                             "FEEDLOOP_ADAPTER_DIR": str(vllm_root / "adapters")}))  # fmt: skip
     hosts = Hosts(vllm)
     roots = {"vllm": vllm_root}

@@ -18,6 +18,7 @@ from tests.serving.conftest import MAX_LORA_RANK, PROMPTS, SERVED_NAME, Models, 
 from trainer.adapter_store import AdapterStore, adapter_objects
 from trainer.adapter_validation import AdapterValidator
 from trainer.hot_swap import SwapController
+from trainer.lora_resolver import storage_environment
 from trainer.replicas import AdapterNotLoaded, AdapterSet, HotSwapper, ReplicaClient
 from trainer.vllm_server import VllmServer, free_port
 
@@ -37,10 +38,7 @@ def bucket(s3_server):
 @pytest.fixture(scope="module")
 def fetching_server(models: Models, vllm_python: str, bucket, tmp_path_factory):
     cache = tmp_path_factory.mktemp("replica-cache")
-    env = {"FEEDLOOP_STORAGE__URL": bucket.url, "FEEDLOOP_STORAGE__ENDPOINT": bucket.endpoint,
-           "FEEDLOOP_STORAGE__ACCESS_KEY_ID": bucket.access_key_id,
-           "FEEDLOOP_STORAGE__SECRET_ACCESS_KEY": bucket.secret_access_key.get_secret_value(),
-           "FEEDLOOP_STORAGE__ALLOW_HTTP": "true", "FEEDLOOP_ADAPTER_DIR": str(cache)}  # fmt: skip
+    env = {**storage_environment(bucket), "FEEDLOOP_ADAPTER_DIR": str(cache)}
     config = replace(server_config(models, free_port(), tmp_path_factory.mktemp("vllm-fetch") / "replica.log"), env=env)
     running = VllmServer(config)
     running.start(timeout_s=300)

@@ -10,7 +10,7 @@ import pytest
 from streams.objects import ObjectMissing, ObjectStorage, ObjectStore
 from trainer.adapter_store import AdapterStore, adapter_objects
 from trainer.adapter_validation import ADAPTER_FILES, adapter_sha256
-from trainer.lora_resolver import storage_from_environment
+from trainer.lora_resolver import storage_environment, storage_from_environment
 
 
 def make_adapter(directory: Path, seed: int) -> Path:
@@ -95,3 +95,12 @@ def test_the_resolver_reads_the_storage_settings_feedloop_reads() -> None:
     assert storage_from_environment({}).url is None
     assert adapter_objects(storage, Path("/x")).url == "s3://b/p/adapters"
     assert ObjectStore("s3://b/p/adapters", storage).url.endswith("/adapters")
+
+
+def test_the_storage_environment_reads_back_as_the_same_settings() -> None:
+    storage = ObjectStorage(url="s3://b/p", endpoint="http://s3:9000", access_key_id="id", secret_access_key="key",
+                            allow_http=True)  # fmt: skip
+    env = storage_environment(storage)
+    assert env["FEEDLOOP_STORAGE__SECRET_ACCESS_KEY"] == "key" and env["FEEDLOOP_STORAGE__ALLOW_HTTP"] == "true"
+    assert "FEEDLOOP_STORAGE__REGION" not in env  # unset stays unset
+    assert storage_from_environment(env) == storage
