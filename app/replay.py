@@ -152,7 +152,8 @@ def run_replay(settings: Settings, *, mode: str, source: str, since: str | None,
         pipelines = PipelineSet(output.pipeline, Scrubber(), Pseudonymizer(settings.key_store()),
                                 max_event_bytes=output.max_event_bytes,
                                 dead_letter_max_raw_bytes=output.dead_letter_max_raw_bytes)
-        # Its own data directory is its own store: a copy of the settings would keep theirs.
+        # Its own data directory is its own store: the copy's store would still be the shared
+        # bucket where FEEDLOOP_STORAGE__URL names one.
         objects = settings.objects if data_dir is None else ObjectStore(output.data_dir.resolve().as_uri())
         summary = replay_offline(records, pipelines, objects=objects,
                                  sessions=make_sessionmaker(make_engine(output.store_url)), on_record=on_record,
