@@ -11,7 +11,8 @@ folds the annotations it publishes itself at once: its own reviewer never sees a
 item again, and the others see it leave once the archiver sealed the segment
 (``FEEDLOOP_ARCHIVE_FLUSH_SECONDS``).
 
-:func:`review_events` turns a reviewer's labels into the events the gateway publishes.
+:func:`review_events` turns a reviewer's labels into the events the gateway publishes, and
+:func:`review_correction` a corrected answer into the record the pipeline trains on.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sqlalchemy.orm import sessionmaker
 
 from app.sealed_segments import SealedSegments
 from streams.archive import ArchivedRecord
+from streams.contract import ReviewCorrection
 from streams.learning import ReviewRequest
 from streams.objects import ObjectStore
 from streams.topics import EVENTS, REVIEW
@@ -71,9 +73,10 @@ def _event_id(app_id: str, example_id: str, kind: str) -> str:
 
 
 def review_events(request: ReviewRequest, labels: Labels, reviewer: str, now: datetime) -> list[dict[str, Any]]:
-    """The events of one review: a ``human`` annotation (what takes the example off the
-    queue) and a feedback event per label, the correction as an ``edit``; each on the
-    example's app, session and interaction, from ``reviewer:<name>``."""
+    """The user events of one review: a ``human`` annotation (what takes the example off the
+    queue) and a feedback event per verdict (thumbs, rating, report); each on the example's
+    app, session and interaction, from ``reviewer:<name>``. The correction is not among them:
+    it is a :func:`review_correction`."""
     if not any((labels.thumbs, labels.rating, labels.correction, labels.report, labels.label)):
         raise NothingLabelled("give at least one of thumbs, rating, correction, report or label")
     example = request.example
@@ -81,7 +84,7 @@ def review_events(request: ReviewRequest, labels: Labels, reviewer: str, now: da
               "occurred_at": now.isoformat(), "metadata": {"review_id": request.review_id}}  # fmt: skip
     user = f"reviewer:{reviewer}"
     feedback = [("thumbs", {"value": labels.thumbs}), ("rating", {"value": labels.rating}),
-                ("edit", {"text": labels.correction}), ("report", {"text": labels.report})]  # fmt: skip
+                ("report", {"text": labels.report})]  # fmt: skip
     events = [{**common, "type": "feedback", "event_id": _event_id(example.app_id, example.example_id, kind),
                "kind": kind, "user_id": user, **fields}
               for kind, fields in feedback if next(iter(fields.values())) is not None]  # fmt: skip
@@ -93,6 +96,21 @@ def review_events(request: ReviewRequest, labels: Labels, reviewer: str, now: da
     annotation = {**common, "type": "annotation", "event_id": _event_id(example.app_id, example.example_id, "annotation"),
                   "annotator": reviewer, "source": REVIEWED, "label": label, "score": score, "notes": labels.notes}  # fmt: skip
     return [annotation, *events]
+
+
+def review_correction(request: ReviewRequest, labels: Labels, reviewer: str, now: datetime) -> ReviewCorrection | None:
+    """The record that makes a reviewer's corrected answer training data, or None without one.
+
+    Not an ``edit`` feedback: that would come after the example's window closed and be
+    dead-lettered as late, as an app's own late feedback is. The correction is what the review
+    budget pays for, so it carries its example and the pipeline trains on it whenever it comes
+    (``streams.signals.review_records``)."""
+    if labels.correction is None:
+        return None
+    example = request.example
+    return ReviewCorrection(event_id=_event_id(example.app_id, example.example_id, "correction"), occurred_at=now,
+                            review_id=request.review_id, reviewer=reviewer, correction=labels.correction,
+                            example=example)  # fmt: skip
 
 
 @dataclass

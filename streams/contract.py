@@ -477,6 +477,34 @@ class AnnotatedExample(_Record):
         return self.app_id, self.example_id
 
 
+class ReviewCorrection(_Record):
+    """A reviewer's corrected answer to an example the learner picked for review.
+
+    Written by the review desk (``POST /v1/review/...``), never by an app: ``/v1/events`` takes
+    user events only. A review comes after the example's window closed, when the pipeline no
+    longer holds the interaction (nor the user's identity), so the record carries the picked
+    example itself, scrubbed as the learner emitted it; the pipeline makes the correction's SFT
+    record and preference pair from it at once. Whose data they are is the example's
+    pseudonym, which the batch manifest lists, so an erasure still cuts them out.
+    """
+
+    type: Literal["review_correction"] = "review_correction"
+    event_id: EventId = Field(description="Derived from (app, example): a review sent twice is one.")
+    occurred_at: AwareDatetime = Field(description="When the reviewer saved it.")
+    review_id: str
+    reviewer: Id
+    correction: str = Field(min_length=1, description="The answer the model should have given.")
+    example: AnnotatedExample
+
+    @property
+    def app_id(self) -> str:
+        return self.example.app_id
+
+    @property
+    def session_id(self) -> str:  # its partition key: the example's conversation's partition
+        return self.example.session_id
+
+
 # --- dead letters ------------------------------------------------------------------------
 
 
@@ -513,10 +541,12 @@ class DeadLetter(_Record):
 
 ID_ADAPTER: TypeAdapter[str] = TypeAdapter(Id)  # an id an event can carry, checked on its own
 USER_EVENT_ADAPTER: TypeAdapter[Interaction | Feedback | Annotation] = TypeAdapter(UserEvent)
-# What the pipeline reads from the events topic: user events, and the worker's ticks and triggers.
+# What the pipeline reads from the events topic: user events, the worker's ticks and triggers,
+# and the review desk's corrections.
 EVENTS_TOPIC_ADAPTER: TypeAdapter[Any] = TypeAdapter(
     Annotated[
-        Union[Interaction, Feedback, Annotation, WatermarkTick, CurationTrigger], Field(discriminator="type")
+        Union[Interaction, Feedback, Annotation, WatermarkTick, CurationTrigger, ReviewCorrection],
+        Field(discriminator="type"),
     ]
 )
 CONTROL_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ControlEvent)

@@ -89,7 +89,7 @@ class Limits:
 @dataclass(frozen=True)
 class Accepted:
     index: int
-    event: UserEventModel
+    event: UserEventModel  # or the review desk's ReviewCorrection, which it builds itself
     payload: bytes  # canonical JSON, what goes on the topic
 
 

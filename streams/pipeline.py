@@ -3,7 +3,8 @@
 For each record, in offset order: validate (size, nesting, contract, event time within the
 clock-skew bound of its receive time) -> de-duplicate by event id -> drop erased users'
 old events -> anonymize (scrub PII, pseudonymize the user) -> quality filters -> join
-feedback to its interaction. When the partition's event time closes an interaction's window:
+feedback to its interaction. A reviewer's correction of a closed example joins nothing: it
+carries its example, and its records go to the curator at once. When the partition's event time closes an interaction's window:
 rewards per channel -> annotated example -> training signals -> curator -> batches.
 
 The live worker, ``feedloop replay --offline`` and the tests all drive this same class, so
@@ -36,6 +37,7 @@ from streams.contract import (
     Feedback,
     Interaction,
     Message,
+    ReviewCorrection,
     ToolCall,
     WatermarkTick,
 )
@@ -53,7 +55,7 @@ from streams.pii import Scrubber
 from streams.pseudonyms import Pseudonymizer, erased_by, user_identity
 from streams.quality import QualityFilter
 from streams.rewards import ScoreRule, channel_rewards, kind_of, signal_reward
-from streams.signals import Rival, training_records
+from streams.signals import Rival, review_records, training_records
 
 STAGE = "pipeline"
 RECEIVED_AT_HEADER = "received_at"  # written by the gateway (app/publisher.py)
@@ -212,6 +214,10 @@ class PartitionPipeline:
                 self.curator.request_early(event.trigger)
             self.advance(out, pseudonyms, since)
             return out
+        if isinstance(event, ReviewCorrection):
+            self._review(event, occurred_at, scrubber)
+            self.advance(out, pseudonyms, since)
+            return out
         user = (user_identity(event.app_id, event.user_id) if isinstance(event, Interaction)
                 else self.user_of.get((event.app_id, event.interaction_id)))  # fmt: skip
         if user and erased_by(pseudonyms.erased_at(user), event.occurred_at):
@@ -248,6 +254,19 @@ class PartitionPipeline:
         user = self.user_of[(event.app_id, event.interaction_id)] = user_identity(event.app_id, event.user_id)
         pseudonym = pseudonyms.pseudonym(user)
         return [self._unjoined(u) for u in self.join.add_interaction(scrubbed, pseudonym, occurred_at)]
+
+    def _review(self, event: ReviewCorrection, occurred_at: datetime, scrubber: Scrubber) -> None:
+        """A reviewer's correction of a closed example: its records join the curator now, in the
+        review's event time. They are the example's user's (the user's prompt is in them): the
+        manifest lists the example's pseudonym, by which the trainer cuts an erased user out of
+        every batch not yet trained. The pipeline has no user identity for it (a closed example
+        keeps none), so its own cut-time check passes them (``user`` "")."""
+        records = review_records(event.example, self._scrub(event.correction, scrubber), self.loss_weights.weights())
+        self.stats.counts["review_corrections"] += 1
+        self.stats.counts["review_not_trained"] += not records  # no consent, or a quality filter stopped it
+        for record in records:
+            self.stats.counts[f"records_{record.source}"] += 1
+        self.curator.add([Buffered(r, "", occurred_at, event.example.user) for r in records])
 
     def _scrub(self, text: str, scrubber: Scrubber) -> str:
         result = scrubber.scrub(text)
@@ -477,6 +496,8 @@ def pseudonyms_erased(pseudonyms: Pseudonymizer):
     erasures: dict[str, datetime | None] = {}
 
     def is_erased(user: str, occurred_at: datetime) -> bool:
+        if not user:
+            return False  # a reviewed correction's: the trainer erases it by its pseudonym
         if user not in erasures:
             erasures[user] = pseudonyms.erased_at(user)
         return erased_by(erasures[user], occurred_at)

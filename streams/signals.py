@@ -3,6 +3,7 @@
 | rule | from | yields |
 | --- | --- | --- |
 | edit | the user corrected the response | SFT on the corrected text, and a pair: corrected over original |
+| review | a reviewer corrected a closed example (:func:`review_records`) | the edit rule's two records |
 | regenerate | the user regenerated A and accepted the new response B | a pair: B over A |
 | thumbs / rating | explicit verdict | a KTO label: desirable when the explicit reward is >= 0.5 |
 | accepted | thumbs up, rating >= 4, or copied without a regenerate | SFT on the response |
@@ -59,12 +60,7 @@ def training_records(
     records: list[TrainingRecord] = []
 
     if example.edit:
-        corrected = Message(role="assistant", content=example.edit)
-        records.append(SftRecord(example_id=f"{example.example_id}:edit", source="edit", weight=explicit_weight,
-                                 event_ids=example.event_ids, messages=[*example.prompt, corrected], **common))
-        records.append(PreferenceRecord(example_id=f"{example.example_id}:edit-pair", source="edit",
-                                        weight=explicit_weight, event_ids=example.event_ids, prompt=example.prompt,
-                                        chosen=example.edit, rejected=example.response, **common))
+        records += _corrected(example, example.edit, "edit", explicit_weight)
 
     for rival in rivals:
         records.append(PreferenceRecord(example_id=f"{example.example_id}:pairwise:{rival.interaction_id}",
@@ -90,3 +86,22 @@ def training_records(
                                             prompt=replaced.prompt, chosen=example.response,
                                             rejected=replaced.response, **common))
     return records
+
+
+def review_records(example: AnnotatedExample, correction: str, weights: dict[str, float]) -> list[TrainingRecord]:
+    """Records for a reviewer's ``correction`` (scrubbed) of a closed ``example``: the edit
+    rule's two, under ``source`` ``review``. The example's own records went out when its
+    window closed; these are added to them, never in their place."""
+    if not example.training_consent or example.filtered:
+        return []
+    return _corrected(example, correction, "review", weights.get("explicit", 1.0))
+
+
+def _corrected(example: AnnotatedExample, text: str, source: str, weight: float) -> list[TrainingRecord]:
+    """SFT on the corrected ``text``, and a pair: the correction over the response."""
+    common = {"source": source, "weight": weight, "event_ids": example.event_ids,
+              "cohort": example.cohort, "domain": example.domain}  # fmt: skip
+    corrected = Message(role="assistant", content=text)
+    return [SftRecord(example_id=f"{example.example_id}:{source}", messages=[*example.prompt, corrected], **common),
+            PreferenceRecord(example_id=f"{example.example_id}:{source}-pair", prompt=example.prompt, chosen=text,
+                             rejected=example.response, **common)]

@@ -1,4 +1,4 @@
-"""The review desk's pure parts: the queue fold, the events of a review, who may review."""
+"""The review desk's pure parts: the queue fold, the events and the correction of a review, who may review."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from pydantic import SecretStr, ValidationError
 from starlette.requests import Request
 
 from app.gateway.auth import SESSION_COOKIE, ApiKeys, session_token
-from app.review_desk import Labels, NothingLabelled, ReviewDesk, ReviewerKey, ReviewQueue, review_events
+from app.review_desk import (Labels, NothingLabelled, ReviewDesk, ReviewerKey, ReviewQueue, review_correction,
+                             review_events)
 from app.settings import Settings
 from streams.archive import ArchivedRecord
-from streams.contract import USER_EVENT_ADAPTER, AnnotatedExample, Context
+from streams.contract import EVENTS_TOPIC_ADAPTER, USER_EVENT_ADAPTER, AnnotatedExample, Context, ReviewCorrection
+from streams.intake import Limits, check_body
 from streams.learning import ReviewRequest
-from streams.topics import EVENTS, REVIEW
+from streams.topics import EVENTS, REVIEW, event_key
 from tests.test_overview import seal
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc)
@@ -89,15 +91,16 @@ def test_the_desk_follows_the_archive_and_a_restart_rebuilds_the_same_queue(sess
     assert [r.example.example_id for r in restarted.waiting()] == ["i-2"]
 
 
-def test_a_correction_becomes_a_human_annotation_and_an_edit_on_the_examples_ids():
+def test_a_review_becomes_a_human_annotation_and_feedback_on_the_examples_ids():
     now = T0 + timedelta(hours=2)
     events = review_events(pick("i-1"), Labels(thumbs=-1, rating=2, correction="4", report="wrong sum"), "alice", now)
     parsed = [USER_EVENT_ADAPTER.validate_python(e) for e in events]  # the contract accepts every one
     annotation, *feedback = parsed
     assert (annotation.type, annotation.source, annotation.annotator, annotation.label, annotation.score) == (
         "annotation", "human", "alice", "corrected", 0.25)
-    assert [(f.kind, f.value, f.text) for f in feedback] == [
-        ("thumbs", -1, None), ("rating", 2, None), ("edit", None, "4"), ("report", None, "wrong sum")]
+    # The correction is not an edit: one would be dead-lettered as late feedback.
+    assert [(f.kind, f.value, f.text) for f in feedback] == [("thumbs", -1, None), ("rating", 2, None),
+                                                             ("report", None, "wrong sum")]  # fmt: skip
     for event in parsed:
         assert (event.app_id, event.session_id, event.interaction_id) == ("app-a", "s-i-1", "i-1")
         assert event.metadata == {"review_id": "review-i-1"} and event.occurred_at == now
@@ -107,6 +110,24 @@ def test_a_correction_becomes_a_human_annotation_and_an_edit_on_the_examples_ids
     assert {e["event_id"] for e in again} <= {e["event_id"] for e in events}
     other_app = review_events(pick("i-1", app_id="app-b"), Labels(thumbs=1), "alice", now)
     assert not {e["event_id"] for e in other_app} & {e["event_id"] for e in events}
+
+
+def test_a_correction_is_a_record_that_carries_its_example_and_reaches_the_pipeline():
+    now = T0 + timedelta(hours=2)
+    correction = review_correction(pick("i-1"), Labels(thumbs=-1, correction="4"), "alice", now)
+    assert review_correction(pick("i-1"), Labels(thumbs=-1), "alice", now) is None
+    read = EVENTS_TOPIC_ADAPTER.validate_json(correction.model_dump_json())  # what the pipeline parses
+    assert isinstance(read, ReviewCorrection) and read == correction
+    assert (read.app_id, read.session_id, read.example.example_id, read.correction) == ("app-a", "s-i-1", "i-1", "4")
+    assert event_key(read) == b"s-i-1"  # the example's partition
+    events = review_events(pick("i-1"), Labels(thumbs=-1, correction="4"), "alice", now)
+    assert correction.event_id not in {e["event_id"] for e in events}
+    # Bob's later correction of the same example is the same record id: the first one counts.
+    assert review_correction(pick("i-1"), Labels(correction="four"), "bob", now).event_id == correction.event_id
+    # An app cannot send one: /v1/events refuses it as it refuses a tick.
+    (refused,) = check_body(f"[{correction.model_dump_json()}]".encode(), "application/json", "app-a",
+                            Limits(max_event_bytes=256 * 1024, max_events=10, dead_letter_max_raw_bytes=1024))
+    assert refused.reason == "unknown_type"
 
 
 def test_labels_say_what_they_are_and_something_must_be_said():

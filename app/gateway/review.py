@@ -23,7 +23,7 @@ from app.gateway.dashboard import PAGE_HEADERS, STATIC
 from app.gateway.http import ErrorBody, error, read_limited
 from app.gateway.openapi import body_schema, raw_body
 from app.publisher import Publisher, PublishError
-from app.review_desk import Labels, NothingLabelled, ReviewDesk, review_events
+from app.review_desk import Labels, NothingLabelled, ReviewDesk, review_correction, review_events
 from streams.contract import utcnow
 from streams.intake import Accepted, Limits, check_body
 from streams.learning import ReviewRequest
@@ -109,13 +109,20 @@ def review_router(keys: ApiKeys, desk: ReviewDesk, publisher: Publisher, limits:
             log.error("review.events_refused", app_id=app_id, example_id=example_id,
                       reasons=[r.reason for r in refusals])  # fmt: skip
             return error(422, refusals[0].reason, refusals[0].detail)
+        if (correction := review_correction(picked, labels, reviewer.name, received_at)) is not None:
+            # Not a user event, so not through the app's checks: the desk built it from the pick.
+            payload = correction.model_dump_json().encode()
+            if len(payload) > limits.max_event_bytes:  # the pipeline would dead-letter it
+                return error(413, "body_too_large", f"the correction with its example is {len(payload)} bytes; "
+                             f"the limit is {limits.max_event_bytes} (FEEDLOOP_MAX_EVENT_BYTES): shorten it")
+            results.append(Accepted(len(results), correction, payload))
         try:
             await publisher.publish(results, [], app_id=app_id, received_at=received_at)
         except PublishError as exc:
             return error(503, "broker_unavailable", str(exc))
         desk.reviewed(app_id, example_id)
         log.info("review.labelled", app_id=app_id, example_id=example_id, reviewer=reviewer.name,
-                 kinds=[e.get("kind", e["type"]) for e in events])  # fmt: skip
-        return {"review_id": picked.review_id, "events": [e["event_id"] for e in events]}
+                 kinds=[e.get("kind", e["type"]) for e in events], corrected=correction is not None)  # fmt: skip
+        return {"review_id": picked.review_id, "events": [r.event.event_id for r in results]}
 
     return router

@@ -1,14 +1,16 @@
-"""The review desk in headless Chromium, on the real broker, archiver and gateway.
+"""The review desk in headless Chromium, on the real broker, archiver, gateway and worker.
 
 Picks are produced onto ``feedloop.review.v1`` as the learner emits them (the learner is not
 running); a reviewer opens ``/dashboard/review``, labels one with a correction, and the page
-posts a human annotation and an ``edit`` on the example's app, session and interaction. The
-item leaves the queue for a second reviewer and for a desk rebuilt from the archive (a
-restarted gateway); an app's key is refused.
+posts a human annotation, the thumbs, and the correction with its example. The worker turns the
+correction into SFT and preference records of the next batch, though the example's window
+closed long ago. The item leaves the queue for a second reviewer and for a desk rebuilt from
+the archive (a restarted gateway); an app's key is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -16,13 +18,17 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import select
 
 from app.review_desk import ReviewDesk, ReviewerKey
 from streams.contract import AnnotatedExample, Context
 from streams.learning import ReviewRequest
+from streams.store import Batch
 from streams.topics import EVENTS, REVIEW
-from tests.conftest import API_KEYS, OPERATOR_KEY, make_settings, wait_until_archived
+from streams.training_data import BatchFolder, read_batch
+from tests.conftest import API_KEYS, OPERATOR_KEY, make_settings, start_stack, wait_until_archived
 from tests.integration.test_dashboard import chromium_path, produce
+from tests.integration.test_pipeline_live import start_worker, stop_worker
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789"
 APP_KEY = API_KEYS["app-a"]
@@ -30,10 +36,10 @@ T0 = datetime.now(timezone.utc) - timedelta(hours=1)
 
 
 @pytest.fixture
-def settings(tmp_path, broker):
+def settings(tmp_path, own_broker):  # its own: the worker reads every record on the topic
     reviewers = {"alice": ReviewerKey(app_id="app-a", key=SecretStr(ALICE)),
                  "bob": ReviewerKey(app_id="app-a", key=SecretStr(BOB))}  # fmt: skip
-    return make_settings(tmp_path, broker.port, reviewer_keys=reviewers)
+    return make_settings(tmp_path, own_broker.port, reviewer_keys=reviewers)
 
 
 def pick(example_id: str, app_id: str = "app-a") -> ReviewRequest:
@@ -63,7 +69,34 @@ async def shown(page) -> list[str]:
     return await page.evaluate("() => [...document.querySelectorAll('#queue article')].map(a => a.dataset.exampleId)")
 
 
-async def test_a_reviewer_corrects_an_example_and_it_leaves_the_queue_for_everyone(stack, tmp_path):
+@pytest.fixture
+async def stack(settings):
+    running, stop = await start_stack(settings)
+    # Batches cut 2 s of event time after their first record: the correction's comes at once.
+    worker = start_worker(settings, {"FEEDLOOP_PIPELINE__BATCH_MAX_WAIT_S": "2"})
+    try:
+        yield running
+    finally:
+        stop_worker(worker)
+        await stop()
+
+
+async def batch_records_of(stack, example_id: str, timeout_s: float = 90) -> dict[str, object]:
+    """The training records of ``example_id`` in the store's batches, once some are there."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        found = {}
+        with stack.sessions() as session:
+            for batch in session.scalars(select(Batch)):
+                _, records = read_batch(BatchFolder.of(stack.settings.objects, batch.batch_id))
+                found |= {r.example_id: r for rs in records.values() for r in rs
+                          if r.example_id.split(":")[0] == example_id}  # fmt: skip
+        if found or asyncio.get_running_loop().time() > deadline:
+            return found
+        await asyncio.sleep(0.5)
+
+
+async def test_a_reviewer_corrects_an_example_it_joins_the_next_batch_and_leaves_the_queue(stack, tmp_path):
     from playwright.async_api import async_playwright
 
     mine, other, foreign = (f"{name}-{uuid.uuid4().hex[:12]}" for name in ("fix", "keep", "b"))
@@ -104,14 +137,26 @@ async def test_a_reviewer_corrects_an_example_and_it_leaves_the_queue_for_everyo
             assert mine not in await shown(page) and other in await shown(page)
             assert problems == []
 
-            # The review is in the log: a human annotation and an edit on the example's ids.
+            # The review is in the log: a human annotation, the thumbs and the correction.
             archived = await wait_until_archived(stack, EVENTS.name, 3, where=lambda r: mine.encode() in r.value)
             events = [json.loads(r.value) for r in archived]
             assert {(e["type"], e.get("kind"), e.get("source")) for e in events} == {
-                ("annotation", None, "human"), ("feedback", "thumbs", None), ("feedback", "edit", None)}
+                ("annotation", None, "human"), ("feedback", "thumbs", None), ("review_correction", None, None)}
             assert all((e["app_id"], e["session_id"], e["interaction_id"]) == ("app-a", f"s-{mine}", mine)
-                       for e in events)
-            assert next(e for e in events if e.get("kind") == "edit")["text"] == "2+2 is 4."
+                       for e in events if e["type"] != "review_correction")  # fmt: skip
+            fix = next(e for e in events if e["type"] == "review_correction")
+            assert (fix["correction"], fix["reviewer"], fix["example"]["example_id"]) == ("2+2 is 4.", "alice", mine)
+
+            # The worker made it training data of the next batch, under the example's user.
+            records = await batch_records_of(stack, mine)
+            assert set(records) == {f"{mine}:review", f"{mine}:review-pair"}, records
+            assert records[f"{mine}:review"].messages[-1].content == "2+2 is 4."
+            assert (records[f"{mine}:review-pair"].chosen, records[f"{mine}:review-pair"].rejected) == (
+                "2+2 is 4.", "2+2 is 5.")
+            with stack.sessions() as session:
+                (batch,) = [b for b in session.scalars(select(Batch))
+                            if mine in json.dumps(b.manifest or {})]  # fmt: skip
+                assert list(batch.manifest["users"]) == ["pseudonym-of-the-user"]
 
             # The second reviewer, reloading, and a desk rebuilt from the archive no longer see it.
             await second.get_by_role("button", name="Reload queue").click()

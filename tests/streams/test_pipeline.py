@@ -667,3 +667,60 @@ def test_a_batch_lists_each_record_under_the_pseudonym_its_example_carries(pseud
     for batch in run.batches:
         listed = {example_id: user for user, ids in batch.users.items() for example_id in ids}
         assert listed == {r.example_id: owner[r.example_id.split(":")[0]] for r in batch.records + batch.heldout}
+
+
+# --- a reviewer's correction of a closed example ------------------------------------------------
+
+
+def correction(example: AnnotatedExample, seconds: float, text: str, reviewer: str = "alice") -> dict:
+    """What the review desk publishes for a corrected answer (app.review_desk.review_correction)."""
+    from app.review_desk import Labels, review_correction
+    from streams.learning import ReviewRequest
+
+    pick = ReviewRequest(review_id=f"review-{example.example_id}", score=0.9, terms={}, threshold=0.5,
+                         selected_at=example.closed_at, example=example)  # fmt: skip
+    return json.loads(review_correction(pick, Labels(correction=text), reviewer, T0 + timedelta(seconds=seconds))
+                      .model_dump_json())  # fmt: skip
+
+
+def test_a_reviewers_correction_of_a_closed_example_joins_the_next_batch_once(pseudonyms):
+    first, late = turn(0), turn(1)
+    run = Run(pseudonyms).feed(first, signal(first, "thumbs", 5, value=1), late, tick(700))
+    example = next(e for e in run.examples if e.example_id == first["interaction_id"])
+    before = {r.example_id for r in cut(run, 701)}
+    assert f"{example.example_id}:thumbs" in before  # its own records went out at its close
+    # Long after the window closed: an app's own edit is late, the reviewer's correction is not.
+    fixed = correction(example, 5000, "The right answer; mail fixes to jane.doe@example.com")
+    run.feed(signal(first, "edit", 4990, text="too late"), fixed, correction(example, 5001, "again", "bob"))
+    assert run.reasons().count("late_feedback") == 1 and run.reasons().count("duplicate_event") == 1
+    records = {r.example_id: r for r in cut(run, 5002) if r.example_id not in before}
+    sft, pair = records.pop(f"{example.example_id}:review"), records.pop(f"{example.example_id}:review-pair")
+    assert records == {}  # nothing else of the example again: no second thumbs label, no accepted SFT
+    assert isinstance(sft, SftRecord) and sft.messages[:-1] == example.prompt and sft.source == "review"
+    assert "jane.doe@example.com" not in sft.messages[-1].content  # scrubbed like any edit
+    assert isinstance(pair, PreferenceRecord) and pair.rejected == example.response
+    assert pair.chosen == sft.messages[-1].content and sft.event_ids == example.event_ids
+    batch = next(b for b in run.batches if sft in b.records + b.heldout)
+    assert batch.users == {example.user: [sft.example_id, pair.example_id]}  # the erasure finds them
+    assert run.pipeline.stats.counts["review_corrections"] == 1
+
+
+def test_a_correction_of_an_opted_out_or_filtered_example_is_not_trained_on(pseudonyms):
+    quiet, blocked = turn(0, training_consent=False), turn(1)
+    run = Run(pseudonyms).feed(quiet, blocked, tick(700))
+    examples = {e.example_id: e for e in run.examples}
+    filtered = examples[blocked["interaction_id"]].model_copy(update={"filtered": "pii_heavy"})
+    run.feed(correction(examples[quiet["interaction_id"]], 800, "fixed"), correction(filtered, 801, "fixed"))
+    assert [r for r in cut(run, 802) if r.source == "review"] == []
+    assert run.pipeline.stats.counts["review_not_trained"] == 2
+
+
+def test_a_correction_replays_to_the_same_batches(pseudonyms):
+    t = turn(0)
+    first = Run(pseudonyms).feed(t, tick(700))
+    events = [t, tick(700), correction(first.examples[0], 900, "better"), tick(10**6 + 2000)]
+    one, two = Run(pseudonyms).feed(*events), Run(pseudonyms).feed(*events[:2])
+    two.pipeline = pickle.loads(pickle.dumps(two.pipeline))  # a checkpoint between close and review
+    two.feed(*events[2:])
+    assert any(r.source == "review" for r in one.records())
+    assert [b.records for b in one.batches] == [b.records for b in two.batches]
