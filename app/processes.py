@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import structlog
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from app.settings import Settings, env_name
 
@@ -27,6 +27,8 @@ log = structlog.get_logger(__name__)
 def _plain(value):
     if isinstance(value, SecretStr):
         return value.get_secret_value()
+    if isinstance(value, BaseModel):  # a reviewer's key, in a dict of them
+        return _plain(value.model_dump())
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
