@@ -34,7 +34,7 @@ class ReviewSelector:
               + w_r / sqrt(1 + examples of this cohort seen before)
 
     A missing signal adds nothing (fewer than two channels: no disagreement; no judge
-    confidence: no term). Hours are ``floor(timestamp / 3600)`` of the examples themselves,
+    confidence: no term). Hours are ``floor(timestamp / hour_s)`` of the examples themselves,
     never the wall clock, so a replay selects the same examples.
 
     A streaming selector cannot wait for the hour's best examples, and taking the first ones
@@ -56,6 +56,9 @@ class ReviewSelector:
         ``w_d``, ``w_j``, ``w_r`` above.
     bins
         Resolution of the score histogram that sets the threshold.
+    hour_s
+        How long an hour of the budget lasts, in seconds of event time: 3600, unless time is
+        compressed (the demo runs a day's loop in minutes and uses 30).
 
     Examples
     --------
@@ -75,6 +78,8 @@ class ReviewSelector:
     [0, 60, 3600, 4200]
     """
 
+    hour_s = 3600.0  # for selectors pickled before the hour could be compressed
+
     def __init__(
         self,
         budget_per_hour: int,
@@ -82,8 +87,10 @@ class ReviewSelector:
         confidence_weight: float = 0.3,
         rarity_weight: float = 0.2,
         bins: int = 100,
+        hour_s: float = 3600.0,
     ):
         self.budget_per_hour = budget_per_hour
+        self.hour_s = hour_s
         self.disagreement_weight = disagreement_weight
         self.confidence_weight = confidence_weight
         self.rarity_weight = rarity_weight
@@ -132,7 +139,7 @@ class ReviewSelector:
         """Score the candidate, count it, and say whether to send it for review."""
         s = self.score(candidate)
         self._seen[candidate.cohort] = self._seen.get(candidate.cohort, 0) + 1
-        hour = math.floor(candidate.timestamp / 3600)
+        hour = math.floor(candidate.timestamp / self.hour_s)
         if self._hour is not None and hour < self._hour:
             return False
         if hour != self._hour:

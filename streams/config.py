@@ -108,6 +108,10 @@ class LearnerSettings(BaseModel):
         2000, ge=1, description="A/B test: rewards per variant after which a test with no verdict ends; the champion stays."
     )
     review_budget_per_hour: int = Field(20, ge=0, description="Most examples sent to human review per hour (event time).")
+    review_hour_s: float = Field(
+        3600, gt=0, description="The review budget's hour in seconds of event time; shorter only where time is "
+        "compressed (the demo: 30).",
+    )  # fmt: skip
     example_memory: int = Field(
         20_000, ge=1,
         description="Example ids the learner remembers, so an example the pipeline emits again (after a failed "

@@ -141,7 +141,7 @@ class LearnerState:
                                    dim=config.feature_dim, l2=config.l2, seed=config.seed)  # fmt: skip
         self.lifecycle = Lifecycle(config)  # its live arms are the router's, in the same order
         self.drift = DriftMonitor(recent_window=config.drift_recent_window, features=config.drift_features)
-        self.review = ReviewSelector(config.review_budget_per_hour)
+        self.review = ReviewSelector(config.review_budget_per_hour, hour_s=config.review_hour_s)
         self.loss_weights = LossWeights()
         self.version = 0
         self.examples = 0
