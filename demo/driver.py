@@ -41,24 +41,31 @@ from sqlalchemy import func, select
 from app.local_loop import LocalLoop
 from app.logs import configure_logging
 from app.overview import OverviewSource
+from app.review_desk import ReviewerKey
 from app.settings import Settings
+from learners.loss_weights import LossWeights
 from demo.base_model import ensure_base_model
-from demo.population import Population, PopulationConfig, style_profile
+from demo.population import Population, PopulationConfig, Turn, style_profile
 from demo.progress import Snapshot, progress_view
-from demo.report import ABPoint, Decision, DemoReport, RewardPoint, Series, drift_detect_delay, regret_ratio
-from demo.report import loaded_so_far, recovery_delay, routing_regret, run_directory, win_rate, write_report
+from demo.report import ABPoint, Decision, DemoReport, LabelSavings, RewardPoint, Series, WeightPoint
+from demo.report import drift_detect_delay, label_savings, loaded_so_far, recovery_delay, regret_ratio, routing_regret
+from demo.report import run_directory, weights_before, win_rate, write_report
 from demo.suites import RARE_SKILL_ACCURACY
 from streams.store import Adapter, ArchiveSegment, RouterSnapshot, make_engine, make_sessionmaker
 from streams.agents import PIPELINE_RECORD_KEYS
 from streams.archive import read_segment, segments, verify_archive
-from streams.contract import AdapterState
+from streams.contract import AdapterState, AnnotatedExample
+from streams.learning import combined_reward
 from streams.objects import ObjectStore
-from streams.topics import CONTROL, DEAD_LETTER, EVENTS
+from streams.topics import CONTROL, DEAD_LETTER, EVENTS, EXAMPLES
 from streams.training_data import BATCHES
 
 log = structlog.get_logger(__name__)
 
 DEMO_APP = "demo-chat"
+DEMO_REVIEWER = "demo-reviewer"  # the simulated reviewer's key (Driver.review)
+# The simulated self-evaluation judge (Population.grade) as its annotations name it.
+GRADER, GRADER_RUBRIC = "demo-grader", "demo-style-v1"
 MAX_TOKENS = 48  # a detailed answer fits; the judge needs its closing line
 CONCURRENCY = 4  # users talking at once
 HELDOUT_PER_COHORT = 60
@@ -72,12 +79,14 @@ JUDGING_S = 75  # judging 3 x 60 prompts and the report: ~50 s on 2 cores
 # SFT and DPO: a batch of ~150 records moves the tiny model's style by tens of points. No KTO:
 # on the demo's batches it moved the style the wrong way and cost the rare skill (docs/demo.md).
 # The gate scores the toy world's suites (demo.suites), on 20 held-out prompts instead of 60.
+# The review budget's hour is 30 s: 3 picks in each, about 2% of the examples, for the
+# simulated reviewer (Driver.review).
 DEMO_DEFAULTS: dict[str, object] = {
     "topic_partitions": 1,
     "pipeline": {"implicit_window_s": 4, "explicit_window_s": 8, "allowed_lateness_s": 1, "idle_tick_s": 1,
                  "batch_size": 160, "batch_max_wait_s": 120, "checkpoint_interval_s": 1},
     "learners": {"ab_min_samples": 40, "ab_max_samples": 300, "ab_tau": 0.2, "floor": 0.2, "min_propensity": 0.1, "canary_share": 0.5,
-                 "checkpoint_interval_s": 1, "snapshot_poll_s": 1},
+                 "checkpoint_interval_s": 1, "snapshot_poll_s": 1, "review_budget_per_hour": 3, "review_hour_s": 30},
     "serving": {"drain_s": 3, "reconcile_interval_s": 10, "max_loras": 3},
     "trainer": {"num_threads": 1, "log_every": 50,
                 "gate": {"suites": [{"component": "demo.suites:toy_suites", "options": {"heldout_prompts": 20}}]},
@@ -126,6 +135,9 @@ def demo_settings(settings: Settings, resume: bool = False) -> Settings:
         updates[group] = type(getattr(settings, group)).model_validate(current)
     if DEMO_APP not in settings.api_keys:
         updates["api_keys"] = {**settings.api_keys, DEMO_APP: SecretStr(secrets.token_urlsafe(16))}
+    if DEMO_REVIEWER not in settings.reviewer_keys:
+        reviewer = ReviewerKey(app_id=DEMO_APP, key=SecretStr(secrets.token_urlsafe(16)))
+        updates["reviewer_keys"] = {**settings.reviewer_keys, DEMO_REVIEWER: reviewer}
     if "FEEDLOOP_BASE_MODEL_PATH" not in os.environ:
         updates["base_model_path"] = settings.data_dir / "models" / "demo-base"
     return settings.model_copy(update=updates)
@@ -153,6 +165,8 @@ class Traffic:
     failed_requests: int = 0
     served: list[Served] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
+    outcomes: dict[str, tuple[Turn, bool]] = field(default_factory=dict)  # interaction id -> (turn, satisfied)
+    reviewed: list[str] = field(default_factory=list)  # example ids the simulated reviewer labelled
     recent: deque = field(default_factory=lambda: deque(maxlen=100))  # satisfied flags
 
     @property
@@ -163,15 +177,49 @@ class Traffic:
 class Driver:
     """Sends the population's turns through the chat gateway and their feedback to /v1/events."""
 
-    def __init__(self, population: Population, gateway_url: str, api_key: str, arms: list[str]) -> None:
+    def __init__(self, population: Population, gateway_url: str, api_key: str, arms: list[str],
+                 reviewer_key: str | None = None) -> None:  # fmt: skip
         self.population = population
         self.http = httpx.AsyncClient(base_url=gateway_url, timeout=180,
                                       headers={"Authorization": f"Bearer {api_key}"})  # fmt: skip
+        self.reviewer = None if reviewer_key is None else httpx.AsyncClient(
+            base_url=gateway_url, timeout=60, headers={"Authorization": f"Bearer {reviewer_key}"})
         self.traffic = Traffic()
         self.arms = arms  # live arms, refreshed by the caller from the router snapshots
 
     async def close(self) -> None:
         await self.http.aclose()
+        if self.reviewer is not None:
+            await self.reviewer.aclose()
+
+    async def review(self, until: float, poll_s: float = 2.0) -> None:
+        """The simulated reviewer: works the review desk's queue until ``until`` (monotonic).
+
+        For each example the learner picked it posts what a careful person would: thumbs by
+        whether the answer met the user's hidden preference, and, when it did not, the answer
+        the user wanted (as a user's edit is), which becomes training data. An example it cannot
+        place (not one of the population's turns) is labelled ``skipped``, so it leaves the queue."""
+        population, traffic = self.population, self.traffic
+        while time.monotonic() < until:
+            try:
+                queue = await self.reviewer.get("/v1/review/queue")
+                items = queue.json()["items"] if queue.status_code == 200 else []
+                for item in items:
+                    example = item["example"]
+                    known = traffic.outcomes.get(example["example_id"])
+                    if known is None:
+                        labels = {"label": "skipped"}
+                    else:
+                        turn, satisfied = known
+                        wanted = turn.prompt.answer(population.preferred_style(turn.cohort, turn.phase))
+                        labels = {"thumbs": 1} if satisfied else {"thumbs": -1, "correction": wanted}
+                    answer = await self.reviewer.post(f"/v1/review/{example['app_id']}/{example['example_id']}",
+                                                      json=labels)  # fmt: skip
+                    if answer.status_code == 202 and known is not None:
+                        traffic.reviewed.append(example["example_id"])
+            except httpx.TransportError as exc:
+                log.warning("demo.review_failed", error=repr(exc))
+            await asyncio.sleep(poll_s)
 
     async def run(self, turns, interactions: int, deadline: float) -> None:
         """Spread the turns evenly until ``deadline``: the drift then falls halfway in time,
@@ -213,14 +261,19 @@ class Driver:
             population, traffic = self.population, self.traffic
             satisfied = population.satisfies(turn.user_id, turn.phase, turn.prompt, answer)
             traffic.served.append(Served(turn.index, turn.cohort, turn.phase, adapter, answer, satisfied, time.time()))
+            traffic.outcomes[interaction_id] = (turn, satisfied)
             traffic.decisions.append(Decision(turn.index, adapter, turn.cohort, turn.phase, tuple(self.arms)))
             traffic.recent.append(satisfied)
             traffic.sent_events += recorded  # the gateway published the interaction event itself
             actions = population.react(turn, answer)
-            events = [{"type": "feedback", "event_id": f"fb-{uuid.uuid4().hex}",
-                       "occurred_at": datetime.now().astimezone().isoformat(), "app_id": DEMO_APP,
-                       "session_id": turn.session_id, "interaction_id": interaction_id, "user_id": turn.user_id,
+            now = datetime.now().astimezone().isoformat()
+            on_turn = {"occurred_at": now, "app_id": DEMO_APP, "session_id": turn.session_id,
+                       "interaction_id": interaction_id}  # fmt: skip
+            events = [{"type": "feedback", "event_id": f"fb-{uuid.uuid4().hex}", **on_turn, "user_id": turn.user_id,
                        **action.fields} for action in actions]  # fmt: skip
+            if (score := population.grade(turn, answer)) is not None:  # the self-evaluation channel
+                events.append({"type": "annotation", "event_id": f"an-{uuid.uuid4().hex}", **on_turn, "source": "model",
+                               "annotator": GRADER, "rubric": GRADER_RUBRIC, "label": "graded", "score": score})
             if events:
                 response = await self.http.post("/v1/events", json=events)
                 accepted = response.json().get("accepted", 0) if response.status_code == 202 else 0
@@ -425,13 +478,15 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
             console.print(f"the store at FEEDLOOP_DATABASE_URL holds {len(earlier)} adapters of earlier runs: "
                           "this run's report counts only its own")
         gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
-        driver = Driver(population, gateway_url, settings.api_keys[DEMO_APP].get_secret_value(), ["base"])
+        driver = Driver(population, gateway_url, settings.api_keys[DEMO_APP].get_secret_value(), ["base"],
+                        settings.reviewer_keys[DEMO_REVIEWER].key.get_secret_value())  # fmt: skip
         await driver.wait_for_base(loop)
         for body in MALFORMED:
             await driver.http.post("/v1/events", content=body)
 
         # Judging and the report take the last JUDGING_S; the users talk until then.
         traffic = asyncio.create_task(driver.run(population.turns(), interactions, deadline - JUDGING_S))
+        reviewing = asyncio.create_task(driver.review(until=deadline - JUDGING_S))
         with progress_view(console, interactions, loop.logs / "demo.log") as show:
             while not traffic.done():
                 loop.check()
@@ -440,6 +495,7 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
                 show(_snapshot(registry(sessions, earlier), driver.traffic, population, interactions, elapsed))
                 await asyncio.wait([traffic], timeout=1.0)
             traffic.result()
+        reviewing.cancel()  # its last labels come after the traffic and train nothing
 
         console.print("traffic done; waiting for the archive, stopping learn, train and swap, then judging on held-out "
                       "prompts ...")
@@ -454,9 +510,11 @@ async def _demo(settings: Settings, loop: Loop, users: PopulationConfig, minutes
         champion = next((r.name for r in every if r.state == AdapterState.CHAMPION), "base")
         judgements, per_cohort = await _judge(settings, population, champion)
         await driver.close()
+        folded = _fold_examples(settings, sessions, before, driver.traffic)
         report = _report(settings, sessions, before, population, driver.traffic, every, earlier, champion, judgements,
-                         per_cohort, counts, time.monotonic() - started)  # fmt: skip
+                         per_cohort, counts, folded, time.monotonic() - started)  # fmt: skip
         series = _series(settings, sessions, before, population, driver.traffic)
+        series.weights = folded.weights
         run_dir = write_report(report, Path("runs"), series, console=console)
         with sessions() as session:
             verified = verify_archive(session, settings.objects)
@@ -479,7 +537,7 @@ def _snapshot(rows: list[Adapter], traffic: Traffic, population: Population, int
 
 
 def _report(settings, sessions, before, population, traffic: Traffic, every, earlier, champion, judgements,
-            per_cohort, counts, wall_s) -> DemoReport:  # fmt: skip
+            per_cohort, counts, folded: Folded, wall_s) -> DemoReport:  # fmt: skip
     rate, ci95 = win_rate(judgements)
     # Each arm's style mix, measured on the answers it served; the arms live at a decision are
     # those of the router snapshot then (refreshed each second) that served anything at all.
@@ -496,6 +554,7 @@ def _report(settings, sessions, before, population, traffic: Traffic, every, ear
     rows = [r for r in every if r.name not in earlier]  # this run's
     swaps = [r.lineage["serving"]["swap_ms"] for r in rows if "serving" in (r.lineage or {})]
     archived_events = counts[EVENTS.name]
+    savings = _label_savings(folded, traffic)
     return DemoReport(
         events_sent=traffic.sent_events,
         events_archived=archived_events,
@@ -517,6 +576,12 @@ def _report(settings, sessions, before, population, traffic: Traffic, every, ear
         adapters_rolled_back=sum(r.state == AdapterState.ROLLED_BACK for r in rows),
         hot_swap_p50_ms=median(swaps) if swaps else None,
         wall_seconds=round(wall_s, 1),
+        loss_weights_before_shift=weights_before(folded.weights, population.shift_index),
+        loss_weights_end=dict(folded.weights[-1].weights) if folded.weights else None,
+        review_labels=savings.labels,
+        review_label_error_rate_active=savings.error_rate_active,
+        review_label_error_rate_random=savings.error_rate_random,
+        random_labels_to_match=savings.random_labels_to_match,
     )
 
 
@@ -530,6 +595,39 @@ def _alarm_turns(settings, sessions, before, traffic: Traffic) -> list[int]:
             if turn is not None:
                 turns.append(turn)
     return sorted(turns)
+
+
+@dataclass
+class Folded:
+    """This run's examples as the learner folds them: the loss weights over time, and the
+    label (the combined reward) it held for each example it could pick for review."""
+
+    weights: list[WeightPoint] = field(default_factory=list)
+    rewards: dict[str, float | None] = field(default_factory=dict)  # example id -> combined reward
+
+
+def _fold_examples(settings, sessions, before, traffic: Traffic) -> Folded:
+    """In closing order, each once, through the loss weights, with the turn being served when each closed."""
+    examples = [AnnotatedExample.model_validate_json(r.value)
+                for r in archived(sessions, settings.objects, before, EXAMPLES.name) if r.value]  # fmt: skip
+    clock, weights, seen, folded = TurnClock(traffic.served), LossWeights(), set(), Folded()
+    for example in sorted(examples, key=lambda e: e.closed_at):
+        if example.key in seen:
+            continue
+        seen.add(example.key)
+        weights.learn_one(example.rewards)
+        if example.training_consent:  # what the review selector sees
+            folded.rewards[example.example_id] = combined_reward(example.rewards, weights.weights())
+        if (turn := clock.turn_at(example.closed_at)) is not None:
+            folded.weights.append(WeightPoint(turn, {c: round(w, 4) for c, w in weights.weights().items()}))
+    return folded
+
+
+def _label_savings(folded: Folded, traffic: Traffic) -> LabelSavings:
+    """The reviewers' labels against as many at random (``demo.report.label_savings``)."""
+    wrong = {example_id: reward is None or (reward >= 0.5) != traffic.outcomes[example_id][1]
+             for example_id, reward in folded.rewards.items() if example_id in traffic.outcomes}  # fmt: skip
+    return label_savings(wrong, traffic.reviewed)
 
 
 def _series(settings, sessions, before, population, traffic: Traffic) -> Series:

@@ -142,6 +142,13 @@ class PopulationConfig(BaseModel):
     judge_noise: float = Field(
         0.02, ge=0, le=1, description="Chance the judge picks at random (so a clear preference is 1 - noise/2)."
     )
+    grader_rate: float = Field(
+        0.3, ge=0, le=1, description="Share of turns the simulated self-evaluation judge grades (a 'model' annotation)."
+    )
+    grader_style: str = Field(
+        DETAILED, description="The style the simulated judge favours whatever the users want: its bias."
+    )
+    grader_noise: float = Field(0.2, ge=0, le=1, description="Chance the simulated judge's grade is a coin flip.")
     pii_share: float = Field(0.05, ge=0, le=1, description="Share of turns whose prompt carries a PII canary.")
     heldout_share: float = Field(
         0.1, gt=0, le=0.5, description="Share of the prompt space reserved for held-out prompts, never trained on."
@@ -158,8 +165,8 @@ class PopulationConfig(BaseModel):
                 raise ValueError(f"{name} must describe exactly the cohorts {sorted(cohorts)}")
         if self.minority_cohort not in cohorts:
             raise ValueError(f"minority_cohort {self.minority_cohort!r} is not a cohort")
-        if any(s not in STYLES for pair in self.preferred_styles.values() for s in pair):
-            raise ValueError(f"preferred styles must be among {STYLES}")
+        if self.grader_style not in STYLES or any(s not in STYLES for pair in self.preferred_styles.values() for s in pair):
+            raise ValueError(f"preferred and grader styles must be among {STYLES}")
         if any(d not in DOMAINS for weights in self.domain_weights.values() for d in weights):
             raise ValueError(f"domains must be among {DOMAINS}")
         return self
@@ -256,6 +263,13 @@ def is_well_formed(answer: str) -> bool:
     words = answer.split()
     trigrams = Counter(zip(words, words[1:], words[2:]))
     return bool(words) and (not trigrams or max(trigrams.values()) < 3)
+
+
+def _form_and_fact(prompt: Prompt, answer: str) -> tuple[bool, bool]:
+    """(well formed, states the prompt's fact): what every grader checks before style."""
+    fact = prompt.fact
+    # The value must stand alone: "3.1 miles" is not stated by "13.1 miles".
+    return is_well_formed(answer), fact is None or re.search(rf"(?<![\d.]){re.escape(fact)}\b", answer) is not None
 
 
 def style_profile(answers: Iterable[str]) -> dict[str, float]:
@@ -371,10 +385,7 @@ class Population:
 
     def _criteria(self, cohort: str, phase: int, prompt: Prompt, answer: str) -> tuple[bool, bool, bool]:
         """(well formed, correct, preferred style), most important first."""
-        fact = prompt.fact
-        # The value must stand alone: "3.1 miles" is not stated by "13.1 miles".
-        correct = fact is None or re.search(rf"(?<![\d.]){re.escape(fact)}\b", answer) is not None
-        return is_well_formed(answer), correct, answer_style(answer) == self.preferred_style(cohort, phase)
+        return *_form_and_fact(prompt, answer), answer_style(answer) == self.preferred_style(cohort, phase)
 
     def satisfies(self, user_or_cohort: str, phase: int, prompt: Prompt, answer: str) -> bool:
         """Whether the answer meets every hidden preference of the user (or cohort) in ``phase``."""
@@ -491,6 +502,24 @@ class Population:
         elif draw < 0.85:
             actions.append(Action("rephrase", text=f"Let me rephrase: {turn.text}"))
         return actions
+
+    def grade(self, turn: Turn, answer: str) -> float | None:
+        """The simulated self-evaluation judge's score of ``answer`` (1 good, 0 bad), or None
+        when it does not grade this turn (``grader_rate``).
+
+        A noisy, biased grader, never the users' hidden preferences: it checks form and facts as
+        they do, but wants ``grader_style`` whoever asks and whenever, and flips a coin
+        ``grader_noise`` of the time. So the loss weights have something to learn: with the
+        demo's defaults it disagrees with the users until their preferences shift to its style,
+        and agrees after. Seeded per turn and attempt, like :meth:`react`."""
+        config = self.config
+        rng = random.Random(f"{config.seed}:grade:{turn.index}:{turn.attempt}")
+        if rng.random() >= config.grader_rate:
+            return None
+        if rng.random() < config.grader_noise:
+            return float(rng.random() < 0.5)
+        answer = answer.strip()
+        return float(all(_form_and_fact(turn.prompt, answer)) and answer_style(answer) == config.grader_style)
 
     # --- the judge -------------------------------------------------------------------------
 

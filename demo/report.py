@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +37,7 @@ from rich.table import Table
 MINORITY = "minority"
 LATEST = "latest"
 REPORT_FILE = "report.json"
-PLOT_FILES = ("rewards.png", "traffic.png", "ab_bounds.png")
+PLOT_FILES = ("rewards.png", "traffic.png", "ab_bounds.png", "loss_weights.png")
 
 # The targets of the end-to-end issue.
 MIN_WIN_RATE = 0.70
@@ -165,6 +165,37 @@ def recovery_delay(
     return None
 
 
+@dataclass(frozen=True)
+class LabelSavings:
+    """What a budget of review labels was worth, picked by the active selector against at random."""
+
+    labels: int
+    error_rate_active: float | None  # share of the picked examples whose loop label was wrong or missing
+    error_rate_random: float | None  # the same share over every example a pick could have been
+    random_labels_to_match: int | None  # random labels that fix as many as the picked ones (expected)
+
+
+def label_savings(wrong: Mapping[str, bool], labelled: Iterable[str]) -> LabelSavings:
+    """How many labels picked at random would fix as many of the loop's labels as ``labelled``.
+
+    ``wrong`` maps each example a pick could have been (this run's, with training consent) to
+    whether the label the loop held for it (its combined reward >= 0.5) was wrong, or missing,
+    against the truth; ``labelled`` are the ids the reviewers labelled. A label fixes what was
+    wrong; at random, each fixes the pool's error rate in expectation, so matching the picked
+    labels takes ``labels * active rate / random rate`` of them. Same run, same pool: no second
+    training run, and the figure is about the labels, not yet about the win-rate they buy.
+
+    >>> label_savings({"a": True, "b": False, "c": False, "d": False}, ["a", "b"])
+    LabelSavings(labels=2, error_rate_active=0.5, error_rate_random=0.25, random_labels_to_match=4)
+    """
+    picked = [wrong[i] for i in dict.fromkeys(labelled) if i in wrong]
+    if not picked or not wrong:
+        return LabelSavings(len(picked), None, None, None)
+    active, random_rate = sum(picked) / len(picked), sum(wrong.values()) / len(wrong)
+    to_match = math.ceil(len(picked) * active / random_rate - 1e-9) if random_rate > 0 else None
+    return LabelSavings(len(picked), round(active, 4), round(random_rate, 4), to_match)
+
+
 # --- the report ------------------------------------------------------------------------------
 
 
@@ -194,6 +225,14 @@ class DemoReport:
     regret_ratio_live_arms: float | None = None
     # Not a target yet (the learners' issue asks for <= 600): ``recovery_delay`` of the served rewards.
     recovery_events: int | None = None
+    # Not targets: the loss weight of each reward channel just before the shift and at the end.
+    loss_weights_before_shift: dict[str, float] | None = None
+    loss_weights_end: dict[str, float] | None = None
+    # Not targets: what the reviewers' labels were worth (``label_savings``).
+    review_labels: int = 0
+    review_label_error_rate_active: float | None = None
+    review_label_error_rate_random: float | None = None
+    random_labels_to_match: int | None = None
 
     def targets(self, minority: str = MINORITY) -> dict[str, bool]:
         """Whether each target of the end-to-end issue is met (unmeasured means not met)."""
@@ -284,6 +323,24 @@ class ABPoint:
     upper: float
 
 
+@dataclass(frozen=True)
+class WeightPoint:
+    """The loss weight of each reward channel once the example served at ``event_index`` closed."""
+
+    event_index: int
+    weights: dict[str, float]
+
+
+def weights_before(points: Sequence[WeightPoint], event_index: int) -> dict[str, float] | None:
+    """The weights of the last point before ``event_index`` (points in closing order); None if none.
+
+    >>> weights_before([WeightPoint(3, {"explicit": 0.5}), WeightPoint(9, {"explicit": 0.6})], 5)
+    {'explicit': 0.5}
+    """
+    earlier = [p for p in points if p.event_index < event_index]
+    return dict(earlier[-1].weights) if earlier else None
+
+
 @dataclass
 class Series:
     """What the plots show, filled by the demo as the stream runs.
@@ -293,6 +350,8 @@ class Series:
       with the live arms from the router's probabilities or the control events);
     - ``ab_bounds``: one per A/B check (the learners' ``ABDecision``s);
     - ``alarms``: event indices of the drift alarms on rewards;
+    - ``weights``: the loss weights per channel, one point per annotated example (folded from
+      ``feedloop.examples.v1`` as the learner folds them);
     - ``shift_index``: where the population's preferences shift (``population.shift_index``).
     """
 
@@ -300,6 +359,7 @@ class Series:
     decisions: list[Decision] = field(default_factory=list)
     ab_bounds: list[ABPoint] = field(default_factory=list)
     alarms: list[int] = field(default_factory=list)
+    weights: list[WeightPoint] = field(default_factory=list)
     shift_index: int | None = None
 
 
@@ -388,6 +448,16 @@ def plot_ab_bounds(series: Series, path: Path) -> Path:
     return _finish(figure, axes, bool(points), path)
 
 
+def plot_loss_weights(series: Series, path: Path) -> Path:
+    figure, axes = _figure("loss weight per reward channel", "weight")
+    points = series.weights
+    for channel in _arms_in_order(c for p in points for c in p.weights):
+        axes.plot([p.event_index for p in points], [p.weights.get(channel) for p in points], label=channel)
+    axes.set_ylim(-0.02, 1.02)
+    _mark_events(axes, series)
+    return _finish(figure, axes, bool(points), path)
+
+
 # --- writing -----------------------------------------------------------------------------
 
 
@@ -430,7 +500,7 @@ def write_report(
     run = run_directory(Path(runs_dir), now or datetime.now(timezone.utc))
     run.mkdir(parents=True)
     (run / REPORT_FILE).write_text(json.dumps(report.to_json(minority), indent=2) + "\n")
-    for plot, name in zip((plot_rewards, plot_traffic, plot_ab_bounds), PLOT_FILES):
+    for plot, name in zip((plot_rewards, plot_traffic, plot_ab_bounds, plot_loss_weights), PLOT_FILES):
         plot(series, run / name)
     _refresh_latest(Path(runs_dir), run)
     if console is not None:

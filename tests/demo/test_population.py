@@ -333,3 +333,26 @@ def test_heldout_prompts_never_occur_in_the_training_stream():
 def test_heldout_prompts_follow_the_cohorts_domain_mix():
     units = {c: sum(p.domain == UNITS for p in POPULATION.heldout_prompts(1000, c)) for c in ("a", MINORITY)}
     assert units[MINORITY] > 2 * units["a"] > 0, units
+
+
+def test_the_simulated_grader_is_biased_noisy_and_blind_to_the_users():
+    """It wants its own style whoever asks: against users who want the other style it mostly
+    disagrees, against users who want its style it mostly agrees; never always (noise)."""
+    config = POPULATION.config
+    graded = {True: [], False: []}  # the user's preferred style is the grader's -> (grade, user satisfied)
+    for turn in TURNS:
+        for style in STYLES:
+            answer = turn.prompt.answer(style)
+            grade = POPULATION.grade(turn, answer)
+            assert grade == POPULATION.grade(turn, answer)  # seeded per turn
+            if grade is not None:
+                same = POPULATION.preferred_style(turn.cohort, turn.phase) == config.grader_style
+                graded[same].append((grade, POPULATION.satisfies(turn.cohort, turn.phase, turn.prompt, answer)))
+    share = sum(map(len, graded.values())) / (2 * len(TURNS))
+    assert abs(share - config.grader_rate) < 0.03
+    agreement = {same: sum(g == float(ok) for g, ok in pairs) / len(pairs) for same, pairs in graded.items()}
+    expected_noise = config.grader_noise / 2  # a coin flip agrees half the time
+    assert agreement[False] < 0.5 - 0.3 and abs(agreement[True] - (1 - expected_noise)) < 0.04, agreement
+    assert POPULATION.grade(TURNS[0], "") in (None, 0.0, 1.0)
+    with pytest.raises(ValueError, match="grader styles"):
+        PopulationConfig(grader_style="verbose")

@@ -15,9 +15,12 @@ from demo.report import (
     ABPoint,
     Decision,
     DemoReport,
+    LabelSavings,
     RewardPoint,
     Series,
+    WeightPoint,
     drift_detect_delay,
+    label_savings,
     recovery_delay,
     loaded_so_far,
     regret_ratio,
@@ -34,7 +37,9 @@ REQUIRED_KEYS = [
     "cohort_win_rates", "rare_skill_accuracy_start", "rare_skill_accuracy_end", "adapters_trained",
     "adapters_promoted", "adapters_rolled_back", "hot_swap_p50_ms", "wall_seconds",
 ]  # fmt: skip
-EXTRA_KEYS = ["regret_ratio_live_arms", "recovery_events"]  # measured beside the keys, without a target
+EXTRA_KEYS = ["regret_ratio_live_arms", "recovery_events", "loss_weights_before_shift", "loss_weights_end",
+              "review_labels", "review_label_error_rate_active", "review_label_error_rate_random",
+              "random_labels_to_match"]  # measured beside the keys, without a target
 TARGETS = ["win_rate", "regret_ratio", "drift_detected", "minority_win_rate", "rare_skill_kept", "zero_events_lost",
            "zero_pii_leaked"]  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -218,6 +223,8 @@ def sample_series() -> Series:
         live = ("base", "adapter-1") if i < 300 else ("base", "adapter-1", "adapter-2")
         series.decisions.append(Decision(i, arm, "a", int(i >= 200), live))
         series.rewards.append(RewardPoint(i, arm, float((i % 3 == 0) != (arm == "adapter-1" and i >= 200))))
+        judge = 0.05 if i < 200 else 0.05 + (i - 200) / 1000  # trusted once it agrees, after the shift
+        series.weights.append(WeightPoint(i, {"explicit": 0.7 - judge, "implicit": 0.25, "self_eval": judge}))
         if i >= 50:
             bound = 5 / (i - 40)
             series.ab_bounds.append(ABPoint(i, "adapter-1", 0.2, 0.2 - bound, 0.2 + bound))
@@ -274,3 +281,13 @@ def test_the_table_marks_missed_targets():
     console.print(demo.report.report_table(dataclasses.replace(GOOD, pii_canaries_leaked=2)))
     line = next(line for line in console.export_text().splitlines() if "pii_canaries_leaked" in line)
     assert "not met" in line
+
+
+def test_label_savings_counts_each_label_once_and_only_of_the_pool():
+    wrong = {f"e{i}": i % 10 == 0 for i in range(100)}  # one loop label in ten is wrong
+    picked = ["e0", "e10", "e20", "e1", "e0", "elsewhere"]  # a repeat, and an id outside the pool
+    savings = label_savings(wrong, picked)
+    assert (savings.labels, savings.error_rate_active, savings.error_rate_random) == (4, 0.75, 0.1)
+    assert savings.random_labels_to_match == 30  # 4 x 0.75 / 0.1
+    assert label_savings(wrong, []) == LabelSavings(0, None, None, None)
+    assert label_savings({"e": False}, ["e"]).random_labels_to_match is None  # nothing to fix at all
