@@ -203,7 +203,7 @@ class LearnerState:
             out.control += self._feed_experiments(example, reward)
         if example.training_consent:  # review feeds training: never for users who opted out
             present = {c: r for c, r in example.rewards.items() if r is not None}
-            candidate = ReviewCandidate(at, example.cohort, present)
+            candidate = ReviewCandidate(at, example.cohort, present, weights=self.loss_weights.weights())
             terms = self.review.terms(candidate)
             if self.review.learn_one(candidate):
                 out.reviews.append(ReviewRequest(review_id=f"review-{example.example_id}", score=sum(terms.values()),

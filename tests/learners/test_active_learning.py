@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from learners.active_learning import ReviewCandidate, ReviewSelector
+from learners.active_learning import ReviewCandidate, ReviewSelector, disagreement
 
 HOUR = 3600.0
 
@@ -94,3 +94,16 @@ def test_a_compressed_hour_selects_as_a_real_one_does_and_old_states_keep_an_hou
     old = pickle.loads(pickle.dumps(hourly))
     del old.__dict__["hour_s"]  # as a selector pickled before hour_s existed
     assert old.hour_s == HOUR
+
+
+def test_a_distrusted_channel_at_odds_draws_less_attention_than_trusted_ones():
+    """A biased judge that disagrees on every answer it grades must not take the budget from
+    the examples where the channels the loss weights trust disagree with each other."""
+    weights = {"explicit": 0.6, "implicit": 0.3, "self_eval": 0.1}
+    selector = ReviewSelector(budget_per_hour=1, rarity_weight=0.0)
+    judge_at_odds = ReviewCandidate(0.0, "a", {"explicit": 1.0, "self_eval": 0.0}, weights=weights)
+    users_at_odds = ReviewCandidate(0.0, "a", {"explicit": 1.0, "implicit": 0.0}, weights=weights)
+    assert selector.score(users_at_odds) > 1.5 * selector.score(judge_at_odds) > 0
+    # Without weights (or alike), two channels at odds count fully, as max - min did.
+    assert selector.score(ReviewCandidate(0.0, "a", {"explicit": 1.0, "self_eval": 0.0})) == 0.5
+    assert disagreement({"explicit": 0.7}) == 0.0 and disagreement({"explicit": 1.0, "implicit": 1.0}, weights) == 0.0
