@@ -491,7 +491,7 @@ class ReviewCorrection(_Record):
     type: Literal["review_correction"] = "review_correction"
     event_id: EventId = Field(description="Derived from (app, example): a review sent twice is one.")
     occurred_at: AwareDatetime = Field(description="When the reviewer saved it.")
-    review_id: str
+    review_id: str = Field(max_length=256, description="The pick's (``review-<example_id>``).")
     reviewer: Id
     correction: str = Field(min_length=1, description="The answer the model should have given.")
     example: AnnotatedExample

@@ -3,9 +3,10 @@
 For each record, in offset order: validate (size, nesting, contract, event time within the
 clock-skew bound of its receive time) -> de-duplicate by event id -> drop erased users'
 old events -> anonymize (scrub PII, pseudonymize the user) -> quality filters -> join
-feedback to its interaction. A reviewer's correction of a closed example joins nothing: it
-carries its example, and its records go to the curator at once. When the partition's event time closes an interaction's window:
-rewards per channel -> annotated example -> training signals -> curator -> batches.
+feedback to its interaction. When the partition's event time closes an interaction's window:
+rewards per channel -> annotated example -> training signals -> curator -> batches. A
+reviewer's correction of a closed example joins nothing: it carries its example, and its
+records go to the curator at once.
 
 The live worker, ``feedloop replay --offline`` and the tests all drive this same class, so
 the same records in the same order produce the same examples and byte-identical batches.
