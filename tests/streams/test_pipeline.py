@@ -701,7 +701,7 @@ def test_a_reviewers_correction_of_a_closed_example_joins_the_next_batch_once(ps
     assert isinstance(pair, PreferenceRecord) and pair.rejected == example.response
     assert pair.chosen == sft.messages[-1].content and sft.event_ids == example.event_ids
     batch = next(b for b in run.batches if sft in b.records + b.heldout)
-    assert batch.users == {example.user: [sft.example_id, pair.example_id]}  # the erasure finds them
+    assert {u: sorted(ids) for u, ids in batch.users.items()} == {example.user: [sft.example_id, pair.example_id]}
     assert run.pipeline.stats.counts["review_corrections"] == 1
 
 
