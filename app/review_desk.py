@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from app.sealed_segments import SealedSegments
@@ -33,6 +34,7 @@ from streams.archive import ArchivedRecord
 from streams.contract import ReviewCorrection
 from streams.learning import ReviewRequest
 from streams.objects import ObjectStore
+from streams.store import Erasure
 from streams.topics import EVENTS, REVIEW
 
 log = structlog.get_logger(__name__)
@@ -155,9 +157,12 @@ class ReviewQueue:
 
 
 class ReviewDesk:
-    """The queue as of the archive's newest sealed segment; thread-safe."""
+    """The queue as of the archive's newest sealed segment, less the examples of users erased
+    since they were picked (the store's ``erasures``, written by the erase before it answers):
+    nothing of an erased user reaches a reviewer's page. Thread-safe."""
 
     def __init__(self, sessions: sessionmaker, objects: ObjectStore) -> None:
+        self._sessions = sessions
         self._lock = threading.Lock()
         self._queue = ReviewQueue()
         self._segments = SealedSegments(sessions, objects, frozenset({REVIEW.name, EVENTS.name}))
@@ -170,13 +175,20 @@ class ReviewDesk:
         self._segments.catch_up(lambda record: self._queue.fold(record), self._reset)
         return self._queue
 
+    def _erased(self) -> set[str]:
+        with self._sessions() as session:
+            return set(session.scalars(select(Erasure.pseudonym)))
+
     def waiting(self, app_id: str | None = None) -> list[ReviewRequest]:
+        erased = self._erased()
         with self._lock:
-            return self._caught_up().waiting(app_id)
+            return [r for r in self._caught_up().waiting(app_id) if r.example.user not in erased]
 
     def get(self, app_id: str, example_id: str) -> ReviewRequest | None:
+        erased = self._erased()
         with self._lock:
-            return self._caught_up().get(app_id, example_id)
+            picked = self._caught_up().get(app_id, example_id)
+        return None if picked is None or picked.example.user in erased else picked
 
     def reviewed(self, app_id: str, example_id: str) -> None:
         """This gateway published the review: off its queue now, not only once archived."""

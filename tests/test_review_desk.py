@@ -17,6 +17,7 @@ from streams.archive import ArchivedRecord
 from streams.contract import EVENTS_TOPIC_ADAPTER, USER_EVENT_ADAPTER, AnnotatedExample, Context, ReviewCorrection
 from streams.intake import Limits, check_body
 from streams.learning import ReviewRequest
+from streams.store import Erasure
 from streams.topics import EVENTS, REVIEW, event_key
 from tests.test_overview import seal
 
@@ -89,6 +90,18 @@ def test_the_desk_follows_the_archive_and_a_restart_rebuilds_the_same_queue(sess
     seal(sessions, settings, EVENTS.name, [human("i-1").decode()])
     restarted = ReviewDesk(sessions, settings.objects)
     assert [r.example.example_id for r in restarted.waiting()] == ["i-2"]
+
+
+def test_an_erased_users_examples_leave_the_desk(sessions, settings):
+    gone = pick("i-2")
+    gone = gone.model_copy(update={"example": gone.example.model_copy(update={"user": "pseudonym-of-the-erased"})})
+    seal(sessions, settings, REVIEW.name, [pick("i-1"), gone])
+    desk = ReviewDesk(sessions, settings.objects)
+    assert [r.example.example_id for r in desk.waiting()] == ["i-1", "i-2"] and desk.get("app-a", "i-2") is not None
+    with sessions.begin() as session:  # what the erase writes before it answers (app.erasure)
+        session.add(Erasure(pseudonym="pseudonym-of-the-erased", app_id="app-a", erased_at=T0, event_id="user-erased-x"))
+    assert [r.example.example_id for r in desk.waiting()] == ["i-1"] and desk.get("app-a", "i-2") is None
+    assert desk.get("app-a", "i-1") is not None
 
 
 def test_a_review_becomes_a_human_annotation_and_feedback_on_the_examples_ids():

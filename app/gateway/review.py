@@ -97,7 +97,7 @@ def review_router(keys: ApiKeys, desk: ReviewDesk, publisher: Publisher, limits:
         picked = await asyncio.to_thread(desk.get, app_id, example_id)
         if picked is None:
             return error(409, "not_waiting", f"example {example_id} of app {app_id} is not waiting for review "
-                         "(reviewed already, or never picked): reload the queue")  # fmt: skip
+                         "(reviewed already, never picked, or its user was erased): reload the queue")  # fmt: skip
         received_at = utcnow()
         try:
             events = review_events(picked, labels, reviewer.name, received_at)
